@@ -1,0 +1,33 @@
+// Shared helpers, prepended to every kernel file.
+
+// Linear invocation index for 1-D kernels dispatched with groups_1d() (256 lanes, folded into 2-D).
+fn lin(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 256u;
+}
+
+// Counter-based RNG (PCG hash): the same (seed, index) gives the same bits on every device.
+fn pcg(x: u32) -> u32 {
+    let s = x * 747796405u + 2891336453u;
+    let w = ((s >> ((s >> 28u) + 4u)) ^ s) * 277803737u;
+    return (w >> 22u) ^ w;
+}
+
+// Uniform in [0, 1) from (seed, index).
+fn rand01(seed: u32, i: u32) -> f32 {
+    return f32(pcg(i + pcg(seed)) >> 8u) / 16777216.0;
+}
+
+// erfc(z) for z >= 0 with relative error < 1.2e-7 (Numerical Recipes' Chebyshev fit).
+fn erfc_pos(z: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806
+        + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
+    return t * exp(poly);
+}
+
+// Standard normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2, accurate in the tails.
+fn norm_cdf(x: f32) -> f32 {
+    let z = abs(x) * 0.70710678118654752;
+    let h = 0.5 * erfc_pos(z);
+    return select(1.0 - h, h, x < 0.0);
+}

@@ -1,0 +1,519 @@
+//! The wgpu runtime: one instance/adapter/device/queue per process, a pipeline cache, a bind-group
+//! cache, a buffer pool, and a deferred command stream.
+//!
+//! Ops never talk to wgpu directly: they call [`dispatch`] with a [`Kernel`], the buffers it binds and
+//! a few `u32` parameters. Dispatches are queued and encoded into ONE compute pass per [`flush`]
+//! (one submit), which happens only when the host needs data back (a readback), when the queue is
+//! long, or at the end of a step. wgpu inserts the barriers between dispatches of a pass.
+//!
+//! Memory: buffers come from a size-classed pool. A buffer released while dispatches that use it are
+//! still queued goes to `pending_free` and only becomes reusable after the next submit, so a
+//! `write_buffer` upload into a reused buffer can never overtake a queued kernel that reads it.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use crate::{Error, Result};
+
+/// Bytes reserved per dispatch in the uniform arena (the minimum dynamic-offset alignment).
+const UNIFORM_STRIDE: u64 = 256;
+/// Dispatches queued before an automatic flush.
+const MAX_PENDING: usize = 2048;
+/// Invocations per workgroup used by the 1-D kernels (`@workgroup_size(256)`).
+pub const WG: u32 = 256;
+
+/// How a kernel binds one storage buffer.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Access {
+    Read,
+    ReadWrite,
+}
+
+/// A compute kernel: WGSL source, entry point, and its storage bindings (binding 0 is always the
+/// `var<uniform>` parameter block; storage buffers follow at bindings 1..).
+pub struct Kernel {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+    pub bindings: &'static [Access],
+}
+
+/// A pooled GPU buffer. Dropping it returns the allocation to the pool.
+pub struct GpuBuf {
+    buf: Option<wgpu::Buffer>,
+    /// Unique id used by the bind-group cache.
+    pub(crate) id: u64,
+    /// Bytes the pool allocated (size class), >= the bytes the tensor uses.
+    pub(crate) cap: u64,
+    /// Bytes in use.
+    pub(crate) len: u64,
+}
+
+impl GpuBuf {
+    pub fn raw(&self) -> &wgpu::Buffer {
+        self.buf.as_ref().expect("live buffer")
+    }
+    pub fn bytes(&self) -> u64 {
+        self.len
+    }
+}
+
+impl Drop for GpuBuf {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            if let Some(ctx) = CTX.get().and_then(|c| c.as_ref().ok()) {
+                ctx.state().pending_free.push((self.cap, self.id, buf));
+            }
+        }
+    }
+}
+
+/// What the chosen adapter is.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+}
+
+impl AdapterSummary {
+    fn from_info(i: &wgpu::AdapterInfo) -> Self {
+        AdapterSummary {
+            name: i.name.clone(),
+            backend: format!("{:?}", i.backend),
+            device_type: format!("{:?}", i.device_type),
+            driver: i.driver.clone(),
+            driver_info: i.driver_info.clone(),
+        }
+    }
+    pub fn is_software(&self) -> bool {
+        self.device_type == "Cpu"
+    }
+}
+
+/// Pool statistics, for tests and `info`.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PoolStats {
+    /// Bytes of all buffers the pool ever created and still owns.
+    pub allocated_bytes: u64,
+    /// Number of buffers created.
+    pub buffers: u64,
+    /// Bytes sitting in the free lists.
+    pub free_bytes: u64,
+}
+
+struct Pending {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: Arc<wgpu::BindGroup>,
+    offset: u32,
+    groups: [u32; 3],
+}
+
+struct State {
+    pipelines: HashMap<(&'static str, &'static str), (Arc<wgpu::ComputePipeline>, Arc<wgpu::BindGroupLayout>)>,
+    bind_groups: HashMap<Vec<u64>, Arc<wgpu::BindGroup>>,
+    free: HashMap<u64, Vec<(u64, wgpu::Buffer)>>,
+    pending_free: Vec<(u64, u64, wgpu::Buffer)>,
+    pending: Vec<Pending>,
+    uniforms: Vec<u8>,
+    uniform_buf: wgpu::Buffer,
+    uniform_id: u64,
+    next_id: u64,
+    stats: PoolStats,
+    dispatches: u64,
+    submits: u64,
+}
+
+/// The process-wide GPU context.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter: AdapterSummary,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    state: Mutex<State>,
+}
+
+static CTX: OnceLock<std::result::Result<Gpu, String>> = OnceLock::new();
+static REQUEST: Mutex<Option<String>> = Mutex::new(None);
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::PRIMARY;
+    wgpu::Instance::new(desc)
+}
+
+/// All adapters wgpu can see, hardware and software.
+pub fn list_adapters() -> Vec<(AdapterSummary, wgpu::Limits)> {
+    let inst = instance();
+    pollster::block_on(inst.enumerate_adapters(wgpu::Backends::PRIMARY))
+        .into_iter()
+        .map(|a| (AdapterSummary::from_info(&a.get_info()), a.limits()))
+        .collect()
+}
+
+/// Ask for a particular adapter (substring of its name, case-insensitive) before the context is
+/// created. `MSM4SR_ADAPTER` does the same from the environment.
+pub fn request_adapter(name: Option<String>) {
+    *REQUEST.lock().unwrap() = name;
+}
+
+/// Whether a hardware (non-software) GPU adapter exists.
+pub fn hardware_adapter_available() -> bool {
+    list_adapters().iter().any(|(a, _)| !a.is_software())
+}
+
+fn choose_adapter() -> std::result::Result<wgpu::Adapter, String> {
+    let wanted = REQUEST.lock().unwrap().clone().or_else(|| std::env::var("MSM4SR_ADAPTER").ok()).filter(|s| !s.is_empty());
+    let inst = instance();
+    let adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::PRIMARY));
+    let names: Vec<String> = adapters
+        .iter()
+        .map(|a| {
+            let i = a.get_info();
+            format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+        })
+        .collect();
+    if adapters.is_empty() {
+        return Err("no GPU adapter found (wgpu saw none on Vulkan/Metal/DX12). On Linux without a GPU, \
+                    install a software Vulkan driver (apt-get install mesa-vulkan-drivers) or use --device cpu"
+            .into());
+    }
+    if let Some(w) = wanted {
+        let wl = w.to_lowercase();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&wl))
+            .ok_or_else(|| format!("no adapter matches '{w}'; found: {}", names.join("; ")));
+    }
+    // GPU first: discrete, integrated, virtual, then software.
+    let rank = |t: wgpu::DeviceType| match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    let mut adapters = adapters;
+    adapters.sort_by_key(|a| rank(a.get_info().device_type));
+    Ok(adapters.into_iter().next().unwrap())
+}
+
+fn create() -> std::result::Result<Gpu, String> {
+    let adapter = choose_adapter()?;
+    let info = AdapterSummary::from_info(&adapter.get_info());
+    // Ask for what the adapter really offers (not WebGPU's defaults), capped where wgpu requires.
+    let limits = adapter.limits();
+    let desc = wgpu::DeviceDescriptor {
+        label: Some("msm4sr"),
+        required_features: wgpu::Features::empty(),
+        required_limits: limits.clone(),
+        ..Default::default()
+    };
+    let (device, queue) =
+        pollster::block_on(adapter.request_device(&desc)).map_err(|e| format!("could not open device on adapter '{}': {e}", info.name))?;
+    device.on_uncaptured_error(Arc::new(|e| {
+        eprintln!("msm4sr: wgpu error: {e}");
+    }));
+    let uniform_buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("uniform arena"),
+        size: UNIFORM_STRIDE * MAX_PENDING as u64,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let features = device.features();
+    Ok(Gpu {
+        device,
+        queue,
+        adapter: info,
+        limits,
+        features,
+        state: Mutex::new(State {
+            pipelines: HashMap::new(),
+            bind_groups: HashMap::new(),
+            free: HashMap::new(),
+            pending_free: Vec::new(),
+            pending: Vec::new(),
+            uniforms: Vec::with_capacity(UNIFORM_STRIDE as usize * 64),
+            uniform_buf,
+            uniform_id: u64::MAX,
+            next_id: 0,
+            stats: PoolStats::default(),
+            dispatches: 0,
+            submits: 0,
+        }),
+    })
+}
+
+/// The shared GPU context, created on first use.
+pub fn gpu() -> Result<&'static Gpu> {
+    CTX.get_or_init(create).as_ref().map_err(|e| Error::Device(e.clone()))
+}
+
+/// Round a byte size up to its pool size class: 8 classes per power of two, at least 256 bytes.
+fn size_class(bytes: u64) -> u64 {
+    let b = bytes.max(256);
+    let p = 63 - b.leading_zeros() as u64; // 2^p <= b
+    if p < 3 {
+        return b;
+    }
+    let step = 1u64 << (p - 3);
+    b.div_ceil(step) * step
+}
+
+impl Gpu {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Largest storage buffer one binding may address.
+    pub fn max_binding(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    /// A buffer of at least `bytes` bytes from the pool (contents undefined).
+    pub fn alloc(&self, bytes: u64) -> Result<GpuBuf> {
+        let bytes = bytes.max(4);
+        if bytes > self.max_binding() {
+            return Err(Error::Device(format!(
+                "tensor of {bytes} bytes exceeds the adapter's largest storage binding ({} bytes, adapter '{}'); \
+                 split the work into smaller chunks",
+                self.max_binding(),
+                self.adapter.name
+            )));
+        }
+        let cap = size_class(bytes).min(self.max_binding().max(bytes));
+        let mut st = self.state();
+        if let Some(list) = st.free.get_mut(&cap) {
+            if let Some((id, buf)) = list.pop() {
+                st.stats.free_bytes -= cap;
+                return Ok(GpuBuf { buf: Some(buf), id, cap, len: bytes });
+            }
+        }
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: cap,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        st.next_id += 1;
+        let id = st.next_id;
+        st.stats.allocated_bytes += cap;
+        st.stats.buffers += 1;
+        Ok(GpuBuf { buf: Some(buf), id, cap, len: bytes })
+    }
+
+    /// Upload host data into a new pooled buffer.
+    pub fn upload(&self, data: &[u8]) -> Result<GpuBuf> {
+        let b = self.alloc(data.len() as u64)?;
+        if !data.is_empty() {
+            let n = data.len() & !3;
+            self.queue.write_buffer(b.raw(), 0, &data[..n]);
+            if n < data.len() {
+                let mut tail = [0u8; 4];
+                tail[..data.len() - n].copy_from_slice(&data[n..]);
+                self.queue.write_buffer(b.raw(), n as u64, &tail);
+            }
+        }
+        Ok(b)
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.state().stats
+    }
+
+    /// (dispatches recorded, submits made) since start.
+    pub fn counters(&self) -> (u64, u64) {
+        let st = self.state();
+        (st.dispatches, st.submits)
+    }
+
+    fn pipeline(&self, st: &mut State, k: &Kernel) -> (Arc<wgpu::ComputePipeline>, Arc<wgpu::BindGroupLayout>) {
+        if let Some(p) = st.pipelines.get(&(k.name, k.entry)) {
+            return p.clone();
+        }
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: true, min_binding_size: None },
+            count: None,
+        }];
+        for (i, a) in k.bindings.iter().enumerate() {
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: i as u32 + 1,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage { read_only: *a == Access::Read },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            });
+        }
+        let bgl = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(k.name), entries: &entries });
+        let layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(k.name),
+            bind_group_layouts: &[Some(&bgl)],
+            immediate_size: 0,
+        });
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(k.name),
+            source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(k.source)),
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(k.name),
+            layout: Some(&layout),
+            module: &module,
+            entry_point: Some(k.entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let p = (Arc::new(pipeline), Arc::new(bgl));
+        st.pipelines.insert((k.name, k.entry), p.clone());
+        p
+    }
+
+    /// Queue one dispatch of `k` over `groups` workgroups with `bufs` bound at bindings 1.. and
+    /// `params` (at most 64 words) as the uniform block at binding 0.
+    pub fn dispatch(&self, k: &Kernel, bufs: &[&GpuBuf], params: &[u32], groups: [u32; 3]) -> Result<()> {
+        if bufs.len() != k.bindings.len() {
+            return Err(Error::Device(format!("kernel {}:{} expects {} buffers, got {}", k.name, k.entry, k.bindings.len(), bufs.len())));
+        }
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > max) {
+            return Err(Error::Device(format!(
+                "kernel {}:{} needs {:?} workgroups; the adapter allows {max} per dimension",
+                k.name, k.entry, groups
+            )));
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let mut st = self.state();
+        if st.pending.len() >= MAX_PENDING {
+            self.flush_locked(&mut st);
+        }
+        let (pipeline, bgl) = self.pipeline(&mut st, k);
+        // Bind-group cache key: kernel identity + buffer ids (+ the uniform arena's identity).
+        let mut key: Vec<u64> = Vec::with_capacity(bufs.len() + 2);
+        key.push(Arc::as_ptr(&pipeline) as u64);
+        key.push(st.uniform_id);
+        key.extend(bufs.iter().map(|b| b.id));
+        let bind_group = if let Some(bg) = st.bind_groups.get(&key) {
+            bg.clone()
+        } else {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &st.uniform_buf,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(UNIFORM_STRIDE),
+                }),
+            }];
+            for (i, b) in bufs.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.raw().as_entire_binding() });
+            }
+            let bg = Arc::new(self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &bgl, entries: &entries }));
+            if st.bind_groups.len() > 8192 {
+                st.bind_groups.clear();
+            }
+            st.bind_groups.insert(key, bg.clone());
+            bg
+        };
+        let offset = st.uniforms.len() as u32;
+        let mut block = [0u32; (UNIFORM_STRIDE / 4) as usize];
+        block[..params.len()].copy_from_slice(params);
+        st.uniforms.extend_from_slice(bytemuck::cast_slice(&block));
+        st.pending.push(Pending { pipeline, bind_group, offset, groups });
+        st.dispatches += 1;
+        Ok(())
+    }
+
+    fn flush_locked(&self, st: &mut State) {
+        if !st.pending.is_empty() {
+            self.queue.write_buffer(&st.uniform_buf, 0, &st.uniforms);
+            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
+                for p in &st.pending {
+                    pass.set_pipeline(&p.pipeline);
+                    pass.set_bind_group(0, Some(p.bind_group.as_ref()), &[p.offset]);
+                    pass.dispatch_workgroups(p.groups[0], p.groups[1], p.groups[2]);
+                }
+            }
+            self.queue.submit([enc.finish()]);
+            st.submits += 1;
+            st.pending.clear();
+            st.uniforms.clear();
+        }
+        // Buffers released while queued work could still read them are reusable only after a submit.
+        for (cap, id, buf) in std::mem::take(&mut st.pending_free) {
+            st.stats.free_bytes += cap;
+            st.free.entry(cap).or_default().push((id, buf));
+        }
+    }
+
+    /// Encode and submit everything queued (one compute pass, one submit).
+    pub fn flush(&self) {
+        let mut st = self.state();
+        self.flush_locked(&mut st);
+    }
+
+    /// Copy `bytes` bytes of `b` back to the host (flushes queued work first and waits).
+    pub fn read(&self, b: &GpuBuf, bytes: u64) -> Result<Vec<u8>> {
+        let size = bytes.div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: size.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        {
+            let mut st = self.state();
+            self.flush_locked(&mut st);
+            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+            if size > 0 {
+                enc.copy_buffer_to_buffer(b.raw(), 0, &staging, 0, size);
+            }
+            self.queue.submit([enc.finish()]);
+            st.submits += 1;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(std::time::Duration::from_secs(600)) })
+            .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::Device("readback callback never ran".into()))?
+            .map_err(|e| Error::Device(format!("mapping the readback buffer failed: {e}")))?;
+        let out = staging.slice(..).get_mapped_range().map_err(|e| Error::Device(format!("readback: {e:?}")))?.to_vec();
+        staging.unmap();
+        Ok(out[..bytes as usize].to_vec())
+    }
+
+    /// Block until all submitted work has finished (for timing).
+    pub fn sync(&self) -> Result<()> {
+        self.flush();
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(std::time::Duration::from_secs(600)) })
+            .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Workgroup counts for `n` invocations of a 1-D kernel with [`WG`] lanes, folded into 2-D when the
+/// count exceeds one dimension's limit. Kernels rebuild the linear index with `lin(gid, nwg)`.
+pub fn groups_1d(n: usize) -> [u32; 3] {
+    let g = (n as u64).div_ceil(WG as u64).max(1);
+    if g <= 65535 {
+        [g as u32, 1, 1]
+    } else {
+        let y = g.div_ceil(65535);
+        [g.div_ceil(y) as u32, y as u32, 1]
+    }
+}

@@ -1,0 +1,190 @@
+//! Elementwise ops. Broadcasting is trailing: `b`'s shape must equal a suffix of `a`'s shape
+//! (e.g. a (B, L, C) + b (L, C) or b (C)), and `b` is read at `i % numel(b)`.
+//!
+//! - `add_scaled(a, b, alpha)`: a (.., S) , b (S) -> (.., S) = a + alpha * b;  da = g, db = alpha * sum_rows(g)
+//! - `mul(a, b)`:                a (.., S) , b (S) -> (.., S) = a * b;          da = g * b, db = sum_rows(g * a)
+//! - `scale(a, s)`:              a -> s * a;                                    da = s * g
+//! - `gelu(x)`:                  x -> x * Phi(x) (erf form);                    dx = g * (Phi(x) + x * phi(x))
+//! - `dropout(x, p, seed)`:      x -> x * keep / (1 - p), keep = rand01(seed, i) >= p; dx = dropout(g, p, seed)
+//! - `broadcast_to(b, shape)`:   b (S) -> (.., S);                              db = sum_rows(g)
+
+use super::reduce::sum_rows;
+use super::{fbits, wgsl};
+use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use crate::engine::tensor::{numel, Real, Storage};
+use crate::engine::{same_device, Tensor};
+use crate::{on_device, Error, Result};
+
+const SRC: &str = wgsl!("elementwise.wgsl");
+const RRW: &[crate::engine::gpu::Access] = &[Read, Read, ReadWrite];
+static AXPBY: Kernel = Kernel { name: "elementwise", source: SRC, entry: "axpby", bindings: RRW };
+static MUL: Kernel = Kernel { name: "elementwise", source: SRC, entry: "mul", bindings: RRW };
+static BCAST: Kernel = Kernel { name: "elementwise", source: SRC, entry: "bcast", bindings: RRW };
+static SCALE: Kernel = Kernel { name: "elementwise", source: SRC, entry: "scale", bindings: RRW };
+static GELU_FWD: Kernel = Kernel { name: "elementwise", source: SRC, entry: "gelu_fwd", bindings: RRW };
+static GELU_BWD: Kernel = Kernel { name: "elementwise", source: SRC, entry: "gelu_bwd", bindings: RRW };
+static DROPOUT: Kernel = Kernel { name: "elementwise", source: SRC, entry: "dropout", bindings: RRW };
+
+/// Run one elementwise kernel producing `n` outputs.
+fn launch(k: &Kernel, n: usize, a: &GpuBuf, b: &GpuBuf, nb: usize, alpha: f32, seed: u32, p: f32) -> Result<Storage> {
+    let g = gpu()?;
+    let out = g.alloc(4 * n as u64)?;
+    g.dispatch(k, &[a, b, &out], &[n as u32, nb.max(1) as u32, fbits(alpha), seed, fbits(p)], groups_1d(n))?;
+    Ok(Storage::Gpu(out))
+}
+
+fn check_suffix(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    let (sa, sb) = (a.shape(), b.shape());
+    if sb.len() > sa.len() || sa[sa.len() - sb.len()..] != *sb {
+        return Err(Error::Shape {
+            op,
+            msg: format!("cannot broadcast {sb:?} onto {sa:?} (the second shape must be a suffix of the first)"),
+        });
+    }
+    Ok(())
+}
+
+// ---- CPU references -------------------------------------------------------------------------
+
+pub fn axpby_cpu<T: Real>(a: &[T], b: &[T], alpha: T) -> Vec<T> {
+    let nb = b.len();
+    a.iter().enumerate().map(|(i, &x)| x + alpha * b[i % nb]).collect()
+}
+
+pub fn mul_cpu<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
+    let nb = b.len();
+    a.iter().enumerate().map(|(i, &x)| x * b[i % nb]).collect()
+}
+
+/// Phi(x), the standard normal CDF, through libm's erf/erfc (accurate in both tails).
+pub fn norm_cdf<T: Real>(x: T) -> T {
+    let z = x.to_f64().unwrap() * std::f64::consts::FRAC_1_SQRT_2;
+    T::c(if z < 0.0 { 0.5 * libm::erfc(-z) } else { 1.0 - 0.5 * libm::erfc(z) })
+}
+
+pub fn gelu_cpu<T: Real>(x: &[T]) -> Vec<T> {
+    x.iter().map(|&v| v * norm_cdf(v)).collect()
+}
+
+pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    let c = T::c(0.3989422804014327);
+    x.iter().zip(g).map(|(&v, &gi)| gi * (norm_cdf(v) + v * c * (-(v * v) * T::c(0.5)).exp())).collect()
+}
+
+/// The counter-based RNG of `shaders/common.wgsl`, bit for bit.
+pub fn pcg(x: u32) -> u32 {
+    let s = x.wrapping_mul(747796405).wrapping_add(2891336453);
+    let w = ((s >> ((s >> 28) + 4)) ^ s).wrapping_mul(277803737);
+    (w >> 22) ^ w
+}
+
+pub fn rand01(seed: u32, i: u32) -> f32 {
+    (pcg(i.wrapping_add(pcg(seed))) >> 8) as f32 / 16777216.0
+}
+
+pub fn dropout_cpu<T: Real>(x: &[T], p: f32, seed: u32) -> Vec<T> {
+    let s = T::c(1.0 / (1.0 - p as f64));
+    x.iter().enumerate().map(|(i, &v)| if rand01(seed, i as u32) >= p { v * s } else { T::zero() }).collect()
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+/// a + b (trailing broadcast of b).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    add_scaled(a, b, 1.0)
+}
+
+/// a - b (trailing broadcast of b).
+pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    add_scaled(a, b, -1.0)
+}
+
+/// a + alpha * b (trailing broadcast of b).
+pub fn add_scaled(a: &Tensor, b: &Tensor, alpha: f32) -> Result<Tensor> {
+    check_suffix("add", a, b)?;
+    let dev = same_device("add", &[a, b])?;
+    let st = on_device!(dev, T => T::wrap(axpby_cpu::<T>(&a.host::<T>()?, &b.host::<T>()?, T::c(alpha as f64))),
+        launch(&AXPBY, a.numel(), &*a.gbuf()?, &*b.gbuf()?, b.numel(), alpha, 0, 0.0)?);
+    let bshape = b.shape().to_vec();
+    Ok(Tensor::from_op("add", st, a.shape().to_vec(), &[a, b], move |g| {
+        let gb =
+            if numel(&bshape) == g.numel() { g.clone() } else { sum_rows(&g.reshape(&[g.numel() / numel(&bshape), numel(&bshape)])?)? };
+        let gb = if alpha == 1.0 { gb } else { scale(&gb, alpha)? };
+        Ok(vec![Some(g.clone()), Some(gb.reshape(&bshape)?)])
+    }))
+}
+
+/// a * b elementwise (trailing broadcast of b).
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_suffix("mul", a, b)?;
+    let dev = same_device("mul", &[a, b])?;
+    let st = on_device!(dev, T => T::wrap(mul_cpu::<T>(&a.host::<T>()?, &b.host::<T>()?)),
+        launch(&MUL, a.numel(), &*a.gbuf()?, &*b.gbuf()?, b.numel(), 0.0, 0, 0.0)?);
+    let (ac, bc) = (a.detach(), b.detach());
+    let bshape = b.shape().to_vec();
+    Ok(Tensor::from_op("mul", st, a.shape().to_vec(), &[a, b], move |g| {
+        let ga = mul(g, &bc)?;
+        let ga_b = mul(g, &ac)?;
+        let nb = numel(&bshape);
+        let gb = if nb == g.numel() { ga_b } else { sum_rows(&ga_b.reshape(&[g.numel() / nb, nb])?)? };
+        Ok(vec![Some(ga), Some(gb.reshape(&bshape)?)])
+    }))
+}
+
+/// s * a.
+pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
+    let st = on_device!(a.device(), T => T::wrap(a.host::<T>()?.iter().map(|&x| x * T::c(s as f64)).collect()),
+        { let b = a.gbuf()?; launch(&SCALE, a.numel(), &b, &b, 1, s, 0, 0.0)? });
+    Ok(Tensor::from_op("scale", st, a.shape().to_vec(), &[a], move |g| Ok(vec![Some(scale(g, s)?)])))
+}
+
+/// erf-GELU: x * Phi(x).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    let st = on_device!(x.device(), T => T::wrap(gelu_cpu::<T>(&x.host::<T>()?)),
+        { let b = x.gbuf()?; launch(&GELU_FWD, x.numel(), &b, &b, 1, 0.0, 0, 0.0)? });
+    let xc = x.detach();
+    Ok(Tensor::from_op("gelu", st, x.shape().to_vec(), &[x], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(gelu_bwd_cpu::<T>(&xc.host::<T>()?, &g.host::<T>()?)),
+            launch(&GELU_BWD, g.numel(), &*xc.gbuf()?, &*g.gbuf()?, g.numel(), 0.0, 0, 0.0)?);
+        Ok(vec![Some(Tensor::from_storage(st, g.shape().to_vec()))])
+    }))
+}
+
+/// Inverted dropout with a counter-based mask: element i is kept when rand01(seed, i) >= p.
+/// The backward pass recomputes the same mask from (seed, i). p = 0 is the identity.
+pub fn dropout(x: &Tensor, p: f32, seed: u32) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::Invalid(format!("dropout probability must be in [0, 1), got {p}")));
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let st = on_device!(x.device(), T => T::wrap(dropout_cpu::<T>(&x.host::<T>()?, p, seed)),
+        { let b = x.gbuf()?; launch(&DROPOUT, x.numel(), &b, &b, 1, 0.0, seed, p)? });
+    Ok(Tensor::from_op("dropout", st, x.shape().to_vec(), &[x], move |g| Ok(vec![Some(dropout(g, p, seed)?)])))
+}
+
+/// Repeat b (S) over leading axes up to `shape` (.., S).
+pub fn broadcast_to(b: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    let n = numel(shape);
+    let nb = b.numel();
+    if nb == 0 || n % nb != 0 || (b.rank() > 0 && shape[shape.len().saturating_sub(b.rank())..] != *b.shape() && nb != 1) {
+        return Err(Error::Shape { op: "broadcast_to", msg: format!("cannot broadcast {:?} to {shape:?}", b.shape()) });
+    }
+    let st = on_device!(b.device(), T => { let v = b.host::<T>()?; T::wrap((0..n).map(|i| v[i % nb]).collect()) },
+        { let bb = b.gbuf()?; launch(&BCAST, n, &bb, &bb, nb, 1.0, 0, 0.0)? });
+    let bshape = b.shape().to_vec();
+    Ok(Tensor::from_op("broadcast_to", st, shape.to_vec(), &[b], move |g| {
+        Ok(vec![Some(sum_rows(&g.reshape(&[g.numel() / nb, nb])?)?.reshape(&bshape)?)])
+    }))
+}
+
+/// dst <- src on the GPU (no tape).
+pub(crate) fn copy_into(src: &Tensor, dst: &Tensor) -> Result<()> {
+    let copied = {
+        let b = src.gbuf()?;
+        launch(&SCALE, src.numel(), &b, &b, 1, 1.0, 0, 0.0)?
+    };
+    *dst.0.storage.borrow_mut() = copied;
+    Ok(())
+}

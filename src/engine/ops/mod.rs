@@ -1,0 +1,21 @@
+//! One module per op family. Each op: shape checks, a WGSL forward and backward kernel (in
+//! `shaders/`), a plain-Rust reference generic over f32/f64, and the shapes in its doc comment.
+
+pub mod elementwise;
+pub mod reduce;
+
+pub use elementwise::{add, add_scaled, broadcast_to, dropout, gelu, mul, scale, sub};
+pub use reduce::{mean, sum, sum_rows};
+
+/// WGSL source of one kernel family, with the shared helpers prepended.
+macro_rules! wgsl {
+    ($file:literal) => {
+        concat!(include_str!("../../../shaders/common.wgsl"), "\n", include_str!(concat!("../../../shaders/", $file)))
+    };
+}
+pub(crate) use wgsl;
+
+/// Bit pattern of an f32 for the u32 parameter block.
+pub(crate) fn fbits(x: f32) -> u32 {
+    x.to_bits()
+}

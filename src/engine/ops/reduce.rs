@@ -1,0 +1,70 @@
+//! Reductions, deterministic (fixed summation order, no atomics).
+//!
+//! - `sum_rows(x)`: x (R, C) -> (C), column sums;  dx = broadcast of g over rows
+//! - `sum(x)`:      x (any) -> () scalar;            dx = g everywhere
+//! - `mean(x)`:     sum(x) / numel(x)
+
+use super::elementwise::{broadcast_to, scale};
+use super::wgsl;
+use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use crate::engine::tensor::{Real, Storage};
+use crate::engine::Tensor;
+use crate::{on_device, Error, Result};
+
+static SUM_ROWS: Kernel = Kernel { name: "reduce", source: wgsl!("reduce.wgsl"), entry: "sum_rows", bindings: &[Read, ReadWrite] };
+const CHUNK: usize = 256;
+
+pub fn sum_rows_cpu<T: Real>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); cols];
+    for r in 0..rows {
+        for (o, &v) in out.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// Column sums on the GPU: repeated chunked passes until one row remains.
+pub(crate) fn sum_rows_gpu(x: &GpuBuf, rows: usize, cols: usize) -> Result<GpuBuf> {
+    let g = gpu()?;
+    let mut rows = rows;
+    let mut cur: Option<GpuBuf> = None;
+    loop {
+        let chunks = rows.div_ceil(CHUNK).max(1);
+        let out = g.alloc(4 * (chunks * cols) as u64)?;
+        let src = cur.as_ref().unwrap_or(x);
+        g.dispatch(&SUM_ROWS, &[src, &out], &[rows as u32, cols as u32], groups_1d(chunks * cols))?;
+        cur = Some(out);
+        if chunks == 1 {
+            return Ok(cur.unwrap());
+        }
+        rows = chunks;
+    }
+}
+
+/// Sum over all leading axes: x (.., C) -> (C).
+pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 0 {
+        return Err(Error::Shape { op: "sum_rows", msg: "needs at least one axis".into() });
+    }
+    let cols = x.last_dim();
+    let rows = x.numel() / cols.max(1);
+    let st = on_device!(x.device(), T => T::wrap(sum_rows_cpu::<T>(&x.host::<T>()?, rows, cols)),
+        Storage::Gpu(sum_rows_gpu(&*x.gbuf()?, rows, cols)?));
+    let xshape = x.shape().to_vec();
+    Ok(Tensor::from_op("sum_rows", st, vec![cols], &[x], move |g| Ok(vec![Some(broadcast_to(g, &xshape)?)])))
+}
+
+/// Sum of all elements: x -> () .
+pub fn sum(x: &Tensor) -> Result<Tensor> {
+    let s = sum_rows(&x.reshape(&[x.numel(), 1])?)?;
+    s.reshape(&[])
+}
+
+/// Mean of all elements.
+pub fn mean(x: &Tensor) -> Result<Tensor> {
+    if x.numel() == 0 {
+        return Err(Error::Shape { op: "mean", msg: "mean of an empty tensor".into() });
+    }
+    scale(&sum(x)?, 1.0 / x.numel() as f32)
+}

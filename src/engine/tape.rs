@@ -1,0 +1,116 @@
+//! Reverse-mode autograd. The tape is the graph itself: every tensor made by an op that needs a
+//! gradient holds a [`Node`] (its inputs and a backward closure that owns whatever the forward
+//! saved). [`backward`] orders the graph once (depth-first, post-order) and walks it in reverse,
+//! summing gradients that meet at a tensor. Dropping the loss frees the graph and its buffers.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+
+use super::ops::elementwise::add;
+use super::Tensor;
+use crate::{Error, Result};
+
+type BackwardFn = dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>>;
+
+pub(crate) struct Node {
+    pub(crate) op: &'static str,
+    pub(crate) inputs: Vec<Tensor>,
+    pub(crate) backward: Box<BackwardFn>,
+}
+
+thread_local! {
+    static GRAD: Cell<bool> = const { Cell::new(true) };
+}
+
+pub fn grad_enabled() -> bool {
+    GRAD.with(|g| g.get())
+}
+
+/// Run `f` without recording anything on the tape (evaluation, optimizer updates).
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    let prev = GRAD.with(|g| g.replace(false));
+    let r = f();
+    GRAD.with(|g| g.set(prev));
+    r
+}
+
+/// Gradients of a scalar with respect to every trainable leaf it depends on.
+pub struct Grads(HashMap<u64, Tensor>);
+
+impl Grads {
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.0.get(&t.id())
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// d loss / d leaf for every leaf created with [`Tensor::param`]. `loss` must have one element.
+pub fn backward(loss: &Tensor) -> Result<Grads> {
+    if loss.numel() != 1 {
+        return Err(Error::Shape { op: "backward", msg: format!("loss must be a scalar, got shape {:?}", loss.shape()) });
+    }
+    if !loss.requires_grad() {
+        return Err(Error::Invalid("backward: the loss does not depend on any parameter (or was made under no_grad)".into()));
+    }
+    // Post-order DFS without recursion.
+    let mut order: Vec<Tensor> = Vec::new();
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut stack: Vec<(Tensor, bool)> = vec![(loss.clone(), false)];
+    while let Some((t, expanded)) = stack.pop() {
+        if expanded {
+            order.push(t);
+            continue;
+        }
+        if !seen.insert(t.id()) {
+            continue;
+        }
+        stack.push((t.clone(), true));
+        if let Some(node) = &t.0.node {
+            for i in &node.inputs {
+                if i.requires_grad() && !seen.contains(&i.id()) {
+                    stack.push((i.clone(), false));
+                }
+            }
+        }
+    }
+    no_grad(|| {
+        let mut grads: HashMap<u64, Tensor> = HashMap::new();
+        grads.insert(loss.id(), Tensor::full(loss.shape(), 1.0, loss.device())?);
+        let mut leaves: HashMap<u64, Tensor> = HashMap::new();
+        for t in order.iter().rev() {
+            let Some(node) = &t.0.node else {
+                if let Some(g) = grads.remove(&t.id()) {
+                    leaves.insert(t.id(), g);
+                }
+                continue;
+            };
+            let Some(g) = grads.remove(&t.id()) else {
+                continue;
+            };
+            let outs = (node.backward)(&g)?;
+            for (inp, gi) in node.inputs.iter().zip(outs) {
+                let Some(gi) = gi else { continue };
+                if !inp.requires_grad() {
+                    continue;
+                }
+                if gi.shape() != inp.shape() {
+                    return Err(Error::Shape {
+                        op: node.op,
+                        msg: format!("backward produced gradient {:?} for input {:?}", gi.shape(), inp.shape()),
+                    });
+                }
+                let acc = match grads.remove(&inp.id()) {
+                    Some(prev) => add(&prev, &gi)?,
+                    None => gi,
+                };
+                grads.insert(inp.id(), acc);
+            }
+        }
+        Ok(Grads(leaves))
+    })
+}

@@ -1,0 +1,35 @@
+//! msm4sr: the MSM4SR multimodal sequential recommender on a small GPU compute engine.
+//!
+//! Layers (each uses only the ones below it):
+//! - [`engine`]: devices (wgpu GPU, native CPU), tensors, reverse-mode autograd, and one module per
+//!   op family under [`engine::ops`] (forward + backward kernels, the CPU reference, shapes).
+//! - [`gradcheck`] and [`bench`]: the engine's verification and benchmark harnesses, shared by the
+//!   CLI, `cargo test` and `cargo bench`.
+
+pub mod bench;
+pub mod engine;
+pub mod gradcheck;
+
+pub use engine::{Device, Tensor};
+
+/// Every failure the library reports. Messages name the op, shape, file or adapter involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("shape error in {op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    #[error("index error in {op}: {msg}")]
+    Index { op: &'static str, msg: String },
+    #[error("device error: {0}")]
+    Device(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("I/O error on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Build a shape error.
+pub fn shape_err<T>(op: &'static str, msg: impl Into<String>) -> Result<T> {
+    Err(Error::Shape { op, msg: msg.into() })
+}
