@@ -2,6 +2,9 @@
 //! wgpu kernel (forward and backward) against the CPU backend. The GPU checks run on whatever
 //! adapter wgpu picks (in CI: Mesa lavapipe); set MSM4SR_ADAPTER to choose one.
 
+mod fixtures;
+mod pool;
+
 use msm4sr::gradcheck::{all_cases, check_fd, check_gpu, CheckResult};
 
 fn report(results: &[CheckResult]) {
@@ -40,3 +43,8 @@ macro_rules! op_tests {
 }
 
 op_tests!(add, mul, gelu, dropout, sum);
+
+#[test]
+fn adam() {
+    report(&msm4sr::gradcheck::cases::special_checks(&["adam".to_string()], true));
+}

@@ -7,8 +7,10 @@
 //!   CLI, `cargo test` and `cargo bench`.
 
 pub mod bench;
+pub mod demo;
 pub mod engine;
 pub mod gradcheck;
+pub mod nn;
 
 pub use engine::{Device, Tensor};
 

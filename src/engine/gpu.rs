@@ -77,6 +77,8 @@ pub struct AdapterSummary {
     pub device_type: String,
     pub driver: String,
     pub driver_info: String,
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
 }
 
 impl AdapterSummary {
@@ -87,6 +89,8 @@ impl AdapterSummary {
             device_type: format!("{:?}", i.device_type),
             driver: i.driver.clone(),
             driver_info: i.driver_info.clone(),
+            subgroup_min_size: i.subgroup_min_size,
+            subgroup_max_size: i.subgroup_max_size,
         }
     }
     pub fn is_software(&self) -> bool {
@@ -432,28 +436,48 @@ impl Gpu {
         Ok(())
     }
 
-    fn flush_locked(&self, st: &mut State) {
-        if !st.pending.is_empty() {
-            self.queue.write_buffer(&st.uniform_buf, 0, &st.uniforms);
-            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
-            {
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
-                for p in &st.pending {
-                    pass.set_pipeline(&p.pipeline);
-                    pass.set_bind_group(0, Some(p.bind_group.as_ref()), &[p.offset]);
-                    pass.dispatch_workgroups(p.groups[0], p.groups[1], p.groups[2]);
-                }
-            }
-            self.queue.submit([enc.finish()]);
-            st.submits += 1;
-            st.pending.clear();
-            st.uniforms.clear();
+    /// Record every queued dispatch into one compute pass of `enc`.
+    fn encode_pending(&self, st: &mut State, enc: &mut wgpu::CommandEncoder) {
+        if st.pending.is_empty() {
+            return;
         }
-        // Buffers released while queued work could still read them are reusable only after a submit.
+        self.queue.write_buffer(&st.uniform_buf, 0, &st.uniforms);
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
+            for p in &st.pending {
+                pass.set_pipeline(&p.pipeline);
+                pass.set_bind_group(0, Some(p.bind_group.as_ref()), &[p.offset]);
+                pass.dispatch_workgroups(p.groups[0], p.groups[1], p.groups[2]);
+            }
+        }
+        st.pending.clear();
+        st.uniforms.clear();
+    }
+
+    /// Submit `enc` and recycle buffers released while their dispatches were queued.
+    fn submit(&self, st: &mut State, enc: wgpu::CommandEncoder) {
+        self.queue.submit([enc.finish()]);
+        st.submits += 1;
+        Self::recycle(st);
+    }
+
+    /// Make buffers released while their dispatches were queued reusable (call after a submit).
+    fn recycle(st: &mut State) {
         for (cap, id, buf) in std::mem::take(&mut st.pending_free) {
             st.stats.free_bytes += cap;
             st.free.entry(cap).or_default().push((id, buf));
         }
+    }
+
+    fn flush_locked(&self, st: &mut State) {
+        if st.pending.is_empty() {
+            // Nothing queued can read a released buffer any more.
+            Self::recycle(st);
+            return;
+        }
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+        self.encode_pending(st, &mut enc);
+        self.submit(st, enc);
     }
 
     /// Encode and submit everything queued (one compute pass, one submit).
@@ -472,14 +496,14 @@ impl Gpu {
             mapped_at_creation: false,
         });
         {
+            // The queued step and the copy go out in one submit.
             let mut st = self.state();
-            self.flush_locked(&mut st);
-            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+            let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step+readback") });
+            self.encode_pending(&mut st, &mut enc);
             if size > 0 {
                 enc.copy_buffer_to_buffer(b.raw(), 0, &staging, 0, size);
             }
-            self.queue.submit([enc.finish()]);
-            st.submits += 1;
+            self.submit(&mut st, enc);
         }
         let (tx, rx) = std::sync::mpsc::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {

@@ -5,6 +5,7 @@
 //! f32, `Device::Cpu64` in f64 for finite differences).
 
 pub mod gpu;
+pub mod optim;
 pub mod ops;
 pub mod tape;
 pub mod tensor;

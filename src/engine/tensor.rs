@@ -284,7 +284,7 @@ impl Tensor {
         Ok(Ref::map(s, |s| T::view(s).unwrap().as_slice()))
     }
 
-    pub(crate) fn host_mut<T: Real>(&self) -> Result<RefMut<'_, [T]>> {
+    pub fn host_mut<T: Real>(&self) -> Result<RefMut<'_, [T]>> {
         let dev = self.device();
         let s = self.0.storage.borrow_mut();
         if T::view(&s).is_none() {

@@ -10,7 +10,11 @@ pub use reduce::{mean, sum, sum_rows};
 /// WGSL source of one kernel family, with the shared helpers prepended.
 macro_rules! wgsl {
     ($file:literal) => {
-        concat!(include_str!("../../../shaders/common.wgsl"), "\n", include_str!(concat!("../../../shaders/", $file)))
+        concat!(
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common.wgsl")),
+            "\n",
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $file))
+        )
     };
 }
 pub(crate) use wgsl;

@@ -2,6 +2,7 @@
 //! kernels' tile sizes, length-1 sequences, fully padded rows and a batch of 1.
 
 mod elementwise;
+mod optim;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -16,6 +17,10 @@ pub fn all_cases() -> Vec<Case> {
 }
 
 /// Checks that are not gradients of a function (the optimizer).
-pub fn special_checks(_ops: &[String], _gpu: bool) -> Vec<CheckResult> {
-    Vec::new()
+pub fn special_checks(ops: &[String], gpu: bool) -> Vec<CheckResult> {
+    if ops.is_empty() || ops.iter().any(|o| o == "adam") {
+        optim::checks(gpu)
+    } else {
+        Vec::new()
+    }
 }

@@ -1,0 +1,139 @@
+//! PyTorch golden fixtures (written by tools/make_fixtures.py): every op and the composed MSM4SR
+//! blocks (RecBole SASRec layer, attention-pool + MoE item encoder, NIP / CMCL / cross-entropy) must
+//! reproduce PyTorch's outputs and gradients on both backends (relative error <= 1e-4 where
+//! |ref| > 1e-3, else absolute <= 1e-5).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use msm4sr::engine::ops::*;
+use msm4sr::engine::{backward, Device, Indices, Tensor};
+use msm4sr::gradcheck::compare;
+use msm4sr::nn::{self, AttentionPool, ItemEncoder, LayerNorm, Linear, MoeAdaptor, Seeds, TransformerLayer};
+use msm4sr::Result;
+use safetensors::SafeTensors;
+
+struct Fixture {
+    floats: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    ints: HashMap<String, Vec<u32>>,
+}
+
+fn load(name: &str) -> Fixture {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/fixtures").join(format!("{name}.safetensors"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run tools/make_fixtures.py)", path.display()));
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut f = Fixture { floats: HashMap::new(), ints: HashMap::new() };
+    for (n, v) in st.tensors() {
+        match v.dtype() {
+            safetensors::Dtype::F32 => {
+                f.floats.insert(n.to_string(), (v.shape().to_vec(), bytemuck::pod_collect_to_vec(v.data())));
+            }
+            safetensors::Dtype::I32 => {
+                let x: Vec<i32> = bytemuck::pod_collect_to_vec(v.data());
+                f.ints.insert(n.to_string(), x.into_iter().map(|i| i as u32).collect());
+            }
+            d => panic!("unexpected dtype {d:?}"),
+        }
+    }
+    f
+}
+
+type Build = fn(&HashMap<String, Tensor>, &HashMap<String, Vec<u32>>) -> Result<Tensor>;
+
+fn run(name: &str, build: Build) {
+    let f = load(name);
+    for dev in [Device::Cpu, Device::Gpu] {
+        let mut xs = HashMap::new();
+        for (k, (shape, data)) in &f.floats {
+            if let Some(n) = k.strip_prefix("x.") {
+                xs.insert(n.to_string(), Tensor::from_vec(data.clone(), shape, dev).unwrap().param());
+            }
+        }
+        let cs: HashMap<String, Vec<u32>> = f.ints.iter().map(|(k, v)| (k.trim_start_matches("c.").to_string(), v.clone())).collect();
+        let out = build(&xs, &cs).unwrap_or_else(|e| panic!("{name} on {dev:?}: {e}"));
+        let (wshape, w) = &f.floats["w"];
+        let (oshape, want) = &f.floats["out"];
+        assert_eq!(out.shape(), oshape.as_slice(), "{name}: output shape");
+        let got = out.to_vec().unwrap();
+        let (a, r, pass) = compare(&got, want);
+        assert!(pass, "{name} on {dev:?}: output differs (max abs {a:.3e}, max rel {r:.3e})\n got {got:?}\nwant {want:?}");
+        let wt = Tensor::from_vec(w.clone(), wshape, dev).unwrap();
+        let loss = sum(&mul(&out, &wt).unwrap()).unwrap();
+        let grads = backward(&loss).unwrap();
+        for (n, x) in &xs {
+            let (_, want) = &f.floats[&format!("g.{n}")];
+            let got = grads.get(x).map(|g| g.to_vec().unwrap()).unwrap_or_else(|| vec![0.0; want.len()]);
+            let (a, r, pass) = compare(&got, want);
+            assert!(pass, "{name} on {dev:?}: gradient of {n} differs (max abs {a:.3e}, max rel {r:.3e})\n got {got:?}\nwant {want:?}");
+        }
+        eprintln!("fixture {name:<15} {dev:?}: ok");
+    }
+}
+
+fn idx(c: &HashMap<String, Vec<u32>>, n: &str) -> Indices {
+    Indices::new(c[n].clone())
+}
+
+fn lin(x: &HashMap<String, Tensor>, w: &str, b: &str) -> Linear {
+    Linear { w: x[w].clone(), b: Some(x[b].clone()) }
+}
+
+#[test]
+fn ops() {
+    run("matmul", |x, _| matmul(&x["a"], &x["b"], false, false));
+    run("linear", |x, _| linear(&x["x"], &x["w"], Some(&x["b"])));
+    run("layernorm", |x, _| layernorm(&x["x"], &x["g"], &x["b"], 1e-12));
+    run("softmax", |x, c| softmax(&x["x"], Some(&idx(c, "lens"))));
+    run("gelu", |x, _| gelu(&x["x"]));
+    run("l2norm", |x, _| l2norm(&x["x"], 1e-12));
+    run("attention", |x, c| attention(&x["q"], &x["k"], &x["v"], &idx(c, "lens"), 2, 0.0, 0));
+    run("attention_pool", |x, c| attention_pool(&x["a"], &x["x"], &idx(c, "lens")));
+    run("moe", |x, _| moe(&x["logits"], &x["experts"]));
+    run("embedding", |x, c| embedding(&x["w"], &idx(c, "ids"), &[2, 3]));
+    run("gather_last", |x, c| gather_last(&x["x"], &idx(c, "lens")));
+    run("cross_entropy", |x, c| cross_entropy(&x["logits"], &idx(c, "targets")));
+}
+
+#[test]
+fn losses() {
+    run("nip", |x, c| nn::nip_loss(&x["m_hat"], &x["m_til"], &x["z"], &idx(c, "targets"), 0.07));
+    run("cmcl", |x, c| nn::cmcl_loss(&x["a"], &x["b"], &idx(c, "targets"), 0.07));
+}
+
+#[test]
+fn sasrec_layer() {
+    run("sasrec_layer", |x, c| {
+        let layer = TransformerLayer {
+            q: lin(x, "wq", "bq"),
+            k: lin(x, "wk", "bk"),
+            v: lin(x, "wv", "bv"),
+            o: lin(x, "wo", "bo"),
+            ln1: LayerNorm { g: x["ln1_g"].clone(), b: x["ln1_b"].clone(), eps: 1e-12 },
+            ff1: lin(x, "w1", "b1"),
+            ff2: lin(x, "w2", "b2"),
+            ln2: LayerNorm { g: x["ln2_g"].clone(), b: x["ln2_b"].clone(), eps: 1e-12 },
+            heads: 2,
+            p_hidden: 0.2,
+            p_attn: 0.2,
+        };
+        layer.forward(&x["x"], &idx(c, "lens"), false, &mut Seeds::new(0))
+    });
+}
+
+#[test]
+fn item_encoder() {
+    run("item_encoder", |x, c| {
+        let enc = ItemEncoder {
+            pool: AttentionPool { w1: lin(x, "pw1", "pb1"), w2: lin(x, "pw2", "pb2") },
+            moe: MoeAdaptor {
+                experts: lin(x, "ew", "eb"),
+                ln: LayerNorm { g: x["ln_g"].clone(), b: x["ln_b"].clone(), eps: 1e-12 },
+                gate: x["gw"].clone(),
+                n_experts: 3,
+                d0: 8,
+                p: 0.2,
+            },
+        };
+        enc.forward(&x["x"], &idx(c, "lens"), false, &mut Seeds::new(0))
+    });
+}

@@ -1,0 +1,78 @@
+// Adam with coupled (L2) weight decay and global gradient-norm clipping, as torch.optim.Adam after
+// torch.nn.utils.clip_grad_norm_.
+//
+// sumsq: one workgroup writes norms[slot] = sum(g^2) of one parameter's gradient (fixed order).
+// adam:  every invocation reads all P squared norms, forms the global norm, the clip coefficient
+//        c = min(1, max_norm / (norm + 1e-6)) (c = 1 when max_norm = 0), then updates in place:
+//        g' = c * g + wd * p;  m = b1 m + (1 - b1) g';  v = b2 v + (1 - b2) g'^2;
+//        p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+
+struct P {
+    n: u32,
+    slot: u32,       // sumsq: where to write
+    nparams: u32,    // adam: entries in norms
+    lr: f32,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    wd: f32,
+    bc1: f32,        // 1 - b1^t
+    bc2: f32,        // 1 - b2^t
+    max_norm: f32,
+}
+
+@group(0) @binding(0) var<uniform> prm: P;
+
+// ---- sumsq: g (n) -> norms[slot]
+@group(0) @binding(1) var<storage, read> sq_g: array<f32>;
+@group(0) @binding(2) var<storage, read_write> sq_norms: array<f32>;
+
+var<workgroup> part: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>) {
+    var s = 0.0;
+    for (var i = lid.x; i < prm.n; i = i + 256u) {
+        let x = sq_g[i];
+        s = s + x * x;
+    }
+    part[lid.x] = s;
+    workgroupBarrier();
+    for (var w = 128u; w > 0u; w = w >> 1u) {
+        if (lid.x < w) {
+            part[lid.x] = part[lid.x] + part[lid.x + w];
+        }
+        workgroupBarrier();
+    }
+    if (lid.x == 0u) {
+        sq_norms[prm.slot] = part[0];
+    }
+}
+
+// ---- adam: p, m, v updated in place from g and the global norm
+@group(0) @binding(1) var<storage, read_write> ad_p: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ad_m: array<f32>;
+@group(0) @binding(3) var<storage, read_write> ad_v: array<f32>;
+@group(0) @binding(4) var<storage, read> ad_g: array<f32>;
+@group(0) @binding(5) var<storage, read> ad_norms: array<f32>;
+
+@compute @workgroup_size(256)
+fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = lin(gid, nwg);
+    if (i >= prm.n) { return; }
+    var c = 1.0;
+    if (prm.max_norm > 0.0) {
+        var tot = 0.0;
+        for (var k = 0u; k < prm.nparams; k = k + 1u) {
+            tot = tot + ad_norms[k];
+        }
+        c = min(1.0, prm.max_norm / (sqrt(tot) + 1e-6));
+    }
+    let p = ad_p[i];
+    let g = c * ad_g[i] + prm.wd * p;
+    let m = prm.b1 * ad_m[i] + (1.0 - prm.b1) * g;
+    let v = prm.b2 * ad_v[i] + (1.0 - prm.b2) * g * g;
+    ad_m[i] = m;
+    ad_v[i] = v;
+    ad_p[i] = p - prm.lr / prm.bc1 * m / (sqrt(v) / sqrt(prm.bc2) + prm.eps);
+}

@@ -1,0 +1,292 @@
+//! Layers built from the engine's ops: Linear, LayerNorm, the RecBole/SASRec transformer, the
+//! attention-pooling + MoE item encoder of MSM4SR (M²SE), and the pre-training losses.
+//!
+//! Parameters are plain tensors marked with [`Tensor::param`]; every layer lists them by name with
+//! `params()` (the names are the checkpoint's tensor names). Linear weights are stored (in, out).
+//! Dropout masks come from [`Seeds`], so a run with the same seed draws the same masks on every device.
+
+use rand::Rng;
+
+use crate::engine::ops::{
+    add, attention, attention_pool, concat, dropout, embedding, gather_last, gelu, info_nce, layernorm, l2norm, linear, matmul, moe, scale,
+};
+use crate::engine::{Device, Indices, Tensor};
+use crate::Result;
+
+/// A stream of dropout seeds: one per dropout call, reproducible from the run's seed.
+pub struct Seeds(u64);
+
+impl Seeds {
+    pub fn new(seed: u64) -> Seeds {
+        Seeds(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+    pub fn next(&mut self) -> u32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) as u32
+    }
+}
+
+/// Dropout that is the identity outside training.
+pub fn drop(x: &Tensor, p: f32, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+    if train && p > 0.0 {
+        dropout(x, p, seeds.next())
+    } else {
+        Ok(x.clone())
+    }
+}
+
+fn named(prefix: &str, v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    v.into_iter().map(|(n, t)| (format!("{prefix}.{n}"), t)).collect()
+}
+
+/// y = x W + b. W (in, out) ~ N(0, 0.02), b = 0.
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(din: usize, dout: usize, bias: bool, rng: &mut impl Rng, dev: Device) -> Result<Linear> {
+        Ok(Linear {
+            w: Tensor::randn(&[din, dout], 0.02, rng, dev)?.param(),
+            b: if bias { Some(Tensor::zeros(&[dout], dev)?.param()) } else { None },
+        })
+    }
+    /// x (.., in) -> (.., out)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.w, self.b.as_ref())
+    }
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("weight".to_string(), self.w.clone())];
+        if let Some(b) = &self.b {
+            v.push(("bias".into(), b.clone()));
+        }
+        v
+    }
+}
+
+/// LayerNorm over the last axis; gamma/beta (C) or (G, C) (one per group of rows, for MoE experts).
+pub struct LayerNorm {
+    pub g: Tensor,
+    pub b: Tensor,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(shape: &[usize], eps: f32, dev: Device) -> Result<LayerNorm> {
+        Ok(LayerNorm { g: Tensor::full(shape, 1.0, dev)?.param(), b: Tensor::zeros(shape, dev)?.param(), eps })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layernorm(x, &self.g, &self.b, self.eps)
+    }
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        vec![("weight".into(), self.g.clone()), ("bias".into(), self.b.clone())]
+    }
+}
+
+/// One post-LN transformer layer exactly as RecBole's SASRec writes it:
+/// a = dropout((softmax(q k^T / sqrt(dh) + mask) -> dropout) v Wo); x1 = LN(a + x);
+/// f = dropout(gelu(x1 W1) W2); out = LN(f + x1).
+pub struct TransformerLayer {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub ln1: LayerNorm,
+    pub ff1: Linear,
+    pub ff2: Linear,
+    pub ln2: LayerNorm,
+    pub heads: usize,
+    pub p_hidden: f32,
+    pub p_attn: f32,
+}
+
+impl TransformerLayer {
+    pub fn new(c: usize, inner: usize, heads: usize, p_hidden: f32, p_attn: f32, rng: &mut impl Rng, dev: Device) -> Result<Self> {
+        Ok(TransformerLayer {
+            q: Linear::new(c, c, true, rng, dev)?,
+            k: Linear::new(c, c, true, rng, dev)?,
+            v: Linear::new(c, c, true, rng, dev)?,
+            o: Linear::new(c, c, true, rng, dev)?,
+            ln1: LayerNorm::new(&[c], 1e-12, dev)?,
+            ff1: Linear::new(c, inner, true, rng, dev)?,
+            ff2: Linear::new(inner, c, true, rng, dev)?,
+            ln2: LayerNorm::new(&[c], 1e-12, dev)?,
+            heads,
+            p_hidden,
+            p_attn,
+        })
+    }
+
+    /// x (B, L, C), lens (B) -> (B, L, C)
+    pub fn forward(&self, x: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        let pa = if train { self.p_attn } else { 0.0 };
+        let ctx = attention(&self.q.forward(x)?, &self.k.forward(x)?, &self.v.forward(x)?, lens, self.heads, pa, seeds.next())?;
+        let a = drop(&self.o.forward(&ctx)?, self.p_hidden, train, seeds)?;
+        let x1 = self.ln1.forward(&add(&a, x)?)?;
+        let f = drop(&self.ff2.forward(&gelu(&self.ff1.forward(&x1)?)?)?, self.p_hidden, train, seeds)?;
+        self.ln2.forward(&add(&f, &x1)?)
+    }
+
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        for (n, l) in [("query", &self.q), ("key", &self.k), ("value", &self.v), ("dense", &self.o), ("ffn1", &self.ff1), ("ffn2", &self.ff2)] {
+            v.extend(named(n, l.params()));
+        }
+        v.extend(named("ln1", self.ln1.params()));
+        v.extend(named("ln2", self.ln2.params()));
+        v
+    }
+}
+
+/// Learned positions + LayerNorm + dropout + a stack of layers; the output at each sequence's last
+/// valid position (sequences are left-aligned).
+pub struct Transformer {
+    pub pos: Tensor,
+    pub ln: LayerNorm,
+    pub layers: Vec<TransformerLayer>,
+    pub p_hidden: f32,
+}
+
+impl Transformer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(max_len: usize, c: usize, inner: usize, layers: usize, heads: usize, p_hidden: f32, p_attn: f32, rng: &mut impl Rng, dev: Device) -> Result<Self> {
+        Ok(Transformer {
+            pos: Tensor::randn(&[max_len, c], 0.02, rng, dev)?.param(),
+            ln: LayerNorm::new(&[c], 1e-12, dev)?,
+            layers: (0..layers).map(|_| TransformerLayer::new(c, inner, heads, p_hidden, p_attn, rng, dev)).collect::<Result<_>>()?,
+            p_hidden,
+        })
+    }
+
+    /// m (B, L, C) item representations, lens (B) in 1..=L -> h (B, C)
+    pub fn forward(&self, m: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        let l = m.shape()[1];
+        let pos = embedding(&self.pos, &Indices::new((0..l as u32).collect()), &[l])?;
+        let mut x = drop(&self.ln.forward(&add(m, &pos)?)?, self.p_hidden, train, seeds)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, lens, train, seeds)?;
+        }
+        gather_last(&x, lens)
+    }
+
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("position".to_string(), self.pos.clone())];
+        v.extend(named("ln", self.ln.params()));
+        for (i, l) in self.layers.iter().enumerate() {
+            v.extend(named(&format!("layer{i}"), l.params()));
+        }
+        v
+    }
+}
+
+/// Attention pooling over an item's sentence (or image) vectors (paper eq. 3):
+/// a = (x W1 + b1) W2 + b2, alpha = softmax over valid rows, e = sum alpha x.
+pub struct AttentionPool {
+    pub w1: Linear,
+    pub w2: Linear,
+}
+
+impl AttentionPool {
+    pub fn new(d: usize, hidden: usize, rng: &mut impl Rng, dev: Device) -> Result<Self> {
+        Ok(AttentionPool { w1: Linear::new(d, hidden, true, rng, dev)?, w2: Linear::new(hidden, 1, true, rng, dev)? })
+    }
+    /// x (N, S, d), lens (N) -> e (N, d)
+    pub fn forward(&self, x: &Tensor, lens: &Indices) -> Result<Tensor> {
+        let (n, s) = (x.shape()[0], x.shape()[1]);
+        let a = self.w2.forward(&self.w1.forward(x)?)?.reshape(&[n, s])?;
+        attention_pool(&a, x, lens)
+    }
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        let mut v = named("w1", self.w1.params());
+        v.extend(named("w2", self.w2.params()));
+        v
+    }
+}
+
+/// Mixture-of-experts adaptor (paper eq. 4-5): expert k = LN_k(dropout(e W_k + b_k)), gate
+/// g = softmax(e W3) with W3 initialised to zeros, z = sum_k g_k E_k.
+pub struct MoeAdaptor {
+    pub experts: Linear,
+    pub ln: LayerNorm,
+    pub gate: Tensor,
+    pub n_experts: usize,
+    pub d0: usize,
+    pub p: f32,
+}
+
+impl MoeAdaptor {
+    pub fn new(d: usize, d0: usize, n_experts: usize, p: f32, rng: &mut impl Rng, dev: Device) -> Result<Self> {
+        Ok(MoeAdaptor {
+            experts: Linear::new(d, n_experts * d0, true, rng, dev)?,
+            ln: LayerNorm::new(&[n_experts, d0], 1e-12, dev)?,
+            gate: Tensor::zeros(&[d, n_experts], dev)?.param(),
+            n_experts,
+            d0,
+            p,
+        })
+    }
+    /// e (N, d) -> z (N, d0)
+    pub fn forward(&self, e: &Tensor, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        let n = e.shape()[0];
+        let ex = drop(&self.experts.forward(e)?, self.p, train, seeds)?.reshape(&[n, self.n_experts, self.d0])?;
+        let ex = self.ln.forward(&ex)?;
+        moe(&matmul(e, &self.gate, false, false)?, &ex)
+    }
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        let mut v = named("experts", self.experts.params());
+        v.extend(named("ln", self.ln.params()));
+        v.push(("gate".into(), self.gate.clone()));
+        v
+    }
+}
+
+/// One modality's item encoder: attention pooling then the MoE adaptor.
+pub struct ItemEncoder {
+    pub pool: AttentionPool,
+    pub moe: MoeAdaptor,
+}
+
+impl ItemEncoder {
+    pub fn new(d: usize, d0: usize, n_experts: usize, p: f32, rng: &mut impl Rng, dev: Device) -> Result<Self> {
+        Ok(ItemEncoder { pool: AttentionPool::new(d, 64, rng, dev)?, moe: MoeAdaptor::new(d, d0, n_experts, p, rng, dev)? })
+    }
+    /// x (N, S, d), lens (N) -> z (N, d0)
+    pub fn forward(&self, x: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        self.moe.forward(&self.pool.forward(x, lens)?, train, seeds)
+    }
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        let mut v = named("pool", self.pool.params());
+        v.extend(named("moe", self.moe.params()));
+        v
+    }
+}
+
+/// Cosine similarities: a (B, D), b (B2, D) -> (B, B2).
+pub fn cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul(&l2norm(a, 1e-12)?, &l2norm(b, 1e-12)?, false, true)
+}
+
+/// NIP (paper eq. 7) as a batch mean: both views of each sequence against every target's encoding,
+/// same-target negatives removed.  m_hat, m_til (B, D), z (B, D) targets' encodings.
+pub fn nip_loss(m_hat: &Tensor, m_til: &Tensor, z: &Tensor, targets: &Indices, tau: f32) -> Result<Tensor> {
+    let b = m_hat.shape()[0];
+    let logits = scale(&concat(&[&cosine(m_hat, z)?, &cosine(m_til, z)?])?, 1.0 / tau)?.reshape(&[2, b, b])?;
+    info_nce(&logits, targets, &[true, true], &[false, false])
+}
+
+/// One direction of CMCL (eq. 9): l(a, b) with inter-view (a_j, b_j') and intra-view (a_j, a_j')
+/// negatives; returns the batch mean of -l.
+fn cmcl_dir(a: &Tensor, b: &Tensor, targets: &Indices, tau: f32) -> Result<Tensor> {
+    let n = a.shape()[0];
+    let logits = scale(&concat(&[&cosine(a, b)?, &cosine(a, a)?])?, 1.0 / tau)?.reshape(&[2, n, n])?;
+    info_nce(&logits, targets, &[true, false], &[false, true])
+}
+
+/// Symmetric CMCL (eq. 9-10) as a batch mean: (l(a, b) + l(b, a)) / 2.
+pub fn cmcl_loss(a: &Tensor, b: &Tensor, targets: &Indices, tau: f32) -> Result<Tensor> {
+    scale(&add(&cmcl_dir(a, b, targets, tau)?, &cmcl_dir(b, a, targets, tau)?)?, 0.5)
+}
