@@ -290,3 +290,10 @@ fn cmcl_dir(a: &Tensor, b: &Tensor, targets: &Indices, tau: f32) -> Result<Tenso
 pub fn cmcl_loss(a: &Tensor, b: &Tensor, targets: &Indices, tau: f32) -> Result<Tensor> {
     scale(&add(&cmcl_dir(a, b, targets, tau)?, &cmcl_dir(b, a, targets, tau)?)?, 0.5)
 }
+
+/// NIP with one view (the `--no-heads` form): h (B, D) against the targets' encodings z (B, D).
+pub fn nip_single(h: &Tensor, z: &Tensor, targets: &Indices, tau: f32) -> Result<Tensor> {
+    let b = h.shape()[0];
+    let logits = scale(&cosine(h, z)?, 1.0 / tau)?.reshape(&[1, b, b])?;
+    info_nce(&logits, targets, &[true], &[false])
+}

@@ -1,0 +1,35 @@
+//! Full-ranking evaluation on the device: `rank_of_targets(scores, targets)`:
+//! scores (B, N), targets (B) each < N -> ranks (B), rank = #{ j != t : !(s_j < s_t) } (ties counted
+//! against the target; a NaN score ranks last). Only B integers come back to the host. No gradient.
+
+use super::wgsl;
+use crate::engine::gpu::{gpu, Access::*, Kernel};
+use crate::engine::tensor::Real;
+use crate::engine::{Indices, Tensor};
+use crate::{on_device, Error, Result};
+
+static RANK: Kernel = Kernel { name: "rank", source: wgsl!("rank.wgsl"), entry: "rank", bindings: &[Read, Read, ReadWrite] };
+
+/// CPU reference: one row.
+pub fn rank_row_cpu<T: Real>(scores: &[T], t: usize) -> u32 {
+    let st = scores[t];
+    scores.iter().enumerate().filter(|&(j, &s)| j != t && !(s < st)).count() as u32
+}
+
+pub fn rank_of_targets(scores: &Tensor, targets: &Indices) -> Result<Vec<u32>> {
+    if scores.rank() != 2 || scores.shape()[0] != targets.len() {
+        return Err(Error::Shape { op: "rank", msg: format!("scores {:?} with {} targets (want (B, N) and B targets)", scores.shape(), targets.len()) });
+    }
+    let (b, n) = (scores.shape()[0], scores.shape()[1]);
+    targets.check_below(n, "rank", "target")?;
+    on_device!(scores.device(), T => {
+        let s = scores.host::<T>()?;
+        Ok((0..b).map(|r| rank_row_cpu::<T>(&s[r * n..(r + 1) * n], targets.host()[r] as usize)).collect())
+    }, {
+        let g = gpu()?;
+        let out = g.alloc(4 * b as u64)?;
+        let gx = b.min(65535);
+        g.dispatch(&RANK, &[&*scores.gbuf()?, targets.gpu()?, &out], &[b as u32, n as u32], [gx as u32, b.div_ceil(gx) as u32, 1])?;
+        Ok(bytemuck::pod_collect_to_vec(&g.read(&out, 4 * b as u64)?))
+    })
+}

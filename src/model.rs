@@ -1,0 +1,369 @@
+//! MSM4SR (M²SE backbone, pre-training losses, fine-tuning scorer) and the SASRec / SASRecM
+//! baselines, on the engine's ops. Shapes: B batch, L longest sequence in the batch, I real items,
+//! S/V sentence/image rows per item, d feature size, d0 hidden size.
+//!
+//! Item encoders run once per step over the items a step needs — the distinct items of a pre-training
+//! batch, or every item when fine-tuning scores all of them — and sequences gather their rows.
+
+use std::collections::HashMap;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Batch, Modality};
+use crate::engine::ops::{add, concat, cross_entropy, embedding, matmul, scale};
+use crate::engine::{Device, Indices, Tensor};
+use crate::nn::{cmcl_loss, cosine, nip_loss, ItemEncoder, Linear, Seeds, Transformer};
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Multimodal pre-training + fine-tuning (the paper's model).
+    Msm4sr,
+    /// ID embeddings only.
+    Sasrec,
+    /// SASRec whose item representation is ID embedding + text encoder + image encoder, no pre-training.
+    Sasrecm,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Score {
+    /// cos(h, item) / tau (the released code's scorer).
+    Cos,
+    /// h . item (the paper's eq. 12).
+    Dot,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Modalities {
+    Text,
+    Image,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mod {
+    Text,
+    Image,
+}
+
+/// Everything that fixes the model's shape and losses (saved in checkpoints).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    pub model: ModelKind,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub inner: usize,
+    pub max_len: usize,
+    pub dropout: f32,
+    pub attn_dropout: f32,
+    pub moe_dropout: f32,
+    pub experts: usize,
+    pub tau: f32,
+    pub lambda: f32,
+    /// Sequence random dropout ratio rho (pre-training).
+    pub item_drop: f32,
+    pub nip: bool,
+    pub cmcl: bool,
+    pub mixup: bool,
+    /// Projection heads of eq. 6 (off = the authors' published command).
+    pub proj_heads: bool,
+    pub score: Score,
+    pub modalities: Modalities,
+    /// Drop one score term at fine-tuning (MSM4SR-T keeps text: drop image).
+    pub drop_score: Option<Mod>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            model: ModelKind::Msm4sr,
+            hidden: 64,
+            layers: 2,
+            heads: 2,
+            inner: 256,
+            max_len: 50,
+            dropout: 0.2,
+            attn_dropout: 0.2,
+            moe_dropout: 0.2,
+            experts: 8,
+            tau: 0.07,
+            lambda: 0.01,
+            item_drop: 0.2,
+            nip: true,
+            cmcl: true,
+            mixup: true,
+            proj_heads: true,
+            score: Score::Cos,
+            modalities: Modalities::Both,
+            drop_score: None,
+        }
+    }
+}
+
+/// Item features of one modality on the device.
+pub struct DeviceModality {
+    /// (I + 1, rows * d): row 0 is the padding item.
+    pub feats: Tensor,
+    pub lens: Vec<u32>,
+    pub rows: usize,
+    pub dim: usize,
+}
+
+impl DeviceModality {
+    pub fn new(m: &Modality, dev: Device) -> Result<DeviceModality> {
+        let n = m.lens.len();
+        Ok(DeviceModality { feats: Tensor::from_vec(m.data.clone(), &[n, m.rows * m.dim], dev)?, lens: m.lens.clone(), rows: m.rows, dim: m.dim })
+    }
+    /// Features of `items` (U) -> ((U, rows, d), lens (U)).
+    fn gather(&self, items: &[u32]) -> Result<(Tensor, Indices)> {
+        let x = embedding(&self.feats, &Indices::new(items.to_vec()), &[items.len()])?.reshape(&[items.len(), self.rows, self.dim])?;
+        Ok((x, Indices::new(items.iter().map(|&i| self.lens[i as usize]).collect())))
+    }
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub n_items: usize,
+    pub transformer: Transformer,
+    /// ID embeddings (I + 1, d0), row 0 = padding (kept at zero).
+    pub item_emb: Option<Tensor>,
+    pub enc_t: Option<ItemEncoder>,
+    pub enc_v: Option<ItemEncoder>,
+    pub head_t: Option<Linear>,
+    pub head_v: Option<Linear>,
+    pub text: Option<DeviceModality>,
+    pub image: Option<DeviceModality>,
+}
+
+/// Losses of one pre-training step (host values for logging come from `item()` of the total only).
+pub struct PretrainOut {
+    pub loss: Tensor,
+}
+
+impl Model {
+    /// Build a model for `n_items` real items with the given features (either may be missing).
+    pub fn new(cfg: ModelConfig, n_items: usize, text: Option<&Modality>, image: Option<&Modality>, rng: &mut impl Rng, dev: Device) -> Result<Model> {
+        let h = cfg.hidden;
+        let multimodal = cfg.model != ModelKind::Sasrec;
+        let use_t = multimodal && cfg.modalities != Modalities::Image;
+        let use_v = multimodal && cfg.modalities != Modalities::Text;
+        let text = if use_t { text } else { None };
+        let image = if use_v { image } else { None };
+        if multimodal && text.is_none() && image.is_none() {
+            return Err(Error::Invalid(format!(
+                "model {:?} with modalities {:?} needs item features, but the dataset has none for them (NAME.features.safetensors)",
+                cfg.model, cfg.modalities
+            )));
+        }
+        let transformer = Transformer::new(cfg.max_len, h, cfg.inner, cfg.layers, cfg.heads, cfg.dropout, cfg.attn_dropout, rng, dev)?;
+        let mut emb = Tensor::randn(&[n_items + 1, h], 0.02, rng, dev)?.to_vec()?;
+        emb[..h].iter_mut().for_each(|x| *x = 0.0);
+        let item_emb = Some(Tensor::from_vec(emb, &[n_items + 1, h], dev)?.param());
+        let enc = |m: Option<&Modality>, rng: &mut dyn rand::RngCore| -> Result<Option<ItemEncoder>> {
+            m.map(|m| ItemEncoder::new(m.dim, h, cfg.experts, cfg.moe_dropout, rng, dev)).transpose()
+        };
+        let enc_t = enc(text, rng)?;
+        let enc_v = enc(image, rng)?;
+        let pre = cfg.model == ModelKind::Msm4sr && cfg.proj_heads;
+        Ok(Model {
+            n_items,
+            transformer,
+            item_emb,
+            head_t: if pre && enc_t.is_some() { Some(Linear::new(h, h, true, rng, dev)?) } else { None },
+            head_v: if pre && enc_v.is_some() { Some(Linear::new(h, h, true, rng, dev)?) } else { None },
+            enc_t,
+            enc_v,
+            text: text.map(|m| DeviceModality::new(m, dev)).transpose()?,
+            image: image.map(|m| DeviceModality::new(m, dev)).transpose()?,
+            cfg,
+        })
+    }
+
+    /// Every trainable tensor by its checkpoint name.
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.transformer.params().into_iter().map(|(n, t)| (format!("transformer.{n}"), t)).collect();
+        if let Some(e) = &self.item_emb {
+            v.push(("item_embedding".into(), e.clone()));
+        }
+        for (p, e) in [("text_encoder", &self.enc_t), ("image_encoder", &self.enc_v)] {
+            if let Some(e) = e {
+                v.extend(e.params().into_iter().map(|(n, t)| (format!("{p}.{n}"), t)));
+            }
+        }
+        for (p, l) in [("head_text", &self.head_t), ("head_image", &self.head_v)] {
+            if let Some(l) = l {
+                v.extend(l.params().into_iter().map(|(n, t)| (format!("{p}.{n}"), t)));
+            }
+        }
+        v
+    }
+
+    /// Parameters trained in pre-training (no ID embeddings).
+    pub fn pretrain_params(&self) -> Vec<(String, Tensor)> {
+        self.params().into_iter().filter(|(n, _)| n != "item_embedding").collect()
+    }
+
+    /// Parameters trained in fine-tuning (the projection heads belong to pre-training only).
+    pub fn finetune_params(&self) -> Vec<(String, Tensor)> {
+        self.params().into_iter().filter(|(n, _)| !n.starts_with("head_")).collect()
+    }
+
+    fn encoders(&self) -> Vec<(Mod, &ItemEncoder, &DeviceModality)> {
+        let mut v = Vec::new();
+        if let (Some(e), Some(m)) = (&self.enc_t, &self.text) {
+            v.push((Mod::Text, e, m));
+        }
+        if let (Some(e), Some(m)) = (&self.enc_v, &self.image) {
+            v.push((Mod::Image, e, m));
+        }
+        v
+    }
+
+    /// Sequence representations of the rows of `m` (2-D batch of inputs (B, L, d0)) -> (B, d0).
+    fn encode_seqs(&self, m: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        self.transformer.forward(m, lens, train, seeds)
+    }
+
+    /// Item representations for scoring: one tensor (I + 1, d0) per score term, tagged with the
+    /// modality it comes from (None for ID-only or fused tables).
+    fn item_tables(&self, train: bool, seeds: &mut Seeds) -> Result<Vec<(Option<Mod>, Tensor)>> {
+        let all: Vec<u32> = (0..=self.n_items as u32).collect();
+        let e = self.item_emb.as_ref().unwrap();
+        match self.cfg.model {
+            ModelKind::Sasrec => Ok(vec![(None, e.clone())]),
+            ModelKind::Sasrecm => {
+                let mut t = e.clone();
+                for (_, enc, m) in self.encoders() {
+                    let (x, lens) = m.gather(&all)?;
+                    t = add(&t, &enc.forward(&x, &lens, train, seeds)?)?;
+                }
+                Ok(vec![(None, t)])
+            }
+            ModelKind::Msm4sr => {
+                let mut v = Vec::new();
+                for (md, enc, m) in self.encoders() {
+                    if self.cfg.drop_score == Some(md) {
+                        continue;
+                    }
+                    let (x, lens) = m.gather(&all)?;
+                    v.push((Some(md), add(&enc.forward(&x, &lens, train, seeds)?, e)?));
+                }
+                Ok(v)
+            }
+        }
+    }
+
+    /// Fine-tuning / evaluation scores over all real items: (B, I), column j = item j + 1.
+    pub fn scores(&self, batch: &Batch, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        let tables = self.item_tables(train, seeds)?;
+        let ids = Indices::new(batch.ids.clone());
+        let lens = Indices::new(batch.lens.clone());
+        let real = Indices::new((1..=self.n_items as u32).collect());
+        let mut total: Option<Tensor> = None;
+        for (_, table) in &tables {
+            let x = embedding(table, &ids, &[batch.b, batch.l])?;
+            let h = self.encode_seqs(&x, &lens, train, seeds)?;
+            let items = embedding(table, &real, &[self.n_items])?;
+            let s = match (self.cfg.model, self.cfg.score) {
+                (ModelKind::Msm4sr, Score::Cos) => scale(&cosine(&h, &items)?, 1.0 / self.cfg.tau)?,
+                _ => matmul(&h, &items, false, true)?,
+            };
+            total = Some(match total {
+                Some(t) => add(&t, &s)?,
+                None => s,
+            });
+        }
+        total.ok_or_else(|| Error::Invalid("no score term left (--drop-score removed the only modality)".into()))
+    }
+
+    /// Cross-entropy of the next item over all real items.
+    pub fn finetune_loss(&self, batch: &Batch, seeds: &mut Seeds) -> Result<Tensor> {
+        let s = self.scores(batch, true, seeds)?;
+        cross_entropy(&s, &Indices::new(batch.targets.iter().map(|&t| t - 1).collect()))
+    }
+
+    /// Pre-training loss (eq. 11) of a batch whose sequences already went through item dropout.
+    /// `p_mix` is the batch's mixup ratio; `rng` draws the swaps.
+    pub fn pretrain_loss(&self, batch: &Batch, p_mix: f64, rng: &mut impl Rng, seeds: &mut Seeds) -> Result<Tensor> {
+        let (enc_t, text) = (self.enc_t.as_ref(), self.text.as_ref());
+        let (enc_v, image) = (self.enc_v.as_ref(), self.image.as_ref());
+        let (Some(enc_t), Some(text), Some(enc_v), Some(image)) = (enc_t, text, enc_v, image) else {
+            return Err(Error::Invalid("pre-training needs both modalities (text and image features)".into()));
+        };
+        // Distinct items of the batch (sequences + targets), padding included so row 0 exists.
+        let mut local: HashMap<u32, u32> = HashMap::new();
+        let mut uniq: Vec<u32> = Vec::new();
+        for &i in std::iter::once(&0).chain(&batch.ids).chain(&batch.targets) {
+            local.entry(i).or_insert_with(|| {
+                uniq.push(i);
+                uniq.len() as u32 - 1
+            });
+        }
+        let u = uniq.len() as u32;
+        let (xt, lt) = text.gather(&uniq)?;
+        let (xv, lv) = image.gather(&uniq)?;
+        let zt = enc_t.forward(&xt, &lt, true, seeds)?; // (U, d0)
+        let zv = enc_v.forward(&xv, &lv, true, seeds)?;
+        let z_all = concat(&[&zt, &zv])?; // rows [0, U) text, [U, 2U) image
+        // Complementary mixup: a swapped position takes the other modality's row.
+        let (mut ids_t, mut ids_v) = (Vec::with_capacity(batch.ids.len()), Vec::with_capacity(batch.ids.len()));
+        for (pos, &i) in batch.ids.iter().enumerate() {
+            let li = local[&i];
+            let valid = (pos % batch.l) < batch.lens[pos / batch.l] as usize;
+            let swap = self.cfg.mixup && valid && rng.random_bool(p_mix);
+            ids_t.push(if swap { u + li } else { li });
+            ids_v.push(if swap { li } else { u + li });
+        }
+        let mut both = ids_t;
+        both.extend(ids_v);
+        let m = embedding(&z_all, &Indices::new(both), &[2 * batch.b, batch.l])?; // (2B, L, d0): M_t then M_v
+        let mut lens2 = batch.lens.clone();
+        lens2.extend(&batch.lens);
+        let h = self.encode_seqs(&m, &Indices::new(lens2), true, seeds)?; // (2B, d0)
+        let b = batch.b as u32;
+        let ht = embedding(&h, &Indices::new((0..b).collect()), &[batch.b])?;
+        let hv = embedding(&h, &Indices::new((b..2 * b).collect()), &[batch.b])?;
+        let tl: Vec<u32> = batch.targets.iter().map(|t| local[t]).collect();
+        let targets = Indices::new(batch.targets.clone());
+        let z_tgt_t = embedding(&zt, &Indices::new(tl.clone()), &[batch.b])?;
+        let z_tgt_v = embedding(&zv, &Indices::new(tl), &[batch.b])?;
+        let tau = self.cfg.tau;
+        let mut terms: Vec<Tensor> = Vec::new();
+        match (&self.head_t, &self.head_v) {
+            (Some(wt), Some(wv)) => {
+                let (mh_t, mt_t) = (wt.forward(&ht)?, wt.forward(&hv)?);
+                let (mh_v, mt_v) = (wv.forward(&hv)?, wv.forward(&ht)?);
+                if self.cfg.nip {
+                    terms.push(nip_loss(&mh_t, &mt_t, &z_tgt_t, &targets, tau)?);
+                    terms.push(nip_loss(&mh_v, &mt_v, &z_tgt_v, &targets, tau)?);
+                }
+                if self.cfg.cmcl {
+                    terms.push(scale(&cmcl_loss(&mh_t, &mt_t, &targets, tau)?, self.cfg.lambda)?);
+                    terms.push(scale(&cmcl_loss(&mh_v, &mt_v, &targets, tau)?, self.cfg.lambda)?);
+                }
+            }
+            _ => {
+                // --no-heads: one view per space and one CMCL term between h_t and h_v.
+                if self.cfg.nip {
+                    terms.push(crate::nn::nip_single(&ht, &z_tgt_t, &targets, tau)?);
+                    terms.push(crate::nn::nip_single(&hv, &z_tgt_v, &targets, tau)?);
+                }
+                if self.cfg.cmcl {
+                    terms.push(scale(&cmcl_loss(&ht, &hv, &targets, tau)?, self.cfg.lambda)?);
+                }
+            }
+        }
+        let mut loss = terms.pop().ok_or_else(|| Error::Invalid("pre-training with both --no-nip and --no-cmcl has no loss".into()))?;
+        for t in terms {
+            loss = add(&loss, &t)?;
+        }
+        Ok(loss)
+    }
+}
