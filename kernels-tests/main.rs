@@ -42,7 +42,7 @@ macro_rules! op_tests {
     };
 }
 
-op_tests!(add, mul, gelu, dropout, sum);
+op_tests!(add, mul, gelu, dropout, sum, attention_pool, moe, embedding, gather_last, cross_entropy, info_nce);
 
 #[test]
 fn adam() {

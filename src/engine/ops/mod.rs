@@ -2,9 +2,15 @@
 //! `shaders/`), a plain-Rust reference generic over f32/f64, and the shapes in its doc comment.
 
 pub mod elementwise;
+pub mod embedding;
+pub mod loss;
+pub mod pool;
 pub mod reduce;
 
 pub use elementwise::{add, add_scaled, broadcast_to, dropout, gelu, mul, scale, sub};
+pub use embedding::{embedding, gather_last};
+pub use loss::{cross_entropy, info_nce};
+pub use pool::{attention_pool, moe};
 pub use reduce::{mean, sum, sum_rows};
 
 /// WGSL source of one kernel family, with the shared helpers prepended.

@@ -2,6 +2,7 @@
 //! kernels' tile sizes, length-1 sequences, fully padded rows and a batch of 1.
 
 mod elementwise;
+mod encoder;
 mod optim;
 
 use rand::SeedableRng;
@@ -13,6 +14,7 @@ pub fn all_cases() -> Vec<Case> {
     let mut rng = ChaCha8Rng::seed_from_u64(2024);
     let mut v = Vec::new();
     v.extend(elementwise::cases(&mut rng));
+    v.extend(encoder::cases(&mut rng));
     v
 }
 

@@ -1,0 +1,164 @@
+//! Row gathers by integer index. Indices are validated on the host before any dispatch.
+//!
+//! - `embedding(w, ids, ids_shape)`: w (V, D), ids (prod(ids_shape)) each < V -> ids_shape + [D],
+//!   out[i] = w[ids[i]]. `w` may be a parameter or a computed tensor (item-encoder outputs).
+//!   Backward: dw[v] = sum of g[i] over the positions i with ids[i] = v, summed in increasing i
+//!   (rows never read get 0). Deterministic without atomics: the host builds the inverse index
+//!   (CSR: for each row of w, the positions that read it) and one invocation per (v, d) sums them.
+//! - `gather_last(x, lens)`: x (B, L, C), lens (B) each in 1..=L -> (B, C) = x[b, lens[b] - 1].
+//!   Backward: dx = zeros (B, L, C) with g[b] at row lens[b] - 1.
+
+use super::wgsl;
+use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use crate::engine::tensor::{numel, Real, Storage};
+use crate::engine::{Indices, Tensor};
+use crate::{on_device, shape_err, Error, Result};
+
+const SRC: &str = wgsl!("embedding.wgsl");
+static EMB_FWD: Kernel = Kernel { name: "embedding", source: SRC, entry: "embedding_fwd", bindings: &[Read, Read, ReadWrite] };
+static EMB_BWD: Kernel = Kernel { name: "embedding", source: SRC, entry: "embedding_bwd", bindings: &[Read, Read, ReadWrite] };
+static LAST_FWD: Kernel = Kernel { name: "embedding", source: SRC, entry: "gather_last_fwd", bindings: &[Read, Read, ReadWrite] };
+static LAST_BWD: Kernel = Kernel { name: "embedding", source: SRC, entry: "gather_last_bwd", bindings: &[Read, Read, ReadWrite] };
+
+/// Run one gather kernel producing `total` outputs; params (total, d, m) as in the shader.
+fn launch(k: &Kernel, src: &GpuBuf, idx: &GpuBuf, total: usize, d: usize, m: usize) -> Result<Storage> {
+    let g = gpu()?;
+    let out = g.alloc(4 * total as u64)?;
+    g.dispatch(k, &[src, idx, &out], &[total as u32, d as u32, m as u32], groups_1d(total))?;
+    Ok(Storage::Gpu(out))
+}
+
+// ---- CPU references -------------------------------------------------------------------------
+
+pub fn embedding_cpu<T: Real>(w: &[T], ids: &[u32], d: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(ids.len() * d);
+    for &id in ids {
+        out.extend_from_slice(&w[id as usize * d..(id as usize + 1) * d]);
+    }
+    out
+}
+
+/// dw (V, D): positions accumulate into their row in increasing order (as the GPU does).
+pub fn embedding_bwd_cpu<T: Real>(g: &[T], ids: &[u32], v: usize, d: usize) -> Vec<T> {
+    let mut dw = vec![T::zero(); v * d];
+    for (i, &id) in ids.iter().enumerate() {
+        for (o, &gv) in dw[id as usize * d..(id as usize + 1) * d].iter_mut().zip(&g[i * d..(i + 1) * d]) {
+            *o += gv;
+        }
+    }
+    dw
+}
+
+/// Inverse index of `ids` over `v` rows, as one array: offsets (v + 1), then the positions reading
+/// row 0, row 1, ... each list in increasing position.
+pub fn inverse_index(ids: &[u32], v: usize) -> Vec<u32> {
+    let mut offs = vec![0u32; v + 1];
+    for &id in ids {
+        offs[id as usize + 1] += 1;
+    }
+    for r in 0..v {
+        offs[r + 1] += offs[r];
+    }
+    let mut out = offs.clone();
+    out.resize(v + 1 + ids.len(), 0);
+    let mut next = offs;
+    for (i, &id) in ids.iter().enumerate() {
+        out[v + 1 + next[id as usize] as usize] = i as u32;
+        next[id as usize] += 1;
+    }
+    out
+}
+
+pub fn gather_last_cpu<T: Real>(x: &[T], lens: &[u32], l: usize, c: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(lens.len() * c);
+    for (b, &len) in lens.iter().enumerate() {
+        let r = b * l + len as usize - 1;
+        out.extend_from_slice(&x[r * c..(r + 1) * c]);
+    }
+    out
+}
+
+pub fn gather_last_bwd_cpu<T: Real>(g: &[T], lens: &[u32], l: usize, c: usize) -> Vec<T> {
+    let mut dx = vec![T::zero(); lens.len() * l * c];
+    for (b, &len) in lens.iter().enumerate() {
+        let r = b * l + len as usize - 1;
+        dx[r * c..(r + 1) * c].copy_from_slice(&g[b * c..(b + 1) * c]);
+    }
+    dx
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+/// Embedding lookup: w (V, D), ids (prod(ids_shape)) each < V -> ids_shape + [D].
+pub fn embedding(w: &Tensor, ids: &Indices, ids_shape: &[usize]) -> Result<Tensor> {
+    if w.rank() != 2 {
+        return shape_err("embedding", format!("table must be (V, D), got {:?}", w.shape()));
+    }
+    if numel(ids_shape) != ids.len() {
+        return shape_err("embedding", format!("{} ids for ids shape {ids_shape:?}", ids.len()));
+    }
+    let (v, d) = (w.shape()[0], w.shape()[1]);
+    ids.check_below(v, "embedding", "id")?;
+    let n = ids.len();
+    let st = on_device!(w.device(), T => T::wrap(embedding_cpu::<T>(&w.host::<T>()?, ids.host(), d)),
+        launch(&EMB_FWD, &*w.gbuf()?, ids.gpu()?, n * d, d, 0)?);
+    let mut shape = ids_shape.to_vec();
+    shape.push(d);
+    let ids = ids.clone();
+    Ok(Tensor::from_op("embedding", st, shape, &[w], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(embedding_bwd_cpu::<T>(&g.host::<T>()?, ids.host(), v, d)), {
+            let csr = Indices::new(inverse_index(ids.host(), v));
+            launch(&EMB_BWD, &*g.gbuf()?, csr.gpu()?, v * d, d, v)?
+        });
+        Ok(vec![Some(Tensor::from_storage(st, vec![v, d]))])
+    }))
+}
+
+/// The last valid position of each sequence: x (B, L, C), lens (B) each in 1..=L -> (B, C).
+pub fn gather_last(x: &Tensor, lens: &Indices) -> Result<Tensor> {
+    if x.rank() != 3 {
+        return shape_err("gather_last", format!("x must be (B, L, C), got {:?}", x.shape()));
+    }
+    let (b, l, c) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    if lens.len() != b {
+        return shape_err("gather_last", format!("{} lengths for x {:?}", lens.len(), x.shape()));
+    }
+    if let Some((pos, &len)) = lens.host().iter().enumerate().find(|(_, &len)| len == 0 || len as usize > l) {
+        return Err(Error::Index {
+            op: "gather_last",
+            msg: format!("length {len} at position {pos} must be in 1..={l} (x {:?})", x.shape()),
+        });
+    }
+    let st = on_device!(x.device(), T => T::wrap(gather_last_cpu::<T>(&x.host::<T>()?, lens.host(), l, c)),
+        launch(&LAST_FWD, &*x.gbuf()?, lens.gpu()?, b * c, c, l)?);
+    let lens = lens.clone();
+    Ok(Tensor::from_op("gather_last", st, vec![b, c], &[x], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(gather_last_bwd_cpu::<T>(&g.host::<T>()?, lens.host(), l, c)),
+            launch(&LAST_BWD, &*g.gbuf()?, lens.gpu()?, b * l * c, c, l)?);
+        Ok(vec![Some(Tensor::from_storage(st, vec![b, l, c]))])
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Device;
+
+    #[test]
+    fn inverse_index_lists_positions_in_order() {
+        // rows: 0 <- [4], 1 <- [0, 2, 3], 2 <- [], 3 <- [1]
+        assert_eq!(inverse_index(&[1, 3, 1, 1, 0], 4), vec![0, 1, 4, 4, 5, 4, 0, 2, 3, 1]);
+    }
+
+    #[test]
+    fn rejects_bad_ids_and_lengths() {
+        let w = Tensor::zeros(&[5, 2], Device::Cpu).unwrap();
+        let err = embedding(&w, &Indices::new(vec![0, 7, 1]), &[3]).unwrap_err().to_string();
+        assert!(err.contains("id 7 at position 1") && err.contains("< 5"), "{err}");
+        assert!(matches!(embedding(&w, &Indices::new(vec![0, 1]), &[3]), Err(Error::Shape { .. })));
+        let x = Tensor::zeros(&[2, 3, 4], Device::Cpu).unwrap();
+        assert!(matches!(gather_last(&x, &Indices::new(vec![0, 3])), Err(Error::Index { .. })));
+        assert!(matches!(gather_last(&x, &Indices::new(vec![1, 4])), Err(Error::Index { .. })));
+        assert_eq!(gather_last(&x, &Indices::new(vec![1, 3])).unwrap().shape(), &[2, 4]);
+    }
+}

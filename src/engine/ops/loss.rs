@@ -1,0 +1,240 @@
+//! Training losses. Each is a per-row kernel (one workgroup per row, workgroup reductions over the
+//! row) recorded as one tape node, followed by the deterministic `mean` over rows.
+//!
+//! - `cross_entropy(logits, targets)`: logits (B, N), targets (B) each < N -> () scalar
+//!   mean_b [logsumexp(logits[b]) - logits[b, t_b]]. The per-row logsumexp is saved for backward:
+//!   dlogits = (softmax(logits) - onehot(t)) * g / B.
+//! - `info_nce(logits, targets, numerator, exclude_diag)`: logits (K, B, B) (K <= 4 similarity
+//!   matrices, already cosine / temperature), targets (B) -> () scalar mean_j (log den_j - log num_j),
+//!   with num_j = sum over k with numerator[k] of exp(logits[k, j, j]), and den_j = sum over k, j' of
+//!   exp(logits[k, j, j']) over the included entries: j' == j when !exclude_diag[k]; j' != j when
+//!   targets[j'] != targets[j] (rows with the same target item are not negatives of each other).
+//!   Both sums are computed max-shifted. Every numerator entry must also be in the denominator
+//!   (numerator[k] implies !exclude_diag[k]), so den_j >= num_j > 0.
+//!   Backward: dlogits[k, j, j'] = g / B * ([den] exp(l) / den_j - [num] exp(l) / num_j).
+//!
+//! The two MSM4SR pre-training losses are both `info_nce`:
+//! - NIP, next-item prediction (paper eq. 7): K = 2, logits[0][j, j'] = cos(m_hat_j, z_j') / tau,
+//!   logits[1][j, j'] = cos(m_tilde_j, z_j') / tau, numerator = [true, true],
+//!   exclude_diag = [false, false].
+//! - CMCL, one direction l(a, b) of the cross-modality contrastive loss (eq. 9): K = 2,
+//!   logits[0][j, j'] = cos(a_j, b_j') / tau, logits[1][j, j'] = cos(a_j, a_j') / tau,
+//!   numerator = [true, false], exclude_diag = [false, true].
+
+use super::pool::row_groups;
+use super::reduce::mean;
+use super::wgsl;
+use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use crate::engine::tensor::{Real, Storage};
+use crate::engine::{Indices, Tensor};
+use crate::{on_device, shape_err, Error, Result};
+
+const SRC: &str = wgsl!("loss.wgsl");
+static CE_FWD: Kernel = Kernel { name: "loss", source: SRC, entry: "ce_fwd", bindings: &[Read, Read, ReadWrite, ReadWrite] };
+static CE_BWD: Kernel = Kernel { name: "loss", source: SRC, entry: "ce_bwd", bindings: &[Read, Read, ReadWrite, Read, Read] };
+static NCE_FWD: Kernel = Kernel { name: "loss", source: SRC, entry: "nce_fwd", bindings: &[Read, Read, ReadWrite, ReadWrite] };
+static NCE_BWD: Kernel = Kernel { name: "loss", source: SRC, entry: "nce_bwd", bindings: &[Read, Read, ReadWrite, Read, Read] };
+/// Most similarity matrices `info_nce` takes.
+pub const MAX_K: usize = 4;
+
+/// Per-row forward: (loss (rows), saved statistics (stat_len)).
+fn fwd_gpu(k: &Kernel, logits: &GpuBuf, targets: &GpuBuf, rows: usize, stat_len: usize, prm: &[u32]) -> Result<(Storage, Storage)> {
+    let g = gpu()?;
+    let loss = g.alloc(4 * rows as u64)?;
+    let stat = g.alloc(4 * stat_len as u64)?;
+    g.dispatch(k, &[logits, targets, &loss, &stat], prm, row_groups(rows))?;
+    Ok((Storage::Gpu(loss), Storage::Gpu(stat)))
+}
+
+/// Backward: dlogits (n elements) from the saved statistics and the per-row gradient g.
+fn bwd_gpu(k: &Kernel, logits: &GpuBuf, targets: &GpuBuf, stat: &GpuBuf, g: &GpuBuf, n: usize, prm: &[u32]) -> Result<Storage> {
+    let gp = gpu()?;
+    let out = gp.alloc(4 * n as u64)?;
+    gp.dispatch(k, &[logits, targets, &out, stat, g], prm, groups_1d(n))?;
+    Ok(Storage::Gpu(out))
+}
+
+fn bit(mask: u32, k: usize) -> bool {
+    (mask >> k) & 1 == 1
+}
+
+// ---- CPU references -------------------------------------------------------------------------
+
+/// Per-row cross-entropy: logits (B, N) -> (loss (B), lse (B)).
+pub fn cross_entropy_cpu<T: Real>(logits: &[T], targets: &[u32], n: usize) -> (Vec<T>, Vec<T>) {
+    let (mut loss, mut lse) = (Vec::new(), Vec::new());
+    for (row, &t) in logits.chunks(n).zip(targets) {
+        let m = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let ls = row.iter().map(|&v| (v - m).exp()).sum::<T>().ln();
+        lse.push(m + ls);
+        loss.push((m - row[t as usize]) + ls);
+    }
+    (loss, lse)
+}
+
+/// dlogits (B, N) = (softmax - onehot) * g[b].
+pub fn cross_entropy_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], lse: &[T], g: &[T], n: usize) -> Vec<T> {
+    let mut d: Vec<T> = logits.to_vec();
+    for (b, row) in d.chunks_mut(n).enumerate() {
+        for (i, v) in row.iter_mut().enumerate() {
+            let hit = if i == targets[b] as usize { T::one() } else { T::zero() };
+            *v = ((*v - lse[b]).exp() - hit) * g[b];
+        }
+    }
+    d
+}
+
+/// Whether entry (k, j, c) is in row j's denominator.
+fn in_den(targets: &[u32], excl: u32, k: usize, j: usize, c: usize) -> bool {
+    if c == j {
+        !bit(excl, k)
+    } else {
+        targets[c] != targets[j]
+    }
+}
+
+/// Per-row InfoNCE: logits (K, B, B) -> (loss (B), stat (2B) = lse_den then lse_num).
+pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], num: u32, excl: u32, k: usize) -> (Vec<T>, Vec<T>) {
+    let b = targets.len();
+    let mut loss = vec![T::zero(); b];
+    let mut stat = vec![T::zero(); 2 * b];
+    for j in 0..b {
+        let den: Vec<T> = (0..k)
+            .flat_map(|kk| (0..b).map(move |c| (kk, c)))
+            .filter(|&(kk, c)| in_den(targets, excl, kk, j, c))
+            .map(|(kk, c)| logits[(kk * b + j) * b + c])
+            .collect();
+        let nums: Vec<T> = (0..k).filter(|&kk| bit(num, kk)).map(|kk| logits[(kk * b + j) * b + j]).collect();
+        let lse = |v: &[T]| {
+            let m = v.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+            m + v.iter().map(|&x| (x - m).exp()).sum::<T>().ln()
+        };
+        stat[j] = lse(&den);
+        stat[b + j] = lse(&nums);
+        loss[j] = stat[j] - stat[b + j];
+    }
+    (loss, stat)
+}
+
+/// dlogits (K, B, B) from the saved (lse_den, lse_num) and the per-row gradient g (B).
+pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &[T], num: u32, excl: u32, k: usize) -> Vec<T> {
+    let b = targets.len();
+    let mut d = vec![T::zero(); k * b * b];
+    for kk in 0..k {
+        for j in 0..b {
+            for c in 0..b {
+                let i = (kk * b + j) * b + c;
+                let mut v = T::zero();
+                if in_den(targets, excl, kk, j, c) {
+                    v += (logits[i] - stat[j]).exp();
+                }
+                if c == j && bit(num, kk) {
+                    v -= (logits[i] - stat[b + j]).exp();
+                }
+                d[i] = g[j] * v;
+            }
+        }
+    }
+    d
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+/// Mean cross-entropy: logits (B, N), targets (B) each < N -> () scalar.
+pub fn cross_entropy(logits: &Tensor, targets: &Indices) -> Result<Tensor> {
+    let s = logits.shape();
+    if s.len() != 2 || s[0] == 0 || s[1] == 0 {
+        return shape_err("cross_entropy", format!("logits must be (B, N) with B, N >= 1, got {s:?}"));
+    }
+    let (b, n) = (s[0], s[1]);
+    if targets.len() != b {
+        return shape_err("cross_entropy", format!("{} targets for logits {s:?}", targets.len()));
+    }
+    targets.check_below(n, "cross_entropy", "target")?;
+    let prm = [b as u32, n as u32, 0, 0, 0];
+    let (loss, lse) = on_device!(logits.device(), T => {
+        let (loss, lse) = cross_entropy_cpu::<T>(&logits.host::<T>()?, targets.host(), n);
+        (T::wrap(loss), T::wrap(lse))
+    }, fwd_gpu(&CE_FWD, &*logits.gbuf()?, targets.gpu()?, b, b, &prm)?);
+    let lse = Tensor::from_storage(lse, vec![b]);
+    let (lc, targets) = (logits.detach(), targets.clone());
+    let rows = Tensor::from_op("cross_entropy", loss, vec![b], &[logits], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(cross_entropy_bwd_cpu::<T>(&lc.host::<T>()?, targets.host(), &lse.host::<T>()?, &g.host::<T>()?, n)),
+            bwd_gpu(&CE_BWD, &*lc.gbuf()?, targets.gpu()?, &*lse.gbuf()?, &*g.gbuf()?, b * n, &prm)?);
+        Ok(vec![Some(Tensor::from_storage(st, vec![b, n]))])
+    });
+    mean(&rows)
+}
+
+/// Multi-matrix InfoNCE with same-target exclusion: logits (K, B, B), targets (B) -> () scalar.
+/// See the module doc for the definition and how NIP and CMCL map onto it.
+pub fn info_nce(logits: &Tensor, targets: &Indices, numerator: &[bool], exclude_diag: &[bool]) -> Result<Tensor> {
+    let s = logits.shape();
+    if s.len() != 3 || s[1] != s[2] || s[0] == 0 || s[0] > MAX_K || s[1] == 0 {
+        return shape_err("info_nce", format!("logits must be (K, B, B) with 1 <= K <= {MAX_K}, B >= 1, got {s:?}"));
+    }
+    let (k, b) = (s[0], s[1]);
+    if targets.len() != b || numerator.len() != k || exclude_diag.len() != k {
+        return shape_err(
+            "info_nce",
+            format!(
+                "logits {s:?} need {b} targets and {k} numerator / exclude_diag flags, got {}, {}, {}",
+                targets.len(),
+                numerator.len(),
+                exclude_diag.len()
+            ),
+        );
+    }
+    if !numerator.contains(&true) {
+        return Err(Error::Invalid("info_nce: at least one matrix must contribute to the numerator".into()));
+    }
+    if let Some(kk) = (0..k).find(|&kk| numerator[kk] && exclude_diag[kk]) {
+        return Err(Error::Invalid(format!("info_nce: matrix {kk} is in the numerator but its diagonal is excluded from the denominator")));
+    }
+    let mask = |f: &[bool]| f.iter().enumerate().fold(0u32, |m, (i, &x)| m | ((x as u32) << i));
+    let (num, excl) = (mask(numerator), mask(exclude_diag));
+    let prm = [b as u32, b as u32, k as u32, num, excl];
+    let (loss, stat) = on_device!(logits.device(), T => {
+        let (loss, stat) = info_nce_cpu::<T>(&logits.host::<T>()?, targets.host(), num, excl, k);
+        (T::wrap(loss), T::wrap(stat))
+    }, fwd_gpu(&NCE_FWD, &*logits.gbuf()?, targets.gpu()?, b, 2 * b, &prm)?);
+    let stat = Tensor::from_storage(stat, vec![2 * b]);
+    let (lc, targets) = (logits.detach(), targets.clone());
+    let rows = Tensor::from_op("info_nce", loss, vec![b], &[logits], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(info_nce_bwd_cpu::<T>(&lc.host::<T>()?, targets.host(), &stat.host::<T>()?, &g.host::<T>()?, num, excl, k)),
+            bwd_gpu(&NCE_BWD, &*lc.gbuf()?, targets.gpu()?, &*stat.gbuf()?, &*g.gbuf()?, k * b * b, &prm)?);
+        Ok(vec![Some(Tensor::from_storage(st, vec![k, b, b]))])
+    });
+    mean(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Device;
+
+    #[test]
+    fn rejects_bad_inputs() {
+        let l = Tensor::zeros(&[2, 3], Device::Cpu).unwrap();
+        assert!(matches!(cross_entropy(&l, &Indices::new(vec![0, 3])), Err(Error::Index { .. })));
+        assert!(matches!(cross_entropy(&l, &Indices::new(vec![0])), Err(Error::Shape { .. })));
+        let s = Tensor::zeros(&[2, 3, 3], Device::Cpu).unwrap();
+        let t = Indices::new(vec![0, 1, 0]);
+        assert!(matches!(info_nce(&s, &t, &[false, false], &[false, false]), Err(Error::Invalid(_))));
+        assert!(matches!(info_nce(&s, &t, &[true, true], &[false, true]), Err(Error::Invalid(_))));
+        assert!(matches!(info_nce(&s, &t, &[true], &[false]), Err(Error::Shape { .. })));
+        assert!(info_nce(&s, &t, &[true, false], &[false, true]).is_ok());
+    }
+
+    #[test]
+    fn uniform_logits_give_log_of_candidate_count() {
+        // All logits equal: CE = ln N; NIP with targets [0, 1, 0]: row 0 has den {k} x {0, 1} = 4
+        // entries (row 2 shares its target), num 2 -> ln 2; row 1 has 6 entries -> ln 3.
+        let l = Tensor::zeros(&[2, 5], Device::Cpu64).unwrap();
+        let ce = cross_entropy(&l, &Indices::new(vec![1, 4])).unwrap().item().unwrap();
+        assert!((ce - 5f32.ln()).abs() < 1e-6);
+        let s = Tensor::zeros(&[2, 3, 3], Device::Cpu64).unwrap();
+        let v = info_nce(&s, &Indices::new(vec![0, 1, 0]), &[true, true], &[false, false]).unwrap().item().unwrap();
+        assert!((v - (2.0 * 2f32.ln() + 3f32.ln()) / 3.0).abs() < 1e-6, "{v}");
+    }
+}

@@ -1,0 +1,163 @@
+//! Softmax-weighted sums of rows. Attention pooling and mixture-of-experts gating are the same
+//! computation (MoE has every row valid) and share one fused kernel, one workgroup per output row.
+//!
+//! - `attention_pool(a, x, lens)`: a (N, S) energies, x (N, S, D), lens (N) each <= S -> e (N, D)
+//!   alpha[n] = softmax(a[n, :lens[n]]) (exactly 0 at j >= lens[n]; lens[n] = 0 gives a zero row),
+//!   e[n] = sum_j alpha[n, j] x[n, j].
+//!   Backward: dalpha[n, j] = dot(de[n], x[n, j]); da = alpha * (dalpha - sum_j alpha dalpha);
+//!   dx[n, j] = alpha[n, j] de[n].
+//! - `moe(logits, experts)`: logits (N, O), experts (N, O, D) -> z (N, D) = sum_k g[n, k] E[n, k]
+//!   with g = softmax(logits[n]); backward as above with lens = O.
+
+use super::wgsl;
+use crate::engine::gpu::{gpu, groups_1d, Access, Access::*, GpuBuf, Kernel};
+use crate::engine::tensor::{Real, Storage};
+use crate::engine::{same_device, Indices, Tensor};
+use crate::{on_device, shape_err, Error, Result};
+
+const SRC: &str = wgsl!("pool.wgsl");
+const BWD: &[Access] = &[Read, Read, Read, Read, ReadWrite];
+static FWD: Kernel = Kernel { name: "pool", source: SRC, entry: "pool_fwd", bindings: &[Read, Read, Read, ReadWrite, ReadWrite] };
+static BWD_A: Kernel = Kernel { name: "pool", source: SRC, entry: "pool_bwd_a", bindings: BWD };
+static BWD_X: Kernel = Kernel { name: "pool", source: SRC, entry: "pool_bwd_x", bindings: BWD };
+
+/// Workgroup counts for one workgroup per row, folded into 2-D past 65535 rows. Kernels recover the
+/// row as `wid.x + wid.y * nwg.x` and skip rows >= n.
+pub(crate) fn row_groups(n: usize) -> [u32; 3] {
+    if n <= 65535 {
+        [n as u32, 1, 1]
+    } else {
+        let y = n.div_ceil(65535);
+        [n.div_ceil(y) as u32, y as u32, 1]
+    }
+}
+
+// ---- CPU references -------------------------------------------------------------------------
+
+/// Forward: a (N, S), x (N, S, D), lens (N) -> (e (N, D), alpha (N, S)).
+pub fn pool_cpu<T: Real>(a: &[T], x: &[T], lens: &[u32], n: usize, s: usize, d: usize) -> (Vec<T>, Vec<T>) {
+    let mut e = vec![T::zero(); n * d];
+    let mut alpha = vec![T::zero(); n * s];
+    for r in 0..n {
+        let len = lens[r] as usize;
+        let ar = &a[r * s..r * s + len];
+        let m = ar.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let z: T = ar.iter().map(|&v| (v - m).exp()).sum();
+        let er = &mut e[r * d..(r + 1) * d];
+        for j in 0..len {
+            let w = (ar[j] - m).exp() / z;
+            alpha[r * s + j] = w;
+            for (o, &xv) in er.iter_mut().zip(&x[(r * s + j) * d..(r * s + j + 1) * d]) {
+                *o += w * xv;
+            }
+        }
+    }
+    (e, alpha)
+}
+
+/// Backward: alpha (N, S), x (N, S, D), de (N, D) -> (da (N, S), dx (N, S, D)).
+pub fn pool_bwd_cpu<T: Real>(alpha: &[T], x: &[T], de: &[T], lens: &[u32], n: usize, s: usize, d: usize) -> (Vec<T>, Vec<T>) {
+    let mut da = vec![T::zero(); n * s];
+    let mut dx = vec![T::zero(); n * s * d];
+    for r in 0..n {
+        let len = lens[r] as usize;
+        let der = &de[r * d..(r + 1) * d];
+        let mut tot = T::zero();
+        for j in 0..len {
+            let xr = &x[(r * s + j) * d..(r * s + j + 1) * d];
+            let dal: T = der.iter().zip(xr).map(|(&g, &v)| g * v).sum();
+            da[r * s + j] = dal;
+            tot += alpha[r * s + j] * dal;
+        }
+        for j in 0..len {
+            let w = alpha[r * s + j];
+            da[r * s + j] = w * (da[r * s + j] - tot);
+            for (o, &g) in dx[(r * s + j) * d..(r * s + j + 1) * d].iter_mut().zip(der) {
+                *o = w * g;
+            }
+        }
+    }
+    (da, dx)
+}
+
+// ---- GPU ------------------------------------------------------------------------------------
+
+fn pool_gpu(a: &GpuBuf, x: &GpuBuf, lens: &GpuBuf, n: usize, s: usize, d: usize) -> Result<(Storage, Storage)> {
+    let g = gpu()?;
+    let e = g.alloc(4 * (n * d) as u64)?;
+    let alpha = g.alloc(4 * (n * s) as u64)?;
+    g.dispatch(&FWD, &[a, x, lens, &e, &alpha], &[n as u32, s as u32, d as u32], row_groups(n))?;
+    Ok((Storage::Gpu(e), Storage::Gpu(alpha)))
+}
+
+fn pool_bwd_gpu(alpha: &GpuBuf, x: &GpuBuf, lens: &GpuBuf, de: &GpuBuf, n: usize, s: usize, d: usize) -> Result<(Storage, Storage)> {
+    let g = gpu()?;
+    let da = g.alloc(4 * (n * s) as u64)?;
+    let dx = g.alloc(4 * (n * s * d) as u64)?;
+    let prm = [n as u32, s as u32, d as u32];
+    g.dispatch(&BWD_A, &[alpha, x, lens, de, &da], &prm, row_groups(n))?;
+    g.dispatch(&BWD_X, &[alpha, x, lens, de, &dx], &prm, groups_1d(n * s * d))?;
+    Ok((Storage::Gpu(da), Storage::Gpu(dx)))
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+/// e (N, D) = sum_{j < lens[n]} softmax(a[n, :lens[n]])_j x[n, j]; `lens` already validated.
+fn softmax_pool(op: &'static str, a: &Tensor, x: &Tensor, lens: Indices) -> Result<Tensor> {
+    let (n, s, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    let dev = same_device(op, &[a, x])?;
+    let (e, alpha) = on_device!(dev, T => {
+        let (e, alpha) = pool_cpu::<T>(&a.host::<T>()?, &x.host::<T>()?, lens.host(), n, s, d);
+        (T::wrap(e), T::wrap(alpha))
+    }, pool_gpu(&*a.gbuf()?, &*x.gbuf()?, lens.gpu()?, n, s, d)?);
+    let alpha = Tensor::from_storage(alpha, vec![n, s]);
+    let xc = x.detach();
+    Ok(Tensor::from_op(op, e, vec![n, d], &[a, x], move |g| {
+        let (da, dx) = on_device!(g.device(), T => {
+            let (da, dx) = pool_bwd_cpu::<T>(&alpha.host::<T>()?, &xc.host::<T>()?, &g.host::<T>()?, lens.host(), n, s, d);
+            (T::wrap(da), T::wrap(dx))
+        }, pool_bwd_gpu(&*alpha.gbuf()?, &*xc.gbuf()?, lens.gpu()?, &*g.gbuf()?, n, s, d)?);
+        Ok(vec![Some(Tensor::from_storage(da, vec![n, s])), Some(Tensor::from_storage(dx, vec![n, s, d]))])
+    }))
+}
+
+/// Attention pooling with lengths: a (N, S), x (N, S, D), lens (N) each <= S -> (N, D).
+pub fn attention_pool(a: &Tensor, x: &Tensor, lens: &Indices) -> Result<Tensor> {
+    let (sa, sx) = (a.shape(), x.shape());
+    if sa.len() != 2 || sx.len() != 3 || sa != &sx[..2] {
+        return shape_err("attention_pool", format!("energies {sa:?} and rows {sx:?} must be (N, S) and (N, S, D)"));
+    }
+    if lens.len() != sa[0] {
+        return shape_err("attention_pool", format!("{} lengths for {} rows (x {sx:?})", lens.len(), sa[0]));
+    }
+    if let Some((pos, &l)) = lens.host().iter().enumerate().find(|(_, &l)| l as usize > sa[1]) {
+        return Err(Error::Index { op: "attention_pool", msg: format!("length {l} at position {pos} exceeds S = {} (x {sx:?})", sa[1]) });
+    }
+    softmax_pool("attention_pool", a, x, lens.clone())
+}
+
+/// Mixture-of-experts gating: logits (N, O), experts (N, O, D) -> (N, D) = sum_k softmax(logits[n])_k E[n, k].
+pub fn moe(logits: &Tensor, experts: &Tensor) -> Result<Tensor> {
+    let (sl, se) = (logits.shape(), experts.shape());
+    if sl.len() != 2 || se.len() != 3 || sl != &se[..2] {
+        return shape_err("moe", format!("gate logits {sl:?} and experts {se:?} must be (N, O) and (N, O, D)"));
+    }
+    softmax_pool("moe", logits, experts, Indices::new(vec![sl[1] as u32; sl[0]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Device;
+
+    #[test]
+    fn rejects_bad_lengths_and_shapes() {
+        let a = Tensor::zeros(&[2, 3], Device::Cpu).unwrap();
+        let x = Tensor::zeros(&[2, 3, 4], Device::Cpu).unwrap();
+        assert!(matches!(attention_pool(&a, &x, &Indices::new(vec![1, 4])), Err(Error::Index { .. })));
+        assert!(matches!(attention_pool(&a, &x, &Indices::new(vec![1])), Err(Error::Shape { .. })));
+        assert!(matches!(moe(&x, &a), Err(Error::Shape { .. })));
+        let e = attention_pool(&a, &x, &Indices::new(vec![0, 3])).unwrap();
+        assert_eq!(e.shape(), &[2, 4]);
+    }
+}
