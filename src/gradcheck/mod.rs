@@ -115,7 +115,8 @@ pub fn check_fd(case: &Case) -> CheckResult {
         }
         let grads = backward(&loss)?;
         let (mut max_abs, mut max_rel) = (0.0f64, 0.0f64);
-        let h = 1e-6;
+        // Step ~ cube root of f64 epsilon: truncation (h^2) and round-off (eps / h) errors both ~1e-11.
+        let h = 1e-5;
         for (k, inp) in case.inputs.iter().enumerate() {
             if !inp.grad {
                 continue;

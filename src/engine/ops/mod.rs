@@ -5,12 +5,14 @@ pub mod elementwise;
 pub mod embedding;
 pub mod loss;
 pub mod pool;
+pub mod rank;
 pub mod reduce;
 
 pub use elementwise::{add, add_scaled, broadcast_to, dropout, gelu, mul, scale, sub};
 pub use embedding::{embedding, gather_last};
 pub use loss::{cross_entropy, info_nce};
 pub use pool::{attention_pool, moe};
+pub use rank::rank_of_targets;
 pub use reduce::{mean, sum, sum_rows};
 
 /// WGSL source of one kernel family, with the shared helpers prepended.
