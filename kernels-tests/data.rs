@@ -26,12 +26,27 @@ fn opts(min_user_inter: usize) -> LoadOptions {
     LoadOptions { min_user_inter, ..LoadOptions::default() }
 }
 
-/// A fresh, empty temporary directory for one test.
-fn tmpdir(name: &str) -> PathBuf {
+/// A fresh, empty temporary directory for one test, removed when dropped.
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmpdir(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("msm4sr-data-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 fn err_msg<T: std::fmt::Debug>(r: msm4sr::Result<T>) -> String {
@@ -367,7 +382,7 @@ fn i32s(v: &[i32]) -> Vec<u8> {
 }
 
 /// A dataset directory: the `dates` interactions (items x y z w), `items.txt` lines and tensors.
-fn feature_dir(name: &str, items: &str, tensors: &[T]) -> PathBuf {
+fn feature_dir(name: &str, items: &str, tensors: &[T]) -> TmpDir {
     let d = tmpdir(name);
     std::fs::copy(fixture("dates/dates.inter"), d.join("dates.inter")).unwrap();
     std::fs::write(d.join("dates.items.txt"), items).unwrap();
@@ -546,7 +561,7 @@ fn synth_loads_back_with_features_for_every_item() {
     assert!(partial > 0, "some items have fewer sentences");
     assert!(text.data.iter().chain(&image.data).all(|v| v.is_finite()));
     // No files left behind but the three.
-    let mut names: Vec<String> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&*d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(names, ["synth.features.safetensors", "synth.inter", "synth.items.txt"]);
     // The in-memory version agrees with the files.
