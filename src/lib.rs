@@ -5,12 +5,18 @@
 //!   op family under [`engine::ops`] (forward + backward kernels, the CPU reference, shapes).
 //! - [`gradcheck`] and [`bench`]: the engine's verification and benchmark harnesses, shared by the
 //!   CLI, `cargo test` and `cargo bench`.
+//! - [`data`], [`synth`] and [`metrics`]: plain-Rust data code with no engine dependency: the
+//!   RecBole atomic-file reader, item features, leave-one-out splits and batches; a synthetic
+//!   multimodal dataset generator; Recall/NDCG from full rankings.
 
 pub mod bench;
+pub mod data;
 pub mod demo;
 pub mod engine;
 pub mod gradcheck;
+pub mod metrics;
 pub mod nn;
+pub mod synth;
 
 pub use engine::{Device, Tensor};
 
@@ -27,6 +33,18 @@ pub enum Error {
     Invalid(String),
     #[error("I/O error on {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    /// Bad content in a data file: `line` is 1-based, 0 when the problem concerns the whole file
+    /// (then the message is `{file}: {msg}`).
+    #[error("{file}{}: {msg}", line_suffix(*line))]
+    Data { file: String, line: usize, msg: String },
+}
+
+fn line_suffix(line: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}")
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
