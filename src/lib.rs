@@ -10,13 +10,16 @@
 //!   multimodal dataset generator; Recall/NDCG from full rankings.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod data;
 pub mod demo;
 pub mod engine;
 pub mod gradcheck;
 pub mod metrics;
+pub mod model;
 pub mod nn;
 pub mod synth;
+pub mod train;
 
 pub use engine::{Device, Tensor};
 

@@ -233,18 +233,22 @@ impl Model {
 
     /// Item representations for scoring: one tensor (I + 1, d0) per score term, tagged with the
     /// modality it comes from (None for ID-only or fused tables).
-    fn item_tables(&self, train: bool, seeds: &mut Seeds) -> Result<Vec<(Option<Mod>, Tensor)>> {
+    fn item_tables(&self, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<Vec<(Option<Mod>, Tensor)>> {
         let all: Vec<u32> = (0..=self.n_items as u32).collect();
         let e = self.item_emb.as_ref().unwrap();
         match self.cfg.model {
             ModelKind::Sasrec => Ok(vec![(None, e.clone())]),
             ModelKind::Sasrecm => {
-                let mut t = e.clone();
+                let mut t: Option<Tensor> = with_id.then(|| e.clone());
                 for (_, enc, m) in self.encoders() {
                     let (x, lens) = m.gather(&all)?;
-                    t = add(&t, &enc.forward(&x, &lens, train, seeds)?)?;
+                    let z = enc.forward(&x, &lens, train, seeds)?;
+                    t = Some(match t {
+                        Some(t) => add(&t, &z)?,
+                        None => z,
+                    });
                 }
-                Ok(vec![(None, t)])
+                Ok(vec![(None, t.unwrap())])
             }
             ModelKind::Msm4sr => {
                 let mut v = Vec::new();
@@ -253,7 +257,8 @@ impl Model {
                         continue;
                     }
                     let (x, lens) = m.gather(&all)?;
-                    v.push((Some(md), add(&enc.forward(&x, &lens, train, seeds)?, e)?));
+                    let z = enc.forward(&x, &lens, train, seeds)?;
+                    v.push((Some(md), if with_id { add(&z, e)? } else { z }));
                 }
                 Ok(v)
             }
@@ -261,8 +266,9 @@ impl Model {
     }
 
     /// Fine-tuning / evaluation scores over all real items: (B, I), column j = item j + 1.
-    pub fn scores(&self, batch: &Batch, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
-        let tables = self.item_tables(train, seeds)?;
+    /// `with_id: false` scores with the modality encoders alone (validation during pre-training).
+    pub fn scores(&self, batch: &Batch, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        let tables = self.item_tables(train, with_id, seeds)?;
         let ids = Indices::new(batch.ids.clone());
         let lens = Indices::new(batch.lens.clone());
         let real = Indices::new((1..=self.n_items as u32).collect());
@@ -285,7 +291,7 @@ impl Model {
 
     /// Cross-entropy of the next item over all real items.
     pub fn finetune_loss(&self, batch: &Batch, seeds: &mut Seeds) -> Result<Tensor> {
-        let s = self.scores(batch, true, seeds)?;
+        let s = self.scores(batch, true, true, seeds)?;
         cross_entropy(&s, &Indices::new(batch.targets.iter().map(|&t| t - 1).collect()))
     }
 
