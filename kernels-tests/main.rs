@@ -42,7 +42,22 @@ macro_rules! op_tests {
     };
 }
 
-op_tests!(add, mul, gelu, dropout, sum, attention_pool, moe, embedding, gather_last, cross_entropy, info_nce);
+op_tests!(
+    add,
+    mul,
+    gelu,
+    dropout,
+    sum,
+    layernorm,
+    softmax,
+    attention,
+    attention_pool,
+    moe,
+    embedding,
+    gather_last,
+    cross_entropy,
+    info_nce
+);
 
 #[test]
 fn adam() {

@@ -83,13 +83,34 @@ pub fn run(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<BenchResult>> 
         let gamma = Tensor::full(&[c], 1.0, dev)?;
         let beta = Tensor::zeros(&[c], dev)?;
         let (s, iters) = time(dev, min_secs, || layernorm(&x, &gamma, &beta, 1e-12))?;
-        out.push(BenchResult { name: "layernorm".into(), shape: format!("({b},{l},{c})"), device: name.clone(), seconds: s, gflops: None, iters });
+        out.push(BenchResult {
+            name: "layernorm".into(),
+            shape: format!("({b},{l},{c})"),
+            device: name.clone(),
+            seconds: s,
+            gflops: None,
+            iters,
+        });
         let (s, iters) = time(dev, min_secs, || softmax(&x, None))?;
-        out.push(BenchResult { name: "softmax".into(), shape: format!("({b},{l},{c})"), device: name.clone(), seconds: s, gflops: None, iters });
+        out.push(BenchResult {
+            name: "softmax".into(),
+            shape: format!("({b},{l},{c})"),
+            device: name.clone(),
+            seconds: s,
+            gflops: None,
+            iters,
+        });
         let lens = Indices::new((0..b).map(|i| (1 + i % l) as u32).collect());
         let (q, kk, v) = (x.clone(), Tensor::randn(&[b, l, c], 1.0, &mut rng, dev)?, Tensor::randn(&[b, l, c], 1.0, &mut rng, dev)?);
         let (s, iters) = time(dev, min_secs, || attention(&q, &kk, &v, &lens, 2, 0.0, 0))?;
-        out.push(BenchResult { name: "attention".into(), shape: format!("({b},{l},{c}) 2 heads"), device: name.clone(), seconds: s, gflops: None, iters });
+        out.push(BenchResult {
+            name: "attention".into(),
+            shape: format!("({b},{l},{c}) 2 heads"),
+            device: name.clone(),
+            seconds: s,
+            gflops: None,
+            iters,
+        });
         Ok(())
     })?;
     Ok(out)

@@ -30,11 +30,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Save named tensors and string metadata.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &BTreeMap<String, String>) -> Result<()> {
-    let host: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.iter().map(|(n, t)| Ok((n.clone(), t.shape().to_vec(), bytemuck::cast_slice(&t.to_vec()?).to_vec()))).collect::<Result<_>>()?;
+    let host: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.shape().to_vec(), bytemuck::cast_slice(&t.to_vec()?).to_vec())))
+        .collect::<Result<_>>()?;
     let views: Vec<(String, TensorView)> = host
         .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Invalid(format!("tensor {n}: {e}")))?)))
+        .map(|(n, s, b)| {
+            Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Invalid(format!("tensor {n}: {e}")))?))
+        })
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = meta.clone().into_iter().collect();
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Invalid(format!("serialising {}: {e}", path.display())))?;
@@ -70,7 +74,10 @@ impl Checkpoint {
             None => Ok(None),
             Some((s, data)) => {
                 if s != shape {
-                    return Err(Error::Shape { op: "checkpoint", msg: format!("tensor {name} is {s:?} in the checkpoint, the model needs {shape:?}") });
+                    return Err(Error::Shape {
+                        op: "checkpoint",
+                        msg: format!("tensor {name} is {s:?} in the checkpoint, the model needs {shape:?}"),
+                    });
                 }
                 Ok(Some(Tensor::from_vec(data.clone(), shape, dev)?))
             }

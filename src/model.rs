@@ -119,7 +119,12 @@ pub struct DeviceModality {
 impl DeviceModality {
     pub fn new(m: &Modality, dev: Device) -> Result<DeviceModality> {
         let n = m.lens.len();
-        Ok(DeviceModality { feats: Tensor::from_vec(m.data.clone(), &[n, m.rows * m.dim], dev)?, lens: m.lens.clone(), rows: m.rows, dim: m.dim })
+        Ok(DeviceModality {
+            feats: Tensor::from_vec(m.data.clone(), &[n, m.rows * m.dim], dev)?,
+            lens: m.lens.clone(),
+            rows: m.rows,
+            dim: m.dim,
+        })
     }
     /// Features of `items` (U) -> ((U, rows, d), lens (U)).
     fn gather(&self, items: &[u32]) -> Result<(Tensor, Indices)> {
@@ -149,7 +154,14 @@ pub struct PretrainOut {
 
 impl Model {
     /// Build a model for `n_items` real items with the given features (either may be missing).
-    pub fn new(cfg: ModelConfig, n_items: usize, text: Option<&Modality>, image: Option<&Modality>, rng: &mut impl Rng, dev: Device) -> Result<Model> {
+    pub fn new(
+        cfg: ModelConfig,
+        n_items: usize,
+        text: Option<&Modality>,
+        image: Option<&Modality>,
+        rng: &mut impl Rng,
+        dev: Device,
+    ) -> Result<Model> {
         let h = cfg.hidden;
         let multimodal = cfg.model != ModelKind::Sasrec;
         let use_t = multimodal && cfg.modalities != Modalities::Image;
@@ -318,7 +330,7 @@ impl Model {
         let zt = enc_t.forward(&xt, &lt, true, seeds)?; // (U, d0)
         let zv = enc_v.forward(&xv, &lv, true, seeds)?;
         let z_all = concat(&[&zt, &zv])?; // rows [0, U) text, [U, 2U) image
-        // Complementary mixup: a swapped position takes the other modality's row.
+                                          // Complementary mixup: a swapped position takes the other modality's row.
         let (mut ids_t, mut ids_v) = (Vec::with_capacity(batch.ids.len()), Vec::with_capacity(batch.ids.len()));
         for (pos, &i) in batch.ids.iter().enumerate() {
             let li = local[&i];

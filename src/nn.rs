@@ -8,7 +8,7 @@
 use rand::Rng;
 
 use crate::engine::ops::{
-    add, attention, attention_pool, concat, dropout, embedding, gather_last, gelu, info_nce, layernorm, l2norm, linear, matmul, moe, scale,
+    add, attention, attention_pool, concat, dropout, embedding, gather_last, gelu, info_nce, l2norm, layernorm, linear, matmul, moe, scale,
 };
 use crate::engine::{Device, Indices, Tensor};
 use crate::Result;
@@ -133,7 +133,9 @@ impl TransformerLayer {
 
     pub fn params(&self) -> Vec<(String, Tensor)> {
         let mut v = Vec::new();
-        for (n, l) in [("query", &self.q), ("key", &self.k), ("value", &self.v), ("dense", &self.o), ("ffn1", &self.ff1), ("ffn2", &self.ff2)] {
+        for (n, l) in
+            [("query", &self.q), ("key", &self.k), ("value", &self.v), ("dense", &self.o), ("ffn1", &self.ff1), ("ffn2", &self.ff2)]
+        {
             v.extend(named(n, l.params()));
         }
         v.extend(named("ln1", self.ln1.params()));
@@ -153,7 +155,17 @@ pub struct Transformer {
 
 impl Transformer {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(max_len: usize, c: usize, inner: usize, layers: usize, heads: usize, p_hidden: f32, p_attn: f32, rng: &mut impl Rng, dev: Device) -> Result<Self> {
+    pub fn new(
+        max_len: usize,
+        c: usize,
+        inner: usize,
+        layers: usize,
+        heads: usize,
+        p_hidden: f32,
+        p_attn: f32,
+        rng: &mut impl Rng,
+        dev: Device,
+    ) -> Result<Self> {
         Ok(Transformer {
             pos: Tensor::randn(&[max_len, c], 0.02, rng, dev)?.param(),
             ln: LayerNorm::new(&[c], 1e-12, dev)?,

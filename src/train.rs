@@ -151,7 +151,16 @@ pub fn base_meta(cfg: &RunConfig, item_tokens: &[String], stage: Stage) -> BTree
 }
 
 /// Train one stage with early stopping; the best weights end up both in `model` and at `out`.
-pub fn fit(model: &Model, split: &Split, cfg: &RunConfig, stage: Stage, item_tokens: &[String], out: &Path, resume: bool, quiet: bool) -> Result<StageSummary> {
+pub fn fit(
+    model: &Model,
+    split: &Split,
+    cfg: &RunConfig,
+    stage: Stage,
+    item_tokens: &[String],
+    out: &Path,
+    resume: bool,
+    quiet: bool,
+) -> Result<StageSummary> {
     let tc = &cfg.train;
     let (epochs, patience, batch_size, lr) = match stage {
         Stage::Pretrain => (tc.pretrain_epochs, tc.pretrain_patience, tc.pretrain_batch, tc.pretrain_lr),
@@ -164,7 +173,10 @@ pub fn fit(model: &Model, split: &Split, cfg: &RunConfig, stage: Stage, item_tok
     };
     // Validation during pre-training uses modality scores only (the ID embeddings are not trained yet).
     let with_id = stage != Stage::Pretrain;
-    let mut opt = Adam::new(params.iter().map(|(_, t)| t.clone()).collect(), AdamConfig { lr, weight_decay: tc.weight_decay, max_grad_norm: tc.clip, ..AdamConfig::default() })?;
+    let mut opt = Adam::new(
+        params.iter().map(|(_, t)| t.clone()).collect(),
+        AdamConfig { lr, weight_decay: tc.weight_decay, max_grad_norm: tc.clip, ..AdamConfig::default() },
+    )?;
     let mut meta = base_meta(cfg, item_tokens, stage);
     let (mut start_epoch, mut best, mut best_epoch, mut bad_epochs) = (0usize, -1.0f64, 0usize, 0usize);
     let mut best_valid: Option<Metrics> = None;
@@ -286,7 +298,15 @@ pub fn fit(model: &Model, split: &Split, cfg: &RunConfig, stage: Stage, item_tok
 }
 
 /// The loss of one batch for a stage.
-fn step_loss(model: &Model, split: &Split, idx: &[usize], stage: Stage, cfg: &RunConfig, rng: &mut ChaCha8Rng, seeds: &mut Seeds) -> Result<Tensor> {
+fn step_loss(
+    model: &Model,
+    split: &Split,
+    idx: &[usize],
+    stage: Stage,
+    cfg: &RunConfig,
+    rng: &mut ChaCha8Rng,
+    seeds: &mut Seeds,
+) -> Result<Tensor> {
     let samples: Vec<&Sample> = idx.iter().map(|&i| &split.train[i]).collect();
     let finetune = || model.finetune_loss(&make_batch(&samples), seeds);
     match stage {
@@ -294,7 +314,8 @@ fn step_loss(model: &Model, split: &Split, idx: &[usize], stage: Stage, cfg: &Ru
         Stage::Pretrain | Stage::E2e => {
             // Sequence random dropout with a per-batch ratio r ~ U(0, rho), then a mixup ratio p ~ U(0, 0.5).
             let r = rng.random::<f64>() * cfg.model.item_drop as f64;
-            let dropped: Vec<Sample> = samples.iter().map(|s| Sample { user: s.user, seq: item_dropout(&s.seq, r, rng), target: s.target }).collect();
+            let dropped: Vec<Sample> =
+                samples.iter().map(|s| Sample { user: s.user, seq: item_dropout(&s.seq, r, rng), target: s.target }).collect();
             let refs: Vec<&Sample> = dropped.iter().collect();
             let p_mix = rng.random::<f64>() * 0.5;
             let pre = model.pretrain_loss(&make_batch(&refs), p_mix, rng, seeds)?;

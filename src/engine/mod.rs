@@ -5,8 +5,8 @@
 //! f32, `Device::Cpu64` in f64 for finite differences).
 
 pub mod gpu;
-pub mod optim;
 pub mod ops;
+pub mod optim;
 pub mod tape;
 pub mod tensor;
 

@@ -48,7 +48,8 @@ pub struct Adam {
 /// One parameter's update on the CPU (reference), given the clip coefficient.
 #[allow(clippy::too_many_arguments)]
 pub fn adam_cpu<T: Real>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], c: T, cfg: &AdamConfig, bc1: T, bc2: T) {
-    let (b1, b2, lr, eps, wd) = (T::c(cfg.beta1 as f64), T::c(cfg.beta2 as f64), T::c(cfg.lr as f64), T::c(cfg.eps as f64), T::c(cfg.weight_decay as f64));
+    let (b1, b2, lr, eps, wd) =
+        (T::c(cfg.beta1 as f64), T::c(cfg.beta2 as f64), T::c(cfg.lr as f64), T::c(cfg.eps as f64), T::c(cfg.weight_decay as f64));
     for i in 0..p.len() {
         let gi = c * g[i] + wd * p[i];
         m[i] = b1 * m[i] + (T::one() - b1) * gi;
@@ -106,7 +107,16 @@ impl Adam {
         for &i in live {
             let g = grads.get(&self.params[i]).unwrap();
             let (m, v) = &self.moments[i];
-            adam_cpu::<T>(&mut self.params[i].host_mut::<T>()?, &mut m.host_mut::<T>()?, &mut v.host_mut::<T>()?, &g.host::<T>()?, c, &self.cfg, T::c(bc1), T::c(bc2));
+            adam_cpu::<T>(
+                &mut self.params[i].host_mut::<T>()?,
+                &mut m.host_mut::<T>()?,
+                &mut v.host_mut::<T>()?,
+                &g.host::<T>()?,
+                c,
+                &self.cfg,
+                T::c(bc1),
+                T::c(bc2),
+            );
         }
         Ok(())
     }
@@ -148,7 +158,11 @@ impl Adam {
     /// Replace the moments and step count (checkpoint resume).
     pub fn load_state(&mut self, t: u32, moments: Vec<(Tensor, Tensor)>) -> Result<()> {
         if moments.len() != self.params.len() {
-            return Err(Error::Invalid(format!("optimizer state has {} entries, model has {} parameters", moments.len(), self.params.len())));
+            return Err(Error::Invalid(format!(
+                "optimizer state has {} entries, model has {} parameters",
+                moments.len(),
+                self.params.len()
+            )));
         }
         for ((m, v), p) in moments.iter().zip(&self.params) {
             if m.shape() != p.shape() || v.shape() != p.shape() {

@@ -1,19 +1,25 @@
 //! One module per op family. Each op: shape checks, a WGSL forward and backward kernel (in
 //! `shaders/`), a plain-Rust reference generic over f32/f64, and the shapes in its doc comment.
 
+pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod layernorm;
 pub mod loss;
 pub mod pool;
 pub mod rank;
 pub mod reduce;
+pub mod softmax;
 
+pub use attention::attention;
 pub use elementwise::{add, add_scaled, broadcast_to, dropout, gelu, mul, scale, sub};
 pub use embedding::{embedding, gather_last};
+pub use layernorm::layernorm;
 pub use loss::{cross_entropy, info_nce};
 pub use pool::{attention_pool, moe};
 pub use rank::rank_of_targets;
 pub use reduce::{mean, sum, sum_rows};
+pub use softmax::softmax;
 
 /// WGSL source of one kernel family, with the shared helpers prepended.
 macro_rules! wgsl {

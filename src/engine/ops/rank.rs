@@ -18,7 +18,10 @@ pub fn rank_row_cpu<T: Real>(scores: &[T], t: usize) -> u32 {
 
 pub fn rank_of_targets(scores: &Tensor, targets: &Indices) -> Result<Vec<u32>> {
     if scores.rank() != 2 || scores.shape()[0] != targets.len() {
-        return Err(Error::Shape { op: "rank", msg: format!("scores {:?} with {} targets (want (B, N) and B targets)", scores.shape(), targets.len()) });
+        return Err(Error::Shape {
+            op: "rank",
+            msg: format!("scores {:?} with {} targets (want (B, N) and B targets)", scores.shape(), targets.len()),
+        });
     }
     let (b, n) = (scores.shape()[0], scores.shape()[1]);
     targets.check_below(n, "rank", "target")?;

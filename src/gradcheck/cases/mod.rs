@@ -4,6 +4,7 @@
 mod elementwise;
 mod encoder;
 mod optim;
+mod transformer;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -15,6 +16,7 @@ pub fn all_cases() -> Vec<Case> {
     let mut v = Vec::new();
     v.extend(elementwise::cases(&mut rng));
     v.extend(encoder::cases(&mut rng));
+    v.extend(transformer::cases(&mut rng));
     v
 }
 

@@ -31,7 +31,8 @@ fn setup(grad_scale: f64) -> Setup {
 
 /// Run the engine's Adam on `dev`; gradients come from backward of sum(p * g_step).
 fn run_engine(s: &Setup, cfg: AdamConfig, dev: Device) -> Result<Vec<Vec<f64>>> {
-    let params: Vec<Tensor> = s.init.iter().zip(SHAPES).map(|(d, sh)| Ok(Tensor::from_f64(d.clone(), sh, dev)?.param())).collect::<Result<_>>()?;
+    let params: Vec<Tensor> =
+        s.init.iter().zip(SHAPES).map(|(d, sh)| Ok(Tensor::from_f64(d.clone(), sh, dev)?.param())).collect::<Result<_>>()?;
     let mut opt = Adam::new(params.clone(), cfg)?;
     for step in &s.grads {
         let mut loss: Option<Tensor> = None;
@@ -77,8 +78,24 @@ pub fn checks(gpu: bool) -> Vec<CheckResult> {
         let s = setup(scale);
         let cfg = AdamConfig { lr: 1e-2, weight_decay: 1e-3, ..AdamConfig::default() };
         let res = |check: &str, r: Result<(f64, f64, bool)>| match r {
-            Ok((a, rel, pass)) => CheckResult { op: "adam".into(), shape: name.into(), check: check.into(), max_abs_err: a, max_rel_err: rel, pass, error: None },
-            Err(e) => CheckResult { op: "adam".into(), shape: name.into(), check: check.into(), max_abs_err: f64::NAN, max_rel_err: f64::NAN, pass: false, error: Some(e.to_string()) },
+            Ok((a, rel, pass)) => CheckResult {
+                op: "adam".into(),
+                shape: name.into(),
+                check: check.into(),
+                max_abs_err: a,
+                max_rel_err: rel,
+                pass,
+                error: None,
+            },
+            Err(e) => CheckResult {
+                op: "adam".into(),
+                shape: name.into(),
+                check: check.into(),
+                max_abs_err: f64::NAN,
+                max_rel_err: f64::NAN,
+                pass: false,
+                error: Some(e.to_string()),
+            },
         };
         out.push(res(
             "ref",

@@ -1,0 +1,248 @@
+//! Causal multi-head self-attention with padding and attention dropout, as in RecBole's SASRec.
+//!
+//! - `attention(q, k, v, lens, heads, p, seed)`: q, k, v (B, L, C), lens (B) -> out (B, L, C),
+//!   C = heads * dh; head h uses channels [h*dh, (h+1)*dh).
+//!   s[b,h,i,j] = q_h[i] . k_h[j] / sqrt(dh) + mask, mask = 0 where j <= i and j < lens[b], else -10000;
+//!   P = softmax_j(s); P' = dropout(P) (kept when rand01(seed, idx) >= p, scaled by 1/(1-p), idx the
+//!   flat (B, heads, L, L) index, the same mask as `dropout`); out[b,i,h*dh+c] = sum_j P'[i,j] v[b,j,h*dh+c].
+//!   Backward: dP' = dO V^T, dP = keep * dP' / (1-p), dS = P * (dP - sum_j dP * P),
+//!   dq = dS K / sqrt(dh), dk = dS^T Q / sqrt(dh), dv = P'^T dO.
+//!
+//! The additive mask is evaluated exactly: exp(-10000 + ...) is 0 in f32 and f64, so a row attends
+//! over its valid keys j < min(i + 1, lens[b]) only. A row with no valid key (lens[b] = 0) has the
+//! constant -10000 on every key, which cancels in the softmax: it attends over all L keys with the
+//! plain scores. (Adding -10000 in f32 would round those scores to ~1e-3; this avoids that noise.)
+//!
+//! GPU: the forward runs one workgroup per (b, h, i) query row (scores, softmax, dropout, P'V); the
+//! backward one workgroup per query row (dS and dq) and one per key column (dk and dv). A row of P
+//! lives in workgroup memory, so the GPU path takes L <= 1024.
+
+use super::elementwise::rand01;
+use super::softmax::row_groups;
+use super::{fbits, wgsl};
+use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
+use crate::engine::tensor::{Real, Storage};
+use crate::engine::{same_device, Indices, Tensor};
+use crate::{on_device, Error, Result};
+
+const SRC: &str = wgsl!("attention.wgsl");
+static FWD: Kernel =
+    Kernel { name: "attention", source: SRC, entry: "attn_fwd", bindings: &[Read, Read, Read, Read, ReadWrite, ReadWrite] };
+static BWD_ROWS: Kernel =
+    Kernel { name: "attention", source: SRC, entry: "attn_bwd_rows", bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite] };
+static BWD_COLS: Kernel =
+    Kernel { name: "attention", source: SRC, entry: "attn_bwd_cols", bindings: &[Read, Read, ReadWrite, ReadWrite, Read, Read] };
+/// Longest sequence the GPU kernels take (a row of P is held in workgroup memory).
+pub const MAX_LEN_GPU: usize = 1024;
+
+/// Problem sizes and the dropout setting: batch, sequence length, heads, channels per head,
+/// dropout probability and seed.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub b: usize,
+    pub l: usize,
+    pub heads: usize,
+    pub dh: usize,
+    pub p: f32,
+    pub seed: u32,
+}
+
+impl Dims {
+    pub fn c(&self) -> usize {
+        self.heads * self.dh
+    }
+    /// Keys query i of sequence `len` attends to (see the module docs).
+    pub fn valid(&self, len: u32, i: usize) -> usize {
+        match (i + 1).min(len as usize) {
+            0 => self.l,
+            n => n,
+        }
+    }
+    /// Dropout factor of flat (B, heads, L, L) element `idx`: 0 or 1/(1-p).
+    pub fn keep<T: Real>(&self, idx: usize) -> T {
+        if self.p == 0.0 {
+            T::one()
+        } else if rand01(self.seed, idx as u32) >= self.p {
+            T::c(1.0 / (1.0 - self.p as f64))
+        } else {
+            T::zero()
+        }
+    }
+    fn params(&self) -> [u32; 8] {
+        let d = self;
+        [
+            d.b as u32,
+            d.l as u32,
+            d.heads as u32,
+            d.dh as u32,
+            fbits((1.0 / (d.dh as f64).sqrt()) as f32),
+            fbits(d.p),
+            fbits((1.0 / (1.0 - d.p as f64)) as f32),
+            d.seed,
+        ]
+    }
+}
+
+// ---- CPU references -------------------------------------------------------------------------
+
+/// Forward: (out (B, L, C), P (B, heads, L, L)) with P before dropout.
+pub fn attention_cpu<T: Real>(q: &[T], k: &[T], v: &[T], lens: &[u32], d: Dims) -> (Vec<T>, Vec<T>) {
+    let (l, dh, c) = (d.l, d.dh, d.c());
+    let scale = T::c(1.0 / (dh as f64).sqrt());
+    let mut out = vec![T::zero(); d.b * l * c];
+    let mut probs = vec![T::zero(); d.b * d.heads * l * l];
+    for (b, &len) in lens.iter().enumerate() {
+        for h in 0..d.heads {
+            for i in 0..l {
+                let n = d.valid(len, i);
+                let qo = (b * l + i) * c + h * dh;
+                let row = ((b * d.heads + h) * l + i) * l;
+                let pr = &mut probs[row..row + l];
+                for (j, s) in pr.iter_mut().enumerate().take(n) {
+                    let ko = (b * l + j) * c + h * dh;
+                    let mut dot = T::zero();
+                    for e in 0..dh {
+                        dot += q[qo + e] * k[ko + e];
+                    }
+                    *s = dot * scale;
+                }
+                let mx = pr[..n].iter().fold(T::neg_infinity(), |m, &s| m.max(s));
+                let mut sum = T::zero();
+                for s in pr[..n].iter_mut() {
+                    *s = (*s - mx).exp();
+                    sum += *s;
+                }
+                for (j, pj) in pr.iter_mut().enumerate().take(n) {
+                    *pj /= sum;
+                    let pd = *pj * d.keep::<T>(row + j);
+                    let vo = (b * l + j) * c + h * dh;
+                    for e in 0..dh {
+                        out[qo + e] += pd * v[vo + e];
+                    }
+                }
+            }
+        }
+    }
+    (out, probs)
+}
+
+/// Backward: (dq, dk, dv), each (B, L, C).
+pub fn attention_bwd_cpu<T: Real>(q: &[T], k: &[T], v: &[T], lens: &[u32], probs: &[T], dout: &[T], d: Dims) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (l, dh, c) = (d.l, d.dh, d.c());
+    let scale = T::c(1.0 / (dh as f64).sqrt());
+    let (mut dq, mut dk, mut dv) = (vec![T::zero(); q.len()], vec![T::zero(); k.len()], vec![T::zero(); v.len()]);
+    let mut ds = vec![T::zero(); l];
+    for (b, &len) in lens.iter().enumerate() {
+        for h in 0..d.heads {
+            for i in 0..l {
+                let n = d.valid(len, i);
+                let qo = (b * l + i) * c + h * dh;
+                let row = ((b * d.heads + h) * l + i) * l;
+                // dP = keep * dO V^T, then dS = P * (dP - sum_j dP * P).
+                let mut t = T::zero();
+                for j in 0..n {
+                    let vo = (b * l + j) * c + h * dh;
+                    let mut dp = T::zero();
+                    for e in 0..dh {
+                        dp += dout[qo + e] * v[vo + e];
+                    }
+                    ds[j] = dp * d.keep::<T>(row + j);
+                    t += ds[j] * probs[row + j];
+                }
+                for j in 0..n {
+                    let p = probs[row + j];
+                    let s = p * (ds[j] - t) * scale;
+                    let pd = p * d.keep::<T>(row + j);
+                    let ko = (b * l + j) * c + h * dh;
+                    for e in 0..dh {
+                        dq[qo + e] += s * k[ko + e];
+                        dk[ko + e] += s * q[qo + e];
+                        dv[ko + e] += pd * dout[qo + e];
+                    }
+                }
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+// ---- GPU ------------------------------------------------------------------------------------
+
+fn attention_gpu(q: &GpuBuf, k: &GpuBuf, v: &GpuBuf, lens: &GpuBuf, d: Dims) -> Result<(Storage, Storage)> {
+    let g = gpu()?;
+    let out = g.alloc(4 * (d.b * d.l * d.c()) as u64)?;
+    let probs = g.alloc(4 * (d.b * d.heads * d.l * d.l) as u64)?;
+    g.dispatch(&FWD, &[lens, q, k, v, &out, &probs], &d.params(), row_groups(d.b * d.heads * d.l))?;
+    Ok((Storage::Gpu(out), Storage::Gpu(probs)))
+}
+
+fn attention_bwd_gpu(
+    q: &GpuBuf,
+    k: &GpuBuf,
+    v: &GpuBuf,
+    lens: &GpuBuf,
+    probs: &GpuBuf,
+    dout: &GpuBuf,
+    d: Dims,
+) -> Result<(Storage, Storage, Storage)> {
+    let g = gpu()?;
+    let n = 4 * (d.b * d.l * d.c()) as u64;
+    let ds = g.alloc(4 * (d.b * d.heads * d.l * d.l) as u64)?;
+    let (dq, dk, dv) = (g.alloc(n)?, g.alloc(n)?, g.alloc(n)?);
+    let groups = row_groups(d.b * d.heads * d.l);
+    g.dispatch(&BWD_ROWS, &[lens, probs, k, v, dout, &ds, &dq], &d.params(), groups)?;
+    g.dispatch(&BWD_COLS, &[q, probs, &dk, &dv, dout, &ds], &d.params(), groups)?;
+    Ok((Storage::Gpu(dq), Storage::Gpu(dk), Storage::Gpu(dv)))
+}
+
+// ---- op -------------------------------------------------------------------------------------
+
+/// SASRec multi-head attention of q, k, v (B, L, C) with `heads` heads; see the module docs.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: &Indices, heads: usize, p_drop: f32, seed: u32) -> Result<Tensor> {
+    let op = "attention";
+    let [b, l, c] = *q.shape() else {
+        return Err(Error::Shape { op, msg: format!("q {:?} must be (B, L, C)", q.shape()) });
+    };
+    if k.shape() != q.shape() || v.shape() != q.shape() {
+        return Err(Error::Shape { op, msg: format!("q {:?}, k {:?} and v {:?} must have one shape", q.shape(), k.shape(), v.shape()) });
+    }
+    if heads == 0 || c % heads != 0 || c == 0 {
+        return Err(Error::Shape { op, msg: format!("{c} channels of q {:?} do not split into {heads} heads", q.shape()) });
+    }
+    if lens.len() != b {
+        return Err(Error::Shape { op, msg: format!("{} lengths for a batch of {b} (q {:?})", lens.len(), q.shape()) });
+    }
+    if let Some((i, &n)) = lens.host().iter().enumerate().find(|(_, &n)| n as usize > l) {
+        return Err(Error::Index { op, msg: format!("length {n} of sequence {i} exceeds the sequence length {l}") });
+    }
+    if !(0.0..1.0).contains(&p_drop) {
+        return Err(Error::Invalid(format!("attention: dropout probability must be in [0, 1), got {p_drop}")));
+    }
+    let dev = same_device(op, &[q, k, v])?;
+    if dev == crate::engine::Device::Gpu && l > MAX_LEN_GPU {
+        return Err(Error::Shape {
+            op,
+            msg: format!("sequence length {l} of q {:?} exceeds the GPU kernels' limit {MAX_LEN_GPU}", q.shape()),
+        });
+    }
+    let d = Dims { b, l, heads, dh: c / heads, p: p_drop, seed };
+    let (out, probs) = on_device!(dev, T => {
+        let (o, p) = attention_cpu::<T>(&q.host::<T>()?, &k.host::<T>()?, &v.host::<T>()?, lens.host(), d);
+        (T::wrap(o), T::wrap(p))
+    }, attention_gpu(&*q.gbuf()?, &*k.gbuf()?, &*v.gbuf()?, lens.gpu()?, d)?);
+    let probs = Tensor::from_storage(probs, vec![b, heads, l, l]);
+    let (qc, kc, vc, lens) = (q.detach(), k.detach(), v.detach(), lens.clone());
+    Ok(Tensor::from_op(op, out, q.shape().to_vec(), &[q, k, v], move |g| {
+        let (dq, dk, dv) = on_device!(g.device(), T => {
+            let (dq, dk, dv) = attention_bwd_cpu::<T>(
+                &qc.host::<T>()?, &kc.host::<T>()?, &vc.host::<T>()?, lens.host(), &probs.host::<T>()?, &g.host::<T>()?, d);
+            (T::wrap(dq), T::wrap(dk), T::wrap(dv))
+        }, attention_bwd_gpu(&*qc.gbuf()?, &*kc.gbuf()?, &*vc.gbuf()?, lens.gpu()?, &*probs.gbuf()?, &*g.gbuf()?, d)?);
+        let shape = g.shape().to_vec();
+        Ok(vec![
+            Some(Tensor::from_storage(dq, shape.clone())),
+            Some(Tensor::from_storage(dk, shape.clone())),
+            Some(Tensor::from_storage(dv, shape)),
+        ])
+    }))
+}

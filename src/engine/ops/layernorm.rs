@@ -1,0 +1,175 @@
+//! Layer normalization over the last axis, with optional per-group parameters.
+//!
+//! - `layernorm(x, gamma, beta, eps)`: x (.., C), gamma/beta (C) or (G, C) -> y (.., C).
+//!   Row r of the flattened (R, C) view uses gamma[r % G] and beta[r % G] (an MoE with G experts laid
+//!   out as (N, G, C) gives each expert its own LayerNorm); R must be a multiple of G.
+//!   y = (x - mean) * rstd * gamma + beta, rstd = 1 / sqrt(var + eps), biased variance (torch semantics).
+//!   Backward, with xhat = (x - mean) * rstd and dxhat = g * gamma:
+//!   dx = rstd * (dxhat - mean_c(dxhat) - xhat * mean_c(dxhat * xhat)),
+//!   dgamma[k] = sum over rows r with r % G == k of g * xhat, dbeta[k] = the same sum of g.
+//!
+//! The mean is computed on values shifted by the row's first element (x - x[r, 0]), so rows with a
+//! large mean lose no precision in f32. The forward saves, per row, that shifted mean and rstd.
+//! dgamma/dbeta are deterministic: chunks of rows are summed in a fixed order, then the chunks.
+
+use super::reduce::sum_rows_gpu;
+use super::softmax::row_groups;
+use super::{fbits, wgsl};
+use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use crate::engine::tensor::{Real, Storage};
+use crate::engine::{same_device, Tensor};
+use crate::{on_device, Error, Result};
+
+const SRC: &str = wgsl!("layernorm.wgsl");
+static FWD: Kernel = Kernel { name: "layernorm", source: SRC, entry: "ln_fwd", bindings: &[Read, ReadWrite, ReadWrite, Read, Read] };
+static BWD_X: Kernel = Kernel { name: "layernorm", source: SRC, entry: "ln_bwd_x", bindings: &[Read, Read, Read, Read, ReadWrite] };
+static BWD_PARAM: Kernel =
+    Kernel { name: "layernorm", source: SRC, entry: "ln_bwd_param", bindings: &[Read, Read, Read, ReadWrite, ReadWrite] };
+/// Rows summed by one invocation of `ln_bwd_param` (must match the shader).
+const CHUNK: usize = 64;
+
+// ---- CPU references -------------------------------------------------------------------------
+
+/// Forward: (y (R, C), stats (R, 2) = [mean - x[r, 0], rstd] per row).
+pub fn layernorm_cpu<T: Real>(x: &[T], gamma: &[T], beta: &[T], rows: usize, c: usize, groups: usize, eps: T) -> (Vec<T>, Vec<T>) {
+    let mut y = vec![T::zero(); rows * c];
+    let mut stats = vec![T::zero(); rows * 2];
+    let n = T::c(c as f64);
+    for r in 0..rows {
+        let xr = &x[r * c..(r + 1) * c];
+        let x0 = xr[0];
+        let mean = xr.iter().map(|&v| v - x0).sum::<T>() / n;
+        let var = xr.iter().map(|&v| (v - x0 - mean) * (v - x0 - mean)).sum::<T>() / n;
+        let rstd = T::one() / (var + eps).sqrt();
+        let k = (r % groups) * c;
+        for i in 0..c {
+            y[r * c + i] = (xr[i] - x0 - mean) * rstd * gamma[k + i] + beta[k + i];
+        }
+        stats[2 * r] = mean;
+        stats[2 * r + 1] = rstd;
+    }
+    (y, stats)
+}
+
+/// Backward: (dx (R, C), dgamma (G, C), dbeta (G, C)).
+pub fn layernorm_bwd_cpu<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    stats: &[T],
+    g: &[T],
+    rows: usize,
+    c: usize,
+    groups: usize,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut dx = vec![T::zero(); rows * c];
+    let mut dgamma = vec![T::zero(); groups * c];
+    let mut dbeta = vec![T::zero(); groups * c];
+    let n = T::c(c as f64);
+    for r in 0..rows {
+        let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
+        let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+        let k = (r % groups) * c;
+        let xhat = |i: usize| (xr[i] - xr[0] - mean) * rstd;
+        let (mut m1, mut m2) = (T::zero(), T::zero());
+        for i in 0..c {
+            let dxhat = gr[i] * gamma[k + i];
+            m1 += dxhat;
+            m2 += dxhat * xhat(i);
+        }
+        m1 /= n;
+        m2 /= n;
+        for i in 0..c {
+            let xh = xhat(i);
+            dx[r * c + i] = rstd * (gr[i] * gamma[k + i] - m1 - xh * m2);
+            dgamma[k + i] += gr[i] * xh;
+            dbeta[k + i] += gr[i];
+        }
+    }
+    (dx, dgamma, dbeta)
+}
+
+// ---- GPU ------------------------------------------------------------------------------------
+
+fn params(rows: usize, c: usize, groups: usize, eps: f32) -> [u32; 4] {
+    [rows as u32, c as u32, groups as u32, fbits(eps)]
+}
+
+fn layernorm_gpu(x: &GpuBuf, gamma: &GpuBuf, beta: &GpuBuf, rows: usize, c: usize, groups: usize, eps: f32) -> Result<(Storage, Storage)> {
+    let g = gpu()?;
+    let y = g.alloc(4 * (rows * c) as u64)?;
+    let stats = g.alloc(4 * (rows * 2) as u64)?;
+    g.dispatch(&FWD, &[x, &stats, &y, gamma, beta], &params(rows, c, groups, eps), row_groups(rows))?;
+    Ok((Storage::Gpu(y), Storage::Gpu(stats)))
+}
+
+fn layernorm_bwd_gpu(
+    x: &GpuBuf,
+    gamma: &GpuBuf,
+    stats: &GpuBuf,
+    dy: &GpuBuf,
+    rows: usize,
+    c: usize,
+    groups: usize,
+) -> Result<(Storage, Storage, Storage)> {
+    let g = gpu()?;
+    let prm = params(rows, c, groups, 0.0);
+    let dx = g.alloc(4 * (rows * c) as u64)?;
+    g.dispatch(&BWD_X, &[x, stats, dy, gamma, &dx], &prm, row_groups(rows))?;
+    // Partial sums over chunks of each group's rows, (chunks, G * C), then over the chunks.
+    let chunks = (rows / groups).div_ceil(CHUNK).max(1);
+    let cols = groups * c;
+    let pg = g.alloc(4 * (chunks * cols) as u64)?;
+    let pb = g.alloc(4 * (chunks * cols) as u64)?;
+    g.dispatch(&BWD_PARAM, &[x, stats, dy, &pg, &pb], &prm, groups_1d(chunks * cols))?;
+    let (dgamma, dbeta) = if chunks == 1 { (pg, pb) } else { (sum_rows_gpu(&pg, chunks, cols)?, sum_rows_gpu(&pb, chunks, cols)?) };
+    Ok((Storage::Gpu(dx), Storage::Gpu(dgamma), Storage::Gpu(dbeta)))
+}
+
+// ---- op -------------------------------------------------------------------------------------
+
+/// LayerNorm over the last axis of x (.., C) with gamma, beta (C) or (G, C); see the module docs.
+pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    let op = "layernorm";
+    let c = x.last_dim();
+    if x.rank() == 0 || c == 0 {
+        return Err(Error::Shape { op, msg: format!("x {:?} needs a non-empty last axis", x.shape()) });
+    }
+    let groups = match gamma.shape() {
+        [gc] if *gc == c => 1,
+        [gg, gc] if *gc == c && *gg > 0 => *gg,
+        s => return Err(Error::Shape { op, msg: format!("gamma {s:?} must be ({c}) or (G, {c}) for x {:?}", x.shape()) }),
+    };
+    if beta.shape() != gamma.shape() {
+        return Err(Error::Shape { op, msg: format!("beta {:?} must have gamma's shape {:?}", beta.shape(), gamma.shape()) });
+    }
+    let rows = x.numel() / c;
+    if !rows.is_multiple_of(groups) {
+        return Err(Error::Shape {
+            op,
+            msg: format!("x {:?} has {rows} rows, not a multiple of the {groups} parameter groups of gamma {:?}", x.shape(), gamma.shape()),
+        });
+    }
+    if eps.is_nan() || eps < 0.0 {
+        return Err(Error::Invalid(format!("layernorm: eps must be >= 0, got {eps}")));
+    }
+    let dev = same_device(op, &[x, gamma, beta])?;
+    let (y, stats) = on_device!(dev, T => {
+        let (y, s) = layernorm_cpu::<T>(&x.host::<T>()?, &gamma.host::<T>()?, &beta.host::<T>()?, rows, c, groups, T::c(eps as f64));
+        (T::wrap(y), T::wrap(s))
+    }, layernorm_gpu(&*x.gbuf()?, &*gamma.gbuf()?, &*beta.gbuf()?, rows, c, groups, eps)?);
+    let stats = Tensor::from_storage(stats, vec![rows, 2]);
+    let (xc, gc) = (x.detach(), gamma.detach());
+    let pshape = gamma.shape().to_vec();
+    Ok(Tensor::from_op(op, y, x.shape().to_vec(), &[x, gamma, beta], move |g| {
+        let (dx, dgamma, dbeta) = on_device!(g.device(), T => {
+            let (dx, dg, db) =
+                layernorm_bwd_cpu::<T>(&xc.host::<T>()?, &gc.host::<T>()?, &stats.host::<T>()?, &g.host::<T>()?, rows, c, groups);
+            (T::wrap(dx), T::wrap(dg), T::wrap(db))
+        }, layernorm_bwd_gpu(&*xc.gbuf()?, &*gc.gbuf()?, &*stats.gbuf()?, &*g.gbuf()?, rows, c, groups)?);
+        Ok(vec![
+            Some(Tensor::from_storage(dx, g.shape().to_vec())),
+            Some(Tensor::from_storage(dgamma, pshape.clone())),
+            Some(Tensor::from_storage(dbeta, pshape.clone())),
+        ])
+    }))
+}

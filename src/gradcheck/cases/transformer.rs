@@ -1,0 +1,48 @@
+use rand_chacha::ChaCha8Rng;
+
+use crate::engine::ops::{attention, layernorm, softmax};
+use crate::engine::Indices;
+use crate::gradcheck::{Case, Input};
+
+fn ln(shape: &[usize], pshape: &[usize], eps: f32, offset: f64, rng: &mut ChaCha8Rng) -> Case {
+    let mut x = Input::randn(shape, rng);
+    x.data.iter_mut().for_each(|v| *v += offset);
+    let desc = format!("{shape:?} gamma {pshape:?}{}", if offset != 0.0 { format!(" mean+{offset}") } else { String::new() });
+    Case::new("layernorm", desc, vec![x, Input::randn(pshape, rng), Input::randn(pshape, rng)], move |x| {
+        layernorm(&x[0], &x[1], &x[2], eps)
+    })
+}
+
+fn sm(shape: &[usize], lens: Option<Vec<u32>>, scale: f64, rng: &mut ChaCha8Rng) -> Case {
+    let desc = format!("{shape:?} lens {lens:?}{}", if scale != 1.0 { format!(" x{scale}") } else { String::new() });
+    let lens = lens.map(Indices::new);
+    Case::new("softmax", desc, vec![Input::randn(shape, rng).scaled(scale)], move |x| softmax(&x[0], lens.as_ref()))
+}
+
+fn attn(b: usize, l: usize, c: usize, heads: usize, lens: Vec<u32>, p: f32, rng: &mut ChaCha8Rng) -> Case {
+    let desc = format!("({b},{l},{c}) h{heads} lens {lens:?} p{p}");
+    let lens = Indices::new(lens);
+    let inputs = vec![Input::randn(&[b, l, c], rng), Input::randn(&[b, l, c], rng), Input::randn(&[b, l, c], rng)];
+    Case::new("attention", desc, inputs, move |x| attention(&x[0], &x[1], &x[2], &lens, heads, p, 77))
+}
+
+pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
+    vec![
+        ln(&[3, 37], &[37], 1e-5, 0.0, rng),
+        ln(&[2, 3, 64], &[64], 1e-12, 0.0, rng),
+        ln(&[1, 37], &[37], 1e-12, 0.0, rng),
+        ln(&[4, 3, 5], &[3, 5], 1e-5, 0.0, rng),
+        ln(&[3, 37], &[37], 1e-12, 1000.0, rng),
+        ln(&[70, 2, 3], &[2, 3], 1e-5, 0.0, rng),
+        sm(&[4, 1], None, 1.0, rng),
+        sm(&[3, 7], None, 1.0, rng),
+        sm(&[2, 3, 9], Some(vec![9, 0, 4, 1, 9, 2]), 1.0, rng),
+        sm(&[2, 601], Some(vec![601, 300]), 1.0, rng),
+        sm(&[3, 11], None, 10.0, rng),
+        attn(1, 1, 4, 1, vec![1], 0.0, rng),
+        attn(4, 7, 6, 2, vec![7, 3, 1, 0], 0.0, rng),
+        attn(4, 7, 6, 2, vec![7, 3, 1, 0], 0.2, rng),
+        attn(1, 5, 3, 1, vec![4], 0.2, rng),
+        attn(1, 66, 2, 2, vec![61], 0.1, rng),
+    ]
+}
