@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod cli_run;
 pub mod data;
 pub mod demo;
 pub mod engine;

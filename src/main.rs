@@ -2,10 +2,17 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use msm4sr::cli_run::{self, Plan};
+use msm4sr::data::MissingFeatures;
 use msm4sr::engine::gpu::{self, list_adapters};
 use msm4sr::engine::{Device, DeviceChoice};
-use msm4sr::{bench, gradcheck};
+use msm4sr::metrics;
+use msm4sr::model::{Mod, ModelKind, Modalities, Score};
+use msm4sr::train::RunConfig;
+use msm4sr::{bench, gradcheck, synth};
 
 #[derive(Parser)]
 #[command(name = "msm4sr", version, about = "MSM4SR multimodal sequential recommendation on a wgpu compute engine")]
@@ -20,8 +27,233 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Dataset, configuration and hyper-parameter flags shared by the training commands. Every
+/// hyper-parameter flag overrides the `--config` file, which overrides the defaults of SPEC.md.
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Dataset directory: one NAME.inter, optionally NAME.features.safetensors + NAME.items.txt.
+    #[arg(long)]
+    data: PathBuf,
+    /// TOML file with [model] and [train] sections (any subset of keys; see `--print-config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Items in .inter without features: fail (error) or give them zero features (zero).
+    #[arg(long, value_enum, default_value = "error")]
+    missing_features: MissingArg,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, value_enum)]
+    model: Option<ModelKind>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Fine-tuning epochs (upper bound; early stopping on validation Recall@20).
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    pretrain_epochs: Option<usize>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    pretrain_batch: Option<usize>,
+    #[arg(long)]
+    lr: Option<f32>,
+    #[arg(long)]
+    pretrain_lr: Option<f32>,
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Early-stopping patience in epochs.
+    #[arg(long)]
+    patience: Option<usize>,
+    #[arg(long)]
+    pretrain_patience: Option<usize>,
+    #[arg(long)]
+    min_user_inter: Option<usize>,
+    #[arg(long)]
+    hidden: Option<usize>,
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long)]
+    heads: Option<usize>,
+    #[arg(long)]
+    inner: Option<usize>,
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Hidden and attention dropout of the transformer.
+    #[arg(long)]
+    dropout: Option<f32>,
+    #[arg(long)]
+    experts: Option<usize>,
+    #[arg(long)]
+    tau: Option<f32>,
+    #[arg(long)]
+    lambda: Option<f32>,
+    /// Fine-tuning scorer: cos (cosine / tau, the released code) or dot (the paper).
+    #[arg(long, value_enum)]
+    score: Option<Score>,
+    #[arg(long, value_enum)]
+    modalities: Option<Modalities>,
+    /// Drop one score term at fine-tuning: text gives MSM4SR-V, image gives MSM4SR-T.
+    #[arg(long, value_enum)]
+    drop_score: Option<Mod>,
+    #[arg(long)]
+    no_nip: bool,
+    #[arg(long)]
+    no_cmcl: bool,
+    #[arg(long)]
+    no_mixup: bool,
+    /// Pre-training without the projection heads of eq. 6 (the authors' published command).
+    #[arg(long)]
+    no_heads: bool,
+    /// Exclude each user's history from the ranking.
+    #[arg(long)]
+    mask_history: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MissingArg {
+    Error,
+    Zero,
+}
+
+impl RunArgs {
+    fn config(&self) -> msm4sr::Result<RunConfig> {
+        let mut c = match &self.config {
+            Some(p) => cli_run::read_config(p)?,
+            None => RunConfig::default(),
+        };
+        let (m, t) = (&mut c.model, &mut c.train);
+        macro_rules! set {
+            ($dst:expr, $src:expr) => {
+                if let Some(v) = $src {
+                    $dst = v;
+                }
+            };
+        }
+        set!(m.model, self.model);
+        set!(t.seed, self.seed);
+        set!(t.epochs, self.epochs);
+        set!(t.pretrain_epochs, self.pretrain_epochs);
+        set!(t.batch, self.batch);
+        set!(t.pretrain_batch, self.pretrain_batch);
+        set!(t.lr, self.lr);
+        set!(t.pretrain_lr, self.pretrain_lr);
+        set!(t.weight_decay, self.weight_decay);
+        set!(t.patience, self.patience);
+        set!(t.pretrain_patience, self.pretrain_patience);
+        set!(t.min_user_inter, self.min_user_inter);
+        set!(m.hidden, self.hidden);
+        set!(m.layers, self.layers);
+        set!(m.heads, self.heads);
+        set!(m.inner, self.inner);
+        set!(m.max_len, self.max_len);
+        if let Some(d) = self.dropout {
+            m.dropout = d;
+            m.attn_dropout = d;
+        }
+        set!(m.experts, self.experts);
+        set!(m.tau, self.tau);
+        set!(m.lambda, self.lambda);
+        set!(m.score, self.score);
+        set!(m.modalities, self.modalities);
+        if self.drop_score.is_some() {
+            m.drop_score = self.drop_score;
+        }
+        m.nip &= !self.no_nip;
+        m.cmcl &= !self.no_cmcl;
+        m.mixup &= !self.no_mixup;
+        m.proj_heads &= !self.no_heads;
+        t.mask_history |= self.mask_history;
+        Ok(c)
+    }
+    fn missing(&self) -> MissingFeatures {
+        match self.missing_features {
+            MissingArg::Error => MissingFeatures::Error,
+            MissingArg::Zero => MissingFeatures::Zero,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Pre-train and fine-tune a model (both stages for msm4sr), then evaluate on the test split.
+    Train {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Best fine-tuned weights go here (pre-training to <stem>.pretrain.safetensors).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Skip pre-training (MSM4SR w/o pre-train).
+        #[arg(long)]
+        no_pretrain: bool,
+        /// One stage with the pre-training and fine-tuning losses summed (MSM4SR E2E).
+        #[arg(long)]
+        e2e: bool,
+        /// Continue an interrupted run from <stem>.last.safetensors.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Pre-train the M²SE backbone only (NIP + CMCL).
+    Pretrain {
+        #[command(flatten)]
+        run: RunArgs,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Fine-tune (from pre-trained weights with --init), then evaluate on the test split.
+    Finetune {
+        #[command(flatten)]
+        run: RunArgs,
+        #[arg(long)]
+        out: PathBuf,
+        /// Start from these weights (e.g. a `pretrain` checkpoint).
+        #[arg(long)]
+        init: Option<PathBuf>,
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Evaluate a checkpoint on the validation and test splits.
+    Evaluate {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        ckpt: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "error")]
+        missing_features: MissingArg,
+    },
+    /// Top-k recommendations for one user from their whole history.
+    Recommend {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        ckpt: PathBuf,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "error")]
+        missing_features: MissingArg,
+    },
+    /// Write a synthetic dataset with planted multimodal structure.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        users: Option<usize>,
+        #[arg(long)]
+        items: Option<usize>,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// List GPU adapters, the chosen device, its limits and features.
     Info {
         #[arg(long)]
@@ -64,6 +296,89 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
     let named = cli.adapter.is_some();
     match cli.cmd {
         Cmd::Info { json } => info(cli.device, named, json),
+        Cmd::Train { run, out, no_pretrain, e2e, resume } => {
+            let cfg = run.config()?;
+            let pre = cfg.model.model == ModelKind::Msm4sr && !no_pretrain && !e2e;
+            let plan = Plan { pretrain: pre, finetune: !e2e, e2e: e2e && cfg.model.model == ModelKind::Msm4sr };
+            let name = format!("{:?}", cfg.model.model).to_lowercase();
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{name}.safetensors", run.data.file_name().and_then(|n| n.to_str()).unwrap_or("data"))));
+            train_cmd(&run, cfg, plan, &out, None, resume, cli.device, named)
+        }
+        Cmd::Pretrain { run, out, resume } => {
+            let mut cfg = run.config()?;
+            cfg.model.model = ModelKind::Msm4sr;
+            // `pretrain --out X` writes X itself: run the stage directly.
+            let (dev, desc) = cli.device.resolve(named)?;
+            eprintln!("device: {desc}");
+            if run.print_config {
+                print!("{}", cli_run::config_toml(&cfg));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let ds = cli_run::load_dataset(&run.data, &cfg, run.missing())?;
+            eprintln!("{ds}");
+            let split = ds.split(cfg.model.max_len);
+            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(cfg.train.seed);
+            let model = msm4sr::model::Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, dev)?;
+            save_config(&out, &cfg)?;
+            let s = msm4sr::train::fit(&model, &split, &cfg, msm4sr::train::Stage::Pretrain, &ds.item_tokens, &out, resume, run.json)?;
+            if run.json {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap());
+            } else {
+                println!("pre-training: best epoch {} of {}, valid (modality scores) {}", s.best_epoch, s.epochs, s.valid);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Finetune { run, out, init, resume } => {
+            let cfg = run.config()?;
+            let plan = Plan { pretrain: false, finetune: true, e2e: false };
+            train_cmd(&run, cfg, plan, &out, init.as_deref(), resume, cli.device, named)
+        }
+        Cmd::Evaluate { data, ckpt, json, missing_features } => {
+            let (dev, desc) = cli.device.resolve(named)?;
+            eprintln!("device: {desc}");
+            let cfg = checkpoint_config(&ckpt)?;
+            let ds = cli_run::load_dataset(&data, &cfg, missing_of(missing_features))?;
+            let (model, cfg) = cli_run::model_from_checkpoint(&ds, &ckpt, dev)?;
+            let split = ds.split(cfg.model.max_len);
+            let start = std::time::Instant::now();
+            let valid = msm4sr::train::evaluate(&model, &split.valid, &cfg.train, true)?;
+            let test = msm4sr::train::evaluate(&model, &split.test, &cfg.train, true)?;
+            let r = cli_run::RunResult { model: cli_run::model_name(&cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64() };
+            print_result(&r, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Recommend { data, ckpt, user, k, json, missing_features } => {
+            let (dev, _) = cli.device.resolve(named)?;
+            let cfg = checkpoint_config(&ckpt)?;
+            let ds = cli_run::load_dataset(&data, &cfg, missing_of(missing_features))?;
+            let (model, _) = cli_run::model_from_checkpoint(&ds, &ckpt, dev)?;
+            let recs = cli_run::recommend(&model, &ds, &user, k)?;
+            if json {
+                let v: Vec<_> = recs.iter().map(|(i, s, seen)| serde_json::json!({"item": i, "score": s, "in_history": seen})).collect();
+                println!("{}", serde_json::to_string_pretty(&v).unwrap());
+            } else {
+                println!("{:>4}  {:<20} {:>10}  in history", "rank", "item", "score");
+                for (r, (i, s, seen)) in recs.iter().enumerate() {
+                    println!("{:>4}  {:<20} {:>10.4}  {}", r + 1, i, s, if *seen { "yes" } else { "" });
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Synth { out, users, items, seed } => {
+            let mut c = synth::SynthConfig::default();
+            if let Some(u) = users {
+                c.users = u;
+            }
+            if let Some(i) = items {
+                c.items = i;
+            }
+            if let Some(s) = seed {
+                c.seed = s;
+            }
+            synth::write(&out, &c)?;
+            println!("wrote a synthetic dataset ({} users, {} items, seed {}) to {}", c.users, c.items, c.seed, out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Gradcheck { json, op } => {
             // Verifying kernels is the point here: any adapter (software included) counts unless --device cpu.
             let use_gpu = match cli.device {
@@ -177,5 +492,52 @@ fn info(choice: DeviceChoice, named: bool, json: bool) -> msm4sr::Result<ExitCod
         println!("  min_subgroup_size / max              {} / {}", g.adapter.subgroup_min_size, g.adapter.subgroup_max_size);
         println!("features: {:?}", g.features);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn missing_of(m: MissingArg) -> MissingFeatures {
+    match m {
+        MissingArg::Error => MissingFeatures::Error,
+        MissingArg::Zero => MissingFeatures::Zero,
+    }
+}
+
+fn checkpoint_config(ckpt: &std::path::Path) -> msm4sr::Result<RunConfig> {
+    let ck = msm4sr::checkpoint::load(ckpt)?;
+    let c = ck.meta.get("config").ok_or_else(|| msm4sr::Error::Invalid(format!("{} has no config metadata", ckpt.display())))?;
+    serde_json::from_str(c).map_err(|e| msm4sr::Error::Invalid(format!("{}: {e}", ckpt.display())))
+}
+
+/// Save the effective config beside the checkpoint (`<stem>.config.toml`).
+fn save_config(out: &std::path::Path, cfg: &RunConfig) -> msm4sr::Result<()> {
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    msm4sr::checkpoint::write_atomic(&out.with_file_name(format!("{stem}.config.toml")), cli_run::config_toml(cfg).as_bytes())
+}
+
+fn print_result(r: &cli_run::RunResult, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).unwrap());
+    } else {
+        println!("{}", metrics::table(&[("valid", &r.valid), ("test", &r.test)]));
+        println!("model {}, {} epochs, {:.1} s", r.model, r.epochs, r.seconds);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_cmd(run: &RunArgs, cfg: RunConfig, plan: Plan, out: &std::path::Path, init: Option<&std::path::Path>, resume: bool, choice: DeviceChoice, named: bool) -> msm4sr::Result<ExitCode> {
+    if run.print_config {
+        print!("{}", cli_run::config_toml(&cfg));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (dev, desc) = choice.resolve(named)?;
+    let ds = cli_run::load_dataset(&run.data, &cfg, run.missing())?;
+    if !run.json {
+        eprintln!("device: {desc}");
+        eprintln!("{ds}");
+        eprintln!("effective configuration:\n{}", cli_run::config_toml(&cfg));
+    }
+    save_config(out, &cfg)?;
+    let r = cli_run::run_training(&ds, &cfg, plan, out, init, resume, dev, run.json)?;
+    print_result(&r, run.json);
     Ok(ExitCode::SUCCESS)
 }
