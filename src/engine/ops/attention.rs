@@ -8,8 +8,9 @@
 //!   Backward: dP' = dO V^T, dP = keep * dP' / (1-p), dS = P * (dP - sum_j dP * P),
 //!   dq = dS K / sqrt(dh), dk = dS^T Q / sqrt(dh), dv = P'^T dO.
 //!
-//! The additive mask is evaluated exactly: exp(-10000 + ...) is 0 in f32 and f64, so a row attends
-//! over its valid keys j < min(i + 1, lens[b]) only. A row with no valid key (lens[b] = 0) has the
+//! The additive mask is evaluated exactly: a masked key's weight exp(s - 10000 - max) underflows to 0
+//! in f32 and f64 (for scores less than ~9000 apart), so a row attends over its valid keys
+//! j < min(i + 1, lens[b]) only. A row with no valid key (lens[b] = 0) has the
 //! constant -10000 on every key, which cancels in the softmax: it attends over all L keys with the
 //! plain scores. (Adding -10000 in f32 would round those scores to ~1e-3; this avoids that noise.)
 //!
