@@ -178,11 +178,8 @@ impl Model {
         let mut emb = Tensor::randn(&[n_items + 1, h], 0.02, rng, dev)?.to_vec()?;
         emb[..h].iter_mut().for_each(|x| *x = 0.0);
         let item_emb = Some(Tensor::from_vec(emb, &[n_items + 1, h], dev)?.param());
-        let enc = |m: Option<&Modality>, rng: &mut dyn rand::RngCore| -> Result<Option<ItemEncoder>> {
-            m.map(|m| ItemEncoder::new(m.dim, h, cfg.experts, cfg.moe_dropout, rng, dev)).transpose()
-        };
-        let enc_t = enc(text, rng)?;
-        let enc_v = enc(image, rng)?;
+        let enc_t = text.map(|m| ItemEncoder::new(m.dim, h, cfg.experts, cfg.moe_dropout, rng, dev)).transpose()?;
+        let enc_v = image.map(|m| ItemEncoder::new(m.dim, h, cfg.experts, cfg.moe_dropout, rng, dev)).transpose()?;
         let pre = cfg.model == ModelKind::Msm4sr && cfg.proj_heads;
         Ok(Model {
             n_items,

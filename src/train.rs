@@ -308,9 +308,8 @@ fn step_loss(
     seeds: &mut Seeds,
 ) -> Result<Tensor> {
     let samples: Vec<&Sample> = idx.iter().map(|&i| &split.train[i]).collect();
-    let finetune = || model.finetune_loss(&make_batch(&samples), seeds);
     match stage {
-        Stage::Finetune => finetune(),
+        Stage::Finetune => model.finetune_loss(&make_batch(&samples), seeds),
         Stage::Pretrain | Stage::E2e => {
             // Sequence random dropout with a per-batch ratio r ~ U(0, rho), then a mixup ratio p ~ U(0, 0.5).
             let r = rng.random::<f64>() * cfg.model.item_drop as f64;
