@@ -39,4 +39,4 @@ macro_rules! op_tests {
     };
 }
 
-op_tests!(add, mul, gelu, dropout, sum);
+op_tests!(add, mul, gelu, dropout, sum, matmul, l2norm, concat);

@@ -2,6 +2,7 @@
 //! kernels' tile sizes, length-1 sequences, fully padded rows and a batch of 1.
 
 mod elementwise;
+mod matmul;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -12,6 +13,7 @@ pub fn all_cases() -> Vec<Case> {
     let mut rng = ChaCha8Rng::seed_from_u64(2024);
     let mut v = Vec::new();
     v.extend(elementwise::cases(&mut rng));
+    v.extend(matmul::cases(&mut rng));
     v
 }
 
