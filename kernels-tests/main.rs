@@ -56,7 +56,10 @@ op_tests!(
     embedding,
     gather_last,
     cross_entropy,
-    info_nce
+    info_nce,
+    matmul,
+    l2norm,
+    concat
 );
 
 #[test]

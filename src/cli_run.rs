@@ -64,7 +64,16 @@ pub struct Plan {
 /// Train per `plan`, checkpoint at `out` (pre-training at `<out stem>.pretrain.safetensors`), and
 /// evaluate the best fine-tuned weights on valid and test.
 #[allow(clippy::too_many_arguments)]
-pub fn run_training(ds: &Dataset, cfg: &RunConfig, plan: Plan, out: &Path, init: Option<&Path>, resume: bool, dev: Device, quiet: bool) -> Result<RunResult> {
+pub fn run_training(
+    ds: &Dataset,
+    cfg: &RunConfig,
+    plan: Plan,
+    out: &Path,
+    init: Option<&Path>,
+    resume: bool,
+    dev: Device,
+    quiet: bool,
+) -> Result<RunResult> {
     let split = ds.split(cfg.model.max_len);
     if split.train.is_empty() || split.valid.is_empty() || split.test.is_empty() {
         return Err(Error::Invalid(format!(
@@ -91,7 +100,13 @@ pub fn run_training(ds: &Dataset, cfg: &RunConfig, plan: Plan, out: &Path, init:
         let s = train::fit(&model, &split, cfg, Stage::Pretrain, &ds.item_tokens, &pre_out, resume, quiet)?;
         epochs += s.epochs;
         if !quiet {
-            eprintln!("pre-training: best epoch {} of {}, valid recall@20 {:.4} (modality scores only), weights in {}", s.best_epoch, s.epochs, s.valid.recall20, pre_out.display());
+            eprintln!(
+                "pre-training: best epoch {} of {}, valid recall@20 {:.4} (modality scores only), weights in {}",
+                s.best_epoch,
+                s.epochs,
+                s.valid.recall20,
+                pre_out.display()
+            );
         }
     }
     let stage = if plan.e2e { Stage::E2e } else { Stage::Finetune };
@@ -130,7 +145,11 @@ pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<(
 
 /// Top-k items for one user given their whole history; returns (item token, score, already seen).
 pub fn recommend(model: &Model, ds: &Dataset, user: &str, k: usize) -> Result<Vec<(String, f32, bool)>> {
-    let u = ds.user_tokens.iter().position(|t| t == user).ok_or_else(|| Error::Invalid(format!("unknown user '{user}' (not in the dataset after filtering)")))?;
+    let u = ds
+        .user_tokens
+        .iter()
+        .position(|t| t == user)
+        .ok_or_else(|| Error::Invalid(format!("unknown user '{user}' (not in the dataset after filtering)")))?;
     let hist = &ds.seqs[u];
     let l = model.cfg.max_len;
     let seq = hist[hist.len().saturating_sub(l)..].to_vec();

@@ -10,7 +10,7 @@ use msm4sr::data::MissingFeatures;
 use msm4sr::engine::gpu::{self, list_adapters};
 use msm4sr::engine::{Device, DeviceChoice};
 use msm4sr::metrics;
-use msm4sr::model::{Mod, ModelKind, Modalities, Score};
+use msm4sr::model::{Mod, Modalities, ModelKind, Score};
 use msm4sr::train::RunConfig;
 use msm4sr::{bench, gradcheck, synth};
 
@@ -301,7 +301,9 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             let pre = cfg.model.model == ModelKind::Msm4sr && !no_pretrain && !e2e;
             let plan = Plan { pretrain: pre, finetune: !e2e, e2e: e2e && cfg.model.model == ModelKind::Msm4sr };
             let name = format!("{:?}", cfg.model.model).to_lowercase();
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{name}.safetensors", run.data.file_name().and_then(|n| n.to_str()).unwrap_or("data"))));
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(format!("runs/{}-{name}.safetensors", run.data.file_name().and_then(|n| n.to_str()).unwrap_or("data")))
+            });
             train_cmd(&run, cfg, plan, &out, None, resume, cli.device, named)
         }
         Cmd::Pretrain { run, out, resume } => {
@@ -524,7 +526,16 @@ fn print_result(r: &cli_run::RunResult, json: bool) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn train_cmd(run: &RunArgs, cfg: RunConfig, plan: Plan, out: &std::path::Path, init: Option<&std::path::Path>, resume: bool, choice: DeviceChoice, named: bool) -> msm4sr::Result<ExitCode> {
+fn train_cmd(
+    run: &RunArgs,
+    cfg: RunConfig,
+    plan: Plan,
+    out: &std::path::Path,
+    init: Option<&std::path::Path>,
+    resume: bool,
+    choice: DeviceChoice,
+    named: bool,
+) -> msm4sr::Result<ExitCode> {
     if run.print_config {
         print!("{}", cli_run::config_toml(&cfg));
         return Ok(ExitCode::SUCCESS);

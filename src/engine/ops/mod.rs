@@ -2,20 +2,26 @@
 //! `shaders/`), a plain-Rust reference generic over f32/f64, and the shapes in its doc comment.
 
 pub mod attention;
+pub mod concat;
 pub mod elementwise;
 pub mod embedding;
 pub mod layernorm;
 pub mod loss;
+pub mod matmul;
+pub mod norm;
 pub mod pool;
 pub mod rank;
 pub mod reduce;
 pub mod softmax;
 
 pub use attention::attention;
+pub use concat::concat;
 pub use elementwise::{add, add_scaled, broadcast_to, dropout, gelu, mul, scale, sub};
 pub use embedding::{embedding, gather_last};
 pub use layernorm::layernorm;
 pub use loss::{cross_entropy, info_nce};
+pub use matmul::{linear, matmul};
+pub use norm::l2norm;
 pub use pool::{attention_pool, moe};
 pub use rank::rank_of_targets;
 pub use reduce::{mean, sum, sum_rows};

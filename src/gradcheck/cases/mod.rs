@@ -3,6 +3,7 @@
 
 mod elementwise;
 mod encoder;
+mod matmul;
 mod optim;
 mod transformer;
 
@@ -17,6 +18,7 @@ pub fn all_cases() -> Vec<Case> {
     v.extend(elementwise::cases(&mut rng));
     v.extend(encoder::cases(&mut rng));
     v.extend(transformer::cases(&mut rng));
+    v.extend(matmul::cases(&mut rng));
     v
 }
 

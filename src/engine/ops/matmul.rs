@@ -1,0 +1,245 @@
+//! Matrix products. `op(x)` is the stored matrix, or its transpose when the flag is set.
+//!
+//! - `matmul(a, b, ta, tb)`: op(a) (M, K) or (Bt, M, K), op(b) (K, N) or (Bt, K, N) -> (M, N) or
+//!   (Bt, M, N); a is stored (M, K) / (Bt, M, K), or (K, M) / (Bt, K, M) when ta; b is stored (K, N),
+//!   or (N, K) when tb. A 2-D operand is broadcast over the batch of a 3-D one.
+//!   d op(a) = g . op(b)^T, d op(b) = op(a)^T . g, each written in the operand's stored layout by
+//!   the same kernel with other flags; a broadcast operand's gradient is summed over the batch.
+//! - `linear(x, w, bias)`: x (.., K), w (K, N), bias (N) -> (.., N) = x . w + bias, the bias fused
+//!   into the product;  dx = g . w^T, dw = x^T . g, dbias = sum_rows(g)
+//!
+//! A weight gradient such as x^T . g over 51200 rows has a tiny output and a long K: the GPU path
+//! splits K over more workgroups (split-K) and sums the partial products with `sum_rows`.
+
+use super::reduce::{sum_rows, sum_rows_gpu};
+use super::wgsl;
+use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
+use crate::engine::tensor::{Real, Storage};
+use crate::engine::{same_device, Tensor};
+use crate::{on_device, shape_err, Result};
+
+static MATMUL: Kernel = Kernel { name: "matmul", source: wgsl!("matmul.wgsl"), entry: "matmul", bindings: &[Read, Read, Read, ReadWrite] };
+/// Output tile edge and K-slice depth of the kernel.
+const TILE: usize = 64;
+const BK: usize = 16;
+/// Split-K: aim for this many workgroups, with at least `SPLIT_CHUNK` of K per split.
+const TARGET_WGS: usize = 256;
+const SPLIT_CHUNK: usize = 256;
+
+/// One (batched) product: for z < nout, C[z] (m, n) = sum_{s < nsum} op(A[i]) . op(B[i]) (+ bias),
+/// i = z * nsum + s, where matrix i of A starts at i * a_bs (0 broadcasts a 2-D operand), likewise B.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ta: bool,
+    pub tb: bool,
+    pub a_bs: usize,
+    pub b_bs: usize,
+    pub nout: usize,
+    pub nsum: usize,
+}
+
+impl Gemm {
+    /// Plan op(a) . op(b) for stored shapes `sa`, `sb`; returns the product and the output shape.
+    fn plan(op: &'static str, sa: &[usize], sb: &[usize], ta: bool, tb: bool) -> Result<(Gemm, Vec<usize>)> {
+        let what = || format!("a {sa:?} (ta={ta}) . b {sb:?} (tb={tb})");
+        if !(2..=3).contains(&sa.len()) || !(2..=3).contains(&sb.len()) {
+            return shape_err(op, format!("{}: operands must be 2-D or 3-D", what()));
+        }
+        let (ra, ca) = (sa[sa.len() - 2], sa[sa.len() - 1]);
+        let (rb, cb) = (sb[sb.len() - 2], sb[sb.len() - 1]);
+        let (m, k) = if ta { (ca, ra) } else { (ra, ca) };
+        let (kb, n) = if tb { (cb, rb) } else { (rb, cb) };
+        if k != kb {
+            return shape_err(op, format!("{}: inner dimensions differ ({k} vs {kb})", what()));
+        }
+        let batch = match (sa.len(), sb.len()) {
+            (3, 3) if sa[0] != sb[0] => return shape_err(op, format!("{}: batch sizes differ ({} vs {})", what(), sa[0], sb[0])),
+            (3, _) => Some(sa[0]),
+            (_, 3) => Some(sb[0]),
+            _ => None,
+        };
+        let a_bs = if sa.len() == 3 { m * k } else { 0 };
+        let b_bs = if sb.len() == 3 { k * n } else { 0 };
+        let shape = match batch {
+            Some(bt) => vec![bt, m, n],
+            None => vec![m, n],
+        };
+        Ok((Gemm { m, n, k, ta, tb, a_bs, b_bs, nout: batch.unwrap_or(1), nsum: 1 }, shape))
+    }
+
+    /// The same products summed over the batch into one (m, n) matrix.
+    fn summed(self) -> Gemm {
+        Gemm { nout: 1, nsum: self.nout * self.nsum, ..self }
+    }
+}
+
+// ---- CPU reference --------------------------------------------------------------------------
+
+/// The product described by `p` with strided GEMMs (a transpose is just a swap of strides).
+pub fn gemm_cpu<T: Real>(a: &[T], b: &[T], bias: Option<&[T]>, p: &Gemm) -> Vec<T> {
+    let (m, n, k) = (p.m, p.n, p.k);
+    let mut c = vec![T::zero(); p.nout * m * n];
+    if m * n == 0 {
+        return c;
+    }
+    let (rsa, csa) = if p.ta { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if p.tb { (1, k as isize) } else { (n as isize, 1) };
+    for (z, cz) in c.chunks_mut(m * n).enumerate() {
+        if let Some(bias) = bias {
+            cz.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
+        }
+        for s in 0..p.nsum {
+            let i = z * p.nsum + s;
+            let beta = if bias.is_some() || s > 0 { T::one() } else { T::zero() };
+            T::gemm(m, k, n, &a[i * p.a_bs..], rsa, csa, &b[i * p.b_bs..], rsb, csb, beta, cz, n as isize);
+        }
+    }
+    c
+}
+
+// ---- GPU ------------------------------------------------------------------------------------
+
+/// K range per split: all of K, unless the output grid is too small to fill the GPU and K is long.
+fn k_chunk(p: &Gemm) -> usize {
+    let wgs = p.m.div_ceil(TILE) * p.n.div_ceil(TILE) * p.nout;
+    if p.nout > 1 || p.k < 2 * SPLIT_CHUNK || wgs >= TARGET_WGS {
+        return p.k;
+    }
+    let nsplit = (p.k / SPLIT_CHUNK).min(TARGET_WGS / wgs);
+    p.k.div_ceil(nsplit).next_multiple_of(BK)
+}
+
+fn gemm_gpu(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm) -> Result<GpuBuf> {
+    let g = gpu()?;
+    let kc = k_chunk(p);
+    let nsplit = if kc < p.k { p.k.div_ceil(kc) } else { 1 };
+    let out = g.alloc(4 * (nsplit * p.nout * p.m * p.n) as u64)?;
+    let dummy;
+    let bias_buf = match bias {
+        Some(b) => b,
+        None => {
+            dummy = g.alloc(4)?;
+            &dummy
+        }
+    };
+    let params = [p.m, p.n, p.k, p.ta as usize, p.tb as usize, p.a_bs, p.b_bs, p.nsum, nsplit, kc, bias.is_some() as usize];
+    let groups = [p.n.div_ceil(TILE) as u32, p.m.div_ceil(TILE) as u32, (p.nout * nsplit) as u32];
+    g.dispatch(&MATMUL, &[a, b, bias_buf, &out], &params.map(|v| v as u32), groups)?;
+    if nsplit > 1 {
+        return sum_rows_gpu(&out, nsplit, p.m * p.n);
+    }
+    Ok(out)
+}
+
+/// The product on the operands' device.
+fn run(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, p: &Gemm) -> Result<Storage> {
+    Ok(on_device!(a.device(), T => {
+        let bias = bias.map(|t| t.host::<T>()).transpose()?;
+        T::wrap(gemm_cpu::<T>(&a.host::<T>()?, &b.host::<T>()?, bias.as_deref(), p))
+    }, {
+        let bias = bias.map(|t| t.gbuf()).transpose()?;
+        Storage::Gpu(gemm_gpu(&*a.gbuf()?, &*b.gbuf()?, bias.as_deref(), p)?)
+    }))
+}
+
+/// op(x) . op(y) for gradients: `sum` adds up the batch into one matrix (a broadcast operand's
+/// gradient). Shapes were checked by the forward pass.
+fn grad_product(x: &Tensor, y: &Tensor, tx: bool, ty: bool, sum: bool) -> Result<Tensor> {
+    let (p, shape) = Gemm::plan("matmul", x.shape(), y.shape(), tx, ty)?;
+    if sum {
+        Ok(Tensor::from_storage(run(x, y, None, &p.summed())?, shape[1..].to_vec()))
+    } else {
+        Ok(Tensor::from_storage(run(x, y, None, &p)?, shape))
+    }
+}
+
+/// op(a) . op(b) (+ bias on every row), recorded on the tape.
+fn product(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (p, shape) = Gemm::plan("matmul", a.shape(), b.shape(), ta, tb)?;
+    let mut inputs = vec![a, b];
+    inputs.extend(bias);
+    same_device("matmul", &inputs)?;
+    let st = run(a, b, bias, &p)?;
+    let (ac, bc) = (a.detach(), b.detach());
+    let (need_a, need_b) = (a.requires_grad(), b.requires_grad());
+    // A 2-D operand multiplied with a 3-D one was broadcast: its gradient sums over the batch.
+    let (sum_a, sum_b) = (a.rank() == 2 && shape.len() == 3, b.rank() == 2 && shape.len() == 3);
+    let (n, need_bias) = (p.n, bias.map(|b| b.requires_grad()));
+    Ok(Tensor::from_op("matmul", st, shape, &inputs, move |g| {
+        let da = match (need_a, ta) {
+            (false, _) => None,
+            (true, false) => Some(grad_product(g, &bc, false, !tb, sum_a)?),
+            (true, true) => Some(grad_product(&bc, g, tb, true, sum_a)?),
+        };
+        let db = match (need_b, tb) {
+            (false, _) => None,
+            (true, false) => Some(grad_product(&ac, g, !ta, false, sum_b)?),
+            (true, true) => Some(grad_product(g, &ac, true, ta, sum_b)?),
+        };
+        let mut grads = vec![da, db];
+        match need_bias {
+            Some(true) => grads.push(Some(sum_rows(&g.reshape(&[g.numel() / n.max(1), n])?)?)),
+            Some(false) => grads.push(None),
+            None => {}
+        }
+        Ok(grads)
+    }))
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+/// op(a) . op(b): see the module docs for shapes and flags.
+pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+    Gemm::plan("matmul", a.shape(), b.shape(), ta, tb)?;
+    if a.rank() == 3 && b.rank() == 2 && !ta {
+        // (Bt, M, K) . (K, N) is one (Bt * M, K) . (K, N) product (and so is its weight gradient).
+        let (bt, m) = (a.shape()[0], a.shape()[1]);
+        let y = product(&a.reshape(&[bt * m, a.shape()[2]])?, b, false, tb, None)?;
+        let n = y.shape()[1];
+        return y.reshape(&[bt, m, n]);
+    }
+    product(a, b, ta, tb, None)
+}
+
+/// x (.., K) . w (K, N) + bias (N) -> (.., N), the bias added inside the product kernel.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let what = || format!("x {:?} . w {:?} + bias {:?}", x.shape(), w.shape(), bias.map(|b| b.shape()));
+    if x.rank() == 0 || w.rank() != 2 || x.last_dim() != w.shape()[0] {
+        return shape_err("linear", format!("{}: needs x (.., K) and w (K, N)", what()));
+    }
+    let (k, n) = (w.shape()[0], w.shape()[1]);
+    if bias.is_some_and(|b| b.shape() != [n]) {
+        return shape_err("linear", format!("{}: bias must have shape [{n}]", what()));
+    }
+    let rows = x.shape()[..x.rank() - 1].iter().product();
+    let y = product(&x.reshape(&[rows, k])?, w, false, false, bias)?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    y.reshape(&shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Device;
+
+    fn t(shape: &[usize]) -> Tensor {
+        Tensor::zeros(shape, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn shape_errors_name_shapes_and_flags() {
+        let e = matmul(&t(&[3, 4]), &t(&[5, 2]), false, false).unwrap_err().to_string();
+        assert!(e.contains("[3, 4] (ta=false)") && e.contains("[5, 2] (tb=false)") && e.contains("4 vs 5"), "{e}");
+        let e = matmul(&t(&[2, 3, 4]), &t(&[3, 4, 2]), false, false).unwrap_err().to_string();
+        assert!(e.contains("batch sizes differ (2 vs 3)"), "{e}");
+        let e = matmul(&t(&[4]), &t(&[4, 2]), false, false).unwrap_err().to_string();
+        assert!(e.contains("2-D or 3-D"), "{e}");
+        let e = linear(&t(&[2, 4]), &t(&[4, 3]), Some(&t(&[4]))).unwrap_err().to_string();
+        assert!(e.contains("bias must have shape [3]"), "{e}");
+        assert_eq!(matmul(&t(&[4, 3]), &t(&[2, 5, 4]), true, true).unwrap().shape(), [2, 3, 5]);
+    }
+}

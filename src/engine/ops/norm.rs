@@ -1,0 +1,80 @@
+//! L2 normalisation of rows (torch.nn.functional.normalize over the last axis).
+//!
+//! - `l2norm(x, eps)`: x (.., C) -> y (.., C) = x / max(||x||_2, eps) per row;
+//!   dx = (g - y * dot(y, g)) / ||x|| where ||x|| > eps, else g / eps
+
+use super::{fbits, wgsl};
+use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
+use crate::engine::tensor::{Real, Storage};
+use crate::engine::Tensor;
+use crate::{on_device, shape_err, Error, Result};
+
+const SRC: &str = wgsl!("norm.wgsl");
+static L2NORM_FWD: Kernel = Kernel { name: "norm", source: SRC, entry: "l2norm_fwd", bindings: &[Read, ReadWrite] };
+static L2NORM_BWD: Kernel = Kernel { name: "norm", source: SRC, entry: "l2norm_bwd", bindings: &[Read, Read, ReadWrite] };
+
+// ---- CPU references -------------------------------------------------------------------------
+
+pub fn l2norm_cpu<T: Real>(x: &[T], cols: usize, eps: T) -> Vec<T> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks(cols) {
+        let nrm = row.iter().map(|&v| v * v).sum::<T>().sqrt().max(eps);
+        y.extend(row.iter().map(|&v| v / nrm));
+    }
+    y
+}
+
+pub fn l2norm_bwd_cpu<T: Real>(x: &[T], g: &[T], cols: usize, eps: T) -> Vec<T> {
+    let mut dx = Vec::with_capacity(x.len());
+    for (xr, gr) in x.chunks(cols).zip(g.chunks(cols)) {
+        let ss = xr.iter().map(|&v| v * v).sum::<T>();
+        let nrm = ss.sqrt();
+        if nrm > eps {
+            // y * dot(y, g) = x * dot(x, g) / ||x||^2
+            let k = xr.iter().zip(gr).map(|(&v, &gi)| v * gi).sum::<T>() / ss;
+            dx.extend(xr.iter().zip(gr).map(|(&v, &gi)| (gi - v * k) / nrm));
+        } else {
+            dx.extend(gr.iter().map(|&gi| gi / eps));
+        }
+    }
+    dx
+}
+
+// ---- GPU ------------------------------------------------------------------------------------
+
+/// One 64-invocation workgroup per row, row ids folded into 2-D.
+fn row_groups(rows: usize) -> [u32; 3] {
+    let x = rows.clamp(1, 65535);
+    [x as u32, rows.div_ceil(x) as u32, 1]
+}
+
+fn l2norm_gpu(k: &Kernel, bufs: &[&GpuBuf], rows: usize, cols: usize, eps: f32) -> Result<Storage> {
+    let g = gpu()?;
+    let out = g.alloc(4 * (rows * cols) as u64)?;
+    let mut all = bufs.to_vec();
+    all.push(&out);
+    g.dispatch(k, &all, &[rows as u32, cols as u32, fbits(eps)], row_groups(rows))?;
+    Ok(Storage::Gpu(out))
+}
+
+// ---- op -------------------------------------------------------------------------------------
+
+/// x / max(||x||_2, eps) over the last axis (the model uses eps = 1e-12).
+pub fn l2norm(x: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.rank() == 0 || x.last_dim() == 0 {
+        return shape_err("l2norm", format!("needs a non-empty last axis, got {:?}", x.shape()));
+    }
+    if !(eps > 0.0 && eps.is_finite()) {
+        return Err(Error::Invalid(format!("l2norm: eps must be positive and finite, got {eps}")));
+    }
+    let cols = x.last_dim();
+    let rows = x.numel() / cols;
+    let st = on_device!(x.device(), T => T::wrap(l2norm_cpu::<T>(&x.host::<T>()?, cols, T::c(eps as f64))),
+        l2norm_gpu(&L2NORM_FWD, &[&*x.gbuf()?], rows, cols, eps)?);
+    let xc = x.detach();
+    Ok(Tensor::from_op("l2norm", st, x.shape().to_vec(), &[x], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(l2norm_bwd_cpu::<T>(&xc.host::<T>()?, &g.host::<T>()?, cols, T::c(eps as f64))),
+            l2norm_gpu(&L2NORM_BWD, &[&*xc.gbuf()?, &*g.gbuf()?], rows, cols, eps)?);
+        Ok(vec![Some(Tensor::from_storage(st, g.shape().to_vec()))])
+    }))
+}
