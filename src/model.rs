@@ -304,14 +304,33 @@ impl Model {
         cross_entropy(&s, &Indices::new(batch.targets.iter().map(|&t| t - 1).collect()))
     }
 
+    /// Single-modality pre-training (paper IV-D): no mixup and no cross-modal CMCL; the NIP loss of
+    /// the one modality with one view (`m = head(h)`, or `h` itself without heads).
+    fn pretrain_loss_single(&self, batch: &Batch, uniq: &[u32], local: &HashMap<u32, u32>, seeds: &mut Seeds) -> Result<Tensor> {
+        let (_, enc, feats) = self.encoders()[0];
+        let head = self.head_t.as_ref().or(self.head_v.as_ref());
+        if !self.cfg.nip {
+            return Err(Error::Invalid("single-modality pre-training has only the NIP loss; --no-nip leaves nothing".into()));
+        }
+        let (x, lens) = feats.gather(uniq)?;
+        let z = enc.forward(&x, &lens, true, seeds)?;
+        let ids: Vec<u32> = batch.ids.iter().map(|i| local[i]).collect();
+        let m = embedding(&z, &Indices::new(ids), &[batch.b, batch.l])?;
+        let h = self.encode_seqs(&m, &Indices::new(batch.lens.clone()), true, seeds)?;
+        let h = match head {
+            Some(w) => w.forward(&h)?,
+            None => h,
+        };
+        let z_tgt = embedding(&z, &Indices::new(batch.targets.iter().map(|t| local[t]).collect()), &[batch.b])?;
+        crate::nn::nip_single(&h, &z_tgt, &Indices::new(batch.targets.clone()), self.cfg.tau)
+    }
+
     /// Pre-training loss (eq. 11) of a batch whose sequences already went through item dropout.
     /// `p_mix` is the batch's mixup ratio; `rng` draws the swaps.
     pub fn pretrain_loss(&self, batch: &Batch, p_mix: f64, rng: &mut impl Rng, seeds: &mut Seeds) -> Result<Tensor> {
-        let (enc_t, text) = (self.enc_t.as_ref(), self.text.as_ref());
-        let (enc_v, image) = (self.enc_v.as_ref(), self.image.as_ref());
-        let (Some(enc_t), Some(text), Some(enc_v), Some(image)) = (enc_t, text, enc_v, image) else {
-            return Err(Error::Invalid("pre-training needs both modalities (text and image features)".into()));
-        };
+        if self.encoders().is_empty() {
+            return Err(Error::Invalid("pre-training needs item features (text and/or image)".into()));
+        }
         // Distinct items of the batch (sequences + targets), padding included so row 0 exists.
         let mut local: HashMap<u32, u32> = HashMap::new();
         let mut uniq: Vec<u32> = Vec::new();
@@ -321,6 +340,9 @@ impl Model {
                 uniq.len() as u32 - 1
             });
         }
+        let (Some(enc_t), Some(text), Some(enc_v), Some(image)) = (&self.enc_t, &self.text, &self.enc_v, &self.image) else {
+            return self.pretrain_loss_single(batch, &uniq, &local, seeds);
+        };
         let u = uniq.len() as u32;
         let (xt, lt) = text.gather(&uniq)?;
         let (xv, lv) = image.gather(&uniq)?;

@@ -93,6 +93,8 @@ pub struct StageSummary {
     pub epochs: usize,
     pub seconds: f64,
     pub valid: Metrics,
+    /// Mean training loss of each epoch run in this call.
+    pub losses: Vec<f64>,
 }
 
 /// Rank every sample's target among all real items; returns one 0-based rank per sample.
@@ -214,6 +216,7 @@ pub fn fit(
         eprintln!("no resume state at {}; starting from scratch", last.display());
     }
     let start = Instant::now();
+    let mut losses = Vec::new();
     let mut epoch = start_epoch;
     while epoch < epochs && (bad_epochs < patience || best < 0.0) {
         let mut rng = ChaCha8Rng::seed_from_u64(tc.seed ^ (stage_tag(stage) << 56) ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
@@ -240,6 +243,7 @@ pub fn fit(
             bar.set_message(format!("loss {:.4}", loss_sum / steps as f64));
         }
         bar.finish_and_clear();
+        losses.push(loss_sum / steps.max(1) as f64);
         let train_secs = t0.elapsed().as_secs_f64();
         let valid = evaluate(model, &split.valid, tc, with_id)?;
         let r20 = valid.recall20;
@@ -294,6 +298,7 @@ pub fn fit(
         epochs: epoch,
         seconds: start.elapsed().as_secs_f64(),
         valid: best_valid.unwrap_or_else(|| Metrics::from_ranks(&[])),
+        losses,
     })
 }
 
