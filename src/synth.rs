@@ -30,6 +30,7 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::write_atomic;
 use crate::data::{Interaction, Modality};
 use crate::{Error, Result};
 
@@ -75,15 +76,15 @@ pub struct SynthConfig {
 impl Default for SynthConfig {
     fn default() -> Self {
         SynthConfig {
-            users: 1000,
-            items: 800,
+            users: 600,
+            items: 500,
             topics: 16,
             sentences: 4,
             images: 3,
             dim: 32,
             latent: 16,
-            min_len: 8,
-            max_len: 30,
+            min_len: 6,
+            max_len: 20,
             zipf: 1.1,
             stay: 0.5,
             noise: 0.1,
@@ -318,25 +319,6 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
         text,
         image,
     })
-}
-
-/// Write `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let io = |p: &Path, e: std::io::Error| Error::Io { path: p.display().to_string(), source: e };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| io(&tmp, e))?;
-        f.sync_all().map_err(|e| io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io(path, e))
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
 }
 
 /// The safetensors bytes of item features (`text`/`image` f32, `*_len` int32). Metadata entries
