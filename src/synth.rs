@@ -77,7 +77,7 @@ impl Default for SynthConfig {
     fn default() -> Self {
         SynthConfig {
             users: 600,
-            items: 500,
+            items: 2000,
             topics: 16,
             sentences: 4,
             images: 3,
