@@ -2,6 +2,7 @@
 //! wgpu kernel (forward and backward) against the CPU backend. The GPU checks run on whatever
 //! adapter wgpu picks (in CI: Mesa lavapipe); set MSM4SR_ADAPTER to choose one.
 
+mod bert;
 mod e2e;
 mod fixtures;
 mod pool;

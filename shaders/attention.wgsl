@@ -1,6 +1,7 @@
-// Causal multi-head attention with padding (RecBole SASRec) and attention dropout.
-// q, k, v, out: (B, L, C), C = heads * dh; P: (B, heads, L, L). Query row i of sequence b attends
-// over keys j < n = min(i + 1, lens[b]), or over all L keys when n = 0 (see attention.rs).
+// Multi-head attention with key padding and attention dropout, causal (RecBole SASRec) or
+// bidirectional (BERT). q, k, v, out: (B, L, C), C = heads * dh; P: (B, heads, L, L). Query row i
+// of sequence b attends over keys j < n = min(i + 1, lens[b]) when causal, j < n = lens[b] when
+// not, or over all L keys when n = 0 (see attention.rs).
 //   attn_fwd:      one workgroup per (b, h, i): s = q.k * scale, P = softmax(s) (saved),
 //                  P' = P * keep / (1 - p) in workgroup memory, out = P' V.
 //   attn_bwd_rows: one workgroup per (b, h, i): dP = keep * dO V^T / (1 - p),
@@ -19,6 +20,7 @@ struct P {
     p: f32,         // dropout probability
     inv_keep: f32,  // 1 / (1 - p)
     seed: u32,
+    causal: u32,    // 1: key j <= query i only
 }
 
 @group(0) @binding(0) var<uniform> prm: P;
@@ -71,7 +73,7 @@ fn wg_sum(v: f32, lid: u32) -> f32 {
 
 // Keys query i of sequence b attends to.
 fn n_valid(b: u32, i: u32) -> u32 {
-    let n = min(i + 1u, lens[b]);
+    let n = select(lens[b], min(i + 1u, lens[b]), prm.causal != 0u);
     return select(n, prm.len, n == 0u);
 }
 

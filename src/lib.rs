@@ -10,11 +10,13 @@
 //!   multimodal dataset generator; Recall/NDCG from full rankings.
 
 pub mod bench;
+pub mod bert;
 pub mod checkpoint;
 pub mod cli_run;
 pub mod data;
 pub mod demo;
 pub mod engine;
+pub mod featurize;
 pub mod gradcheck;
 pub mod metrics;
 pub mod model;

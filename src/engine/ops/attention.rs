@@ -1,18 +1,23 @@
-//! Causal multi-head self-attention with padding and attention dropout, as in RecBole's SASRec.
+//! Multi-head self-attention with key padding and attention dropout: causal as in RecBole's SASRec,
+//! or bidirectional (every valid key) as in BERT.
 //!
-//! - `attention(q, k, v, lens, heads, p, seed)`: q, k, v (B, L, C), lens (B) -> out (B, L, C),
-//!   C = heads * dh; head h uses channels [h*dh, (h+1)*dh).
-//!   s[b,h,i,j] = q_h[i] . k_h[j] / sqrt(dh) + mask, mask = 0 where j <= i and j < lens[b], else -10000;
+//! - `attention_masked(q, k, v, lens, heads, p, seed, causal)`: q, k, v (B, L, C), lens (B) ->
+//!   out (B, L, C), C = heads * dh; head h uses channels [h*dh, (h+1)*dh).
+//!   s[b,h,i,j] = q_h[i] . k_h[j] / sqrt(dh) + mask, mask = 0 where j < lens[b] (and j <= i when
+//!   `causal`), else -10000;
 //!   P = softmax_j(s); P' = dropout(P) (kept when rand01(seed, idx) >= p, scaled by 1/(1-p), idx the
 //!   flat (B, heads, L, L) index, the same mask as `dropout`); out[b,i,h*dh+c] = sum_j P'[i,j] v[b,j,h*dh+c].
 //!   Backward: dP' = dO V^T, dP = keep * dP' / (1-p), dS = P * (dP - sum_j dP * P),
 //!   dq = dS K / sqrt(dh), dk = dS^T Q / sqrt(dh), dv = P'^T dO.
+//! - `attention(q, k, v, lens, heads, p, seed)` = `attention_masked(.., causal = true)` (SASRec).
 //!
 //! The additive mask is evaluated exactly: a masked key's weight exp(s - 10000 - max) underflows to 0
 //! in f32 and f64 (for scores less than ~9000 apart), so a row attends over its valid keys
-//! j < min(i + 1, lens[b]) only. A row with no valid key (lens[b] = 0) has the
-//! constant -10000 on every key, which cancels in the softmax: it attends over all L keys with the
-//! plain scores. (Adding -10000 in f32 would round those scores to ~1e-3; this avoids that noise.)
+//! j < n only, n = min(i + 1, lens[b]) when causal, n = lens[b] when not. Padding query rows
+//! (i >= lens[b]) of a bidirectional attention attend over the valid keys, as in BERT. A row with no
+//! valid key (lens[b] = 0) has the constant -10000 on every key, which cancels in the softmax: it
+//! attends over all L keys with the plain scores. (Adding -10000 in f32 would round those scores to
+//! ~1e-3; this avoids that noise.)
 //!
 //! GPU: the forward runs one workgroup per (b, h, i) query row (scores, softmax, dropout, P'V); the
 //! backward one workgroup per query row (dS and dq) and one per key column (dk and dv). A row of P
@@ -36,8 +41,8 @@ static BWD_COLS: Kernel =
 /// Longest sequence the GPU kernels take (a row of P is held in workgroup memory).
 pub const MAX_LEN_GPU: usize = 1024;
 
-/// Problem sizes and the dropout setting: batch, sequence length, heads, channels per head,
-/// dropout probability and seed.
+/// Problem sizes, the dropout setting and the mask: batch, sequence length, heads, channels per
+/// head, dropout probability and seed, causal (SASRec) or bidirectional (BERT).
 #[derive(Clone, Copy, Debug)]
 pub struct Dims {
     pub b: usize,
@@ -46,6 +51,7 @@ pub struct Dims {
     pub dh: usize,
     pub p: f32,
     pub seed: u32,
+    pub causal: bool,
 }
 
 impl Dims {
@@ -54,7 +60,8 @@ impl Dims {
     }
     /// Keys query i of sequence `len` attends to (see the module docs).
     pub fn valid(&self, len: u32, i: usize) -> usize {
-        match (i + 1).min(len as usize) {
+        let n = if self.causal { (i + 1).min(len as usize) } else { len as usize };
+        match n {
             0 => self.l,
             n => n,
         }
@@ -69,7 +76,7 @@ impl Dims {
             T::zero()
         }
     }
-    fn params(&self) -> [u32; 8] {
+    fn params(&self) -> [u32; 9] {
         let d = self;
         [
             d.b as u32,
@@ -80,6 +87,7 @@ impl Dims {
             fbits(d.p),
             fbits((1.0 / (1.0 - d.p as f64)) as f32),
             d.seed,
+            d.causal as u32,
         ]
     }
 }
@@ -198,8 +206,24 @@ fn attention_bwd_gpu(
 
 // ---- op -------------------------------------------------------------------------------------
 
-/// SASRec multi-head attention of q, k, v (B, L, C) with `heads` heads; see the module docs.
+/// SASRec (causal) multi-head attention of q, k, v (B, L, C) with `heads` heads; see the module docs.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: &Indices, heads: usize, p_drop: f32, seed: u32) -> Result<Tensor> {
+    attention_masked(q, k, v, lens, heads, p_drop, seed, true)
+}
+
+/// Multi-head attention of q, k, v (B, L, C) with `heads` heads over the keys j < lens[b], and
+/// j <= i as well when `causal`; see the module docs.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &Indices,
+    heads: usize,
+    p_drop: f32,
+    seed: u32,
+    causal: bool,
+) -> Result<Tensor> {
     let op = "attention";
     let [b, l, c] = *q.shape() else {
         return Err(Error::Shape { op, msg: format!("q {:?} must be (B, L, C)", q.shape()) });
@@ -226,7 +250,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, lens: &Indices, heads: usiz
             msg: format!("sequence length {l} of q {:?} exceeds the GPU kernels' limit {MAX_LEN_GPU}", q.shape()),
         });
     }
-    let d = Dims { b, l, heads, dh: c / heads, p: p_drop, seed };
+    let d = Dims { b, l, heads, dh: c / heads, p: p_drop, seed, causal };
     let (out, probs) = on_device!(dev, T => {
         let (o, p) = attention_cpu::<T>(&q.host::<T>()?, &k.host::<T>()?, &v.host::<T>()?, lens.host(), d);
         (T::wrap(o), T::wrap(p))

@@ -1,5 +1,6 @@
 use rand_chacha::ChaCha8Rng;
 
+use crate::engine::ops::attention::attention_masked;
 use crate::engine::ops::{attention, layernorm, softmax};
 use crate::engine::Indices;
 use crate::gradcheck::{Case, Input};
@@ -26,6 +27,14 @@ fn attn(b: usize, l: usize, c: usize, heads: usize, lens: Vec<u32>, p: f32, rng:
     Case::new("attention", desc, inputs, move |x| attention(&x[0], &x[1], &x[2], &lens, heads, p, 77))
 }
 
+/// Bidirectional (BERT) attention: every query row attends over all valid keys.
+fn attn_bidir(b: usize, l: usize, c: usize, heads: usize, lens: Vec<u32>, p: f32, rng: &mut ChaCha8Rng) -> Case {
+    let desc = format!("({b},{l},{c}) h{heads} lens {lens:?} p{p} bidir");
+    let lens = Indices::new(lens);
+    let inputs = vec![Input::randn(&[b, l, c], rng), Input::randn(&[b, l, c], rng), Input::randn(&[b, l, c], rng)];
+    Case::new("attention", desc, inputs, move |x| attention_masked(&x[0], &x[1], &x[2], &lens, heads, p, 78, false))
+}
+
 pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
     vec![
         ln(&[3, 37], &[37], 1e-5, 0.0, rng),
@@ -44,5 +53,9 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
         attn(4, 7, 6, 2, vec![7, 3, 1, 0], 0.2, rng),
         attn(1, 5, 3, 1, vec![4], 0.2, rng),
         attn(1, 66, 2, 2, vec![61], 0.1, rng),
+        attn_bidir(1, 1, 4, 1, vec![1], 0.0, rng),
+        attn_bidir(4, 7, 6, 2, vec![7, 3, 1, 0], 0.0, rng),
+        attn_bidir(3, 9, 8, 4, vec![9, 5, 2], 0.2, rng),
+        attn_bidir(1, 66, 2, 2, vec![61], 0.1, rng),
     ]
 }
