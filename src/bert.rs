@@ -225,7 +225,7 @@ fn config_of(w: &Weights<'_>, cfg: Option<&serde_json::Value>, cfg_path: &Path) 
             }
         }
     }
-    if c.layers == 0 || c.heads == 0 || c.hidden % c.heads != 0 || c.type_vocab == 0 {
+    if c.layers == 0 || c.heads == 0 || !c.hidden.is_multiple_of(c.heads) || c.type_vocab == 0 {
         return Err(data_err(
             &w.file,
             format!("unusable sizes: {} layers, hidden {} with {} heads, {} token types", c.layers, c.hidden, c.heads, c.type_vocab),
