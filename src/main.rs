@@ -243,6 +243,30 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "error")]
         missing_features: MissingArg,
     },
+    /// Embed item texts with a BERT sentence model into NAME.features.safetensors + NAME.items.txt.
+    Featurize {
+        /// RecBole atomic NAME.item file.
+        #[arg(long)]
+        items: PathBuf,
+        /// Output dataset directory (NAME.inter is copied there when it sits beside the .item file).
+        #[arg(long)]
+        out: PathBuf,
+        /// NAME or NAME=TEMPLATE ({} {title} {list} {year}); repeatable or comma-separated; default: every field but item_id.
+        #[arg(long = "text-fields", alias = "text-field", value_name = "NAME[=TEMPLATE]", value_delimiter = ',')]
+        text_fields: Vec<String>,
+        #[arg(long, default_value_t = 10)]
+        max_sentences: usize,
+        /// One line per image: item token, TAB, space-separated keywords (e.g. from CLIP).
+        #[arg(long)]
+        image_keywords: Option<PathBuf>,
+        /// A BERT sentence model folder (model.safetensors, tokenizer.json, config.json); see tools/get_minilm.sh.
+        #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
+        model_dir: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a synthetic dataset with planted multimodal structure.
     Synth {
         #[arg(long)]
@@ -277,6 +301,14 @@ enum Cmd {
         /// Shrink the shapes 8x (for software adapters).
         #[arg(long)]
         quick: bool,
+        /// Also time Sentence-BERT inference (sentences/s) with the model in --model-dir.
+        #[arg(long)]
+        bert: bool,
+        #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
+        model_dir: PathBuf,
+        /// Sentences for the BERT benchmark.
+        #[arg(long, default_value_t = 512)]
+        sentences: usize,
     },
 }
 
@@ -366,6 +398,26 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Featurize { items, out, text_fields, max_sentences, image_keywords, model_dir, batch, json } => {
+            let (dev, desc) = cli.device.resolve(named)?;
+            eprintln!("device: {desc}");
+            let opts = msm4sr::featurize::FeaturizeOptions { items, text_fields, out, max_sentences, image_keywords, model_dir, batch };
+            let s = msm4sr::featurize::run(&opts, dev, json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap());
+            } else {
+                println!(
+                    "wrote {}: text {:?}, {} sentences ({} distinct), {:.0} sentences/s on {}",
+                    s.features.display(),
+                    s.text_shape,
+                    s.sentences,
+                    s.distinct_sentences,
+                    s.sentences_per_s,
+                    s.device
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Synth { out, users, items, seed } => {
             let mut c = synth::SynthConfig::default();
             if let Some(u) = users {
@@ -420,10 +472,21 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(if results.iter().all(|r| r.pass) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Cmd::Bench { json, secs, quick } => {
+        Cmd::Bench { json, secs, quick, bert, model_dir, sentences } => {
             let (dev, desc) = cli.device.resolve(named)?;
             eprintln!("bench on {desc}");
-            let results = bench::run(dev, secs, quick || (dev == Device::Gpu && gpu::gpu()?.adapter.is_software()))?;
+            let mut results = bench::run(dev, secs, quick || (dev == Device::Gpu && gpu::gpu()?.adapter.is_software()))?;
+            if bert {
+                let r = msm4sr::bert::bench(&model_dir, dev, sentences)?;
+                results.push(bench::BenchResult {
+                    name: "bert".into(),
+                    shape: format!("{} sentences, {} tokens ({:.0} sentences/s)", r.sentences, r.tokens, r.sentences_per_s),
+                    device: bench::device_name(dev),
+                    seconds: r.seconds / r.sentences.max(1) as f64,
+                    gflops: None,
+                    iters: 1,
+                });
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&results).unwrap());
             } else {
