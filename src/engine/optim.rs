@@ -9,7 +9,9 @@
 //!   p  = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
 use super::gpu::{gpu, groups_1d, Access::*, Kernel};
-use super::ops::{fbits, wgsl};
+use rayon::prelude::*;
+
+use super::ops::{fbits, par, wgsl};
 use super::tensor::Real;
 use super::{Device, Grads, Tensor};
 use crate::{Error, Result};
@@ -45,17 +47,36 @@ pub struct Adam {
     moments: Vec<(Tensor, Tensor)>,
 }
 
-/// One parameter's update on the CPU (reference), given the clip coefficient.
+/// One parameter's update on the CPU (reference), given the clip coefficient. Elements are
+/// independent: large parameters are updated in parallel pieces.
 #[allow(clippy::too_many_arguments)]
 pub fn adam_cpu<T: Real>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], c: T, cfg: &AdamConfig, bc1: T, bc2: T) {
     let (b1, b2, lr, eps, wd) =
         (T::c(cfg.beta1 as f64), T::c(cfg.beta2 as f64), T::c(cfg.lr as f64), T::c(cfg.eps as f64), T::c(cfg.weight_decay as f64));
-    for i in 0..p.len() {
-        let gi = c * g[i] + wd * p[i];
-        m[i] = b1 * m[i] + (T::one() - b1) * gi;
-        v[i] = b2 * v[i] + (T::one() - b2) * gi * gi;
-        p[i] = p[i] - lr / bc1 * m[i] / (v[i].sqrt() / bc2.sqrt() + eps);
+    let n = p.len();
+    let update = |p: &mut [T], m: &mut [T], v: &mut [T], g: &[T]| {
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let gi = c * g + wd * *p;
+            *m = b1 * *m + (T::one() - b1) * gi;
+            *v = b2 * *v + (T::one() - b2) * gi * gi;
+            *p -= lr / bc1 * *m / (v.sqrt() / bc2.sqrt() + eps);
+        }
+    };
+    if par::worth(4 * n) {
+        let chunk = par::elem_chunk(1);
+        p.par_chunks_mut(chunk)
+            .zip(m.par_chunks_mut(chunk))
+            .zip(v.par_chunks_mut(chunk))
+            .zip(g.par_chunks(chunk))
+            .for_each(|(((p, m), v), g)| update(p, m, v, g));
+    } else {
+        update(p, m, v, &g[..n]);
     }
+}
+
+/// Sum of squares of `g` in f64, in order.
+fn sumsq<T: Real>(g: &[T]) -> f64 {
+    g.iter().map(|x| x.to_f64().unwrap().powi(2)).sum::<f64>()
 }
 
 impl Adam {
@@ -97,9 +118,15 @@ impl Adam {
     fn step_cpu<T: Real>(&self, grads: &Grads, live: &[usize], bc1: f64, bc2: f64) -> Result<()> {
         let mut c = T::one();
         if self.cfg.max_grad_norm > 0.0 {
+            // Each parameter's sum of squares in order (parameters in parallel), then the total
+            // in parameter order.
+            let hosts = live.iter().map(|&i| grads.get(&self.params[i]).unwrap().host::<T>()).collect::<Result<Vec<_>>>()?;
+            let slices: Vec<&[T]> = hosts.iter().map(|h| &**h).collect();
+            let total: usize = slices.iter().map(|s| s.len()).sum();
+            let sums: Vec<f64> =
+                if par::worth(total) { slices.par_iter().map(|g| sumsq(g)).collect() } else { slices.iter().map(|g| sumsq(g)).collect() };
             let mut tot = 0.0f64;
-            for &i in live {
-                let g = grads.get(&self.params[i]).unwrap().host::<T>()?.iter().map(|x| x.to_f64().unwrap().powi(2)).sum::<f64>();
+            for g in sums {
                 tot += g;
             }
             c = T::c((self.cfg.max_grad_norm as f64 / (tot.sqrt() + 1e-6)).min(1.0));

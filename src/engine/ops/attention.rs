@@ -23,9 +23,9 @@
 //! backward one workgroup per query row (dS and dq) and one per key column (dk and dv). A row of P
 //! lives in workgroup memory, so the GPU path takes L <= 1024.
 
-use super::elementwise::rand01;
+use super::elementwise::{pcg, rand01, rand01_hashed};
 use super::softmax::row_groups;
-use super::{fbits, wgsl};
+use super::{fbits, par, wgsl};
 use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Indices, Tensor};
@@ -94,24 +94,40 @@ impl Dims {
 
 // ---- CPU references -------------------------------------------------------------------------
 
-/// Forward: (out (B, L, C), P (B, heads, L, L)) with P before dropout.
+/// `Dims::keep` with the seed's hash computed once.
+fn keeper<T: Real>(d: &Dims) -> impl Fn(usize) -> T + Sync + Send {
+    let (p, hs, inv) = (d.p, pcg(d.seed), T::c(1.0 / (1.0 - d.p as f64)));
+    move |idx| {
+        if p == 0.0 {
+            T::one()
+        } else if rand01_hashed(hs, idx as u32) >= p {
+            inv
+        } else {
+            T::zero()
+        }
+    }
+}
+
+/// Forward: (out (B, L, C), P (B, heads, L, L)) with P before dropout. Sequences in parallel.
 pub fn attention_cpu<T: Real>(q: &[T], k: &[T], v: &[T], lens: &[u32], d: Dims) -> (Vec<T>, Vec<T>) {
-    let (l, dh, c) = (d.l, d.dh, d.c());
+    let (l, dh, c, heads) = (d.l, d.dh, d.c(), d.heads);
     let scale = T::c(1.0 / (dh as f64).sqrt());
-    let mut out = vec![T::zero(); d.b * l * c];
-    let mut probs = vec![T::zero(); d.b * d.heads * l * l];
-    for (b, &len) in lens.iter().enumerate() {
-        for h in 0..d.heads {
+    let keep = keeper::<T>(&d);
+    // Sequence b owns out[b] (L, C) and P[b] (heads, L, L).
+    par::rows2(d.b, 2 * heads * l * l * dh, l * c, heads * l * l, |b, ob, pb| {
+        let len = lens[b];
+        for h in 0..heads {
             for i in 0..l {
                 let n = d.valid(len, i);
                 let qo = (b * l + i) * c + h * dh;
-                let row = ((b * d.heads + h) * l + i) * l;
-                let pr = &mut probs[row..row + l];
+                let row = ((b * heads + h) * l + i) * l;
+                let pr = &mut pb[(h * l + i) * l..(h * l + i + 1) * l];
+                let qr = &q[qo..qo + dh];
                 for (j, s) in pr.iter_mut().enumerate().take(n) {
                     let ko = (b * l + j) * c + h * dh;
                     let mut dot = T::zero();
-                    for e in 0..dh {
-                        dot += q[qo + e] * k[ko + e];
+                    for (&x, &y) in qr.iter().zip(&k[ko..ko + dh]) {
+                        dot += x * y;
                     }
                     *s = dot * scale;
                 }
@@ -121,58 +137,67 @@ pub fn attention_cpu<T: Real>(q: &[T], k: &[T], v: &[T], lens: &[u32], d: Dims) 
                     *s = (*s - mx).exp();
                     sum += *s;
                 }
+                let or = &mut ob[i * c + h * dh..i * c + (h + 1) * dh];
                 for (j, pj) in pr.iter_mut().enumerate().take(n) {
                     *pj /= sum;
-                    let pd = *pj * d.keep::<T>(row + j);
+                    let pd = *pj * keep(row + j);
                     let vo = (b * l + j) * c + h * dh;
-                    for e in 0..dh {
-                        out[qo + e] += pd * v[vo + e];
+                    for (o, &y) in or.iter_mut().zip(&v[vo..vo + dh]) {
+                        *o += pd * y;
                     }
                 }
             }
         }
-    }
-    (out, probs)
+    })
 }
 
-/// Backward: (dq, dk, dv), each (B, L, C).
+/// Backward: (dq, dk, dv), each (B, L, C). Sequences in parallel: every sum runs over the query
+/// rows i (then keys j) of one sequence in the same order as a sequential loop.
 pub fn attention_bwd_cpu<T: Real>(q: &[T], k: &[T], v: &[T], lens: &[u32], probs: &[T], dout: &[T], d: Dims) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (l, dh, c) = (d.l, d.dh, d.c());
+    let (l, dh, c, heads) = (d.l, d.dh, d.c(), d.heads);
     let scale = T::c(1.0 / (dh as f64).sqrt());
-    let (mut dq, mut dk, mut dv) = (vec![T::zero(); q.len()], vec![T::zero(); k.len()], vec![T::zero(); v.len()]);
-    let mut ds = vec![T::zero(); l];
-    for (b, &len) in lens.iter().enumerate() {
-        for h in 0..d.heads {
+    let keep = keeper::<T>(&d);
+    let lc = l * c;
+    par::rows3(d.b, 4 * heads * l * l * dh, (lc, lc, lc), |b, dqb, dkb, dvb| {
+        let len = lens[b];
+        let (mut ds, mut kp) = (vec![T::zero(); l], vec![T::zero(); l]);
+        for h in 0..heads {
             for i in 0..l {
                 let n = d.valid(len, i);
                 let qo = (b * l + i) * c + h * dh;
-                let row = ((b * d.heads + h) * l + i) * l;
+                let row = ((b * heads + h) * l + i) * l;
+                let (qr, dor) = (&q[qo..qo + dh], &dout[qo..qo + dh]);
                 // dP = keep * dO V^T, then dS = P * (dP - sum_j dP * P).
                 let mut t = T::zero();
                 for j in 0..n {
                     let vo = (b * l + j) * c + h * dh;
                     let mut dp = T::zero();
-                    for e in 0..dh {
-                        dp += dout[qo + e] * v[vo + e];
+                    for (&x, &y) in dor.iter().zip(&v[vo..vo + dh]) {
+                        dp += x * y;
                     }
-                    ds[j] = dp * d.keep::<T>(row + j);
+                    kp[j] = keep(row + j);
+                    ds[j] = dp * kp[j];
                     t += ds[j] * probs[row + j];
                 }
+                let dqr = &mut dqb[i * c + h * dh..i * c + (h + 1) * dh];
                 for j in 0..n {
                     let p = probs[row + j];
                     let s = p * (ds[j] - t) * scale;
-                    let pd = p * d.keep::<T>(row + j);
-                    let ko = (b * l + j) * c + h * dh;
-                    for e in 0..dh {
-                        dq[qo + e] += s * k[ko + e];
-                        dk[ko + e] += s * q[qo + e];
-                        dv[ko + e] += pd * dout[qo + e];
+                    let pd = p * kp[j];
+                    let (ko, lo) = ((b * l + j) * c + h * dh, j * c + h * dh);
+                    for (o, &y) in dqr.iter_mut().zip(&k[ko..ko + dh]) {
+                        *o += s * y;
+                    }
+                    for (o, &y) in dkb[lo..lo + dh].iter_mut().zip(qr) {
+                        *o += s * y;
+                    }
+                    for (o, &y) in dvb[lo..lo + dh].iter_mut().zip(dor) {
+                        *o += pd * y;
                     }
                 }
             }
         }
-    }
-    (dq, dk, dv)
+    })
 }
 
 // ---- GPU ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 //! - `dropout(x, p, seed)`:      x -> x * keep / (1 - p), keep = rand01(seed, i) >= p; dx = dropout(g, p, seed)
 //! - `broadcast_to(b, shape)`:   b (S) -> (.., S);                              db = sum_rows(g)
 
+use super::par;
 use super::reduce::sum_rows;
 use super::{fbits, wgsl};
 use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
@@ -46,14 +47,75 @@ fn check_suffix(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
 
 // ---- CPU references -------------------------------------------------------------------------
 
+/// `f(pos, piece, bo)` over the segments of `piece` (which starts at `start` of an output repeating
+/// a row of `nb` elements) that stay within one row: `pos` is the segment's offset in the output,
+/// `bo` its offset within the row.
+fn segments<T>(start: usize, piece: &mut [T], nb: usize, mut f: impl FnMut(usize, &mut [T], usize)) {
+    let mut off = 0;
+    while off < piece.len() {
+        let bo = (start + off) % nb;
+        let len = (nb - bo).min(piece.len() - off);
+        f(start + off, &mut piece[off..off + len], bo);
+        off += len;
+    }
+}
+
+/// Piece length for elementwise work over rows of `nb` elements: whole rows when rows are short.
+fn bcast_chunk(nb: usize) -> usize {
+    if nb <= par::elem_chunk(1) {
+        par::elem_chunk(nb)
+    } else {
+        par::elem_chunk(1)
+    }
+}
+
+/// out[i] = f(a[i], b[i % nb]), in parallel pieces when large.
+fn zip_bcast<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> Vec<T> {
+    let (n, nb) = (a.len(), b.len());
+    if nb == 0 {
+        assert!(n == 0, "broadcast of an empty operand");
+        return Vec::new();
+    }
+    if nb == n {
+        return par::map(n, |i| f(a[i], b[i]));
+    }
+    par::chunks(n, bcast_chunk(nb), par::worth(n), |start, piece| {
+        segments(start, piece, nb, |pos, seg, bo| {
+            let len = seg.len();
+            for ((o, &x), &y) in seg.iter_mut().zip(&a[pos..pos + len]).zip(&b[bo..bo + len]) {
+                *o = f(x, y);
+            }
+        })
+    })
+}
+
+/// out[i] = f(x[i]), in parallel pieces when large.
+fn map1<T: Real>(x: &[T], f: impl Fn(T) -> T + Sync + Send) -> Vec<T> {
+    par::map(x.len(), |i| f(x[i]))
+}
+
 pub fn axpby_cpu<T: Real>(a: &[T], b: &[T], alpha: T) -> Vec<T> {
-    let nb = b.len();
-    a.iter().enumerate().map(|(i, &x)| x + alpha * b[i % nb]).collect()
+    zip_bcast(a, b, |x, y| x + alpha * y)
 }
 
 pub fn mul_cpu<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
+    zip_bcast(a, b, |x, y| x * y)
+}
+
+pub fn scale_cpu<T: Real>(a: &[T], s: T) -> Vec<T> {
+    map1(a, |x| x * s)
+}
+
+/// b (nb) repeated to n elements.
+pub fn broadcast_cpu<T: Real>(b: &[T], n: usize) -> Vec<T> {
     let nb = b.len();
-    a.iter().enumerate().map(|(i, &x)| x * b[i % nb]).collect()
+    if nb == 0 {
+        assert!(n == 0, "broadcast of an empty operand");
+        return Vec::new();
+    }
+    par::chunks(n, bcast_chunk(nb), par::worth(n), |start, piece| {
+        segments(start, piece, nb, |_, seg, bo| seg.copy_from_slice(&b[bo..bo + seg.len()]))
+    })
 }
 
 /// Phi(x), the standard normal CDF, accurate in both tails: libm's erfc in f64, and in f32 the
@@ -77,12 +139,16 @@ pub fn norm_cdf<T: Real>(x: T) -> T {
 }
 
 pub fn gelu_cpu<T: Real>(x: &[T]) -> Vec<T> {
-    x.iter().map(|&v| v * norm_cdf(v)).collect()
+    map1(x, |v| v * norm_cdf(v))
 }
 
 pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     let c = T::c(0.3989422804014327);
-    x.iter().zip(g).map(|(&v, &gi)| gi * (norm_cdf(v) + v * c * (-(v * v) * T::c(0.5)).exp())).collect()
+    let g = &g[..x.len()];
+    par::map(x.len(), |i| {
+        let v = x[i];
+        g[i] * (norm_cdf(v) + v * c * (-(v * v) * T::c(0.5)).exp())
+    })
 }
 
 /// The counter-based RNG of `shaders/common.wgsl`, bit for bit.
@@ -93,12 +159,18 @@ pub fn pcg(x: u32) -> u32 {
 }
 
 pub fn rand01(seed: u32, i: u32) -> f32 {
-    (pcg(i.wrapping_add(pcg(seed))) >> 8) as f32 / 16777216.0
+    rand01_hashed(pcg(seed), i)
+}
+
+/// `rand01(seed, i)` given `pcg(seed)` (hoisted out of loops over i).
+pub fn rand01_hashed(hashed_seed: u32, i: u32) -> f32 {
+    (pcg(i.wrapping_add(hashed_seed)) >> 8) as f32 / 16777216.0
 }
 
 pub fn dropout_cpu<T: Real>(x: &[T], p: f32, seed: u32) -> Vec<T> {
     let s = T::c(1.0 / (1.0 - p as f64));
-    x.iter().enumerate().map(|(i, &v)| if rand01(seed, i as u32) >= p { v * s } else { T::zero() }).collect()
+    let ps = pcg(seed);
+    par::map(x.len(), |i| if rand01_hashed(ps, i as u32) >= p { x[i] * s } else { T::zero() })
 }
 
 // ---- ops ------------------------------------------------------------------------------------
@@ -147,7 +219,7 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// s * a.
 pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
-    let st = on_device!(a.device(), T => T::wrap(a.host::<T>()?.iter().map(|&x| x * T::c(s as f64)).collect()),
+    let st = on_device!(a.device(), T => T::wrap(scale_cpu::<T>(&a.host::<T>()?, T::c(s as f64))),
         { let b = a.gbuf()?; launch(&SCALE, a.numel(), &b, &b, 1, s, 0, 0.0)? });
     Ok(Tensor::from_op("scale", st, a.shape().to_vec(), &[a], move |g| Ok(vec![Some(scale(g, s)?)])))
 }
@@ -185,7 +257,7 @@ pub fn broadcast_to(b: &Tensor, shape: &[usize]) -> Result<Tensor> {
     if nb == 0 || n % nb != 0 || (b.rank() > 0 && shape[shape.len().saturating_sub(b.rank())..] != *b.shape() && nb != 1) {
         return Err(Error::Shape { op: "broadcast_to", msg: format!("cannot broadcast {:?} to {shape:?}", b.shape()) });
     }
-    let st = on_device!(b.device(), T => { let v = b.host::<T>()?; T::wrap((0..n).map(|i| v[i % nb]).collect()) },
+    let st = on_device!(b.device(), T => T::wrap(broadcast_cpu::<T>(&b.host::<T>()?, n)),
         { let bb = b.gbuf()?; launch(&BCAST, n, &bb, &bb, nb, 1.0, 0, 0.0)? });
     let bshape = b.shape().to_vec();
     Ok(Tensor::from_op("broadcast_to", st, shape.to_vec(), &[b], move |g| {

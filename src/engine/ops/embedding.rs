@@ -8,7 +8,7 @@
 //! - `gather_last(x, lens)`: x (B, L, C), lens (B) each in 1..=L -> (B, C) = x[b, lens[b] - 1].
 //!   Backward: dx = zeros (B, L, C) with g[b] at row lens[b] - 1.
 
-use super::wgsl;
+use super::{par, wgsl};
 use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{numel, Real, Storage};
 use crate::engine::{Indices, Tensor};
@@ -31,15 +31,26 @@ fn launch(k: &Kernel, src: &GpuBuf, idx: &GpuBuf, total: usize, d: usize, m: usi
 // ---- CPU references -------------------------------------------------------------------------
 
 pub fn embedding_cpu<T: Real>(w: &[T], ids: &[u32], d: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(ids.len() * d);
-    for &id in ids {
-        out.extend_from_slice(&w[id as usize * d..(id as usize + 1) * d]);
-    }
-    out
+    par::rows(ids.len(), d, d, |i, o| {
+        let id = ids[i] as usize;
+        o.copy_from_slice(&w[id * d..(id + 1) * d]);
+    })
 }
 
-/// dw (V, D): positions accumulate into their row in increasing order (as the GPU does).
+/// dw (V, D): positions accumulate into their row in increasing order (as the GPU does). Large
+/// gradients go through the inverse index, rows of dw in parallel, in the same order.
 pub fn embedding_bwd_cpu<T: Real>(g: &[T], ids: &[u32], v: usize, d: usize) -> Vec<T> {
+    if d > 0 && par::worth(ids.len() * d) {
+        let csr = inverse_index(ids, v);
+        let (offs, pos) = csr.split_at(v + 1);
+        return par::rows(v, d + d * ids.len() / v.max(1), d, |r, o| {
+            for &i in &pos[offs[r] as usize..offs[r + 1] as usize] {
+                for (o, &gv) in o.iter_mut().zip(&g[i as usize * d..(i as usize + 1) * d]) {
+                    *o += gv;
+                }
+            }
+        });
+    }
     let mut dw = vec![T::zero(); v * d];
     for (i, &id) in ids.iter().enumerate() {
         for (o, &gv) in dw[id as usize * d..(id as usize + 1) * d].iter_mut().zip(&g[i * d..(i + 1) * d]) {
@@ -70,21 +81,17 @@ pub fn inverse_index(ids: &[u32], v: usize) -> Vec<u32> {
 }
 
 pub fn gather_last_cpu<T: Real>(x: &[T], lens: &[u32], l: usize, c: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(lens.len() * c);
-    for (b, &len) in lens.iter().enumerate() {
-        let r = b * l + len as usize - 1;
-        out.extend_from_slice(&x[r * c..(r + 1) * c]);
-    }
-    out
+    par::rows(lens.len(), c, c, |b, o| {
+        let r = b * l + lens[b] as usize - 1;
+        o.copy_from_slice(&x[r * c..(r + 1) * c]);
+    })
 }
 
 pub fn gather_last_bwd_cpu<T: Real>(g: &[T], lens: &[u32], l: usize, c: usize) -> Vec<T> {
-    let mut dx = vec![T::zero(); lens.len() * l * c];
-    for (b, &len) in lens.iter().enumerate() {
-        let r = b * l + len as usize - 1;
-        dx[r * c..(r + 1) * c].copy_from_slice(&g[b * c..(b + 1) * c]);
-    }
-    dx
+    par::rows(lens.len(), l * c, l * c, |b, o| {
+        let r = lens[b] as usize - 1;
+        o[r * c..(r + 1) * c].copy_from_slice(&g[b * c..(b + 1) * c]);
+    })
 }
 
 // ---- ops ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 //! large mean lose no precision in f32. The forward saves, per row, that shifted mean and rstd.
 //! dgamma/dbeta are deterministic: chunks of rows are summed in a fixed order, then the chunks.
 
+use super::par;
 use super::reduce::sum_rows_gpu;
 use super::softmax::row_groups;
 use super::{fbits, wgsl};
@@ -32,26 +33,24 @@ const CHUNK: usize = 64;
 
 /// Forward: (y (R, C), stats (R, 2) = [mean - x[r, 0], rstd] per row).
 pub fn layernorm_cpu<T: Real>(x: &[T], gamma: &[T], beta: &[T], rows: usize, c: usize, groups: usize, eps: T) -> (Vec<T>, Vec<T>) {
-    let mut y = vec![T::zero(); rows * c];
-    let mut stats = vec![T::zero(); rows * 2];
     let n = T::c(c as f64);
-    for r in 0..rows {
+    par::rows2(rows, 4 * c, c, 2, |r, yr, st| {
         let xr = &x[r * c..(r + 1) * c];
         let x0 = xr[0];
         let mean = xr.iter().map(|&v| v - x0).sum::<T>() / n;
         let var = xr.iter().map(|&v| (v - x0 - mean) * (v - x0 - mean)).sum::<T>() / n;
         let rstd = T::one() / (var + eps).sqrt();
         let k = (r % groups) * c;
-        for i in 0..c {
-            y[r * c + i] = (xr[i] - x0 - mean) * rstd * gamma[k + i] + beta[k + i];
+        for (((o, &v), &gm), &bt) in yr.iter_mut().zip(xr).zip(&gamma[k..k + c]).zip(&beta[k..k + c]) {
+            *o = (v - x0 - mean) * rstd * gm + bt;
         }
-        stats[2 * r] = mean;
-        stats[2 * r + 1] = rstd;
-    }
-    (y, stats)
+        st[0] = mean;
+        st[1] = rstd;
+    })
 }
 
-/// Backward: (dx (R, C), dgamma (G, C), dbeta (G, C)).
+/// Backward: (dx (R, C), dgamma (G, C), dbeta (G, C)). Rows of dx are independent; dgamma and
+/// dbeta are summed over the rows in increasing order, blocks of columns in parallel.
 pub fn layernorm_bwd_cpu<T: Real>(
     x: &[T],
     gamma: &[T],
@@ -61,30 +60,49 @@ pub fn layernorm_bwd_cpu<T: Real>(
     c: usize,
     groups: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let mut dx = vec![T::zero(); rows * c];
-    let mut dgamma = vec![T::zero(); groups * c];
-    let mut dbeta = vec![T::zero(); groups * c];
     let n = T::c(c as f64);
-    for r in 0..rows {
+    let dx = par::rows(rows, 4 * c, c, |r, dxr| {
         let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
         let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
         let k = (r % groups) * c;
-        let xhat = |i: usize| (xr[i] - xr[0] - mean) * rstd;
+        let gm = &gamma[k..k + c];
+        let x0 = xr[0];
         let (mut m1, mut m2) = (T::zero(), T::zero());
         for i in 0..c {
-            let dxhat = gr[i] * gamma[k + i];
+            let dxhat = gr[i] * gm[i];
             m1 += dxhat;
-            m2 += dxhat * xhat(i);
+            m2 += dxhat * ((xr[i] - x0 - mean) * rstd);
         }
         m1 /= n;
         m2 /= n;
         for i in 0..c {
-            let xh = xhat(i);
-            dx[r * c + i] = rstd * (gr[i] * gamma[k + i] - m1 - xh * m2);
-            dgamma[k + i] += gr[i] * xh;
-            dbeta[k + i] += gr[i];
+            let xh = (xr[i] - x0 - mean) * rstd;
+            dxr[i] = rstd * (gr[i] * gm[i] - m1 - xh * m2);
         }
-    }
+    });
+    // Parameter gradients: column j of the (G, C) parameters sums the rows r with r % G == j / C.
+    let cols = groups * c;
+    let block = par::col_block(rows, cols);
+    let (dgamma, dbeta) = par::chunks2(cols, block, block < cols, |j0, dg, db| {
+        let j1 = j0 + dg.len();
+        for r in 0..rows {
+            let k = (r % groups) * c;
+            // This row's parameter columns [k, k + c) within the block [j0, j1).
+            let (lo, hi) = (j0.max(k), j1.min(k + c));
+            if lo >= hi {
+                continue;
+            }
+            let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
+            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+            let x0 = xr[0];
+            for j in lo..hi {
+                let i = j - k;
+                let xh = (xr[i] - x0 - mean) * rstd;
+                dg[j - j0] += gr[i] * xh;
+                db[j - j0] += gr[i];
+            }
+        }
+    });
     (dx, dgamma, dbeta)
 }
 

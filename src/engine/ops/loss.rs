@@ -21,6 +21,7 @@
 //!   logits[0][j, j'] = cos(a_j, b_j') / tau, logits[1][j, j'] = cos(a_j, a_j') / tau,
 //!   numerator = [true, false], exclude_diag = [false, true].
 
+use super::par;
 use super::pool::row_groups;
 use super::reduce::mean;
 use super::wgsl;
@@ -62,26 +63,25 @@ fn bit(mask: u32, k: usize) -> bool {
 
 /// Per-row cross-entropy: logits (B, N) -> (loss (B), lse (B)).
 pub fn cross_entropy_cpu<T: Real>(logits: &[T], targets: &[u32], n: usize) -> (Vec<T>, Vec<T>) {
-    let (mut loss, mut lse) = (Vec::new(), Vec::new());
-    for (row, &t) in logits.chunks(n).zip(targets) {
+    let b = targets.len().min(logits.len() / n.max(1));
+    par::rows2(b, 2 * n, 1, 1, |r, lo, ls| {
+        let (row, t) = (&logits[r * n..(r + 1) * n], targets[r]);
         let m = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-        let ls = row.iter().map(|&v| (v - m).exp()).sum::<T>().ln();
-        lse.push(m + ls);
-        loss.push((m - row[t as usize]) + ls);
-    }
-    (loss, lse)
+        let s = row.iter().map(|&v| (v - m).exp()).sum::<T>().ln();
+        ls[0] = m + s;
+        lo[0] = (m - row[t as usize]) + s;
+    })
 }
 
 /// dlogits (B, N) = (softmax - onehot) * g[b].
 pub fn cross_entropy_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], lse: &[T], g: &[T], n: usize) -> Vec<T> {
-    let mut d: Vec<T> = logits.to_vec();
-    for (b, row) in d.chunks_mut(n).enumerate() {
-        for (i, v) in row.iter_mut().enumerate() {
-            let hit = if i == targets[b] as usize { T::one() } else { T::zero() };
-            *v = ((*v - lse[b]).exp() - hit) * g[b];
+    par::rows(logits.len() / n, 2 * n, n, |b, row| {
+        let (t, l, gb) = (targets[b] as usize, lse[b], g[b]);
+        for (i, (o, &v)) in row.iter_mut().zip(&logits[b * n..(b + 1) * n]).enumerate() {
+            let hit = if i == t { T::one() } else { T::zero() };
+            *o = ((v - l).exp() - hit) * gb;
         }
-    }
-    d
+    })
 }
 
 /// Whether entry (k, j, c) is in row j's denominator.
@@ -93,49 +93,48 @@ fn in_den(targets: &[u32], excl: u32, k: usize, j: usize, c: usize) -> bool {
     }
 }
 
+/// max(v) + ln(sum(exp(v - max))) over the values `v()` yields, in order.
+fn lse_of<T: Real, I: Iterator<Item = T>>(v: impl Fn() -> I) -> T {
+    let m = v().fold(T::neg_infinity(), |m, x| m.max(x));
+    m + v().map(|x| (x - m).exp()).sum::<T>().ln()
+}
+
 /// Per-row InfoNCE: logits (K, B, B) -> (loss (B), stat (2B) = lse_den then lse_num).
 pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], num: u32, excl: u32, k: usize) -> (Vec<T>, Vec<T>) {
     let b = targets.len();
-    let mut loss = vec![T::zero(); b];
-    let mut stat = vec![T::zero(); 2 * b];
-    for j in 0..b {
-        let den: Vec<T> = (0..k)
-            .flat_map(|kk| (0..b).map(move |c| (kk, c)))
-            .filter(|&(kk, c)| in_den(targets, excl, kk, j, c))
-            .map(|(kk, c)| logits[(kk * b + j) * b + c])
-            .collect();
-        let nums: Vec<T> = (0..k).filter(|&kk| bit(num, kk)).map(|kk| logits[(kk * b + j) * b + j]).collect();
-        let lse = |v: &[T]| {
-            let m = v.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-            m + v.iter().map(|&x| (x - m).exp()).sum::<T>().ln()
-        };
-        stat[j] = lse(&den);
-        stat[b + j] = lse(&nums);
-        loss[j] = stat[j] - stat[b + j];
-    }
+    let (loss, den, nums) = par::rows3(b, 2 * k * b, (1, 1, 1), |j, lo, de, nu| {
+        de[0] = lse_of(|| {
+            (0..k)
+                .flat_map(move |kk| (0..b).map(move |c| (kk, c)))
+                .filter(move |&(kk, c)| in_den(targets, excl, kk, j, c))
+                .map(move |(kk, c)| logits[(kk * b + j) * b + c])
+        });
+        nu[0] = lse_of(|| (0..k).filter(move |&kk| bit(num, kk)).map(move |kk| logits[(kk * b + j) * b + j]));
+        lo[0] = de[0] - nu[0];
+    });
+    let mut stat = den;
+    stat.extend_from_slice(&nums);
     (loss, stat)
 }
 
 /// dlogits (K, B, B) from the saved (lse_den, lse_num) and the per-row gradient g (B).
 pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &[T], num: u32, excl: u32, k: usize) -> Vec<T> {
     let b = targets.len();
-    let mut d = vec![T::zero(); k * b * b];
-    for kk in 0..k {
-        for j in 0..b {
-            for c in 0..b {
-                let i = (kk * b + j) * b + c;
-                let mut v = T::zero();
-                if in_den(targets, excl, kk, j, c) {
-                    v += (logits[i] - stat[j]).exp();
-                }
-                if c == j && bit(num, kk) {
-                    v -= (logits[i] - stat[b + j]).exp();
-                }
-                d[i] = g[j] * v;
+    // Row (kk, j) of the (K * B, B) view.
+    par::rows(k * b, 2 * b, b, |row, dr| {
+        let (kk, j) = (row / b, row % b);
+        for (c, o) in dr.iter_mut().enumerate() {
+            let i = (kk * b + j) * b + c;
+            let mut v = T::zero();
+            if in_den(targets, excl, kk, j, c) {
+                v += (logits[i] - stat[j]).exp();
             }
+            if c == j && bit(num, kk) {
+                v -= (logits[i] - stat[b + j]).exp();
+            }
+            *o = g[j] * v;
         }
-    }
-    d
+    })
 }
 
 // ---- ops ------------------------------------------------------------------------------------

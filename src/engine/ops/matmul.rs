@@ -12,7 +12,7 @@
 //! splits K over more workgroups (split-K) and sums the partial products with `sum_rows`.
 
 use super::reduce::{sum_rows, sum_rows_gpu};
-use super::wgsl;
+use super::{par, wgsl};
 use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Tensor};
@@ -81,16 +81,19 @@ impl Gemm {
 /// The product described by `p` with strided GEMMs (a transpose is just a swap of strides).
 pub fn gemm_cpu<T: Real>(a: &[T], b: &[T], bias: Option<&[T]>, p: &Gemm) -> Vec<T> {
     let (m, n, k) = (p.m, p.n, p.k);
-    let mut c = vec![T::zero(); p.nout * m * n];
+    // The output starts as the bias on every row, or zeros; a large one is written by the pool
+    // (so its pages are first touched in parallel too).
+    let mut c = par::rows(p.nout * m, n, n, |_, row| {
+        if let Some(bias) = bias {
+            row.copy_from_slice(bias);
+        }
+    });
     if m * n == 0 {
         return c;
     }
     let (rsa, csa) = if p.ta { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if p.tb { (1, k as isize) } else { (n as isize, 1) };
     for (z, cz) in c.chunks_mut(m * n).enumerate() {
-        if let Some(bias) = bias {
-            cz.chunks_mut(n).for_each(|row| row.copy_from_slice(bias));
-        }
         for s in 0..p.nsum {
             let i = z * p.nsum + s;
             let beta = if bias.is_some() || s > 0 { T::one() } else { T::zero() };

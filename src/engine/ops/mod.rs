@@ -9,6 +9,7 @@ pub mod layernorm;
 pub mod loss;
 pub mod matmul;
 pub mod norm;
+pub(crate) mod par;
 pub mod pool;
 pub mod rank;
 pub mod reduce;

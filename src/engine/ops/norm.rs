@@ -3,7 +3,7 @@
 //! - `l2norm(x, eps)`: x (.., C) -> y (.., C) = x / max(||x||_2, eps) per row;
 //!   dx = (g - y * dot(y, g)) / ||x|| where ||x|| > eps, else g / eps
 
-use super::{fbits, wgsl};
+use super::{fbits, par, wgsl};
 use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::Tensor;
@@ -16,28 +16,32 @@ static L2NORM_BWD: Kernel = Kernel { name: "norm", source: SRC, entry: "l2norm_b
 // ---- CPU references -------------------------------------------------------------------------
 
 pub fn l2norm_cpu<T: Real>(x: &[T], cols: usize, eps: T) -> Vec<T> {
-    let mut y = Vec::with_capacity(x.len());
-    for row in x.chunks(cols) {
+    par::rows(x.len() / cols, 2 * cols, cols, |r, yr| {
+        let row = &x[r * cols..(r + 1) * cols];
         let nrm = row.iter().map(|&v| v * v).sum::<T>().sqrt().max(eps);
-        y.extend(row.iter().map(|&v| v / nrm));
-    }
-    y
+        for (o, &v) in yr.iter_mut().zip(row) {
+            *o = v / nrm;
+        }
+    })
 }
 
 pub fn l2norm_bwd_cpu<T: Real>(x: &[T], g: &[T], cols: usize, eps: T) -> Vec<T> {
-    let mut dx = Vec::with_capacity(x.len());
-    for (xr, gr) in x.chunks(cols).zip(g.chunks(cols)) {
+    par::rows(x.len() / cols, 3 * cols, cols, |r, dxr| {
+        let (xr, gr) = (&x[r * cols..(r + 1) * cols], &g[r * cols..(r + 1) * cols]);
         let ss = xr.iter().map(|&v| v * v).sum::<T>();
         let nrm = ss.sqrt();
         if nrm > eps {
             // y * dot(y, g) = x * dot(x, g) / ||x||^2
             let k = xr.iter().zip(gr).map(|(&v, &gi)| v * gi).sum::<T>() / ss;
-            dx.extend(xr.iter().zip(gr).map(|(&v, &gi)| (gi - v * k) / nrm));
+            for ((o, &v), &gi) in dxr.iter_mut().zip(xr).zip(gr) {
+                *o = (gi - v * k) / nrm;
+            }
         } else {
-            dx.extend(gr.iter().map(|&gi| gi / eps));
+            for (o, &gi) in dxr.iter_mut().zip(gr) {
+                *o = gi / eps;
+            }
         }
-    }
-    dx
+    })
 }
 
 // ---- GPU ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 //! - `moe(logits, experts)`: logits (N, O), experts (N, O, D) -> z (N, D) = sum_k g[n, k] E[n, k]
 //!   with g = softmax(logits[n]); backward as above with lens = O.
 
-use super::wgsl;
+use super::{par, wgsl};
 use crate::engine::gpu::{gpu, groups_1d, Access, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Indices, Tensor};
@@ -36,48 +36,41 @@ pub(crate) fn row_groups(n: usize) -> [u32; 3] {
 
 /// Forward: a (N, S), x (N, S, D), lens (N) -> (e (N, D), alpha (N, S)).
 pub fn pool_cpu<T: Real>(a: &[T], x: &[T], lens: &[u32], n: usize, s: usize, d: usize) -> (Vec<T>, Vec<T>) {
-    let mut e = vec![T::zero(); n * d];
-    let mut alpha = vec![T::zero(); n * s];
-    for r in 0..n {
+    par::rows2(n, s * (d + 2), d, s, |r, er, al| {
         let len = lens[r] as usize;
         let ar = &a[r * s..r * s + len];
         let m = ar.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
         let z: T = ar.iter().map(|&v| (v - m).exp()).sum();
-        let er = &mut e[r * d..(r + 1) * d];
         for j in 0..len {
             let w = (ar[j] - m).exp() / z;
-            alpha[r * s + j] = w;
+            al[j] = w;
             for (o, &xv) in er.iter_mut().zip(&x[(r * s + j) * d..(r * s + j + 1) * d]) {
                 *o += w * xv;
             }
         }
-    }
-    (e, alpha)
+    })
 }
 
 /// Backward: alpha (N, S), x (N, S, D), de (N, D) -> (da (N, S), dx (N, S, D)).
 pub fn pool_bwd_cpu<T: Real>(alpha: &[T], x: &[T], de: &[T], lens: &[u32], n: usize, s: usize, d: usize) -> (Vec<T>, Vec<T>) {
-    let mut da = vec![T::zero(); n * s];
-    let mut dx = vec![T::zero(); n * s * d];
-    for r in 0..n {
+    par::rows2(n, s * (2 * d + 2), s, s * d, |r, dar, dxr| {
         let len = lens[r] as usize;
         let der = &de[r * d..(r + 1) * d];
         let mut tot = T::zero();
         for j in 0..len {
             let xr = &x[(r * s + j) * d..(r * s + j + 1) * d];
             let dal: T = der.iter().zip(xr).map(|(&g, &v)| g * v).sum();
-            da[r * s + j] = dal;
+            dar[j] = dal;
             tot += alpha[r * s + j] * dal;
         }
         for j in 0..len {
             let w = alpha[r * s + j];
-            da[r * s + j] = w * (da[r * s + j] - tot);
-            for (o, &g) in dx[(r * s + j) * d..(r * s + j + 1) * d].iter_mut().zip(der) {
+            dar[j] = w * (dar[j] - tot);
+            for (o, &g) in dxr[j * d..(j + 1) * d].iter_mut().zip(der) {
                 *o = w * g;
             }
         }
-    }
-    (da, dx)
+    })
 }
 
 // ---- GPU ------------------------------------------------------------------------------------

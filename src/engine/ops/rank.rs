@@ -26,8 +26,9 @@ pub fn rank_of_targets(scores: &Tensor, targets: &Indices) -> Result<Vec<u32>> {
     let (b, n) = (scores.shape()[0], scores.shape()[1]);
     targets.check_below(n, "rank", "target")?;
     on_device!(scores.device(), T => {
-        let s = scores.host::<T>()?;
-        Ok((0..b).map(|r| rank_row_cpu::<T>(&s[r * n..(r + 1) * n], targets.host()[r] as usize)).collect())
+        let (host, t) = (scores.host::<T>()?, targets.host());
+        let s: &[T] = &host;
+        Ok(super::par::rows(b, n, 1, |r, o: &mut [u32]| o[0] = rank_row_cpu::<T>(&s[r * n..(r + 1) * n], t[r] as usize)))
     }, {
         let g = gpu()?;
         let out = g.alloc(4 * b as u64)?;

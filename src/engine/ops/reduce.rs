@@ -5,6 +5,7 @@
 //! - `mean(x)`:     sum(x) / numel(x)
 
 use super::elementwise::{broadcast_to, scale};
+use super::par;
 use super::wgsl;
 use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
@@ -14,14 +15,17 @@ use crate::{on_device, Error, Result};
 static SUM_ROWS: Kernel = Kernel { name: "reduce", source: wgsl!("reduce.wgsl"), entry: "sum_rows", bindings: &[Read, ReadWrite] };
 const CHUNK: usize = 256;
 
+/// Column sums, each summed over the rows in increasing order (blocks of columns in parallel).
 pub fn sum_rows_cpu<T: Real>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); cols];
-    for r in 0..rows {
-        for (o, &v) in out.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
-            *o += v;
+    let block = par::col_block(rows, cols);
+    par::chunks(cols, block, block < cols, |c0, o| {
+        let w = o.len();
+        for r in 0..rows {
+            for (o, &v) in o.iter_mut().zip(&x[r * cols + c0..r * cols + c0 + w]) {
+                *o += v;
+            }
         }
-    }
-    out
+    })
 }
 
 /// Column sums on the GPU: repeated chunked passes until one row remains.

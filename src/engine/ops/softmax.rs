@@ -11,7 +11,7 @@
 use std::cell::OnceCell;
 use std::rc::Rc;
 
-use super::wgsl;
+use super::{par, wgsl};
 use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel, WG};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{Indices, Tensor};
@@ -31,13 +31,12 @@ pub(crate) fn row_groups(rows: usize) -> [u32; 3] {
 
 /// Forward over `rows` rows of length `s`; `lens[r]` entries of row r take part (all when None).
 pub fn softmax_cpu<T: Real>(x: &[T], lens: Option<&[u32]>, rows: usize, s: usize) -> Vec<T> {
-    let mut y = vec![T::zero(); rows * s];
-    for r in 0..rows {
+    par::rows(rows, 4 * s, s, |r, yr| {
         let n = lens.map_or(s, |l| l[r] as usize);
         if n == 0 {
-            continue;
+            return;
         }
-        let (xr, yr) = (&x[r * s..r * s + n], &mut y[r * s..r * s + n]);
+        let (xr, yr) = (&x[r * s..r * s + n], &mut yr[..n]);
         let mx = xr.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
         let mut sum = T::zero();
         for (o, &v) in yr.iter_mut().zip(xr) {
@@ -45,25 +44,22 @@ pub fn softmax_cpu<T: Real>(x: &[T], lens: Option<&[u32]>, rows: usize, s: usize
             sum += *o;
         }
         yr.iter_mut().for_each(|o| *o /= sum);
-    }
-    y
+    })
 }
 
 /// Backward: dx = y * (g - sum(g * y)) per row, evaluated as y * ((g - c) - sum(y * (g - c))) with
 /// c = g at the row's largest y (the first one on ties): the same value, but without cancellation
 /// where y is close to 1.
 pub fn softmax_bwd_cpu<T: Real>(y: &[T], g: &[T], rows: usize, s: usize) -> Vec<T> {
-    let mut dx = vec![T::zero(); rows * s];
-    for r in 0..rows {
-        let o = r * s;
-        let top = (o..o + s).fold(o, |t, i| if y[i] > y[t] { i } else { t });
-        let c = g[top];
-        let dot: T = (o..o + s).map(|i| y[i] * (g[i] - c)).sum();
-        for i in o..o + s {
-            dx[i] = y[i] * ((g[i] - c) - dot);
+    par::rows(rows, 4 * s, s, |r, dxr| {
+        let (yr, gr) = (&y[r * s..(r + 1) * s], &g[r * s..(r + 1) * s]);
+        let top = (0..s).fold(0, |t, i| if yr[i] > yr[t] { i } else { t });
+        let c = gr[top];
+        let dot: T = yr.iter().zip(gr).map(|(&yi, &gi)| yi * (gi - c)).sum();
+        for ((o, &yi), &gi) in dxr.iter_mut().zip(yr).zip(gr) {
+            *o = yi * ((gi - c) - dot);
         }
-    }
-    dx
+    })
 }
 
 // ---- GPU ------------------------------------------------------------------------------------
