@@ -15,7 +15,7 @@ pub mod rank;
 pub mod reduce;
 pub mod softmax;
 
-pub use attention::attention;
+pub use attention::{attention, attention_masked};
 pub use concat::concat;
 pub use elementwise::{add, add_scaled, broadcast_to, dropout, gelu, mul, scale, sub};
 pub use embedding::{embedding, gather_last};
