@@ -27,7 +27,13 @@ fn main() {
                 avg = 0.0;
             }
         }
-        println!("chance level would be ln({}) = {:.3}", m.cfg.items, (m.cfg.items as f32).ln());
+        let per_topic = (m.cfg.items / m.cfg.topics) as f32;
+        println!(
+            "chance level is ln({}) = {:.3}; the best possible is ln({per_topic}) = {:.3} (the next topic is predictable, the item within it is not)",
+            m.cfg.items,
+            (m.cfg.items as f32).ln(),
+            per_topic.ln()
+        );
         Ok(())
     })();
     if let Err(e) = result {
