@@ -147,11 +147,6 @@ pub struct Model {
     pub image: Option<DeviceModality>,
 }
 
-/// Losses of one pre-training step (host values for logging come from `item()` of the total only).
-pub struct PretrainOut {
-    pub loss: Tensor,
-}
-
 impl Model {
     /// Build a model for `n_items` real items with the given features (either may be missing).
     pub fn new(
@@ -235,11 +230,6 @@ impl Model {
         v
     }
 
-    /// Sequence representations of the rows of `m` (2-D batch of inputs (B, L, d0)) -> (B, d0).
-    fn encode_seqs(&self, m: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
-        self.transformer.forward(m, lens, train, seeds)
-    }
-
     /// Item representations for scoring: one tensor (I + 1, d0) per score term, tagged with the
     /// modality it comes from (None for ID-only or fused tables).
     fn item_tables(&self, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<Vec<(Option<Mod>, Tensor)>> {
@@ -284,7 +274,7 @@ impl Model {
         let mut total: Option<Tensor> = None;
         for (_, table) in &tables {
             let x = embedding(table, &ids, &[batch.b, batch.l])?;
-            let h = self.encode_seqs(&x, &lens, train, seeds)?;
+            let h = self.transformer.forward(&x, &lens, train, seeds)?;
             let items = embedding(table, &real, &[self.n_items])?;
             let s = match (self.cfg.model, self.cfg.score) {
                 (ModelKind::Msm4sr, Score::Cos) => scale(&cosine(&h, &items)?, 1.0 / self.cfg.tau)?,
@@ -316,7 +306,7 @@ impl Model {
         let z = enc.forward(&x, &lens, true, seeds)?;
         let ids: Vec<u32> = batch.ids.iter().map(|i| local[i]).collect();
         let m = embedding(&z, &Indices::new(ids), &[batch.b, batch.l])?;
-        let h = self.encode_seqs(&m, &Indices::new(batch.lens.clone()), true, seeds)?;
+        let h = self.transformer.forward(&m, &Indices::new(batch.lens.clone()), true, seeds)?;
         let h = match head {
             Some(w) => w.forward(&h)?,
             None => h,
@@ -363,7 +353,7 @@ impl Model {
         let m = embedding(&z_all, &Indices::new(both), &[2 * batch.b, batch.l])?; // (2B, L, d0): M_t then M_v
         let mut lens2 = batch.lens.clone();
         lens2.extend(&batch.lens);
-        let h = self.encode_seqs(&m, &Indices::new(lens2), true, seeds)?; // (2B, d0)
+        let h = self.transformer.forward(&m, &Indices::new(lens2), true, seeds)?; // (2B, d0)
         let b = batch.b as u32;
         let ht = embedding(&h, &Indices::new((0..b).collect()), &[batch.b])?;
         let hv = embedding(&h, &Indices::new((b..2 * b).collect()), &[batch.b])?;
