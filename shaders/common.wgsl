@@ -31,3 +31,27 @@ fn norm_cdf(x: f32) -> f32 {
     let h = 0.5 * erfc_pos(z);
     return select(1.0 - h, h, x < 0.0);
 }
+
+// Lowest finite f32, the identity of max.
+const NEG: f32 = -3.402823e38;
+
+// Row-wise log-sum-exp pieces for 256-lane workgroups (softmax-style kernels):
+// reduce per-lane (max m, sum of exp(v - m)) pairs to the (max, sum) of the whole row.
+var<workgroup> wm: array<f32, 256>;
+var<workgroup> ws: array<f32, 256>;
+
+fn reduce_max_sum(t: u32, m: f32, s: f32) -> vec2<f32> {
+    workgroupBarrier();
+    wm[t] = m;
+    ws[t] = s;
+    for (var o = 128u; o > 0u; o = o >> 1u) {
+        workgroupBarrier();
+        if (t < o) {
+            let mm = max(wm[t], wm[t + o]);
+            ws[t] = ws[t] * exp(wm[t] - mm) + ws[t + o] * exp(wm[t + o] - mm);
+            wm[t] = mm;
+        }
+    }
+    workgroupBarrier();
+    return vec2<f32>(wm[0], ws[0]);
+}

@@ -17,7 +17,6 @@ struct P {
     excl_mask: u32,
 }
 
-const NEG: f32 = -3.402823e38;
 
 @group(0) @binding(0) var<uniform> prm: P;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
@@ -29,25 +28,6 @@ const NEG: f32 = -3.402823e38;
 @group(0) @binding(4) var<storage, read> stat_in: array<f32>;
 @group(0) @binding(5) var<storage, read> g: array<f32>;
 
-var<workgroup> wm: array<f32, 256>;
-var<workgroup> ws: array<f32, 256>;
-
-// Workgroup reduction of per-thread (max m, sum of exp(v - m)) pairs -> (max, sum) of the whole row.
-fn reduce_max_sum(t: u32, m: f32, s: f32) -> vec2<f32> {
-    workgroupBarrier();
-    wm[t] = m;
-    ws[t] = s;
-    for (var o = 128u; o > 0u; o = o >> 1u) {
-        workgroupBarrier();
-        if (t < o) {
-            let mm = max(wm[t], wm[t + o]);
-            ws[t] = ws[t] * exp(wm[t] - mm) + ws[t + o] * exp(wm[t + o] - mm);
-            wm[t] = mm;
-        }
-    }
-    workgroupBarrier();
-    return vec2<f32>(wm[0], ws[0]);
-}
 
 @compute @workgroup_size(256)
 fn ce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

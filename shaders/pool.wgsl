@@ -11,7 +11,6 @@ struct P {
     d: u32,
 }
 
-const NEG: f32 = -3.402823e38;
 
 @group(0) @binding(0) var<uniform> prm: P;
 // pool_fwd: a, x, lens -> e, alpha
@@ -25,25 +24,6 @@ const NEG: f32 = -3.402823e38;
 @group(0) @binding(4) var<storage, read> de: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dout: array<f32>;
 
-var<workgroup> wm: array<f32, 256>;
-var<workgroup> ws: array<f32, 256>;
-
-// Workgroup reduction of per-thread (max m, sum of exp(v - m)) pairs -> (max, sum) of the whole row.
-fn reduce_max_sum(t: u32, m: f32, s: f32) -> vec2<f32> {
-    workgroupBarrier();
-    wm[t] = m;
-    ws[t] = s;
-    for (var o = 128u; o > 0u; o = o >> 1u) {
-        workgroupBarrier();
-        if (t < o) {
-            let mm = max(wm[t], wm[t + o]);
-            ws[t] = ws[t] * exp(wm[t] - mm) + ws[t + o] * exp(wm[t + o] - mm);
-            wm[t] = mm;
-        }
-    }
-    workgroupBarrier();
-    return vec2<f32>(wm[0], ws[0]);
-}
 
 // Workgroup sum of one value per thread.
 fn reduce_sum(t: u32, v: f32) -> f32 {

@@ -111,7 +111,8 @@ impl Default for ModelConfig {
 pub struct DeviceModality {
     /// (I + 1, rows * d): row 0 is the padding item.
     pub feats: Tensor,
-    pub lens: Vec<u32>,
+    /// Row count per item (I + 1), on the host and (lazily) on the device.
+    pub lens: Indices,
     pub rows: usize,
     pub dim: usize,
 }
@@ -121,7 +122,7 @@ impl DeviceModality {
         let n = m.lens.len();
         Ok(DeviceModality {
             feats: Tensor::from_vec(m.data.clone(), &[n, m.rows * m.dim], dev)?,
-            lens: m.lens.clone(),
+            lens: Indices::new(m.lens.clone()),
             rows: m.rows,
             dim: m.dim,
         })
@@ -129,7 +130,11 @@ impl DeviceModality {
     /// Features of `items` (U) -> ((U, rows, d), lens (U)).
     fn gather(&self, items: &[u32]) -> Result<(Tensor, Indices)> {
         let x = embedding(&self.feats, &Indices::new(items.to_vec()), &[items.len()])?.reshape(&[items.len(), self.rows, self.dim])?;
-        Ok((x, Indices::new(items.iter().map(|&i| self.lens[i as usize]).collect())))
+        Ok((x, Indices::new(items.iter().map(|&i| self.lens.host()[i as usize]).collect())))
+    }
+    /// Features of every item, in place (no copy): ((I + 1, rows, d), lens (I + 1)).
+    fn all(&self) -> Result<(Tensor, Indices)> {
+        Ok((self.feats.reshape(&[self.lens.len(), self.rows, self.dim])?, self.lens.clone()))
     }
 }
 
@@ -145,6 +150,8 @@ pub struct Model {
     pub head_v: Option<Linear>,
     pub text: Option<DeviceModality>,
     pub image: Option<DeviceModality>,
+    /// Ids 1..=I, the columns of the score matrix (uploaded once).
+    real_items: Indices,
 }
 
 impl Model {
@@ -186,6 +193,7 @@ impl Model {
             enc_v,
             text: text.map(|m| DeviceModality::new(m, dev)).transpose()?,
             image: image.map(|m| DeviceModality::new(m, dev)).transpose()?,
+            real_items: Indices::new((1..=n_items as u32).collect()),
             cfg,
         })
     }
@@ -233,14 +241,13 @@ impl Model {
     /// Item representations for scoring: one tensor (I + 1, d0) per score term, tagged with the
     /// modality it comes from (None for ID-only or fused tables).
     fn item_tables(&self, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<Vec<(Option<Mod>, Tensor)>> {
-        let all: Vec<u32> = (0..=self.n_items as u32).collect();
         let e = self.item_emb.as_ref().unwrap();
         match self.cfg.model {
             ModelKind::Sasrec => Ok(vec![(None, e.clone())]),
             ModelKind::Sasrecm => {
                 let mut t: Option<Tensor> = with_id.then(|| e.clone());
                 for (_, enc, m) in self.encoders() {
-                    let (x, lens) = m.gather(&all)?;
+                    let (x, lens) = m.all()?;
                     let z = enc.forward(&x, &lens, train, seeds)?;
                     t = Some(match t {
                         Some(t) => add(&t, &z)?,
@@ -255,7 +262,7 @@ impl Model {
                     if self.cfg.drop_score == Some(md) {
                         continue;
                     }
-                    let (x, lens) = m.gather(&all)?;
+                    let (x, lens) = m.all()?;
                     let z = enc.forward(&x, &lens, train, seeds)?;
                     v.push((Some(md), if with_id { add(&z, e)? } else { z }));
                 }
@@ -270,12 +277,12 @@ impl Model {
         let tables = self.item_tables(train, with_id, seeds)?;
         let ids = Indices::new(batch.ids.clone());
         let lens = Indices::new(batch.lens.clone());
-        let real = Indices::new((1..=self.n_items as u32).collect());
+        let real = &self.real_items;
         let mut total: Option<Tensor> = None;
         for (_, table) in &tables {
             let x = embedding(table, &ids, &[batch.b, batch.l])?;
             let h = self.transformer.forward(&x, &lens, train, seeds)?;
-            let items = embedding(table, &real, &[self.n_items])?;
+            let items = embedding(table, real, &[self.n_items])?;
             let s = match (self.cfg.model, self.cfg.score) {
                 (ModelKind::Msm4sr, Score::Cos) => scale(&cosine(&h, &items)?, 1.0 / self.cfg.tau)?,
                 _ => matmul(&h, &items, false, true)?,

@@ -366,7 +366,7 @@ impl Tensor {
             Storage::F32(v) => Storage::F32(v.clone()),
             Storage::F64(v) => Storage::F64(v.clone()),
             Storage::Gpu(_) => {
-                // Share: take the source's storage by swapping buffers through a fresh copy.
+                // A device-side copy into a fresh pooled buffer.
                 return super::ops::elementwise::copy_into(src, self);
             }
         };
