@@ -602,6 +602,21 @@ fn synth_default_size_and_bad_configs() {
     assert!(g.image.is_none() && g.text.as_ref().unwrap().lens.iter().all(|l| *l > 0));
 }
 
+#[test]
+fn synth_config_file_sets_some_keys_and_rejects_unknown_ones() {
+    let dir = tmpdir("synth-config");
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "items = 300\nzipf = 0.8\n").unwrap();
+    let cfg = SynthConfig::from_toml_file(&good).unwrap();
+    assert_eq!((cfg.items, cfg.zipf, cfg.users), (300, 0.8, SynthConfig::default().users));
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "zipff = 0.8\n").unwrap();
+    assert_has(&err_msg(SynthConfig::from_toml_file(&typo)), &["typo.toml", "zipff"]);
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "noise = 1.5\n").unwrap();
+    assert_has(&err_msg(SynthConfig::from_toml_file(&bad)), &["synth config", "noise"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Real data (skipped when ../shared/data is absent)
 // ---------------------------------------------------------------------------------------------

@@ -269,8 +269,14 @@ enum Cmd {
     },
     /// Write a synthetic dataset with planted multimodal structure.
     Synth {
+        #[arg(long, required_unless_present = "print_config")]
+        out: Option<PathBuf>,
+        /// TOML file with any generator settings (see `--print-config` for the keys and defaults).
         #[arg(long)]
-        out: PathBuf,
+        config: Option<PathBuf>,
+        /// Print the effective generator settings as TOML and exit.
+        #[arg(long)]
+        print_config: bool,
         #[arg(long)]
         users: Option<usize>,
         #[arg(long)]
@@ -418,8 +424,11 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Synth { out, users, items, seed } => {
-            let mut c = synth::SynthConfig::default();
+        Cmd::Synth { out, config, print_config, users, items, seed } => {
+            let mut c = match config {
+                Some(p) => synth::SynthConfig::from_toml_file(&p)?,
+                None => synth::SynthConfig::default(),
+            };
             if let Some(u) = users {
                 c.users = u;
             }
@@ -429,6 +438,12 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             if let Some(s) = seed {
                 c.seed = s;
             }
+            c.validate()?;
+            if print_config {
+                print!("{}", toml::to_string(&c).unwrap_or_default());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let out = out.ok_or_else(|| msm4sr::Error::Invalid("synth needs --out DIR".into()))?;
             synth::write(&out, &c)?;
             println!("wrote a synthetic dataset ({} users, {} items, seed {}) to {}", c.users, c.items, c.seed, out.display());
             Ok(ExitCode::SUCCESS)

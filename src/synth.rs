@@ -40,7 +40,7 @@ pub const NAME: &str = "synth";
 /// Generator settings. The defaults train an ID-only SASRec and MSM4SR in a few minutes on a
 /// 2-core CPU.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SynthConfig {
     pub users: usize,
     pub items: usize,
@@ -98,6 +98,15 @@ impl Default for SynthConfig {
 }
 
 impl SynthConfig {
+    /// Read generator settings from a TOML file: any subset of the keys, the rest default.
+    /// Unknown keys are an error (a misspelt setting must not be silently ignored).
+    pub fn from_toml_file(path: &Path) -> Result<SynthConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+        let cfg: SynthConfig = toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Check the settings, naming the first bad one.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Invalid(format!("synth config: {msg}")));

@@ -153,6 +153,7 @@ pub fn base_meta(cfg: &RunConfig, item_tokens: &[String], stage: Stage) -> BTree
 }
 
 /// Train one stage with early stopping; the best weights end up both in `model` and at `out`.
+/// One summary line per epoch goes to stderr; `quiet` (used with `--json`) hides the progress bar.
 pub fn fit(
     model: &Model,
     split: &Split,
@@ -209,10 +210,8 @@ pub fn fit(
         if let Some(v) = ck.meta.get("best_valid") {
             best_valid = serde_json::from_str(v).ok();
         }
-        if !quiet {
-            eprintln!("resuming {stage:?} from {} at epoch {}", last.display(), start_epoch + 1);
-        }
-    } else if resume && !quiet {
+        eprintln!("resuming {stage:?} from {} at epoch {}", last.display(), start_epoch + 1);
+    } else if resume {
         eprintln!("no resume state at {}; starting from scratch", last.display());
     }
     let start = Instant::now();
@@ -260,17 +259,15 @@ pub fn fit(
         } else {
             bad_epochs += 1;
         }
-        if !quiet {
-            eprintln!(
-                "{stage:?} epoch {:>3}  loss {:.4}  {:.0} samples/s  valid recall@20 {:.4} ndcg@20 {:.4}{}",
-                epoch + 1,
-                loss_sum / steps.max(1) as f64,
-                split.train.len() as f64 / train_secs,
-                valid.recall20,
-                valid.ndcg20,
-                if improved { "  *best" } else { "" }
-            );
-        }
+        eprintln!(
+            "{stage:?} epoch {:>3}  loss {:.4}  {:.0} samples/s  valid recall@20 {:.4} ndcg@20 {:.4}{}",
+            epoch + 1,
+            loss_sum / steps.max(1) as f64,
+            split.train.len() as f64 / train_secs,
+            valid.recall20,
+            valid.ndcg20,
+            if improved { "  *best" } else { "" }
+        );
         epoch += 1;
         // Resume state after every epoch.
         let mut state: Vec<(String, Tensor)> = model.params();
