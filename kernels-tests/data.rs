@@ -586,12 +586,12 @@ fn synth_is_deterministic_for_a_seed() {
 #[test]
 fn synth_default_size_and_bad_configs() {
     let cfg = SynthConfig::default();
-    assert_eq!((cfg.users, cfg.items, cfg.dim, cfg.sentences, cfg.images), (600, 2000, 32, 4, 3));
+    assert_eq!((cfg.users, cfg.items, cfg.dim, cfg.sentences, cfg.images), (1000, 3000, 32, 4, 3));
     let g = synth::generate(&cfg).unwrap();
     let ds = Dataset::from_interactions("synth", &g.interactions, 5).unwrap();
     println!("default synth: {}", ds.stats());
-    assert_eq!(ds.num_users(), 600);
-    // A long tail: about two thirds of the items are ever interacted with.
+    assert_eq!(ds.num_users(), 1000);
+    // A long tail: most, not all, items are ever interacted with.
     assert!(ds.num_items() > 1000, "most items are used: {}", ds.num_items());
     let bad = SynthConfig { min_len: 2, ..SynthConfig::default() };
     assert_has(&err_msg(synth::generate(&bad)), &["synth config", "min_len"]);

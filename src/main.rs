@@ -319,6 +319,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    msm4sr::keep_freed_memory();
     let cli = Cli::parse();
     gpu::request_adapter(cli.adapter.clone());
     match run(cli) {

@@ -76,8 +76,8 @@ pub struct SynthConfig {
 impl Default for SynthConfig {
     fn default() -> Self {
         SynthConfig {
-            users: 600,
-            items: 2000,
+            users: 1000,
+            items: 3000,
             topics: 16,
             sentences: 4,
             images: 3,
@@ -85,11 +85,11 @@ impl Default for SynthConfig {
             latent: 16,
             min_len: 6,
             max_len: 20,
-            zipf: 1.1,
+            zipf: 0.8,
             stay: 0.5,
             noise: 0.1,
-            similarity: 5.0,
-            feature_noise: 0.3,
+            similarity: 8.0,
+            feature_noise: 0.2,
             partial: 0.25,
             missing: 0.03,
             seed: 42,
