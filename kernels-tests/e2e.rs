@@ -185,10 +185,30 @@ fn cli_trains_evaluates_and_reports_bad_input() {
     }
     assert_eq!(v["model"], "sasrec");
     assert_eq!(v["epochs"], 2);
-    let (ok, out2, err) = msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", ck, "--json"]);
+    let ranks = dir.join("ranks.tsv");
+    let (ok, out2, err) =
+        msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", ck, "--json", "--ranks", ranks.to_str().unwrap()]);
     assert!(ok, "evaluate failed: {err}");
     let v2: serde_json::Value = serde_json::from_str(&out2).unwrap();
     assert_eq!(v["test"], v2["test"], "evaluate must reproduce the test metrics of train");
+    // The per-user ranks file: one line per validation and test user, consistent with the metrics.
+    let text = std::fs::read_to_string(&ranks).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("split\tuser\ttarget\trank"));
+    let (mut test_ranks, mut n_valid) = (Vec::new(), 0);
+    for line in lines {
+        let f: Vec<&str> = line.split('\t').collect();
+        assert_eq!(f.len(), 4, "{line}");
+        assert!(f[1].starts_with('u') && f[2].starts_with('i'), "{line}");
+        match f[0] {
+            "valid" => n_valid += 1,
+            "test" => test_ranks.push(f[3].parse::<u32>().unwrap()),
+            other => panic!("unknown split {other}"),
+        }
+    }
+    assert_eq!(n_valid, test_ranks.len());
+    let recall10 = test_ranks.iter().filter(|&&r| r < 10).count() as f64 / test_ranks.len() as f64;
+    assert!((recall10 - v2["test"]["recall@10"].as_f64().unwrap()).abs() < 1e-9, "ranks file disagrees with recall@10");
     let (ok, out3, err) = msm4sr_bin(&["--device", "cpu", "recommend", "--data", d, "--ckpt", ck, "--user", "u1", "--k", "3"]);
     assert!(ok, "recommend failed: {err}");
     assert_eq!(out3.lines().count(), 4, "{out3}");

@@ -143,6 +143,18 @@ pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<(
     Ok((model, cfg))
 }
 
+/// Per-user target ranks as TSV (`split`, `user`, `target`, `rank`; rank 0 = top, ties counted
+/// against the target), one line per evaluated sample.
+pub fn ranks_tsv(ds: &Dataset, parts: &[(&str, &[Sample], &[u32])]) -> String {
+    let mut out = String::from("split\tuser\ttarget\trank\n");
+    for (name, samples, ranks) in parts {
+        for (s, r) in samples.iter().zip(ranks.iter()) {
+            out += &format!("{name}\t{}\t{}\t{r}\n", ds.user_tokens[s.user as usize], ds.item_tokens[s.target as usize]);
+        }
+    }
+    out
+}
+
 /// Top-k items for one user given their whole history; returns (item token, score, already seen).
 pub fn recommend(model: &Model, ds: &Dataset, user: &str, k: usize) -> Result<Vec<(String, f32, bool)>> {
     let u = ds

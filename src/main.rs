@@ -225,6 +225,10 @@ enum Cmd {
         ckpt: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Also write every user's target rank (TSV: split, user, target, rank) for paired
+        /// significance tests between models (tools/paired_test.py).
+        #[arg(long)]
+        ranks: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "error")]
         missing_features: MissingArg,
     },
@@ -374,7 +378,7 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             let plan = Plan { pretrain: false, finetune: true, e2e: false };
             train_cmd(&run, cfg, plan, &out, init.as_deref(), resume, cli.device, named)
         }
-        Cmd::Evaluate { data, ckpt, json, missing_features } => {
+        Cmd::Evaluate { data, ckpt, json, ranks, missing_features } => {
             let (dev, desc) = cli.device.resolve(named)?;
             eprintln!("device: {desc}");
             let cfg = checkpoint_config(&ckpt)?;
@@ -382,8 +386,15 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             let (model, cfg) = cli_run::model_from_checkpoint(&ds, &ckpt, dev)?;
             let split = ds.split(cfg.model.max_len);
             let start = std::time::Instant::now();
-            let valid = msm4sr::train::evaluate(&model, &split.valid, &cfg.train, true)?;
-            let test = msm4sr::train::evaluate(&model, &split.test, &cfg.train, true)?;
+            let tc = &cfg.train;
+            let valid_ranks = msm4sr::train::ranks(&model, &split.valid, tc.eval_batch, true, tc.mask_history)?;
+            let test_ranks = msm4sr::train::ranks(&model, &split.test, tc.eval_batch, true, tc.mask_history)?;
+            if let Some(path) = ranks {
+                let text = cli_run::ranks_tsv(&ds, &[("valid", &split.valid, &valid_ranks), ("test", &split.test, &test_ranks)]);
+                msm4sr::checkpoint::write_atomic(&path, text.as_bytes())?;
+                eprintln!("per-user ranks in {}", path.display());
+            }
+            let (valid, test) = (metrics::Metrics::from_ranks(&valid_ranks), metrics::Metrics::from_ranks(&test_ranks));
             let r = cli_run::RunResult { model: cli_run::model_name(&cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64() };
             print_result(&r, json);
             Ok(ExitCode::SUCCESS)
