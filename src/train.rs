@@ -251,7 +251,7 @@ pub fn fit(
             best = r20;
             best_epoch = epoch + 1;
             bad_epochs = 0;
-            best_valid = Some(valid.clone());
+            best_valid = Some(valid);
             let mut m = meta.clone();
             m.insert("epoch".into(), (epoch + 1).to_string());
             m.insert("valid".into(), serde_json::to_string(&valid).unwrap());

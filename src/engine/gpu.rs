@@ -275,7 +275,7 @@ impl Gpu {
 
     /// Largest storage buffer one binding may address.
     pub fn max_binding(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
 
     /// A buffer of at least `bytes` bytes from the pool (contents undefined).

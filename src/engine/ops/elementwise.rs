@@ -254,7 +254,7 @@ pub fn dropout(x: &Tensor, p: f32, seed: u32) -> Result<Tensor> {
 pub fn broadcast_to(b: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let n = numel(shape);
     let nb = b.numel();
-    if nb == 0 || n % nb != 0 || (b.rank() > 0 && shape[shape.len().saturating_sub(b.rank())..] != *b.shape() && nb != 1) {
+    if nb == 0 || !n.is_multiple_of(nb) || (b.rank() > 0 && shape[shape.len().saturating_sub(b.rank())..] != *b.shape() && nb != 1) {
         return Err(Error::Shape { op: "broadcast_to", msg: format!("cannot broadcast {:?} to {shape:?}", b.shape()) });
     }
     let st = on_device!(b.device(), T => T::wrap(broadcast_cpu::<T>(&b.host::<T>()?, n)),
