@@ -37,11 +37,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
-
 use crate::bert::{progress_bar, SentenceEncoder};
 use crate::checkpoint::write_atomic;
+use crate::data::{features_bytes, Modality};
 use crate::engine::Device;
 use crate::{Error, Result};
 
@@ -389,8 +387,8 @@ pub fn read_image_keywords(path: &Path, tokens: &[String]) -> Result<(Vec<Vec<St
 
 // ---- run ------------------------------------------------------------------------------------
 
-/// Pack per-item vectors into [N, R, d] (R = max count, at least 1) and counts [N].
-fn pack(per_item: &[Vec<String>], emb: &HashMap<&str, &[f32]>, d: usize) -> (Vec<f32>, Vec<i32>, usize) {
+/// Pack per-item vectors into a [`Modality`]: [N, R, d] with R = max count (at least 1), counts [N].
+fn pack(per_item: &[Vec<String>], emb: &HashMap<&str, &[f32]>, d: usize) -> Modality {
     let rows = per_item.iter().map(Vec::len).max().unwrap_or(0).max(1);
     let mut data = vec![0.0f32; per_item.len() * rows * d];
     for (i, sents) in per_item.iter().enumerate() {
@@ -398,7 +396,7 @@ fn pack(per_item: &[Vec<String>], emb: &HashMap<&str, &[f32]>, d: usize) -> (Vec
             data[(i * rows + j) * d..(i * rows + j + 1) * d].copy_from_slice(emb[s.as_str()]);
         }
     }
-    (data, per_item.iter().map(|s| s.len() as i32).collect(), rows)
+    Modality { rows, dim: d, data, lens: per_item.iter().map(|s| s.len() as u32).collect() }
 }
 
 /// Embed the text (and image keywords) of every item of `opts.items` and write the features; see
@@ -446,17 +444,8 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
     let emb: HashMap<&str, &[f32]> = distinct.iter().copied().zip(vecs.iter().map(Vec::as_slice)).collect();
 
     let n = table.tokens.len();
-    let (text_data, text_len, s_rows) = pack(&text, &emb, d);
-    let image_packed = images.as_ref().map(|im| pack(im, &emb, d));
-    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
-    let view =
-        |dtype, shape: Vec<usize>, bytes| TensorView::new(dtype, shape, bytes).map_err(|e| Error::Invalid(format!("featurize: {e}")));
-    views.push(("text".into(), view(Dtype::F32, vec![n, s_rows, d], bytemuck::cast_slice(&text_data))?));
-    views.push(("text_len".into(), view(Dtype::I32, vec![n], bytemuck::cast_slice(&text_len))?));
-    if let Some((data, lens, v_rows)) = &image_packed {
-        views.push(("image".into(), view(Dtype::F32, vec![n, *v_rows, d], bytemuck::cast_slice(data))?));
-        views.push(("image_len".into(), view(Dtype::I32, vec![n], bytemuck::cast_slice(lens))?));
-    }
+    let text_m = pack(&text, &emb, d);
+    let image_m = images.as_ref().map(|im| pack(im, &emb, d));
     let source = serde_json::json!({
         "model": encoder.dir.display().to_string(),
         "pooling": "mean + L2",
@@ -469,7 +458,7 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
         "image_keywords": opts.image_keywords.as_ref().map(|p| p.display().to_string()),
     });
     let meta: HashMap<String, String> = [("source".to_string(), source.to_string())].into_iter().collect();
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Invalid(format!("featurize: {e}")))?;
+    let bytes = features_bytes(Some(&text_m), image_m.as_ref(), meta)?;
 
     let features = opts.out.join(format!("{name}.features.safetensors"));
     let items_txt = opts.out.join(format!("{name}.items.txt"));
@@ -496,8 +485,8 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
         items_with_images,
         images_dropped,
         distinct_sentences: owned.len(),
-        text_shape: [n, s_rows, d],
-        image_shape: image_packed.as_ref().map(|(_, _, v)| [n, *v, d]),
+        text_shape: [n, text_m.rows, d],
+        image_shape: image_m.as_ref().map(|m| [n, m.rows, d]),
         embed_seconds,
         sentences_per_s: owned.len() as f64 / embed_seconds.max(1e-9),
         total_seconds: t0.elapsed().as_secs_f64(),

@@ -26,12 +26,10 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::write_atomic;
-use crate::data::{Interaction, Modality};
+use crate::data::{features_bytes, Interaction, Modality};
 use crate::{Error, Result};
 
 /// Dataset name: the files are `synth.inter`, `synth.features.safetensors`, `synth.items.txt`.
@@ -328,29 +326,6 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
         text,
         image,
     })
-}
-
-/// The safetensors bytes of item features (`text`/`image` f32, `*_len` int32). Metadata entries
-/// are written in hash order: pass at most one for byte-identical output.
-pub fn features_bytes(text: Option<&Modality>, image: Option<&Modality>, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
-    let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, m) in [("text", text), ("image", image)] {
-        if let Some(m) = m {
-            let data: Vec<u8> = m.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            bufs.push((name.to_string(), Dtype::F32, vec![m.lens.len(), m.rows, m.dim], data));
-            let lens: Vec<u8> = m.lens.iter().flat_map(|&l| (l as i32).to_le_bytes()).collect();
-            bufs.push((format!("{name}_len"), Dtype::I32, vec![m.lens.len()], lens));
-        }
-    }
-    let views = bufs
-        .iter()
-        .map(|(name, dt, shape, data)| {
-            TensorView::new(*dt, shape.clone(), data)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::Invalid(format!("features tensor `{name}`: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Invalid(format!("cannot serialise features: {e}")))
 }
 
 /// Generate and write `synth.inter`, `synth.features.safetensors` and `synth.items.txt` into

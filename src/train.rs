@@ -242,7 +242,8 @@ pub fn fit(
             bar.set_message(format!("loss {:.4}", loss_sum / steps as f64));
         }
         bar.finish_and_clear();
-        losses.push(loss_sum / steps.max(1) as f64);
+        let epoch_loss = loss_sum / steps.max(1) as f64;
+        losses.push(epoch_loss);
         let train_secs = t0.elapsed().as_secs_f64();
         let valid = evaluate(model, &split.valid, tc, with_id)?;
         let r20 = valid.recall20;
@@ -262,7 +263,7 @@ pub fn fit(
         eprintln!(
             "{stage:?} epoch {:>3}  loss {:.4}  {:.0} samples/s  valid recall@20 {:.4} ndcg@20 {:.4}{}",
             epoch + 1,
-            loss_sum / steps.max(1) as f64,
+            epoch_loss,
             split.train.len() as f64 / train_secs,
             valid.recall20,
             valid.ndcg20,

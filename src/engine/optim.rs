@@ -125,10 +125,7 @@ impl Adam {
             let total: usize = slices.iter().map(|s| s.len()).sum();
             let sums: Vec<f64> =
                 if par::worth(total) { slices.par_iter().map(|g| sumsq(g)).collect() } else { slices.iter().map(|g| sumsq(g)).collect() };
-            let mut tot = 0.0f64;
-            for g in sums {
-                tot += g;
-            }
+            let tot: f64 = sums.iter().sum();
             c = T::c((self.cfg.max_grad_norm as f64 / (tot.sqrt() + 1e-6)).min(1.0));
         }
         for &i in live {

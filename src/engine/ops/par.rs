@@ -168,15 +168,7 @@ pub(crate) fn chunks2<A: Copy + Default + Send, B: Copy + Default + Send>(
 /// An (n, la) matrix built row by row: `f(r, row_r)`, each row zeroed first. Each row costs about
 /// `work` elements of work; rows go to the pool when there is enough of it.
 pub(crate) fn rows<A: Copy + Default + Send>(n: usize, work: usize, la: usize, f: impl Fn(usize, &mut [A]) + Sync + Send) -> Vec<A> {
-    let mut a = Vec::new();
-    {
-        let oa = Fresh::new(&mut a, n * la);
-        // SAFETY: row r is [r * la, (r + 1) * la); rows are disjoint.
-        drive(n, worth(n * work), min_rows(work), |r| f(r, unsafe { oa.range(r * la, la) }));
-    }
-    // SAFETY: the rows cover [0, n * la).
-    unsafe { finish(&mut a, n * la) };
-    a
+    rows3::<A, u8, u8>(n, work, (la, 0, 0), |r, a, _, _| f(r, a)).0
 }
 
 /// As [`rows`] with two outputs of rows `la` and `lb` long, row r of each handed to `f` together.
@@ -187,23 +179,13 @@ pub(crate) fn rows2<A: Copy + Default + Send, B: Copy + Default + Send>(
     lb: usize,
     f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
 ) -> (Vec<A>, Vec<B>) {
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    {
-        let (oa, ob) = (Fresh::new(&mut a, n * la), Fresh::new(&mut b, n * lb));
-        drive(n, worth(n * work), min_rows(work), |r| {
-            // SAFETY: as in `rows`, for each output.
-            f(r, unsafe { oa.range(r * la, la) }, unsafe { ob.range(r * lb, lb) })
-        });
-    }
-    // SAFETY: the rows cover both outputs.
-    unsafe {
-        finish(&mut a, n * la);
-        finish(&mut b, n * lb);
-    }
+    let (a, b, _) = rows3::<A, B, u8>(n, work, (la, lb, 0), |r, a, b, _| f(r, a, b));
     (a, b)
 }
 
-/// As [`rows`] with three outputs.
+/// An (n, la), (n, lb) and (n, lc) matrix built row by row: `f(r, row_r of each)`, each row zeroed
+/// first (a zero length gives an empty output at no cost). Each row costs about `work` elements of
+/// work; rows go to the pool when there is enough of it.
 #[allow(clippy::type_complexity)]
 pub(crate) fn rows3<A: Copy + Default + Send, B: Copy + Default + Send, C: Copy + Default + Send>(
     n: usize,
@@ -215,7 +197,7 @@ pub(crate) fn rows3<A: Copy + Default + Send, B: Copy + Default + Send, C: Copy 
     {
         let (oa, ob, oc) = (Fresh::new(&mut a, n * la), Fresh::new(&mut b, n * lb), Fresh::new(&mut c, n * lc));
         drive(n, worth(n * work), min_rows(work), |r| {
-            // SAFETY: as in `rows`, for each output.
+            // SAFETY: row r of each output is [r * l, (r + 1) * l); rows are disjoint.
             f(r, unsafe { oa.range(r * la, la) }, unsafe { ob.range(r * lb, lb) }, unsafe { oc.range(r * lc, lc) })
         });
     }
