@@ -5,6 +5,7 @@
 //   bcast:   out = b[i % nb]              (broadcast b up to n elements)
 //   gelu_fwd/gelu_bwd: erf-GELU and its derivative
 //   dropout: out = a * keep(seed, i) / (1 - p); the mask is recomputed from (seed, i) in backward
+//   dropout_rows: as dropout on rows of nb channels, element (r, c) keyed on keys[r] * nb + c
 //   copy:    out = a
 
 struct P {
@@ -18,6 +19,7 @@ struct P {
 @group(0) @binding(0) var<uniform> prm: P;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read> keys: array<u32>;  // dropout_rows
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 @compute @workgroup_size(256)
@@ -72,5 +74,13 @@ fn dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     let i = lin(gid, nwg);
     if (i >= prm.n) { return; }
     let keep = rand01(prm.seed, i) >= prm.p;
+    out[i] = select(0.0, a[i] / (1.0 - prm.p), keep);
+}
+
+@compute @workgroup_size(256)
+fn dropout_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = lin(gid, nwg);
+    if (i >= prm.n) { return; }
+    let keep = rand01(prm.seed, keys[i / prm.nb] * prm.nb + i % prm.nb) >= prm.p;
     out[i] = select(0.0, a[i] / (1.0 - prm.p), keep);
 }

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::engine::ops::{cross_entropy, embedding, matmul};
 use crate::engine::optim::{Adam, AdamConfig};
-use crate::engine::{backward, Device, Indices, Tensor};
+use crate::engine::{backward, Device, Indices, Ragged, Tensor};
 use crate::nn::{ItemEncoder, Seeds, Transformer};
 use crate::Result;
 
@@ -23,13 +23,15 @@ pub struct TinyConfig {
     pub hidden: usize,
     pub batch: usize,
     pub seq_len: usize,
+    /// Shortest sequence drawn (lengths are uniform in min_len..=seq_len).
+    pub min_len: usize,
     pub dropout: f32,
     pub seed: u64,
 }
 
 impl Default for TinyConfig {
     fn default() -> Self {
-        TinyConfig { items: 60, topics: 6, sentences: 3, d: 16, hidden: 16, batch: 32, seq_len: 6, dropout: 0.1, seed: 7 }
+        TinyConfig { items: 60, topics: 6, sentences: 3, d: 16, hidden: 16, batch: 32, seq_len: 6, min_len: 1, dropout: 0.1, seed: 7 }
     }
 }
 
@@ -74,7 +76,7 @@ impl Tiny {
         let per_topic = c.items / c.topics;
         let (mut ids, mut lens, mut targets) = (vec![0u32; c.batch * c.seq_len], Vec::new(), Vec::new());
         for b in 0..c.batch {
-            let len = self.rng.random_range(1..=c.seq_len);
+            let len = self.rng.random_range(c.min_len.clamp(1, c.seq_len)..=c.seq_len);
             let mut t = self.rng.random_range(0..c.topics);
             for p in 0..len {
                 ids[b * c.seq_len + p] = (self.rng.random_range(0..per_topic) * c.topics + t) as u32;
@@ -89,10 +91,11 @@ impl Tiny {
     /// One training step; returns the loss.
     pub fn step(&mut self) -> Result<f32> {
         let (ids, lens, targets) = self.batch();
-        let (b, l) = (self.cfg.batch, self.cfg.seq_len);
+        let l = self.cfg.seq_len;
         let z = self.encoder.forward(&self.features, &self.feat_lens, true, &mut self.seeds)?; // (I, h)
-        let seq = embedding(&z, &Indices::new(ids), &[b, l])?; // (B, L, h)
-        let h = self.transformer.forward(&seq, &Indices::new(lens), true, &mut self.seeds)?; // (B, h)
+        let r = Ragged::new(&lens, l)?; // the B sequences packed into N rows
+        let seq = embedding(&z, &Indices::new(r.pack(&ids, l)), &[r.rows()])?; // (N, h)
+        let h = self.transformer.forward(&seq, &r, true, &mut self.seeds)?; // (B, h)
         let logits = matmul(&h, &z, false, true)?; // (B, I)
         let loss = cross_entropy(&logits, &Indices::new(targets))?;
         let grads = backward(&loss)?;

@@ -11,9 +11,9 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Batch, Modality};
-use crate::engine::ops::{add, concat, cross_entropy, embedding, matmul, scale};
-use crate::engine::{Device, Indices, Tensor};
-use crate::nn::{cmcl_loss, cosine, nip_loss, ItemEncoder, Linear, Seeds, Transformer};
+use crate::engine::ops::{add, catalog_ce, concat, embedding, l2norm, matmul, mean, scale};
+use crate::engine::{Device, Indices, Ragged, Tensor};
+use crate::nn::{cmcl_loss, nip_loss, ItemEncoder, Linear, Seeds, Transformer};
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -152,6 +152,9 @@ pub struct Model {
     pub image: Option<DeviceModality>,
     /// Ids 1..=I, the columns of the score matrix (uploaded once).
     real_items: Indices,
+    /// Run the transformer on padded (B, L, C) batches instead of packed rows: the reference layout
+    /// the ragged path is tested against (same values on every sequence, same dropout masks).
+    pub padded: bool,
 }
 
 impl Model {
@@ -194,6 +197,7 @@ impl Model {
             text: text.map(|m| DeviceModality::new(m, dev)).transpose()?,
             image: image.map(|m| DeviceModality::new(m, dev)).transpose()?,
             real_items: Indices::new((1..=n_items as u32).collect()),
+            padded: false,
             cfg,
         })
     }
@@ -271,34 +275,60 @@ impl Model {
         }
     }
 
+    /// Sequence representations h (B', d0) of sequences given as padded ids (B' x l, row-major,
+    /// left-aligned, B' = lens.len()) into the rows of `table`: packed into their real rows (or
+    /// padded, with `self.padded`), through the transformer, each sequence's last position.
+    fn sequences(&self, table: &Tensor, ids: &[u32], lens: &[u32], l: usize, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        if self.padded {
+            let x = embedding(table, &Indices::new(ids.to_vec()), &[lens.len(), l])?;
+            return self.transformer.forward_padded(&x, &Indices::new(lens.to_vec()), train, seeds);
+        }
+        let r = Ragged::new(lens, l)?;
+        let x = embedding(table, &Indices::new(r.pack(ids, l)), &[r.rows()])?;
+        self.transformer.forward(&x, &r, train, seeds)
+    }
+
+    /// The score terms of a batch: one (h_k (B, d0), items_k (I, d0)) per item table and the
+    /// scale, so that the scores over all real items are scale * sum_k h_k items_k^T (column j =
+    /// item j + 1). MSM4SR's cosine scorer gives L2-normalised vectors and scale 1 / tau; the dot
+    /// scorer the raw ones and scale 1.
+    fn score_terms(&self, batch: &Batch, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<(Vec<(Tensor, Tensor)>, f32)> {
+        let tables = self.item_tables(train, with_id, seeds)?;
+        let cos = self.cfg.model == ModelKind::Msm4sr && self.cfg.score == Score::Cos;
+        let mut terms = Vec::new();
+        for (_, table) in &tables {
+            let h = self.sequences(table, &batch.ids, &batch.lens, batch.l, train, seeds)?;
+            let items = embedding(table, &self.real_items, &[self.n_items])?;
+            terms.push(if cos { (l2norm(&h, 1e-12)?, l2norm(&items, 1e-12)?) } else { (h, items) });
+        }
+        if terms.is_empty() {
+            return Err(Error::Invalid("no score term left (--drop-score removed the only modality)".into()));
+        }
+        Ok((terms, if cos { 1.0 / self.cfg.tau } else { 1.0 }))
+    }
+
     /// Fine-tuning / evaluation scores over all real items: (B, I), column j = item j + 1.
     /// `with_id: false` scores with the modality encoders alone (validation during pre-training).
     pub fn scores(&self, batch: &Batch, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<Tensor> {
-        let tables = self.item_tables(train, with_id, seeds)?;
-        let ids = Indices::new(batch.ids.clone());
-        let lens = Indices::new(batch.lens.clone());
-        let real = &self.real_items;
+        let (terms, sc) = self.score_terms(batch, train, with_id, seeds)?;
         let mut total: Option<Tensor> = None;
-        for (_, table) in &tables {
-            let x = embedding(table, &ids, &[batch.b, batch.l])?;
-            let h = self.transformer.forward(&x, &lens, train, seeds)?;
-            let items = embedding(table, real, &[self.n_items])?;
-            let s = match (self.cfg.model, self.cfg.score) {
-                (ModelKind::Msm4sr, Score::Cos) => scale(&cosine(&h, &items)?, 1.0 / self.cfg.tau)?,
-                _ => matmul(&h, &items, false, true)?,
-            };
+        for (h, items) in &terms {
+            let s = matmul(h, items, false, true)?;
+            let s = if sc != 1.0 { scale(&s, sc)? } else { s };
             total = Some(match total {
                 Some(t) => add(&t, &s)?,
                 None => s,
             });
         }
-        total.ok_or_else(|| Error::Invalid("no score term left (--drop-score removed the only modality)".into()))
+        Ok(total.expect("at least one term"))
     }
 
-    /// Cross-entropy of the next item over all real items.
+    /// Cross-entropy of the next item over all real items, without the (B, I) score matrix
+    /// (`catalog_ce`: scores recomputed in blocks of items in the backward pass).
     pub fn finetune_loss(&self, batch: &Batch, seeds: &mut Seeds) -> Result<Tensor> {
-        let s = self.scores(batch, true, true, seeds)?;
-        cross_entropy(&s, &Indices::new(batch.targets.iter().map(|&t| t - 1).collect()))
+        let (terms, sc) = self.score_terms(batch, true, true, seeds)?;
+        let pairs: Vec<(&Tensor, &Tensor)> = terms.iter().map(|(h, e)| (h, e)).collect();
+        mean(&catalog_ce(&pairs, &Indices::new(batch.targets.iter().map(|&t| t - 1).collect()), sc)?)
     }
 
     /// Single-modality pre-training (paper IV-D): no mixup and no cross-modal CMCL; the NIP loss of
@@ -312,8 +342,7 @@ impl Model {
         let (x, lens) = feats.gather(uniq)?;
         let z = enc.forward(&x, &lens, true, seeds)?;
         let ids: Vec<u32> = batch.ids.iter().map(|i| local[i]).collect();
-        let m = embedding(&z, &Indices::new(ids), &[batch.b, batch.l])?;
-        let h = self.transformer.forward(&m, &Indices::new(batch.lens.clone()), true, seeds)?;
+        let h = self.sequences(&z, &ids, &batch.lens, batch.l, true, seeds)?;
         let h = match head {
             Some(w) => w.forward(&h)?,
             None => h,
@@ -357,10 +386,10 @@ impl Model {
         }
         let mut both = ids_t;
         both.extend(ids_v);
-        let m = embedding(&z_all, &Indices::new(both), &[2 * batch.b, batch.l])?; // (2B, L, d0): M_t then M_v
+        // The 2B sequences M_t then M_v, rows of z_all.
         let mut lens2 = batch.lens.clone();
         lens2.extend(&batch.lens);
-        let h = self.transformer.forward(&m, &Indices::new(lens2), true, seeds)?; // (2B, d0)
+        let h = self.sequences(&z_all, &both, &lens2, batch.l, true, seeds)?; // (2B, d0)
         let b = batch.b as u32;
         let ht = embedding(&h, &Indices::new((0..b).collect()), &[batch.b])?;
         let hv = embedding(&h, &Indices::new((b..2 * b).collect()), &[batch.b])?;

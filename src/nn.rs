@@ -8,9 +8,10 @@
 use rand::Rng;
 
 use crate::engine::ops::{
-    add, attention, attention_pool, concat, dropout, embedding, gather_last, gelu, info_nce, l2norm, layernorm, linear, matmul, moe, scale,
+    add, attention_masked, attention_pool, attention_ragged, concat, dropout, dropout_rows, embedding, gather_last, gelu, info_nce, l2norm,
+    layernorm, linear, matmul, moe, scale,
 };
-use crate::engine::{Device, Indices, Tensor};
+use crate::engine::{Device, Indices, Ragged, Tensor};
 use crate::Result;
 
 /// A stream of dropout seeds: one per dropout call, reproducible from the run's seed.
@@ -33,6 +34,15 @@ impl Seeds {
 pub fn drop(x: &Tensor, p: f32, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
     if train && p > 0.0 {
         dropout(x, p, seeds.next())
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// `drop` for the packed rows of a ragged batch, masks keyed as the padded layout's (see [`Ragged`]).
+pub fn drop_rows(x: &Tensor, p: f32, train: bool, seeds: &mut Seeds, r: &Ragged) -> Result<Tensor> {
+    if train && p > 0.0 {
+        dropout_rows(x, p, seeds.next(), &r.keys)
     } else {
         Ok(x.clone())
     }
@@ -87,9 +97,14 @@ impl LayerNorm {
     }
 }
 
-/// One post-LN transformer layer exactly as RecBole's SASRec writes it:
-/// a = dropout((softmax(q k^T / sqrt(dh) + mask) -> dropout) v Wo); x1 = LN(a + x);
+/// One post-LN transformer layer exactly as RecBole's SASRec (causal) and BERT (bidirectional)
+/// write it: a = dropout((softmax(q k^T / sqrt(dh) + mask) -> dropout) v Wo); x1 = LN(a + x);
 /// f = dropout(gelu(x1 W1) W2); out = LN(f + x1).
+///
+/// It runs on ragged batches: x is (N, C), the packed rows of a [`Ragged`] batch. Linear maps,
+/// GELU, residuals and LayerNorm act on the rows; attention stays within each sequence.
+/// `forward_padded` is the same layer on a padded (B, L, C) batch, kept as the reference the ragged
+/// path is tested against (the two agree on every valid row, dropout included).
 pub struct TransformerLayer {
     pub q: Linear,
     pub k: Linear,
@@ -102,9 +117,12 @@ pub struct TransformerLayer {
     pub heads: usize,
     pub p_hidden: f32,
     pub p_attn: f32,
+    /// Causal attention (SASRec) or bidirectional (BERT).
+    pub causal: bool,
 }
 
 impl TransformerLayer {
+    /// A causal layer with LayerNorm eps 1e-12 (RecBole's SASRec), weights ~ N(0, 0.02).
     pub fn new(c: usize, inner: usize, heads: usize, p_hidden: f32, p_attn: f32, rng: &mut impl Rng, dev: Device) -> Result<Self> {
         Ok(TransformerLayer {
             q: Linear::new(c, c, true, rng, dev)?,
@@ -118,13 +136,26 @@ impl TransformerLayer {
             heads,
             p_hidden,
             p_attn,
+            causal: true,
         })
     }
 
-    /// x (B, L, C), lens (B) -> (B, L, C)
-    pub fn forward(&self, x: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+    /// x (N, C) packed by `r` -> (N, C)
+    pub fn forward(&self, x: &Tensor, r: &Ragged, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
         let pa = if train { self.p_attn } else { 0.0 };
-        let ctx = attention(&self.q.forward(x)?, &self.k.forward(x)?, &self.v.forward(x)?, lens, self.heads, pa, seeds.next())?;
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let ctx = attention_ragged(&q, &k, &v, r, self.heads, pa, seeds.next(), self.causal)?;
+        let a = drop_rows(&self.o.forward(&ctx)?, self.p_hidden, train, seeds, r)?;
+        let x1 = self.ln1.forward(&add(&a, x)?)?;
+        let f = drop_rows(&self.ff2.forward(&gelu(&self.ff1.forward(&x1)?)?)?, self.p_hidden, train, seeds, r)?;
+        self.ln2.forward(&add(&f, &x1)?)
+    }
+
+    /// The padded reference: x (B, L, C), lens (B) -> (B, L, C).
+    pub fn forward_padded(&self, x: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        let pa = if train { self.p_attn } else { 0.0 };
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let ctx = attention_masked(&q, &k, &v, lens, self.heads, pa, seeds.next(), self.causal)?;
         let a = drop(&self.o.forward(&ctx)?, self.p_hidden, train, seeds)?;
         let x1 = self.ln1.forward(&add(&a, x)?)?;
         let f = drop(&self.ff2.forward(&gelu(&self.ff1.forward(&x1)?)?)?, self.p_hidden, train, seeds)?;
@@ -174,13 +205,23 @@ impl Transformer {
         })
     }
 
-    /// m (B, L, C) item representations, lens (B) in 1..=L -> h (B, C)
-    pub fn forward(&self, m: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+    /// m (N, C) item representations packed by `r` -> h (B, C), each sequence's last row.
+    pub fn forward(&self, m: &Tensor, r: &Ragged, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        let pos = embedding(&self.pos, &r.pos, &[r.rows()])?;
+        let mut x = drop_rows(&self.ln.forward(&add(m, &pos)?)?, self.p_hidden, train, seeds, r)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, r, train, seeds)?;
+        }
+        embedding(&x, &r.last, &[r.batch()])
+    }
+
+    /// The padded reference of `forward`: m (B, L, C), lens (B) in 1..=L -> h (B, C).
+    pub fn forward_padded(&self, m: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
         let l = m.shape()[1];
         let pos = embedding(&self.pos, &Indices::new((0..l as u32).collect()), &[l])?;
         let mut x = drop(&self.ln.forward(&add(m, &pos)?)?, self.p_hidden, train, seeds)?;
         for layer in &self.layers {
-            x = layer.forward(&x, lens, train, seeds)?;
+            x = layer.forward_padded(&x, lens, train, seeds)?;
         }
         gather_last(&x, lens)
     }
@@ -197,6 +238,14 @@ impl Transformer {
 
 /// Attention pooling over an item's sentence (or image) vectors (paper eq. 3):
 /// a = (x W1 + b1) W2 + b2, alpha = softmax over valid rows, e = sum alpha x.
+///
+/// There is no activation between the two maps, so a = x (W1 W2) + (b1 W2 + b2): one d-vector
+/// w = W1 W2 per modality instead of a (rows, d) x (d, 64) product over every sentence row. The
+/// constant b1 W2 + b2 is the same for every row of an item and cancels in the softmax, so it is
+/// dropped: the energies differ from the direct form by that constant only, alpha and e not at
+/// all, and b1, b2 get exactly zero gradient (they stay parameters, saved in checkpoints). With
+/// g_j = dL/da_j and dw = sum_j x_j^T g_j the tape gives dW1 = dw W2^T, dW2 = W1^T dw.
+/// `forward_direct` is the textbook form, kept as the reference.
 pub struct AttentionPool {
     pub w1: Linear,
     pub w2: Linear,
@@ -208,6 +257,14 @@ impl AttentionPool {
     }
     /// x (N, S, d), lens (N) -> e (N, d)
     pub fn forward(&self, x: &Tensor, lens: &Indices) -> Result<Tensor> {
+        let (n, s, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let w = matmul(&self.w1.w, &self.w2.w, false, false)?; // (d, 1)
+        let a = matmul(&x.reshape(&[n * s, d])?, &w, false, false)?.reshape(&[n, s])?;
+        attention_pool(&a, x, lens)
+    }
+
+    /// The direct form a = (x W1 + b1) W2 + b2 (same e; see the type's docs).
+    pub fn forward_direct(&self, x: &Tensor, lens: &Indices) -> Result<Tensor> {
         let (n, s) = (x.shape()[0], x.shape()[1]);
         let a = self.w2.forward(&self.w1.forward(x)?)?.reshape(&[n, s])?;
         attention_pool(&a, x, lens)
@@ -308,4 +365,46 @@ pub fn nip_single(h: &Tensor, z: &Tensor, targets: &Indices, tau: f32) -> Result
     let b = h.shape()[0];
     let logits = scale(&cosine(h, z)?, 1.0 / tau)?.reshape(&[1, b, b])?;
     info_nce(&logits, targets, &[true], &[false])
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use super::AttentionPool;
+    use crate::engine::ops::{mul, sum};
+    use crate::engine::{backward, Device, Indices, Tensor};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f64) -> bool {
+        let (a, b) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+        a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol * y.abs().max(1.0))
+    }
+
+    /// The one-vector energies give the direct form's pooled vectors and weight gradients, and
+    /// zero gradient to the biases (the direct form's bias gradients are zero up to rounding).
+    #[test]
+    fn pooling_energies_in_one_vector_equal_the_direct_form() {
+        let dev = Device::Cpu64;
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let pool = AttentionPool::new(12, 5, &mut rng, dev).unwrap();
+        // Non-zero biases, and weights large enough that the softmax is far from uniform.
+        for (t, s) in [(&pool.w1.w, 1.0), (&pool.w2.w, 1.0), (pool.w1.b.as_ref().unwrap(), 0.7), (pool.w2.b.as_ref().unwrap(), 0.7)] {
+            t.assign(&Tensor::randn(t.shape(), s, &mut rng, dev).unwrap()).unwrap();
+        }
+        let x = Tensor::randn(&[4, 3, 12], 1.0, &mut rng, dev).unwrap();
+        let lens = Indices::new(vec![3, 1, 2, 3]);
+        let w = Tensor::randn(&[4, 12], 1.0, &mut rng, dev).unwrap();
+        let (e_fast, e_direct) = (pool.forward(&x, &lens).unwrap(), pool.forward_direct(&x, &lens).unwrap());
+        assert!(close(&e_fast, &e_direct, 1e-12));
+        let g_fast = backward(&sum(&mul(&e_fast, &w).unwrap()).unwrap()).unwrap();
+        let g_direct = backward(&sum(&mul(&e_direct, &w).unwrap()).unwrap()).unwrap();
+        for p in [&pool.w1.w, &pool.w2.w] {
+            assert!(close(g_fast.get(p).unwrap(), g_direct.get(p).unwrap(), 1e-10));
+        }
+        for b in [pool.w1.b.as_ref().unwrap(), pool.w2.b.as_ref().unwrap()] {
+            assert!(g_fast.get(b).is_none(), "a bias has a gradient in the one-vector form");
+            assert!(g_direct.get(b).unwrap().to_vec_f64().unwrap().iter().all(|v| v.abs() < 1e-12));
+        }
+    }
 }

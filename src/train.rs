@@ -261,9 +261,10 @@ pub fn fit(
             bad_epochs += 1;
         }
         eprintln!(
-            "{stage:?} epoch {:>3}  loss {:.4}  {:.0} samples/s  valid recall@20 {:.4} ndcg@20 {:.4}{}",
+            "{stage:?} epoch {:>3}  loss {:.4}  train {:.1} s  {:.0} samples/s  valid recall@20 {:.4} ndcg@20 {:.4}{}",
             epoch + 1,
             epoch_loss,
+            train_secs,
             split.train.len() as f64 / train_secs,
             valid.recall20,
             valid.ndcg20,

@@ -7,9 +7,11 @@
 pub mod gpu;
 pub mod ops;
 pub mod optim;
+pub mod ragged;
 pub mod tape;
 pub mod tensor;
 
+pub use ragged::Ragged;
 pub use tape::{backward, no_grad, Grads};
 pub use tensor::{Indices, Real, Storage, Tensor};
 

@@ -28,7 +28,7 @@ use super::softmax::row_groups;
 use super::{fbits, par, wgsl};
 use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
-use crate::engine::{same_device, Indices, Tensor};
+use crate::engine::{same_device, Indices, Ragged, Tensor};
 use crate::{on_device, Error, Result};
 
 const SRC: &str = wgsl!("attention.wgsl");
@@ -200,6 +200,140 @@ pub fn attention_bwd_cpu<T: Real>(q: &[T], k: &[T], v: &[T], lens: &[u32], probs
     })
 }
 
+/// Sizes of a ragged attention; the sequences' layout is the [`Ragged`] passed beside it.
+#[derive(Clone, Copy, Debug)]
+pub struct RaggedDims {
+    pub heads: usize,
+    pub dh: usize,
+    pub p: f32,
+    pub seed: u32,
+    pub causal: bool,
+    /// Padded width the dropout keys refer to (see [`Ragged`]).
+    pub key_len: usize,
+}
+
+impl RaggedDims {
+    pub fn c(&self) -> usize {
+        self.heads * self.dh
+    }
+    /// Dropout key of (sequence b, head h, query i, key j): its flat (B, heads, key_len, key_len) index.
+    pub fn key(&self, b: usize, h: usize, i: usize, j: usize) -> usize {
+        ((b * self.heads + h) * self.key_len + i) * self.key_len + j
+    }
+    fn as_dims(&self) -> Dims {
+        Dims { b: 0, l: self.key_len, heads: self.heads, dh: self.dh, p: self.p, seed: self.seed, causal: self.causal }
+    }
+}
+
+/// Ragged forward: q, k, v (N, C) packed by `r` -> (out (N, C), P) with P the probabilities before
+/// dropout, sequence b's block (heads, n_b, n_b) at heads * r.pblock(b) (row i holds keys j < n_b,
+/// zero past the valid ones); P is empty unless `save`. Sequences in parallel.
+pub fn attention_ragged_cpu<T: Real>(q: &[T], k: &[T], v: &[T], r: &Ragged, d: RaggedDims, save: bool) -> (Vec<T>, Vec<T>) {
+    let (dh, c, heads) = (d.dh, d.c(), d.heads);
+    let scale = T::c(1.0 / (dh as f64).sqrt());
+    let keep = keeper::<T>(&d.as_dims());
+    let oo: Vec<usize> = r.offsets.iter().map(|&o| o as usize * c).collect();
+    let po: Vec<usize> =
+        if save { (0..=r.batch()).map(|b| heads * if b < r.batch() { r.pblock(b) } else { r.pairs() }).collect() } else { vec![] };
+    let work = 2 * heads * dh * r.pairs() / r.batch().max(1) + c;
+    let (offs, lens) = (&r.offsets[..], &r.lens[..]);
+    let (out, probs, _) = par::segs3::<T, T, u8>(r.batch(), work, (&oo, &po, &[]), |b, ob, pb, _| {
+        let (o, n) = (offs[b] as usize, lens[b] as usize);
+        let mut scratch = if save { Vec::new() } else { vec![T::zero(); n] };
+        for h in 0..heads {
+            for i in 0..n {
+                let nk = if d.causal { i + 1 } else { n };
+                let pr = if save { &mut pb[(h * n + i) * n..(h * n + i + 1) * n] } else { &mut scratch[..] };
+                let qo = (o + i) * c + h * dh;
+                let qr = &q[qo..qo + dh];
+                for (j, s) in pr.iter_mut().enumerate().take(nk) {
+                    let ko = (o + j) * c + h * dh;
+                    let mut dot = T::zero();
+                    for (&x, &y) in qr.iter().zip(&k[ko..ko + dh]) {
+                        dot += x * y;
+                    }
+                    *s = dot * scale;
+                }
+                let mx = pr[..nk].iter().fold(T::neg_infinity(), |m, &s| m.max(s));
+                let mut sum = T::zero();
+                for s in pr[..nk].iter_mut() {
+                    *s = (*s - mx).exp();
+                    sum += *s;
+                }
+                let or = &mut ob[i * c + h * dh..i * c + (h + 1) * dh];
+                for (j, pj) in pr.iter_mut().enumerate().take(nk) {
+                    *pj /= sum;
+                    let pd = *pj * keep(d.key(b, h, i, j));
+                    let vo = (o + j) * c + h * dh;
+                    for (x, &y) in or.iter_mut().zip(&v[vo..vo + dh]) {
+                        *x += pd * y;
+                    }
+                }
+            }
+        }
+    });
+    (out, probs)
+}
+
+/// Ragged backward: (dq, dk, dv), each (N, C), from the saved P. Sequences in parallel.
+pub fn attention_ragged_bwd_cpu<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    r: &Ragged,
+    probs: &[T],
+    dout: &[T],
+    d: RaggedDims,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (dh, c, heads) = (d.dh, d.c(), d.heads);
+    let scale = T::c(1.0 / (dh as f64).sqrt());
+    let keep = keeper::<T>(&d.as_dims());
+    let oo: Vec<usize> = r.offsets.iter().map(|&o| o as usize * c).collect();
+    let work = 4 * heads * dh * r.pairs() / r.batch().max(1) + c;
+    let (offs, lens) = (&r.offsets[..], &r.lens[..]);
+    let pblocks: Vec<usize> = (0..r.batch()).map(|b| r.pblock(b)).collect();
+    par::segs3(r.batch(), work, (&oo, &oo, &oo), |b, dqb, dkb, dvb| {
+        let (o, n) = (offs[b] as usize, lens[b] as usize);
+        let pbase = heads * pblocks[b];
+        let (mut ds, mut kp) = (vec![T::zero(); n], vec![T::zero(); n]);
+        for h in 0..heads {
+            for i in 0..n {
+                let nk = if d.causal { i + 1 } else { n };
+                let qo = (o + i) * c + h * dh;
+                let prow = &probs[pbase + (h * n + i) * n..pbase + (h * n + i + 1) * n];
+                let (qr, dor) = (&q[qo..qo + dh], &dout[qo..qo + dh]);
+                let mut t = T::zero();
+                for j in 0..nk {
+                    let vo = (o + j) * c + h * dh;
+                    let mut dp = T::zero();
+                    for (&x, &y) in dor.iter().zip(&v[vo..vo + dh]) {
+                        dp += x * y;
+                    }
+                    kp[j] = keep(d.key(b, h, i, j));
+                    ds[j] = dp * kp[j];
+                    t += ds[j] * prow[j];
+                }
+                let dqr = &mut dqb[i * c + h * dh..i * c + (h + 1) * dh];
+                for j in 0..nk {
+                    let p = prow[j];
+                    let s = p * (ds[j] - t) * scale;
+                    let pd = p * kp[j];
+                    let (ko, lo) = ((o + j) * c + h * dh, j * c + h * dh);
+                    for (x, &y) in dqr.iter_mut().zip(&k[ko..ko + dh]) {
+                        *x += s * y;
+                    }
+                    for (x, &y) in dkb[lo..lo + dh].iter_mut().zip(qr) {
+                        *x += s * y;
+                    }
+                    for (x, &y) in dvb[lo..lo + dh].iter_mut().zip(dor) {
+                        *x += pd * y;
+                    }
+                }
+            }
+        }
+    })
+}
+
 // ---- GPU ------------------------------------------------------------------------------------
 
 fn attention_gpu(q: &GpuBuf, k: &GpuBuf, v: &GpuBuf, lens: &GpuBuf, d: Dims) -> Result<(Storage, Storage)> {
@@ -226,6 +360,94 @@ fn attention_bwd_gpu(
     let groups = row_groups(d.b * d.heads * d.l);
     g.dispatch(&BWD_ROWS, &[lens, probs, k, v, dout, &ds, &dq], &d.params(), groups)?;
     g.dispatch(&BWD_COLS, &[q, probs, &dk, &dv, dout, &ds], &d.params(), groups)?;
+    Ok((Storage::Gpu(dq), Storage::Gpu(dk), Storage::Gpu(dv)))
+}
+
+const SRC_RAGGED: &str = wgsl!("attention_ragged.wgsl");
+static RAGGED_FWD: Kernel = Kernel {
+    name: "attention_ragged",
+    source: SRC_RAGGED,
+    entry: "attn_ragged_fwd",
+    bindings: &[Read, Read, Read, Read, ReadWrite, ReadWrite],
+};
+static RAGGED_BWD_ROWS: Kernel = Kernel {
+    name: "attention_ragged",
+    source: SRC_RAGGED,
+    entry: "attn_ragged_bwd_rows",
+    bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+};
+static RAGGED_BWD_COLS: Kernel = Kernel {
+    name: "attention_ragged",
+    source: SRC_RAGGED,
+    entry: "attn_ragged_bwd_cols",
+    bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+};
+
+/// The uniform block of `attention_ragged.wgsl` (`struct P`).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RaggedParams {
+    batch: u32,
+    rows: u32,
+    heads: u32,
+    dh: u32,
+    scale: f32,
+    p: f32,
+    inv_keep: f32,
+    seed: u32,
+    causal: u32,
+    key_len: u32,
+    save: u32,
+}
+
+impl RaggedParams {
+    fn new(r: &Ragged, d: RaggedDims, save: bool) -> RaggedParams {
+        RaggedParams {
+            batch: r.batch() as u32,
+            rows: r.rows() as u32,
+            heads: d.heads as u32,
+            dh: d.dh as u32,
+            scale: (1.0 / (d.dh as f64).sqrt()) as f32,
+            p: d.p,
+            inv_keep: (1.0 / (1.0 - d.p as f64)) as f32,
+            seed: d.seed,
+            causal: d.causal as u32,
+            key_len: d.key_len as u32,
+            save: save as u32,
+        }
+    }
+    fn words(&self) -> &[u32] {
+        bytemuck::cast_slice(std::slice::from_ref(self))
+    }
+}
+
+fn attention_ragged_gpu(q: &GpuBuf, k: &GpuBuf, v: &GpuBuf, r: &Ragged, d: RaggedDims, save: bool) -> Result<(Storage, Option<Storage>)> {
+    let g = gpu()?;
+    let out = g.alloc(4 * (r.rows() * d.c()) as u64)?;
+    let probs = g.alloc(4 * if save { d.heads * r.pairs() } else { 1 } as u64)?;
+    let prm = RaggedParams::new(r, d, save);
+    g.dispatch(&RAGGED_FWD, &[r.meta.gpu()?, q, k, v, &out, &probs], prm.words(), row_groups(r.rows() * d.heads))?;
+    Ok((Storage::Gpu(out), save.then_some(Storage::Gpu(probs))))
+}
+
+fn attention_ragged_bwd_gpu(
+    q: &GpuBuf,
+    k: &GpuBuf,
+    v: &GpuBuf,
+    r: &Ragged,
+    probs: &GpuBuf,
+    dout: &GpuBuf,
+    d: RaggedDims,
+) -> Result<(Storage, Storage, Storage)> {
+    let g = gpu()?;
+    let n = 4 * (r.rows() * d.c()) as u64;
+    let ds = g.alloc(4 * (d.heads * r.pairs()) as u64)?;
+    let (dq, dk, dv) = (g.alloc(n)?, g.alloc(n)?, g.alloc(n)?);
+    let prm = RaggedParams::new(r, d, true);
+    let groups = row_groups(r.rows() * d.heads);
+    let lay = r.meta.gpu()?;
+    g.dispatch(&RAGGED_BWD_ROWS, &[lay, probs, k, v, dout, &ds, &dq], prm.words(), groups)?;
+    g.dispatch(&RAGGED_BWD_COLS, &[lay, q, probs, &ds, dout, &dk, &dv], prm.words(), groups)?;
     Ok((Storage::Gpu(dq), Storage::Gpu(dk), Storage::Gpu(dv)))
 }
 
@@ -288,6 +510,68 @@ pub fn attention_masked(
                 &qc.host::<T>()?, &kc.host::<T>()?, &vc.host::<T>()?, lens.host(), &probs.host::<T>()?, &g.host::<T>()?, d);
             (T::wrap(dq), T::wrap(dk), T::wrap(dv))
         }, attention_bwd_gpu(&*qc.gbuf()?, &*kc.gbuf()?, &*vc.gbuf()?, lens.gpu()?, &*probs.gbuf()?, &*g.gbuf()?, d)?);
+        let shape = g.shape().to_vec();
+        Ok(vec![
+            Some(Tensor::from_storage(dq, shape.clone())),
+            Some(Tensor::from_storage(dk, shape.clone())),
+            Some(Tensor::from_storage(dv, shape)),
+        ])
+    }))
+}
+
+/// Multi-head attention over a ragged batch: q, k, v (N, C) packed by `r` (N = r.rows()), `heads`
+/// heads, query i of each sequence attending over its keys j <= i (`causal`) or all its keys;
+/// dropout `p_drop` keyed as the padded op keys it (see [`Ragged`]). -> (N, C). Without gradients
+/// (under `no_grad`, or when no input needs one) no probabilities are kept.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_ragged(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    r: &Ragged,
+    heads: usize,
+    p_drop: f32,
+    seed: u32,
+    causal: bool,
+) -> Result<Tensor> {
+    let op = "attention_ragged";
+    let [n, c] = *q.shape() else {
+        return Err(Error::Shape { op, msg: format!("q {:?} must be (N, C) packed rows", q.shape()) });
+    };
+    if k.shape() != q.shape() || v.shape() != q.shape() {
+        return Err(Error::Shape { op, msg: format!("q {:?}, k {:?} and v {:?} must have one shape", q.shape(), k.shape(), v.shape()) });
+    }
+    if heads == 0 || c % heads != 0 || c == 0 {
+        return Err(Error::Shape { op, msg: format!("{c} channels of q {:?} do not split into {heads} heads", q.shape()) });
+    }
+    if n != r.rows() {
+        return Err(Error::Shape { op, msg: format!("q has {n} rows but the ragged batch packs {} ({} sequences)", r.rows(), r.batch()) });
+    }
+    if !(0.0..1.0).contains(&p_drop) {
+        return Err(Error::Invalid(format!("attention: dropout probability must be in [0, 1), got {p_drop}")));
+    }
+    let dev = same_device(op, &[q, k, v])?;
+    let longest = r.lens.iter().copied().max().unwrap_or(0) as usize;
+    if dev == crate::engine::Device::Gpu && longest > MAX_LEN_GPU {
+        return Err(Error::Shape { op, msg: format!("sequence length {longest} exceeds the GPU kernels' limit {MAX_LEN_GPU}") });
+    }
+    let d = RaggedDims { heads, dh: c / heads, p: p_drop, seed, causal, key_len: r.key_len };
+    let save = crate::engine::tape::grad_enabled() && [q, k, v].iter().any(|t| t.requires_grad());
+    let (out, probs) = on_device!(dev, T => {
+        let (o, p) = attention_ragged_cpu::<T>(&q.host::<T>()?, &k.host::<T>()?, &v.host::<T>()?, r, d, save);
+        (T::wrap(o), save.then(|| T::wrap(p)))
+    }, attention_ragged_gpu(&*q.gbuf()?, &*k.gbuf()?, &*v.gbuf()?, r, d, save)?);
+    let Some(probs) = probs else {
+        return Ok(Tensor::from_storage(out, vec![n, c]));
+    };
+    let probs = Tensor::from_storage(probs, vec![heads * r.pairs()]);
+    let (qc, kc, vc, r) = (q.detach(), k.detach(), v.detach(), r.clone());
+    Ok(Tensor::from_op(op, out, vec![n, c], &[q, k, v], move |g| {
+        let (dq, dk, dv) = on_device!(g.device(), T => {
+            let (dq, dk, dv) = attention_ragged_bwd_cpu::<T>(
+                &qc.host::<T>()?, &kc.host::<T>()?, &vc.host::<T>()?, &r, &probs.host::<T>()?, &g.host::<T>()?, d);
+            (T::wrap(dq), T::wrap(dk), T::wrap(dv))
+        }, attention_ragged_bwd_gpu(&*qc.gbuf()?, &*kc.gbuf()?, &*vc.gbuf()?, &r, &*probs.gbuf()?, &*g.gbuf()?, d)?);
         let shape = g.shape().to_vec();
         Ok(vec![
             Some(Tensor::from_storage(dq, shape.clone())),

@@ -12,7 +12,7 @@ use crate::{on_device, shape_err, Result};
 static COPY: Kernel = Kernel { name: "concat", source: wgsl!("concat.wgsl"), entry: "copy", bindings: &[Read, ReadWrite] };
 
 /// dst[dst_off..dst_off + n] = src[src_off..src_off + n] on the GPU.
-fn copy_gpu(src: &GpuBuf, src_off: usize, dst: &GpuBuf, dst_off: usize, n: usize) -> Result<()> {
+pub(crate) fn copy_gpu(src: &GpuBuf, src_off: usize, dst: &GpuBuf, dst_off: usize, n: usize) -> Result<()> {
     gpu()?.dispatch(&COPY, &[src, dst], &[n as u32, src_off as u32, dst_off as u32], groups_1d(n))
 }
 

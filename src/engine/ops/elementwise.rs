@@ -6,6 +6,8 @@
 //! - `scale(a, s)`:              a -> s * a;                                    da = s * g
 //! - `gelu(x)`:                  x -> x * Phi(x) (erf form);                    dx = g * (Phi(x) + x * phi(x))
 //! - `dropout(x, p, seed)`:      x -> x * keep / (1 - p), keep = rand01(seed, i) >= p; dx = dropout(g, p, seed)
+//! - `dropout_rows(x, p, seed, keys)`: x (N, C), keys (N) -> as dropout with element (r, c) keyed on
+//!   keys[r] * C + c (the flat index it would have in a padded layout; see `Ragged`); dx likewise
 //! - `broadcast_to(b, shape)`:   b (S) -> (.., S);                              db = sum_rows(g)
 
 use super::par;
@@ -13,7 +15,7 @@ use super::reduce::sum_rows;
 use super::{fbits, wgsl};
 use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{numel, Real, Storage};
-use crate::engine::{same_device, Tensor};
+use crate::engine::{same_device, Indices, Tensor};
 use crate::{on_device, Error, Result};
 
 const SRC: &str = wgsl!("elementwise.wgsl");
@@ -25,6 +27,7 @@ static SCALE: Kernel = Kernel { name: "elementwise", source: SRC, entry: "scale"
 static GELU_FWD: Kernel = Kernel { name: "elementwise", source: SRC, entry: "gelu_fwd", bindings: RRW };
 static GELU_BWD: Kernel = Kernel { name: "elementwise", source: SRC, entry: "gelu_bwd", bindings: RRW };
 static DROPOUT: Kernel = Kernel { name: "elementwise", source: SRC, entry: "dropout", bindings: RRW };
+static DROPOUT_ROWS: Kernel = Kernel { name: "elementwise", source: SRC, entry: "dropout_rows", bindings: RRW };
 
 /// Run one elementwise kernel producing `n` outputs.
 fn launch(k: &Kernel, n: usize, a: &GpuBuf, b: &GpuBuf, nb: usize, alpha: f32, seed: u32, p: f32) -> Result<Storage> {
@@ -173,6 +176,22 @@ pub fn dropout_cpu<T: Real>(x: &[T], p: f32, seed: u32) -> Vec<T> {
     par::map(x.len(), |i| if rand01_hashed(ps, i as u32) >= p { x[i] * s } else { T::zero() })
 }
 
+/// `dropout_cpu` with element (r, c) of rows of `c` channels keyed on keys[r] * c + c.
+pub fn dropout_rows_cpu<T: Real>(x: &[T], p: f32, seed: u32, keys: &[u32], c: usize) -> Vec<T> {
+    let s = T::c(1.0 / (1.0 - p as f64));
+    let ps = pcg(seed);
+    par::chunks(x.len(), par::elem_chunk(c), par::worth(x.len()), |start, piece| {
+        for (rr, row) in piece.chunks_mut(c).enumerate() {
+            let r = start / c + rr;
+            let base = keys[r].wrapping_mul(c as u32);
+            for (j, o) in row.iter_mut().enumerate() {
+                let xi = x[r * c + j];
+                *o = if rand01_hashed(ps, base.wrapping_add(j as u32)) >= p { xi * s } else { T::zero() };
+            }
+        }
+    })
+}
+
 // ---- ops ------------------------------------------------------------------------------------
 
 /// a + b (trailing broadcast of b).
@@ -248,6 +267,27 @@ pub fn dropout(x: &Tensor, p: f32, seed: u32) -> Result<Tensor> {
     let st = on_device!(x.device(), T => T::wrap(dropout_cpu::<T>(&x.host::<T>()?, p, seed)),
         { let b = x.gbuf()?; launch(&DROPOUT, x.numel(), &b, &b, 1, 0.0, seed, p)? });
     Ok(Tensor::from_op("dropout", st, x.shape().to_vec(), &[x], move |g| Ok(vec![Some(dropout(g, p, seed)?)])))
+}
+
+/// Dropout of rows x (N, C) whose element (r, c) draws its mask from keys[r] * C + c (see the
+/// module docs): the masks of a packed batch equal those of its padded form.
+pub fn dropout_rows(x: &Tensor, p: f32, seed: u32, keys: &Indices) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::Invalid(format!("dropout probability must be in [0, 1), got {p}")));
+    }
+    let [n, c] = *x.shape() else {
+        return Err(Error::Shape { op: "dropout_rows", msg: format!("x {:?} must be (N, C)", x.shape()) });
+    };
+    if keys.len() != n {
+        return Err(Error::Shape { op: "dropout_rows", msg: format!("{} row keys for x {:?}", keys.len(), x.shape()) });
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let st = on_device!(x.device(), T => T::wrap(dropout_rows_cpu::<T>(&x.host::<T>()?, p, seed, keys.host(), c)),
+        { let b = x.gbuf()?; launch(&DROPOUT_ROWS, x.numel(), &b, keys.gpu()?, c, 0.0, seed, p)? });
+    let keys = keys.clone();
+    Ok(Tensor::from_op("dropout", st, x.shape().to_vec(), &[x], move |g| Ok(vec![Some(dropout_rows(g, p, seed, &keys)?)])))
 }
 
 /// Repeat b (S) over leading axes up to `shape` (.., S).

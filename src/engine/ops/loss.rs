@@ -26,7 +26,7 @@ use super::pool::row_groups;
 use super::reduce::mean;
 use super::wgsl;
 use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
-use crate::engine::tensor::{Real, Storage};
+use crate::engine::tensor::{sum_exp, Real, Storage};
 use crate::engine::{Indices, Tensor};
 use crate::{on_device, shape_err, Error, Result};
 
@@ -67,7 +67,7 @@ pub fn cross_entropy_cpu<T: Real>(logits: &[T], targets: &[u32], n: usize) -> (V
     par::rows2(b, 2 * n, 1, 1, |r, lo, ls| {
         let (row, t) = (&logits[r * n..(r + 1) * n], targets[r]);
         let m = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-        let s = row.iter().map(|&v| (v - m).exp()).sum::<T>().ln();
+        let s = sum_exp(row, m).ln();
         ls[0] = m + s;
         lo[0] = (m - row[t as usize]) + s;
     })
@@ -77,10 +77,10 @@ pub fn cross_entropy_cpu<T: Real>(logits: &[T], targets: &[u32], n: usize) -> (V
 pub fn cross_entropy_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], lse: &[T], g: &[T], n: usize) -> Vec<T> {
     par::rows(logits.len() / n, 2 * n, n, |b, row| {
         let (t, l, gb) = (targets[b] as usize, lse[b], g[b]);
-        for (i, (o, &v)) in row.iter_mut().zip(&logits[b * n..(b + 1) * n]).enumerate() {
-            let hit = if i == t { T::one() } else { T::zero() };
-            *o = ((v - l).exp() - hit) * gb;
+        for (o, &v) in row.iter_mut().zip(&logits[b * n..(b + 1) * n]) {
+            *o = (v - l).fexp() * gb;
         }
+        row[t] = ((logits[b * n + t] - l).fexp() - T::one()) * gb;
     })
 }
 
@@ -96,7 +96,7 @@ fn in_den(targets: &[u32], excl: u32, k: usize, j: usize, c: usize) -> bool {
 /// max(v) + ln(sum(exp(v - max))) over the values `v()` yields, in order.
 fn lse_of<T: Real, I: Iterator<Item = T>>(v: impl Fn() -> I) -> T {
     let m = v().fold(T::neg_infinity(), |m, x| m.max(x));
-    m + v().map(|x| (x - m).exp()).sum::<T>().ln()
+    m + v().map(|x| (x - m).fexp()).sum::<T>().ln()
 }
 
 /// Per-row InfoNCE: logits (K, B, B) -> (loss (B), stat (2B) = lse_den then lse_num).
@@ -123,17 +123,21 @@ pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &
     // Row (kk, j) of the (K * B, B) view.
     par::rows(k * b, 2 * b, b, |row, dr| {
         let (kk, j) = (row / b, row % b);
-        for (c, o) in dr.iter_mut().enumerate() {
-            let i = (kk * b + j) * b + c;
-            let mut v = T::zero();
-            if in_den(targets, excl, kk, j, c) {
-                v += (logits[i] - stat[j]).exp();
-            }
-            if c == j && bit(num, kk) {
-                v -= (logits[i] - stat[b + j]).exp();
-            }
-            *o = g[j] * v;
+        // Off the diagonal: the denominator's term where the column's target differs (branch-free,
+        // so the loop vectorizes); then the diagonal entry exactly as its definition reads.
+        let (lr, tj, sd, gj) = (&logits[(kk * b + j) * b..(kk * b + j + 1) * b], targets[j], stat[j], g[j]);
+        for ((o, &l), &tc) in dr.iter_mut().zip(lr).zip(targets) {
+            let e = (l - sd).fexp();
+            *o = gj * if tc != tj { e } else { T::zero() };
         }
+        let mut v = T::zero();
+        if !bit(excl, kk) {
+            v += (lr[j] - sd).fexp();
+        }
+        if bit(num, kk) {
+            v -= (lr[j] - stat[b + j]).fexp();
+        }
+        dr[j] = gj * v;
     })
 }
 

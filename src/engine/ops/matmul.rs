@@ -93,6 +93,17 @@ pub fn gemm_cpu<T: Real>(a: &[T], b: &[T], bias: Option<&[T]>, p: &Gemm) -> Vec<
     }
     let (rsa, csa) = if p.ta { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if p.tb { (1, k as isize) } else { (n as isize, 1) };
+    if n == 1 {
+        // Matrix . vector (e.g. attention-pooling energies over every sentence row): a GEMM would
+        // first copy (pack) the whole matrix; read it once instead. b is a contiguous k-vector.
+        for (z, cz) in c.chunks_mut(m).enumerate() {
+            for s in 0..p.nsum {
+                let i = z * p.nsum + s;
+                gemv(&a[i * p.a_bs..i * p.a_bs + m * k], &b[i * p.b_bs..i * p.b_bs + k], p.ta, cz);
+            }
+        }
+        return c;
+    }
     for (z, cz) in c.chunks_mut(m * n).enumerate() {
         for s in 0..p.nsum {
             let i = z * p.nsum + s;
@@ -101,6 +112,43 @@ pub fn gemm_cpu<T: Real>(a: &[T], b: &[T], bias: Option<&[T]>, p: &Gemm) -> Vec<
         }
     }
     c
+}
+
+/// y += op(a) x for a stored (m, k) (`ta` false: y_i += a_i . x) or (k, m) (`ta` true: y += sum_r
+/// x_r a_r), y (m), x (k). Row dot products keep 8 partial sums (combined in a fixed order) so they
+/// vectorize; results do not depend on the thread count.
+fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
+    let (m, k) = (y.len(), x.len());
+    if !ta {
+        let add = par::rows(m, 2 * k, 1, |i, o: &mut [T]| {
+            let row = &a[i * k..(i + 1) * k];
+            let mut acc = [T::zero(); 8];
+            let (body, tail) = (row.chunks_exact(8), row.len() / 8 * 8);
+            for (rc, xc) in body.zip(x.chunks_exact(8)) {
+                for l in 0..8 {
+                    acc[l] += rc[l] * xc[l];
+                }
+            }
+            let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            for (&r, &v) in row[tail..].iter().zip(&x[tail..]) {
+                t += r * v;
+            }
+            o[0] = t;
+        });
+        y.iter_mut().zip(add).for_each(|(o, v)| *o += v);
+    } else {
+        // Column blocks of y in parallel, each summing over all k rows in order.
+        let block = par::col_block(k, m);
+        let add = par::chunks(m, block, par::worth(m * k), |start, piece: &mut [T]| {
+            for (r, &xr) in x.iter().enumerate() {
+                let row = &a[r * m + start..r * m + start + piece.len()];
+                for (o, &v) in piece.iter_mut().zip(row) {
+                    *o += xr * v;
+                }
+            }
+        });
+        y.iter_mut().zip(add).for_each(|(o, v)| *o += v);
+    }
 }
 
 // ---- GPU ------------------------------------------------------------------------------------

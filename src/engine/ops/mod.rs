@@ -2,6 +2,7 @@
 //! `shaders/`), a plain-Rust reference generic over f32/f64, and the shapes in its doc comment.
 
 pub mod attention;
+pub mod catalog;
 pub mod concat;
 pub mod elementwise;
 pub mod embedding;
@@ -15,9 +16,10 @@ pub mod rank;
 pub mod reduce;
 pub mod softmax;
 
-pub use attention::{attention, attention_masked};
+pub use attention::{attention, attention_masked, attention_ragged};
+pub use catalog::catalog_ce;
 pub use concat::concat;
-pub use elementwise::{add, add_scaled, broadcast_to, dropout, gelu, mul, scale, sub};
+pub use elementwise::{add, add_scaled, broadcast_to, dropout, dropout_rows, gelu, mul, scale, sub};
 pub use embedding::{embedding, gather_last};
 pub use layernorm::layernorm;
 pub use loss::{cross_entropy, info_nce};

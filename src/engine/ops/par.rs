@@ -210,6 +210,56 @@ pub(crate) fn rows3<A: Copy + Default + Send, B: Copy + Default + Send, C: Copy 
     (a, b, c)
 }
 
+/// As [`rows3`] for rows of different lengths: row r of output A is `oa[r] .. oa[r + 1]` (and so for
+/// B and C), `oa`, `ob`, `oc` being n + 1 ascending offsets (an empty slice gives an empty output).
+/// Each row costs about `work` elements of work on average.
+#[allow(clippy::type_complexity)]
+pub(crate) fn segs3<A: Copy + Default + Send, B: Copy + Default + Send, C: Copy + Default + Send>(
+    n: usize,
+    work: usize,
+    (oa, ob, oc): (&[usize], &[usize], &[usize]),
+    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
+) -> (Vec<A>, Vec<B>, Vec<C>) {
+    let end = |o: &[usize]| o.last().copied().unwrap_or(0);
+    let seg = |o: &[usize], r: usize| if o.is_empty() { (0, 0) } else { (o[r], o[r + 1] - o[r]) };
+    let (la, lb, lc) = (end(oa), end(ob), end(oc));
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    {
+        let (fa, fb, fc) = (Fresh::new(&mut a, la), Fresh::new(&mut b, lb), Fresh::new(&mut c, lc));
+        drive(n, worth(n * work), min_rows(work), |r| {
+            let ((sa, na), (sb, nb), (sc, nc)) = (seg(oa, r), seg(ob, r), seg(oc, r));
+            // SAFETY: the offsets ascend, so the rows' ranges are disjoint.
+            f(r, unsafe { fa.range(sa, na) }, unsafe { fb.range(sb, nb) }, unsafe { fc.range(sc, nc) })
+        });
+    }
+    // SAFETY: the rows cover [0, end) of each output.
+    unsafe {
+        finish(&mut a, la);
+        finish(&mut b, lb);
+        finish(&mut c, lc);
+    }
+    (a, b, c)
+}
+
+/// `f` on every element of `x` in place, in parallel pieces when long.
+pub(crate) fn chunks_apply<T: Send>(x: &mut [T], f: impl Fn(&mut T) + Sync + Send) {
+    if worth(x.len()) {
+        x.par_chunks_mut(ELEM_CHUNK).for_each(|c| c.iter_mut().for_each(&f));
+    } else {
+        x.iter_mut().for_each(f);
+    }
+}
+
+/// `f(r, row_r)` on each row of `w` elements of `x` in place, rows in parallel when long.
+pub(crate) fn rows_apply<T: Send>(x: &mut [T], w: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    let w = w.max(1);
+    if worth(x.len()) {
+        x.par_chunks_mut(w).with_min_len(min_rows(w)).enumerate().for_each(|(r, row)| f(r, row));
+    } else {
+        x.chunks_mut(w).enumerate().for_each(|(r, row)| f(r, row));
+    }
+}
+
 /// A column-block width for reducing `rows` rows of `cols` columns in parallel: each block is
 /// summed over all rows by one task. `cols` when the work is small (one block, on this thread).
 pub(crate) fn col_block(rows: usize, cols: usize) -> usize {

@@ -1,4 +1,4 @@
-//! Cases for matmul / linear, l2norm and concat. Sizes are chosen around the matmul kernel's
+//! Cases for matmul / linear, l2norm, concat and the full-catalog cross-entropy. Sizes are chosen around the matmul kernel's
 //! 64 x 64 output tile and 16-deep K slices (odd sizes, K = 37 spans three slices, M or N = 1,
 //! 70 x 67 spans four tiles) and its split-K path (a long K with a small output).
 //!
@@ -10,7 +10,8 @@
 
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::ops::{concat, l2norm, linear, matmul};
+use crate::engine::ops::{catalog_ce, concat, l2norm, linear, matmul};
+use crate::engine::Indices;
 use crate::gradcheck::{gauss, Case, Input};
 
 const MM_SCALE: f64 = 0.1;
@@ -88,5 +89,21 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
     v.push(cat(rng, "(2,3)+(4,3)", &[&[2, 3], &[4, 3]]));
     v.push(cat(rng, "(3,2,3)+(1,2,3)+(2,2,3)", &[&[3, 2, 3], &[1, 2, 3], &[2, 2, 3]]));
     v.push(cat(rng, "(1,5)+(300,5)", &[&[1, 5], &[300, 5]]));
+
+    // Full-catalog cross-entropy: one term over two item blocks, and two cosine-scaled terms.
+    v.push(Case::new("catalog_ce", "h (3,2) items (515,2)", vec![Input::randn(&[3, 2], rng), Input::randn(&[515, 2], rng)], |x| {
+        catalog_ce(&[(&x[0], &x[1])], &Indices::new(vec![514, 3, 511]), 1.0)
+    }));
+    v.push(Case::new(
+        "catalog_ce",
+        "2 terms (4,3)(9,3) (4,2)(9,2) x1/0.07",
+        vec![
+            Input::randn(&[4, 3], rng).scaled(0.3),
+            Input::randn(&[9, 3], rng).scaled(0.3),
+            Input::randn(&[4, 2], rng).scaled(0.3),
+            Input::randn(&[9, 2], rng).scaled(0.3),
+        ],
+        |x| catalog_ce(&[(&x[0], &x[1]), (&x[2], &x[3])], &Indices::new(vec![0, 8, 8, 2]), 1.0 / 0.07),
+    ));
     v
 }

@@ -1,8 +1,8 @@
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::ops::attention::attention_masked;
-use crate::engine::ops::{attention, layernorm, softmax};
-use crate::engine::Indices;
+use crate::engine::ops::{attention, attention_ragged, dropout_rows, layernorm, softmax};
+use crate::engine::{Indices, Ragged};
 use crate::gradcheck::{Case, Input};
 
 fn ln(shape: &[usize], pshape: &[usize], eps: f32, offset: f64, rng: &mut ChaCha8Rng) -> Case {
@@ -35,6 +35,21 @@ fn attn_bidir(b: usize, l: usize, c: usize, heads: usize, lens: Vec<u32>, p: f32
     Case::new("attention", desc, inputs, move |x| attention_masked(&x[0], &x[1], &x[2], &lens, heads, p, 78, false))
 }
 
+/// Ragged attention over sequences of `lens` packed into (N, c) rows, keys relative to width `kl`.
+fn attn_ragged(lens: Vec<u32>, kl: usize, c: usize, heads: usize, p: f32, causal: bool, rng: &mut ChaCha8Rng) -> Case {
+    let desc = format!("lens {lens:?} c{c} h{heads} p{p}{}", if causal { "" } else { " bidir" });
+    let r = Ragged::new(&lens, kl).unwrap();
+    let n = r.rows();
+    let inputs = vec![Input::randn(&[n, c], rng), Input::randn(&[n, c], rng), Input::randn(&[n, c], rng)];
+    Case::new("attention_ragged", desc, inputs, move |x| attention_ragged(&x[0], &x[1], &x[2], &r, heads, p, 79, causal))
+}
+
+fn drop_rows(lens: Vec<u32>, kl: usize, c: usize, p: f32, rng: &mut ChaCha8Rng) -> Case {
+    let r = Ragged::new(&lens, kl).unwrap();
+    let desc = format!("lens {lens:?} c{c} p{p}");
+    Case::new("dropout_rows", desc, vec![Input::randn(&[r.rows(), c], rng)], move |x| dropout_rows(&x[0], p, 5, &r.keys))
+}
+
 pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
     vec![
         ln(&[3, 37], &[37], 1e-5, 0.0, rng),
@@ -57,5 +72,11 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
         attn_bidir(4, 7, 6, 2, vec![7, 3, 1, 0], 0.0, rng),
         attn_bidir(3, 9, 8, 4, vec![9, 5, 2], 0.2, rng),
         attn_bidir(1, 66, 2, 2, vec![61], 0.1, rng),
+        attn_ragged(vec![1], 1, 4, 1, 0.0, true, rng),
+        attn_ragged(vec![7, 3, 1], 7, 6, 2, 0.0, true, rng),
+        attn_ragged(vec![7, 3, 1], 9, 6, 2, 0.2, true, rng),
+        attn_ragged(vec![2, 70, 5], 70, 4, 2, 0.1, true, rng),
+        attn_ragged(vec![5, 1, 4], 6, 8, 4, 0.2, false, rng),
+        drop_rows(vec![3, 1, 4], 5, 7, 0.3, rng),
     ]
 }
