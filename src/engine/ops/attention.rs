@@ -25,19 +25,37 @@
 
 use super::elementwise::{pcg, rand01, rand01_hashed};
 use super::softmax::row_groups;
-use super::{fbits, par, wgsl};
-use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
+use super::{par, wgsl};
+use crate::engine::gpu::{gpu, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Indices, Tensor};
 use crate::{on_device, Error, Result};
 
 const SRC: &str = wgsl!("attention.wgsl");
-static FWD: Kernel =
-    Kernel { name: "attention", source: SRC, entry: "attn_fwd", bindings: &[Read, Read, Read, Read, ReadWrite, ReadWrite] };
-static BWD_ROWS: Kernel =
-    Kernel { name: "attention", source: SRC, entry: "attn_bwd_rows", bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite] };
-static BWD_COLS: Kernel =
-    Kernel { name: "attention", source: SRC, entry: "attn_bwd_cols", bindings: &[Read, Read, ReadWrite, ReadWrite, Read, Read] };
+static FWD: Kernel<AttentionParams> = Kernel::new("attention", SRC, "attn_fwd", &[Read, Read, Read, Read, ReadWrite, ReadWrite]);
+static BWD_ROWS: Kernel<AttentionParams> =
+    Kernel::new("attention", SRC, "attn_bwd_rows", &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite]);
+static BWD_COLS: Kernel<AttentionParams> = Kernel::new("attention", SRC, "attn_bwd_cols", &[Read, Read, ReadWrite, ReadWrite, Read, Read]);
+
+kernel_params! {
+    /// `struct P` of attention.wgsl (all three kernels).
+    struct AttentionParams {
+        batch: u32,
+        len: u32,
+        heads: u32,
+        dh: u32,
+        /// 1 / sqrt(dh)
+        scale: f32,
+        /// Dropout probability.
+        p: f32,
+        /// 1 / (1 - p)
+        inv_keep: f32,
+        seed: u32,
+        /// 1: key j <= query i only.
+        causal: u32,
+    }
+}
+
 /// Longest sequence the GPU kernels take (a row of P is held in workgroup memory).
 pub const MAX_LEN_GPU: usize = 1024;
 
@@ -76,19 +94,19 @@ impl Dims {
             T::zero()
         }
     }
-    fn params(&self) -> [u32; 9] {
+    fn params(&self) -> AttentionParams {
         let d = self;
-        [
-            d.b as u32,
-            d.l as u32,
-            d.heads as u32,
-            d.dh as u32,
-            fbits((1.0 / (d.dh as f64).sqrt()) as f32),
-            fbits(d.p),
-            fbits((1.0 / (1.0 - d.p as f64)) as f32),
-            d.seed,
-            d.causal as u32,
-        ]
+        AttentionParams {
+            batch: d.b as u32,
+            len: d.l as u32,
+            heads: d.heads as u32,
+            dh: d.dh as u32,
+            scale: (1.0 / (d.dh as f64).sqrt()) as f32,
+            p: d.p,
+            inv_keep: (1.0 / (1.0 - d.p as f64)) as f32,
+            seed: d.seed,
+            causal: d.causal as u32,
+        }
     }
 }
 
