@@ -13,7 +13,8 @@
 //! The contract between an op and its kernel: a `Kernel<P>` names its WGSL entry point, its storage
 //! bindings (in order) and, as a type, its parameter block `P`, a `#[repr(C)]` struct declared with
 //! [`kernel_params!`] that mirrors the shader's `struct P` (the `var<uniform>` at group 0, binding 0)
-//! field for field, and `dispatch` only takes that `P`.
+//! field for field. `dispatch` only takes that `P`, and the layout tests (`engine::layout`) reflect
+//! every kernel's shader with naga and compare names, offsets, types, size and bindings.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

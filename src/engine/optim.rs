@@ -20,6 +20,12 @@ const SRC: &str = wgsl!("optim.wgsl");
 static SUMSQ: Kernel<OptimParams> = Kernel::new("optim", SRC, "sumsq", &[Read, ReadWrite]);
 static ADAM: Kernel<OptimParams> = Kernel::new("optim", SRC, "adam", &[ReadWrite, ReadWrite, ReadWrite, Read, Read]);
 
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<super::gpu::Contract> {
+    vec![SUMSQ.contract(), ADAM.contract()]
+}
+
 kernel_params! {
     /// `struct P` of optim.wgsl (both kernels).
     struct OptimParams {

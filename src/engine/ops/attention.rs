@@ -37,6 +37,12 @@ static BWD_ROWS: Kernel<AttentionParams> =
     Kernel::new("attention", SRC, "attn_bwd_rows", &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite]);
 static BWD_COLS: Kernel<AttentionParams> = Kernel::new("attention", SRC, "attn_bwd_cols", &[Read, Read, ReadWrite, ReadWrite, Read, Read]);
 
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![FWD.contract(), BWD_ROWS.contract(), BWD_COLS.contract()]
+}
+
 kernel_params! {
     /// `struct P` of attention.wgsl (all three kernels).
     struct AttentionParams {

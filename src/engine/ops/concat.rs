@@ -11,6 +11,12 @@ use crate::{on_device, shape_err, Result};
 
 static COPY: Kernel<ConcatParams> = Kernel::new("concat", wgsl!("concat.wgsl"), "copy", &[Read, ReadWrite]);
 
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![COPY.contract()]
+}
+
 kernel_params! {
     /// `struct P` of concat.wgsl.
     struct ConcatParams {

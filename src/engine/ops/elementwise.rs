@@ -26,6 +26,12 @@ static GELU_FWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "ge
 static GELU_BWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "gelu_bwd", RRW);
 static DROPOUT: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "dropout", RRW);
 
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![AXPBY.contract(), MUL.contract(), BCAST.contract(), SCALE.contract(), GELU_FWD.contract(), GELU_BWD.contract(), DROPOUT.contract()]
+}
+
 kernel_params! {
     /// `struct P` of elementwise.wgsl (every kernel).
     struct ElementwiseParams {

@@ -20,6 +20,12 @@ static EMB_BWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "embeddi
 static LAST_FWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "gather_last_fwd", &[Read, Read, ReadWrite]);
 static LAST_BWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "gather_last_bwd", &[Read, Read, ReadWrite]);
 
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![EMB_FWD.contract(), EMB_BWD.contract(), LAST_FWD.contract(), LAST_BWD.contract()]
+}
+
 kernel_params! {
     /// `struct P` of embedding.wgsl (every kernel).
     struct EmbeddingParams {

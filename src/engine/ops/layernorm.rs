@@ -25,6 +25,13 @@ const SRC: &str = wgsl!("layernorm.wgsl");
 static FWD: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_fwd", &[Read, ReadWrite, ReadWrite, Read, Read]);
 static BWD_X: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_bwd_x", &[Read, Read, Read, Read, ReadWrite]);
 static BWD_PARAM: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_bwd_param", &[Read, Read, Read, ReadWrite, ReadWrite]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![FWD.contract(), BWD_X.contract(), BWD_PARAM.contract()]
+}
+
 /// Rows summed by one invocation of `ln_bwd_param` (must match the shader).
 const CHUNK: usize = 64;
 

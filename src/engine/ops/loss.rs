@@ -35,6 +35,13 @@ static CE_FWD: Kernel<LossParams> = Kernel::new("loss", SRC, "ce_fwd", &[Read, R
 static CE_BWD: Kernel<LossParams> = Kernel::new("loss", SRC, "ce_bwd", &[Read, Read, ReadWrite, Read, Read]);
 static NCE_FWD: Kernel<LossParams> = Kernel::new("loss", SRC, "nce_fwd", &[Read, Read, ReadWrite, ReadWrite]);
 static NCE_BWD: Kernel<LossParams> = Kernel::new("loss", SRC, "nce_bwd", &[Read, Read, ReadWrite, Read, Read]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![CE_FWD.contract(), CE_BWD.contract(), NCE_FWD.contract(), NCE_BWD.contract()]
+}
+
 /// Most similarity matrices `info_nce` takes.
 pub const MAX_K: usize = 4;
 

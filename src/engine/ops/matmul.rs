@@ -19,6 +19,13 @@ use crate::engine::{same_device, Tensor};
 use crate::{on_device, shape_err, Result};
 
 static MATMUL: Kernel<MatmulParams> = Kernel::new("matmul", wgsl!("matmul.wgsl"), "matmul", &[Read, Read, Read, ReadWrite]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![MATMUL.contract()]
+}
+
 /// Output tile edge and K-slice depth of the kernel.
 const TILE: usize = 64;
 const BK: usize = 16;

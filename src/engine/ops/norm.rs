@@ -13,6 +13,12 @@ const SRC: &str = wgsl!("norm.wgsl");
 static L2NORM_FWD: Kernel<NormParams> = Kernel::new("norm", SRC, "l2norm_fwd", &[Read, ReadWrite]);
 static L2NORM_BWD: Kernel<NormParams> = Kernel::new("norm", SRC, "l2norm_bwd", &[Read, Read, ReadWrite]);
 
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![L2NORM_FWD.contract(), L2NORM_BWD.contract()]
+}
+
 kernel_params! {
     /// `struct P` of norm.wgsl.
     struct NormParams {

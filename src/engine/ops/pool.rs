@@ -21,6 +21,12 @@ static FWD: Kernel<PoolParams> = Kernel::new("pool", SRC, "pool_fwd", &[Read, Re
 static BWD_A: Kernel<PoolParams> = Kernel::new("pool", SRC, "pool_bwd_a", BWD);
 static BWD_X: Kernel<PoolParams> = Kernel::new("pool", SRC, "pool_bwd_x", BWD);
 
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![FWD.contract(), BWD_A.contract(), BWD_X.contract()]
+}
+
 kernel_params! {
     /// `struct P` of pool.wgsl (N rows of S entries of width D).
     struct PoolParams {

@@ -10,6 +10,12 @@ use crate::{on_device, Error, Result};
 
 static RANK: Kernel<RankParams> = Kernel::new("rank", wgsl!("rank.wgsl"), "rank", &[Read, Read, ReadWrite]);
 
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![RANK.contract()]
+}
+
 kernel_params! {
     /// `struct P` of rank.wgsl.
     struct RankParams {

@@ -13,6 +13,13 @@ use crate::engine::Tensor;
 use crate::{on_device, Error, Result};
 
 static SUM_ROWS: Kernel<ReduceParams> = Kernel::new("reduce", wgsl!("reduce.wgsl"), "sum_rows", &[Read, ReadWrite]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![SUM_ROWS.contract()]
+}
+
 /// Rows summed by one invocation of `sum_rows` (must match the shader).
 const CHUNK: usize = 256;
 

@@ -21,6 +21,12 @@ const SRC: &str = wgsl!("softmax.wgsl");
 static FWD: Kernel<SoftmaxParams> = Kernel::new("softmax", SRC, "softmax_fwd", &[Read, Read, ReadWrite]);
 static BWD: Kernel<SoftmaxParams> = Kernel::new("softmax", SRC, "softmax_bwd", &[Read, Read, ReadWrite]);
 
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![FWD.contract(), BWD.contract()]
+}
+
 kernel_params! {
     /// `struct P` of softmax.wgsl.
     struct SoftmaxParams {
