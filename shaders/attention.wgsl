@@ -85,9 +85,9 @@ fn keep(idx: u32) -> f32 {
     return select(0.0, prm.inv_keep, rand01(prm.seed, idx) >= prm.p);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     let L = prm.len;
     if (r >= prm.batch * prm.heads * L) { return; }
     let i = r % L;
@@ -134,9 +134,9 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn attn_bwd_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     let L = prm.len;
     if (r >= prm.batch * prm.heads * L) { return; }
     let i = r % L;
@@ -176,9 +176,9 @@ fn attn_bwd_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn attn_bwd_cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     let L = prm.len;
     if (r >= prm.batch * prm.heads * L) { return; }
     let j = r % L;

@@ -1,8 +1,16 @@
 // Shared helpers, prepended to every kernel file.
 
-// Linear invocation index for 1-D kernels dispatched with groups_1d() (256 lanes, folded into 2-D).
+// Invocations per workgroup of the 1-D and most per-row kernels (gpu::WG on the host).
+const WG: u32 = 256u;
+
+// Linear invocation index for 1-D kernels dispatched with groups_1d() (WG lanes, folded into 2-D).
 fn lin(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 256u;
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+// Row index for kernels dispatched with row_groups(), one workgroup per row (folded into 2-D).
+fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
 }
 
 // Counter-based RNG (PCG hash): the same (seed, index) gives the same bits on every device.
@@ -35,10 +43,10 @@ fn norm_cdf(x: f32) -> f32 {
 // Lowest finite f32, the identity of max.
 const NEG: f32 = -3.402823e38;
 
-// Row-wise log-sum-exp pieces for 256-lane workgroups (softmax-style kernels):
+// Row-wise log-sum-exp pieces for WG-lane workgroups (softmax-style kernels):
 // reduce per-lane (max m, sum of exp(v - m)) pairs to the (max, sum) of the whole row.
-var<workgroup> wm: array<f32, 256>;
-var<workgroup> ws: array<f32, 256>;
+var<workgroup> wm: array<f32, WG>;
+var<workgroup> ws: array<f32, WG>;
 
 fn reduce_max_sum(t: u32, m: f32, s: f32) -> vec2<f32> {
     workgroupBarrier();

@@ -16,7 +16,7 @@ struct P {
 @group(0) @binding(0) var<uniform> prm: P;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 
-var<workgroup> red: array<vec2<f32>, 64>;
+var<workgroup> red: array<vec2<f32>, WGN>;
 
 // Sum of v over the workgroup.
 fn reduce2(li: u32, v: vec2<f32>) -> vec2<f32> {
@@ -31,10 +31,10 @@ fn reduce2(li: u32, v: vec2<f32>) -> vec2<f32> {
 
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WGN)
 fn l2norm_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows) { return; }
     let base = r * prm.cols;
     var ss = 0.0;
@@ -51,10 +51,10 @@ fn l2norm_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 @group(0) @binding(2) var<storage, read> g: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WGN)
 fn l2norm_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows) { return; }
     let base = r * prm.cols;
     var acc = vec2<f32>(0.0);

@@ -15,6 +15,9 @@
 //! [`kernel_params!`] that mirrors the shader's `struct P` (the `var<uniform>` at group 0, binding 0)
 //! field for field. `dispatch` only takes that `P`, and the layout tests (`engine::layout`) reflect
 //! every kernel's shader with naga and compare names, offsets, types, size and bindings.
+//!
+//! Workloads: kernels are 1-D ([`groups_1d`], `lin()` in `shaders/common.wgsl`) or one workgroup per
+//! row ([`row_groups`], `row_index()`); both fold counts past one dimension's limit into 2-D.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -28,8 +31,12 @@ use crate::{Error, Result};
 pub const UNIFORM_STRIDE: u64 = 256;
 /// Dispatches queued before an automatic flush.
 const MAX_PENDING: usize = 2048;
-/// Invocations per workgroup used by the 1-D kernels (`@workgroup_size(256)`).
+/// Invocations per workgroup of the 1-D and most per-row kernels: `const WG` of
+/// `shaders/common.wgsl`, used as `@workgroup_size(WG)`.
 pub const WG: u32 = 256;
+/// Workgroups a dispatch may have along one dimension (WebGPU's guaranteed minimum); larger counts
+/// are folded into 2-D.
+const MAX_GROUPS_PER_DIM: u64 = 65535;
 
 /// How a kernel binds one storage buffer.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -660,14 +667,44 @@ impl Gpu {
     }
 }
 
-/// Workgroup counts for `n` invocations of a 1-D kernel with [`WG`] lanes, folded into 2-D when the
-/// count exceeds one dimension's limit. Kernels rebuild the linear index with `lin(gid, nwg)`.
+/// Workgroup counts for `n` invocations of a 1-D kernel of [`WG`] lanes, folded into 2-D when the
+/// count exceeds one dimension's limit. Kernels rebuild the linear index with `lin(gid, nwg)` and
+/// skip indices >= n. No work gives no workgroups (the dispatch is skipped).
 pub fn groups_1d(n: usize) -> [u32; 3] {
-    let g = (n as u64).div_ceil(WG as u64).max(1);
-    if g <= 65535 {
+    fold((n as u64).div_ceil(WG as u64))
+}
+
+/// Workgroup counts for one workgroup per row (of any workgroup size), folded into 2-D the same
+/// way. Kernels recover the row with `row_index(wid, nwg)` and skip rows >= the row count.
+pub fn row_groups(rows: usize) -> [u32; 3] {
+    fold(rows as u64)
+}
+
+/// `g` workgroups as (x, y, 1) with x, y <= the per-dimension limit and x * y >= g.
+fn fold(g: u64) -> [u32; 3] {
+    if g <= MAX_GROUPS_PER_DIM {
         [g as u32, 1, 1]
     } else {
-        let y = g.div_ceil(65535);
+        let y = g.div_ceil(MAX_GROUPS_PER_DIM);
         [g.div_ceil(y) as u32, y as u32, 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_fold_into_two_dimensions() {
+        assert_eq!(groups_1d(0), [0, 1, 1]);
+        assert_eq!(groups_1d(1), [1, 1, 1]);
+        assert_eq!(groups_1d(WG as usize * 65535), [65535, 1, 1]);
+        assert_eq!(row_groups(65535), [65535, 1, 1]);
+        for n in [65536usize, 100_000, 65535 * 3 + 1, 1 << 31] {
+            let [x, y, z] = row_groups(n);
+            assert!(x as u64 <= MAX_GROUPS_PER_DIM && y as u64 <= MAX_GROUPS_PER_DIM && z == 1, "{n}: {x} x {y}");
+            assert!(x as u64 * y as u64 >= n as u64, "{n}: {x} x {y}");
+            assert_eq!(groups_1d(n * WG as usize), [x, y, z]);
+        }
     }
 }

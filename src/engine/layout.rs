@@ -169,6 +169,15 @@ fn every_shader_file_and_entry_point_is_registered() {
     }
 }
 
+#[test]
+fn the_workgroup_size_is_the_same_on_both_sides() {
+    let source = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common.wgsl"));
+    let sh = load(source).unwrap();
+    let (_, wg) = sh.module.constants.iter().find(|(_, c)| c.name.as_deref() == Some("WG")).expect("common.wgsl declares WG");
+    let value = &sh.module.global_expressions[wg.init];
+    assert!(matches!(value, naga::Expression::Literal(naga::Literal::U32(v)) if *v == super::gpu::WG), "WG = {value:?} in WGSL");
+}
+
 mod mismatch {
     use super::*;
     use crate::engine::gpu::{kernel_params, Access::*, Kernel};

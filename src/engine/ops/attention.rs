@@ -24,9 +24,8 @@
 //! lives in workgroup memory, so the GPU path takes L <= 1024.
 
 use super::elementwise::{pcg, rand01, rand01_hashed};
-use super::softmax::row_groups;
 use super::{par, wgsl};
-use crate::engine::gpu::{gpu, kernel_params, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Indices, Tensor};
 use crate::{on_device, Error, Result};

@@ -14,9 +14,8 @@
 
 use super::par;
 use super::reduce::sum_rows_gpu;
-use super::softmax::row_groups;
 use super::wgsl;
-use crate::engine::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Tensor};
 use crate::{on_device, Error, Result};

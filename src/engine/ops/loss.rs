@@ -22,10 +22,9 @@
 //!   numerator = [true, false], exclude_diag = [false, true].
 
 use super::par;
-use super::pool::row_groups;
 use super::reduce::mean;
 use super::wgsl;
-use crate::engine::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{Indices, Tensor};
 use crate::{on_device, shape_err, Error, Result};

@@ -4,7 +4,7 @@
 //!   dx = (g - y * dot(y, g)) / ||x|| where ||x|| > eps, else g / eps
 
 use super::{par, wgsl};
-use crate::engine::gpu::{gpu, kernel_params, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::Tensor;
 use crate::{on_device, shape_err, Error, Result};
@@ -61,12 +61,7 @@ pub fn l2norm_bwd_cpu<T: Real>(x: &[T], g: &[T], cols: usize, eps: T) -> Vec<T> 
 
 // ---- GPU ------------------------------------------------------------------------------------
 
-/// One 64-invocation workgroup per row, row ids folded into 2-D.
-fn row_groups(rows: usize) -> [u32; 3] {
-    let x = rows.clamp(1, 65535);
-    [x as u32, rows.div_ceil(x) as u32, 1]
-}
-
+/// One 64-invocation workgroup per row.
 fn l2norm_gpu(k: &Kernel<NormParams>, bufs: &[&GpuBuf], rows: usize, cols: usize, eps: f32) -> Result<Storage> {
     let g = gpu()?;
     let out = g.alloc(4 * (rows * cols) as u64)?;

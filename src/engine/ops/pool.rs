@@ -10,7 +10,7 @@
 //!   with g = softmax(logits[n]); backward as above with lens = O.
 
 use super::{par, wgsl};
-use crate::engine::gpu::{gpu, groups_1d, kernel_params, Access, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, row_groups, Access, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Indices, Tensor};
 use crate::{on_device, shape_err, Error, Result};
@@ -33,17 +33,6 @@ kernel_params! {
         n: u32,
         s: u32,
         d: u32,
-    }
-}
-
-/// Workgroup counts for one workgroup per row, folded into 2-D past 65535 rows. Kernels recover the
-/// row as `wid.x + wid.y * nwg.x` and skip rows >= n.
-pub(crate) fn row_groups(n: usize) -> [u32; 3] {
-    if n <= 65535 {
-        [n as u32, 1, 1]
-    } else {
-        let y = n.div_ceil(65535);
-        [n.div_ceil(y) as u32, y as u32, 1]
     }
 }
 

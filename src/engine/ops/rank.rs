@@ -3,7 +3,7 @@
 //! against the target; a NaN score ranks last). Only B integers come back to the host. No gradient.
 
 use super::wgsl;
-use crate::engine::gpu::{gpu, kernel_params, Access::*, Kernel};
+use crate::engine::gpu::{gpu, kernel_params, row_groups, Access::*, Kernel};
 use crate::engine::tensor::Real;
 use crate::engine::{Indices, Tensor};
 use crate::{on_device, Error, Result};
@@ -46,8 +46,7 @@ pub fn rank_of_targets(scores: &Tensor, targets: &Indices) -> Result<Vec<u32>> {
     }, {
         let g = gpu()?;
         let out = g.alloc(4 * b as u64)?;
-        let gx = b.min(65535);
-        g.dispatch(&RANK, &[&*scores.gbuf()?, targets.gpu()?, &out], &RankParams { rows: b as u32, n: n as u32 }, [gx as u32, b.div_ceil(gx) as u32, 1])?;
+        g.dispatch(&RANK, &[&*scores.gbuf()?, targets.gpu()?, &out], &RankParams { rows: b as u32, n: n as u32 }, row_groups(b))?;
         Ok(bytemuck::pod_collect_to_vec(&g.read(&out, 4 * b as u64)?))
     })
 }

@@ -12,7 +12,7 @@ use std::cell::OnceCell;
 use std::rc::Rc;
 
 use super::{par, wgsl};
-use crate::engine::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel, WG};
+use crate::engine::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{Indices, Tensor};
 use crate::{on_device, Error, Result};
@@ -35,12 +35,6 @@ kernel_params! {
         /// 1: row r takes part over its first lens[r] entries.
         has_lens: u32,
     }
-}
-
-/// Workgroup counts for one workgroup per row (folded into 2-D past 65535 rows); kernels recover
-/// the row as `wid.x + wid.y * nwg.x` and skip rows >= the row count.
-pub(crate) fn row_groups(rows: usize) -> [u32; 3] {
-    groups_1d(rows * WG as usize)
 }
 
 // ---- CPU references -------------------------------------------------------------------------
