@@ -28,23 +28,6 @@ struct P {
 @group(0) @binding(4) var<storage, read_write> pgamma: array<f32>;
 @group(0) @binding(5) var<storage, read_write> pbeta: array<f32>;
 
-var<workgroup> red: array<vec2<f32>, WG>;
-
-// Sum of each lane's v over the workgroup (two sums at once), returned to every lane.
-fn wg_sum2(v: vec2<f32>, lid: u32) -> vec2<f32> {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            red[lid] = red[lid] + red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
 @compute @workgroup_size(WG)
 fn ln_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let r = row_index(wid, nwg);
@@ -58,13 +41,13 @@ fn ln_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     for (var i = lid; i < c; i = i + WG) {
         s = s + (x[o + i] - x0);
     }
-    let mean = wg_sum2(vec2<f32>(s, 0.0), lid).x / n;
+    let mean = reduce_sum_f32(lid, s, WG) / n;
     var v = 0.0;
     for (var i = lid; i < c; i = i + WG) {
         let d = x[o + i] - x0 - mean;
         v = v + d * d;
     }
-    let rstd = 1.0 / sqrt(wg_sum2(vec2<f32>(v, 0.0), lid).x / n + prm.eps);
+    let rstd = 1.0 / sqrt(reduce_sum_f32(lid, v, WG) / n + prm.eps);
     for (var i = lid; i < c; i = i + WG) {
         y[o + i] = (x[o + i] - x0 - mean) * rstd * gamma[k + i] + beta[k + i];
     }
@@ -89,7 +72,7 @@ fn ln_bwd_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         let dxhat = dy[o + i] * gamma[k + i];
         m = m + vec2<f32>(dxhat, dxhat * (x[o + i] - x0 - mean) * rstd);
     }
-    m = wg_sum2(m, lid) / f32(c);
+    m = reduce_sum_vec2(lid, m, WG) / f32(c);
     for (var i = lid; i < c; i = i + WG) {
         let xhat = (x[o + i] - x0 - mean) * rstd;
         dx[o + i] = rstd * (dy[o + i] * gamma[k + i] - m.x - xhat * m.y);

@@ -43,7 +43,7 @@ fn ce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         s = s * exp(m - mm) + exp(v - mm);
         m = mm;
     }
-    let r = reduce_max_sum(t, m, s);
+    let r = reduce_max_sum(t, m, s, WG);
     if (t == 0u) {
         let ls = log(r.y);
         stat[b] = r.x + ls;
@@ -85,7 +85,7 @@ fn nce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             }
         }
     }
-    let r = reduce_max_sum(t, m, s);
+    let r = reduce_max_sum(t, m, s, WG);
     if (t == 0u) {
         // The numerator has at most K terms: its own max-shifted log-sum-exp.
         var nm = NEG;

@@ -27,8 +27,6 @@ struct P {
 @group(0) @binding(1) var<storage, read> sq_g: array<f32>;
 @group(0) @binding(2) var<storage, read_write> sq_norms: array<f32>;
 
-var<workgroup> part: array<f32, WG>;
-
 @compute @workgroup_size(WG)
 fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>) {
     var s = 0.0;
@@ -36,16 +34,9 @@ fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>) {
         let x = sq_g[i];
         s = s + x * x;
     }
-    part[lid.x] = s;
-    workgroupBarrier();
-    for (var w = 128u; w > 0u; w = w >> 1u) {
-        if (lid.x < w) {
-            part[lid.x] = part[lid.x] + part[lid.x + w];
-        }
-        workgroupBarrier();
-    }
+    let tot = reduce_sum_f32(lid.x, s, WG);
     if (lid.x == 0u) {
-        sq_norms[prm.slot] = part[0];
+        sq_norms[prm.slot] = tot;
     }
 }
 

@@ -25,20 +25,6 @@ struct P {
 @group(0) @binding(5) var<storage, read_write> dout: array<f32>;
 
 
-// Workgroup sum of one value per thread.
-fn reduce_sum(t: u32, v: f32) -> f32 {
-    workgroupBarrier();
-    ws[t] = v;
-    for (var o = 128u; o > 0u; o = o >> 1u) {
-        workgroupBarrier();
-        if (t < o) {
-            ws[t] = ws[t] + ws[t + o];
-        }
-    }
-    workgroupBarrier();
-    return ws[0];
-}
-
 @compute @workgroup_size(WG)
 fn pool_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) t: u32) {
@@ -55,7 +41,7 @@ fn pool_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         s = s * exp(m - mm) + exp(v - mm);
         m = mm;
     }
-    let r = reduce_max_sum(t, m, s);
+    let r = reduce_max_sum(t, m, s, WG);
     let inv = select(0.0, 1.0 / r.y, len > 0u);
     for (var j = t; j < prm.s; j = j + WG) {
         alpha[ra + j] = select(0.0, exp(a[ra + j] - r.x) * inv, j < len);
@@ -90,21 +76,13 @@ fn pool_bwd_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
                 p = p + de[n * prm.d + d] * x[(ra + j) * prm.d + d];
             }
         }
-        ws[t] = p;
-        for (var o = 16u; o > 0u; o = o >> 1u) {
-            workgroupBarrier();
-            if (lane < o) {
-                ws[t] = ws[t] + ws[t + o];
-            }
-        }
-        workgroupBarrier();
+        let dal = reduce_sum_f32(t, p, 32u);
         if (lane == 0u && j < len) {
-            dout[ra + j] = ws[t];
-            acc = acc + alpha_in[ra + j] * ws[t];
+            dout[ra + j] = dal;
+            acc = acc + alpha_in[ra + j] * dal;
         }
-        workgroupBarrier();
     }
-    let tot = reduce_sum(t, acc);
+    let tot = reduce_sum_f32(t, acc, WG);
     storageBarrier();
     for (var j = t; j < prm.s; j = j + WG) {
         var v = 0.0;

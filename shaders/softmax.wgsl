@@ -23,45 +23,10 @@ struct P {
 @group(0) @binding(2) var<storage, read> dy: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 
-var<workgroup> red_m: array<f32, WG>;
-var<workgroup> red_s: array<f32, WG>;
 var<workgroup> red_i: array<u32, WG>;
 
-// Merge (max, sum of exp(x - max)) pairs over the workgroup; every lane gets the row's pair.
-fn wg_max_sum(m: f32, s: f32, lid: u32) -> vec2<f32> {
-    red_m[lid] = m;
-    red_s[lid] = s;
-    workgroupBarrier();
-    for (var k = WG / 2u; k > 0u; k = k >> 1u) {
-        if (lid < k) {
-            let m1 = red_m[lid];
-            let m2 = red_m[lid + k];
-            let mm = max(m1, m2);
-            red_s[lid] = red_s[lid] * exp(m1 - mm) + red_s[lid + k] * exp(m2 - mm);
-            red_m[lid] = mm;
-        }
-        workgroupBarrier();
-    }
-    let r = vec2<f32>(red_m[0], red_s[0]);
-    workgroupBarrier();
-    return r;
-}
-
-fn wg_sum(v: f32, lid: u32) -> f32 {
-    red_s[lid] = v;
-    workgroupBarrier();
-    for (var k = WG / 2u; k > 0u; k = k >> 1u) {
-        if (lid < k) {
-            red_s[lid] = red_s[lid] + red_s[lid + k];
-        }
-        workgroupBarrier();
-    }
-    let r = red_s[0];
-    workgroupBarrier();
-    return r;
-}
-
-// Index (into y_in) of the largest y over the lanes' candidates, the smallest index on ties.
+// Index (into y_in) of the largest y over the lanes' candidates, the smallest index on ties. (Its
+// comparison reads y_in, so it is not one of the shared reductions of common.wgsl.)
 // `top` is each lane's candidate; lanes past the row end pass an index >= o + cols, which loses.
 fn wg_argmax(top: u32, o: u32, lid: u32) -> u32 {
     red_i[lid] = top;
@@ -106,7 +71,7 @@ fn softmax_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         s = s * exp(m - mm) + exp(v - mm);
         m = mm;
     }
-    let ms = wg_max_sum(m, s, lid);
+    let ms = reduce_max_sum(lid, m, s, WG);
     for (var i = lid; i < prm.cols; i = i + WG) {
         var v = 0.0;
         if (i < n) {
@@ -132,7 +97,7 @@ fn softmax_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     for (var i = lid; i < prm.cols; i = i + WG) {
         d = d + y_in[o + i] * (dy[o + i] - c);
     }
-    let dot = wg_sum(d, lid);
+    let dot = reduce_sum_f32(lid, d, WG);
     for (var i = lid; i < prm.cols; i = i + WG) {
         dx[o + i] = y_in[o + i] * ((dy[o + i] - c) - dot);
     }
