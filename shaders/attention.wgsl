@@ -41,35 +41,6 @@ struct P {
 
 var<workgroup> row: array<f32, MAX_L>;
 var<workgroup> row2: array<f32, MAX_L>;
-var<workgroup> red: array<f32, LANES>;
-
-fn wg_max(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = LANES / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            red[lid] = max(red[lid], red[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn wg_sum(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = LANES / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            red[lid] = red[lid] + red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
 
 // Keys query i of sequence b attends to.
 fn n_valid(b: u32, i: u32) -> u32 {
@@ -85,9 +56,9 @@ fn keep(idx: u32) -> f32 {
     return select(0.0, prm.inv_keep, rand01(prm.seed, idx) >= prm.p);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     let L = prm.len;
     if (r >= prm.batch * prm.heads * L) { return; }
     let i = r % L;
@@ -107,14 +78,14 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         row[j] = s;
         m = max(m, s);
     }
-    m = wg_max(m, lid);
+    m = reduce_max_f32(lid, m, LANES);
     var sum = 0.0;
     for (var j = lid; j < n; j = j + LANES) {
         let ex = exp(row[j] - m);
         row[j] = ex;
         sum = sum + ex;
     }
-    sum = wg_sum(sum, lid);
+    sum = reduce_sum_f32(lid, sum, LANES);
     let base = r * L;
     for (var j = lid; j < L; j = j + LANES) {
         var pj = 0.0;
@@ -134,9 +105,9 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn attn_bwd_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     let L = prm.len;
     if (r >= prm.batch * prm.heads * L) { return; }
     let i = r % L;
@@ -157,7 +128,7 @@ fn attn_bwd_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         row[j] = dp;
         t = t + dp * probs[base + j];
     }
-    t = wg_sum(t, lid);
+    t = reduce_sum_f32(lid, t, LANES);
     for (var j = lid; j < L; j = j + LANES) {
         var s = 0.0;
         if (j < n) {
@@ -176,9 +147,9 @@ fn attn_bwd_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn attn_bwd_cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     let L = prm.len;
     if (r >= prm.batch * prm.heads * L) { return; }
     let j = r % L;

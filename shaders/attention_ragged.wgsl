@@ -43,35 +43,6 @@ struct P {
 
 var<workgroup> row: array<f32, MAX_L>;
 var<workgroup> row2: array<f32, MAX_L>;
-var<workgroup> red: array<f32, LANES>;
-
-fn wg_max(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = LANES / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            red[lid] = max(red[lid], red[lid + s]);
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn wg_sum(v: f32, lid: u32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = LANES / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            red[lid] = red[lid] + red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
 
 // Where row t sits: (sequence b, first row o, length n, position i, P block start).
 struct Loc {
@@ -96,9 +67,9 @@ fn keep(b: u32, h: u32, i: u32, j: u32) -> f32 {
     return select(0.0, prm.inv_keep, rand01(prm.seed, idx) >= prm.p);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn attn_ragged_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows * prm.heads) { return; }
     let t = r / prm.heads;
     let h = r % prm.heads;
@@ -117,14 +88,14 @@ fn attn_ragged_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         row[j] = s;
         m = max(m, s);
     }
-    m = wg_max(m, lid);
+    m = reduce_max_f32(lid, m, LANES);
     var sum = 0.0;
     for (var j = lid; j < nk; j = j + LANES) {
         let ex = exp(row[j] - m);
         row[j] = ex;
         sum = sum + ex;
     }
-    sum = wg_sum(sum, lid);
+    sum = reduce_sum_f32(lid, sum, LANES);
     let base = at.pb + (h * at.n + at.i) * at.n;
     for (var j = lid; j < at.n; j = j + LANES) {
         var pj = 0.0;
@@ -146,9 +117,9 @@ fn attn_ragged_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn attn_ragged_bwd_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows * prm.heads) { return; }
     let t = r / prm.heads;
     let h = r % prm.heads;
@@ -168,7 +139,7 @@ fn attn_ragged_bwd_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
         row[j] = dp;
         tt = tt + dp * probs[base + j];
     }
-    tt = wg_sum(tt, lid);
+    tt = reduce_sum_f32(lid, tt, LANES);
     for (var j = lid; j < at.n; j = j + LANES) {
         var s = 0.0;
         if (j < nk) {
@@ -187,9 +158,9 @@ fn attn_ragged_bwd_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn attn_ragged_bwd_cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows * prm.heads) { return; }
     let t = r / prm.heads;
     let h = r % prm.heads;

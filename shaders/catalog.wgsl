@@ -22,20 +22,20 @@ struct P {
 @group(0) @binding(3) var<storage, read> lg: array<f32>;            // bwd: lse (rows) then g (rows)
 @group(0) @binding(4) var<storage, read_write> dz: array<f32>;      // bwd
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn catalog_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows) { return; }
     let base = r * prm.width;
     var m = NEG;
-    for (var j = t; j < prm.width; j = j + 256u) {
+    for (var j = t; j < prm.width; j = j + WG) {
         m = max(m, prm.scale * z[base + j]);
     }
     var s = 0.0;
-    for (var j = t; j < prm.width; j = j + 256u) {
+    for (var j = t; j < prm.width; j = j + WG) {
         s = s + exp(prm.scale * z[base + j] - m);
     }
-    let ms = reduce_max_sum(t, m, s);
+    let ms = reduce_max_sum(t, m, s, WG);
     if (t == 0u) {
         let tg = targets[r];
         var om = NEG;
@@ -60,7 +60,7 @@ fn catalog_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn catalog_finish(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let r = lin(gid, nwg);
     if (r >= prm.rows) { return; }
@@ -69,15 +69,15 @@ fn catalog_finish(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     loss[r] = l - stat_r[3u * r + 2u];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn catalog_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows) { return; }
     let base = r * prm.width;
     let l = lg[r];
     let g = lg[prm.rows + r];
     let tg = targets[r];
-    for (var j = t; j < prm.width; j = j + 256u) {
+    for (var j = t; j < prm.width; j = j + WG) {
         var hit = 0.0;
         if (prm.start + j == tg) {
             hit = 1.0;

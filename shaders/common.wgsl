@@ -1,8 +1,16 @@
 // Shared helpers, prepended to every kernel file.
 
-// Linear invocation index for 1-D kernels dispatched with groups_1d() (256 lanes, folded into 2-D).
+// Invocations per workgroup of the 1-D and most per-row kernels (gpu::WG on the host).
+const WG: u32 = 256u;
+
+// Linear invocation index for 1-D kernels dispatched with groups_1d() (WG lanes, folded into 2-D).
 fn lin(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 256u;
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+// Row index for kernels dispatched with row_groups(), one workgroup per row (folded into 2-D).
+fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
 }
 
 // Counter-based RNG (PCG hash): the same (seed, index) gives the same bits on every device.
@@ -35,23 +43,93 @@ fn norm_cdf(x: f32) -> f32 {
 // Lowest finite f32, the identity of max.
 const NEG: f32 = -3.402823e38;
 
-// Row-wise log-sum-exp pieces for 256-lane workgroups (softmax-style kernels):
-// reduce per-lane (max m, sum of exp(v - m)) pairs to the (max, sum) of the whole row.
-var<workgroup> wm: array<f32, 256>;
-var<workgroup> ws: array<f32, 256>;
+// ---- Workgroup tree reductions ----------------------------------------------------------------
+// Each combines one value per lane over the aligned segment of n lanes that holds lane t (n a power
+// of two <= WG; the whole workgroup when n is its size) in a fixed order, so results are
+// deterministic: at steps o = n/2, n/4, .., 1, lane t + o is folded into lane t. Every lane of the
+// segment gets the result. Call them in uniform control flow from every lane of the workgroup; each
+// begins with a barrier, so one call's result may be read until the next call.
 
-fn reduce_max_sum(t: u32, m: f32, s: f32) -> vec2<f32> {
+var<workgroup> ws: array<f32, WG>;
+var<workgroup> wm: array<f32, WG>;
+var<workgroup> wu: array<u32, WG>;
+var<workgroup> wv: array<vec2<f32>, WG>;
+
+// Sum of v.
+fn reduce_sum_f32(t: u32, v: f32, n: u32) -> f32 {
+    let lane = t & (n - 1u);
+    workgroupBarrier();
+    ws[t] = v;
+    for (var o = n >> 1u; o > 0u; o = o >> 1u) {
+        workgroupBarrier();
+        if (lane < o) {
+            ws[t] = ws[t] + ws[t + o];
+        }
+    }
+    workgroupBarrier();
+    return ws[t - lane];
+}
+
+// Two sums at once.
+fn reduce_sum_vec2(t: u32, v: vec2<f32>, n: u32) -> vec2<f32> {
+    let lane = t & (n - 1u);
+    workgroupBarrier();
+    wv[t] = v;
+    for (var o = n >> 1u; o > 0u; o = o >> 1u) {
+        workgroupBarrier();
+        if (lane < o) {
+            wv[t] = wv[t] + wv[t + o];
+        }
+    }
+    workgroupBarrier();
+    return wv[t - lane];
+}
+
+// Sum of counts.
+fn reduce_sum_u32(t: u32, v: u32, n: u32) -> u32 {
+    let lane = t & (n - 1u);
+    workgroupBarrier();
+    wu[t] = v;
+    for (var o = n >> 1u; o > 0u; o = o >> 1u) {
+        workgroupBarrier();
+        if (lane < o) {
+            wu[t] = wu[t] + wu[t + o];
+        }
+    }
+    workgroupBarrier();
+    return wu[t - lane];
+}
+
+// Largest v.
+fn reduce_max_f32(t: u32, v: f32, n: u32) -> f32 {
+    let lane = t & (n - 1u);
+    workgroupBarrier();
+    wm[t] = v;
+    for (var o = n >> 1u; o > 0u; o = o >> 1u) {
+        workgroupBarrier();
+        if (lane < o) {
+            wm[t] = max(wm[t], wm[t + o]);
+        }
+    }
+    workgroupBarrier();
+    return wm[t - lane];
+}
+
+// Row-wise log-sum-exp pieces (online softmax): per-lane (max m, sum s of exp(v - m)) pairs merged
+// into the (max, sum) of the whole segment.
+fn reduce_max_sum(t: u32, m: f32, s: f32, n: u32) -> vec2<f32> {
+    let lane = t & (n - 1u);
     workgroupBarrier();
     wm[t] = m;
     ws[t] = s;
-    for (var o = 128u; o > 0u; o = o >> 1u) {
+    for (var o = n >> 1u; o > 0u; o = o >> 1u) {
         workgroupBarrier();
-        if (t < o) {
+        if (lane < o) {
             let mm = max(wm[t], wm[t + o]);
             ws[t] = ws[t] * exp(wm[t] - mm) + ws[t + o] * exp(wm[t + o] - mm);
             wm[t] = mm;
         }
     }
     workgroupBarrier();
-    return vec2<f32>(wm[0], ws[0]);
+    return vec2<f32>(wm[t - lane], ws[t - lane]);
 }

@@ -22,21 +22,21 @@ struct P {
 @group(0) @binding(2) var<storage, read> keys: array<u32>;  // dropout_rows
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn axpby(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.n) { return; }
     out[i] = a[i] + prm.alpha * b[i % prm.nb];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn mul(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.n) { return; }
     out[i] = a[i] * b[i % prm.nb];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn bcast(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.n) { return; }
@@ -44,14 +44,14 @@ fn bcast(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 }
 
 // Single-input kernels: a at binding 1, out at binding 3 (binding 2 unused).
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.n) { return; }
     out[i] = prm.alpha * a[i];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn gelu_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.n) { return; }
@@ -60,7 +60,7 @@ fn gelu_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
 }
 
 // b = upstream gradient, a = forward input x.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn gelu_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.n) { return; }
@@ -69,7 +69,7 @@ fn gelu_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     out[i] = b[i] * (norm_cdf(x) + x * pdf);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.n) { return; }

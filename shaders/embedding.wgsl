@@ -17,14 +17,14 @@ struct P {
 @group(0) @binding(2) var<storage, read> idx: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn embedding_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.total) { return; }
     out[i] = src[idx[i / prm.d] * prm.d + i % prm.d];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn embedding_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.total) { return; }
@@ -37,7 +37,7 @@ fn embedding_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     out[i] = s;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn gather_last_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.total) { return; }
@@ -45,7 +45,7 @@ fn gather_last_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     out[i] = src[(b * prm.m + idx[b] - 1u) * prm.d + i % prm.d];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn gather_last_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.total) { return; }

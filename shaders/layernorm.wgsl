@@ -5,7 +5,6 @@
 //   ln_bwd_param: one invocation per (chunk, g, c): partial dgamma/dbeta over CHUNK rows of group g,
 //                 summed in a fixed order (the host then sums the chunks): no atomics, deterministic.
 
-const LANES: u32 = 256u;
 const CHUNK: u32 = 64u;
 
 struct P {
@@ -29,26 +28,9 @@ struct P {
 @group(0) @binding(4) var<storage, read_write> pgamma: array<f32>;
 @group(0) @binding(5) var<storage, read_write> pbeta: array<f32>;
 
-var<workgroup> red: array<vec2<f32>, LANES>;
-
-// Sum of each lane's v over the workgroup (two sums at once), returned to every lane.
-fn wg_sum2(v: vec2<f32>, lid: u32) -> vec2<f32> {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var s = LANES / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            red[lid] = red[lid] + red[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn ln_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows) { return; }
     let c = prm.cols;
     let o = r * c;
@@ -56,17 +38,17 @@ fn ln_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let x0 = x[o];
     let n = f32(c);
     var s = 0.0;
-    for (var i = lid; i < c; i = i + LANES) {
+    for (var i = lid; i < c; i = i + WG) {
         s = s + (x[o + i] - x0);
     }
-    let mean = wg_sum2(vec2<f32>(s, 0.0), lid).x / n;
+    let mean = reduce_sum_f32(lid, s, WG) / n;
     var v = 0.0;
-    for (var i = lid; i < c; i = i + LANES) {
+    for (var i = lid; i < c; i = i + WG) {
         let d = x[o + i] - x0 - mean;
         v = v + d * d;
     }
-    let rstd = 1.0 / sqrt(wg_sum2(vec2<f32>(v, 0.0), lid).x / n + prm.eps);
-    for (var i = lid; i < c; i = i + LANES) {
+    let rstd = 1.0 / sqrt(reduce_sum_f32(lid, v, WG) / n + prm.eps);
+    for (var i = lid; i < c; i = i + WG) {
         y[o + i] = (x[o + i] - x0 - mean) * rstd * gamma[k + i] + beta[k + i];
     }
     if (lid == 0u) {
@@ -75,9 +57,9 @@ fn ln_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn ln_bwd_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows) { return; }
     let c = prm.cols;
     let o = r * c;
@@ -86,18 +68,18 @@ fn ln_bwd_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let mean = stats[2u * r];
     let rstd = stats[2u * r + 1u];
     var m = vec2<f32>(0.0, 0.0);
-    for (var i = lid; i < c; i = i + LANES) {
+    for (var i = lid; i < c; i = i + WG) {
         let dxhat = dy[o + i] * gamma[k + i];
         m = m + vec2<f32>(dxhat, dxhat * (x[o + i] - x0 - mean) * rstd);
     }
-    m = wg_sum2(m, lid) / f32(c);
-    for (var i = lid; i < c; i = i + LANES) {
+    m = reduce_sum_vec2(lid, m, WG) / f32(c);
+    for (var i = lid; i < c; i = i + WG) {
         let xhat = (x[o + i] - x0 - mean) * rstd;
         dx[o + i] = rstd * (dy[o + i] * gamma[k + i] - m.x - xhat * m.y);
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn ln_bwd_param(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     let c = prm.cols;

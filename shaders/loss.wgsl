@@ -29,21 +29,21 @@ struct P {
 @group(0) @binding(5) var<storage, read> g: array<f32>;
 
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn ce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) t: u32) {
-    let b = wid.x + wid.y * nwg.x;
+    let b = row_index(wid, nwg);
     if (b >= prm.rows) { return; }
     let base = b * prm.cols;
     var m = NEG;
     var s = 0.0;
-    for (var i = t; i < prm.cols; i = i + 256u) {
+    for (var i = t; i < prm.cols; i = i + WG) {
         let v = logits[base + i];
         let mm = max(m, v);
         s = s * exp(m - mm) + exp(v - mm);
         m = mm;
     }
-    let r = reduce_max_sum(t, m, s);
+    let r = reduce_max_sum(t, m, s, WG);
     if (t == 0u) {
         let ls = log(r.y);
         stat[b] = r.x + ls;
@@ -51,7 +51,7 @@ fn ce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn ce_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.rows * prm.cols) { return; }
@@ -64,10 +64,10 @@ fn bit(mask: u32, k: u32) -> bool {
     return ((mask >> k) & 1u) != 0u;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn nce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) t: u32) {
-    let j = wid.x + wid.y * nwg.x;
+    let j = row_index(wid, nwg);
     let nb = prm.rows;
     if (j >= nb) { return; }
     let tj = targets[j];
@@ -76,7 +76,7 @@ fn nce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     for (var k = 0u; k < prm.k; k = k + 1u) {
         let base = (k * nb + j) * nb;
         let diag = !bit(prm.excl_mask, k);
-        for (var c = t; c < nb; c = c + 256u) {
+        for (var c = t; c < nb; c = c + WG) {
             if (select(targets[c] != tj, diag, c == j)) {
                 let v = logits[base + c];
                 let mm = max(m, v);
@@ -85,7 +85,7 @@ fn nce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
             }
         }
     }
-    let r = reduce_max_sum(t, m, s);
+    let r = reduce_max_sum(t, m, s, WG);
     if (t == 0u) {
         // The numerator has at most K terms: its own max-shifted log-sum-exp.
         var nm = NEG;
@@ -104,7 +104,7 @@ fn nce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn nce_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     let nb = prm.rows;

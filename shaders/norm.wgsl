@@ -16,25 +16,12 @@ struct P {
 @group(0) @binding(0) var<uniform> prm: P;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 
-var<workgroup> red: array<vec2<f32>, 64>;
-
-// Sum of v over the workgroup.
-fn reduce2(li: u32, v: vec2<f32>) -> vec2<f32> {
-    red[li] = v;
-    workgroupBarrier();
-    for (var s = WGN / 2u; s > 0u; s = s >> 1u) {
-        if (li < s) { red[li] = red[li] + red[li + s]; }
-        workgroupBarrier();
-    }
-    return red[0];
-}
-
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WGN)
 fn l2norm_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows) { return; }
     let base = r * prm.cols;
     var ss = 0.0;
@@ -42,7 +29,7 @@ fn l2norm_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         let v = x[base + c];
         ss = ss + v * v;
     }
-    let nrm = max(sqrt(reduce2(li, vec2<f32>(ss, 0.0)).x), prm.eps);
+    let nrm = max(sqrt(reduce_sum_f32(li, ss, WGN)), prm.eps);
     for (var c = li; c < prm.cols; c = c + WGN) {
         y[base + c] = x[base + c] / nrm;
     }
@@ -51,10 +38,10 @@ fn l2norm_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 @group(0) @binding(2) var<storage, read> g: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WGN)
 fn l2norm_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows) { return; }
     let base = r * prm.cols;
     var acc = vec2<f32>(0.0);
@@ -62,7 +49,7 @@ fn l2norm_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         let v = x[base + c];
         acc = acc + vec2<f32>(v * v, v * g[base + c]);
     }
-    let s = reduce2(li, acc);
+    let s = reduce_sum_vec2(li, acc, WGN);
     let nrm = sqrt(s.x);
     if (nrm > prm.eps) {
         let k = s.y / s.x;

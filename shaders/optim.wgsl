@@ -27,25 +27,16 @@ struct P {
 @group(0) @binding(1) var<storage, read> sq_g: array<f32>;
 @group(0) @binding(2) var<storage, read_write> sq_norms: array<f32>;
 
-var<workgroup> part: array<f32, 256>;
-
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>) {
     var s = 0.0;
-    for (var i = lid.x; i < prm.n; i = i + 256u) {
+    for (var i = lid.x; i < prm.n; i = i + WG) {
         let x = sq_g[i];
         s = s + x * x;
     }
-    part[lid.x] = s;
-    workgroupBarrier();
-    for (var w = 128u; w > 0u; w = w >> 1u) {
-        if (lid.x < w) {
-            part[lid.x] = part[lid.x] + part[lid.x + w];
-        }
-        workgroupBarrier();
-    }
+    let tot = reduce_sum_f32(lid.x, s, WG);
     if (lid.x == 0u) {
-        sq_norms[prm.slot] = part[0];
+        sq_norms[prm.slot] = tot;
     }
 }
 
@@ -56,7 +47,7 @@ fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read> ad_g: array<f32>;
 @group(0) @binding(5) var<storage, read> ad_norms: array<f32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.n) { return; }

@@ -25,43 +25,29 @@ struct P {
 @group(0) @binding(5) var<storage, read_write> dout: array<f32>;
 
 
-// Workgroup sum of one value per thread.
-fn reduce_sum(t: u32, v: f32) -> f32 {
-    workgroupBarrier();
-    ws[t] = v;
-    for (var o = 128u; o > 0u; o = o >> 1u) {
-        workgroupBarrier();
-        if (t < o) {
-            ws[t] = ws[t] + ws[t + o];
-        }
-    }
-    workgroupBarrier();
-    return ws[0];
-}
-
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn pool_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) t: u32) {
-    let n = wid.x + wid.y * nwg.x;
+    let n = row_index(wid, nwg);
     if (n >= prm.n) { return; }
     let len = lens[n];
     let ra = n * prm.s;
     // Online max / sum of exponentials over this thread's entries, then over the workgroup.
     var m = NEG;
     var s = 0.0;
-    for (var j = t; j < len; j = j + 256u) {
+    for (var j = t; j < len; j = j + WG) {
         let v = a[ra + j];
         let mm = max(m, v);
         s = s * exp(m - mm) + exp(v - mm);
         m = mm;
     }
-    let r = reduce_max_sum(t, m, s);
+    let r = reduce_max_sum(t, m, s, WG);
     let inv = select(0.0, 1.0 / r.y, len > 0u);
-    for (var j = t; j < prm.s; j = j + 256u) {
+    for (var j = t; j < prm.s; j = j + WG) {
         alpha[ra + j] = select(0.0, exp(a[ra + j] - r.x) * inv, j < len);
     }
     // Threads own output columns (coalesced reads of x); the weights are recomputed from a.
-    for (var d = t; d < prm.d; d = d + 256u) {
+    for (var d = t; d < prm.d; d = d + WG) {
         var acc = 0.0;
         for (var j = 0u; j < len; j = j + 1u) {
             acc = acc + exp(a[ra + j] - r.x) * inv * x[(ra + j) * prm.d + d];
@@ -70,10 +56,10 @@ fn pool_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn pool_bwd_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) t: u32) {
-    let n = wid.x + wid.y * nwg.x;
+    let n = row_index(wid, nwg);
     if (n >= prm.n) { return; }
     let len = lens[n];
     let ra = n * prm.s;
@@ -90,23 +76,15 @@ fn pool_bwd_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
                 p = p + de[n * prm.d + d] * x[(ra + j) * prm.d + d];
             }
         }
-        ws[t] = p;
-        for (var o = 16u; o > 0u; o = o >> 1u) {
-            workgroupBarrier();
-            if (lane < o) {
-                ws[t] = ws[t] + ws[t + o];
-            }
-        }
-        workgroupBarrier();
+        let dal = reduce_sum_f32(t, p, 32u);
         if (lane == 0u && j < len) {
-            dout[ra + j] = ws[t];
-            acc = acc + alpha_in[ra + j] * ws[t];
+            dout[ra + j] = dal;
+            acc = acc + alpha_in[ra + j] * dal;
         }
-        workgroupBarrier();
     }
-    let tot = reduce_sum(t, acc);
+    let tot = reduce_sum_f32(t, acc, WG);
     storageBarrier();
-    for (var j = t; j < prm.s; j = j + 256u) {
+    for (var j = t; j < prm.s; j = j + WG) {
         var v = 0.0;
         if (j < len) {
             v = alpha_in[ra + j] * (dout[ra + j] - tot);
@@ -115,7 +93,7 @@ fn pool_bwd_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn pool_bwd_x(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = lin(gid, nwg);
     if (i >= prm.n * prm.s * prm.d) { return; }

@@ -12,30 +12,21 @@ struct P {
 @group(0) @binding(2) var<storage, read> targets: array<u32>;
 @group(0) @binding(3) var<storage, read_write> ranks: array<u32>;
 
-var<workgroup> part: array<u32, 256>;
-
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn rank(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = wid.x + wid.y * nwg.x;
+    let row = row_index(wid, nwg);
     if (row >= prm.rows) { return; }
     let base = row * prm.n;
     let t = targets[row];
     let st = scores[base + t];
     var c = 0u;
-    for (var j = lid.x; j < prm.n; j = j + 256u) {
+    for (var j = lid.x; j < prm.n; j = j + WG) {
         if (j != t && !(scores[base + j] < st)) {
             c = c + 1u;
         }
     }
-    part[lid.x] = c;
-    workgroupBarrier();
-    for (var w = 128u; w > 0u; w = w >> 1u) {
-        if (lid.x < w) {
-            part[lid.x] = part[lid.x] + part[lid.x + w];
-        }
-        workgroupBarrier();
-    }
+    let total = reduce_sum_u32(lid.x, c, WG);
     if (lid.x == 0u) {
-        ranks[row] = part[0];
+        ranks[row] = total;
     }
 }

@@ -5,7 +5,6 @@
 //   softmax_bwd: dx = y * (g' - sum(g' * y)) with g' = g - g[argmax y] (the same value, without
 //                cancellation where y is close to 1); argmax takes the first index on ties.
 
-const LANES: u32 = 256u;
 const NEG_BIG: f32 = -3.0e38;
 
 struct P {
@@ -24,50 +23,15 @@ struct P {
 @group(0) @binding(2) var<storage, read> dy: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 
-var<workgroup> red_m: array<f32, LANES>;
-var<workgroup> red_s: array<f32, LANES>;
-var<workgroup> red_i: array<u32, LANES>;
+var<workgroup> red_i: array<u32, WG>;
 
-// Merge (max, sum of exp(x - max)) pairs over the workgroup; every lane gets the row's pair.
-fn wg_max_sum(m: f32, s: f32, lid: u32) -> vec2<f32> {
-    red_m[lid] = m;
-    red_s[lid] = s;
-    workgroupBarrier();
-    for (var k = LANES / 2u; k > 0u; k = k >> 1u) {
-        if (lid < k) {
-            let m1 = red_m[lid];
-            let m2 = red_m[lid + k];
-            let mm = max(m1, m2);
-            red_s[lid] = red_s[lid] * exp(m1 - mm) + red_s[lid + k] * exp(m2 - mm);
-            red_m[lid] = mm;
-        }
-        workgroupBarrier();
-    }
-    let r = vec2<f32>(red_m[0], red_s[0]);
-    workgroupBarrier();
-    return r;
-}
-
-fn wg_sum(v: f32, lid: u32) -> f32 {
-    red_s[lid] = v;
-    workgroupBarrier();
-    for (var k = LANES / 2u; k > 0u; k = k >> 1u) {
-        if (lid < k) {
-            red_s[lid] = red_s[lid] + red_s[lid + k];
-        }
-        workgroupBarrier();
-    }
-    let r = red_s[0];
-    workgroupBarrier();
-    return r;
-}
-
-// Index (into y_in) of the largest y over the lanes' candidates, the smallest index on ties.
+// Index (into y_in) of the largest y over the lanes' candidates, the smallest index on ties. (Its
+// comparison reads y_in, so it is not one of the shared reductions of common.wgsl.)
 // `top` is each lane's candidate; lanes past the row end pass an index >= o + cols, which loses.
 fn wg_argmax(top: u32, o: u32, lid: u32) -> u32 {
     red_i[lid] = top;
     workgroupBarrier();
-    for (var k = LANES / 2u; k > 0u; k = k >> 1u) {
+    for (var k = WG / 2u; k > 0u; k = k >> 1u) {
         if (lid < k) {
             let a = red_i[lid];
             let b = red_i[lid + k];
@@ -90,9 +54,9 @@ fn better(b: u32, a: u32, o: u32) -> bool {
     return y_in[b] > y_in[a] || (y_in[b] == y_in[a] && b < a);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn softmax_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows) { return; }
     let o = r * prm.cols;
     var n = prm.cols;
@@ -101,14 +65,14 @@ fn softmax_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
     var m = NEG_BIG;
     var s = 0.0;
-    for (var i = lid; i < n; i = i + LANES) {
+    for (var i = lid; i < n; i = i + WG) {
         let v = x[o + i];
         let mm = max(m, v);
         s = s * exp(m - mm) + exp(v - mm);
         m = mm;
     }
-    let ms = wg_max_sum(m, s, lid);
-    for (var i = lid; i < prm.cols; i = i + LANES) {
+    let ms = reduce_max_sum(lid, m, s, WG);
+    for (var i = lid; i < prm.cols; i = i + WG) {
         var v = 0.0;
         if (i < n) {
             v = exp(x[o + i] - ms.x) / ms.y;
@@ -117,24 +81,24 @@ fn softmax_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn softmax_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let r = row_index(wid, nwg);
     if (r >= prm.rows) { return; }
     let o = r * prm.cols;
     var top = o + lid;
-    for (var i = lid; i < prm.cols; i = i + LANES) {
+    for (var i = lid; i < prm.cols; i = i + WG) {
         if (y_in[o + i] > y_in[top]) {
             top = o + i;
         }
     }
     let c = dy[wg_argmax(top, o, lid)];
     var d = 0.0;
-    for (var i = lid; i < prm.cols; i = i + LANES) {
+    for (var i = lid; i < prm.cols; i = i + WG) {
         d = d + y_in[o + i] * (dy[o + i] - c);
     }
-    let dot = wg_sum(d, lid);
-    for (var i = lid; i < prm.cols; i = i + LANES) {
+    let dot = reduce_sum_f32(lid, d, WG);
+    for (var i = lid; i < prm.cols; i = i + WG) {
         dx[o + i] = y_in[o + i] * ((dy[o + i] - c) - dot);
     }
 }

@@ -1,27 +1,42 @@
 //! The wgpu runtime: one instance/adapter/device/queue per process, a pipeline cache, a bind-group
 //! cache, a buffer pool, and a deferred command stream.
 //!
-//! Ops never talk to wgpu directly: they call [`dispatch`] with a [`Kernel`], the buffers it binds and
-//! a few `u32` parameters. Dispatches are queued and encoded into ONE compute pass per [`flush`]
+//! Ops never talk to wgpu directly: they call [`Gpu::dispatch`] with a [`Kernel`], the buffers it binds
+//! and its parameter block. Dispatches are queued and encoded into ONE compute pass per [`flush`]
 //! (one submit), which happens only when the host needs data back (a readback), when the queue is
 //! long, or at the end of a step. wgpu inserts the barriers between dispatches of a pass.
 //!
 //! Memory: buffers come from a size-classed pool. A buffer released while dispatches that use it are
 //! still queued goes to `pending_free` and only becomes reusable after the next submit, so a
 //! `write_buffer` upload into a reused buffer can never overtake a queued kernel that reads it.
+//!
+//! The contract between an op and its kernel: a `Kernel<P>` names its WGSL entry point, its storage
+//! bindings (in order) and, as a type, its parameter block `P`, a `#[repr(C)]` struct declared with
+//! [`kernel_params!`] that mirrors the shader's `struct P` (the `var<uniform>` at group 0, binding 0)
+//! field for field. `dispatch` only takes that `P`, and the layout tests (`engine::layout`) reflect
+//! every kernel's shader with naga and compare names, offsets, types, size and bindings.
+//!
+//! Workloads: kernels are 1-D ([`groups_1d`], `lin()` in `shaders/common.wgsl`) or one workgroup per
+//! row ([`row_groups`], `row_index()`); both fold counts past one dimension's limit into 2-D.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::{Error, Result};
 
-/// Bytes reserved per dispatch in the uniform arena (the minimum dynamic-offset alignment).
-const UNIFORM_STRIDE: u64 = 256;
+/// Bytes reserved per dispatch in the uniform arena (the minimum dynamic-offset alignment): the
+/// largest parameter block a kernel may take.
+pub const UNIFORM_STRIDE: u64 = 256;
 /// Dispatches queued before an automatic flush.
 const MAX_PENDING: usize = 2048;
-/// Invocations per workgroup used by the 1-D kernels (`@workgroup_size(256)`).
+/// Invocations per workgroup of the 1-D and most per-row kernels: `const WG` of
+/// `shaders/common.wgsl`, used as `@workgroup_size(WG)`.
 pub const WG: u32 = 256;
+/// Workgroups a dispatch may have along one dimension (WebGPU's guaranteed minimum); larger counts
+/// are folded into 2-D.
+const MAX_GROUPS_PER_DIM: u64 = 65535;
 
 /// How a kernel binds one storage buffer.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -30,13 +45,123 @@ pub enum Access {
     ReadWrite,
 }
 
-/// A compute kernel: WGSL source, entry point, and its storage bindings (binding 0 is always the
-/// `var<uniform>` parameter block; storage buffers follow at bindings 1..).
-pub struct Kernel {
+/// The WGSL scalar type of one parameter field.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ScalarKind {
+    U32,
+    I32,
+    F32,
+}
+
+/// A Rust type that is one WGSL scalar in a parameter block.
+pub trait Scalar: bytemuck::Pod {
+    const KIND: ScalarKind;
+}
+
+impl Scalar for u32 {
+    const KIND: ScalarKind = ScalarKind::U32;
+}
+
+impl Scalar for i32 {
+    const KIND: ScalarKind = ScalarKind::I32;
+}
+
+impl Scalar for f32 {
+    const KIND: ScalarKind = ScalarKind::F32;
+}
+
+/// One field of a parameter block: its name, byte offset and scalar type.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Field {
+    pub name: &'static str,
+    pub offset: usize,
+    pub kind: ScalarKind,
+}
+
+/// A kernel's parameter block, uploaded as bytes into the uniform at binding 0. Declare one with
+/// [`kernel_params!`], which also lists its fields for the layout tests.
+pub trait Params: bytemuck::Pod {
+    /// The fields in declaration order.
+    const FIELDS: &'static [Field];
+}
+
+/// Declares the parameter block of a kernel (or of every kernel of a shader file sharing one
+/// `struct P`): a `#[repr(C)]` `Pod` struct with the WGSL struct's field names, order and scalar
+/// types (`u32`, `i32`, `f32`), and its [`Params`] impl listing the fields with their offsets.
+///
+/// ```ignore
+/// kernel_params! {
+///     /// `struct P` of softmax.wgsl.
+///     pub(crate) struct SoftmaxParams { rows: u32, cols: u32, has_lens: u32 }
+/// }
+/// ```
+macro_rules! kernel_params {
+    ($(#[$meta:meta])* $vis:vis struct $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ty),* $(,)? }) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+        $vis struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $crate::engine::gpu::Params for $name {
+            const FIELDS: &'static [$crate::engine::gpu::Field] = &[$($crate::engine::gpu::Field {
+                name: stringify!($field),
+                offset: ::core::mem::offset_of!($name, $field),
+                kind: <$ty as $crate::engine::gpu::Scalar>::KIND,
+            }),*];
+        }
+
+        const _: () = assert!(
+            ::core::mem::size_of::<$name>() as u64 <= $crate::engine::gpu::UNIFORM_STRIDE,
+            concat!("parameter block ", stringify!($name), " exceeds the uniform stride")
+        );
+    };
+}
+pub(crate) use kernel_params;
+
+/// A compute kernel: WGSL source, entry point, its storage bindings (binding 0 is always the
+/// `var<uniform>` parameter block; storage buffers follow at bindings 1..) and, as a type, its
+/// parameter block `P`.
+pub struct Kernel<P> {
     pub name: &'static str,
     pub source: &'static str,
     pub entry: &'static str,
     pub bindings: &'static [Access],
+    params: PhantomData<fn() -> P>,
+}
+
+impl<P: Params> Kernel<P> {
+    pub const fn new(name: &'static str, source: &'static str, entry: &'static str, bindings: &'static [Access]) -> Self {
+        Kernel { name, source, entry, bindings, params: PhantomData }
+    }
+
+    /// The kernel with its parameter type erased: what the pipeline cache and the layout tests need.
+    pub fn contract(&self) -> Contract {
+        Contract {
+            name: self.name,
+            source: self.source,
+            entry: self.entry,
+            bindings: self.bindings,
+            params: std::any::type_name::<P>(),
+            fields: P::FIELDS,
+            size: std::mem::size_of::<P>(),
+        }
+    }
+}
+
+/// The Rust side of a kernel's contract with its shader.
+#[derive(Clone, Copy, Debug)]
+pub struct Contract {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+    pub bindings: &'static [Access],
+    /// Type name of the parameter block.
+    pub params: &'static str,
+    pub fields: &'static [Field],
+    /// Bytes of the parameter block.
+    pub size: usize,
 }
 
 /// A pooled GPU buffer. Dropping it returns the allocation to the pool.
@@ -335,7 +460,7 @@ impl Gpu {
         (st.dispatches, st.submits)
     }
 
-    fn pipeline(&self, st: &mut State, k: &Kernel) -> (Arc<wgpu::ComputePipeline>, Arc<wgpu::BindGroupLayout>) {
+    fn pipeline(&self, st: &mut State, k: &Contract) -> (Arc<wgpu::ComputePipeline>, Arc<wgpu::BindGroupLayout>) {
         if let Some(p) = st.pipelines.get(&(k.name, k.entry)) {
             return p.clone();
         }
@@ -381,8 +506,20 @@ impl Gpu {
     }
 
     /// Queue one dispatch of `k` over `groups` workgroups with `bufs` bound at bindings 1.. and
-    /// `params` (at most 64 words) as the uniform block at binding 0.
-    pub fn dispatch(&self, k: &Kernel, bufs: &[&GpuBuf], params: &[u32], groups: [u32; 3]) -> Result<()> {
+    /// `params` as the uniform block at binding 0.
+    pub fn dispatch<P: Params>(&self, k: &Kernel<P>, bufs: &[&GpuBuf], params: &P, groups: [u32; 3]) -> Result<()> {
+        self.dispatch_bytes(&k.contract(), bufs, bytemuck::bytes_of(params), groups)
+    }
+
+    fn dispatch_bytes(&self, k: &Contract, bufs: &[&GpuBuf], params: &[u8], groups: [u32; 3]) -> Result<()> {
+        if params.len() as u64 > UNIFORM_STRIDE {
+            return Err(Error::Device(format!(
+                "kernel {}:{} has a {}-byte parameter block; at most {UNIFORM_STRIDE} bytes fit",
+                k.name,
+                k.entry,
+                params.len()
+            )));
+        }
         if bufs.len() != k.bindings.len() {
             return Err(Error::Device(format!("kernel {}:{} expects {} buffers, got {}", k.name, k.entry, k.bindings.len(), bufs.len())));
         }
@@ -428,9 +565,9 @@ impl Gpu {
             bg
         };
         let offset = st.uniforms.len() as u32;
-        let mut block = [0u32; (UNIFORM_STRIDE / 4) as usize];
+        let mut block = [0u8; UNIFORM_STRIDE as usize];
         block[..params.len()].copy_from_slice(params);
-        st.uniforms.extend_from_slice(bytemuck::cast_slice(&block));
+        st.uniforms.extend_from_slice(&block);
         st.pending.push(Pending { pipeline, bind_group, offset, groups });
         st.dispatches += 1;
         Ok(())
@@ -530,14 +667,44 @@ impl Gpu {
     }
 }
 
-/// Workgroup counts for `n` invocations of a 1-D kernel with [`WG`] lanes, folded into 2-D when the
-/// count exceeds one dimension's limit. Kernels rebuild the linear index with `lin(gid, nwg)`.
+/// Workgroup counts for `n` invocations of a 1-D kernel of [`WG`] lanes, folded into 2-D when the
+/// count exceeds one dimension's limit. Kernels rebuild the linear index with `lin(gid, nwg)` and
+/// skip indices >= n. No work gives no workgroups (the dispatch is skipped).
 pub fn groups_1d(n: usize) -> [u32; 3] {
-    let g = (n as u64).div_ceil(WG as u64).max(1);
-    if g <= 65535 {
+    fold((n as u64).div_ceil(WG as u64))
+}
+
+/// Workgroup counts for one workgroup per row (of any workgroup size), folded into 2-D the same
+/// way. Kernels recover the row with `row_index(wid, nwg)` and skip rows >= the row count.
+pub fn row_groups(rows: usize) -> [u32; 3] {
+    fold(rows as u64)
+}
+
+/// `g` workgroups as (x, y, 1) with x, y <= the per-dimension limit and x * y >= g.
+fn fold(g: u64) -> [u32; 3] {
+    if g <= MAX_GROUPS_PER_DIM {
         [g as u32, 1, 1]
     } else {
-        let y = g.div_ceil(65535);
+        let y = g.div_ceil(MAX_GROUPS_PER_DIM);
         [g.div_ceil(y) as u32, y as u32, 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_fold_into_two_dimensions() {
+        assert_eq!(groups_1d(0), [0, 1, 1]);
+        assert_eq!(groups_1d(1), [1, 1, 1]);
+        assert_eq!(groups_1d(WG as usize * 65535), [65535, 1, 1]);
+        assert_eq!(row_groups(65535), [65535, 1, 1]);
+        for n in [65536usize, 100_000, 65535 * 3 + 1, 1 << 31] {
+            let [x, y, z] = row_groups(n);
+            assert!(x as u64 <= MAX_GROUPS_PER_DIM && y as u64 <= MAX_GROUPS_PER_DIM && z == 1, "{n}: {x} x {y}");
+            assert!(x as u64 * y as u64 >= n as u64, "{n}: {x} x {y}");
+            assert_eq!(groups_1d(n * WG as usize), [x, y, z]);
+        }
     }
 }

@@ -5,6 +5,8 @@
 //! f32, `Device::Cpu64` in f64 for finite differences).
 
 pub mod gpu;
+#[cfg(test)]
+mod layout;
 pub mod ops;
 pub mod optim;
 pub mod ragged;
@@ -61,6 +63,30 @@ impl DeviceChoice {
             }
         }
     }
+}
+
+/// Every GPU kernel's contract with its shader, checked by the layout tests. A kernel is listed in
+/// its module's `kernels()`, next to its static.
+#[cfg(test)]
+pub(crate) fn all_kernels() -> Vec<gpu::Contract> {
+    use ops::*;
+    [
+        attention::kernels(),
+        catalog::kernels(),
+        concat::kernels(),
+        elementwise::kernels(),
+        embedding::kernels(),
+        layernorm::kernels(),
+        loss::kernels(),
+        matmul::kernels(),
+        norm::kernels(),
+        pool::kernels(),
+        rank::kernels(),
+        reduce::kernels(),
+        softmax::kernels(),
+        optim::kernels(),
+    ]
+    .concat()
 }
 
 /// All tensors must be on one device; returns it.

@@ -8,17 +8,44 @@
 //!   g' = c g + wd p;  m = b1 m + (1-b1) g';  v = b2 v + (1-b2) g'^2
 //!   p  = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-use super::gpu::{gpu, groups_1d, Access::*, Kernel};
+use super::gpu::{gpu, groups_1d, kernel_params, Access::*, Kernel};
 use rayon::prelude::*;
 
-use super::ops::{fbits, par, wgsl};
+use super::ops::{par, wgsl};
 use super::tensor::Real;
 use super::{Device, Grads, Tensor};
 use crate::{Error, Result};
 
 const SRC: &str = wgsl!("optim.wgsl");
-static SUMSQ: Kernel = Kernel { name: "optim", source: SRC, entry: "sumsq", bindings: &[Read, ReadWrite] };
-static ADAM: Kernel = Kernel { name: "optim", source: SRC, entry: "adam", bindings: &[ReadWrite, ReadWrite, ReadWrite, Read, Read] };
+static SUMSQ: Kernel<OptimParams> = Kernel::new("optim", SRC, "sumsq", &[Read, ReadWrite]);
+static ADAM: Kernel<OptimParams> = Kernel::new("optim", SRC, "adam", &[ReadWrite, ReadWrite, ReadWrite, Read, Read]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<super::gpu::Contract> {
+    vec![SUMSQ.contract(), ADAM.contract()]
+}
+
+kernel_params! {
+    /// `struct P` of optim.wgsl (both kernels).
+    struct OptimParams {
+        n: u32,
+        /// sumsq: where to write.
+        slot: u32,
+        /// adam: entries in norms.
+        nparams: u32,
+        lr: f32,
+        b1: f32,
+        b2: f32,
+        eps: f32,
+        wd: f32,
+        /// 1 - b1^t
+        bc1: f32,
+        /// 1 - b2^t
+        bc2: f32,
+        max_norm: f32,
+    }
+}
 
 /// Optimizer settings (defaults: torch's, plus the SPEC's clip norm of 5).
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
@@ -152,7 +179,8 @@ impl Adam {
         if clip {
             for (slot, &i) in live.iter().enumerate() {
                 let gr = grads.get(&self.params[i]).unwrap();
-                g.dispatch(&SUMSQ, &[&*gr.gbuf()?, &norms], &[gr.numel() as u32, slot as u32], [1, 1, 1])?;
+                let prm = OptimParams { n: gr.numel() as u32, slot: slot as u32, ..Default::default() };
+                g.dispatch(&SUMSQ, &[&*gr.gbuf()?, &norms], &prm, [1, 1, 1])?;
             }
         }
         let c = &self.cfg;
@@ -161,19 +189,19 @@ impl Adam {
             let gr = grads.get(p).unwrap();
             let (m, v) = &self.moments[i];
             let n = p.numel();
-            let params = [
-                n as u32,
-                0,
-                if clip { live.len() as u32 } else { 0 },
-                fbits(c.lr),
-                fbits(c.beta1),
-                fbits(c.beta2),
-                fbits(c.eps),
-                fbits(c.weight_decay),
-                fbits(bc1),
-                fbits(bc2),
-                fbits(c.max_grad_norm),
-            ];
+            let params = OptimParams {
+                n: n as u32,
+                slot: 0,
+                nparams: if clip { live.len() as u32 } else { 0 },
+                lr: c.lr,
+                b1: c.beta1,
+                b2: c.beta2,
+                eps: c.eps,
+                wd: c.weight_decay,
+                bc1,
+                bc2,
+                max_norm: c.max_grad_norm,
+            };
             g.dispatch(&ADAM, &[&*p.gbuf()?, &*m.gbuf()?, &*v.gbuf()?, &*gr.gbuf()?, &norms], &params, groups_1d(n))?;
         }
         Ok(())

@@ -24,20 +24,50 @@
 //! lives in workgroup memory, so the GPU path takes L <= 1024.
 
 use super::elementwise::{pcg, rand01, rand01_hashed};
-use super::softmax::row_groups;
-use super::{fbits, par, wgsl};
-use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
+use super::{par, wgsl};
+use crate::engine::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Indices, Ragged, Tensor};
 use crate::{on_device, Error, Result};
 
 const SRC: &str = wgsl!("attention.wgsl");
-static FWD: Kernel =
-    Kernel { name: "attention", source: SRC, entry: "attn_fwd", bindings: &[Read, Read, Read, Read, ReadWrite, ReadWrite] };
-static BWD_ROWS: Kernel =
-    Kernel { name: "attention", source: SRC, entry: "attn_bwd_rows", bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite] };
-static BWD_COLS: Kernel =
-    Kernel { name: "attention", source: SRC, entry: "attn_bwd_cols", bindings: &[Read, Read, ReadWrite, ReadWrite, Read, Read] };
+static FWD: Kernel<AttentionParams> = Kernel::new("attention", SRC, "attn_fwd", &[Read, Read, Read, Read, ReadWrite, ReadWrite]);
+static BWD_ROWS: Kernel<AttentionParams> =
+    Kernel::new("attention", SRC, "attn_bwd_rows", &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite]);
+static BWD_COLS: Kernel<AttentionParams> = Kernel::new("attention", SRC, "attn_bwd_cols", &[Read, Read, ReadWrite, ReadWrite, Read, Read]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![
+        FWD.contract(),
+        BWD_ROWS.contract(),
+        BWD_COLS.contract(),
+        RAGGED_FWD.contract(),
+        RAGGED_BWD_ROWS.contract(),
+        RAGGED_BWD_COLS.contract(),
+    ]
+}
+
+kernel_params! {
+    /// `struct P` of attention.wgsl (all three kernels).
+    struct AttentionParams {
+        batch: u32,
+        len: u32,
+        heads: u32,
+        dh: u32,
+        /// 1 / sqrt(dh)
+        scale: f32,
+        /// Dropout probability.
+        p: f32,
+        /// 1 / (1 - p)
+        inv_keep: f32,
+        seed: u32,
+        /// 1: key j <= query i only.
+        causal: u32,
+    }
+}
+
 /// Longest sequence the GPU kernels take (a row of P is held in workgroup memory).
 pub const MAX_LEN_GPU: usize = 1024;
 
@@ -76,19 +106,19 @@ impl Dims {
             T::zero()
         }
     }
-    fn params(&self) -> [u32; 9] {
+    fn params(&self) -> AttentionParams {
         let d = self;
-        [
-            d.b as u32,
-            d.l as u32,
-            d.heads as u32,
-            d.dh as u32,
-            fbits((1.0 / (d.dh as f64).sqrt()) as f32),
-            fbits(d.p),
-            fbits((1.0 / (1.0 - d.p as f64)) as f32),
-            d.seed,
-            d.causal as u32,
-        ]
+        AttentionParams {
+            batch: d.b as u32,
+            len: d.l as u32,
+            heads: d.heads as u32,
+            dh: d.dh as u32,
+            scale: (1.0 / (d.dh as f64).sqrt()) as f32,
+            p: d.p,
+            inv_keep: (1.0 / (1.0 - d.p as f64)) as f32,
+            seed: d.seed,
+            causal: d.causal as u32,
+        }
     }
 }
 
@@ -364,40 +394,36 @@ fn attention_bwd_gpu(
 }
 
 const SRC_RAGGED: &str = wgsl!("attention_ragged.wgsl");
-static RAGGED_FWD: Kernel = Kernel {
-    name: "attention_ragged",
-    source: SRC_RAGGED,
-    entry: "attn_ragged_fwd",
-    bindings: &[Read, Read, Read, Read, ReadWrite, ReadWrite],
-};
-static RAGGED_BWD_ROWS: Kernel = Kernel {
-    name: "attention_ragged",
-    source: SRC_RAGGED,
-    entry: "attn_ragged_bwd_rows",
-    bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
-};
-static RAGGED_BWD_COLS: Kernel = Kernel {
-    name: "attention_ragged",
-    source: SRC_RAGGED,
-    entry: "attn_ragged_bwd_cols",
-    bindings: &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
-};
+static RAGGED_FWD: Kernel<RaggedParams> =
+    Kernel::new("attention_ragged", SRC_RAGGED, "attn_ragged_fwd", &[Read, Read, Read, Read, ReadWrite, ReadWrite]);
+static RAGGED_BWD_ROWS: Kernel<RaggedParams> =
+    Kernel::new("attention_ragged", SRC_RAGGED, "attn_ragged_bwd_rows", &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite]);
+static RAGGED_BWD_COLS: Kernel<RaggedParams> =
+    Kernel::new("attention_ragged", SRC_RAGGED, "attn_ragged_bwd_cols", &[Read, Read, Read, Read, Read, ReadWrite, ReadWrite]);
 
-/// The uniform block of `attention_ragged.wgsl` (`struct P`).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct RaggedParams {
-    batch: u32,
-    rows: u32,
-    heads: u32,
-    dh: u32,
-    scale: f32,
-    p: f32,
-    inv_keep: f32,
-    seed: u32,
-    causal: u32,
-    key_len: u32,
-    save: u32,
+kernel_params! {
+    /// `struct P` of attention_ragged.wgsl (every kernel).
+    struct RaggedParams {
+        /// B
+        batch: u32,
+        /// N, the packed rows.
+        rows: u32,
+        heads: u32,
+        dh: u32,
+        /// 1 / sqrt(dh)
+        scale: f32,
+        /// Dropout probability.
+        p: f32,
+        /// 1 / (1 - p)
+        inv_keep: f32,
+        seed: u32,
+        /// 1: key j <= query i only.
+        causal: u32,
+        /// Padded width of the dropout keys.
+        key_len: u32,
+        /// Forward: 1 to write P.
+        save: u32,
+    }
 }
 
 impl RaggedParams {
@@ -416,9 +442,6 @@ impl RaggedParams {
             save: save as u32,
         }
     }
-    fn words(&self) -> &[u32] {
-        bytemuck::cast_slice(std::slice::from_ref(self))
-    }
 }
 
 fn attention_ragged_gpu(q: &GpuBuf, k: &GpuBuf, v: &GpuBuf, r: &Ragged, d: RaggedDims, save: bool) -> Result<(Storage, Option<Storage>)> {
@@ -426,7 +449,7 @@ fn attention_ragged_gpu(q: &GpuBuf, k: &GpuBuf, v: &GpuBuf, r: &Ragged, d: Ragge
     let out = g.alloc(4 * (r.rows() * d.c()) as u64)?;
     let probs = g.alloc(4 * if save { d.heads * r.pairs() } else { 1 } as u64)?;
     let prm = RaggedParams::new(r, d, save);
-    g.dispatch(&RAGGED_FWD, &[r.meta.gpu()?, q, k, v, &out, &probs], prm.words(), row_groups(r.rows() * d.heads))?;
+    g.dispatch(&RAGGED_FWD, &[r.meta.gpu()?, q, k, v, &out, &probs], &prm, row_groups(r.rows() * d.heads))?;
     Ok((Storage::Gpu(out), save.then_some(Storage::Gpu(probs))))
 }
 
@@ -446,8 +469,8 @@ fn attention_ragged_bwd_gpu(
     let prm = RaggedParams::new(r, d, true);
     let groups = row_groups(r.rows() * d.heads);
     let lay = r.meta.gpu()?;
-    g.dispatch(&RAGGED_BWD_ROWS, &[lay, probs, k, v, dout, &ds, &dq], prm.words(), groups)?;
-    g.dispatch(&RAGGED_BWD_COLS, &[lay, q, probs, &ds, dout, &dk, &dv], prm.words(), groups)?;
+    g.dispatch(&RAGGED_BWD_ROWS, &[lay, probs, k, v, dout, &ds, &dq], &prm, groups)?;
+    g.dispatch(&RAGGED_BWD_COLS, &[lay, q, probs, &ds, dout, &dk, &dv], &prm, groups)?;
     Ok((Storage::Gpu(dq), Storage::Gpu(dk), Storage::Gpu(dv)))
 }
 

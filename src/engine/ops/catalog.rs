@@ -18,9 +18,8 @@
 
 use super::concat::copy_gpu;
 use super::elementwise::add;
-use super::softmax::row_groups;
 use super::{matmul, par, wgsl};
-use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Device, Indices, Tensor};
 use crate::{on_device, shape_err, Result};
@@ -31,24 +30,28 @@ pub const BLOCK: usize = 512;
 pub const MAX_TERMS: usize = 4;
 
 const SRC: &str = wgsl!("catalog.wgsl");
-static FWD: Kernel = Kernel { name: "catalog", source: SRC, entry: "catalog_fwd", bindings: &[Read, Read, ReadWrite] };
-static FIN: Kernel = Kernel { name: "catalog", source: SRC, entry: "catalog_finish", bindings: &[Read, ReadWrite, ReadWrite] };
-static BWD: Kernel = Kernel { name: "catalog", source: SRC, entry: "catalog_bwd", bindings: &[Read, Read, Read, ReadWrite] };
+static FWD: Kernel<CatalogParams> = Kernel::new("catalog", SRC, "catalog_fwd", &[Read, Read, ReadWrite]);
+static FIN: Kernel<CatalogParams> = Kernel::new("catalog", SRC, "catalog_finish", &[Read, ReadWrite, ReadWrite]);
+static BWD: Kernel<CatalogParams> = Kernel::new("catalog", SRC, "catalog_bwd", &[Read, Read, Read, ReadWrite]);
 
-/// The uniform block of `catalog.wgsl` (`struct P`).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct CatalogParams {
-    rows: u32,
-    width: u32,
-    start: u32,
-    first: u32,
-    scale: f32,
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![FWD.contract(), FIN.contract(), BWD.contract()]
 }
 
-impl CatalogParams {
-    fn words(&self) -> &[u32] {
-        bytemuck::cast_slice(std::slice::from_ref(self))
+kernel_params! {
+    /// `struct P` of catalog.wgsl (every kernel).
+    struct CatalogParams {
+        /// B
+        rows: u32,
+        /// Items in this block.
+        width: u32,
+        /// First item of the block.
+        start: u32,
+        /// 1 for the first block (the running statistics start empty).
+        first: u32,
+        scale: f32,
     }
 }
 
@@ -167,11 +170,11 @@ fn catalog_ce_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: usiz
         let w = BLOCK.min(n_items - j0);
         let z = block_scores_gpu(hs, es, j0, w)?;
         let prm = CatalogParams { rows: b as u32, width: w as u32, start: j0 as u32, first: (j0 == 0) as u32, scale };
-        g.dispatch(&FWD, &[&*z.gbuf()?, targets.gpu()?, &stat], prm.words(), row_groups(b))?;
+        g.dispatch(&FWD, &[&*z.gbuf()?, targets.gpu()?, &stat], &prm, row_groups(b))?;
     }
     let (loss, lse) = (g.alloc(4 * b as u64)?, g.alloc(4 * b as u64)?);
     let prm = CatalogParams { rows: b as u32, width: 0, start: 0, first: 0, scale };
-    g.dispatch(&FIN, &[&stat, &loss, &lse], prm.words(), groups_1d(b))?;
+    g.dispatch(&FIN, &[&stat, &loss, &lse], &prm, groups_1d(b))?;
     Ok((Storage::Gpu(loss), Storage::Gpu(lse)))
 }
 
@@ -193,7 +196,7 @@ fn catalog_ce_bwd_gpu(
         let z = block_scores_gpu(hs, es, j0, w)?;
         let dz = gp.alloc(4 * (b * w) as u64)?;
         let prm = CatalogParams { rows: b as u32, width: w as u32, start: j0 as u32, first: 0, scale };
-        gp.dispatch(&BWD, &[&*z.gbuf()?, targets.gpu()?, lg, &dz], prm.words(), row_groups(b))?;
+        gp.dispatch(&BWD, &[&*z.gbuf()?, targets.gpu()?, lg, &dz], &prm, row_groups(b))?;
         let dz = Tensor::from_storage(Storage::Gpu(dz), vec![b, w]);
         for (k, (h, e)) in hs.iter().zip(es).enumerate() {
             let d = e.shape()[1];

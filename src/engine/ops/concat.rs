@@ -4,16 +4,32 @@
 //!   dx_i = the rows of g that x_i filled
 
 use super::wgsl;
-use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Tensor};
 use crate::{on_device, shape_err, Result};
 
-static COPY: Kernel = Kernel { name: "concat", source: wgsl!("concat.wgsl"), entry: "copy", bindings: &[Read, ReadWrite] };
+static COPY: Kernel<ConcatParams> = Kernel::new("concat", wgsl!("concat.wgsl"), "copy", &[Read, ReadWrite]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![COPY.contract()]
+}
+
+kernel_params! {
+    /// `struct P` of concat.wgsl.
+    struct ConcatParams {
+        n: u32,
+        src_off: u32,
+        dst_off: u32,
+    }
+}
 
 /// dst[dst_off..dst_off + n] = src[src_off..src_off + n] on the GPU.
 pub(crate) fn copy_gpu(src: &GpuBuf, src_off: usize, dst: &GpuBuf, dst_off: usize, n: usize) -> Result<()> {
-    gpu()?.dispatch(&COPY, &[src, dst], &[n as u32, src_off as u32, dst_off as u32], groups_1d(n))
+    let prm = ConcatParams { n: n as u32, src_off: src_off as u32, dst_off: dst_off as u32 };
+    gpu()?.dispatch(&COPY, &[src, dst], &prm, groups_1d(n))
 }
 
 /// Stack the pieces' rows: all axes but the first must match.

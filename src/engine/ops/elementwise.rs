@@ -12,28 +12,58 @@
 
 use super::par;
 use super::reduce::sum_rows;
-use super::{fbits, wgsl};
-use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use super::wgsl;
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{numel, Real, Storage};
 use crate::engine::{same_device, Indices, Tensor};
 use crate::{on_device, Error, Result};
 
 const SRC: &str = wgsl!("elementwise.wgsl");
 const RRW: &[crate::engine::gpu::Access] = &[Read, Read, ReadWrite];
-static AXPBY: Kernel = Kernel { name: "elementwise", source: SRC, entry: "axpby", bindings: RRW };
-static MUL: Kernel = Kernel { name: "elementwise", source: SRC, entry: "mul", bindings: RRW };
-static BCAST: Kernel = Kernel { name: "elementwise", source: SRC, entry: "bcast", bindings: RRW };
-static SCALE: Kernel = Kernel { name: "elementwise", source: SRC, entry: "scale", bindings: RRW };
-static GELU_FWD: Kernel = Kernel { name: "elementwise", source: SRC, entry: "gelu_fwd", bindings: RRW };
-static GELU_BWD: Kernel = Kernel { name: "elementwise", source: SRC, entry: "gelu_bwd", bindings: RRW };
-static DROPOUT: Kernel = Kernel { name: "elementwise", source: SRC, entry: "dropout", bindings: RRW };
-static DROPOUT_ROWS: Kernel = Kernel { name: "elementwise", source: SRC, entry: "dropout_rows", bindings: RRW };
+static AXPBY: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "axpby", RRW);
+static MUL: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "mul", RRW);
+static BCAST: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "bcast", RRW);
+static SCALE: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "scale", RRW);
+static GELU_FWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "gelu_fwd", RRW);
+static GELU_BWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "gelu_bwd", RRW);
+static DROPOUT: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "dropout", RRW);
+static DROPOUT_ROWS: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "dropout_rows", RRW);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![
+        AXPBY.contract(),
+        MUL.contract(),
+        BCAST.contract(),
+        SCALE.contract(),
+        GELU_FWD.contract(),
+        GELU_BWD.contract(),
+        DROPOUT.contract(),
+        DROPOUT_ROWS.contract(),
+    ]
+}
+
+kernel_params! {
+    /// `struct P` of elementwise.wgsl (every kernel).
+    struct ElementwiseParams {
+        /// Elements of out.
+        n: u32,
+        /// Elements of b.
+        nb: u32,
+        alpha: f32,
+        seed: u32,
+        /// Dropout probability.
+        p: f32,
+    }
+}
 
 /// Run one elementwise kernel producing `n` outputs.
-fn launch(k: &Kernel, n: usize, a: &GpuBuf, b: &GpuBuf, nb: usize, alpha: f32, seed: u32, p: f32) -> Result<Storage> {
+fn launch(k: &Kernel<ElementwiseParams>, n: usize, a: &GpuBuf, b: &GpuBuf, nb: usize, alpha: f32, seed: u32, p: f32) -> Result<Storage> {
     let g = gpu()?;
     let out = g.alloc(4 * n as u64)?;
-    g.dispatch(k, &[a, b, &out], &[n as u32, nb.max(1) as u32, fbits(alpha), seed, fbits(p)], groups_1d(n))?;
+    let prm = ElementwiseParams { n: n as u32, nb: nb.max(1) as u32, alpha, seed, p };
+    g.dispatch(k, &[a, b, &out], &prm, groups_1d(n))?;
     Ok(Storage::Gpu(out))
 }
 

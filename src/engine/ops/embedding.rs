@@ -9,22 +9,40 @@
 //!   Backward: dx = zeros (B, L, C) with g[b] at row lens[b] - 1.
 
 use super::{par, wgsl};
-use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{numel, Real, Storage};
 use crate::engine::{Indices, Tensor};
 use crate::{on_device, shape_err, Error, Result};
 
 const SRC: &str = wgsl!("embedding.wgsl");
-static EMB_FWD: Kernel = Kernel { name: "embedding", source: SRC, entry: "embedding_fwd", bindings: &[Read, Read, ReadWrite] };
-static EMB_BWD: Kernel = Kernel { name: "embedding", source: SRC, entry: "embedding_bwd", bindings: &[Read, Read, ReadWrite] };
-static LAST_FWD: Kernel = Kernel { name: "embedding", source: SRC, entry: "gather_last_fwd", bindings: &[Read, Read, ReadWrite] };
-static LAST_BWD: Kernel = Kernel { name: "embedding", source: SRC, entry: "gather_last_bwd", bindings: &[Read, Read, ReadWrite] };
+static EMB_FWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "embedding_fwd", &[Read, Read, ReadWrite]);
+static EMB_BWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "embedding_bwd", &[Read, Read, ReadWrite]);
+static LAST_FWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "gather_last_fwd", &[Read, Read, ReadWrite]);
+static LAST_BWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "gather_last_bwd", &[Read, Read, ReadWrite]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![EMB_FWD.contract(), EMB_BWD.contract(), LAST_FWD.contract(), LAST_BWD.contract()]
+}
+
+kernel_params! {
+    /// `struct P` of embedding.wgsl (every kernel).
+    struct EmbeddingParams {
+        /// Elements of out.
+        total: u32,
+        /// Row width (D or C).
+        d: u32,
+        /// L for gather_last, V for embedding_bwd.
+        m: u32,
+    }
+}
 
 /// Run one gather kernel producing `total` outputs; params (total, d, m) as in the shader.
-fn launch(k: &Kernel, src: &GpuBuf, idx: &GpuBuf, total: usize, d: usize, m: usize) -> Result<Storage> {
+fn launch(k: &Kernel<EmbeddingParams>, src: &GpuBuf, idx: &GpuBuf, total: usize, d: usize, m: usize) -> Result<Storage> {
     let g = gpu()?;
     let out = g.alloc(4 * total as u64)?;
-    g.dispatch(k, &[src, idx, &out], &[total as u32, d as u32, m as u32], groups_1d(total))?;
+    g.dispatch(k, &[src, idx, &out], &EmbeddingParams { total: total as u32, d: d as u32, m: m as u32 }, groups_1d(total))?;
     Ok(Storage::Gpu(out))
 }
 

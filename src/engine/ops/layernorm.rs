@@ -14,20 +14,35 @@
 
 use super::par;
 use super::reduce::sum_rows_gpu;
-use super::softmax::row_groups;
-use super::{fbits, wgsl};
-use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use super::wgsl;
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Tensor};
 use crate::{on_device, Error, Result};
 
 const SRC: &str = wgsl!("layernorm.wgsl");
-static FWD: Kernel = Kernel { name: "layernorm", source: SRC, entry: "ln_fwd", bindings: &[Read, ReadWrite, ReadWrite, Read, Read] };
-static BWD_X: Kernel = Kernel { name: "layernorm", source: SRC, entry: "ln_bwd_x", bindings: &[Read, Read, Read, Read, ReadWrite] };
-static BWD_PARAM: Kernel =
-    Kernel { name: "layernorm", source: SRC, entry: "ln_bwd_param", bindings: &[Read, Read, Read, ReadWrite, ReadWrite] };
+static FWD: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_fwd", &[Read, ReadWrite, ReadWrite, Read, Read]);
+static BWD_X: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_bwd_x", &[Read, Read, Read, Read, ReadWrite]);
+static BWD_PARAM: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_bwd_param", &[Read, Read, Read, ReadWrite, ReadWrite]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![FWD.contract(), BWD_X.contract(), BWD_PARAM.contract()]
+}
+
 /// Rows summed by one invocation of `ln_bwd_param` (must match the shader).
 const CHUNK: usize = 64;
+
+kernel_params! {
+    /// `struct P` of layernorm.wgsl (every kernel).
+    struct LayernormParams {
+        rows: u32,
+        cols: u32,
+        groups: u32,
+        eps: f32,
+    }
+}
 
 // ---- CPU references -------------------------------------------------------------------------
 
@@ -108,8 +123,8 @@ pub fn layernorm_bwd_cpu<T: Real>(
 
 // ---- GPU ------------------------------------------------------------------------------------
 
-fn params(rows: usize, c: usize, groups: usize, eps: f32) -> [u32; 4] {
-    [rows as u32, c as u32, groups as u32, fbits(eps)]
+fn params(rows: usize, c: usize, groups: usize, eps: f32) -> LayernormParams {
+    LayernormParams { rows: rows as u32, cols: c as u32, groups: groups as u32, eps }
 }
 
 fn layernorm_gpu(x: &GpuBuf, gamma: &GpuBuf, beta: &GpuBuf, rows: usize, c: usize, groups: usize, eps: f32) -> Result<(Storage, Storage)> {

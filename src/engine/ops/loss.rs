@@ -22,24 +22,51 @@
 //!   numerator = [true, false], exclude_diag = [false, true].
 
 use super::par;
-use super::pool::row_groups;
 use super::reduce::mean;
 use super::wgsl;
-use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{sum_exp, Real, Storage};
 use crate::engine::{Indices, Tensor};
 use crate::{on_device, shape_err, Error, Result};
 
 const SRC: &str = wgsl!("loss.wgsl");
-static CE_FWD: Kernel = Kernel { name: "loss", source: SRC, entry: "ce_fwd", bindings: &[Read, Read, ReadWrite, ReadWrite] };
-static CE_BWD: Kernel = Kernel { name: "loss", source: SRC, entry: "ce_bwd", bindings: &[Read, Read, ReadWrite, Read, Read] };
-static NCE_FWD: Kernel = Kernel { name: "loss", source: SRC, entry: "nce_fwd", bindings: &[Read, Read, ReadWrite, ReadWrite] };
-static NCE_BWD: Kernel = Kernel { name: "loss", source: SRC, entry: "nce_bwd", bindings: &[Read, Read, ReadWrite, Read, Read] };
+static CE_FWD: Kernel<LossParams> = Kernel::new("loss", SRC, "ce_fwd", &[Read, Read, ReadWrite, ReadWrite]);
+static CE_BWD: Kernel<LossParams> = Kernel::new("loss", SRC, "ce_bwd", &[Read, Read, ReadWrite, Read, Read]);
+static NCE_FWD: Kernel<LossParams> = Kernel::new("loss", SRC, "nce_fwd", &[Read, Read, ReadWrite, ReadWrite]);
+static NCE_BWD: Kernel<LossParams> = Kernel::new("loss", SRC, "nce_bwd", &[Read, Read, ReadWrite, Read, Read]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![CE_FWD.contract(), CE_BWD.contract(), NCE_FWD.contract(), NCE_BWD.contract()]
+}
+
 /// Most similarity matrices `info_nce` takes.
 pub const MAX_K: usize = 4;
 
+kernel_params! {
+    /// `struct P` of loss.wgsl (every kernel).
+    struct LossParams {
+        /// B
+        rows: u32,
+        /// N for cross-entropy, B for InfoNCE.
+        cols: u32,
+        /// InfoNCE matrices.
+        k: u32,
+        num_mask: u32,
+        excl_mask: u32,
+    }
+}
+
 /// Per-row forward: (loss (rows), saved statistics (stat_len)).
-fn fwd_gpu(k: &Kernel, logits: &GpuBuf, targets: &GpuBuf, rows: usize, stat_len: usize, prm: &[u32]) -> Result<(Storage, Storage)> {
+fn fwd_gpu(
+    k: &Kernel<LossParams>,
+    logits: &GpuBuf,
+    targets: &GpuBuf,
+    rows: usize,
+    stat_len: usize,
+    prm: &LossParams,
+) -> Result<(Storage, Storage)> {
     let g = gpu()?;
     let loss = g.alloc(4 * rows as u64)?;
     let stat = g.alloc(4 * stat_len as u64)?;
@@ -48,7 +75,15 @@ fn fwd_gpu(k: &Kernel, logits: &GpuBuf, targets: &GpuBuf, rows: usize, stat_len:
 }
 
 /// Backward: dlogits (n elements) from the saved statistics and the per-row gradient g.
-fn bwd_gpu(k: &Kernel, logits: &GpuBuf, targets: &GpuBuf, stat: &GpuBuf, g: &GpuBuf, n: usize, prm: &[u32]) -> Result<Storage> {
+fn bwd_gpu(
+    k: &Kernel<LossParams>,
+    logits: &GpuBuf,
+    targets: &GpuBuf,
+    stat: &GpuBuf,
+    g: &GpuBuf,
+    n: usize,
+    prm: &LossParams,
+) -> Result<Storage> {
     let gp = gpu()?;
     let out = gp.alloc(4 * n as u64)?;
     gp.dispatch(k, &[logits, targets, &out, stat, g], prm, groups_1d(n))?;
@@ -154,7 +189,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Indices) -> Result<Tensor> {
         return shape_err("cross_entropy", format!("{} targets for logits {s:?}", targets.len()));
     }
     targets.check_below(n, "cross_entropy", "target")?;
-    let prm = [b as u32, n as u32, 0, 0, 0];
+    let prm = LossParams { rows: b as u32, cols: n as u32, k: 0, num_mask: 0, excl_mask: 0 };
     let (loss, lse) = on_device!(logits.device(), T => {
         let (loss, lse) = cross_entropy_cpu::<T>(&logits.host::<T>()?, targets.host(), n);
         (T::wrap(loss), T::wrap(lse))
@@ -196,7 +231,7 @@ pub fn info_nce(logits: &Tensor, targets: &Indices, numerator: &[bool], exclude_
     }
     let mask = |f: &[bool]| f.iter().enumerate().fold(0u32, |m, (i, &x)| m | ((x as u32) << i));
     let (num, excl) = (mask(numerator), mask(exclude_diag));
-    let prm = [b as u32, b as u32, k as u32, num, excl];
+    let prm = LossParams { rows: b as u32, cols: b as u32, k: k as u32, num_mask: num, excl_mask: excl };
     let (loss, stat) = on_device!(logits.device(), T => {
         let (loss, stat) = info_nce_cpu::<T>(&logits.host::<T>()?, targets.host(), num, excl, k);
         (T::wrap(loss), T::wrap(stat))

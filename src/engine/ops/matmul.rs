@@ -13,18 +13,47 @@
 
 use super::reduce::{sum_rows, sum_rows_gpu};
 use super::{par, wgsl};
-use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Tensor};
 use crate::{on_device, shape_err, Result};
 
-static MATMUL: Kernel = Kernel { name: "matmul", source: wgsl!("matmul.wgsl"), entry: "matmul", bindings: &[Read, Read, Read, ReadWrite] };
+static MATMUL: Kernel<MatmulParams> = Kernel::new("matmul", wgsl!("matmul.wgsl"), "matmul", &[Read, Read, Read, ReadWrite]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![MATMUL.contract()]
+}
+
 /// Output tile edge and K-slice depth of the kernel.
 const TILE: usize = 64;
 const BK: usize = 16;
 /// Split-K: aim for this many workgroups, with at least `SPLIT_CHUNK` of K per split.
 const TARGET_WGS: usize = 256;
 const SPLIT_CHUNK: usize = 256;
+
+kernel_params! {
+    /// `struct P` of matmul.wgsl.
+    struct MatmulParams {
+        m: u32,
+        n: u32,
+        k: u32,
+        ta: u32,
+        tb: u32,
+        /// Batch stride of A in elements (0 = broadcast).
+        a_bs: u32,
+        b_bs: u32,
+        /// Products summed into each output matrix.
+        nsum: u32,
+        /// K splits (slabs per output matrix).
+        nsplit: u32,
+        /// K range per split.
+        kc: u32,
+        /// 1: add bias[col] (first split only).
+        bias: u32,
+    }
+}
 
 /// One (batched) product: for z < nout, C[z] (m, n) = sum_{s < nsum} op(A[i]) . op(B[i]) (+ bias),
 /// i = z * nsum + s, where matrix i of A starts at i * a_bs (0 broadcasts a 2-D operand), likewise B.
@@ -176,9 +205,21 @@ fn gemm_gpu(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm) -> Result<G
             &dummy
         }
     };
-    let params = [p.m, p.n, p.k, p.ta as usize, p.tb as usize, p.a_bs, p.b_bs, p.nsum, nsplit, kc, bias.is_some() as usize];
+    let params = MatmulParams {
+        m: p.m as u32,
+        n: p.n as u32,
+        k: p.k as u32,
+        ta: p.ta as u32,
+        tb: p.tb as u32,
+        a_bs: p.a_bs as u32,
+        b_bs: p.b_bs as u32,
+        nsum: p.nsum as u32,
+        nsplit: nsplit as u32,
+        kc: kc as u32,
+        bias: bias.is_some() as u32,
+    };
     let groups = [p.n.div_ceil(TILE) as u32, p.m.div_ceil(TILE) as u32, (p.nout * nsplit) as u32];
-    g.dispatch(&MATMUL, &[a, b, bias_buf, &out], &params.map(|v| v as u32), groups)?;
+    g.dispatch(&MATMUL, &[a, b, bias_buf, &out], &params, groups)?;
     if nsplit > 1 {
         return sum_rows_gpu(&out, nsplit, p.m * p.n);
     }

@@ -41,8 +41,3 @@ macro_rules! wgsl {
     };
 }
 pub(crate) use wgsl;
-
-/// Bit pattern of an f32 for the u32 parameter block.
-pub(crate) fn fbits(x: f32) -> u32 {
-    x.to_bits()
-}

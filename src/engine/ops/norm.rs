@@ -3,15 +3,30 @@
 //! - `l2norm(x, eps)`: x (.., C) -> y (.., C) = x / max(||x||_2, eps) per row;
 //!   dx = (g - y * dot(y, g)) / ||x|| where ||x|| > eps, else g / eps
 
-use super::{fbits, par, wgsl};
-use crate::engine::gpu::{gpu, Access::*, GpuBuf, Kernel};
+use super::{par, wgsl};
+use crate::engine::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::Tensor;
 use crate::{on_device, shape_err, Error, Result};
 
 const SRC: &str = wgsl!("norm.wgsl");
-static L2NORM_FWD: Kernel = Kernel { name: "norm", source: SRC, entry: "l2norm_fwd", bindings: &[Read, ReadWrite] };
-static L2NORM_BWD: Kernel = Kernel { name: "norm", source: SRC, entry: "l2norm_bwd", bindings: &[Read, Read, ReadWrite] };
+static L2NORM_FWD: Kernel<NormParams> = Kernel::new("norm", SRC, "l2norm_fwd", &[Read, ReadWrite]);
+static L2NORM_BWD: Kernel<NormParams> = Kernel::new("norm", SRC, "l2norm_bwd", &[Read, Read, ReadWrite]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![L2NORM_FWD.contract(), L2NORM_BWD.contract()]
+}
+
+kernel_params! {
+    /// `struct P` of norm.wgsl.
+    struct NormParams {
+        rows: u32,
+        cols: u32,
+        eps: f32,
+    }
+}
 
 // ---- CPU references -------------------------------------------------------------------------
 
@@ -46,18 +61,13 @@ pub fn l2norm_bwd_cpu<T: Real>(x: &[T], g: &[T], cols: usize, eps: T) -> Vec<T> 
 
 // ---- GPU ------------------------------------------------------------------------------------
 
-/// One 64-invocation workgroup per row, row ids folded into 2-D.
-fn row_groups(rows: usize) -> [u32; 3] {
-    let x = rows.clamp(1, 65535);
-    [x as u32, rows.div_ceil(x) as u32, 1]
-}
-
-fn l2norm_gpu(k: &Kernel, bufs: &[&GpuBuf], rows: usize, cols: usize, eps: f32) -> Result<Storage> {
+/// One 64-invocation workgroup per row.
+fn l2norm_gpu(k: &Kernel<NormParams>, bufs: &[&GpuBuf], rows: usize, cols: usize, eps: f32) -> Result<Storage> {
     let g = gpu()?;
     let out = g.alloc(4 * (rows * cols) as u64)?;
     let mut all = bufs.to_vec();
     all.push(&out);
-    g.dispatch(k, &all, &[rows as u32, cols as u32, fbits(eps)], row_groups(rows))?;
+    g.dispatch(k, &all, &NormParams { rows: rows as u32, cols: cols as u32, eps }, row_groups(rows))?;
     Ok(Storage::Gpu(out))
 }
 

@@ -10,25 +10,29 @@
 //!   with g = softmax(logits[n]); backward as above with lens = O.
 
 use super::{par, wgsl};
-use crate::engine::gpu::{gpu, groups_1d, Access, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, row_groups, Access, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Indices, Tensor};
 use crate::{on_device, shape_err, Error, Result};
 
 const SRC: &str = wgsl!("pool.wgsl");
 const BWD: &[Access] = &[Read, Read, Read, Read, ReadWrite];
-static FWD: Kernel = Kernel { name: "pool", source: SRC, entry: "pool_fwd", bindings: &[Read, Read, Read, ReadWrite, ReadWrite] };
-static BWD_A: Kernel = Kernel { name: "pool", source: SRC, entry: "pool_bwd_a", bindings: BWD };
-static BWD_X: Kernel = Kernel { name: "pool", source: SRC, entry: "pool_bwd_x", bindings: BWD };
+static FWD: Kernel<PoolParams> = Kernel::new("pool", SRC, "pool_fwd", &[Read, Read, Read, ReadWrite, ReadWrite]);
+static BWD_A: Kernel<PoolParams> = Kernel::new("pool", SRC, "pool_bwd_a", BWD);
+static BWD_X: Kernel<PoolParams> = Kernel::new("pool", SRC, "pool_bwd_x", BWD);
 
-/// Workgroup counts for one workgroup per row, folded into 2-D past 65535 rows. Kernels recover the
-/// row as `wid.x + wid.y * nwg.x` and skip rows >= n.
-pub(crate) fn row_groups(n: usize) -> [u32; 3] {
-    if n <= 65535 {
-        [n as u32, 1, 1]
-    } else {
-        let y = n.div_ceil(65535);
-        [n.div_ceil(y) as u32, y as u32, 1]
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![FWD.contract(), BWD_A.contract(), BWD_X.contract()]
+}
+
+kernel_params! {
+    /// `struct P` of pool.wgsl (N rows of S entries of width D).
+    struct PoolParams {
+        n: u32,
+        s: u32,
+        d: u32,
     }
 }
 
@@ -79,7 +83,7 @@ fn pool_gpu(a: &GpuBuf, x: &GpuBuf, lens: &GpuBuf, n: usize, s: usize, d: usize)
     let g = gpu()?;
     let e = g.alloc(4 * (n * d) as u64)?;
     let alpha = g.alloc(4 * (n * s) as u64)?;
-    g.dispatch(&FWD, &[a, x, lens, &e, &alpha], &[n as u32, s as u32, d as u32], row_groups(n))?;
+    g.dispatch(&FWD, &[a, x, lens, &e, &alpha], &PoolParams { n: n as u32, s: s as u32, d: d as u32 }, row_groups(n))?;
     Ok((Storage::Gpu(e), Storage::Gpu(alpha)))
 }
 
@@ -87,7 +91,7 @@ fn pool_bwd_gpu(alpha: &GpuBuf, x: &GpuBuf, lens: &GpuBuf, de: &GpuBuf, n: usize
     let g = gpu()?;
     let da = g.alloc(4 * (n * s) as u64)?;
     let dx = g.alloc(4 * (n * s * d) as u64)?;
-    let prm = [n as u32, s as u32, d as u32];
+    let prm = PoolParams { n: n as u32, s: s as u32, d: d as u32 };
     g.dispatch(&BWD_A, &[alpha, x, lens, de, &da], &prm, row_groups(n))?;
     g.dispatch(&BWD_X, &[alpha, x, lens, de, &dx], &prm, groups_1d(n * s * d))?;
     Ok((Storage::Gpu(da), Storage::Gpu(dx)))

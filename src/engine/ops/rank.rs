@@ -3,12 +3,26 @@
 //! against the target; a NaN score ranks last). Only B integers come back to the host. No gradient.
 
 use super::wgsl;
-use crate::engine::gpu::{gpu, Access::*, Kernel};
+use crate::engine::gpu::{gpu, kernel_params, row_groups, Access::*, Kernel};
 use crate::engine::tensor::Real;
 use crate::engine::{Indices, Tensor};
 use crate::{on_device, Error, Result};
 
-static RANK: Kernel = Kernel { name: "rank", source: wgsl!("rank.wgsl"), entry: "rank", bindings: &[Read, Read, ReadWrite] };
+static RANK: Kernel<RankParams> = Kernel::new("rank", wgsl!("rank.wgsl"), "rank", &[Read, Read, ReadWrite]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![RANK.contract()]
+}
+
+kernel_params! {
+    /// `struct P` of rank.wgsl.
+    struct RankParams {
+        rows: u32,
+        n: u32,
+    }
+}
 
 /// CPU reference: one row.
 pub fn rank_row_cpu<T: Real>(scores: &[T], t: usize) -> u32 {
@@ -32,8 +46,7 @@ pub fn rank_of_targets(scores: &Tensor, targets: &Indices) -> Result<Vec<u32>> {
     }, {
         let g = gpu()?;
         let out = g.alloc(4 * b as u64)?;
-        let gx = b.min(65535);
-        g.dispatch(&RANK, &[&*scores.gbuf()?, targets.gpu()?, &out], &[b as u32, n as u32], [gx as u32, b.div_ceil(gx) as u32, 1])?;
+        g.dispatch(&RANK, &[&*scores.gbuf()?, targets.gpu()?, &out], &RankParams { rows: b as u32, n: n as u32 }, row_groups(b))?;
         Ok(bytemuck::pod_collect_to_vec(&g.read(&out, 4 * b as u64)?))
     })
 }

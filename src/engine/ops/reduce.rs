@@ -7,13 +7,29 @@
 use super::elementwise::{broadcast_to, scale};
 use super::par;
 use super::wgsl;
-use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel};
+use crate::engine::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::Tensor;
 use crate::{on_device, Error, Result};
 
-static SUM_ROWS: Kernel = Kernel { name: "reduce", source: wgsl!("reduce.wgsl"), entry: "sum_rows", bindings: &[Read, ReadWrite] };
+static SUM_ROWS: Kernel<ReduceParams> = Kernel::new("reduce", wgsl!("reduce.wgsl"), "sum_rows", &[Read, ReadWrite]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![SUM_ROWS.contract()]
+}
+
+/// Rows summed by one invocation of `sum_rows` (must match the shader).
 const CHUNK: usize = 256;
+
+kernel_params! {
+    /// `struct P` of reduce.wgsl.
+    struct ReduceParams {
+        rows: u32,
+        cols: u32,
+    }
+}
 
 /// Column sums, each summed over the rows in increasing order (blocks of columns in parallel).
 pub fn sum_rows_cpu<T: Real>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
@@ -37,7 +53,7 @@ pub(crate) fn sum_rows_gpu(x: &GpuBuf, rows: usize, cols: usize) -> Result<GpuBu
         let chunks = rows.div_ceil(CHUNK).max(1);
         let out = g.alloc(4 * (chunks * cols) as u64)?;
         let src = cur.as_ref().unwrap_or(x);
-        g.dispatch(&SUM_ROWS, &[src, &out], &[rows as u32, cols as u32], groups_1d(chunks * cols))?;
+        g.dispatch(&SUM_ROWS, &[src, &out], &ReduceParams { rows: rows as u32, cols: cols as u32 }, groups_1d(chunks * cols))?;
         cur = Some(out);
         if chunks == 1 {
             return Ok(cur.unwrap());

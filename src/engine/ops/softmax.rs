@@ -12,19 +12,29 @@ use std::cell::OnceCell;
 use std::rc::Rc;
 
 use super::{par, wgsl};
-use crate::engine::gpu::{gpu, groups_1d, Access::*, GpuBuf, Kernel, WG};
+use crate::engine::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
 use crate::engine::{Indices, Tensor};
 use crate::{on_device, Error, Result};
 
 const SRC: &str = wgsl!("softmax.wgsl");
-static FWD: Kernel = Kernel { name: "softmax", source: SRC, entry: "softmax_fwd", bindings: &[Read, Read, ReadWrite] };
-static BWD: Kernel = Kernel { name: "softmax", source: SRC, entry: "softmax_bwd", bindings: &[Read, Read, ReadWrite] };
+static FWD: Kernel<SoftmaxParams> = Kernel::new("softmax", SRC, "softmax_fwd", &[Read, Read, ReadWrite]);
+static BWD: Kernel<SoftmaxParams> = Kernel::new("softmax", SRC, "softmax_bwd", &[Read, Read, ReadWrite]);
 
-/// Workgroup counts for one workgroup per row (folded into 2-D past 65535 rows); kernels recover
-/// the row as `wid.x + wid.y * nwg.x` and skip rows >= the row count.
-pub(crate) fn row_groups(rows: usize) -> [u32; 3] {
-    groups_1d(rows * WG as usize)
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
+    vec![FWD.contract(), BWD.contract()]
+}
+
+kernel_params! {
+    /// `struct P` of softmax.wgsl.
+    struct SoftmaxParams {
+        rows: u32,
+        cols: u32,
+        /// 1: row r takes part over its first lens[r] entries.
+        has_lens: u32,
+    }
 }
 
 // ---- CPU references -------------------------------------------------------------------------
@@ -68,14 +78,15 @@ pub fn softmax_bwd_cpu<T: Real>(y: &[T], g: &[T], rows: usize, s: usize) -> Vec<
 fn softmax_gpu(x: &GpuBuf, lens: Option<&GpuBuf>, rows: usize, s: usize) -> Result<Storage> {
     let g = gpu()?;
     let y = g.alloc(4 * (rows * s) as u64)?;
-    g.dispatch(&FWD, &[x, lens.unwrap_or(x), &y], &[rows as u32, s as u32, lens.is_some() as u32], row_groups(rows))?;
+    let prm = SoftmaxParams { rows: rows as u32, cols: s as u32, has_lens: lens.is_some() as u32 };
+    g.dispatch(&FWD, &[x, lens.unwrap_or(x), &y], &prm, row_groups(rows))?;
     Ok(Storage::Gpu(y))
 }
 
 fn softmax_bwd_gpu(y: &GpuBuf, dy: &GpuBuf, rows: usize, s: usize) -> Result<Storage> {
     let g = gpu()?;
     let dx = g.alloc(4 * (rows * s) as u64)?;
-    g.dispatch(&BWD, &[y, dy, &dx], &[rows as u32, s as u32, 0], row_groups(rows))?;
+    g.dispatch(&BWD, &[y, dy, &dx], &SoftmaxParams { rows: rows as u32, cols: s as u32, has_lens: 0 }, row_groups(rows))?;
     Ok(Storage::Gpu(dx))
 }
 
