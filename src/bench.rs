@@ -115,3 +115,99 @@ pub fn run(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<BenchResult>> 
     })?;
     Ok(out)
 }
+
+/// One training step's cost for a model and stage at the paper's shapes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepResult {
+    /// "sasrec", "msm4sr pre-training", "msm4sr fine-tuning".
+    pub model: String,
+    pub shape: String,
+    pub device: String,
+    /// Mean seconds per step (forward, backward, Adam, loss read back).
+    pub seconds: f64,
+    /// Real (unpadded) sequence positions per second.
+    pub tokens_per_s: f64,
+    pub samples_per_s: f64,
+    pub steps: usize,
+}
+
+/// Training steps at the paper's shapes on synthetic data: hidden 64, 2 layers, 2 heads, max
+/// length 50, random sequence lengths 1..=10 (about the 5.3-item average training prefix of the
+/// Pantry data); for MSM4SR 5000 items with 10 sentence and 10 image rows of 768 values per item
+/// and batch 1024, for SASRec batch 2048. `quick` (software adapters) shrinks items, feature size
+/// and batch 8x.
+pub fn train_steps(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<StepResult>> {
+    use crate::data::{make_batch, Modality, Sample};
+    use crate::engine::backward;
+    use crate::engine::optim::{Adam, AdamConfig};
+    use crate::model::{Model, ModelConfig, ModelKind};
+    use crate::nn::Seeds;
+    use rand::Rng;
+
+    let q = if quick { 8 } else { 1 };
+    let (items, d, rows) = (5000 / q, 768 / q, 10);
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let modality = |rng: &mut ChaCha8Rng| Modality {
+        rows,
+        dim: d,
+        data: (0..(items + 1) * rows * d).map(|_| rng.random::<f32>() - 0.5).collect(),
+        lens: std::iter::once(0).chain((0..items).map(|_| rows as u32)).collect(),
+    };
+    let (text, image) = (modality(&mut rng), modality(&mut rng));
+    let samples = |n: usize, rng: &mut ChaCha8Rng| -> Vec<Sample> {
+        (0..n)
+            .map(|u| {
+                let len = rng.random_range(1..=10);
+                Sample {
+                    user: u as u32,
+                    seq: (0..len).map(|_| rng.random_range(1..=items as u32)).collect(),
+                    target: rng.random_range(1..=items as u32),
+                }
+            })
+            .collect()
+    };
+    let name = device_name(dev);
+    let mut out = Vec::new();
+    for (label, kind, pretrain, batch) in [
+        ("sasrec", ModelKind::Sasrec, false, 2048 / q),
+        ("msm4sr pre-training", ModelKind::Msm4sr, true, 1024 / q),
+        ("msm4sr fine-tuning", ModelKind::Msm4sr, false, 1024 / q),
+    ] {
+        let cfg = ModelConfig { model: kind, proj_heads: false, ..ModelConfig::default() };
+        let model = Model::new(cfg, items, Some(&text), Some(&image), &mut rng, dev)?;
+        let params = if pretrain { model.pretrain_params() } else { model.finetune_params() };
+        let mut opt = Adam::new(params.into_iter().map(|(_, t)| t).collect(), AdamConfig::default())?;
+        let mut seeds = Seeds::new(1);
+        let data = samples(batch, &mut rng);
+        let batch_t = make_batch(&data.iter().collect::<Vec<_>>());
+        let tokens: usize = batch_t.lens.iter().map(|&n| n as usize).sum();
+        let mut step = || -> Result<()> {
+            let loss = if pretrain {
+                model.pretrain_loss(&batch_t, 0.25, &mut rng, &mut seeds)?
+            } else {
+                model.finetune_loss(&batch_t, &mut seeds)?
+            };
+            opt.step(&backward(&loss)?)?;
+            loss.item()?;
+            Ok(())
+        };
+        step()?; // warm-up (pipelines, pool)
+        let start = Instant::now();
+        let mut steps = 0;
+        while steps == 0 || start.elapsed().as_secs_f64() < min_secs {
+            step()?;
+            steps += 1;
+        }
+        let s = start.elapsed().as_secs_f64() / steps as f64;
+        out.push(StepResult {
+            model: label.into(),
+            shape: format!("batch {batch}, {tokens} tokens, {items} items, features {rows}x{d}"),
+            device: name.clone(),
+            seconds: s,
+            tokens_per_s: tokens as f64 / s,
+            samples_per_s: batch as f64 / s,
+            steps,
+        });
+    }
+    Ok(out)
+}

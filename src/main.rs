@@ -314,6 +314,9 @@ enum Cmd {
         /// Also time Sentence-BERT inference (sentences/s) with the model in --model-dir.
         #[arg(long)]
         bert: bool,
+        /// Skip the training-step benchmark (one step of each model at the paper's shapes).
+        #[arg(long)]
+        no_steps: bool,
         #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
         model_dir: PathBuf,
         /// Sentences for the BERT benchmark.
@@ -499,10 +502,12 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(if results.iter().all(|r| r.pass) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Cmd::Bench { json, secs, quick, bert, model_dir, sentences } => {
+        Cmd::Bench { json, secs, quick, bert, no_steps, model_dir, sentences } => {
             let (dev, desc) = cli.device.resolve(named)?;
             eprintln!("bench on {desc}");
-            let mut results = bench::run(dev, secs, quick || (dev == Device::Gpu && gpu::gpu()?.adapter.is_software()))?;
+            let quick = quick || (dev == Device::Gpu && gpu::gpu()?.adapter.is_software());
+            let mut results = bench::run(dev, secs, quick)?;
+            let steps = if no_steps { Vec::new() } else { bench::train_steps(dev, secs, quick)? };
             if bert {
                 let r = msm4sr::bert::bench(&model_dir, dev, sentences)?;
                 results.push(bench::BenchResult {
@@ -515,12 +520,30 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 });
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&results).unwrap());
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "kernels": results, "train_steps": steps })).unwrap());
             } else {
                 println!("{:<10} {:<26} {:>12} {:>10} {:>6}  device", "kernel", "shape", "ms/call", "GFLOP/s", "iters");
                 for r in &results {
                     let gf = r.gflops.map(|g| format!("{g:.1}")).unwrap_or_else(|| "-".into());
                     println!("{:<10} {:<26} {:>12.3} {:>10} {:>6}  {}", r.name, r.shape, r.seconds * 1e3, gf, r.iters, r.device);
+                }
+                if !steps.is_empty() {
+                    println!();
+                    println!(
+                        "{:<20} {:<48} {:>10} {:>10} {:>10} {:>6}",
+                        "training step", "shape", "ms/step", "tokens/s", "samples/s", "steps"
+                    );
+                    for r in &steps {
+                        println!(
+                            "{:<20} {:<48} {:>10.1} {:>10.0} {:>10.0} {:>6}",
+                            r.model,
+                            r.shape,
+                            r.seconds * 1e3,
+                            r.tokens_per_s,
+                            r.samples_per_s,
+                            r.steps
+                        );
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -167,7 +167,7 @@ pub fn norm_cdf<T: Real>(x: T) -> T {
                 + t * (0.096_784_18
                     + t * (-0.186_288_06
                         + t * (0.278_868_07 + t * (-1.135_203_9 + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
-    let h = 0.5 * t * poly.exp();
+    let h = 0.5 * t * crate::engine::tensor::expf(poly);
     T::c(if xf < 0.0 { h } else { 1.0 - h } as f64)
 }
 
@@ -180,7 +180,7 @@ pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     let g = &g[..x.len()];
     par::map(x.len(), |i| {
         let v = x[i];
-        g[i] * (norm_cdf(v) + v * c * (-(v * v) * T::c(0.5)).exp())
+        g[i] * (norm_cdf(v) + v * c * (-(v * v) * T::c(0.5)).fexp())
     })
 }
 
@@ -211,12 +211,11 @@ pub fn dropout_rows_cpu<T: Real>(x: &[T], p: f32, seed: u32, keys: &[u32], c: us
     let s = T::c(1.0 / (1.0 - p as f64));
     let ps = pcg(seed);
     par::chunks(x.len(), par::elem_chunk(c), par::worth(x.len()), |start, piece| {
-        for (rr, row) in piece.chunks_mut(c).enumerate() {
-            let r = start / c + rr;
-            let base = keys[r].wrapping_mul(c as u32);
-            for (j, o) in row.iter_mut().enumerate() {
-                let xi = x[r * c + j];
-                *o = if rand01_hashed(ps, base.wrapping_add(j as u32)) >= p { xi * s } else { T::zero() };
+        let xs = &x[start..start + piece.len()];
+        for (rr, (row, xr)) in piece.chunks_mut(c).zip(xs.chunks(c)).enumerate() {
+            let base = keys[start / c + rr].wrapping_mul(c as u32);
+            for ((o, &xi), j) in row.iter_mut().zip(xr).zip(0u32..) {
+                *o = if rand01_hashed(ps, base.wrapping_add(j)) >= p { xi * s } else { T::zero() };
             }
         }
     })
