@@ -227,6 +227,7 @@ pub fn fit(
         );
         bar.set_prefix(format!("{stage:?} epoch {:>3}", epoch + 1));
         let t0 = Instant::now();
+        let gemm0 = crate::engine::tensor::gemm_counters();
         let (mut loss_sum, mut steps) = (0.0f64, 0usize);
         for idx in &order {
             let loss = step_loss(model, split, idx, stage, cfg, &mut rng, &mut seeds)?;
@@ -245,6 +246,16 @@ pub fn fit(
         let epoch_loss = loss_sum / steps.max(1) as f64;
         losses.push(epoch_loss);
         let train_secs = t0.elapsed().as_secs_f64();
+        // On the CPU backend: time in matrix products and their rate.
+        let gemm = {
+            let (s1, f1) = crate::engine::tensor::gemm_counters();
+            let (s, f) = (s1 - gemm0.0, f1 - gemm0.1);
+            if s > 0.0 {
+                format!("  gemm {s:.1} s at {:.0} GFLOP/s", f / s / 1e9)
+            } else {
+                String::new()
+            }
+        };
         let valid = evaluate(model, &split.valid, tc, with_id)?;
         let r20 = valid.recall20;
         let improved = r20 > best;
@@ -268,8 +279,11 @@ pub fn fit(
             split.train.len() as f64 / train_secs,
             valid.recall20,
             valid.ndcg20,
-            if improved { "  *best" } else { "" }
+            if improved { "  *best" } else { "" },
         );
+        if !gemm.is_empty() {
+            eprintln!("{stage:?} epoch {:>3}  {}", epoch + 1, gemm.trim_start());
+        }
         epoch += 1;
         // Resume state after every epoch.
         let mut state: Vec<(String, Tensor)> = model.params();

@@ -65,6 +65,21 @@ pub trait Real: num_traits::Float + num_traits::NumAssign + Default + std::fmt::
     );
 }
 
+/// Seconds and floating-point operations spent in the f32 CPU backend's matrix products since the
+/// process started (for reporting how GEMM-bound a run is).
+pub fn gemm_counters() -> (f64, f64) {
+    (GEMM_NS.load(Ordering::Relaxed) as f64 * 1e-9, GEMM_FLOP.load(Ordering::Relaxed) as f64)
+}
+
+static GEMM_NS: AtomicU64 = AtomicU64::new(0);
+static GEMM_FLOP: AtomicU64 = AtomicU64::new(0);
+
+/// Add one product of `flop` operations that started at `t0` to the counters.
+pub(crate) fn count_gemm(flop: usize, t0: std::time::Instant) {
+    GEMM_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    GEMM_FLOP.fetch_add(flop as u64, Ordering::Relaxed);
+}
+
 impl Real for f32 {
     fn c(x: f64) -> Self {
         x as f32
@@ -107,8 +122,10 @@ impl Real for f32 {
         c: &mut [f32],
         rsc: isize,
     ) {
+        let t0 = std::time::Instant::now();
         // SAFETY: callers pass slices that cover every strided index of the (m,k), (k,n), (m,n) views.
         unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), rsc, 1) }
+        count_gemm(2 * m * n * k, t0);
     }
 }
 

@@ -10,6 +10,12 @@
 //!   Backward: dP' = dO V^T, dP = keep * dP' / (1-p), dS = P * (dP - sum_j dP * P),
 //!   dq = dS K / sqrt(dh), dk = dS^T Q / sqrt(dh), dv = P'^T dO.
 //! - `attention(q, k, v, lens, heads, p, seed)` = `attention_masked(.., causal = true)` (SASRec).
+//! - `attention_ragged(q, k, v, r, heads, p, seed, causal)`: q, k, v (N, C) packed by a [`Ragged`]
+//!   batch (sequence b owns rows offsets[b] .. offsets[b + 1], n_b of them) -> out (N, C). Query i of
+//!   sequence b attends over its keys j <= i (causal) or j < n_b; no padding, so no mask. Dropout of
+//!   (b, h, i, j) keys on ((b * heads + h) * key_len + i) * key_len + j, the padded op's flat index
+//!   for a batch of width key_len: the two draw the same masks. P is saved per sequence as a
+//!   (heads, n_b, n_b) block (only when a gradient is needed); the backward is the padded one's.
 //!
 //! The additive mask is evaluated exactly: a masked key's weight exp(s - 10000 - max) underflows to 0
 //! in f32 and f64 (for scores less than ~9000 apart), so a row attends over its valid keys
@@ -19,7 +25,9 @@
 //! attends over all L keys with the plain scores. (Adding -10000 in f32 would round those scores to
 //! ~1e-3; this avoids that noise.)
 //!
-//! GPU: the forward runs one workgroup per (b, h, i) query row (scores, softmax, dropout, P'V); the
+//! GPU: the ragged kernels (`attention_ragged.wgsl`) run one workgroup per (row, head), finding
+//! the row's sequence through a packed index (offsets, P-block starts, sequence of each row).
+//! The padded forward runs one workgroup per (b, h, i) query row (scores, softmax, dropout, P'V); the
 //! backward one workgroup per query row (dS and dq) and one per key column (dk and dv). A row of P
 //! lives in workgroup memory, so the GPU path takes L <= 1024.
 

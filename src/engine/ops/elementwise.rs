@@ -168,19 +168,33 @@ pub fn norm_cdf<T: Real>(x: T) -> T {
                     + t * (-0.186_288_06
                         + t * (0.278_868_07 + t * (-1.135_203_9 + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
     let h = 0.5 * t * crate::engine::tensor::expf(poly);
-    T::c(if xf < 0.0 { h } else { 1.0 - h } as f64)
+    let (lo, hi) = (h, 1.0 - h);
+    T::c(if xf < 0.0 { lo } else { hi } as f64)
+}
+
+/// `f` over x in parallel pieces, each a plain loop over slices (no bounds checks, so it vectorizes).
+fn map_slices<T: Real>(x: &[T], f: impl Fn(&mut [T], &[T], usize) + Sync + Send) -> Vec<T> {
+    par::chunks(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, piece| {
+        let n = piece.len();
+        f(piece, &x[start..start + n], start)
+    })
 }
 
 pub fn gelu_cpu<T: Real>(x: &[T]) -> Vec<T> {
-    map1(x, |v| v * norm_cdf(v))
+    map_slices(x, |o, x, _| {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = v * norm_cdf(v);
+        }
+    })
 }
 
 pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     let c = T::c(0.3989422804014327);
     let g = &g[..x.len()];
-    par::map(x.len(), |i| {
-        let v = x[i];
-        g[i] * (norm_cdf(v) + v * c * (-(v * v) * T::c(0.5)).fexp())
+    map_slices(x, |o, x, start| {
+        for ((o, &v), &gi) in o.iter_mut().zip(x).zip(&g[start..start + x.len()]) {
+            *o = gi * (norm_cdf(v) + v * c * (-(v * v) * T::c(0.5)).fexp());
+        }
     })
 }
 
@@ -200,10 +214,24 @@ pub fn rand01_hashed(hashed_seed: u32, i: u32) -> f32 {
     (pcg(i.wrapping_add(hashed_seed)) >> 8) as f32 / 16777216.0
 }
 
+/// o[j] = x[j] * s where rand01(key base + j) >= p, else 0: a select between constants and one
+/// product over equal-length slices, so the loop (hash included) vectorizes.
+#[inline(always)]
+fn keep_mul<T: Real>(o: &mut [T], x: &[T], hashed_seed: u32, base: u32, p: f32, s: T) {
+    let n = o.len().min(x.len());
+    let (o, x) = (&mut o[..n], &x[..n]);
+    for j in 0..n {
+        let m = if rand01_hashed(hashed_seed, base.wrapping_add(j as u32)) >= p { s } else { T::zero() };
+        o[j] = x[j] * m;
+    }
+}
+
 pub fn dropout_cpu<T: Real>(x: &[T], p: f32, seed: u32) -> Vec<T> {
     let s = T::c(1.0 / (1.0 - p as f64));
     let ps = pcg(seed);
-    par::map(x.len(), |i| if rand01_hashed(ps, i as u32) >= p { x[i] * s } else { T::zero() })
+    map_slices(x, |o, x, start| {
+        keep_mul(o, x, ps, start as u32, p, s);
+    })
 }
 
 /// `dropout_cpu` with element (r, c) of rows of `c` channels keyed on keys[r] * c + c.
@@ -214,9 +242,7 @@ pub fn dropout_rows_cpu<T: Real>(x: &[T], p: f32, seed: u32, keys: &[u32], c: us
         let xs = &x[start..start + piece.len()];
         for (rr, (row, xr)) in piece.chunks_mut(c).zip(xs.chunks(c)).enumerate() {
             let base = keys[start / c + rr].wrapping_mul(c as u32);
-            for ((o, &xi), j) in row.iter_mut().zip(xr).zip(0u32..) {
-                *o = if rand01_hashed(ps, base.wrapping_add(j)) >= p { xi * s } else { T::zero() };
-            }
+            keep_mul(row, xr, ps, base, p, s);
         }
     })
 }

@@ -123,6 +123,7 @@ pub fn gemm_cpu<T: Real>(a: &[T], b: &[T], bias: Option<&[T]>, p: &Gemm) -> Vec<
     let (rsa, csa) = if p.ta { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if p.tb { (1, k as isize) } else { (n as isize, 1) };
     if n == 1 {
+        let t0 = std::time::Instant::now();
         // Matrix . vector (e.g. attention-pooling energies over every sentence row): a GEMM would
         // first copy (pack) the whole matrix; read it once instead. b is a contiguous k-vector.
         for (z, cz) in c.chunks_mut(m).enumerate() {
@@ -130,6 +131,9 @@ pub fn gemm_cpu<T: Real>(a: &[T], b: &[T], bias: Option<&[T]>, p: &Gemm) -> Vec<
                 let i = z * p.nsum + s;
                 gemv(&a[i * p.a_bs..i * p.a_bs + m * k], &b[i * p.b_bs..i * p.b_bs + k], p.ta, cz);
             }
+        }
+        if std::mem::size_of::<T>() == 4 {
+            crate::engine::tensor::count_gemm(2 * m * k * p.nout * p.nsum, t0);
         }
         return c;
     }
