@@ -193,7 +193,7 @@ pub fn expf(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = (p * (r * r) + r) + 1.0;
     // 2^k as two factors, so k = 128 (x just below the overflow bound) does not overflow.
     let (ki, pow2) = (k as i32, |j: i32| f32::from_bits(((j + 127) as u32) << 23));
