@@ -138,6 +138,14 @@ impl DeviceModality {
     }
 }
 
+/// How a batch's sequences travel through the transformer (see `Model::layout`).
+enum Layout {
+    /// Real rows only, with the item id of each packed row.
+    Packed { r: Ragged, ids: Indices },
+    /// (B, l) padded ids and the lengths.
+    Padded { ids: Indices, lens: Indices, l: usize },
+}
+
 pub struct Model {
     pub cfg: ModelConfig,
     pub n_items: usize,
@@ -275,17 +283,26 @@ impl Model {
         }
     }
 
-    /// Sequence representations h (B', d0) of sequences given as padded ids (B' x l, row-major,
-    /// left-aligned, B' = lens.len()) into the rows of `table`: packed into their real rows (or
-    /// padded, with `self.padded`), through the transformer, each sequence's last position.
-    fn sequences(&self, table: &Tensor, ids: &[u32], lens: &[u32], l: usize, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+    /// The layout a batch's sequences take through the transformer, from padded ids (B' x l,
+    /// row-major, left-aligned, B' = lens.len()): packed into their real rows, or padded with
+    /// `self.padded`. Built once per batch and shared by every item table.
+    fn layout(&self, ids: &[u32], lens: &[u32], l: usize) -> Result<Layout> {
         if self.padded {
-            let x = embedding(table, &Indices::new(ids.to_vec()), &[lens.len(), l])?;
-            return self.transformer.forward_padded(&x, &Indices::new(lens.to_vec()), train, seeds);
+            return Ok(Layout::Padded { ids: Indices::new(ids.to_vec()), lens: Indices::new(lens.to_vec()), l });
         }
         let r = Ragged::new(lens, l)?;
-        let x = embedding(table, &Indices::new(r.pack(ids, l)), &[r.rows()])?;
-        self.transformer.forward(&x, &r, train, seeds)
+        Ok(Layout::Packed { ids: Indices::new(r.pack(ids, l)), r })
+    }
+
+    /// Sequence representations h (B', d0): the sequences of `lay` with their item rows from
+    /// `table`, through the transformer, each sequence's last position.
+    fn sequences(&self, table: &Tensor, lay: &Layout, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        match lay {
+            Layout::Packed { r, ids } => self.transformer.forward(&embedding(table, ids, &[r.rows()])?, r, train, seeds),
+            Layout::Padded { ids, lens, l } => {
+                self.transformer.forward_padded(&embedding(table, ids, &[lens.len(), *l])?, lens, train, seeds)
+            }
+        }
     }
 
     /// The score terms of a batch: one (h_k (B, d0), items_k (I, d0)) per item table and the
@@ -295,9 +312,10 @@ impl Model {
     fn score_terms(&self, batch: &Batch, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<(Vec<(Tensor, Tensor)>, f32)> {
         let tables = self.item_tables(train, with_id, seeds)?;
         let cos = self.cfg.model == ModelKind::Msm4sr && self.cfg.score == Score::Cos;
+        let lay = self.layout(&batch.ids, &batch.lens, batch.l)?;
         let mut terms = Vec::new();
         for (_, table) in &tables {
-            let h = self.sequences(table, &batch.ids, &batch.lens, batch.l, train, seeds)?;
+            let h = self.sequences(table, &lay, train, seeds)?;
             let items = embedding(table, &self.real_items, &[self.n_items])?;
             terms.push(if cos { (l2norm(&h, 1e-12)?, l2norm(&items, 1e-12)?) } else { (h, items) });
         }
@@ -342,7 +360,7 @@ impl Model {
         let (x, lens) = feats.gather(uniq)?;
         let z = enc.forward(&x, &lens, true, seeds)?;
         let ids: Vec<u32> = batch.ids.iter().map(|i| local[i]).collect();
-        let h = self.sequences(&z, &ids, &batch.lens, batch.l, true, seeds)?;
+        let h = self.sequences(&z, &self.layout(&ids, &batch.lens, batch.l)?, true, seeds)?;
         let h = match head {
             Some(w) => w.forward(&h)?,
             None => h,
@@ -389,7 +407,7 @@ impl Model {
         // The 2B sequences M_t then M_v, rows of z_all.
         let mut lens2 = batch.lens.clone();
         lens2.extend(&batch.lens);
-        let h = self.sequences(&z_all, &both, &lens2, batch.l, true, seeds)?; // (2B, d0)
+        let h = self.sequences(&z_all, &self.layout(&both, &lens2, batch.l)?, true, seeds)?; // (2B, d0)
         let b = batch.b as u32;
         let ht = embedding(&h, &Indices::new((0..b).collect()), &[batch.b])?;
         let hv = embedding(&h, &Indices::new((b..2 * b).collect()), &[batch.b])?;

@@ -247,14 +247,9 @@ pub fn fit(
         losses.push(epoch_loss);
         let train_secs = t0.elapsed().as_secs_f64();
         // On the CPU backend: time in matrix products and their rate.
-        let gemm = {
+        let (gemm_secs, gemm_flop) = {
             let (s1, f1) = crate::engine::tensor::gemm_counters();
-            let (s, f) = (s1 - gemm0.0, f1 - gemm0.1);
-            if s > 0.0 {
-                format!("  gemm {s:.1} s at {:.0} GFLOP/s", f / s / 1e9)
-            } else {
-                String::new()
-            }
+            (s1 - gemm0.0, f1 - gemm0.1)
         };
         let valid = evaluate(model, &split.valid, tc, with_id)?;
         let r20 = valid.recall20;
@@ -281,8 +276,8 @@ pub fn fit(
             valid.ndcg20,
             if improved { "  *best" } else { "" },
         );
-        if !gemm.is_empty() {
-            eprintln!("{stage:?} epoch {:>3}  {}", epoch + 1, gemm.trim_start());
+        if gemm_secs > 0.0 {
+            eprintln!("{stage:?} epoch {:>3}  gemm {gemm_secs:.1} s at {:.0} GFLOP/s", epoch + 1, gemm_flop / gemm_secs / 1e9);
         }
         epoch += 1;
         // Resume state after every epoch.

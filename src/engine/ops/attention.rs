@@ -146,6 +146,93 @@ fn keeper<T: Real>(d: &Dims) -> impl Fn(usize) -> T + Sync + Send {
     }
 }
 
+/// One query row of one head, shared by the padded and ragged forms: key j's channels start at
+/// `kbase + j * c` in k and v, j < pr.len(). Writes P (before dropout) into `pr` and adds
+/// sum_j keep(j) P_j v_j into `or`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn attend_row<T: Real>(
+    qr: &[T],
+    k: &[T],
+    v: &[T],
+    kbase: usize,
+    c: usize,
+    scale: T,
+    pr: &mut [T],
+    or: &mut [T],
+    keep: impl Fn(usize) -> T,
+) {
+    let dh = qr.len();
+    for (j, s) in pr.iter_mut().enumerate() {
+        let ko = kbase + j * c;
+        let mut dot = T::zero();
+        for (&x, &y) in qr.iter().zip(&k[ko..ko + dh]) {
+            dot += x * y;
+        }
+        *s = dot * scale;
+    }
+    let mx = pr.iter().fold(T::neg_infinity(), |m, &s| m.max(s));
+    let mut sum = T::zero();
+    for s in pr.iter_mut() {
+        *s = (*s - mx).exp();
+        sum += *s;
+    }
+    for (j, pj) in pr.iter_mut().enumerate() {
+        *pj /= sum;
+        let pd = *pj * keep(j);
+        let vo = kbase + j * c;
+        for (o, &y) in or.iter_mut().zip(&v[vo..vo + dh]) {
+            *o += pd * y;
+        }
+    }
+}
+
+/// Backward of one query row (see `attend_row`): from its P row `prow` (j < prow.len()) and dO row
+/// `dor`, dP = keep * dO V^T, dS = P * (dP - sum_j dP * P); adds dS K * scale into `dqr`, and into
+/// the sequence's dk / dv blocks at `lbase + j * c`: scale * dS_j q and P'_j dO. `ds`, `kp` are
+/// scratch rows at least prow.len() long.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn attend_row_bwd<T: Real>(
+    (qr, dor): (&[T], &[T]),
+    (k, v): (&[T], &[T]),
+    (kbase, lbase, c): (usize, usize, usize),
+    scale: T,
+    prow: &[T],
+    keep: impl Fn(usize) -> T,
+    (ds, kp): (&mut [T], &mut [T]),
+    dqr: &mut [T],
+    (dkb, dvb): (&mut [T], &mut [T]),
+) {
+    let (dh, n) = (qr.len(), prow.len());
+    let mut t = T::zero();
+    for j in 0..n {
+        let vo = kbase + j * c;
+        let mut dp = T::zero();
+        for (&x, &y) in dor.iter().zip(&v[vo..vo + dh]) {
+            dp += x * y;
+        }
+        kp[j] = keep(j);
+        ds[j] = dp * kp[j];
+        t += ds[j] * prow[j];
+    }
+    for j in 0..n {
+        let p = prow[j];
+        let s = p * (ds[j] - t) * scale;
+        let pd = p * kp[j];
+        let (ko, lo) = (kbase + j * c, lbase + j * c);
+        for (o, &y) in dqr.iter_mut().zip(&k[ko..ko + dh]) {
+            *o += s * y;
+        }
+        for (o, &y) in dkb[lo..lo + dh].iter_mut().zip(qr) {
+            *o += s * y;
+        }
+        for (o, &y) in dvb[lo..lo + dh].iter_mut().zip(dor) {
+            *o += pd * y;
+        }
+    }
+}
+
 /// Forward: (out (B, L, C), P (B, heads, L, L)) with P before dropout. Sequences in parallel.
 pub fn attention_cpu<T: Real>(q: &[T], k: &[T], v: &[T], lens: &[u32], d: Dims) -> (Vec<T>, Vec<T>) {
     let (l, dh, c, heads) = (d.l, d.dh, d.c(), d.heads);
@@ -159,31 +246,10 @@ pub fn attention_cpu<T: Real>(q: &[T], k: &[T], v: &[T], lens: &[u32], d: Dims) 
                 let n = d.valid(len, i);
                 let qo = (b * l + i) * c + h * dh;
                 let row = ((b * heads + h) * l + i) * l;
-                let pr = &mut pb[(h * l + i) * l..(h * l + i + 1) * l];
                 let qr = &q[qo..qo + dh];
-                for (j, s) in pr.iter_mut().enumerate().take(n) {
-                    let ko = (b * l + j) * c + h * dh;
-                    let mut dot = T::zero();
-                    for (&x, &y) in qr.iter().zip(&k[ko..ko + dh]) {
-                        dot += x * y;
-                    }
-                    *s = dot * scale;
-                }
-                let mx = pr[..n].iter().fold(T::neg_infinity(), |m, &s| m.max(s));
-                let mut sum = T::zero();
-                for s in pr[..n].iter_mut() {
-                    *s = (*s - mx).exp();
-                    sum += *s;
-                }
                 let or = &mut ob[i * c + h * dh..i * c + (h + 1) * dh];
-                for (j, pj) in pr.iter_mut().enumerate().take(n) {
-                    *pj /= sum;
-                    let pd = *pj * keep(row + j);
-                    let vo = (b * l + j) * c + h * dh;
-                    for (o, &y) in or.iter_mut().zip(&v[vo..vo + dh]) {
-                        *o += pd * y;
-                    }
-                }
+                let pr = &mut pb[(h * l + i) * l..(h * l + i) * l + n];
+                attend_row(qr, k, v, b * l * c + h * dh, c, scale, pr, or, |j| keep(row + j));
             }
         }
     })
@@ -205,34 +271,18 @@ pub fn attention_bwd_cpu<T: Real>(q: &[T], k: &[T], v: &[T], lens: &[u32], probs
                 let qo = (b * l + i) * c + h * dh;
                 let row = ((b * heads + h) * l + i) * l;
                 let (qr, dor) = (&q[qo..qo + dh], &dout[qo..qo + dh]);
-                // dP = keep * dO V^T, then dS = P * (dP - sum_j dP * P).
-                let mut t = T::zero();
-                for j in 0..n {
-                    let vo = (b * l + j) * c + h * dh;
-                    let mut dp = T::zero();
-                    for (&x, &y) in dor.iter().zip(&v[vo..vo + dh]) {
-                        dp += x * y;
-                    }
-                    kp[j] = keep(row + j);
-                    ds[j] = dp * kp[j];
-                    t += ds[j] * probs[row + j];
-                }
                 let dqr = &mut dqb[i * c + h * dh..i * c + (h + 1) * dh];
-                for j in 0..n {
-                    let p = probs[row + j];
-                    let s = p * (ds[j] - t) * scale;
-                    let pd = p * kp[j];
-                    let (ko, lo) = ((b * l + j) * c + h * dh, j * c + h * dh);
-                    for (o, &y) in dqr.iter_mut().zip(&k[ko..ko + dh]) {
-                        *o += s * y;
-                    }
-                    for (o, &y) in dkb[lo..lo + dh].iter_mut().zip(qr) {
-                        *o += s * y;
-                    }
-                    for (o, &y) in dvb[lo..lo + dh].iter_mut().zip(dor) {
-                        *o += pd * y;
-                    }
-                }
+                attend_row_bwd(
+                    (qr, dor),
+                    (k, v),
+                    (b * l * c + h * dh, h * dh, c),
+                    scale,
+                    &probs[row..row + n],
+                    |j| keep(row + j),
+                    (&mut ds, &mut kp),
+                    dqr,
+                    (&mut *dkb, &mut *dvb),
+                );
             }
         }
     })
@@ -281,32 +331,10 @@ pub fn attention_ragged_cpu<T: Real>(q: &[T], k: &[T], v: &[T], r: &Ragged, d: R
         for h in 0..heads {
             for i in 0..n {
                 let nk = if d.causal { i + 1 } else { n };
-                let pr = if save { &mut pb[(h * n + i) * n..(h * n + i + 1) * n] } else { &mut scratch[..] };
+                let pr = if save { &mut pb[(h * n + i) * n..(h * n + i) * n + nk] } else { &mut scratch[..nk] };
                 let qo = (o + i) * c + h * dh;
-                let qr = &q[qo..qo + dh];
-                for (j, s) in pr.iter_mut().enumerate().take(nk) {
-                    let ko = (o + j) * c + h * dh;
-                    let mut dot = T::zero();
-                    for (&x, &y) in qr.iter().zip(&k[ko..ko + dh]) {
-                        dot += x * y;
-                    }
-                    *s = dot * scale;
-                }
-                let mx = pr[..nk].iter().fold(T::neg_infinity(), |m, &s| m.max(s));
-                let mut sum = T::zero();
-                for s in pr[..nk].iter_mut() {
-                    *s = (*s - mx).exp();
-                    sum += *s;
-                }
                 let or = &mut ob[i * c + h * dh..i * c + (h + 1) * dh];
-                for (j, pj) in pr.iter_mut().enumerate().take(nk) {
-                    *pj /= sum;
-                    let pd = *pj * keep(d.key(b, h, i, j));
-                    let vo = (o + j) * c + h * dh;
-                    for (x, &y) in or.iter_mut().zip(&v[vo..vo + dh]) {
-                        *x += pd * y;
-                    }
-                }
+                attend_row(&q[qo..qo + dh], k, v, o * c + h * dh, c, scale, pr, or, |j| keep(d.key(b, h, i, j)));
             }
         }
     });
@@ -338,35 +366,19 @@ pub fn attention_ragged_bwd_cpu<T: Real>(
             for i in 0..n {
                 let nk = if d.causal { i + 1 } else { n };
                 let qo = (o + i) * c + h * dh;
-                let prow = &probs[pbase + (h * n + i) * n..pbase + (h * n + i + 1) * n];
-                let (qr, dor) = (&q[qo..qo + dh], &dout[qo..qo + dh]);
-                let mut t = T::zero();
-                for j in 0..nk {
-                    let vo = (o + j) * c + h * dh;
-                    let mut dp = T::zero();
-                    for (&x, &y) in dor.iter().zip(&v[vo..vo + dh]) {
-                        dp += x * y;
-                    }
-                    kp[j] = keep(d.key(b, h, i, j));
-                    ds[j] = dp * kp[j];
-                    t += ds[j] * prow[j];
-                }
+                let prow = &probs[pbase + (h * n + i) * n..pbase + (h * n + i) * n + nk];
                 let dqr = &mut dqb[i * c + h * dh..i * c + (h + 1) * dh];
-                for j in 0..nk {
-                    let p = prow[j];
-                    let s = p * (ds[j] - t) * scale;
-                    let pd = p * kp[j];
-                    let (ko, lo) = ((o + j) * c + h * dh, j * c + h * dh);
-                    for (x, &y) in dqr.iter_mut().zip(&k[ko..ko + dh]) {
-                        *x += s * y;
-                    }
-                    for (x, &y) in dkb[lo..lo + dh].iter_mut().zip(qr) {
-                        *x += s * y;
-                    }
-                    for (x, &y) in dvb[lo..lo + dh].iter_mut().zip(dor) {
-                        *x += pd * y;
-                    }
-                }
+                attend_row_bwd(
+                    (&q[qo..qo + dh], &dout[qo..qo + dh]),
+                    (k, v),
+                    (o * c + h * dh, h * dh, c),
+                    scale,
+                    prow,
+                    |j| keep(d.key(b, h, i, j)),
+                    (&mut ds, &mut kp),
+                    dqr,
+                    (&mut *dkb, &mut *dvb),
+                );
             }
         }
     })

@@ -148,17 +148,22 @@ fn item_block_gpu(e: &Tensor, j0: usize, w: usize) -> Result<Tensor> {
     Ok(Tensor::from_storage(Storage::Gpu(buf), vec![w, d]))
 }
 
-/// sum_k h_k e_k,blk^T (B, w) on the GPU (the row kernels apply the scale).
-fn block_scores_gpu(hs: &[Tensor], es: &[Tensor], j0: usize, w: usize) -> Result<Tensor> {
+/// sum_k h_k blk_k^T (B, w) on the GPU for the item blocks `blks` (the row kernels apply the scale).
+fn block_scores_gpu(hs: &[Tensor], blks: &[Tensor]) -> Result<Tensor> {
     let mut z: Option<Tensor> = None;
-    for (h, e) in hs.iter().zip(es) {
-        let s = matmul(h, &item_block_gpu(e, j0, w)?, false, true)?;
+    for (h, blk) in hs.iter().zip(blks) {
+        let s = matmul(h, blk, false, true)?;
         z = Some(match z {
             None => s,
             Some(z) => add(&z, &s)?,
         });
     }
     Ok(z.expect("at least one term"))
+}
+
+/// Rows j0 .. j0 + w of every term's item table.
+fn item_blocks_gpu(es: &[Tensor], j0: usize, w: usize) -> Result<Vec<Tensor>> {
+    es.iter().map(|e| item_block_gpu(e, j0, w)).collect()
 }
 
 fn catalog_ce_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: usize, scale: f32) -> Result<(Storage, Storage)> {
@@ -168,7 +173,7 @@ fn catalog_ce_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: usiz
     let stat = g.alloc(4 * (3 * b) as u64)?;
     for j0 in (0..n_items).step_by(BLOCK) {
         let w = BLOCK.min(n_items - j0);
-        let z = block_scores_gpu(hs, es, j0, w)?;
+        let z = block_scores_gpu(hs, &item_blocks_gpu(es, j0, w)?)?;
         let prm = CatalogParams { rows: b as u32, width: w as u32, start: j0 as u32, first: (j0 == 0) as u32, scale };
         g.dispatch(&FWD, &[&*z.gbuf()?, targets.gpu()?, &stat], &prm, row_groups(b))?;
     }
@@ -193,14 +198,15 @@ fn catalog_ce_bwd_gpu(
     let de: Vec<GpuBuf> = es.iter().map(|e| gp.alloc(4 * e.numel() as u64)).collect::<Result<_>>()?;
     for j0 in (0..n_items).step_by(BLOCK) {
         let w = BLOCK.min(n_items - j0);
-        let z = block_scores_gpu(hs, es, j0, w)?;
+        let blks = item_blocks_gpu(es, j0, w)?;
+        let z = block_scores_gpu(hs, &blks)?;
         let dz = gp.alloc(4 * (b * w) as u64)?;
         let prm = CatalogParams { rows: b as u32, width: w as u32, start: j0 as u32, first: 0, scale };
         gp.dispatch(&BWD, &[&*z.gbuf()?, targets.gpu()?, lg, &dz], &prm, row_groups(b))?;
         let dz = Tensor::from_storage(Storage::Gpu(dz), vec![b, w]);
-        for (k, (h, e)) in hs.iter().zip(es).enumerate() {
-            let d = e.shape()[1];
-            let part = matmul(&dz, &item_block_gpu(e, j0, w)?, false, false)?; // (B, d)
+        for (k, (h, blk)) in hs.iter().zip(&blks).enumerate() {
+            let d = blk.shape()[1];
+            let part = matmul(&dz, blk, false, false)?; // (B, d)
             dh[k] = Some(match dh[k].take() {
                 None => part,
                 Some(acc) => add(&acc, &part)?,

@@ -122,9 +122,21 @@ fn zip_bcast<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> 
     })
 }
 
+/// `f` over x in parallel pieces, each a plain loop over slices (no bounds checks, so it vectorizes).
+fn map_slices<T: Real>(x: &[T], f: impl Fn(&mut [T], &[T], usize) + Sync + Send) -> Vec<T> {
+    par::chunks(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, piece| {
+        let n = piece.len();
+        f(piece, &x[start..start + n], start)
+    })
+}
+
 /// out[i] = f(x[i]), in parallel pieces when large.
 fn map1<T: Real>(x: &[T], f: impl Fn(T) -> T + Sync + Send) -> Vec<T> {
-    par::map(x.len(), |i| f(x[i]))
+    map_slices(x, |o, x, _| {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = f(v);
+        }
+    })
 }
 
 pub fn axpby_cpu<T: Real>(a: &[T], b: &[T], alpha: T) -> Vec<T> {
@@ -172,20 +184,8 @@ pub fn norm_cdf<T: Real>(x: T) -> T {
     T::c(if xf < 0.0 { lo } else { hi } as f64)
 }
 
-/// `f` over x in parallel pieces, each a plain loop over slices (no bounds checks, so it vectorizes).
-fn map_slices<T: Real>(x: &[T], f: impl Fn(&mut [T], &[T], usize) + Sync + Send) -> Vec<T> {
-    par::chunks(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, piece| {
-        let n = piece.len();
-        f(piece, &x[start..start + n], start)
-    })
-}
-
 pub fn gelu_cpu<T: Real>(x: &[T]) -> Vec<T> {
-    map_slices(x, |o, x, _| {
-        for (o, &v) in o.iter_mut().zip(x) {
-            *o = v * norm_cdf(v);
-        }
-    })
+    map1(x, |v| v * norm_cdf(v))
 }
 
 pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
