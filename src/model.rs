@@ -394,7 +394,7 @@ impl Model {
         let zv = enc_v.forward(&xv, &lv, true, seeds)?;
         let z_all = concat(&[&zt, &zv])?; // rows [0, U) text, [U, 2U) image
                                           // Complementary mixup: a swapped position takes the other modality's row.
-        let (mut ids_t, mut ids_v) = (Vec::with_capacity(batch.ids.len()), Vec::with_capacity(batch.ids.len()));
+        let (mut ids_t, mut ids_v) = (Vec::with_capacity(2 * batch.ids.len()), Vec::with_capacity(batch.ids.len()));
         for (pos, &i) in batch.ids.iter().enumerate() {
             let li = local[&i];
             let valid = (pos % batch.l) < batch.lens[pos / batch.l] as usize;

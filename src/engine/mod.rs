@@ -9,6 +9,7 @@ pub mod gpu;
 mod layout;
 pub mod ops;
 pub mod optim;
+pub mod pool;
 pub mod ragged;
 pub mod tape;
 pub mod tensor;

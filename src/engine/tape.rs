@@ -3,7 +3,7 @@
 //! saved). [`backward`] orders the graph once (depth-first, post-order) and walks it in reverse,
 //! summing gradients that meet at a tensor. Dropping the loss frees the graph and its buffers.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 
 use super::ops::elementwise::add;
@@ -20,6 +20,16 @@ pub(crate) struct Node {
 
 thread_local! {
     static GRAD: Cell<bool> = const { Cell::new(true) };
+    /// The walk's working sets, kept empty between calls so that a step allocates none anew.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+#[derive(Default)]
+struct Scratch {
+    order: Vec<Tensor>,
+    seen: HashSet<u64>,
+    stack: Vec<(Tensor, bool)>,
+    grads: HashMap<u64, Tensor>,
 }
 
 pub fn grad_enabled() -> bool {
@@ -57,10 +67,20 @@ pub fn backward(loss: &Tensor) -> Result<Grads> {
     if !loss.requires_grad() {
         return Err(Error::Invalid("backward: the loss does not depend on any parameter (or was made under no_grad)".into()));
     }
+    let mut sc = SCRATCH.with(|s| s.take());
+    let out = walk(loss, &mut sc);
+    sc.order.clear();
+    sc.seen.clear();
+    sc.stack.clear();
+    sc.grads.clear();
+    SCRATCH.with(|s| *s.borrow_mut() = sc);
+    out
+}
+
+fn walk(loss: &Tensor, sc: &mut Scratch) -> Result<Grads> {
+    let Scratch { order, seen, stack, grads } = sc;
     // Post-order DFS without recursion.
-    let mut order: Vec<Tensor> = Vec::new();
-    let mut seen: HashSet<u64> = HashSet::new();
-    let mut stack: Vec<(Tensor, bool)> = vec![(loss.clone(), false)];
+    stack.push((loss.clone(), false));
     while let Some((t, expanded)) = stack.pop() {
         if expanded {
             order.push(t);
@@ -79,7 +99,6 @@ pub fn backward(loss: &Tensor) -> Result<Grads> {
         }
     }
     no_grad(|| {
-        let mut grads: HashMap<u64, Tensor> = HashMap::new();
         grads.insert(loss.id(), Tensor::full(loss.shape(), 1.0, loss.device())?);
         let mut leaves: HashMap<u64, Tensor> = HashMap::new();
         for t in order.iter().rev() {

@@ -19,6 +19,17 @@ pub enum Storage {
     Gpu(GpuBuf),
 }
 
+impl Drop for Storage {
+    /// Host vectors go back to the CPU storage pool (`engine::pool`); GPU buffers to theirs.
+    fn drop(&mut self) {
+        match self {
+            Storage::F32(v) => super::pool::give(std::mem::take(v)),
+            Storage::F64(v) => super::pool::give(std::mem::take(v)),
+            Storage::Gpu(_) => {}
+        }
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) id: u64,
     pub(crate) shape: Vec<usize>,
@@ -74,6 +85,30 @@ pub fn gemm_counters() -> (f64, f64) {
 static GEMM_NS: AtomicU64 = AtomicU64::new(0);
 static GEMM_FLOP: AtomicU64 = AtomicU64::new(0);
 
+thread_local!(static IN_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+
+/// Whether this thread is inside a CPU matrix product. The GEMM crate allocates its packing
+/// buffers itself, once per call: the one allocation a steady-state CPU step still makes, which
+/// the allocation test tells apart from tensor storage with this.
+pub fn in_gemm() -> bool {
+    IN_GEMM.with(|g| g.get())
+}
+
+struct InGemm;
+
+impl InGemm {
+    fn enter() -> InGemm {
+        IN_GEMM.with(|g| g.set(true));
+        InGemm
+    }
+}
+
+impl Drop for InGemm {
+    fn drop(&mut self) {
+        IN_GEMM.with(|g| g.set(false));
+    }
+}
+
 /// Add one product of `flop` operations that started at `t0` to the counters.
 pub(crate) fn count_gemm(flop: usize, t0: std::time::Instant) {
     GEMM_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -123,6 +158,7 @@ impl Real for f32 {
         rsc: isize,
     ) {
         let t0 = std::time::Instant::now();
+        let _g = InGemm::enter();
         // SAFETY: callers pass slices that cover every strided index of the (m,k), (k,n), (m,n) views.
         unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), rsc, 1) }
         count_gemm(2 * m * n * k, t0);
@@ -172,6 +208,7 @@ impl Real for f64 {
         rsc: isize,
     ) {
         // SAFETY: as for f32.
+        let _g = InGemm::enter();
         unsafe { matrixmultiply::dgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), rsc, 1) }
     }
 }

@@ -21,7 +21,7 @@ use super::elementwise::add;
 use super::{matmul, par, wgsl};
 use crate::engine::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
-use crate::engine::{same_device, Device, Indices, Tensor};
+use crate::engine::{pool, same_device, Device, Indices, Tensor};
 use crate::{on_device, shape_err, Result};
 
 /// Items per block of recomputed scores.
@@ -59,7 +59,7 @@ kernel_params! {
 
 /// z block (B, w) = scale * sum_k h_k e_k[j0 .. j0 + w]^T.
 fn block_scores<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], b: usize, j0: usize, w: usize, scale: T) -> Vec<T> {
-    let mut z = vec![T::zero(); b * w];
+    let mut z = pool::zeros(b * w);
     for (k, (&h, &e)) in hs.iter().zip(es).enumerate() {
         let d = dims[k];
         let beta = if k == 0 { T::zero() } else { T::one() };
@@ -75,7 +75,8 @@ fn block_scores<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], b: usize, j0:
 /// Forward: (loss (B), lse (B)).
 pub fn catalog_ce_cpu<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], targets: &[u32], n_items: usize, scale: T) -> (Vec<T>, Vec<T>) {
     let b = targets.len();
-    let (mut mx, mut sm, mut zt) = (vec![T::neg_infinity(); b], vec![T::zero(); b], vec![T::zero(); b]);
+    let (mut mx, mut sm, mut zt) = (pool::zeros(b), pool::zeros(b), pool::zeros(b));
+    mx.fill(T::neg_infinity());
     for j0 in (0..n_items).step_by(BLOCK) {
         let w = BLOCK.min(n_items - j0);
         let z = block_scores(hs, es, dims, b, j0, w, scale);
@@ -92,9 +93,14 @@ pub fn catalog_ce_cpu<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], targets
         for r in 0..b {
             (mx[r], sm[r], zt[r]) = (stats[3 * r], stats[3 * r + 1], stats[3 * r + 2]);
         }
+        pool::give(stats);
+        pool::give(z);
     }
-    let lse: Vec<T> = mx.iter().zip(&sm).map(|(&m, &s)| m + s.ln()).collect();
-    let loss = lse.iter().zip(&zt).map(|(&l, &t)| l - t).collect();
+    let lse: Vec<T> = pool::collect(b, mx.iter().zip(&sm).map(|(&m, &s)| m + s.ln()));
+    let loss = pool::collect(b, lse.iter().zip(&zt).map(|(&l, &t)| l - t));
+    for v in [mx, sm, zt] {
+        pool::give(v);
+    }
     (loss, lse)
 }
 
@@ -111,7 +117,7 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
     g: &[T],
 ) -> Vec<(Vec<T>, Vec<T>)> {
     let b = targets.len();
-    let mut out: Vec<(Vec<T>, Vec<T>)> = dims.iter().map(|&d| (vec![T::zero(); b * d], vec![T::zero(); n_items * d])).collect();
+    let mut out: Vec<(Vec<T>, Vec<T>)> = dims.iter().map(|&d| (pool::zeros(b * d), pool::zeros(n_items * d))).collect();
     for j0 in (0..n_items).step_by(BLOCK) {
         let w = BLOCK.min(n_items - j0);
         let mut dz = block_scores(hs, es, dims, b, j0, w, scale);
@@ -134,6 +140,7 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
             // de_k,blk = dz^T . h_k: (w, B) . (B, d).
             T::gemm(w, b, d, &dz, 1, w as isize, hs[k], d as isize, 1, T::zero(), &mut de[j0 * d..(j0 + w) * d], d as isize);
         }
+        pool::give(dz);
     }
     out
 }

@@ -45,7 +45,7 @@ pub fn concat(xs: &[&Tensor]) -> Result<Tensor> {
     let sizes: Vec<usize> = xs.iter().map(|x| x.numel()).collect();
     let total: usize = sizes.iter().sum();
     let st = on_device!(dev, T => {
-        let mut v = Vec::with_capacity(total);
+        let mut v = crate::engine::pool::take(total);
         for x in xs {
             v.extend_from_slice(&x.host::<T>()?);
         }
@@ -68,7 +68,7 @@ pub fn concat(xs: &[&Tensor]) -> Result<Tensor> {
         for (shape, need) in &pieces {
             let n: usize = shape.iter().product();
             if *need {
-                let st = on_device!(g.device(), T => T::wrap(g.host::<T>()?[off..off + n].to_vec()), {
+                let st = on_device!(g.device(), T => T::wrap(crate::engine::pool::copy_of(&g.host::<T>()?[off..off + n])), {
                     let out = gpu()?.alloc(4 * n as u64)?;
                     copy_gpu(&*g.gbuf()?, off, &out, 0, n)?;
                     Storage::Gpu(out)

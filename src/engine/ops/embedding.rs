@@ -69,7 +69,7 @@ pub fn embedding_bwd_cpu<T: Real>(g: &[T], ids: &[u32], v: usize, d: usize) -> V
             }
         });
     }
-    let mut dw = vec![T::zero(); v * d];
+    let mut dw = crate::engine::pool::zeros(v * d);
     for (i, &id) in ids.iter().enumerate() {
         for (o, &gv) in dw[id as usize * d..(id as usize + 1) * d].iter_mut().zip(&g[i * d..(i + 1) * d]) {
             *o += gv;

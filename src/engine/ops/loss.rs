@@ -147,8 +147,11 @@ pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], num: u32, excl: u32,
         nu[0] = lse_of(|| (0..k).filter(move |&kk| bit(num, kk)).map(move |kk| logits[(kk * b + j) * b + j]));
         lo[0] = de[0] - nu[0];
     });
-    let mut stat = den;
+    let mut stat = crate::engine::pool::take(2 * b);
+    stat.extend_from_slice(&den);
     stat.extend_from_slice(&nums);
+    crate::engine::pool::give(den);
+    crate::engine::pool::give(nums);
     (loss, stat)
 }
 

@@ -168,7 +168,8 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
             }
             o[0] = t;
         });
-        y.iter_mut().zip(add).for_each(|(o, v)| *o += v);
+        y.iter_mut().zip(&add).for_each(|(o, &v)| *o += v);
+        crate::engine::pool::give(add);
     } else {
         // Column blocks of y in parallel, each summing over all k rows in order.
         let block = par::col_block(k, m);
@@ -180,7 +181,8 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
                 }
             }
         });
-        y.iter_mut().zip(add).for_each(|(o, v)| *o += v);
+        y.iter_mut().zip(&add).for_each(|(o, &v)| *o += v);
+        crate::engine::pool::give(add);
     }
 }
 

@@ -6,7 +6,7 @@
 //! sequential loop, so results are bit-identical for any number of threads. Small problems stay on
 //! the calling thread, where starting a parallel region would cost more than it saves.
 //!
-//! The helpers allocate their outputs and hand each task its own rows, zeroed by that task just
+//! The helpers take their outputs from the storage pool (`engine::pool`) and hand each task its own rows, zeroed by that task just
 //! before use: no serial pass over a large buffer precedes the parallel work, and the zeroing
 //! happens while the rows are about to be written anyway (in cache).
 
@@ -14,6 +14,8 @@ use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
+
+use crate::engine::pool;
 
 /// Elements of work below which an op runs on the calling thread.
 pub(crate) const MIN_PAR: usize = 1 << 15;
@@ -55,6 +57,7 @@ unsafe impl<T: Send> Sync for Fresh<'_, T> {}
 impl<'a, T> Fresh<'a, T> {
     fn new(buf: &'a mut Vec<T>, len: usize) -> Self {
         debug_assert!(buf.is_empty());
+        // A no-op for vectors from `pool::take(len)`.
         buf.reserve_exact(len);
         Fresh { ptr: buf.as_mut_ptr(), len, _buf: PhantomData }
     }
@@ -104,8 +107,8 @@ fn drive(n: usize, par: bool, min_len: usize, f: impl Fn(usize) + Sync + Send) {
 
 /// The vector [f(0), .., f(len - 1)], built in parallel pieces when long (written once, without
 /// zeroing first).
-pub(crate) fn map<T: Send>(len: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
-    let mut v = Vec::new();
+pub(crate) fn map<T: Send + 'static>(len: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    let mut v = pool::take(len);
     {
         let out = Fresh::new(&mut v, len);
         drive(len.div_ceil(ELEM_CHUNK), worth(len), 1, |i| {
@@ -124,9 +127,14 @@ pub(crate) fn map<T: Send>(len: usize, f: impl Fn(usize) -> T + Sync + Send) -> 
 
 /// A vector of `len` elements built by `f(start, piece)` over consecutive pieces of `chunk`
 /// elements (the last may be shorter), each zeroed first; pieces in parallel when `par`.
-pub(crate) fn chunks<T: Copy + Default + Send>(len: usize, chunk: usize, par: bool, f: impl Fn(usize, &mut [T]) + Sync + Send) -> Vec<T> {
+pub(crate) fn chunks<T: Copy + Default + Send + 'static>(
+    len: usize,
+    chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) -> Vec<T> {
     let chunk = chunk.max(1);
-    let mut v = Vec::new();
+    let mut v = pool::take(len);
     {
         let out = Fresh::new(&mut v, len);
         drive(len.div_ceil(chunk), par, 1, |i| {
@@ -141,14 +149,14 @@ pub(crate) fn chunks<T: Copy + Default + Send>(len: usize, chunk: usize, par: bo
 }
 
 /// As [`chunks`], building two vectors of the same length piece by piece together.
-pub(crate) fn chunks2<A: Copy + Default + Send, B: Copy + Default + Send>(
+pub(crate) fn chunks2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
     len: usize,
     chunk: usize,
     par: bool,
     f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
 ) -> (Vec<A>, Vec<B>) {
     let chunk = chunk.max(1);
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut a, mut b) = (pool::take(len), pool::take(len));
     {
         let (oa, ob) = (Fresh::new(&mut a, len), Fresh::new(&mut b, len));
         drive(len.div_ceil(chunk), par, 1, |i| {
@@ -167,12 +175,17 @@ pub(crate) fn chunks2<A: Copy + Default + Send, B: Copy + Default + Send>(
 
 /// An (n, la) matrix built row by row: `f(r, row_r)`, each row zeroed first. Each row costs about
 /// `work` elements of work; rows go to the pool when there is enough of it.
-pub(crate) fn rows<A: Copy + Default + Send>(n: usize, work: usize, la: usize, f: impl Fn(usize, &mut [A]) + Sync + Send) -> Vec<A> {
+pub(crate) fn rows<A: Copy + Default + Send + 'static>(
+    n: usize,
+    work: usize,
+    la: usize,
+    f: impl Fn(usize, &mut [A]) + Sync + Send,
+) -> Vec<A> {
     rows3::<A, u8, u8>(n, work, (la, 0, 0), |r, a, _, _| f(r, a)).0
 }
 
 /// As [`rows`] with two outputs of rows `la` and `lb` long, row r of each handed to `f` together.
-pub(crate) fn rows2<A: Copy + Default + Send, B: Copy + Default + Send>(
+pub(crate) fn rows2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
     n: usize,
     work: usize,
     la: usize,
@@ -187,13 +200,13 @@ pub(crate) fn rows2<A: Copy + Default + Send, B: Copy + Default + Send>(
 /// first (a zero length gives an empty output at no cost). Each row costs about `work` elements of
 /// work; rows go to the pool when there is enough of it.
 #[allow(clippy::type_complexity)]
-pub(crate) fn rows3<A: Copy + Default + Send, B: Copy + Default + Send, C: Copy + Default + Send>(
+pub(crate) fn rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static>(
     n: usize,
     work: usize,
     (la, lb, lc): (usize, usize, usize),
     f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
 ) -> (Vec<A>, Vec<B>, Vec<C>) {
-    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut a, mut b, mut c) = (pool::take(n * la), pool::take(n * lb), pool::take(n * lc));
     {
         let (oa, ob, oc) = (Fresh::new(&mut a, n * la), Fresh::new(&mut b, n * lb), Fresh::new(&mut c, n * lc));
         drive(n, worth(n * work), min_rows(work), |r| {
@@ -214,7 +227,7 @@ pub(crate) fn rows3<A: Copy + Default + Send, B: Copy + Default + Send, C: Copy 
 /// B and C), `oa`, `ob`, `oc` being n + 1 ascending offsets (an empty slice gives an empty output).
 /// Each row costs about `work` elements of work on average.
 #[allow(clippy::type_complexity)]
-pub(crate) fn segs3<A: Copy + Default + Send, B: Copy + Default + Send, C: Copy + Default + Send>(
+pub(crate) fn segs3<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static>(
     n: usize,
     work: usize,
     (oa, ob, oc): (&[usize], &[usize], &[usize]),
@@ -223,7 +236,7 @@ pub(crate) fn segs3<A: Copy + Default + Send, B: Copy + Default + Send, C: Copy 
     let end = |o: &[usize]| o.last().copied().unwrap_or(0);
     let seg = |o: &[usize], r: usize| if o.is_empty() { (0, 0) } else { (o[r], o[r + 1] - o[r]) };
     let (la, lb, lc) = (end(oa), end(ob), end(oc));
-    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut a, mut b, mut c) = (pool::take(la), pool::take(lb), pool::take(lc));
     {
         let (fa, fb, fc) = (Fresh::new(&mut a, la), Fresh::new(&mut b, lb), Fresh::new(&mut c, lc));
         drive(n, worth(n * work), min_rows(work), |r| {
