@@ -58,6 +58,7 @@ op_tests!(
     dropout_rows,
     attention_pool,
     moe,
+    mean_ragged,
     embedding,
     gather_last,
     cross_entropy,

@@ -1,5 +1,5 @@
 //! Sentence-BERT inference on the engine: a BERT encoder (HF `BertModel` weights) followed by mean
-//! pooling over the attention mask and L2 normalisation, the sentence-transformers pipeline of
+//! pooling over each sentence's tokens and L2 normalisation, the sentence-transformers pipeline of
 //! all-MiniLM-L6-v2 and other BERT sentence models. Inference only (under [`no_grad`]), on any
 //! [`Device`].
 //!
@@ -15,21 +15,25 @@
 //! - `sentence_bert_config.json` (optional): `max_seq_length` (default 256).
 //!
 //! Sentences are truncated to min(max_seq_length, max positions) tokens including `[CLS]` and
-//! `[SEP]`. One forward pass, x (B, L) token ids, lens (B):
+//! `[SEP]`. A batch of B sentences travels ragged: its N = sum n_b token ids packed one sentence after
+//! another, no padding (see [`Ragged`]). One forward pass, ids (N), pos (N) each token's position in
+//! its sentence:
 //!
 //! ```text
-//! h = LayerNorm(word[ids] + pos[0..L] + type[0])
-//! per layer: a = LayerNorm(h + (Attn(h Wq + bq, h Wk + bk, h Wv + bv, lens) Wo + bo))
-//!            h = LayerNorm(a + gelu(a W1 + b1) W2 + b2)
-//! e = l2norm(mean_{j < lens[b]} h[b, j])
+//! h = LayerNorm(word[ids] + pos_emb[pos] + type[0])                      (N, hidden)
+//! per layer (nn::TransformerLayer, post-LN, bidirectional, no dropout):
+//!     a = LayerNorm(h + (Attn(h Wq + bq, h Wk + bk, h Wv + bv) Wo + bo))
+//!     h = LayerNorm(a + gelu(a W1 + b1) W2 + b2)
+//! e_b = l2norm(mean of sentence b's rows of h)                           (B, hidden)
 //! ```
 //!
-//! with bidirectional multi-head attention over the valid keys (`attention_masked(.., causal =
-//! false)`). HF stores linear weights as (out, in); they are transposed once at load time into the
-//! engine's (in, out) layout. Sentences are sorted by length and run in batches of up to `batch`
-//! sentences padded to the longest of each batch; a batch ends early at a sentence less than half
-//! as long as its longest (so padding stays under half the tokens), or when its attention
-//! probabilities and activations would exceed a fixed memory budget. Results come back in input order.
+//! with multi-head attention within each sentence over all its tokens (`attention_ragged(..,
+//! causal = false)`) and the mean by `mean_ragged`. HF stores linear weights as (out, in); they are
+//! transposed once at load time into the engine's (in, out) layout. Sentences are sorted by length
+//! (longest first, so memory peaks in the first batch) and cut, in that order, into batches of at
+//! most `batch` sentences, [`MAX_BATCH_TOKENS`] packed tokens and [`MAX_BATCH_PROBS`] attention
+//! scores (heads * sum n_b^2); a sentence that would cross a bound starts the next batch. Results
+//! come back in input order.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -38,19 +42,21 @@ use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::{Dtype, SafeTensors};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::engine::ops::attention::attention_masked;
-use crate::engine::ops::{add, attention_pool, embedding, gelu, l2norm, layernorm, linear};
-use crate::engine::{no_grad, Device, Indices, Tensor};
+use crate::engine::ops::{add, embedding, l2norm, mean_ragged};
+use crate::engine::{no_grad, Device, Indices, Ragged, Tensor};
+use crate::nn::{LayerNorm, Linear, Seeds, TransformerLayer};
 use crate::{Error, Result};
 
 /// Default sentences per batch.
 pub const DEFAULT_BATCH: usize = 64;
 /// Token limit of sentence-transformers models without a `sentence_bert_config.json`.
 pub const DEFAULT_MAX_TOKENS: usize = 256;
-/// Upper bounds on one batch: padded tokens (B * L) and attention-probability elements
-/// (B * heads * L * L), so a batch of long sentences stays well inside GPU buffer limits.
-const MAX_BATCH_TOKENS: usize = 16384;
-const MAX_BATCH_PROBS: usize = 16 << 20;
+/// Upper bound on one batch's packed tokens (sum n_b), so its activations (tokens x intermediate
+/// size) stay well inside GPU buffer limits.
+pub const MAX_BATCH_TOKENS: usize = 16384;
+/// Upper bound on one batch's attention scores (heads * sum n_b^2), so a batch of long sentences
+/// is not one very long attention dispatch.
+pub const MAX_BATCH_PROBS: usize = 16 << 20;
 
 /// The sizes of a BERT encoder.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -65,31 +71,12 @@ pub struct BertConfig {
     pub eps: f32,
 }
 
-struct Layer {
-    wq: Tensor,
-    bq: Tensor,
-    wk: Tensor,
-    bk: Tensor,
-    wv: Tensor,
-    bv: Tensor,
-    wo: Tensor,
-    bo: Tensor,
-    ln1_g: Tensor,
-    ln1_b: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    ln2_g: Tensor,
-    ln2_b: Tensor,
-}
-
 /// A BERT sentence encoder (tokenizer + weights on one device).
 pub struct SentenceEncoder {
     pub config: BertConfig,
     /// Tokens per sentence after truncation, `[CLS]` and `[SEP]` included.
     pub max_tokens: usize,
-    /// Sentences per batch (at most; long sentences make smaller batches).
+    /// Sentences per batch (at most; long sentences make smaller batches, see the module docs).
     pub batch: usize,
     pub dir: PathBuf,
     dev: Device,
@@ -97,9 +84,9 @@ pub struct SentenceEncoder {
     word: Tensor,
     /// Position embeddings with token type 0 added, (max_positions, hidden).
     pos_type: Tensor,
-    ln_g: Tensor,
-    ln_b: Tensor,
-    layers: Vec<Layer>,
+    /// The embeddings' LayerNorm.
+    ln: LayerNorm,
+    layers: Vec<TransformerLayer>,
 }
 
 /// Throughput of [`SentenceEncoder::bench`].
@@ -160,8 +147,8 @@ impl Weights<'_> {
         Tensor::from_vec(self.get(name, shape)?, shape, dev)
     }
 
-    /// An HF linear layer `name` (weight (out, in), bias (out)) as the engine's (in, out) weight and bias.
-    fn linear(&self, name: &str, inp: usize, out: usize, dev: Device) -> Result<(Tensor, Tensor)> {
+    /// An HF linear layer `name` (weight (out, in), bias (out)) with the engine's (in, out) weight.
+    fn linear(&self, name: &str, inp: usize, out: usize, dev: Device) -> Result<Linear> {
         let w = self.get(&format!("{name}.weight"), &[out, inp])?;
         let mut wt = vec![0.0f32; w.len()];
         for o in 0..out {
@@ -169,11 +156,11 @@ impl Weights<'_> {
                 wt[i * out + o] = w[o * inp + i];
             }
         }
-        Ok((Tensor::from_vec(wt, &[inp, out], dev)?, self.upload(&format!("{name}.bias"), &[out], dev)?))
+        Ok(Linear { w: Tensor::from_vec(wt, &[inp, out], dev)?, b: Some(self.upload(&format!("{name}.bias"), &[out], dev)?) })
     }
 
-    fn layernorm(&self, name: &str, n: usize, dev: Device) -> Result<(Tensor, Tensor)> {
-        Ok((self.upload(&format!("{name}.weight"), &[n], dev)?, self.upload(&format!("{name}.bias"), &[n], dev)?))
+    fn layernorm(&self, name: &str, n: usize, eps: f32, dev: Device) -> Result<LayerNorm> {
+        Ok(LayerNorm { g: self.upload(&format!("{name}.weight"), &[n], dev)?, b: self.upload(&format!("{name}.bias"), &[n], dev)?, eps })
     }
 }
 
@@ -269,19 +256,25 @@ impl SentenceEncoder {
             row.iter_mut().zip(&typ[..h]).for_each(|(p, t)| *p += t);
         }
         let pos_type = Tensor::from_vec(pos, &[config.max_positions, h], dev)?;
-        let (ln_g, ln_b) = w.layernorm("embeddings.LayerNorm", h, dev)?;
+        let eps = config.eps;
+        let ln = w.layernorm("embeddings.LayerNorm", h, eps, dev)?;
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = format!("encoder.layer.{i}");
-            let (wq, bq) = w.linear(&format!("{p}.attention.self.query"), h, h, dev)?;
-            let (wk, bk) = w.linear(&format!("{p}.attention.self.key"), h, h, dev)?;
-            let (wv, bv) = w.linear(&format!("{p}.attention.self.value"), h, h, dev)?;
-            let (wo, bo) = w.linear(&format!("{p}.attention.output.dense"), h, h, dev)?;
-            let (ln1_g, ln1_b) = w.layernorm(&format!("{p}.attention.output.LayerNorm"), h, dev)?;
-            let (w1, b1) = w.linear(&format!("{p}.intermediate.dense"), h, f, dev)?;
-            let (w2, b2) = w.linear(&format!("{p}.output.dense"), f, h, dev)?;
-            let (ln2_g, ln2_b) = w.layernorm(&format!("{p}.output.LayerNorm"), h, dev)?;
-            layers.push(Layer { wq, bq, wk, bk, wv, bv, wo, bo, ln1_g, ln1_b, w1, b1, w2, b2, ln2_g, ln2_b });
+            layers.push(TransformerLayer {
+                q: w.linear(&format!("{p}.attention.self.query"), h, h, dev)?,
+                k: w.linear(&format!("{p}.attention.self.key"), h, h, dev)?,
+                v: w.linear(&format!("{p}.attention.self.value"), h, h, dev)?,
+                o: w.linear(&format!("{p}.attention.output.dense"), h, h, dev)?,
+                ln1: w.layernorm(&format!("{p}.attention.output.LayerNorm"), h, eps, dev)?,
+                ff1: w.linear(&format!("{p}.intermediate.dense"), h, f, dev)?,
+                ff2: w.linear(&format!("{p}.output.dense"), f, h, dev)?,
+                ln2: w.layernorm(&format!("{p}.output.LayerNorm"), h, eps, dev)?,
+                heads: config.heads,
+                p_hidden: 0.0,
+                p_attn: 0.0,
+                causal: false,
+            });
         }
 
         let seq = st_cfg.as_ref().and_then(|c| c.get("max_seq_length")).and_then(|v| v.as_u64()).map(|v| v as usize);
@@ -291,19 +284,7 @@ impl SentenceEncoder {
         tokenizer
             .with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
             .map_err(|e| data_err(&tok_path, format!("cannot set truncation to {max_tokens} tokens: {e}")))?;
-        Ok(SentenceEncoder {
-            config,
-            max_tokens,
-            batch: DEFAULT_BATCH,
-            dir: dir.to_path_buf(),
-            dev,
-            tokenizer,
-            word,
-            pos_type,
-            ln_g,
-            ln_b,
-            layers,
-        })
+        Ok(SentenceEncoder { config, max_tokens, batch: DEFAULT_BATCH, dir: dir.to_path_buf(), dev, tokenizer, word, pos_type, ln, layers })
     }
 
     pub fn device(&self) -> Device {
@@ -352,14 +333,21 @@ impl SentenceEncoder {
         // Longest first, so the slowest batches come first and memory peaks early.
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+        let heads = self.config.heads;
         let mut out = vec![Vec::new(); ids.len()];
         let mut start = 0;
         while start < order.len() {
-            let l = ids[order[start]].len();
-            let cap = self.batch.max(1).min((MAX_BATCH_TOKENS / l).max(1)).min((MAX_BATCH_PROBS / (self.config.heads * l * l)).max(1));
-            // A sentence under half the batch's longest starts a new batch (bounded padding).
-            let mut end = start + 1;
-            while end < order.len() && end - start < cap && 2 * ids[order[end]].len() >= l {
+            // Extend the batch while it stays within every bound (it always takes one sentence). The
+            // first sentence is the longest: B of its length squared must fit the layout's u32 keys.
+            let longest = ids[order[start]].len();
+            let (mut end, mut tokens, mut probs) = (start, 0, 0);
+            while end < order.len() && end - start < self.batch.max(1) {
+                let n = ids[order[end]].len();
+                let full = tokens + n > MAX_BATCH_TOKENS || probs + heads * n * n > MAX_BATCH_PROBS;
+                if end > start && (full || (end - start + 1) * longest * longest > u32::MAX as usize) {
+                    break;
+                }
+                (tokens, probs) = (tokens + n, probs + heads * n * n);
                 end += 1;
             }
             let batch: Vec<&[u32]> = order[start..end].iter().map(|&i| ids[i].as_slice()).collect();
@@ -373,33 +361,23 @@ impl SentenceEncoder {
         Ok(out)
     }
 
-    /// One batch: ids (B sentences, padded to the longest) -> B sentence vectors.
+    /// One batch: B sentences' ids, packed without padding -> B sentence vectors.
     fn forward(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        let (b, h) = (batch.len(), self.config.hidden);
-        let l = batch.iter().map(|s| s.len()).max().unwrap_or(1);
-        let mut flat = vec![0u32; b * l];
-        for (r, s) in batch.iter().enumerate() {
-            flat[r * l..r * l + s.len()].copy_from_slice(s);
-        }
-        let lens = Indices::new(batch.iter().map(|s| s.len() as u32).collect());
+        let h = self.config.hidden;
+        let lens: Vec<u32> = batch.iter().map(|s| s.len() as u32).collect();
+        let longest = lens.iter().copied().max().unwrap_or(1) as usize;
+        let r = Ragged::new(&lens, longest)?;
+        let ids = Indices::new(batch.concat());
         let e = no_grad(|| -> Result<Tensor> {
-            let c = &self.config;
-            let x = embedding(&self.word, &Indices::new(flat), &[b, l])?;
-            let pos = embedding(&self.pos_type, &Indices::new((0..l as u32).collect()), &[l])?;
-            let mut x = layernorm(&add(&x, &pos)?, &self.ln_g, &self.ln_b, c.eps)?;
-            for ly in &self.layers {
-                let q = linear(&x, &ly.wq, Some(&ly.bq))?;
-                let k = linear(&x, &ly.wk, Some(&ly.bk))?;
-                let v = linear(&x, &ly.wv, Some(&ly.bv))?;
-                let a = attention_masked(&q, &k, &v, &lens, c.heads, 0.0, 0, false)?;
-                let a = linear(&a, &ly.wo, Some(&ly.bo))?;
-                let x1 = layernorm(&add(&a, &x)?, &ly.ln1_g, &ly.ln1_b, c.eps)?;
-                let f = linear(&gelu(&linear(&x1, &ly.w1, Some(&ly.b1))?)?, &ly.w2, Some(&ly.b2))?;
-                x = layernorm(&add(&f, &x1)?, &ly.ln2_g, &ly.ln2_b, c.eps)?;
+            let x = embedding(&self.word, &ids, &[r.rows()])?;
+            let pos = embedding(&self.pos_type, &r.pos, &[r.rows()])?;
+            let mut x = self.ln.forward(&add(&x, &pos)?)?;
+            // Dropout is off (p = 0), so the seeds the layers draw change nothing.
+            let mut seeds = Seeds::new(0);
+            for layer in &self.layers {
+                x = layer.forward(&x, &r, false, &mut seeds)?;
             }
-            // Mean over the valid tokens: attention pooling with equal energies.
-            let pooled = attention_pool(&Tensor::zeros(&[b, l], self.dev)?, &x, &lens)?;
-            l2norm(&pooled, 1e-12)
+            l2norm(&mean_ragged(&x, &r)?, 1e-12)
         })?;
         Ok(e.to_vec()?.chunks_exact(h).map(|r| r.to_vec()).collect())
     }

@@ -105,6 +105,9 @@ impl LayerNorm {
 /// GELU, residuals and LayerNorm act on the rows; attention stays within each sequence.
 /// `forward_padded` is the same layer on a padded (B, L, C) batch, kept as the reference the ragged
 /// path is tested against (the two agree on every valid row, dropout included).
+///
+/// [`crate::bert::SentenceEncoder`] builds its layers from a BERT checkpoint's weights with
+/// `causal = false`, the checkpoint's LayerNorm eps and no dropout.
 pub struct TransformerLayer {
     pub q: Linear,
     pub k: Linear,

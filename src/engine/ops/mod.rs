@@ -25,7 +25,7 @@ pub use layernorm::layernorm;
 pub use loss::{cross_entropy, info_nce};
 pub use matmul::{linear, matmul};
 pub use norm::l2norm;
-pub use pool::{attention_pool, moe};
+pub use pool::{attention_pool, mean_ragged, moe};
 pub use rank::rank_of_targets;
 pub use reduce::{mean, sum, sum_rows};
 pub use softmax::softmax;

@@ -1,5 +1,7 @@
-//! Softmax-weighted sums of rows. Attention pooling and mixture-of-experts gating are the same
-//! computation (MoE has every row valid) and share one fused kernel, one workgroup per output row.
+//! Weighted sums of rows. Attention pooling and mixture-of-experts gating are the same softmax-
+//! weighted computation (MoE has every row valid) and share one fused kernel, one workgroup per
+//! output row; the mean of a ragged batch's sequences has equal weights and kernels of its own
+//! (`pool_ragged.wgsl`), one invocation per output element.
 //!
 //! - `attention_pool(a, x, lens)`: a (N, S) energies, x (N, S, D), lens (N) each <= S -> e (N, D)
 //!   alpha[n] = softmax(a[n, :lens[n]]) (exactly 0 at j >= lens[n]; lens[n] = 0 gives a zero row),
@@ -8,11 +10,14 @@
 //!   dx[n, j] = alpha[n, j] de[n].
 //! - `moe(logits, experts)`: logits (N, O), experts (N, O, D) -> z (N, D) = sum_k g[n, k] E[n, k]
 //!   with g = softmax(logits[n]); backward as above with lens = O.
+//! - `mean_ragged(x, r)`: x (N, C) packed by a [`Ragged`] batch (sequence b owns rows offsets[b] ..
+//!   offsets[b + 1], n_b >= 1 of them) -> e (B, C), e[b] = (sum of sequence b's rows) / n_b, the rows
+//!   summed in order. Backward: dx[t] = de[b] / n_b for each row t of sequence b.
 
 use super::{par, wgsl};
 use crate::engine::gpu::{gpu, groups_1d, kernel_params, row_groups, Access, Access::*, GpuBuf, Kernel};
 use crate::engine::tensor::{Real, Storage};
-use crate::engine::{same_device, Indices, Tensor};
+use crate::engine::{same_device, Indices, Ragged, Tensor};
 use crate::{on_device, shape_err, Error, Result};
 
 const SRC: &str = wgsl!("pool.wgsl");
@@ -20,11 +25,14 @@ const BWD: &[Access] = &[Read, Read, Read, Read, ReadWrite];
 static FWD: Kernel<PoolParams> = Kernel::new("pool", SRC, "pool_fwd", &[Read, Read, Read, ReadWrite, ReadWrite]);
 static BWD_A: Kernel<PoolParams> = Kernel::new("pool", SRC, "pool_bwd_a", BWD);
 static BWD_X: Kernel<PoolParams> = Kernel::new("pool", SRC, "pool_bwd_x", BWD);
+const SRC_RAGGED: &str = wgsl!("pool_ragged.wgsl");
+static MEAN_FWD: Kernel<MeanParams> = Kernel::new("pool_ragged", SRC_RAGGED, "mean_ragged_fwd", &[Read, Read, ReadWrite]);
+static MEAN_BWD: Kernel<MeanParams> = Kernel::new("pool_ragged", SRC_RAGGED, "mean_ragged_bwd", &[Read, Read, ReadWrite]);
 
 /// This module's kernels, for the layout tests.
 #[cfg(test)]
 pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
-    vec![FWD.contract(), BWD_A.contract(), BWD_X.contract()]
+    vec![FWD.contract(), BWD_A.contract(), BWD_X.contract(), MEAN_FWD.contract(), MEAN_BWD.contract()]
 }
 
 kernel_params! {
@@ -33,6 +41,15 @@ kernel_params! {
         n: u32,
         s: u32,
         d: u32,
+    }
+}
+
+kernel_params! {
+    /// `struct P` of pool_ragged.wgsl (B sequences, N packed rows of C channels).
+    struct MeanParams {
+        batch: u32,
+        rows: u32,
+        cols: u32,
     }
 }
 
@@ -77,6 +94,39 @@ pub fn pool_bwd_cpu<T: Real>(alpha: &[T], x: &[T], de: &[T], lens: &[u32], n: us
     })
 }
 
+/// Ragged mean forward: x (N, C) packed by `r` -> e (B, C). Sequences in parallel.
+pub fn mean_ragged_cpu<T: Real>(x: &[T], r: &Ragged, c: usize) -> Vec<T> {
+    let work = c * (r.rows() / r.batch().max(1) + 1);
+    let offs = &r.offsets[..];
+    par::rows(r.batch(), work, c, |b, er| {
+        let (start, end) = (offs[b] as usize, offs[b + 1] as usize);
+        for row in x[start * c..end * c].chunks_exact(c) {
+            for (o, &v) in er.iter_mut().zip(row) {
+                *o += v;
+            }
+        }
+        let n = T::c((end - start) as f64);
+        er.iter_mut().for_each(|o| *o /= n);
+    })
+}
+
+/// Ragged mean backward: de (B, C) -> dx (N, C), row t of sequence b = de[b] / n_b.
+pub fn mean_ragged_bwd_cpu<T: Real>(de: &[T], r: &Ragged, c: usize) -> Vec<T> {
+    let oo: Vec<usize> = r.offsets.iter().map(|&o| o as usize * c).collect();
+    let work = c * (r.rows() / r.batch().max(1) + 1);
+    let lens = &r.lens[..];
+    par::segs3::<T, u8, u8>(r.batch(), work, (&oo, &[], &[]), |b, dxb, _, _| {
+        let n = T::c(lens[b] as f64);
+        let g = &de[b * c..(b + 1) * c];
+        for row in dxb.chunks_exact_mut(c) {
+            for (o, &v) in row.iter_mut().zip(g) {
+                *o = v / n;
+            }
+        }
+    })
+    .0
+}
+
 // ---- GPU ------------------------------------------------------------------------------------
 
 fn pool_gpu(a: &GpuBuf, x: &GpuBuf, lens: &GpuBuf, n: usize, s: usize, d: usize) -> Result<(Storage, Storage)> {
@@ -95,6 +145,22 @@ fn pool_bwd_gpu(alpha: &GpuBuf, x: &GpuBuf, lens: &GpuBuf, de: &GpuBuf, n: usize
     g.dispatch(&BWD_A, &[alpha, x, lens, de, &da], &prm, row_groups(n))?;
     g.dispatch(&BWD_X, &[alpha, x, lens, de, &dx], &prm, groups_1d(n * s * d))?;
     Ok((Storage::Gpu(da), Storage::Gpu(dx)))
+}
+
+fn mean_ragged_gpu(x: &GpuBuf, r: &Ragged, c: usize) -> Result<Storage> {
+    let g = gpu()?;
+    let e = g.alloc(4 * (r.batch() * c) as u64)?;
+    let prm = MeanParams { batch: r.batch() as u32, rows: r.rows() as u32, cols: c as u32 };
+    g.dispatch(&MEAN_FWD, &[r.meta.gpu()?, x, &e], &prm, groups_1d(r.batch() * c))?;
+    Ok(Storage::Gpu(e))
+}
+
+fn mean_ragged_bwd_gpu(de: &GpuBuf, r: &Ragged, c: usize) -> Result<Storage> {
+    let g = gpu()?;
+    let dx = g.alloc(4 * (r.rows() * c) as u64)?;
+    let prm = MeanParams { batch: r.batch() as u32, rows: r.rows() as u32, cols: c as u32 };
+    g.dispatch(&MEAN_BWD, &[r.meta.gpu()?, de, &dx], &prm, groups_1d(r.rows() * c))?;
+    Ok(Storage::Gpu(dx))
 }
 
 // ---- ops ------------------------------------------------------------------------------------
@@ -142,6 +208,23 @@ pub fn moe(logits: &Tensor, experts: &Tensor) -> Result<Tensor> {
     softmax_pool("moe", logits, experts, Indices::new(vec![sl[1] as u32; sl[0]]))
 }
 
+/// Mean of each sequence's rows: x (N, C) packed by `r` (N = r.rows()) -> (B, C); see the module docs.
+pub fn mean_ragged(x: &Tensor, r: &Ragged) -> Result<Tensor> {
+    let [n, c] = *x.shape() else {
+        return shape_err("mean_ragged", format!("x {:?} must be (N, C) packed rows", x.shape()));
+    };
+    if n != r.rows() {
+        return shape_err("mean_ragged", format!("x has {n} rows but the ragged batch packs {} ({} sequences)", r.rows(), r.batch()));
+    }
+    let e = on_device!(x.device(), T => T::wrap(mean_ragged_cpu::<T>(&x.host::<T>()?, r, c)), mean_ragged_gpu(&*x.gbuf()?, r, c)?);
+    let r = r.clone();
+    Ok(Tensor::from_op("mean_ragged", e, vec![r.batch(), c], &[x], move |g| {
+        let dx = on_device!(g.device(), T => T::wrap(mean_ragged_bwd_cpu::<T>(&g.host::<T>()?, &r, c)),
+            mean_ragged_bwd_gpu(&*g.gbuf()?, &r, c)?);
+        Ok(vec![Some(Tensor::from_storage(dx, vec![r.rows(), c]))])
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +239,10 @@ mod tests {
         assert!(matches!(moe(&x, &a), Err(Error::Shape { .. })));
         let e = attention_pool(&a, &x, &Indices::new(vec![0, 3])).unwrap();
         assert_eq!(e.shape(), &[2, 4]);
+        let r = Ragged::new(&[2, 1], 2).unwrap();
+        assert!(matches!(mean_ragged(&a, &r), Err(Error::Shape { .. })), "2 rows for a batch packing 3");
+        assert!(matches!(mean_ragged(&x, &r), Err(Error::Shape { .. })), "x must be (N, C)");
+        let m = mean_ragged(&Tensor::from_vec(vec![1., 2., 3., 4., 5., 6.], &[3, 2], Device::Cpu).unwrap(), &r).unwrap();
+        assert_eq!(m.to_vec().unwrap(), vec![2., 3., 5., 6.]);
     }
 }

@@ -1,8 +1,8 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::ops::{attention_pool, cross_entropy, embedding, gather_last, gelu, info_nce, moe};
-use crate::engine::Indices;
+use crate::engine::ops::{attention_pool, cross_entropy, embedding, gather_last, gelu, info_nce, mean_ragged, moe};
+use crate::engine::{Indices, Ragged};
 use crate::gradcheck::{Case, Input};
 
 fn ids(v: &[u32]) -> Indices {
@@ -35,6 +35,13 @@ fn moe_case(rng: &mut ChaCha8Rng, n: usize, o: usize, d: usize) -> Case {
         vec![Input::randn(&[n, o], rng).scaled(2.0), Input::randn(&[n, o, d], rng).scaled(x_scale(d))],
         |x| moe(&x[0], &x[1]),
     )
+}
+
+/// The mean of each sequence of `lens`, packed into (N, c) rows.
+fn mean_case(rng: &mut ChaCha8Rng, lens: &[u32], c: usize) -> Case {
+    let r = Ragged::new(lens, *lens.iter().max().unwrap() as usize).unwrap();
+    let x = Input::randn(&[r.rows(), c], rng).scaled(x_scale(c));
+    Case::new("mean_ragged", format!("lens {lens:?} c{c}"), vec![x], move |x| mean_ragged(&x[0], &r))
 }
 
 /// InfoNCE on (K, B, B) logits of size ~ cos / tau, with `pos` added to the first matrix's
@@ -91,5 +98,6 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
     ]);
     let t: Vec<u32> = (0..260).map(|_| rng.random_range(0..200)).collect();
     v.push(nce(rng, "CMCL", t, &[true, false], &[false, true], 12.0));
+    v.extend([mean_case(rng, &[3, 1, 4], 5), mean_case(rng, &[1], 1), mean_case(rng, &[2, 70, 5, 1], 300)]);
     v
 }
