@@ -190,6 +190,53 @@ fn gpu_ranking_matches_cpu_ranking() {
     }
 }
 
+/// The fused full-catalog ranking (two terms, three item blocks, history masks) equals
+/// `metrics::rank_of_target_masked` on the materialised scores, on the CPU and the GPU. Entries
+/// are small integers, so every score is exact in f32: ties are common and the devices must agree
+/// to the last rank; one row's NaN scores rank its target last.
+#[test]
+fn fused_ranking_matches_the_materialised_ranking() {
+    use msm4sr::engine::ops::catalog::BLOCK;
+    use msm4sr::engine::ops::catalog_rank;
+    use msm4sr::metrics::rank_of_target_masked;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (b, n) = (9usize, 2 * BLOCK + 33);
+    let mut int = |len: usize| (0..len).map(|_| rand::Rng::random_range(&mut rng, -2..=2) as f32).collect::<Vec<f32>>();
+    let (mut h1, e1, h2, e2) = (int(b * 3), int(n * 3), int(b * 2), int(n * 2));
+    h1[3 * 3] = f32::NAN;
+    let t: Vec<u32> = vec![0, 17, (n - 1) as u32, BLOCK as u32, 17, 600, 1, (2 * BLOCK) as u32, 5];
+    let masks: Vec<Vec<u32>> = (0..b)
+        .map(|r| {
+            let mut m: Vec<u32> = (0..12).map(|k| ((r * 131 + k * 97) % n) as u32).collect();
+            m.extend([m[0], t[r], n as u32 + 3]); // a repeat, the target itself, out of range
+            m
+        })
+        .collect();
+    let dot = |h: &[f32], e: &[f32], d: usize, r: usize, j: usize| (0..d).map(|k| h[r * d + k] * e[j * d + k]).sum::<f32>();
+    let want = |masked: bool| -> Vec<u32> {
+        (0..b)
+            .map(|r| {
+                // Column 0 is the padding item in rank_of_target_masked's layout.
+                let row: Vec<f32> =
+                    std::iter::once(0.0).chain((0..n).map(|j| 0.5 * (dot(&h1, &e1, 3, r, j) + dot(&h2, &e2, 2, r, j)))).collect();
+                let m: Vec<u32> = if masked { masks[r].iter().map(|&j| j + 1).collect() } else { vec![] };
+                rank_of_target_masked(&row, t[r] as usize + 1, &m)
+            })
+            .collect()
+    };
+    let (want_plain, want_masked) = (want(false), want(true));
+    assert!(want_masked.iter().zip(&want_plain).any(|(m, p)| m < p), "the masks must change some rank");
+    assert_eq!(want_plain[3], (n - 1) as u32, "a NaN row ranks its target last");
+    for dev in [Device::Cpu, Device::Gpu] {
+        let up = |v: &Vec<f32>, rows: usize| Tensor::from_vec(v.clone(), &[rows, v.len() / rows], dev).unwrap();
+        let (th1, te1, th2, te2) = (up(&h1, b), up(&e1, n), up(&h2, b), up(&e2, n));
+        let terms = [(&th1, &te1), (&th2, &te2)];
+        let targets = Indices::new(t.clone());
+        assert_eq!(catalog_rank(&terms, &targets, 0.5, None).unwrap(), want_plain, "{dev:?}, no mask");
+        assert_eq!(catalog_rank(&terms, &targets, 0.5, Some(&masks)).unwrap(), want_masked, "{dev:?}, history masks");
+    }
+}
+
 fn msm4sr_bin(args: &[&str]) -> (bool, String, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_msm4sr")).args(args).output().unwrap();
     (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())

@@ -3,7 +3,8 @@
 //!
 //! - The fused full-catalog loss keeps O(B * BLOCK + I * D) extra memory through forward and
 //!   backward, never the (B, I) score matrix; the materialised cross-entropy, measured the same
-//!   way, is shown to exceed the bound (so the check can fail).
+//!   way, is shown to exceed the bound (so the check can fail); ranking with `catalog_rank` (history
+//!   masks included) stays within the same bound.
 //! - A steady-state training step on the CPU backend (shapes seen before) allocates no tensor
 //!   storage: every take from the storage pool is a hit and no allocation of 16 KiB or more reaches
 //!   the allocator (but the GEMM crate's packing buffers, one per product), for SASRec, MSM4SR fine-tuning and MSM4SR pre-training; with the pool off the
@@ -15,10 +16,10 @@ use std::sync::Mutex;
 
 use msm4sr::data::{make_batch, Batch, Dataset, LoadOptions, Sample};
 use msm4sr::engine::ops::catalog::BLOCK;
-use msm4sr::engine::ops::{catalog_ce, cross_entropy, matmul, mean};
+use msm4sr::engine::ops::{catalog_ce, catalog_rank, cross_entropy, matmul, mean};
 use msm4sr::engine::optim::{Adam, AdamConfig};
 use msm4sr::engine::tensor::in_gemm;
-use msm4sr::engine::{backward, pool, Device, Indices, Tensor};
+use msm4sr::engine::{backward, no_grad, pool, Device, Indices, Tensor};
 use msm4sr::model::{Model, ModelKind};
 use msm4sr::nn::Seeds;
 use msm4sr::synth::{self, SynthConfig};
@@ -124,6 +125,14 @@ fn catalog_loss_holds_blocks_not_the_score_matrix() {
     eprintln!("peak extra bytes: fused {fused}, materialised {full}, bound {bound}, one score matrix {scores}");
     assert!(fused <= bound, "fused catalog loss used {fused} bytes, more than {bound}");
     assert!(full > bound, "the materialised loss stayed within the bound ({full} bytes): the check cannot tell them apart");
+    // Ranking the targets the same way (two passes over the blocks) stays within the bound too.
+    let ranked = peak_extra(|| {
+        let mask: Vec<Vec<u32>> = (0..b as u32).map(|r| (0..50).map(|k| (r * 13 + k * 101) % n as u32).collect()).collect();
+        let r = no_grad(|| catalog_rank(&[(&h, &e)], &t, 2.0, Some(&mask))).unwrap();
+        assert_eq!(r.len(), b);
+    });
+    eprintln!("peak extra bytes of the fused ranking: {ranked}");
+    assert!(ranked <= bound, "fused ranking used {ranked} bytes, more than {bound}");
     pool::set_enabled(was);
 }
 

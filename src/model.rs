@@ -11,7 +11,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Batch, Modality};
-use crate::engine::ops::{add, catalog_ce, concat, embedding, l2norm, matmul, mean, scale};
+use crate::engine::ops::{add, catalog_ce, catalog_rank, concat, embedding, l2norm, matmul, mean, scale};
 use crate::engine::{Device, Indices, Ragged, Tensor};
 use crate::nn::{cmcl_loss, nip_loss, ItemEncoder, Linear, Seeds, Transformer};
 use crate::{Error, Result};
@@ -136,6 +136,14 @@ impl DeviceModality {
     fn all(&self) -> Result<(Tensor, Indices)> {
         Ok((self.feats.reshape(&[self.lens.len(), self.rows, self.dim])?, self.lens.clone()))
     }
+}
+
+/// The item side of scoring (see [`Model::score_tables`]).
+pub struct ScoreTables {
+    /// (table (I + 1, d0), real items as scored (I, d0)) per score term.
+    tables: Vec<(Tensor, Tensor)>,
+    cos: bool,
+    pub scale: f32,
 }
 
 /// How a batch's sequences travel through the transformer (see `Model::layout`).
@@ -305,24 +313,53 @@ impl Model {
         }
     }
 
-    /// The score terms of a batch: one (h_k (B, d0), items_k (I, d0)) per item table and the
-    /// scale, so that the scores over all real items are scale * sum_k h_k items_k^T (column j =
-    /// item j + 1). MSM4SR's cosine scorer gives L2-normalised vectors and scale 1 / tau; the dot
-    /// scorer the raw ones and scale 1.
-    fn score_terms(&self, batch: &Batch, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<(Vec<(Tensor, Tensor)>, f32)> {
-        let tables = self.item_tables(train, with_id, seeds)?;
+    /// The item side of scoring, once per step or per evaluation: each item table (I + 1, d0)
+    /// and its real items (I, d0) as scored (L2-normalised for MSM4SR's cosine scorer), and the
+    /// scale (1 / tau for the cosine scorer, else 1).
+    pub fn score_tables(&self, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<ScoreTables> {
         let cos = self.cfg.model == ModelKind::Msm4sr && self.cfg.score == Score::Cos;
-        let lay = self.layout(&batch.ids, &batch.lens, batch.l)?;
-        let mut terms = Vec::new();
-        for (_, table) in &tables {
-            let h = self.sequences(table, &lay, train, seeds)?;
-            let items = embedding(table, &self.real_items, &[self.n_items])?;
-            terms.push(if cos { (l2norm(&h, 1e-12)?, l2norm(&items, 1e-12)?) } else { (h, items) });
+        let mut tables = Vec::new();
+        for (_, table) in self.item_tables(train, with_id, seeds)? {
+            let items = embedding(&table, &self.real_items, &[self.n_items])?;
+            let items = if cos { l2norm(&items, 1e-12)? } else { items };
+            tables.push((table, items));
         }
-        if terms.is_empty() {
+        if tables.is_empty() {
             return Err(Error::Invalid("no score term left (--drop-score removed the only modality)".into()));
         }
-        Ok((terms, if cos { 1.0 / self.cfg.tau } else { 1.0 }))
+        Ok(ScoreTables { tables, cos, scale: if cos { 1.0 / self.cfg.tau } else { 1.0 } })
+    }
+
+    /// The score terms of a batch: one (h_k (B, d0), items_k (I, d0)) per item table, so that the
+    /// scores over all real items are `t.scale` * sum_k h_k items_k^T (column j = item j + 1).
+    fn terms_with(&self, t: &ScoreTables, batch: &Batch, train: bool, seeds: &mut Seeds) -> Result<Vec<(Tensor, Tensor)>> {
+        let lay = self.layout(&batch.ids, &batch.lens, batch.l)?;
+        let mut terms = Vec::new();
+        for (table, items) in &t.tables {
+            let h = self.sequences(table, &lay, train, seeds)?;
+            terms.push((if t.cos { l2norm(&h, 1e-12)? } else { h }, items.clone()));
+        }
+        Ok(terms)
+    }
+
+    fn score_terms(&self, batch: &Batch, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<(Vec<(Tensor, Tensor)>, f32)> {
+        let t = self.score_tables(train, with_id, seeds)?;
+        Ok((self.terms_with(&t, batch, train, seeds)?, t.scale))
+    }
+
+    /// 0-based full-catalog ranks of a batch's targets (see `metrics`), the scores never
+    /// materialised (`catalog_rank`); with `mask_history` each sample's input items are taken
+    /// out of its ranking. Evaluation mode (no dropout).
+    pub fn rank_targets(&self, t: &ScoreTables, batch: &Batch, mask_history: bool, seeds: &mut Seeds) -> Result<Vec<u32>> {
+        let terms = self.terms_with(t, batch, false, seeds)?;
+        let pairs: Vec<(&Tensor, &Tensor)> = terms.iter().map(|(h, e)| (h, e)).collect();
+        let targets = Indices::new(batch.targets.iter().map(|&i| i - 1).collect());
+        let mask: Option<Vec<Vec<u32>>> = mask_history.then(|| {
+            (0..batch.b)
+                .map(|r| batch.ids[r * batch.l..r * batch.l + batch.lens[r] as usize].iter().filter(|&&i| i > 0).map(|&i| i - 1).collect())
+                .collect()
+        });
+        catalog_rank(&pairs, &targets, t.scale, mask.as_deref())
     }
 
     /// Fine-tuning / evaluation scores over all real items: (B, I), column j = item j + 1.

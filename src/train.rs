@@ -17,10 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{batches, item_dropout, make_batch, Sample, Split};
-use crate::engine::ops::{add, rank_of_targets};
+use crate::engine::ops::add;
 use crate::engine::optim::{Adam, AdamConfig};
-use crate::engine::{backward, no_grad, Indices, Tensor};
-use crate::metrics::{rank_batch, Metrics};
+use crate::engine::{backward, no_grad, Tensor};
+use crate::metrics::Metrics;
 use crate::model::{Model, ModelConfig, ModelKind};
 use crate::nn::Seeds;
 use crate::{Error, Result};
@@ -97,27 +97,20 @@ pub struct StageSummary {
     pub losses: Vec<f64>,
 }
 
-/// Rank every sample's target among all real items; returns one 0-based rank per sample.
+/// Rank every sample's target among all real items; returns one 0-based rank per sample. The item
+/// side is encoded once; each batch's scores are reduced block by block on the model's device
+/// (`Model::rank_targets`), only the ranks coming back.
 pub fn ranks(model: &Model, samples: &[Sample], eval_batch: usize, with_id: bool, mask_history: bool) -> Result<Vec<u32>> {
     no_grad(|| {
         let mut out = Vec::with_capacity(samples.len());
         let mut seeds = Seeds::new(0);
+        if samples.is_empty() {
+            return Ok(out);
+        }
+        let tables = model.score_tables(false, with_id, &mut seeds)?;
         for chunk in samples.chunks(eval_batch.max(1)) {
             let refs: Vec<&Sample> = chunk.iter().collect();
-            let batch = make_batch(&refs);
-            let scores = model.scores(&batch, false, with_id, &mut seeds)?;
-            if mask_history {
-                // Scores come back to the host only when history items must be masked.
-                let host = scores.to_vec()?;
-                let mut padded = Vec::with_capacity(batch.b * (model.n_items + 1));
-                for row in host.chunks(model.n_items) {
-                    padded.push(f32::NEG_INFINITY);
-                    padded.extend_from_slice(row);
-                }
-                out.extend(rank_batch(&padded, &batch, true)?);
-            } else {
-                out.extend(rank_of_targets(&scores, &Indices::new(batch.targets.iter().map(|&t| t - 1).collect()))?);
-            }
+            out.extend(model.rank_targets(&tables, &make_batch(&refs), mask_history, &mut seeds)?);
         }
         Ok(out)
     })

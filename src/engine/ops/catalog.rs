@@ -7,6 +7,13 @@
 //!   of z and uses it at once: dz = (exp(z - lse) - onehot(t)) * g_b, dh_k += scale * dz e_k,blk,
 //!   de_k,blk = scale * dz^T h_k. Extra memory: O(B * BLOCK) for one block, plus the gradients.
 //!
+//! - `catalog_rank(terms, targets, scale, mask)`: the same scores z, never materialised ->
+//!   ranks (B) with rank_b = #{j != t_b : !(z_bj < z_bt)} - #{j in mask_b : !(z_bj < z_bt)} (ties
+//!   and NaN count against the target, as `metrics::rank_of_target_masked`); mask_b, the columns
+//!   taken out of row b's ranking (e.g. its history), is deduplicated without t_b first. Two
+//!   passes over the blocks: the target's score is read from its block (the same arithmetic as
+//!   every other score), then each block adds its count. Extra memory O(B * BLOCK). No gradient.
+//!
 //! With MSM4SR's cosine scorer the terms are the L2-normalised sequence and item vectors of each
 //! modality and scale = 1 / tau (z is the sum of the two cosine terms); SASRec has one term and
 //! scale 1. The result equals `cross_entropy(scale * sum_k matmul(h_k, e_k^T), t)` up to rounding
@@ -33,11 +40,13 @@ const SRC: &str = wgsl!("catalog.wgsl");
 static FWD: Kernel<CatalogParams> = Kernel::new("catalog", SRC, "catalog_fwd", &[Read, Read, ReadWrite]);
 static FIN: Kernel<CatalogParams> = Kernel::new("catalog", SRC, "catalog_finish", &[Read, ReadWrite, ReadWrite]);
 static BWD: Kernel<CatalogParams> = Kernel::new("catalog", SRC, "catalog_bwd", &[Read, Read, Read, ReadWrite]);
+static RANK_T: Kernel<CatalogParams> = Kernel::new("catalog", SRC, "catalog_rank_target", &[Read, Read, ReadWrite]);
+static RANK_C: Kernel<CatalogParams> = Kernel::new("catalog", SRC, "catalog_rank_count", &[Read, Read, Read, Read, ReadWrite]);
 
 /// This module's kernels, for the layout tests.
 #[cfg(test)]
 pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
-    vec![FWD.contract(), FIN.contract(), BWD.contract()]
+    vec![FWD.contract(), FIN.contract(), BWD.contract(), RANK_T.contract(), RANK_C.contract()]
 }
 
 kernel_params! {
@@ -145,6 +154,55 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
     out
 }
 
+/// Ranks (B); `mask` is offsets (B + 1) then the masked columns of each row (see the module docs).
+pub fn catalog_rank_cpu<T: Real>(
+    hs: &[&[T]],
+    es: &[&[T]],
+    dims: &[usize],
+    targets: &[u32],
+    n_items: usize,
+    scale: T,
+    mask: &[u32],
+) -> Vec<u32> {
+    let b = targets.len();
+    let blocks = || (0..n_items).step_by(BLOCK).map(|j0| (j0, BLOCK.min(n_items - j0)));
+    let mut st: Vec<T> = pool::zeros(b);
+    for (j0, w) in blocks() {
+        if !targets.iter().any(|&t| (j0..j0 + w).contains(&(t as usize))) {
+            continue;
+        }
+        let z = block_scores(hs, es, dims, b, j0, w, scale);
+        for (r, &t) in targets.iter().enumerate() {
+            if (j0..j0 + w).contains(&(t as usize)) {
+                st[r] = z[r * w + t as usize - j0];
+            }
+        }
+        pool::give(z);
+    }
+    let mut ranks = vec![0u32; b];
+    for (j0, w) in blocks() {
+        let z = block_scores(hs, es, dims, b, j0, w, scale);
+        let counts: Vec<u32> = par::rows(b, w, 1, |r, o: &mut [u32]| {
+            let (row, s_t, t) = (&z[r * w..(r + 1) * w], st[r], targets[r] as usize);
+            // !(s < s_t): ties and NaN count against the target.
+            let beats = |s: T| s.partial_cmp(&s_t) != Some(std::cmp::Ordering::Less);
+            let mut c = row.iter().enumerate().filter(|&(j, &s)| j0 + j != t && beats(s)).count();
+            for &j in &mask[mask[r] as usize + b + 1..mask[r + 1] as usize + b + 1] {
+                let j = j as usize;
+                if (j0..j0 + w).contains(&j) && beats(row[j - j0]) {
+                    c -= 1;
+                }
+            }
+            o[0] = c as u32;
+        });
+        ranks.iter_mut().zip(&counts).for_each(|(a, &c)| *a += c);
+        pool::give(counts);
+        pool::give(z);
+    }
+    pool::give(st);
+    ranks
+}
+
 // ---- GPU ------------------------------------------------------------------------------------
 
 /// Rows j0 .. j0 + w of e (I, d), copied out.
@@ -230,12 +288,32 @@ fn catalog_ce_bwd_gpu(
         .collect())
 }
 
+fn catalog_rank_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: usize, scale: f32, mask: &Indices) -> Result<Vec<u32>> {
+    let b = targets.len();
+    let g = gpu()?;
+    let (st, counts) = (g.alloc(4 * b as u64)?, g.alloc(4 * b as u64)?);
+    let blocks = || (0..n_items).step_by(BLOCK).map(|j0| (j0, BLOCK.min(n_items - j0)));
+    let t = targets.host();
+    for (j0, w) in blocks() {
+        if !t.iter().any(|&t| (j0..j0 + w).contains(&(t as usize))) {
+            continue;
+        }
+        let z = block_scores_gpu(hs, &item_blocks_gpu(es, j0, w)?)?;
+        let prm = CatalogParams { rows: b as u32, width: w as u32, start: j0 as u32, first: 0, scale };
+        g.dispatch(&RANK_T, &[&*z.gbuf()?, targets.gpu()?, &st], &prm, groups_1d(b))?;
+    }
+    for (j0, w) in blocks() {
+        let z = block_scores_gpu(hs, &item_blocks_gpu(es, j0, w)?)?;
+        let prm = CatalogParams { rows: b as u32, width: w as u32, start: j0 as u32, first: (j0 == 0) as u32, scale };
+        g.dispatch(&RANK_C, &[&*z.gbuf()?, targets.gpu()?, &st, mask.gpu()?, &counts], &prm, row_groups(b))?;
+    }
+    Ok(bytemuck::pod_collect_to_vec(&g.read(&counts, 4 * b as u64)?))
+}
+
 // ---- op -------------------------------------------------------------------------------------
 
-/// Per-row full-catalog cross-entropy (B) of z = scale * sum_k h_k e_k^T; see the module docs.
-/// `mean` of it is the training loss.
-pub fn catalog_ce(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32) -> Result<Tensor> {
-    let op = "catalog_ce";
+/// Shapes of score terms: (B, I, D_k), checked (see the module docs).
+fn check_terms(op: &'static str, terms: &[(&Tensor, &Tensor)], targets: &Indices) -> Result<(usize, usize, Vec<usize>)> {
     if terms.is_empty() || terms.len() > MAX_TERMS {
         return shape_err(op, format!("needs 1 to {MAX_TERMS} score terms, got {}", terms.len()));
     }
@@ -253,9 +331,63 @@ pub fn catalog_ce(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32) -
         return shape_err(op, format!("{} targets for a batch of {b}", targets.len()));
     }
     targets.check_below(n_items, op, "target")?;
+    Ok((b, n_items, terms.iter().map(|(h, _)| h.shape()[1]).collect()))
+}
+
+/// The mask layout of the rank kernels from per-row column lists: offsets (B + 1), then each row's
+/// columns, deduplicated, without its target and without columns >= `n_items`.
+fn rank_mask(rows: &[Vec<u32>], targets: &[u32], n_items: usize) -> Indices {
+    let mut offsets = Vec::with_capacity(rows.len() + 1);
+    let mut items = Vec::new();
+    offsets.push(0u32);
+    for (r, cols) in rows.iter().enumerate() {
+        let mut c: Vec<u32> = cols.iter().copied().filter(|&j| j != targets[r] && (j as usize) < n_items).collect();
+        c.sort_unstable();
+        c.dedup();
+        items.extend(c);
+        offsets.push(items.len() as u32);
+    }
+    offsets.extend(items);
+    Indices::new(offsets)
+}
+
+/// Full-catalog ranks of the targets (B), scores as `catalog_ce`'s, never materialised; `mask`
+/// (one list of columns per row, e.g. its history; repeats, the target and out-of-range columns
+/// are harmless) takes columns out of each row's ranking. See the module docs.
+pub fn catalog_rank(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32, mask: Option<&[Vec<u32>]>) -> Result<Vec<u32>> {
+    let op = "catalog_rank";
+    let (b, n_items, dims) = check_terms(op, terms, targets)?;
+    let mask = match mask {
+        Some(m) if m.len() != b => return shape_err(op, format!("{} mask rows for a batch of {b}", m.len())),
+        Some(m) => rank_mask(m, targets.host(), n_items),
+        None => Indices::new(vec![0; b + 1]),
+    };
+    let mask = &mask;
     let all: Vec<&Tensor> = terms.iter().flat_map(|(h, e)| [*h, *e]).collect();
     let dev = same_device(op, &all)?;
-    let dims: Vec<usize> = terms.iter().map(|(h, _)| h.shape()[1]).collect();
+    match dev {
+        Device::Gpu => {
+            let hs: Vec<Tensor> = terms.iter().map(|(h, _)| h.detach()).collect();
+            let es: Vec<Tensor> = terms.iter().map(|(_, e)| e.detach()).collect();
+            catalog_rank_gpu(&hs, &es, targets, n_items, scale, mask)
+        }
+        dev => on_device!(dev, T => {
+            let hh = terms.iter().map(|(h, _)| h.host::<T>()).collect::<Result<Vec<_>>>()?;
+            let ee = terms.iter().map(|(_, e)| e.host::<T>()).collect::<Result<Vec<_>>>()?;
+            let hr: Vec<&[T]> = hh.iter().map(|x| &**x).collect();
+            let er: Vec<&[T]> = ee.iter().map(|x| &**x).collect();
+            Ok(catalog_rank_cpu::<T>(&hr, &er, &dims, targets.host(), n_items, T::c(scale as f64), mask.host()))
+        }, unreachable!()),
+    }
+}
+
+/// Per-row full-catalog cross-entropy (B) of z = scale * sum_k h_k e_k^T; see the module docs.
+/// `mean` of it is the training loss.
+pub fn catalog_ce(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32) -> Result<Tensor> {
+    let op = "catalog_ce";
+    let (b, n_items, dims) = check_terms(op, terms, targets)?;
+    let all: Vec<&Tensor> = terms.iter().flat_map(|(h, e)| [*h, *e]).collect();
+    let dev = same_device(op, &all)?;
     let hs: Vec<Tensor> = terms.iter().map(|(h, _)| h.detach()).collect();
     let es: Vec<Tensor> = terms.iter().map(|(_, e)| e.detach()).collect();
     let (loss, lse) = on_device!(dev, T => {
