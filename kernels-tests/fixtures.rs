@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use msm4sr::engine::ops::*;
-use msm4sr::engine::{backward, Device, Indices, Tensor};
+use msm4sr::engine::{backward, Device, Indices, Ragged, Tensor};
 use msm4sr::nn::{self, AttentionPool, ItemEncoder, LayerNorm, Linear, MoeAdaptor, Seeds, TransformerLayer};
 use msm4sr::Result;
 use safetensors::SafeTensors;
@@ -103,6 +103,13 @@ fn ops() {
     run("embedding", |x, c| embedding(&x["w"], &idx(c, "ids"), &[2, 3]));
     run("gather_last", |x, c| gather_last(&x["x"], &idx(c, "lens")));
     run("cross_entropy", |x, c| cross_entropy(&x["logits"], &idx(c, "targets")));
+    fn ragged(c: &HashMap<String, Vec<u32>>) -> Ragged {
+        let lens = &c["lens"];
+        Ragged::new(lens, *lens.iter().max().unwrap() as usize).unwrap()
+    }
+    run("attention_ragged_causal", |x, c| attention_ragged(&x["q"], &x["k"], &x["v"], &ragged(c), 2, 0.0, 0, true));
+    run("attention_ragged_bidir", |x, c| attention_ragged(&x["q"], &x["k"], &x["v"], &ragged(c), 2, 0.0, 0, false));
+    run("mean_ragged", |x, c| mean_ragged(&x["x"], &ragged(c)));
 }
 
 #[test]

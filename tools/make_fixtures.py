@@ -3,6 +3,7 @@
 
     pip install torch safetensors numpy
     python3 tools/make_fixtures.py            # writes kernels-tests/fixtures/*.safetensors
+    python3 tools/make_fixtures.py NAME ...   # writes only those (the random draws stay the same)
 
 Each file holds, for one case:
   x.NAME   float32 differentiable inputs (parameters use the engine's layouts: Linear weights (in, out))
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels-tests", "fixtures")
 gen = torch.Generator().manual_seed(1234)
+ONLY = set()
 
 
 def randn(*shape, scale=1.0):
@@ -39,6 +41,8 @@ def save(name, inputs, consts, fn):
         t["g." + k] = v.grad.float().contiguous()
     for k, v in consts.items():
         t["c." + k] = torch.tensor(v, dtype=torch.int32).contiguous()
+    if ONLY and name not in ONLY:
+        return
     save_file(t, os.path.join(OUT, name + ".safetensors"))
     print(f"{name:16s} out {tuple(out.shape)}")
 
@@ -64,6 +68,30 @@ def recbole_attention(q, k, v, lens, heads):
     s = s + torch.where(allowed, 0.0, -10000.0)
     p = torch.softmax(s, dim=-1)
     return (p @ sp(v)).permute(0, 2, 1, 3).reshape(b, l, c)
+
+
+def ragged_attention(q, k, v, lens, heads, causal):
+    """Attention within each packed sequence (rows offsets[b] .. offsets[b + 1]), written per
+    sequence with an explicit softmax over its allowed keys: causal (key j <= query i) or not."""
+    out, o = [], 0
+    for n in lens:
+        c = q.shape[1]
+        dh = c // heads
+        sp = lambda t: t[o:o + n].view(n, heads, dh).transpose(0, 1)  # (heads, n, dh)
+        s = sp(q) @ sp(k).transpose(-1, -2) / math.sqrt(dh)
+        if causal:
+            s = s.masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)), -math.inf)
+        out.append((torch.softmax(s, -1) @ sp(v)).transpose(0, 1).reshape(n, c))
+        o += n
+    return torch.cat(out)
+
+
+def ragged_mean(x, lens):
+    out, o = [], 0
+    for n in lens:
+        out.append(x[o:o + n].mean(0))
+        o += n
+    return torch.stack(out)
 
 
 def ln(x, g, b):
@@ -159,7 +187,17 @@ def main():
     save("item_encoder", {"x": randn(5, 4, d), **ep}, {"lens": [4, 2, 0, 1, 3]},
          lambda x, k: item_encoder(x["x"], x, k["lens"], o))
 
+    # Ragged (packed) batches: sequences of 4, 1 and 3 rows, 8 rows in all.
+    rl = [4, 1, 3]
+    for causal in (True, False):
+        save("attention_ragged_" + ("causal" if causal else "bidir"),
+             {"q": randn(8, 6), "k": randn(8, 6), "v": randn(8, 6)}, {"lens": rl},
+             lambda x, c: ragged_attention(x["q"], x["k"], x["v"], c["lens"], 2, causal))
+    save("mean_ragged", {"x": randn(8, 5)}, {"lens": rl}, lambda x, c: ragged_mean(x["x"], c["lens"]))
+
 
 if __name__ == "__main__":
+    import sys
+    ONLY.update(sys.argv[1:])
     torch.set_default_dtype(torch.float64)
     main()

@@ -244,6 +244,26 @@ pub fn expf(x: f32) -> f32 {
     }
 }
 
+/// sum_i a_i b_i with 8 partial sums (combined in a fixed order), so the loop vectorizes; the
+/// result depends only on the inputs, never on threads or alignment.
+#[inline]
+pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); 8];
+    for (ac, bc) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += ac[l] * bc[l];
+        }
+    }
+    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let tail = n / 8 * 8;
+    for (&x, &y) in a[tail..].iter().zip(&b[tail..]) {
+        t += x * y;
+    }
+    t
+}
+
 /// sum_i e^(x_i - m), the exponentials computed in blocks (vectorized) and summed in order.
 pub fn sum_exp<T: Real>(x: &[T], m: T) -> T {
     let mut buf = [T::zero(); 256];

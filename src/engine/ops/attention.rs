@@ -34,7 +34,7 @@
 use super::elementwise::{pcg, rand01, rand01_hashed};
 use super::{par, wgsl};
 use crate::engine::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
-use crate::engine::tensor::{Real, Storage};
+use crate::engine::tensor::{dot, Real, Storage};
 use crate::engine::{same_device, Indices, Ragged, Tensor};
 use crate::{on_device, Error, Result};
 
@@ -165,16 +165,12 @@ fn attend_row<T: Real>(
     let dh = qr.len();
     for (j, s) in pr.iter_mut().enumerate() {
         let ko = kbase + j * c;
-        let mut dot = T::zero();
-        for (&x, &y) in qr.iter().zip(&k[ko..ko + dh]) {
-            dot += x * y;
-        }
-        *s = dot * scale;
+        *s = dot(qr, &k[ko..ko + dh]) * scale;
     }
     let mx = pr.iter().fold(T::neg_infinity(), |m, &s| m.max(s));
     let mut sum = T::zero();
     for s in pr.iter_mut() {
-        *s = (*s - mx).exp();
+        *s = (*s - mx).fexp();
         sum += *s;
     }
     for (j, pj) in pr.iter_mut().enumerate() {
@@ -208,10 +204,7 @@ fn attend_row_bwd<T: Real>(
     let mut t = T::zero();
     for j in 0..n {
         let vo = kbase + j * c;
-        let mut dp = T::zero();
-        for (&x, &y) in dor.iter().zip(&v[vo..vo + dh]) {
-            dp += x * y;
-        }
+        let dp = dot(dor, &v[vo..vo + dh]);
         kp[j] = keep(j);
         ds[j] = dp * kp[j];
         t += ds[j] * prow[j];

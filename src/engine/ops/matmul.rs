@@ -153,21 +153,7 @@ pub fn gemm_cpu<T: Real>(a: &[T], b: &[T], bias: Option<&[T]>, p: &Gemm) -> Vec<
 fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
     let (m, k) = (y.len(), x.len());
     if !ta {
-        let add = par::rows(m, 2 * k, 1, |i, o: &mut [T]| {
-            let row = &a[i * k..(i + 1) * k];
-            let mut acc = [T::zero(); 8];
-            let (body, tail) = (row.chunks_exact(8), row.len() / 8 * 8);
-            for (rc, xc) in body.zip(x.chunks_exact(8)) {
-                for l in 0..8 {
-                    acc[l] += rc[l] * xc[l];
-                }
-            }
-            let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-            for (&r, &v) in row[tail..].iter().zip(&x[tail..]) {
-                t += r * v;
-            }
-            o[0] = t;
-        });
+        let add = par::rows(m, 2 * k, 1, |i, o: &mut [T]| o[0] = crate::engine::tensor::dot(&a[i * k..(i + 1) * k], x));
         y.iter_mut().zip(&add).for_each(|(o, &v)| *o += v);
         crate::engine::pool::give(add);
     } else {
