@@ -8,7 +8,7 @@ use msm4sr::demo::{Tiny, TinyConfig};
 use msm4sr::engine::DeviceChoice;
 
 fn main() {
-    msm4sr::keep_freed_memory();
+    msm4sr::startup();
     let choice = match std::env::args().nth(1).as_deref() {
         Some("gpu") => DeviceChoice::Gpu,
         Some("cpu") => DeviceChoice::Cpu,

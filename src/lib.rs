@@ -60,18 +60,29 @@ pub fn shape_err<T>(op: &'static str, msg: impl Into<String>) -> Result<T> {
     Err(Error::Shape { op, msg: msg.into() })
 }
 
-/// Ask the C allocator to keep freed memory for reuse (glibc on Linux; elsewhere a no-op).
+/// Process-wide settings for the CPU backend; call once at start-up, before any thread starts.
 ///
-/// The CPU backend allocates every op's output afresh. With glibc's defaults, blocks above the
-/// (adaptive) mmap threshold are mapped and unmapped on every allocation and the heap top is trimmed,
-/// so each step page-faults its working set back in: about 15% of CPU training time went to the
-/// kernel. Call once at start-up, before threads start.
-pub fn keep_freed_memory() {
+/// - The C allocator keeps freed memory for reuse (glibc on Linux; elsewhere a no-op): with glibc's
+///   defaults, blocks above the adaptive mmap threshold are mapped and unmapped on every allocation
+///   and the heap top is trimmed, so what the storage pool (`engine::pool`) does not hold (GEMM
+///   packing buffers, the first steps' tensors) would page-fault back in every time.
+/// - The GEMM crate's thread count follows the cores this process may run on (its CPU affinity, as
+///   `taskset` sets it, or `RAYON_NUM_THREADS`) unless `MATMUL_NUM_THREADS` is set: by default it
+///   counts the machine's physical cores, so a process pinned to one core ran two GEMM threads that
+///   took turns on it.
+pub fn startup() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tunables; called before other threads allocate.
     unsafe {
         // 32 MiB is glibc's largest mmap threshold on 64-bit; trimming only above 1 GiB of free top.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+        let rayon = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
+        let cores = rayon.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        // Before any other thread exists (the contract of this function), so nothing reads the
+        // environment concurrently.
+        std::env::set_var("MATMUL_NUM_THREADS", cores.to_string());
     }
 }

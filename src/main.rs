@@ -326,7 +326,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    msm4sr::keep_freed_memory();
+    msm4sr::startup();
     let cli = Cli::parse();
     gpu::request_adapter(cli.adapter.clone());
     match run(cli) {
