@@ -122,20 +122,20 @@ fn crlf_bom_and_blank_lines_are_accepted() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn dedupe_keep_last_ordering_filtering_and_vocabulary() {
+fn dedupe_keep_latest_ordering_filtering_and_vocabulary() {
     let ds = Dataset::load(&fixture("basic"), &opts(4)).unwrap();
     assert_eq!(ds.name, "basic");
     // u3 has 2 interactions and is dropped; users numbered by first surviving row.
-    assert_eq!(ds.user_tokens, ["u2", "u1", "u4"]);
-    // Row 2 (u1, i30, 300) is a duplicate of row 11 (u1, i30, 150): the later row wins, so i30
-    // first appears on line 10 (u2), after i40. i99 / i98 belong only to the dropped user.
-    assert_eq!(ds.item_tokens, [PAD_TOKEN, "i10", "i20", "i40", "i30", "i50", "i60", "i70"]);
+    // Row 2 (u1, i30, 300) and row 11 (u1, i30, 150) are one pair: the latest by time wins (RecBole
+    // sorts by time, then keeps the last), so row 2 stays, and u1 and i30 come first.
+    assert_eq!(ds.user_tokens, ["u1", "u2", "u4"]);
+    assert_eq!(ds.item_tokens, [PAD_TOKEN, "i30", "i10", "i20", "i40", "i50", "i60", "i70"]);
     assert_eq!(
         ds.seqs,
         vec![
-            vec![3, 1, 2, 5, 4], // u2: i40@50, i10@100, i20@100 (tie, file order), i50@250, i30@300
-            vec![1, 4, 2, 3, 5], // u1: i10@100, i30@150 (kept duplicate), i20@200, i40@400, i50@500
-            vec![6, 1, 2, 7],    // u4
+            vec![2, 3, 1, 4, 5], // u1: i10@100, i20@200, i30@300 (kept duplicate), i40@400, i50@500
+            vec![4, 2, 3, 5, 1], // u2: i40@50, i10@100, i20@100 (tie, file order), i50@250, i30@300
+            vec![6, 2, 3, 7],    // u4
         ]
     );
     let st = ds.stats();
@@ -146,9 +146,20 @@ fn dedupe_keep_last_ordering_filtering_and_vocabulary() {
 
     // Default minimum of 5: u4 goes, and with it i60 and i70.
     let ds5 = Dataset::load(&fixture("basic"), &LoadOptions::default()).unwrap();
-    assert_eq!(ds5.user_tokens, ["u2", "u1"]);
-    assert_eq!(ds5.item_tokens, [PAD_TOKEN, "i10", "i20", "i40", "i30", "i50"]);
-    assert_eq!(ds5.seqs, vec![vec![3, 1, 2, 5, 4], vec![1, 4, 2, 3, 5]]);
+    assert_eq!(ds5.user_tokens, ["u1", "u2"]);
+    assert_eq!(ds5.item_tokens, [PAD_TOKEN, "i30", "i10", "i20", "i40", "i50"]);
+    assert_eq!(ds5.seqs, vec![vec![2, 3, 1, 4, 5], vec![4, 2, 3, 5, 1]]);
+}
+
+/// Equal timestamps: the later row of a duplicate pair wins (a stable sort by time, then the last).
+#[test]
+fn duplicates_with_equal_times_keep_the_later_row() {
+    let text = "user_id:token\titem_id:token\ttimestamp:float\nu\ta\t5\nu\tb\t1\nu\tc\t2\nu\td\t3\nu\te\t4\nu\ta\t5\n";
+    let rows = parse_inter(text, "mem.inter").unwrap();
+    let ds = Dataset::from_interactions("mem", &rows, 5).unwrap();
+    // Both a rows are at t = 5; the second (the last line) is kept, so a's position is the file's end.
+    assert_eq!(ds.item_tokens, [PAD_TOKEN, "b", "c", "d", "e", "a"]);
+    assert_eq!(ds.seqs, vec![vec![1, 2, 3, 4, 5]]);
 }
 
 #[test]
@@ -167,20 +178,21 @@ fn from_interactions_matches_load() {
 fn leave_one_out_split_with_prefixes() {
     let ds = Dataset::load(&fixture("basic"), &opts(4)).unwrap();
     let sp = ds.split(50);
-    assert_eq!(sp.train, vec![s(0, &[3], 1), s(0, &[3, 1], 2), s(1, &[1], 4), s(1, &[1, 4], 2), s(2, &[6], 1)]);
-    assert_eq!(sp.valid, vec![s(0, &[3, 1, 2], 5), s(1, &[1, 4, 2], 3), s(2, &[6, 1], 2)]);
-    assert_eq!(sp.test, vec![s(0, &[3, 1, 2, 5], 4), s(1, &[1, 4, 2, 3], 5), s(2, &[6, 1, 2], 7)]);
+    // Sequences: u1 [2, 3, 1, 4, 5], u2 [4, 2, 3, 5, 1], u4 [6, 2, 3, 7].
+    assert_eq!(sp.train, vec![s(0, &[2], 3), s(0, &[2, 3], 1), s(1, &[4], 2), s(1, &[4, 2], 3), s(2, &[6], 2)]);
+    assert_eq!(sp.valid, vec![s(0, &[2, 3, 1], 4), s(1, &[4, 2, 3], 5), s(2, &[6, 2], 3)]);
+    assert_eq!(sp.test, vec![s(0, &[2, 3, 1, 4], 5), s(1, &[4, 2, 3, 5], 1), s(2, &[6, 2, 3], 7)]);
 }
 
 #[test]
 fn split_truncates_to_the_most_recent_items() {
     let ds = Dataset::load(&fixture("basic"), &opts(4)).unwrap();
     let sp = ds.split(2);
-    assert_eq!(sp.train, vec![s(0, &[3], 1), s(0, &[3, 1], 2), s(1, &[1], 4), s(1, &[1, 4], 2), s(2, &[6], 1)]);
-    assert_eq!(sp.valid, vec![s(0, &[1, 2], 5), s(1, &[4, 2], 3), s(2, &[6, 1], 2)]);
-    assert_eq!(sp.test, vec![s(0, &[2, 5], 4), s(1, &[2, 3], 5), s(2, &[1, 2], 7)]);
+    assert_eq!(sp.train, vec![s(0, &[2], 3), s(0, &[2, 3], 1), s(1, &[4], 2), s(1, &[4, 2], 3), s(2, &[6], 2)]);
+    assert_eq!(sp.valid, vec![s(0, &[3, 1], 4), s(1, &[2, 3], 5), s(2, &[6, 2], 3)]);
+    assert_eq!(sp.test, vec![s(0, &[1, 4], 5), s(1, &[3, 5], 1), s(2, &[2, 3], 7)]);
     // max_len 0 is read as 1.
-    assert_eq!(ds.split(0).test[0], s(0, &[5], 4));
+    assert_eq!(ds.split(0).test[0], s(0, &[4], 5));
 }
 
 #[test]

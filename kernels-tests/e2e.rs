@@ -64,9 +64,9 @@ fn training_lowers_the_loss_and_checkpoints_round_trip() {
     assert!(s.losses.last().unwrap() < &(0.95 * s.losses[0]), "loss did not fall: {:?}", s.losses);
     // The model now holds the best epoch's weights; a model rebuilt from the checkpoint ranks the same.
     let before = train::ranks(&model, &split.test, 256, true, false).unwrap();
-    let (reloaded, rcfg) = cli_run::model_from_checkpoint(&ds, &out, Device::Cpu).unwrap();
-    assert_eq!(rcfg.model.hidden, 16);
-    let after = train::ranks(&reloaded, &split.test, 256, true, false).unwrap();
+    let r = cli_run::model_from_checkpoint(&ds, &out, Device::Cpu).unwrap();
+    assert_eq!((r.cfg.model.hidden, r.stage, r.with_id()), (16, Stage::Finetune, true));
+    let after = train::ranks(&r.model, &split.test, 256, true, false).unwrap();
     assert_eq!(before, after);
     // A checkpoint for another item set is refused with a clear message.
     let (_, other) = {
@@ -295,4 +295,111 @@ fn cli_trains_evaluates_and_reports_bad_input() {
     assert!(!ok && err.contains("unknown user 'nobody'"), "{err}");
     let (ok, _, err) = msm4sr_bin(&["--device", "gpu", "--adapter", "no-such-adapter", "info"]);
     assert!(!ok && err.contains("no adapter matches 'no-such-adapter'"), "{err}");
+}
+
+/// Pre-training decays with `--pretrain-weight-decay` only: the fine-tuning `--weight-decay` leaves
+/// a pre-training run unchanged to the last bit, and the pre-training one changes it.
+#[test]
+fn pretraining_has_its_own_weight_decay() {
+    let (dir, ds) = tiny_dataset("wd");
+    let split = ds.split(12);
+    let run = |wd: f32, pwd: f32| -> Vec<Vec<f32>> {
+        let mut cfg = small_cfg(ModelKind::Msm4sr);
+        (cfg.train.pretrain_epochs, cfg.train.weight_decay, cfg.train.pretrain_weight_decay) = (1, wd, pwd);
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
+        let model = Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, Device::Cpu).unwrap();
+        let out = dir.join(format!("pre-{wd}-{pwd}.safetensors"));
+        train::fit(&model, &split, &cfg, Stage::Pretrain, &ds.item_tokens, &out, false, true).unwrap();
+        model.pretrain_params().iter().map(|(_, t)| t.to_vec().unwrap()).collect()
+    };
+    let plain = run(0.0, 0.0);
+    assert!(plain == run(0.5, 0.0), "--weight-decay changed pre-training");
+    assert!(plain != run(0.0, 0.5), "--pretrain-weight-decay had no effect");
+}
+
+/// RecBole's early stopping: a tie with the best validation score is an improvement (the later
+/// epoch becomes the best), and a stage stops after patience + 1 epochs without one.
+#[test]
+fn early_stopping_counts_ties_as_improvements() {
+    let mut e = train::EarlyStop::new(1);
+    let steps: Vec<(bool, bool)> = [0.2, 0.2, 0.1, 0.1].iter().map(|&s| (e.update(s), e.done())).collect();
+    assert_eq!(steps, [(true, false), (true, false), (false, false), (false, true)]);
+    // lr 1e-20 leaves the weights as they are: every epoch ties the first, so none stops the run.
+    let (dir, ds) = tiny_dataset("ties");
+    let mut cfg = small_cfg(ModelKind::Sasrec);
+    (cfg.train.epochs, cfg.train.patience, cfg.train.lr) = (4, 1, 1e-20);
+    let split = ds.split(cfg.model.max_len);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
+    let model = Model::new(cfg.model.clone(), ds.num_items(), None, None, &mut rng, Device::Cpu).unwrap();
+    let s = train::fit(&model, &split, &cfg, Stage::Finetune, &ds.item_tokens, &dir.join("t.safetensors"), false, true).unwrap();
+    assert_eq!((s.epochs, s.best_epoch), (4, 4), "ties must count as improvements");
+}
+
+/// `--e2e` sums MSM4SR's two losses; the ID-only baselines have no pre-training loss and are refused.
+#[test]
+fn e2e_is_refused_for_the_baselines() {
+    let (dir, _) = tiny_dataset("e2e-refused");
+    for model in ["sasrec", "sasrecm"] {
+        let (ok, _, err) =
+            msm4sr_bin(&["--device", "cpu", "train", "--data", dir.to_str().unwrap(), "--model", model, "--e2e", "--epochs", "1"]);
+        assert!(!ok && err.contains("--e2e") && err.contains(model), "--model {model} --e2e: {err}");
+    }
+}
+
+/// `evaluate` on a pre-training checkpoint scores as that stage was selected: modality scores only,
+/// without the (untrained) ID embeddings.
+#[test]
+fn evaluate_scores_a_pretraining_checkpoint_without_ids() {
+    let (dir, ds) = tiny_dataset("eval-pre");
+    let mut cfg = small_cfg(ModelKind::Msm4sr);
+    cfg.train.pretrain_epochs = 1;
+    let split = ds.split(cfg.model.max_len);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
+    let model = Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, Device::Cpu).unwrap();
+    let out = dir.join("m.pretrain.safetensors");
+    train::fit(&model, &split, &cfg, Stage::Pretrain, &ds.item_tokens, &out, false, true).unwrap();
+    let want = train::ranks(&model, &split.valid, 256, false, false).unwrap();
+    assert_ne!(want, train::ranks(&model, &split.valid, 256, true, false).unwrap(), "the ID embeddings must change some rank here");
+    let ranks = dir.join("ranks.tsv");
+    let (ok, _, err) = msm4sr_bin(&[
+        "--device",
+        "cpu",
+        "evaluate",
+        "--data",
+        dir.to_str().unwrap(),
+        "--ckpt",
+        out.to_str().unwrap(),
+        "--ranks",
+        ranks.to_str().unwrap(),
+    ]);
+    assert!(ok, "evaluate failed: {err}");
+    let got: Vec<u32> = std::fs::read_to_string(&ranks)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("valid\t"))
+        .map(|l| l.rsplit('\t').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(got, want, "evaluate must rank a pre-training checkpoint with modality scores only");
+}
+
+/// `--drop-score` changes fine-tuning's scores only: pre-training validates (and selects its epoch)
+/// with both modalities, so its validation ranks are the same with and without it.
+#[test]
+fn drop_score_leaves_pretraining_selection_alone() {
+    use msm4sr::model::Mod;
+    let (dir, ds) = tiny_dataset("drop-pre");
+    let split = ds.split(12);
+    let run = |drop: Option<Mod>| {
+        let mut cfg = small_cfg(ModelKind::Msm4sr);
+        (cfg.train.pretrain_epochs, cfg.model.drop_score) = (1, drop);
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
+        let model = Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, Device::Cpu).unwrap();
+        let out = dir.join(format!("{drop:?}.safetensors"));
+        let s = train::fit(&model, &split, &cfg, Stage::Pretrain, &ds.item_tokens, &out, false, true).unwrap();
+        (s.valid, train::ranks(&model, &split.valid, 256, false, false).unwrap())
+    };
+    let both = run(None);
+    for drop in [Mod::Text, Mod::Image] {
+        assert_eq!(run(Some(drop)), both, "--drop-score {drop:?} changed pre-training's validation");
+    }
 }

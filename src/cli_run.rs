@@ -129,9 +129,30 @@ pub fn stage_path(out: &Path, tag: &str) -> PathBuf {
     out.with_file_name(format!("{stem}.{tag}.safetensors"))
 }
 
+/// A model rebuilt from a checkpoint.
+pub struct Restored {
+    pub model: Model,
+    pub cfg: RunConfig,
+    /// The stage that wrote the checkpoint.
+    pub stage: Stage,
+}
+
+impl Restored {
+    /// Whether scores add the ID embeddings: not for a pre-training checkpoint, whose ID embeddings
+    /// were never trained and whose epoch was selected on modality scores alone.
+    pub fn with_id(&self) -> bool {
+        self.stage != Stage::Pretrain
+    }
+}
+
 /// Rebuild a model from a checkpoint's saved config and weights.
-pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<(Model, RunConfig)> {
+pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<Restored> {
     let ck = checkpoint::load(ckpt)?;
+    let stage: Stage = ck
+        .meta
+        .get("stage")
+        .ok_or_else(|| Error::Invalid(format!("{} has no stage metadata (not an msm4sr checkpoint?)", ckpt.display())))
+        .and_then(|s| serde_json::from_str(s).map_err(|e| Error::Invalid(format!("{}: stage metadata {s:?}: {e}", ckpt.display()))))?;
     let cfg: RunConfig = ck
         .meta
         .get("config")
@@ -140,7 +161,7 @@ pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<(
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let model = Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, dev)?;
     train::load_weights(&model, &ck, &ds.item_tokens, true)?;
-    Ok((model, cfg))
+    Ok(Restored { model, cfg, stage })
 }
 
 /// Per-user target ranks as TSV (`split`, `user`, `target`, `rank`; rank 0 = top, ties counted
@@ -156,7 +177,8 @@ pub fn ranks_tsv(ds: &Dataset, parts: &[(&str, &[Sample], &[u32])]) -> String {
 }
 
 /// Top-k items for one user given their whole history; returns (item token, score, already seen).
-pub fn recommend(model: &Model, ds: &Dataset, user: &str, k: usize) -> Result<Vec<(String, f32, bool)>> {
+/// `with_id`: add the ID embeddings to the item tables (see [`Restored::with_id`]).
+pub fn recommend(model: &Model, ds: &Dataset, user: &str, k: usize, with_id: bool) -> Result<Vec<(String, f32, bool)>> {
     let u = ds
         .user_tokens
         .iter()
@@ -166,7 +188,7 @@ pub fn recommend(model: &Model, ds: &Dataset, user: &str, k: usize) -> Result<Ve
     let l = model.cfg.max_len;
     let seq = hist[hist.len().saturating_sub(l)..].to_vec();
     let sample = Sample { user: u as u32, seq, target: 1 };
-    let scores = no_grad(|| model.scores(&make_batch(&[&sample]), false, true, &mut Seeds::new(0)))?.to_vec()?;
+    let scores = no_grad(|| model.scores(&make_batch(&[&sample]), false, with_id, &mut Seeds::new(0)))?.to_vec()?;
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     Ok(order.into_iter().take(k).map(|j| (ds.item_tokens[j + 1].clone(), scores[j], hist.contains(&(j as u32 + 1)))).collect())

@@ -8,8 +8,9 @@
 //!   date `YYYY-MM-DD` with an optional time `THH:MM:SS` / ` HH:MM:SS`, read as UTC and converted to
 //!   seconds since 1970-01-01); columns are found by name in any order and every other column
 //!   (`rating`, ...) is ignored. Blank lines are skipped.
-//! - **Duplicates**: when a (user, item) pair occurs more than once, the later row in the file wins:
-//!   the earlier rows are dropped and the later row's timestamp and file position are used.
+//! - **Duplicates**: when a (user, item) pair occurs more than once, the latest by timestamp wins, as
+//!   RecBole sorts by time and then keeps the last; among equal timestamps (or without a timestamp
+//!   column) the later row in the file wins. The kept row's timestamp and file position are used.
 //! - **Order**: each user's interactions are sorted by timestamp; ties keep file order (stable sort).
 //!   Without a timestamp column the file order is the time order.
 //! - **Filtering**: users with fewer than [`LoadOptions::min_user_inter`] interactions (default 5)
@@ -702,10 +703,13 @@ fn build(name: &str, rows: &[Interaction], min_user_inter: usize, file: &str) ->
         let i = *iid.entry(r.item.as_str()).or_insert(n);
         ids.push((u, i));
     }
-    // Duplicates: the later row wins.
+    // Duplicates: the latest by time wins; among equal times, the later row.
     let mut last: HashMap<(u32, u32), usize> = HashMap::with_capacity(rows.len());
     for (k, p) in ids.iter().enumerate() {
-        last.insert(*p, k);
+        let e = last.entry(*p).or_insert(k);
+        if rows[k].timestamp >= rows[*e].timestamp {
+            *e = k;
+        }
     }
     let keep_row: Vec<bool> = ids.iter().enumerate().map(|(k, p)| last[p] == k).collect();
     let mut count = vec![0usize; uid.len()];

@@ -63,8 +63,12 @@ struct RunArgs {
     lr: Option<f32>,
     #[arg(long)]
     pretrain_lr: Option<f32>,
+    /// Fine-tuning weight decay (Adam, coupled as torch's; default 0).
     #[arg(long)]
     weight_decay: Option<f32>,
+    /// Pre-training weight decay (default 0, as the authors pre-train).
+    #[arg(long)]
+    pretrain_weight_decay: Option<f32>,
     /// Early-stopping patience in epochs.
     #[arg(long)]
     patience: Option<usize>,
@@ -142,6 +146,7 @@ impl RunArgs {
         set!(t.lr, self.lr);
         set!(t.pretrain_lr, self.pretrain_lr);
         set!(t.weight_decay, self.weight_decay);
+        set!(t.pretrain_weight_decay, self.pretrain_weight_decay);
         set!(t.patience, self.patience);
         set!(t.pretrain_patience, self.pretrain_patience);
         set!(t.min_user_inter, self.min_user_inter);
@@ -344,8 +349,14 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
         Cmd::Info { json } => info(cli.device, named, json),
         Cmd::Train { run, out, no_pretrain, e2e, resume } => {
             let cfg = run.config()?;
+            if e2e && cfg.model.model != ModelKind::Msm4sr {
+                return Err(msm4sr::Error::Invalid(format!(
+                    "--e2e sums MSM4SR's pre-training and fine-tuning losses; --model {} has no pre-training loss (drop --e2e)",
+                    format!("{:?}", cfg.model.model).to_lowercase()
+                )));
+            }
             let pre = cfg.model.model == ModelKind::Msm4sr && !no_pretrain && !e2e;
-            let plan = Plan { pretrain: pre, finetune: !e2e, e2e: e2e && cfg.model.model == ModelKind::Msm4sr };
+            let plan = Plan { pretrain: pre, finetune: !e2e, e2e };
             let name = format!("{:?}", cfg.model.model).to_lowercase();
             let out = out.unwrap_or_else(|| {
                 PathBuf::from(format!("runs/{}-{name}.safetensors", run.data.file_name().and_then(|n| n.to_str()).unwrap_or("data")))
@@ -386,19 +397,23 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             eprintln!("device: {desc}");
             let cfg = checkpoint_config(&ckpt)?;
             let ds = cli_run::load_dataset(&data, &cfg, missing_of(missing_features))?;
-            let (model, cfg) = cli_run::model_from_checkpoint(&ds, &ckpt, dev)?;
+            let restored = cli_run::model_from_checkpoint(&ds, &ckpt, dev)?;
+            let (model, cfg, with_id) = (&restored.model, &restored.cfg, restored.with_id());
+            if !with_id {
+                eprintln!("{} is a pre-training checkpoint: scoring with the modality encoders alone", ckpt.display());
+            }
             let split = ds.split(cfg.model.max_len);
             let start = std::time::Instant::now();
             let tc = &cfg.train;
-            let valid_ranks = msm4sr::train::ranks(&model, &split.valid, tc.eval_batch, true, tc.mask_history)?;
-            let test_ranks = msm4sr::train::ranks(&model, &split.test, tc.eval_batch, true, tc.mask_history)?;
+            let valid_ranks = msm4sr::train::ranks(model, &split.valid, tc.eval_batch, with_id, tc.mask_history)?;
+            let test_ranks = msm4sr::train::ranks(model, &split.test, tc.eval_batch, with_id, tc.mask_history)?;
             if let Some(path) = ranks {
                 let text = cli_run::ranks_tsv(&ds, &[("valid", &split.valid, &valid_ranks), ("test", &split.test, &test_ranks)]);
                 msm4sr::checkpoint::write_atomic(&path, text.as_bytes())?;
                 eprintln!("per-user ranks in {}", path.display());
             }
             let (valid, test) = (metrics::Metrics::from_ranks(&valid_ranks), metrics::Metrics::from_ranks(&test_ranks));
-            let r = cli_run::RunResult { model: cli_run::model_name(&cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64() };
+            let r = cli_run::RunResult { model: cli_run::model_name(cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64() };
             print_result(&r, json);
             Ok(ExitCode::SUCCESS)
         }
@@ -406,8 +421,8 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             let (dev, _) = cli.device.resolve(named)?;
             let cfg = checkpoint_config(&ckpt)?;
             let ds = cli_run::load_dataset(&data, &cfg, missing_of(missing_features))?;
-            let (model, _) = cli_run::model_from_checkpoint(&ds, &ckpt, dev)?;
-            let recs = cli_run::recommend(&model, &ds, &user, k)?;
+            let r = cli_run::model_from_checkpoint(&ds, &ckpt, dev)?;
+            let recs = cli_run::recommend(&r.model, &ds, &user, k, r.with_id())?;
             if json {
                 let v: Vec<_> = recs.iter().map(|(i, s, seen)| serde_json::json!({"item": i, "score": s, "in_history": seen})).collect();
                 println!("{}", serde_json::to_string_pretty(&v).unwrap());

@@ -279,7 +279,9 @@ impl Model {
             ModelKind::Msm4sr => {
                 let mut v = Vec::new();
                 for (md, enc, m) in self.encoders() {
-                    if self.cfg.drop_score == Some(md) {
+                    // --drop-score removes a term from fine-tuning's scores only; pre-training is
+                    // validated (and its epoch selected) with both modalities.
+                    if with_id && self.cfg.drop_score == Some(md) {
                         continue;
                     }
                     let (x, lens) = m.all()?;

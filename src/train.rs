@@ -36,7 +36,10 @@ pub struct TrainConfig {
     pub eval_batch: usize,
     pub lr: f32,
     pub pretrain_lr: f32,
+    /// Fine-tuning (and E2E) weight decay.
     pub weight_decay: f32,
+    /// Pre-training weight decay (the authors pre-train without decay).
+    pub pretrain_weight_decay: f32,
     pub clip: f32,
     /// Early-stopping patience (epochs without a better validation Recall@20).
     pub patience: usize,
@@ -58,6 +61,7 @@ impl Default for TrainConfig {
             lr: 1e-3,
             pretrain_lr: 1e-3,
             weight_decay: 0.0,
+            pretrain_weight_decay: 0.0,
             clip: 5.0,
             patience: 10,
             pretrain_patience: 20,
@@ -145,6 +149,39 @@ pub fn base_meta(cfg: &RunConfig, item_tokens: &[String], stage: Stage) -> BTree
     m
 }
 
+/// Early stopping on validation Recall@20 as RecBole's `early_stopping`: a score at least as good
+/// as the best so far (a tie included) is an improvement and becomes the best; training stops once
+/// `patience` + 1 epochs in a row did not improve.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EarlyStop {
+    pub patience: usize,
+    /// Best score so far (-1 before the first epoch).
+    pub best: f64,
+    /// Epochs since the last improvement.
+    pub bad_epochs: usize,
+}
+
+impl EarlyStop {
+    pub fn new(patience: usize) -> Self {
+        EarlyStop { patience, best: -1.0, bad_epochs: 0 }
+    }
+    /// Record an epoch's score; true if it is an improvement (the new best).
+    pub fn update(&mut self, score: f64) -> bool {
+        if score >= self.best {
+            self.best = score;
+            self.bad_epochs = 0;
+            true
+        } else {
+            self.bad_epochs += 1;
+            false
+        }
+    }
+    /// Whether training should stop.
+    pub fn done(&self) -> bool {
+        self.bad_epochs > self.patience
+    }
+}
+
 /// Train one stage with early stopping; the best weights end up both in `model` and at `out`.
 /// One summary line per epoch goes to stderr; `quiet` (used with `--json`) hides the progress bar.
 pub fn fit(
@@ -158,9 +195,9 @@ pub fn fit(
     quiet: bool,
 ) -> Result<StageSummary> {
     let tc = &cfg.train;
-    let (epochs, patience, batch_size, lr) = match stage {
-        Stage::Pretrain => (tc.pretrain_epochs, tc.pretrain_patience, tc.pretrain_batch, tc.pretrain_lr),
-        _ => (tc.epochs, tc.patience, tc.batch, tc.lr),
+    let (epochs, patience, batch_size, lr, weight_decay) = match stage {
+        Stage::Pretrain => (tc.pretrain_epochs, tc.pretrain_patience, tc.pretrain_batch, tc.pretrain_lr, tc.pretrain_weight_decay),
+        _ => (tc.epochs, tc.patience, tc.batch, tc.lr, tc.weight_decay),
     };
     let params = match stage {
         Stage::Pretrain => model.pretrain_params(),
@@ -171,10 +208,11 @@ pub fn fit(
     let with_id = stage != Stage::Pretrain;
     let mut opt = Adam::new(
         params.iter().map(|(_, t)| t.clone()).collect(),
-        AdamConfig { lr, weight_decay: tc.weight_decay, max_grad_norm: tc.clip, ..AdamConfig::default() },
+        AdamConfig { lr, weight_decay, max_grad_norm: tc.clip, ..AdamConfig::default() },
     )?;
     let mut meta = base_meta(cfg, item_tokens, stage);
-    let (mut start_epoch, mut best, mut best_epoch, mut bad_epochs) = (0usize, -1.0f64, 0usize, 0usize);
+    let mut stop = EarlyStop::new(patience);
+    let (mut start_epoch, mut best_epoch) = (0usize, 0usize);
     let mut best_valid: Option<Metrics> = None;
     let last = last_path(out);
     if resume && last.exists() {
@@ -197,9 +235,9 @@ pub fn fit(
         };
         opt.load_state(num("adam_t")? as u32, moments)?;
         start_epoch = num("epoch")? as usize;
-        best = num("best")?;
+        stop.best = num("best")?;
         best_epoch = num("best_epoch")? as usize;
-        bad_epochs = num("bad_epochs")? as usize;
+        stop.bad_epochs = num("bad_epochs")? as usize;
         if let Some(v) = ck.meta.get("best_valid") {
             best_valid = serde_json::from_str(v).ok();
         }
@@ -210,7 +248,7 @@ pub fn fit(
     let start = Instant::now();
     let mut losses = Vec::new();
     let mut epoch = start_epoch;
-    while epoch < epochs && (bad_epochs < patience || best < 0.0) {
+    while epoch < epochs && !stop.done() {
         let mut rng = ChaCha8Rng::seed_from_u64(tc.seed ^ (stage_tag(stage) << 56) ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
         let mut seeds = Seeds::new(rng.random());
         let order = batches(split.train.len(), batch_size, Some(&mut rng));
@@ -246,18 +284,14 @@ pub fn fit(
         };
         let valid = evaluate(model, &split.valid, tc, with_id)?;
         let r20 = valid.recall20;
-        let improved = r20 > best;
+        let improved = stop.update(r20);
         if improved {
-            best = r20;
             best_epoch = epoch + 1;
-            bad_epochs = 0;
             best_valid = Some(valid);
             let mut m = meta.clone();
             m.insert("epoch".into(), (epoch + 1).to_string());
             m.insert("valid".into(), serde_json::to_string(&valid).unwrap());
             checkpoint::save(out, &model.params(), &m)?;
-        } else {
-            bad_epochs += 1;
         }
         eprintln!(
             "{stage:?} epoch {:>3}  loss {:.4}  train {:.1} s  {:.0} samples/s  valid recall@20 {:.4} ndcg@20 {:.4}{}",
@@ -281,9 +315,9 @@ pub fn fit(
         }
         meta.insert("epoch".into(), epoch.to_string());
         meta.insert("adam_t".into(), opt.t.to_string());
-        meta.insert("best".into(), best.to_string());
+        meta.insert("best".into(), stop.best.to_string());
         meta.insert("best_epoch".into(), best_epoch.to_string());
-        meta.insert("bad_epochs".into(), bad_epochs.to_string());
+        meta.insert("bad_epochs".into(), stop.bad_epochs.to_string());
         if let Some(v) = &best_valid {
             meta.insert("best_valid".into(), serde_json::to_string(v).unwrap());
         }
