@@ -360,6 +360,15 @@ fn bad_inter_files_name_file_and_line() {
     assert_has(&m, &["dup.inter:1:", "`user_id` 2 times"]);
     let m = err_msg(parse_inter("user_id:token\titem_id:token\n\tx\n", "blank.inter"));
     assert_has(&m, &["blank.inter:2:", "empty user_id"]);
+    // A huge bad value is quoted in part, with its length.
+    let long = "9".repeat(100) + "x";
+    let m = err_msg(parse_inter(&format!("user_id:token\titem_id:token\ttimestamp:float\nu\ta\t{long}\n"), "long.inter"));
+    assert!(m.len() < 300 && m.contains("(101 characters)"), "{m}");
+    // Bytes that are not UTF-8: the line and column are named.
+    let d = tmpdir("latin1");
+    std::fs::write(d.join("x.inter"), b"user_id:token\titem_id:token\nu\ta\nu\tcaf\xe9\n").unwrap();
+    let m = err_msg(read_inter(&d.join("x.inter")));
+    assert_has(&m, &["x.inter:3:", "not UTF-8", "column 6"]);
 }
 
 #[test]
@@ -504,6 +513,14 @@ fn bad_feature_files_are_reported() {
     let ds = Dataset::load(&d, &opts(3)).unwrap();
     assert!(ds.text.unwrap().data.iter().all(|v| *v == 0.0));
 
+    // Degenerate features: a modality whose every count is 0, and features far from unit scale.
+    let m = load_err("allzero", GOOD_ITEMS, replace(good_tensors(), T("image_len", Dtype::I32, vec![5], i32s(&[0; 5]))));
+    assert_has(&m, &["`image_len` is 0 for every item", "image modality has no rows"]);
+    let mut text = vec![0.5f32; 20];
+    text[2 * 4] = 3e30; // line 3 = item extra
+    let m = load_err("huge", GOOD_ITEMS, replace(good_tensors(), T("text", Dtype::F32, vec![5, 2, 2], f32s(&text))));
+    assert_has(&m, &["dates.features.safetensors", "magnitude 3e30", "item \"extra\"", "line 3", "rescale"]);
+
     let m = load_err("dup", "w\nz\nw\ny\nx\n", good_tensors());
     assert_has(&m, &["dates.items.txt:3:", "duplicate item token \"w\"", "line 1"]);
 
@@ -522,7 +539,7 @@ fn items_without_features_error_or_zero() {
     // items.txt lacks y (line 4 of the good file replaced by another token).
     let d = feature_dir("missing", "w\nz\nextra\nq\nx\n", &good_tensors());
     let m = err_msg(Dataset::load(&d, &opts(3)));
-    assert_has(&m, &["dates.features.safetensors", "1 item(s)", "\"y\"", "MissingFeatures::Zero"]);
+    assert_has(&m, &["dates.features.safetensors", "1 item(s)", "\"y\"", "--missing-features zero"]);
     let ds =
         Dataset::load(&d, &LoadOptions { min_user_inter: 3, missing_features: MissingFeatures::Zero, ..LoadOptions::default() }).unwrap();
     let text = ds.text.unwrap();

@@ -77,6 +77,16 @@ fn training_lowers_the_loss_and_checkpoints_round_trip() {
     };
     let err = cli_run::model_from_checkpoint(&other, &out, Device::Cpu).err().expect("must refuse");
     assert!(err.to_string().contains("different item set"), "{err}");
+    // The same items in another order: said so, not "a different item set (60 items) than (60 items)".
+    let mut swapped = ds.item_tokens.clone();
+    swapped.swap(1, 2);
+    let ck = msm4sr::checkpoint::load(&out).unwrap();
+    let err = train::load_weights(&reloaded_model(&ds, &out), &ck, &swapped, true).expect_err("must refuse").to_string();
+    assert!(err.contains("same") && err.contains("another order") && err.contains(&ds.item_tokens[1]), "{err}");
+}
+
+fn reloaded_model(ds: &Dataset, ck: &std::path::Path) -> Model {
+    cli_run::model_from_checkpoint(ds, ck, Device::Cpu).unwrap().model
 }
 
 #[test]
@@ -402,4 +412,356 @@ fn drop_score_leaves_pretraining_selection_alone() {
     for drop in [Mod::Text, Mod::Image] {
         assert_eq!(run(Some(drop)), both, "--drop-score {drop:?} changed pre-training's validation");
     }
+}
+
+/// Every setting is range-checked before any work, in the user's terms: the flag, its value and
+/// what is allowed (never an engine-level message or a silent clamp).
+#[test]
+fn bad_settings_are_named_before_training() {
+    let (dir, _) = tiny_dataset("ranges");
+    let d = dir.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--batch", "0"], "--batch 0"),
+        (&["--lr", "-1"], "--lr -1"),
+        (&["--lr", "NaN"], "--lr NaN"),
+        (&["--pretrain-lr", "inf"], "--pretrain-lr inf"),
+        (&["--tau", "0"], "--tau 0"),
+        (&["--tau", "-1"], "--tau -1"),
+        (&["--lambda", "NaN"], "--lambda NaN"),
+        (&["--weight-decay", "-1"], "--weight-decay -1"),
+        (&["--inner", "0"], "--inner 0"),
+        (&["--max-len", "0"], "--max-len 0"),
+        (&["--experts", "0"], "--experts 0"),
+        (&["--hidden", "0"], "--hidden 0"),
+        (&["--heads", "3"], "--heads 3"),
+        (&["--dropout", "1.5"], "--dropout 1.5"),
+        (&["--min-user-inter", "1"], "--min-user-inter 1"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["--device", "cpu", "train", "--data", d, "--model", "sasrec", "--epochs", "1"];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = msm4sr_bin(&args);
+        assert!(!ok && err.contains(want), "{extra:?}: expected an error naming `{want}`, got: {err}");
+    }
+    let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "recommend", "--data", d, "--ckpt", "x.safetensors", "--user", "u1", "--k", "0"]);
+    assert!(!ok && err.contains("--k 0"), "{err}");
+}
+
+/// A config file with an unknown key or section is an error naming it and the closest valid name.
+#[test]
+fn config_files_reject_unknown_keys_with_a_suggestion() {
+    let (dir, _) = tiny_dataset("cfg-keys");
+    for (text, bad, near) in [
+        ("[model]\nhiden = 32\n", "hiden", "hidden"),
+        ("[modle]\nhidden = 32\n", "modle", "model"),
+        ("[train]\nlearning_rate = 0.1\n", "learning_rate", ""),
+    ] {
+        let cfg = dir.join("c.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let (ok, _, err) =
+            msm4sr_bin(&["--device", "cpu", "train", "--data", dir.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--print-config"]);
+        assert!(!ok && err.contains(bad), "{text:?}: {err}");
+        if !near.is_empty() {
+            assert!(err.contains(&format!("did you mean `{near}`?")), "{text:?}: {err}");
+        }
+    }
+}
+
+/// Nothing the user gave is overwritten: an output onto a dataset file, a checkpoint or a
+/// directory is refused before any work, and an earlier run's outputs need --resume or --overwrite.
+#[test]
+fn outputs_never_overwrite_inputs_or_earlier_runs() {
+    let (dir, _) = tiny_dataset("no-overwrite");
+    let d = dir.to_str().unwrap();
+    let train = |out: &str, extra: &[&str]| {
+        let mut a = vec!["--device", "cpu", "train", "--data", d, "--model", "sasrec", "--epochs", "1", "--hidden", "16", "--out", out];
+        a.extend_from_slice(extra);
+        msm4sr_bin(&a)
+    };
+    let feats = dir.join("synth.features.safetensors");
+    let before = std::fs::read(&feats).unwrap();
+    let (ok, _, err) = train(feats.to_str().unwrap(), &[]);
+    assert!(!ok && err.contains("refusing to write") && err.contains("--data"), "{err}");
+    assert_eq!(std::fs::read(&feats).unwrap(), before, "the dataset's features were touched");
+    let (ok, _, err) = train(d, &[]);
+    assert!(!ok && err.contains("is a directory"), "{err}");
+
+    let ck = dir.join("out").join("m.safetensors");
+    let ck = ck.to_str().unwrap();
+    let (ok, _, err) = train(ck, &[]);
+    assert!(ok, "first run: {err}");
+    let first = std::fs::read(ck).unwrap();
+    let (ok, _, err) = train(ck, &["--seed", "7"]);
+    assert!(!ok && err.contains("already exists") && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(ck).unwrap(), first, "the earlier run's checkpoint was touched");
+    let (ok, _, err) = train(ck, &["--seed", "7", "--overwrite"]);
+    assert!(ok, "--overwrite: {err}");
+
+    let inter = dir.join("synth.inter");
+    let inter_bytes = std::fs::read(&inter).unwrap();
+    for target in [inter.to_str().unwrap(), ck] {
+        let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", ck, "--ranks", target]);
+        assert!(!ok && err.contains("refusing to write"), "--ranks {target}: {err}");
+    }
+    assert_eq!(std::fs::read(&inter).unwrap(), inter_bytes, "the dataset's interactions were touched");
+}
+
+/// A run killed with SIGKILL (by the fault-injection hook: mid-epoch in pre-training and in
+/// fine-tuning, and inside a checkpoint write) and then resumed gives the same validation and test
+/// metrics as an uninterrupted run, and leaves no temporary file behind.
+#[test]
+fn resume_after_kill_gives_the_same_metrics() {
+    let (dir, _) = tiny_dataset("kill");
+    let d = dir.to_str().unwrap().to_string();
+    let args = |out: &str| -> Vec<String> {
+        let a = [
+            "--device",
+            "cpu",
+            "train",
+            "--data",
+            &d,
+            "--model",
+            "msm4sr",
+            "--hidden",
+            "16",
+            "--inner",
+            "32",
+            "--experts",
+            "2",
+            "--batch",
+            "64",
+            "--pretrain-batch",
+            "64",
+            "--max-len",
+            "12",
+            "--epochs",
+            "3",
+            "--pretrain-epochs",
+            "2",
+            "--patience",
+            "100",
+            "--pretrain-patience",
+            "100",
+            "--json",
+            "--out",
+            out,
+        ];
+        a.iter().map(|s| s.to_string()).collect()
+    };
+    let metrics = |stdout: &[u8]| -> (serde_json::Value, serde_json::Value) {
+        let v: serde_json::Value = serde_json::from_slice(stdout).unwrap();
+        (v["valid"].clone(), v["test"].clone())
+    };
+    let bin = env!("CARGO_BIN_EXE_msm4sr");
+    let full = Command::new(bin).args(args(dir.join("full/m.safetensors").to_str().unwrap())).output().unwrap();
+    assert!(full.status.success(), "{}", String::from_utf8_lossy(&full.stderr));
+    let want = metrics(&full.stdout);
+    // About 11 steps per epoch: step 5 is in pre-training epoch 1, step 30 in fine-tuning epoch 1;
+    // write 4 is pre-training epoch 2's first checkpoint.
+    for fault in ["step:5", "step:30", "write:4"] {
+        let out_dir = dir.join(fault.replace(':', "-"));
+        let out = out_dir.join("m.safetensors");
+        let killed = Command::new(bin).args(args(out.to_str().unwrap())).env("MSM4SR_FAULT", fault).output().unwrap();
+        assert!(!killed.status.success(), "{fault}: the run was not killed");
+        #[cfg(unix)]
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&killed.status), Some(9), "{fault}: not SIGKILL");
+        let mut resume = args(out.to_str().unwrap());
+        resume.push("--resume".into());
+        let again = Command::new(bin).args(&resume).output().unwrap();
+        assert!(again.status.success(), "{fault}: resume failed: {}", String::from_utf8_lossy(&again.stderr));
+        assert_eq!(metrics(&again.stdout), want, "{fault}: resumed metrics differ from the uninterrupted run");
+        let left: Vec<String> = std::fs::read_dir(&out_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(left.is_empty(), "{fault}: temporary files left: {left:?}");
+    }
+    // Ctrl-C (SIGINT) once the first epoch is done: the run stops after its step, exits 130 and
+    // says how to continue; --resume then gives the same metrics.
+    #[cfg(unix)]
+    {
+        use std::io::{BufRead, BufReader, Read};
+        let out = dir.join("sigint/m.safetensors");
+        let mut child = Command::new(bin)
+            .args(args(out.to_str().unwrap()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut reader = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            seen += &line;
+            if line.contains("Pretrain epoch   1  loss") {
+                // SAFETY: a signal to our own child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+                break;
+            }
+        }
+        reader.read_to_string(&mut seen).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(130), "SIGINT: {seen}");
+        assert!(seen.contains("interrupted in Pretrain") && seen.contains("--resume"), "{seen}");
+        let mut resume = args(out.to_str().unwrap());
+        resume.push("--resume".into());
+        let again = Command::new(bin).args(&resume).output().unwrap();
+        assert!(again.status.success(), "SIGINT: resume failed: {}", String::from_utf8_lossy(&again.stderr));
+        assert_eq!(metrics(&again.stdout), want, "SIGINT: resumed metrics differ from the uninterrupted run");
+    }
+}
+
+/// Non-finite weights are never saved or used: a parameter that became NaN stops the run at that
+/// epoch with nothing saved, and a checkpoint holding NaN is refused by evaluate and recommend.
+#[test]
+fn non_finite_weights_are_never_saved_or_used() {
+    let (dir, ds) = tiny_dataset("nan-weights");
+    let mut cfg = small_cfg(ModelKind::Sasrec);
+    cfg.train.epochs = 2;
+    let split = ds.split(cfg.model.max_len);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
+    let model = Model::new(cfg.model.clone(), ds.num_items(), None, None, &mut rng, Device::Cpu).unwrap();
+    // Row 0 (padding) never enters a loss: the losses stay finite while the weights do not.
+    let e = model.item_emb.as_ref().unwrap();
+    let mut w = e.to_vec().unwrap();
+    w[0] = f32::NAN;
+    e.assign(&Tensor::from_vec(w, e.shape(), Device::Cpu).unwrap()).unwrap();
+    let out = dir.join("nan.safetensors");
+    let err = train::fit(&model, &split, &cfg, Stage::Finetune, &ds.item_tokens, &out, false, true).expect_err("must stop");
+    assert!(err.to_string().contains("item_embedding") && err.to_string().contains("epoch 1"), "{err}");
+    assert!(!out.exists(), "a non-finite model was saved as best");
+
+    // A checkpoint with a NaN: train a good one, then poison one tensor.
+    let good = dir.join("good.safetensors");
+    let model = Model::new(cfg.model.clone(), ds.num_items(), None, None, &mut rng, Device::Cpu).unwrap();
+    cfg.train.epochs = 1;
+    train::fit(&model, &split, &cfg, Stage::Finetune, &ds.item_tokens, &good, false, true).unwrap();
+    let ck = msm4sr::checkpoint::load(&good).unwrap();
+    let mut tensors = model.params();
+    let (name, t) = tensors[1].clone();
+    let mut v = t.to_vec().unwrap();
+    v[3] = f32::INFINITY;
+    tensors[1] = (name.clone(), Tensor::from_vec(v, t.shape(), Device::Cpu).unwrap());
+    let bad = dir.join("bad.safetensors");
+    msm4sr::checkpoint::save(&bad, &tensors, &ck.meta).unwrap();
+    let d = dir.to_str().unwrap();
+    let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains(&name) && err.contains("non-finite"), "evaluate: {err}");
+    let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "recommend", "--data", d, "--ckpt", bad.to_str().unwrap(), "--user", "u1"]);
+    assert!(!ok && err.contains("non-finite"), "recommend: {err}");
+}
+
+/// `--resume` continues only the run it was: a changed setting (other than epochs, patience and the
+/// evaluation batch) or other data (here the same items in another order) is an error naming it.
+#[test]
+fn resume_refuses_another_run() {
+    let (dir, ds) = tiny_dataset("resume-guard");
+    let mut cfg = small_cfg(ModelKind::Sasrec);
+    cfg.train.epochs = 1;
+    let split = ds.split(cfg.model.max_len);
+    let build = |c: &RunConfig| {
+        let mut rng = ChaCha8Rng::seed_from_u64(c.train.seed);
+        Model::new(c.model.clone(), ds.num_items(), None, None, &mut rng, Device::Cpu).unwrap()
+    };
+    let out = dir.join("r.safetensors");
+    train::fit(&build(&cfg), &split, &cfg, Stage::Finetune, &ds.item_tokens, &out, false, true).unwrap();
+    type Change = (&'static str, fn(&mut RunConfig));
+    let changes: [Change; 4] = [
+        ("train.lr", |c| c.train.lr = 0.01),
+        ("train.seed", |c| c.train.seed += 1),
+        ("train.batch", |c| c.train.batch = 32),
+        ("model.hidden", |c| c.model.hidden = 32),
+    ];
+    for (key, change) in changes {
+        let mut c = cfg.clone();
+        change(&mut c);
+        c.train.epochs = 2;
+        let err = train::fit(&build(&c), &split, &c, Stage::Finetune, &ds.item_tokens, &out, true, true).expect_err("must refuse");
+        assert!(err.to_string().contains(&format!("`{key}`")), "{key}: {err}");
+    }
+    let mut more = cfg.clone();
+    (more.train.epochs, more.train.patience, more.train.eval_batch) = (2, 5, 64);
+    let mut swapped = ds.item_tokens.clone();
+    swapped.swap(1, 2);
+    let err = train::fit(&build(&more), &split, &more, Stage::Finetune, &swapped, &out, true, true).expect_err("must refuse");
+    assert!(err.to_string().contains("other data"), "{err}");
+    let s = train::fit(&build(&more), &split, &more, Stage::Finetune, &ds.item_tokens, &out, true, true).unwrap();
+    assert_eq!(s.losses.len(), 1, "more epochs, patience and evaluation batch may change on resume");
+}
+
+/// A checkpoint is checked against the configuration it carries before a model is built from it:
+/// sizes that disagree with its tensors (a huge `hidden`, 2^32 layers), a missing or an extra
+/// tensor, no `format` or no `item_tokens` are clear errors, never an abort; and a model too large
+/// for the memory is refused before it is allocated.
+#[test]
+fn checkpoints_are_checked_before_a_model_is_built() {
+    let (dir, _) = tiny_dataset("ckpt-checks");
+    let d = dir.to_str().unwrap();
+    let good = dir.join("good.safetensors");
+    let (ok, _, err) = msm4sr_bin(&[
+        "--device",
+        "cpu",
+        "train",
+        "--data",
+        d,
+        "--model",
+        "sasrec",
+        "--epochs",
+        "1",
+        "--hidden",
+        "16",
+        "--out",
+        good.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let ck = msm4sr::checkpoint::load(&good).unwrap();
+    let tensors = |skip: &str, add: bool| -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = ck
+            .tensors
+            .iter()
+            .filter(|(n, _)| n.as_str() != skip)
+            .map(|(n, (s, x))| (n.clone(), Tensor::from_vec(x.clone(), s, Device::Cpu).unwrap()))
+            .collect();
+        if add {
+            v.push(("transformer.extra.weight".into(), Tensor::zeros(&[2, 2], Device::Cpu).unwrap()));
+        }
+        v
+    };
+    let with_config = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut meta = ck.meta.clone();
+        let mut c: serde_json::Value = serde_json::from_str(&meta["config"]).unwrap();
+        edit(&mut c);
+        meta.insert("config".into(), c.to_string());
+        meta
+    };
+    let without = |key: &str| {
+        let mut meta = ck.meta.clone();
+        meta.remove(key);
+        meta
+    };
+    type Case = (&'static str, Vec<(String, Tensor)>, std::collections::BTreeMap<String, String>, &'static str);
+    let cases: Vec<Case> = vec![
+        ("hidden", tensors("", false), with_config(&|c| c["model"]["hidden"] = 1_000_000_000u64.into()), "transformer.position"),
+        ("layers", tensors("", false), with_config(&|c| c["model"]["layers"] = (1u64 << 32).into()), "layers"),
+        ("missing tensor", tensors("transformer.ln.weight", false), ck.meta.clone(), "transformer.ln.weight"),
+        ("extra tensor", tensors("", true), ck.meta.clone(), "transformer.extra.weight"),
+        ("no format", tensors("", false), without("format"), "format"),
+        ("no item_tokens", tensors("", false), without("item_tokens"), "item_tokens"),
+    ];
+    for (what, t, meta, want) in cases {
+        let bad = dir.join(format!("{}.safetensors", what.replace(' ', "-")));
+        msm4sr::checkpoint::save(&bad, &t, &meta).unwrap();
+        let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", bad.to_str().unwrap()]);
+        assert!(!ok && err.contains("error: ") && err.contains(want), "{what}: {err}");
+    }
+    let big = dir.join("big.safetensors");
+    let (ok, _, err) =
+        msm4sr_bin(&["--device", "cpu", "train", "--data", d, "--model", "sasrec", "--hidden", "1000000", "--out", big.to_str().unwrap()]);
+    assert!(!ok && err.contains("parameters") && err.contains("available"), "--hidden 1000000: {err}");
+    assert!(!dir.join("big.config.toml").exists(), "the configuration of a refused run was written");
 }

@@ -21,16 +21,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    remove_stale_temporaries(dir, &name);
     let res = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| io(&tmp, e))?;
         f.sync_all().map_err(|e| io(&tmp, e))?;
+        crate::fault::point("write");
         std::fs::rename(&tmp, path).map_err(|e| io(path, e))
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+/// Remove `.{name}.tmp-PID` files that a killed process left in `dir` (on Linux only those whose
+/// process is gone; elsewhere every one but this process's).
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let alive = pid == std::process::id() || (cfg!(target_os = "linux") && Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Save named tensors and string metadata.
@@ -67,7 +84,15 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         if v.dtype() != Dtype::F32 {
             return Err(Error::Invalid(format!("{}: tensor {name} has dtype {:?}, expected F32", path.display(), v.dtype())));
         }
-        tensors.insert(name.to_string(), (v.shape().to_vec(), bytemuck::pod_collect_to_vec(v.data())));
+        let data: Vec<f32> = bytemuck::pod_collect_to_vec(v.data());
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "{}: tensor {name} holds a non-finite value ({} at element {i}); a model with NaN or Inf weights cannot be used",
+                path.display(),
+                data[i]
+            )));
+        }
+        tensors.insert(name.to_string(), (v.shape().to_vec(), data));
     }
     Ok(Checkpoint { tensors, meta })
 }

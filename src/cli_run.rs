@@ -17,10 +17,36 @@ use crate::nn::Seeds;
 use crate::train::{self, RunConfig, Stage};
 use crate::{Error, Result};
 
-/// Read a TOML config file (sections `[model]` and `[train]`, any subset of keys).
+/// Read a TOML config file (sections `[model]` and `[train]`, any subset of keys; an unknown
+/// section or key is an error naming the closest valid one).
 pub fn read_config(path: &Path) -> Result<RunConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-    toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+    toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {}", path.display(), with_suggestion(e.to_string()))))
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`, ..." with "did you mean `a`?" added, `a`
+/// being the expected name closest to `x` in edit distance (when it is close enough to be a typo).
+pub fn with_suggestion(msg: String) -> String {
+    let Some((_, rest)) = msg.split_once("unknown field `") else { return msg };
+    let Some((bad, tail)) = rest.split_once('`') else { return msg };
+    let best = tail.split('`').skip(1).step_by(2).map(|name| (edit_distance(bad, name), name)).min();
+    match best {
+        Some((d, name)) if d <= (bad.len().max(name.len()) / 2).max(1) => format!("{}\ndid you mean `{name}`?", msg.trim_end()),
+        _ => msg,
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + (ca != cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 pub fn config_toml(cfg: &RunConfig) -> String {
@@ -31,14 +57,20 @@ pub fn load_dataset(dir: &Path, cfg: &RunConfig, missing: MissingFeatures) -> Re
     Dataset::load(dir, &LoadOptions { min_user_inter: cfg.train.min_user_inter, missing_features: missing, require_features: false })
 }
 
-/// The `--json` result of train / evaluate.
+/// The `--json` result of train / evaluate. A split without samples has no metrics (`null`),
+/// never zeros.
 #[derive(Serialize)]
 pub struct RunResult {
     pub model: String,
-    pub valid: Metrics,
-    pub test: Metrics,
+    pub valid: Option<Metrics>,
+    pub test: Option<Metrics>,
     pub epochs: usize,
     pub seconds: f64,
+}
+
+/// Metrics of a split's ranks, or none for an empty split.
+pub fn metrics_of(ranks: &[u32]) -> Option<Metrics> {
+    (!ranks.is_empty()).then(|| Metrics::from_ranks(ranks))
 }
 
 pub fn model_name(cfg: &RunConfig) -> String {
@@ -74,21 +106,19 @@ pub fn run_training(
     dev: Device,
     quiet: bool,
 ) -> Result<RunResult> {
+    cfg.validate()?;
+    check_split(ds, cfg)?;
     let split = ds.split(cfg.model.max_len);
-    if split.train.is_empty() || split.valid.is_empty() || split.test.is_empty() {
-        return Err(Error::Invalid(format!(
-            "dataset {} gives {} training, {} validation and {} test samples; all three must be non-empty",
-            ds.name,
-            split.train.len(),
-            split.valid.len(),
-            split.test.len()
-        )));
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
-    let model = Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, dev)?;
+    let model = build_model(cfg, ds, cfg.train.seed, dev)?;
     if let Some(init) = init {
         let ck = checkpoint::load(init)?;
         let n = train::load_weights(&model, &ck, &ds.item_tokens, false)?;
+        if n == 0 {
+            return Err(Error::Invalid(format!(
+                "--init {}: none of its tensors belongs to this model (is it an msm4sr checkpoint of this model?)",
+                init.display()
+            )));
+        }
         if !quiet {
             eprintln!("initialised {n} tensors from {}", init.display());
         }
@@ -118,9 +148,91 @@ pub fn run_training(
         }
     }
     let with_id = plan.finetune || plan.e2e;
-    let valid = train::evaluate(&model, &split.valid, &cfg.train, with_id)?;
-    let test = train::evaluate(&model, &split.test, &cfg.train, with_id)?;
+    let tc = &cfg.train;
+    let valid = metrics_of(&train::ranks(&model, &split.valid, tc.eval_batch, with_id, tc.mask_history)?);
+    let test = metrics_of(&train::ranks(&model, &split.test, tc.eval_batch, with_id, tc.mask_history)?);
     Ok(RunResult { model: model_name(cfg), valid, test, epochs, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Every file `train` / `finetune` / `pretrain --out OUT` may write: the checkpoint(s), their resume
+/// states and the saved configuration.
+pub fn run_outputs(out: &Path, pretrain: bool) -> Vec<PathBuf> {
+    let mut v = vec![out.to_path_buf(), train::last_path(out), config_path(out)];
+    if pretrain {
+        let p = stage_path(out, "pretrain");
+        v.push(train::last_path(&p));
+        v.push(p);
+    }
+    v
+}
+
+/// `<out stem>.config.toml` beside the checkpoint.
+pub fn config_path(out: &Path) -> PathBuf {
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    out.with_file_name(format!("{stem}.config.toml"))
+}
+
+/// The path as the file system resolves it (an output that does not exist yet: its directory
+/// resolved, then its name).
+fn resolved(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match (dir.canonicalize(), p.file_name()) {
+        (Ok(d), Some(n)) => d.join(n),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Check what a command is about to write before any work: no output may be an input (a file the
+/// command reads, or any file in an input directory such as `--data`), a directory, or in a
+/// directory that cannot be written; and an existing output is refused unless `replace` (from
+/// `--resume` or `--overwrite`), with the flags that would allow it named in `how`.
+pub fn check_outputs(outputs: &[PathBuf], inputs: &[(&str, &Path)], replace: bool, how: &str) -> Result<()> {
+    let mut read: Vec<(String, PathBuf)> = Vec::new();
+    for (flag, p) in inputs {
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).map_err(|e| Error::Io { path: p.display().to_string(), source: e })?.flatten() {
+                read.push((format!("{flag} {}", p.display()), resolved(&e.path())));
+            }
+        } else {
+            read.push((flag.to_string(), resolved(p)));
+        }
+    }
+    for out in outputs {
+        let r = resolved(out);
+        if let Some((flag, _)) = read.iter().find(|(_, q)| *q == r) {
+            return Err(Error::Invalid(format!("refusing to write {}: it is an input of this command ({flag})", out.display())));
+        }
+        if out.is_dir() {
+            return Err(Error::Invalid(format!("cannot write {}: it is a directory (give a file name)", out.display())));
+        }
+        if out.exists() && !replace {
+            return Err(Error::Invalid(format!("{} already exists (an earlier run's output?); {how}", out.display())));
+        }
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+        let probe = dir.join(format!(".msm4sr-write-check-{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+        let _ = std::fs::remove_file(&probe);
+    }
+    Ok(())
+}
+
+/// The split checks of a run, before anything is written.
+pub fn check_split(ds: &Dataset, cfg: &RunConfig) -> Result<()> {
+    let split = ds.split(cfg.model.max_len);
+    if split.train.is_empty() || split.valid.is_empty() || split.test.is_empty() {
+        return Err(Error::Invalid(format!(
+            "dataset {} gives {} training, {} validation and {} test samples; all three must be non-empty",
+            ds.name,
+            split.train.len(),
+            split.valid.len(),
+            split.test.len()
+        )));
+    }
+    Ok(())
 }
 
 /// `runs/model.safetensors` + "pretrain" -> `runs/model.pretrain.safetensors`.
@@ -145,9 +257,86 @@ impl Restored {
     }
 }
 
+/// Bytes of memory the system has available now (Linux: MemAvailable), if known.
+fn available_memory() -> Option<u128> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u128 = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Check that the model of `cfg` for `ds` fits: its parameters, their gradients and Adam's two
+/// moments (16 bytes per parameter) within the memory available now (a clear error instead of an
+/// allocation failure that would abort the process).
+pub fn check_model_fits(cfg: &RunConfig, ds: &Dataset) -> Result<()> {
+    let m = &cfg.model;
+    let params = Model::param_count(m, ds.num_items(), ds.text.as_ref().map(|t| t.dim), ds.image.as_ref().map(|t| t.dim));
+    let need = params * 16;
+    match available_memory() {
+        Some(have) if need > have => Err(Error::Invalid(format!(
+            "the model has {params} parameters (--hidden {}, --inner {}, --layers {}, --experts {}, {} items): training needs at least \
+             {:.1} GB for them, their gradients and Adam's moments, but {:.1} GB of memory is available",
+            m.hidden,
+            m.inner,
+            m.layers,
+            m.experts,
+            ds.num_items(),
+            need as f64 / 1e9,
+            have as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Build the model of `cfg` for `ds` on `dev` (after [`check_model_fits`]), initialised from `seed`.
+pub fn build_model(cfg: &RunConfig, ds: &Dataset, seed: u64, dev: Device) -> Result<Model> {
+    check_model_fits(cfg, ds)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, dev)
+}
+
+/// The file's tensors against the configuration it carries, before a model is built from it: the
+/// sizes (hidden, max length, inner, layers) must be the ones its tensors have.
+fn check_checkpoint_sizes(ck: &checkpoint::Checkpoint, cfg: &RunConfig, path: &Path) -> Result<()> {
+    let m = &cfg.model;
+    let shape = |name: &str| {
+        ck.tensors.get(name).map(|(s, _)| s.clone()).ok_or_else(|| Error::Invalid(format!("{}: tensor {name} is missing", path.display())))
+    };
+    let mismatch = |what: &str, cfg_v: usize, file: &str, v: usize| {
+        Err(Error::Invalid(format!("{}: its configuration says {what} {cfg_v}, but its tensor {file} has {v}", path.display())))
+    };
+    let pos = shape("transformer.position")?;
+    if pos.len() != 2 || pos[0] != m.max_len || pos[1] != m.hidden {
+        return Err(Error::Invalid(format!(
+            "{}: tensor transformer.position is {pos:?}; its configuration says (max_len {}, hidden {})",
+            path.display(),
+            m.max_len,
+            m.hidden
+        )));
+    }
+    let layers = (0..).take_while(|k| ck.tensors.contains_key(&format!("transformer.layer{k}.query.weight"))).count();
+    if layers != m.layers {
+        return mismatch("layers", m.layers, "transformer.layer{k}.* (layers)", layers);
+    }
+    let ffn = shape("transformer.layer0.ffn1.weight")?;
+    if ffn.get(1) != Some(&m.inner) {
+        return mismatch("inner", m.inner, "transformer.layer0.ffn1.weight", ffn.get(1).copied().unwrap_or(0));
+    }
+    Ok(())
+}
+
 /// Rebuild a model from a checkpoint's saved config and weights.
 pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<Restored> {
     let ck = checkpoint::load(ckpt)?;
+    match ck.meta.get("format").map(String::as_str) {
+        Some(train::CHECKPOINT_FORMAT) => {}
+        other => {
+            return Err(Error::Invalid(format!(
+                "{}: format {other:?}, expected \"{}\" (not an msm4sr checkpoint, or from another version)",
+                ckpt.display(),
+                train::CHECKPOINT_FORMAT
+            )))
+        }
+    }
     let stage: Stage = ck
         .meta
         .get("stage")
@@ -158,9 +347,20 @@ pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<R
         .get("config")
         .ok_or_else(|| Error::Invalid(format!("{} has no config metadata (not an msm4sr checkpoint?)", ckpt.display())))
         .and_then(|c| serde_json::from_str(c).map_err(|e| Error::Invalid(format!("{}: config metadata: {e}", ckpt.display()))))?;
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let model = Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, dev)?;
+    cfg.validate().map_err(|e| Error::Invalid(format!("{}: the saved configuration: {e}", ckpt.display())))?;
+    check_checkpoint_sizes(&ck, &cfg, ckpt)?;
+    let model = build_model(&cfg, ds, 0, dev)?;
     train::load_weights(&model, &ck, &ds.item_tokens, true)?;
+    let names: std::collections::HashSet<String> = model.params().into_iter().map(|(n, _)| n).collect();
+    let mut extra: Vec<&String> = ck.tensors.keys().filter(|n| !names.contains(*n) && !n.starts_with("adam.")).collect();
+    extra.sort();
+    if let Some(n) = extra.first() {
+        return Err(Error::Invalid(format!(
+            "{}: tensor {n} (and {} more) belongs to no parameter of the model its configuration describes",
+            ckpt.display(),
+            extra.len() - 1
+        )));
+    }
     Ok(Restored { model, cfg, stage })
 }
 
@@ -189,6 +389,9 @@ pub fn recommend(model: &Model, ds: &Dataset, user: &str, k: usize, with_id: boo
     let seq = hist[hist.len().saturating_sub(l)..].to_vec();
     let sample = Sample { user: u as u32, seq, target: 1 };
     let scores = no_grad(|| model.scores(&make_batch(&[&sample]), false, with_id, &mut Seeds::new(0)))?.to_vec()?;
+    if let Some(j) = scores.iter().position(|s| !s.is_finite()) {
+        return Err(Error::Invalid(format!("the model gives item {} a non-finite score ({})", ds.item_tokens[j + 1], scores[j])));
+    }
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     Ok(order.into_iter().take(k).map(|j| (ds.item_tokens[j + 1].clone(), scores[j], hist.contains(&(j as u32 + 1)))).collect())

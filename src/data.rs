@@ -51,6 +51,26 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source }
 }
 
+/// A text file's contents; bytes that are not UTF-8 are an error naming their line and column.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        let col = good.len() - good.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+        Error::Data { file: path.display().to_string(), line, msg: format!("not UTF-8 text (invalid byte at column {col})") }
+    })
+}
+
+/// A value as messages show it: at most 60 characters (a bad 5 MB line is not echoed whole).
+pub fn short(v: &str) -> String {
+    const MAX: usize = 60;
+    match v.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}... ({} characters)", &v[..cut], v.chars().count()),
+        None => v.to_string(),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Interaction files
 // ---------------------------------------------------------------------------------------------
@@ -67,7 +87,7 @@ pub struct Interaction {
 
 /// Read a RecBole atomic `.inter` file (see the module docs for the format).
 pub fn read_inter(path: &Path) -> Result<Vec<Interaction>> {
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    let text = read_text(path)?;
     parse_inter(&text, &path.display().to_string())
 }
 
@@ -122,7 +142,7 @@ pub fn parse_inter(text: &str, file: &str) -> Result<Vec<Interaction>> {
             Some(c) => parse_timestamp(vals[c]).ok_or_else(|| Error::Data {
                 file: file.to_string(),
                 line: lineno,
-                msg: format!("cannot parse timestamp `{}` (expected a finite number or a date YYYY-MM-DD[THH:MM:SS])", vals[c]),
+                msg: format!("cannot parse timestamp `{}` (expected a finite number or a date YYYY-MM-DD[THH:MM:SS])", short(vals[c])),
             })?,
         };
         out.push(Interaction { user: user.to_string(), item: item.to_string(), timestamp });
@@ -322,7 +342,7 @@ pub fn features_bytes(text: Option<&Modality>, image: Option<&Modality>, metadat
 /// Read the item token list: one token per line, no blank lines, no duplicates.
 pub fn read_item_tokens(path: &Path) -> Result<Vec<String>> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    let text = read_text(path)?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let body = text.strip_suffix('\n').unwrap_or(text);
     if body.is_empty() {
@@ -336,7 +356,7 @@ pub fn read_item_tokens(path: &Path) -> Result<Vec<String>> {
             return data_err(&file, k + 1, "empty item token");
         }
         if let Some(first) = seen.insert(tok, k + 1) {
-            return data_err(&file, k + 1, format!("duplicate item token \"{tok}\" (first on line {first})"));
+            return data_err(&file, k + 1, format!("duplicate item token \"{}\" (first on line {first})", short(tok)));
         }
         tokens.push(tok.to_string());
     }
@@ -361,6 +381,9 @@ fn to_i64(view: &TensorView<'_>) -> Option<Vec<i64>> {
         _ => return None,
     })
 }
+
+/// Largest feature magnitude accepted (sentence and image embeddings are about unit length).
+pub const MAX_FEATURE_ABS: f32 = 1e4;
 
 fn read_modality(st: &SafeTensors<'_>, name: &str, tokens: &[String], file: &str, items_file: &str) -> Result<Option<Modality>> {
     let len_name = format!("{name}_len");
@@ -430,6 +453,28 @@ fn read_modality(st: &SafeTensors<'_>, name: &str, tokens: &[String], file: &str
         item[len * dim..].fill(0.0);
         out_lens.push(len as u32);
     }
+    if out_lens.iter().all(|&l| l == 0) {
+        return data_err(
+            file,
+            0,
+            format!("`{len_name}` is 0 for every item: the {name} modality has no rows (leave `{name}` and `{len_name}` out to train without it)"),
+        );
+    }
+    // Valid rows only (the rest was zeroed above).
+    let (imax, vmax) = data.iter().enumerate().fold((0, 0.0f32), |(bi, bv), (i, &v)| if v.abs() > bv { (i, v.abs()) } else { (bi, bv) });
+    if vmax > MAX_FEATURE_ABS {
+        let i = imax / block;
+        return data_err(
+            file,
+            0,
+            format!(
+                "tensor `{name}` has a value of magnitude {vmax:e} (item \"{}\", {items_file} line {}); features above {MAX_FEATURE_ABS:e} \
+                 saturate the encoders' softmax and LayerNorm (sentence and image embeddings are about unit length): rescale them",
+                tokens[i],
+                i + 1
+            ),
+        );
+    }
     Ok(Some(Modality { rows, dim, data, lens: out_lens }))
 }
 
@@ -469,7 +514,7 @@ impl ItemFeatures {
                 &self.file,
                 0,
                 format!(
-                    "{} item(s) of the interactions have no features: {}{} (add them to the items file, or load with MissingFeatures::Zero)",
+                    "{} item(s) of the interactions have no features: {}{} (add them to the items file, or pass --missing-features zero to give them zero features)",
                     absent.len(),
                     shown.join(", "),
                     if absent.len() > 10 { ", ..." } else { "" }

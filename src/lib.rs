@@ -16,8 +16,10 @@ pub mod cli_run;
 pub mod data;
 pub mod demo;
 pub mod engine;
+pub mod fault;
 pub mod featurize;
 pub mod gradcheck;
+pub mod interrupt;
 pub mod metrics;
 pub mod model;
 pub mod nn;
@@ -43,6 +45,9 @@ pub enum Error {
     /// (then the message is `{file}: {msg}`).
     #[error("{file}{}: {msg}", line_suffix(*line))]
     Data { file: String, line: usize, msg: String },
+    /// The run was stopped by Ctrl-C or SIGTERM (see [`interrupt`]); the message says how to continue.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 fn line_suffix(line: usize) -> String {

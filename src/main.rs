@@ -46,67 +46,88 @@ struct RunArgs {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Model: msm4sr (the paper), sasrec (IDs only) or sasrecm (IDs + both encoders summed). Default msm4sr.
     #[arg(long, value_enum)]
     model: Option<ModelKind>,
+    /// Random seed of initialisation, shuffling and dropout (default 2024).
     #[arg(long)]
     seed: Option<u64>,
-    /// Fine-tuning epochs (upper bound; early stopping on validation Recall@20).
+    /// Fine-tuning epochs (upper bound; early stopping on validation Recall@20; default 300).
     #[arg(long)]
     epochs: Option<usize>,
+    /// Pre-training epochs (upper bound; early stopping on validation Recall@20; default 300).
     #[arg(long)]
     pretrain_epochs: Option<usize>,
+    /// Fine-tuning samples per step (default 1024).
     #[arg(long)]
     batch: Option<usize>,
+    /// Pre-training samples per step (default 1024).
     #[arg(long)]
     pretrain_batch: Option<usize>,
-    #[arg(long)]
+    /// Fine-tuning learning rate, Adam (default 1e-3).
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f32>,
-    #[arg(long)]
+    /// Pre-training learning rate, Adam (default 1e-3).
+    #[arg(long, allow_negative_numbers = true)]
     pretrain_lr: Option<f32>,
     /// Fine-tuning weight decay (Adam, coupled as torch's; default 0).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     weight_decay: Option<f32>,
     /// Pre-training weight decay (default 0, as the authors pre-train).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pretrain_weight_decay: Option<f32>,
-    /// Early-stopping patience in epochs.
+    /// Fine-tuning early-stopping patience in epochs (default 10).
     #[arg(long)]
     patience: Option<usize>,
+    /// Pre-training early-stopping patience in epochs (default 20).
     #[arg(long)]
     pretrain_patience: Option<usize>,
+    /// Users with fewer interactions are dropped (default 5; at least 3).
     #[arg(long)]
     min_user_inter: Option<usize>,
+    /// Hidden size d0 of the transformer and the item encoders (default 64).
     #[arg(long)]
     hidden: Option<usize>,
+    /// Transformer layers (default 2).
     #[arg(long)]
     layers: Option<usize>,
+    /// Attention heads; must divide --hidden (default 2).
     #[arg(long)]
     heads: Option<usize>,
+    /// Transformer feed-forward size (default 256).
     #[arg(long)]
     inner: Option<usize>,
+    /// Most recent items kept per input sequence (default 50).
     #[arg(long)]
     max_len: Option<usize>,
-    /// Hidden and attention dropout of the transformer.
-    #[arg(long)]
+    /// Hidden and attention dropout of the transformer, in [0, 1) (default 0.2).
+    #[arg(long, allow_negative_numbers = true)]
     dropout: Option<f32>,
+    /// MoE experts per modality (default 8).
     #[arg(long)]
     experts: Option<usize>,
-    #[arg(long)]
+    /// Temperature of the contrastive losses and the cosine scorer (default 0.07).
+    #[arg(long, allow_negative_numbers = true)]
     tau: Option<f32>,
-    #[arg(long)]
+    /// Weight of the CMCL loss in pre-training (default 0.01).
+    #[arg(long, allow_negative_numbers = true)]
     lambda: Option<f32>,
-    /// Fine-tuning scorer: cos (cosine / tau, the released code) or dot (the paper).
+    /// Fine-tuning scorer: cos (cosine / tau, the released code; default) or dot (the paper).
     #[arg(long, value_enum)]
     score: Option<Score>,
+    /// Modalities the model uses: text, image or both (default both).
     #[arg(long, value_enum)]
     modalities: Option<Modalities>,
     /// Drop one score term at fine-tuning: text gives MSM4SR-V, image gives MSM4SR-T.
     #[arg(long, value_enum)]
     drop_score: Option<Mod>,
+    /// Pre-train without the next-item-prediction loss (eq. 7).
     #[arg(long)]
     no_nip: bool,
+    /// Pre-train without the cross-modal contrastive loss (eq. 9).
     #[arg(long)]
     no_cmcl: bool,
+    /// Pre-train without complementary modality mixup.
     #[arg(long)]
     no_mixup: bool,
     /// Pre-training without the projection heads of eq. 6 (the authors' published command).
@@ -115,6 +136,10 @@ struct RunArgs {
     /// Exclude each user's history from the ranking.
     #[arg(long)]
     mask_history: bool,
+    /// Replace an earlier run's output files (without it, existing outputs are refused unless
+    /// --resume continues that run).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -172,6 +197,7 @@ impl RunArgs {
         m.mixup &= !self.no_mixup;
         m.proj_heads &= !self.no_heads;
         t.mask_history |= self.mask_history;
+        c.validate()?;
         Ok(c)
     }
     fn missing(&self) -> MissingFeatures {
@@ -236,6 +262,9 @@ enum Cmd {
         ranks: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "error")]
         missing_features: MissingArg,
+        /// Replace an existing --ranks file.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Top-k recommendations for one user from their whole history.
     Recommend {
@@ -271,10 +300,15 @@ enum Cmd {
         /// A BERT sentence model folder (model.safetensors, tokenizer.json, config.json); see tools/get_minilm.sh.
         #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
         model_dir: PathBuf,
+        /// Sentences per batch, at most (default 64).
         #[arg(long, default_value_t = 64)]
         batch: usize,
+        /// Print the summary as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Replace existing feature files in --out.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Write a synthetic dataset with planted multimodal structure.
     Synth {
@@ -286,12 +320,18 @@ enum Cmd {
         /// Print the effective generator settings as TOML and exit.
         #[arg(long)]
         print_config: bool,
+        /// Users (default 1000).
         #[arg(long)]
         users: Option<usize>,
+        /// Items (default 3000).
         #[arg(long)]
         items: Option<usize>,
+        /// Generator seed (default 42; the output is a function of the settings).
         #[arg(long)]
         seed: Option<u64>,
+        /// Replace an existing synthetic dataset in --out.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// List GPU adapters, the chosen device, its limits and features.
     Info {
@@ -334,8 +374,15 @@ fn main() -> ExitCode {
     msm4sr::startup();
     let cli = Cli::parse();
     gpu::request_adapter(cli.adapter.clone());
+    if let Err(e) = msm4sr::interrupt::install() {
+        eprintln!("warning: {e}");
+    }
     match run(cli) {
         Ok(code) => code,
+        Err(e @ msm4sr::Error::Interrupted(_)) => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -367,19 +414,28 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             let mut cfg = run.config()?;
             cfg.model.model = ModelKind::Msm4sr;
             // `pretrain --out X` writes X itself: run the stage directly.
-            let (dev, desc) = cli.device.resolve(named)?;
-            eprintln!("device: {desc}");
             if run.print_config {
                 print!("{}", cli_run::config_toml(&cfg));
                 return Ok(ExitCode::SUCCESS);
             }
+            let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--data", &run.data)];
+            inputs.extend(run.config.as_deref().map(|c| ("--config", c)));
+            let how = "pass --resume to continue that run or --overwrite to replace it";
+            cli_run::check_outputs(&cli_run::run_outputs(&out, false), &inputs, resume || run.overwrite, how)?;
+            let (dev, desc) = cli.device.resolve(named)?;
+            eprintln!("device: {desc}");
             let ds = cli_run::load_dataset(&run.data, &cfg, run.missing())?;
             eprintln!("{ds}");
+            cli_run::check_split(&ds, &cfg)?;
             let split = ds.split(cfg.model.max_len);
-            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(cfg.train.seed);
-            let model = msm4sr::model::Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, dev)?;
-            save_config(&out, &cfg)?;
+            let model = cli_run::build_model(&cfg, &ds, cfg.train.seed, dev)?;
+            if !resume {
+                save_config(&out, &cfg)?;
+            }
             let s = msm4sr::train::fit(&model, &split, &cfg, msm4sr::train::Stage::Pretrain, &ds.item_tokens, &out, resume, run.json)?;
+            if resume {
+                save_config(&out, &cfg)?;
+            }
             if run.json {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap());
             } else {
@@ -392,7 +448,11 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             let plan = Plan { pretrain: false, finetune: true, e2e: false };
             train_cmd(&run, cfg, plan, &out, init.as_deref(), resume, cli.device, named)
         }
-        Cmd::Evaluate { data, ckpt, json, ranks, missing_features } => {
+        Cmd::Evaluate { data, ckpt, json, ranks, missing_features, overwrite } => {
+            if let Some(r) = &ranks {
+                let inputs: [(&str, &std::path::Path); 2] = [("--data", &data), ("--ckpt", &ckpt)];
+                cli_run::check_outputs(std::slice::from_ref(r), &inputs, overwrite, "pass --overwrite to replace it")?;
+            }
             let (dev, desc) = cli.device.resolve(named)?;
             eprintln!("device: {desc}");
             let cfg = checkpoint_config(&ckpt)?;
@@ -412,12 +472,15 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 msm4sr::checkpoint::write_atomic(&path, text.as_bytes())?;
                 eprintln!("per-user ranks in {}", path.display());
             }
-            let (valid, test) = (metrics::Metrics::from_ranks(&valid_ranks), metrics::Metrics::from_ranks(&test_ranks));
+            let (valid, test) = (cli_run::metrics_of(&valid_ranks), cli_run::metrics_of(&test_ranks));
             let r = cli_run::RunResult { model: cli_run::model_name(cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64() };
             print_result(&r, json);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Recommend { data, ckpt, user, k, json, missing_features } => {
+            if k == 0 {
+                return Err(msm4sr::Error::Invalid("--k 0: must be at least 1 (the number of items to recommend)".into()));
+            }
             let (dev, _) = cli.device.resolve(named)?;
             let cfg = checkpoint_config(&ckpt)?;
             let ds = cli_run::load_dataset(&data, &cfg, missing_of(missing_features))?;
@@ -434,7 +497,12 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Featurize { items, out, text_fields, max_sentences, image_keywords, model_dir, batch, json } => {
+        Cmd::Featurize { items, out, text_fields, max_sentences, image_keywords, model_dir, batch, json, overwrite } => {
+            let name = items.file_stem().and_then(|n| n.to_str()).unwrap_or("items").to_string();
+            let files = [out.join(format!("{name}.features.safetensors")), out.join(format!("{name}.items.txt"))];
+            let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--items", &items), ("--model-dir", &model_dir)];
+            inputs.extend(image_keywords.as_deref().map(|k| ("--image-keywords", k)));
+            cli_run::check_outputs(&files, &inputs, overwrite, "pass --overwrite to replace it")?;
             let (dev, desc) = cli.device.resolve(named)?;
             eprintln!("device: {desc}");
             let opts = msm4sr::featurize::FeaturizeOptions { items, text_fields, out, max_sentences, image_keywords, model_dir, batch };
@@ -454,9 +522,9 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Synth { out, config, print_config, users, items, seed } => {
+        Cmd::Synth { out, config, print_config, users, items, seed, overwrite } => {
             let mut c = match config {
-                Some(p) => synth::SynthConfig::from_toml_file(&p)?,
+                Some(ref p) => synth::SynthConfig::from_toml_file(p)?,
                 None => synth::SynthConfig::default(),
             };
             if let Some(u) = users {
@@ -474,6 +542,10 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let out = out.ok_or_else(|| msm4sr::Error::Invalid("synth needs --out DIR".into()))?;
+            let files: Vec<PathBuf> =
+                ["inter", "features.safetensors", "items.txt"].iter().map(|e| out.join(format!("{}.{e}", synth::NAME))).collect();
+            let inputs: Vec<(&str, &std::path::Path)> = config.as_deref().map(|c| ("--config", c)).into_iter().collect();
+            cli_run::check_outputs(&files, &inputs, overwrite, "pass --overwrite to replace it")?;
             synth::write(&out, &c)?;
             println!("wrote a synthetic dataset ({} users, {} items, seed {}) to {}", c.users, c.items, c.seed, out.display());
             Ok(ExitCode::SUCCESS)
@@ -638,17 +710,25 @@ fn checkpoint_config(ckpt: &std::path::Path) -> msm4sr::Result<RunConfig> {
     serde_json::from_str(c).map_err(|e| msm4sr::Error::Invalid(format!("{}: {e}", ckpt.display())))
 }
 
-/// Save the effective config beside the checkpoint (`<stem>.config.toml`).
+/// Save the effective config beside the checkpoint (`<stem>.config.toml`), once the run is validated.
 fn save_config(out: &std::path::Path, cfg: &RunConfig) -> msm4sr::Result<()> {
-    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-    msm4sr::checkpoint::write_atomic(&out.with_file_name(format!("{stem}.config.toml")), cli_run::config_toml(cfg).as_bytes())
+    msm4sr::checkpoint::write_atomic(&cli_run::config_path(out), cli_run::config_toml(cfg).as_bytes())
 }
 
 fn print_result(r: &cli_run::RunResult, json: bool) {
     if json {
         println!("{}", serde_json::to_string_pretty(r).unwrap());
     } else {
-        println!("{}", metrics::table(&[("valid", &r.valid), ("test", &r.test)]));
+        let present: Vec<(&str, &metrics::Metrics)> =
+            [("valid", &r.valid), ("test", &r.test)].into_iter().filter_map(|(n, m)| m.as_ref().map(|m| (n, m))).collect();
+        for (n, m) in [("valid", &r.valid), ("test", &r.test)] {
+            if m.is_none() {
+                println!("{n}: no samples");
+            }
+        }
+        if !present.is_empty() {
+            println!("{}", metrics::table(&present));
+        }
         println!("model {}, {} epochs, {:.1} s", r.model, r.epochs, r.seconds);
     }
 }
@@ -668,6 +748,11 @@ fn train_cmd(
         print!("{}", cli_run::config_toml(&cfg));
         return Ok(ExitCode::SUCCESS);
     }
+    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--data", &run.data)];
+    inputs.extend(run.config.as_deref().map(|c| ("--config", c)));
+    inputs.extend(init.map(|c| ("--init", c)));
+    let outputs = cli_run::run_outputs(out, plan.pretrain);
+    cli_run::check_outputs(&outputs, &inputs, resume || run.overwrite, "pass --resume to continue that run or --overwrite to replace it")?;
     let (dev, desc) = choice.resolve(named)?;
     let ds = cli_run::load_dataset(&run.data, &cfg, run.missing())?;
     if !run.json {
@@ -675,8 +760,16 @@ fn train_cmd(
         eprintln!("{ds}");
         eprintln!("effective configuration:\n{}", cli_run::config_toml(&cfg));
     }
-    save_config(out, &cfg)?;
+    cli_run::check_split(&ds, &cfg)?;
+    cli_run::check_model_fits(&cfg, &ds)?;
+    // A resumed run's settings are checked against the interrupted run's first (train::fit).
+    if !resume {
+        save_config(out, &cfg)?;
+    }
     let r = cli_run::run_training(&ds, &cfg, plan, out, init, resume, dev, run.json)?;
+    if resume {
+        save_config(out, &cfg)?;
+    }
     print_result(&r, run.json);
     Ok(ExitCode::SUCCESS)
 }

@@ -53,7 +53,7 @@ pub enum Mod {
 
 /// Everything that fixes the model's shape and losses (saved in checkpoints).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     pub model: ModelKind,
     pub hidden: usize,
@@ -216,6 +216,28 @@ impl Model {
             padded: false,
             cfg,
         })
+    }
+
+    /// The number of parameters `Model::new` would make for `cfg`, `n_items` items and features
+    /// of widths `text_dim` / `image_dim` (None: absent), without making them (for checking that a
+    /// model fits in memory before it is built).
+    pub fn param_count(cfg: &ModelConfig, n_items: usize, text_dim: Option<usize>, image_dim: Option<usize>) -> u128 {
+        let (h, f, l, e) = (cfg.hidden as u128, cfg.inner as u128, cfg.layers as u128, cfg.experts as u128);
+        let multimodal = cfg.model != ModelKind::Sasrec;
+        let dims = [
+            text_dim.filter(|_| multimodal && cfg.modalities != Modalities::Image),
+            image_dim.filter(|_| multimodal && cfg.modalities != Modalities::Text),
+        ];
+        let layer = 4 * (h * h + h) + (h * f + f) + (f * h + h) + 4 * h;
+        let mut n = cfg.max_len as u128 * h + 2 * h + l * layer + (n_items as u128 + 1) * h;
+        for d in dims.into_iter().flatten() {
+            let d = d as u128;
+            n += (d * 64 + 64) + (64 + 1) + (d * e * h + e * h) + 2 * e * h + d * e;
+            if cfg.model == ModelKind::Msm4sr && cfg.proj_heads {
+                n += h * h + h;
+            }
+        }
+        n
     }
 
     /// Every trainable tensor by its checkpoint name.

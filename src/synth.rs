@@ -100,7 +100,8 @@ impl SynthConfig {
     /// Unknown keys are an error (a misspelt setting must not be silently ignored).
     pub fn from_toml_file(path: &Path) -> Result<SynthConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-        let cfg: SynthConfig = toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        let cfg: SynthConfig = toml::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{}: {}", path.display(), crate::cli_run::with_suggestion(e.to_string()))))?;
         cfg.validate()?;
         Ok(cfg)
     }

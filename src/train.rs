@@ -27,7 +27,7 @@ use crate::{Error, Result};
 
 /// Optimisation and protocol settings (saved with every checkpoint).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub epochs: usize,
     pub pretrain_epochs: usize,
@@ -74,10 +74,85 @@ impl Default for TrainConfig {
 
 /// The whole effective configuration of a run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     pub model: ModelConfig,
     pub train: TrainConfig,
+}
+
+impl RunConfig {
+    /// Check every setting's range before anything runs; the error names the flag (and the config
+    /// file key), the value and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let (m, t) = (&self.model, &self.train);
+        // `flag` "" for settings only a config file sets.
+        fn bad(flag: &str, key: &str, value: impl std::fmt::Display, want: &str) -> Result<()> {
+            let what =
+                if flag.is_empty() { format!("`{key} = {value}` (config file)") } else { format!("--{flag} {value} (config `{key}`)") };
+            Err(Error::Invalid(format!("{what}: {want}")))
+        }
+        let at_least = |flag: &str, key: &str, v: usize, min: usize| {
+            if v < min {
+                bad(flag, key, v, &format!("must be at least {min}"))
+            } else {
+                Ok(())
+            }
+        };
+        let positive = |flag: &str, key: &str, v: f32| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                bad(flag, key, v, "must be a finite number above 0")
+            }
+        };
+        let non_negative = |flag: &str, key: &str, v: f32| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                bad(flag, key, v, "must be a finite number, 0 or more")
+            }
+        };
+        let probability = |flag: &str, key: &str, v: f32| {
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                bad(flag, key, v, "must be a probability in [0, 1)")
+            }
+        };
+        at_least("epochs", "train.epochs", t.epochs, 1)?;
+        at_least("pretrain-epochs", "train.pretrain_epochs", t.pretrain_epochs, 1)?;
+        at_least("batch", "train.batch", t.batch, 1)?;
+        at_least("pretrain-batch", "train.pretrain_batch", t.pretrain_batch, 1)?;
+        at_least("", "train.eval_batch", t.eval_batch, 1)?;
+        positive("lr", "train.lr", t.lr)?;
+        positive("pretrain-lr", "train.pretrain_lr", t.pretrain_lr)?;
+        non_negative("weight-decay", "train.weight_decay", t.weight_decay)?;
+        non_negative("pretrain-weight-decay", "train.pretrain_weight_decay", t.pretrain_weight_decay)?;
+        non_negative("", "train.clip", t.clip)?;
+        // Leave-one-out needs a training, a validation and a test interaction per user.
+        at_least("min-user-inter", "train.min_user_inter", t.min_user_inter, 3)?;
+        at_least("hidden", "model.hidden", m.hidden, 1)?;
+        at_least("layers", "model.layers", m.layers, 1)?;
+        at_least("heads", "model.heads", m.heads, 1)?;
+        if !m.hidden.is_multiple_of(m.heads) {
+            return bad(
+                "heads",
+                "model.heads",
+                m.heads,
+                &format!("must divide --hidden {} (each head gets hidden / heads channels)", m.hidden),
+            );
+        }
+        at_least("inner", "model.inner", m.inner, 1)?;
+        at_least("max-len", "model.max_len", m.max_len, 1)?;
+        at_least("experts", "model.experts", m.experts, 1)?;
+        probability("dropout", "model.dropout", m.dropout)?;
+        probability("dropout", "model.attn_dropout", m.attn_dropout)?;
+        probability("", "model.moe_dropout", m.moe_dropout)?;
+        probability("", "model.item_drop", m.item_drop)?;
+        positive("tau", "model.tau", m.tau)?;
+        non_negative("lambda", "model.lambda", m.lambda)?;
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,13 +215,110 @@ pub fn last_path(out: &Path) -> PathBuf {
 }
 
 /// Metadata every checkpoint carries.
+/// The `format` metadata of every checkpoint this version writes.
+pub const CHECKPOINT_FORMAT: &str = "msm4sr-checkpoint-1";
+
 pub fn base_meta(cfg: &RunConfig, item_tokens: &[String], stage: Stage) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
-    m.insert("format".into(), "msm4sr-checkpoint-1".into());
+    m.insert("format".into(), CHECKPOINT_FORMAT.into());
     m.insert("config".into(), serde_json::to_string(cfg).unwrap());
     m.insert("item_tokens".into(), serde_json::to_string(item_tokens).unwrap());
     m.insert("stage".into(), serde_json::to_string(&stage).unwrap());
     m
+}
+
+/// What a resume state (`<out>.last.safetensors`, metadata `resume`) records besides the weights
+/// and Adam moments: where the stage stands, and which run it is (data and configuration), so that
+/// `--resume` continues only that run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResumeState {
+    pub stage: Stage,
+    /// Epochs finished.
+    pub epoch: usize,
+    /// Adam's step count.
+    pub adam_t: u32,
+    pub best: f64,
+    pub best_epoch: usize,
+    pub bad_epochs: usize,
+    pub best_valid: Option<Metrics>,
+    pub data: DataFingerprint,
+    pub config: RunConfig,
+}
+
+/// Settings that may change when a run is resumed (config keys); every other one must match.
+pub const RESUME_MAY_CHANGE: [&str; 5] =
+    ["train.epochs", "train.pretrain_epochs", "train.patience", "train.pretrain_patience", "train.eval_batch"];
+
+/// The data a run was trained on: the item order, the interaction count, and a hash of both and of
+/// every sample.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    pub items: usize,
+    pub interactions: usize,
+    /// FNV-1a (64-bit, hex) of the item tokens in order and of every sample (user, sequence, target).
+    pub hash: String,
+}
+
+impl DataFingerprint {
+    pub fn of(item_tokens: &[String], split: &Split) -> Self {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        for t in item_tokens {
+            eat(t.as_bytes());
+            eat(&[0xff]);
+        }
+        let mut users = std::collections::HashSet::new();
+        for s in split.train.iter().chain(&split.valid).chain(&split.test) {
+            users.insert(s.user);
+            eat(&s.user.to_le_bytes());
+            eat(&(s.seq.len() as u32).to_le_bytes());
+            for i in &s.seq {
+                eat(&i.to_le_bytes());
+            }
+            eat(&s.target.to_le_bytes());
+        }
+        // Each user with n interactions gives n - 1 samples (targets 2..n).
+        let samples = split.train.len() + split.valid.len() + split.test.len();
+        DataFingerprint { items: item_tokens.len().saturating_sub(1), interactions: samples + users.len(), hash: format!("{h:016x}") }
+    }
+}
+
+impl std::fmt::Display for DataFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} items, {} interactions, hash {}", self.items, self.interactions, self.hash)
+    }
+}
+
+/// The first setting (config key) that differs between `was` and `now`, outside
+/// [`RESUME_MAY_CHANGE`], in words.
+pub fn config_difference(was: &RunConfig, now: &RunConfig) -> Option<String> {
+    fn flat(c: &RunConfig) -> BTreeMap<String, serde_json::Value> {
+        let mut out = BTreeMap::new();
+        if let serde_json::Value::Object(sections) = serde_json::to_value(c).unwrap_or_default() {
+            for (sec, v) in sections {
+                if let serde_json::Value::Object(keys) = v {
+                    for (k, v) in keys {
+                        out.insert(format!("{sec}.{k}"), v);
+                    }
+                }
+            }
+        }
+        out
+    }
+    let (a, b) = (flat(was), flat(now));
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let found = keys.into_iter().filter(|k| !RESUME_MAY_CHANGE.contains(&k.as_str())).find_map(|k| {
+        let (x, y) = (a.get(k), b.get(k));
+        (x != y).then(|| {
+            let show = |v: Option<&serde_json::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+            format!("`{k}` was {} in the interrupted run and is {} now", show(x), show(y))
+        })
+    });
+    found
 }
 
 /// Early stopping on validation Recall@20 as RecBole's `early_stopping`: a score at least as good
@@ -215,10 +387,30 @@ pub fn fit(
     let (mut start_epoch, mut best_epoch) = (0usize, 0usize);
     let mut best_valid: Option<Metrics> = None;
     let last = last_path(out);
+    let data = DataFingerprint::of(item_tokens, split);
     if resume && last.exists() {
         let ck = checkpoint::load(&last)?;
-        if ck.meta.get("stage") != meta.get("stage") {
-            return Err(Error::Invalid(format!("{} belongs to stage {:?}, not {:?}", last.display(), ck.meta.get("stage"), stage)));
+        let st: ResumeState = ck
+            .meta
+            .get("resume")
+            .ok_or_else(|| Error::Invalid(format!("{} has no resume state (not written by this version's training loop)", last.display())))
+            .and_then(|v| serde_json::from_str(v).map_err(|e| Error::Invalid(format!("{}: resume state: {e}", last.display()))))?;
+        if st.stage != stage {
+            return Err(Error::Invalid(format!("{} belongs to stage {:?}, not {stage:?}", last.display(), st.stage)));
+        }
+        if st.data != data {
+            return Err(Error::Invalid(format!(
+                "--resume: {} was trained on other data ({}) than this dataset ({}); start a new run (--overwrite) instead",
+                last.display(),
+                st.data,
+                data
+            )));
+        }
+        if let Some(d) = config_difference(&st.config, cfg) {
+            return Err(Error::Invalid(format!(
+                "--resume continues the run as it was, but {d}; only {} may change on resume (or start a new run with --overwrite)",
+                RESUME_MAY_CHANGE.join(", ")
+            )));
         }
         ck.load_into(&model.params(), true)?;
         let mut moments = Vec::new();
@@ -230,17 +422,12 @@ pub fn fit(
                 _ => return Err(Error::Invalid(format!("{} has no optimizer state for {n}", last.display()))),
             }
         }
-        let num = |k: &str| -> Result<f64> {
-            ck.meta.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| Error::Invalid(format!("{}: metadata '{k}' missing", last.display())))
-        };
-        opt.load_state(num("adam_t")? as u32, moments)?;
-        start_epoch = num("epoch")? as usize;
-        stop.best = num("best")?;
-        best_epoch = num("best_epoch")? as usize;
-        stop.bad_epochs = num("bad_epochs")? as usize;
-        if let Some(v) = ck.meta.get("best_valid") {
-            best_valid = serde_json::from_str(v).ok();
-        }
+        opt.load_state(st.adam_t, moments)?;
+        start_epoch = st.epoch;
+        stop.best = st.best;
+        best_epoch = st.best_epoch;
+        stop.bad_epochs = st.bad_epochs;
+        best_valid = st.best_valid;
         eprintln!("resuming {stage:?} from {} at epoch {}", last.display(), start_epoch + 1);
     } else if resume {
         eprintln!("no resume state at {}; starting from scratch", last.display());
@@ -264,6 +451,15 @@ pub fn fit(
             let loss = step_loss(model, split, idx, stage, cfg, &mut rng, &mut seeds)?;
             let grads = backward(&loss)?;
             opt.step(&grads)?;
+            crate::fault::point("step");
+            if crate::interrupt::requested() {
+                bar.finish_and_clear();
+                let done = if epoch > 0 { format!("after epoch {epoch}, in {}", last.display()) } else { "none yet".to_string() };
+                return Err(Error::Interrupted(format!(
+                    "interrupted in {stage:?} epoch {} (saved state: {done}); run the same command with --resume to continue",
+                    epoch + 1
+                )));
+            }
             let l = loss.item()?;
             if !l.is_finite() {
                 return Err(Error::Invalid(format!("{stage:?} epoch {}: the loss became {l} (try a lower --lr)", epoch + 1)));
@@ -282,6 +478,16 @@ pub fn fit(
             let (s1, f1) = crate::engine::tensor::gemm_counters();
             (s1 - gemm0.0, f1 - gemm0.1)
         };
+        // A last step can leave finite losses but non-finite weights: never evaluate or save those.
+        for (name, p) in &params {
+            if p.to_vec()?.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "{stage:?} epoch {}: parameter {name} became NaN or Inf; nothing of this epoch was saved \
+                     (the best checkpoint so far is kept); try a lower learning rate (now {lr}) or gradient clipping",
+                    epoch + 1
+                )));
+            }
+        }
         let valid = evaluate(model, &split.valid, tc, with_id)?;
         let r20 = valid.recall20;
         let improved = stop.update(r20);
@@ -313,14 +519,18 @@ pub fn fit(
             state.push((format!("adam.m.{n}"), m.clone()));
             state.push((format!("adam.v.{n}"), v.clone()));
         }
-        meta.insert("epoch".into(), epoch.to_string());
-        meta.insert("adam_t".into(), opt.t.to_string());
-        meta.insert("best".into(), stop.best.to_string());
-        meta.insert("best_epoch".into(), best_epoch.to_string());
-        meta.insert("bad_epochs".into(), stop.bad_epochs.to_string());
-        if let Some(v) = &best_valid {
-            meta.insert("best_valid".into(), serde_json::to_string(v).unwrap());
-        }
+        let st = ResumeState {
+            stage,
+            epoch,
+            adam_t: opt.t,
+            best: stop.best,
+            best_epoch,
+            bad_epochs: stop.bad_epochs,
+            best_valid,
+            data: data.clone(),
+            config: cfg.clone(),
+        };
+        meta.insert("resume".into(), serde_json::to_string(&st).unwrap());
         checkpoint::save(&last, &state, &meta)?;
     }
     // Continue from the best weights.
@@ -369,17 +579,42 @@ fn step_loss(
 
 /// Load model weights (and check the item order) from a checkpoint written by `fit`.
 pub fn load_weights(model: &Model, ck: &Checkpoint, item_tokens: &[String], strict: bool) -> Result<usize> {
-    if let Some(tokens) = ck.meta.get("item_tokens") {
-        let saved: Vec<String> = serde_json::from_str(tokens).map_err(|e| Error::Invalid(format!("checkpoint item_tokens: {e}")))?;
-        if saved != item_tokens {
-            return Err(Error::Invalid(format!(
-                "the checkpoint was trained on a different item set ({} items) than this dataset ({} items)",
-                saved.len().saturating_sub(1),
-                item_tokens.len().saturating_sub(1)
-            )));
-        }
+    let tokens = ck.meta.get("item_tokens").ok_or_else(|| {
+        Error::Invalid(
+            "the checkpoint has no item_tokens metadata (not an msm4sr checkpoint?), so its ID rows cannot be matched to the items".into(),
+        )
+    })?;
+    let saved: Vec<String> = serde_json::from_str(tokens).map_err(|e| Error::Invalid(format!("checkpoint item_tokens: {e}")))?;
+    if saved != item_tokens {
+        return Err(Error::Invalid(item_set_difference(&saved, item_tokens)));
     }
     ck.load_into(&model.params(), strict)
+}
+
+/// How a checkpoint's items (`saved`, index 0 padding) differ from a dataset's, in words.
+fn item_set_difference(saved: &[String], here: &[String]) -> String {
+    use std::collections::HashSet;
+    let (a, b): (HashSet<&String>, HashSet<&String>) = (saved.iter().skip(1).collect(), here.iter().skip(1).collect());
+    if a == b {
+        let k = saved.iter().zip(here).position(|(x, y)| x != y).unwrap_or(0);
+        return format!(
+            "the checkpoint has the same {} items as this dataset but in another order (item {k} is \"{}\" there and \"{}\" here): \
+             its ID embeddings would belong to the wrong items; items are numbered by first appearance in the .inter file",
+            a.len(),
+            saved[k],
+            here[k]
+        );
+    }
+    let only_ck = saved.iter().skip(1).find(|t| !b.contains(t));
+    let only_ds = here.iter().skip(1).find(|t| !a.contains(t));
+    let mut msg = format!("the checkpoint was trained on a different item set ({} items) than this dataset ({} items)", a.len(), b.len());
+    if let Some(t) = only_ck {
+        msg += &format!("; \"{t}\" is in the checkpoint only");
+    }
+    if let Some(t) = only_ds {
+        msg += &format!("; \"{t}\" is in this dataset only");
+    }
+    msg
 }
 
 /// Whether a model kind runs the pre-training stage.

@@ -1,0 +1,37 @@
+//! Fault injection, for the tests that kill a run at a chosen point and resume it.
+//!
+//! `MSM4SR_FAULT=NAME:K` makes the process kill itself with SIGKILL (as `kill -9` would; an abort
+//! elsewhere than Unix) the K-th time it reaches the point NAME, counting from 1. Points:
+//! - `step`: after a training step's parameter update;
+//! - `write`: inside an atomic file write (a checkpoint, a resume state, a config), the temporary
+//!   file written and synced but not yet renamed into place.
+//!
+//! Without the variable every point costs one relaxed atomic load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+fn spec() -> &'static Option<(String, u64)> {
+    static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    SPEC.get_or_init(|| {
+        let v = std::env::var("MSM4SR_FAULT").ok()?;
+        let (name, k) = v.split_once(':')?;
+        Some((name.to_string(), k.parse().ok()?))
+    })
+}
+
+static HITS: AtomicU64 = AtomicU64::new(0);
+
+/// Pass the point `name` (see the module docs).
+pub fn point(name: &str) {
+    let Some((want, k)) = spec() else { return };
+    if want == name && HITS.fetch_add(1, Ordering::Relaxed) + 1 == *k {
+        eprintln!("MSM4SR_FAULT: killing the process at {name} #{k}");
+        #[cfg(unix)]
+        // SAFETY: kill(2) on our own pid; nothing is touched afterwards.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+        std::process::abort();
+    }
+}
