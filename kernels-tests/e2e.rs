@@ -765,3 +765,13 @@ fn checkpoints_are_checked_before_a_model_is_built() {
     assert!(!ok && err.contains("parameters") && err.contains("available"), "--hidden 1000000: {err}");
     assert!(!dir.join("big.config.toml").exists(), "the configuration of a refused run was written");
 }
+
+/// Probing GPU adapters prints nothing from the Vulkan loader: without XDG_RUNTIME_DIR its
+/// window-system layers used to print four "XDG_RUNTIME_DIR is invalid" lines.
+#[test]
+fn info_output_is_clean_without_xdg_runtime_dir() {
+    let o = Command::new(env!("CARGO_BIN_EXE_msm4sr")).arg("info").env_remove("XDG_RUNTIME_DIR").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
