@@ -54,7 +54,10 @@ pub fn config_toml(cfg: &RunConfig) -> String {
 }
 
 pub fn load_dataset(dir: &Path, cfg: &RunConfig, missing: MissingFeatures) -> Result<Dataset> {
-    Dataset::load(dir, &LoadOptions { min_user_inter: cfg.train.min_user_inter, missing_features: missing, require_features: false })
+    let ds =
+        Dataset::load(dir, &LoadOptions { min_user_inter: cfg.train.min_user_inter, missing_features: missing, require_features: false })?;
+    crate::fault::reached("parsed");
+    Ok(ds)
 }
 
 /// The `--json` result of train / evaluate. A split without samples has no metrics (`null`),
@@ -261,7 +264,17 @@ impl Restored {
 fn available_memory() -> Option<u128> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u128 = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kb * 1024)
+    let mut have = kb * 1024;
+    // An address-space limit (ulimit -v) bounds it too.
+    #[cfg(unix)]
+    {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut r) } == 0 && r.rlim_cur != libc::RLIM_INFINITY {
+            have = have.min(r.rlim_cur as u128);
+        }
+    }
+    Some(have)
 }
 
 /// Check that the model of `cfg` for `ds` fits: its parameters, their gradients and Adam's two
@@ -291,7 +304,9 @@ pub fn check_model_fits(cfg: &RunConfig, ds: &Dataset) -> Result<()> {
 pub fn build_model(cfg: &RunConfig, ds: &Dataset, seed: u64, dev: Device) -> Result<Model> {
     check_model_fits(cfg, ds)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, dev)
+    let m = Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, dev)?;
+    crate::fault::reached("model");
+    Ok(m)
 }
 
 /// The file's tensors against the configuration it carries, before a model is built from it: the

@@ -35,3 +35,20 @@ pub fn point(name: &str) {
         std::process::abort();
     }
 }
+
+/// With `MSM4SR_TRACE_STAGES` set, print `msm4sr-stage: NAME` to stderr the first time the
+/// process reaches a stage (`parsed`: the inputs read and validated; `model`: the model built;
+/// `step`: a training step done; `evaluated`: ranks computed). The fuzz harness counts how far each
+/// mutated input got with it.
+pub fn reached(stage: &str) {
+    use std::sync::Mutex;
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    if std::env::var_os("MSM4SR_TRACE_STAGES").is_none() {
+        return;
+    }
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.iter().any(|s| s == stage) {
+        seen.push(stage.to_string());
+        eprintln!("msm4sr-stage: {stage}");
+    }
+}

@@ -180,6 +180,14 @@ pub struct StageSummary {
 /// side is encoded once; each batch's scores are reduced block by block on the model's device
 /// (`Model::rank_targets`), only the ranks coming back.
 pub fn ranks(model: &Model, samples: &[Sample], eval_batch: usize, with_id: bool, mask_history: bool) -> Result<Vec<u32>> {
+    let r = ranks_inner(model, samples, eval_batch, with_id, mask_history);
+    if r.is_ok() {
+        crate::fault::reached("evaluated");
+    }
+    r
+}
+
+fn ranks_inner(model: &Model, samples: &[Sample], eval_batch: usize, with_id: bool, mask_history: bool) -> Result<Vec<u32>> {
     no_grad(|| {
         let mut out = Vec::with_capacity(samples.len());
         let mut seeds = Seeds::new(0);
@@ -452,6 +460,7 @@ pub fn fit(
             let grads = backward(&loss)?;
             opt.step(&grads)?;
             crate::fault::point("step");
+            crate::fault::reached("step");
             if crate::interrupt::requested() {
                 bar.finish_and_clear();
                 let done = if epoch > 0 { format!("after epoch {epoch}, in {}", last.display()) } else { "none yet".to_string() };
