@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::checkpoint;
-use crate::data::{make_batch, Dataset, LoadOptions, MissingFeatures, Sample};
+use crate::data::{make_batch, Dataset, LoadOptions, MissingFeatures, Sample, Split};
 use crate::engine::{no_grad, Device};
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelKind};
@@ -110,8 +110,7 @@ pub fn run_training(
     quiet: bool,
 ) -> Result<RunResult> {
     cfg.validate()?;
-    check_split(ds, cfg)?;
-    let split = ds.split(cfg.model.max_len);
+    let split = check_split(ds, cfg)?;
     let model = build_model(cfg, ds, cfg.train.seed, dev)?;
     if let Some(init) = init {
         let ck = checkpoint::load(init)?;
@@ -223,8 +222,9 @@ pub fn check_outputs(outputs: &[PathBuf], inputs: &[(&str, &Path)], replace: boo
     Ok(())
 }
 
-/// The split checks of a run, before anything is written.
-pub fn check_split(ds: &Dataset, cfg: &RunConfig) -> Result<()> {
+/// The run's split, checked (training, validation and test samples all present) before anything
+/// is written.
+pub fn check_split(ds: &Dataset, cfg: &RunConfig) -> Result<Split> {
     let split = ds.split(cfg.model.max_len);
     if split.train.is_empty() || split.valid.is_empty() || split.test.is_empty() {
         return Err(Error::Invalid(format!(
@@ -235,7 +235,7 @@ pub fn check_split(ds: &Dataset, cfg: &RunConfig) -> Result<()> {
             split.test.len()
         )));
     }
-    Ok(())
+    Ok(split)
 }
 
 /// `runs/model.safetensors` + "pretrain" -> `runs/model.pretrain.safetensors`.

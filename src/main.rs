@@ -200,6 +200,15 @@ impl RunArgs {
         c.validate()?;
         Ok(c)
     }
+    /// What a training command at `out` will write, checked before any work (see
+    /// `cli_run::check_outputs`): its inputs are --data, --config and `init`.
+    fn check_outputs(&self, out: &std::path::Path, init: Option<&std::path::Path>, pretrain: bool, resume: bool) -> msm4sr::Result<()> {
+        let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--data", &self.data)];
+        inputs.extend(self.config.as_deref().map(|c| ("--config", c)));
+        inputs.extend(init.map(|c| ("--init", c)));
+        let how = "pass --resume to continue that run or --overwrite to replace it";
+        cli_run::check_outputs(&cli_run::run_outputs(out, pretrain), &inputs, resume || self.overwrite, how)
+    }
     fn missing(&self) -> MissingFeatures {
         match self.missing_features {
             MissingArg::Error => MissingFeatures::Error,
@@ -418,16 +427,12 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 print!("{}", cli_run::config_toml(&cfg));
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--data", &run.data)];
-            inputs.extend(run.config.as_deref().map(|c| ("--config", c)));
-            let how = "pass --resume to continue that run or --overwrite to replace it";
-            cli_run::check_outputs(&cli_run::run_outputs(&out, false), &inputs, resume || run.overwrite, how)?;
+            run.check_outputs(&out, None, false, resume)?;
             let (dev, desc) = cli.device.resolve(named)?;
             eprintln!("device: {desc}");
             let ds = cli_run::load_dataset(&run.data, &cfg, run.missing())?;
             eprintln!("{ds}");
-            cli_run::check_split(&ds, &cfg)?;
-            let split = ds.split(cfg.model.max_len);
+            let split = cli_run::check_split(&ds, &cfg)?;
             let model = cli_run::build_model(&cfg, &ds, cfg.train.seed, dev)?;
             if !resume {
                 save_config(&out, &cfg)?;
@@ -748,11 +753,7 @@ fn train_cmd(
         print!("{}", cli_run::config_toml(&cfg));
         return Ok(ExitCode::SUCCESS);
     }
-    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--data", &run.data)];
-    inputs.extend(run.config.as_deref().map(|c| ("--config", c)));
-    inputs.extend(init.map(|c| ("--init", c)));
-    let outputs = cli_run::run_outputs(out, plan.pretrain);
-    cli_run::check_outputs(&outputs, &inputs, resume || run.overwrite, "pass --resume to continue that run or --overwrite to replace it")?;
+    run.check_outputs(out, init, plan.pretrain, resume)?;
     let (dev, desc) = choice.resolve(named)?;
     let ds = cli_run::load_dataset(&run.data, &cfg, run.missing())?;
     if !run.json {

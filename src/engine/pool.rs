@@ -6,7 +6,7 @@
 //! smallest capacity c >= n among 16, then each power of two split in 8 steps (c - n < n / 8 + 16:
 //! at most 12.5% of a buffer is slack). A freed vector goes to the largest class its capacity
 //! covers. The pool is per thread (tensors never leave the thread that made them; the CPU ops'
-//! worker threads write into buffers their caller took) and holds at most [`limit`] bytes; a
+//! worker threads write into buffers their caller took) and holds at most [`DEFAULT_LIMIT`] bytes (see [`set_limit`]); a
 //! vector freed beyond that is returned to the allocator.
 //!
 //! Reuse changes no result: every op writes each element of its output (the helpers in `par`
@@ -186,11 +186,6 @@ pub fn clear() {
 /// Bound the bytes the pool keeps (0 keeps nothing); returns the previous bound.
 pub fn set_limit(bytes: usize) -> usize {
     POOL.with(|p| std::mem::replace(&mut p.borrow_mut().limit, bytes))
-}
-
-/// The current bound, see [`set_limit`].
-pub fn limit() -> usize {
-    POOL.with(|p| p.borrow().limit)
 }
 
 /// Turn pooling on or off for this thread (off: every take allocates, every give frees; the

@@ -64,6 +64,11 @@ kernel_params! {
     }
 }
 
+/// The item blocks (first item, width) of a catalog of `n_items`.
+fn blocks(n_items: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n_items).step_by(BLOCK).map(move |j0| (j0, BLOCK.min(n_items - j0)))
+}
+
 // ---- CPU reference --------------------------------------------------------------------------
 
 /// z block (B, w) = scale * sum_k h_k e_k[j0 .. j0 + w]^T.
@@ -86,8 +91,7 @@ pub fn catalog_ce_cpu<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], targets
     let b = targets.len();
     let (mut mx, mut sm, mut zt) = (pool::zeros(b), pool::zeros(b), pool::zeros(b));
     mx.fill(T::neg_infinity());
-    for j0 in (0..n_items).step_by(BLOCK) {
-        let w = BLOCK.min(n_items - j0);
+    for (j0, w) in blocks(n_items) {
         let z = block_scores(hs, es, dims, b, j0, w, scale);
         let stats = par::rows(b, 3 * w, 3, |r, o: &mut [T]| {
             let row = &z[r * w..(r + 1) * w];
@@ -127,8 +131,7 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
 ) -> Vec<(Vec<T>, Vec<T>)> {
     let b = targets.len();
     let mut out: Vec<(Vec<T>, Vec<T>)> = dims.iter().map(|&d| (pool::zeros(b * d), pool::zeros(n_items * d))).collect();
-    for j0 in (0..n_items).step_by(BLOCK) {
-        let w = BLOCK.min(n_items - j0);
+    for (j0, w) in blocks(n_items) {
         let mut dz = block_scores(hs, es, dims, b, j0, w, scale);
         // dz = scale * (exp(z - lse) - onehot) * g, as cross_entropy then scale would give it.
         par::rows_apply(&mut dz, w, |r, row| {
@@ -165,9 +168,8 @@ pub fn catalog_rank_cpu<T: Real>(
     mask: &[u32],
 ) -> Vec<u32> {
     let b = targets.len();
-    let blocks = || (0..n_items).step_by(BLOCK).map(|j0| (j0, BLOCK.min(n_items - j0)));
     let mut st: Vec<T> = pool::zeros(b);
-    for (j0, w) in blocks() {
+    for (j0, w) in blocks(n_items) {
         if !targets.iter().any(|&t| (j0..j0 + w).contains(&(t as usize))) {
             continue;
         }
@@ -180,7 +182,7 @@ pub fn catalog_rank_cpu<T: Real>(
         pool::give(z);
     }
     let mut ranks = vec![0u32; b];
-    for (j0, w) in blocks() {
+    for (j0, w) in blocks(n_items) {
         let z = block_scores(hs, es, dims, b, j0, w, scale);
         let counts: Vec<u32> = par::rows(b, w, 1, |r, o: &mut [u32]| {
             let (row, s_t, t) = (&z[r * w..(r + 1) * w], st[r], targets[r] as usize);
@@ -236,8 +238,7 @@ fn catalog_ce_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: usiz
     let g = gpu()?;
     // Running (max, sum, target logit) per row, then (loss, lse) per row.
     let stat = g.alloc(4 * (3 * b) as u64)?;
-    for j0 in (0..n_items).step_by(BLOCK) {
-        let w = BLOCK.min(n_items - j0);
+    for (j0, w) in blocks(n_items) {
         let z = block_scores_gpu(hs, &item_blocks_gpu(es, j0, w)?)?;
         let prm = CatalogParams { rows: b as u32, width: w as u32, start: j0 as u32, first: (j0 == 0) as u32, scale };
         g.dispatch(&FWD, &[&*z.gbuf()?, targets.gpu()?, &stat], &prm, row_groups(b))?;
@@ -261,8 +262,7 @@ fn catalog_ce_bwd_gpu(
     let gp = gpu()?;
     let mut dh: Vec<Option<Tensor>> = vec![None; hs.len()];
     let de: Vec<GpuBuf> = es.iter().map(|e| gp.alloc(4 * e.numel() as u64)).collect::<Result<_>>()?;
-    for j0 in (0..n_items).step_by(BLOCK) {
-        let w = BLOCK.min(n_items - j0);
+    for (j0, w) in blocks(n_items) {
         let blks = item_blocks_gpu(es, j0, w)?;
         let z = block_scores_gpu(hs, &blks)?;
         let dz = gp.alloc(4 * (b * w) as u64)?;
@@ -292,9 +292,8 @@ fn catalog_rank_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: us
     let b = targets.len();
     let g = gpu()?;
     let (st, counts) = (g.alloc(4 * b as u64)?, g.alloc(4 * b as u64)?);
-    let blocks = || (0..n_items).step_by(BLOCK).map(|j0| (j0, BLOCK.min(n_items - j0)));
     let t = targets.host();
-    for (j0, w) in blocks() {
+    for (j0, w) in blocks(n_items) {
         if !t.iter().any(|&t| (j0..j0 + w).contains(&(t as usize))) {
             continue;
         }
@@ -302,7 +301,7 @@ fn catalog_rank_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: us
         let prm = CatalogParams { rows: b as u32, width: w as u32, start: j0 as u32, first: 0, scale };
         g.dispatch(&RANK_T, &[&*z.gbuf()?, targets.gpu()?, &st], &prm, groups_1d(b))?;
     }
-    for (j0, w) in blocks() {
+    for (j0, w) in blocks(n_items) {
         let z = block_scores_gpu(hs, &item_blocks_gpu(es, j0, w)?)?;
         let prm = CatalogParams { rows: b as u32, width: w as u32, start: j0 as u32, first: (j0 == 0) as u32, scale };
         g.dispatch(&RANK_C, &[&*z.gbuf()?, targets.gpu()?, &st, mask.gpu()?, &counts], &prm, row_groups(b))?;
