@@ -506,6 +506,84 @@ fn outputs_never_overwrite_inputs_or_earlier_runs() {
     assert_eq!(std::fs::read(&inter).unwrap(), inter_bytes, "the dataset's interactions were touched");
 }
 
+/// `synth` and `featurize` check their outputs before any work: an earlier dataset is refused
+/// without --overwrite (and left as it was), an input is never an output.
+#[test]
+fn synth_and_featurize_never_overwrite() {
+    let dir = tmp("synth-no-overwrite");
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let synth = |extra: &[&str]| {
+        let mut a = vec!["synth", "--out", d, "--users", "40", "--items", "60"];
+        a.extend_from_slice(extra);
+        msm4sr_bin(&a)
+    };
+    let (ok, _, err) = synth(&[]);
+    assert!(ok, "first synth: {err}");
+    let inter = dir.join("synth.inter");
+    let before = std::fs::read(&inter).unwrap();
+    let (ok, _, err) = synth(&["--seed", "9"]);
+    assert!(!ok && err.contains("already exists") && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(&inter).unwrap(), before, "an earlier dataset was touched");
+    let (ok, _, err) = synth(&["--seed", "9", "--overwrite"]);
+    assert!(ok, "--overwrite: {err}");
+    assert_ne!(std::fs::read(&inter).unwrap(), before, "--overwrite --seed 9 wrote the same data");
+    // A config file that is one of the outputs is refused.
+    let (ok, _, err) = synth(&["--config", dir.join("synth.items.txt").to_str().unwrap(), "--overwrite"]);
+    assert!(!ok, "{err}");
+
+    // featurize: refused before the sentence model is looked for (there is none at this path).
+    let items = dir.join("shop.item");
+    std::fs::write(&items, "item_id:token\ttitle:token_seq\ni1\ta red hat\n").unwrap();
+    let out = dir.join("feats");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("shop.items.txt"), "earlier\n").unwrap();
+    let (ok, _, err) = msm4sr_bin(&[
+        "--device",
+        "cpu",
+        "featurize",
+        "--items",
+        items.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model-dir",
+        dir.join("no-model").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("shop.items.txt already exists") && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("shop.items.txt")).unwrap(), "earlier\n");
+}
+
+/// `pretrain` runs through the same checks and library call as `train`: it writes `--out`, its
+/// resume state and `<stem>.config.toml`, refuses an earlier run's outputs and the baselines, and
+/// reports the modality-only metrics its checkpoint gives under `evaluate`.
+#[test]
+fn pretrain_goes_through_the_training_path() {
+    let (dir, _) = tiny_dataset("pretrain-path");
+    let d = dir.to_str().unwrap();
+    let ck = dir.join("out").join("p.safetensors");
+    let c = ck.to_str().unwrap();
+    let pre = |extra: &[&str]| {
+        let mut a = vec!["--device", "cpu", "pretrain", "--data", d, "--out", c, "--hidden", "16", "--inner", "32", "--experts", "2"];
+        a.extend(["--pretrain-epochs", "1", "--pretrain-batch", "64", "--json"]);
+        a.extend_from_slice(extra);
+        msm4sr_bin(&a)
+    };
+    let (ok, _, err) = pre(&["--model", "sasrec"]);
+    assert!(!ok && err.contains("--model sasrec has no pre-training"), "{err}");
+    let (ok, out, err) = pre(&[]);
+    assert!(ok, "{err}");
+    let o = dir.join("out");
+    assert!(o.join("p.config.toml").is_file() && o.join("p.last.safetensors").is_file());
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (ok, _, err) = pre(&[]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, ev, err) = msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", c, "--json"]);
+    assert!(ok, "{err}");
+    let ev: serde_json::Value = serde_json::from_str(&ev).unwrap();
+    assert_eq!(r["test"], ev["test"], "pretrain's reported metrics differ from its checkpoint's");
+    assert_eq!(r["valid"], ev["valid"]);
+}
+
 /// A run killed with SIGKILL (by the fault-injection hook: mid-epoch in pre-training and in
 /// fine-tuning, and inside a checkpoint write) and then resumed gives the same validation and test
 /// metrics as an uninterrupted run, and leaves no temporary file behind.

@@ -1,5 +1,7 @@
-//! What the training commands of the CLI do, as library calls: resolve the effective configuration
-//! (defaults < `--config` TOML < flags), load the dataset, build the model, run the stages, report.
+//! What the CLI's commands do, as library calls: [`train`] (the `train`, `pretrain` and `finetune`
+//! commands: check the outputs, load the dataset, build the model, run the stages, report),
+//! [`evaluate`] and [`recommend`], and the checks they share. The effective configuration comes from
+//! [`crate::config::resolve`].
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,48 +12,13 @@ use serde::Serialize;
 
 use crate::checkpoint;
 use crate::data::{make_batch, Dataset, LoadOptions, MissingFeatures, Sample, Split};
-use crate::engine::{no_grad, Device};
+use crate::config;
+use crate::engine::{no_grad, Device, DeviceChoice};
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelKind};
 use crate::nn::Seeds;
 use crate::train::{self, RunConfig, Stage};
 use crate::{Error, Result};
-
-/// Read a TOML config file (sections `[model]` and `[train]`, any subset of keys; an unknown
-/// section or key is an error naming the closest valid one).
-pub fn read_config(path: &Path) -> Result<RunConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-    toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {}", path.display(), with_suggestion(e.to_string()))))
-}
-
-/// serde's "unknown field `x`, expected one of `a`, `b`, ..." with "did you mean `a`?" added, `a`
-/// being the expected name closest to `x` in edit distance (when it is close enough to be a typo).
-pub fn with_suggestion(msg: String) -> String {
-    let Some((_, rest)) = msg.split_once("unknown field `") else { return msg };
-    let Some((bad, tail)) = rest.split_once('`') else { return msg };
-    let best = tail.split('`').skip(1).step_by(2).map(|name| (edit_distance(bad, name), name)).min();
-    match best {
-        Some((d, name)) if d <= (bad.len().max(name.len()) / 2).max(1) => format!("{}\ndid you mean `{name}`?", msg.trim_end()),
-        _ => msg,
-    }
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + (ca != cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
-pub fn config_toml(cfg: &RunConfig) -> String {
-    toml::to_string(cfg).unwrap_or_default()
-}
 
 pub fn load_dataset(dir: &Path, cfg: &RunConfig, missing: MissingFeatures) -> Result<Dataset> {
     let ds =
@@ -88,33 +55,153 @@ pub fn model_name(cfg: &RunConfig) -> String {
     s
 }
 
-/// Which stages `train` runs.
-#[derive(Clone, Copy, Debug)]
+/// Which stages a training command runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub pretrain: bool,
     pub finetune: bool,
     pub e2e: bool,
 }
 
-/// Train per `plan`, checkpoint at `out` (pre-training at `<out stem>.pretrain.safetensors`), and
-/// evaluate the best fine-tuned weights on valid and test.
-#[allow(clippy::too_many_arguments)]
-pub fn run_training(
-    ds: &Dataset,
-    cfg: &RunConfig,
-    plan: Plan,
-    out: &Path,
-    init: Option<&Path>,
-    resume: bool,
-    dev: Device,
-    quiet: bool,
-) -> Result<RunResult> {
+impl Plan {
+    /// `pretrain`: the M²SE backbone alone, written to `--out` itself.
+    pub const PRETRAIN: Plan = Plan { pretrain: true, finetune: false, e2e: false };
+    /// `finetune`: one fine-tuning stage (from `--init` weights, or from scratch).
+    pub const FINETUNE: Plan = Plan { pretrain: false, finetune: true, e2e: false };
+
+    /// `train`: both stages for msm4sr (fine-tuning only with `no_pretrain` or for the baselines),
+    /// or with `e2e` one stage with both losses summed (msm4sr only).
+    pub fn train(cfg: &RunConfig, no_pretrain: bool, e2e: bool) -> Plan {
+        if e2e {
+            return Plan { pretrain: false, finetune: false, e2e: true };
+        }
+        Plan { pretrain: cfg.model.model == ModelKind::Msm4sr && !no_pretrain, finetune: true, e2e: false }
+    }
+
+    /// Pre-training and E2E exist for msm4sr only (the baselines have no pre-training loss).
+    fn check(&self, cfg: &RunConfig) -> Result<()> {
+        let kind = cfg.model.model;
+        if kind != ModelKind::Msm4sr && (self.pretrain || self.e2e) {
+            let name = format!("{kind:?}").to_lowercase();
+            return Err(Error::Invalid(if self.e2e {
+                format!("--e2e sums MSM4SR's pre-training and fine-tuning losses; --model {name} has no pre-training loss (drop --e2e)")
+            } else {
+                format!("pre-training trains MSM4SR's backbone; --model {name} has no pre-training loss (use train or finetune)")
+            }));
+        }
+        Ok(())
+    }
+
+    /// Where the pre-training stage writes: `--out` itself when it is the only stage, else
+    /// `<out stem>.pretrain.safetensors`.
+    pub fn pretrain_out(&self, out: &Path) -> PathBuf {
+        if self.finetune || self.e2e {
+            stage_path(out, "pretrain")
+        } else {
+            out.to_path_buf()
+        }
+    }
+
+    /// Every file the run may write: the checkpoint(s), their resume states and the saved
+    /// configuration.
+    pub fn outputs(&self, out: &Path) -> Vec<PathBuf> {
+        let mut v = vec![out.to_path_buf(), train::last_path(out), config_path(out)];
+        let pre = self.pretrain_out(out);
+        if self.pretrain && pre != out {
+            v.push(train::last_path(&pre));
+            v.push(pre);
+        }
+        v
+    }
+}
+
+/// `train` without `--out`: `runs/<data dir name>-<model>.safetensors`.
+pub fn default_out(data: &Path, cfg: &RunConfig) -> PathBuf {
+    let name = format!("{:?}", cfg.model.model).to_lowercase();
+    PathBuf::from(format!("runs/{}-{name}.safetensors", data.file_name().and_then(|n| n.to_str()).unwrap_or("data")))
+}
+
+/// Where a command runs: `--device` and whether `--adapter` named one.
+#[derive(Clone, Copy, Debug)]
+pub struct Where {
+    pub choice: DeviceChoice,
+    pub named: bool,
+}
+
+impl Where {
+    fn resolve(&self) -> Result<(Device, String)> {
+        self.choice.resolve(self.named)
+    }
+}
+
+/// One training command (`train`, `pretrain` or `finetune`), as the command line gave it.
+#[derive(Clone, Debug)]
+pub struct TrainJob {
+    /// `--data`: the dataset directory.
+    pub data: PathBuf,
+    /// `--config`: the file the configuration came from (an input the run must not overwrite).
+    pub config_file: Option<PathBuf>,
+    /// The effective configuration ([`crate::config::resolve`]).
+    pub cfg: RunConfig,
+    pub plan: Plan,
+    /// The best weights of the last stage go here.
+    pub out: PathBuf,
+    /// `--init`: start from these weights.
+    pub init: Option<PathBuf>,
+    /// Continue the interrupted run at `out`.
+    pub resume: bool,
+    /// Replace an earlier run's outputs.
+    pub overwrite: bool,
+    pub missing: MissingFeatures,
+    /// `--json`: nothing on stderr but errors and progress.
+    pub quiet: bool,
+}
+
+/// Run a training command: every check before any work (the plan against the model, the outputs
+/// against the inputs and earlier runs, the dataset's split, the model's memory), the configuration
+/// saved beside the checkpoint once the run is validated, then the stages and the evaluation.
+pub fn train(job: &TrainJob, at: Where) -> Result<RunResult> {
+    let (cfg, out) = (&job.cfg, job.out.as_path());
     cfg.validate()?;
-    let split = check_split(ds, cfg)?;
-    let model = build_model(cfg, ds, cfg.train.seed, dev)?;
-    if let Some(init) = init {
+    job.plan.check(cfg)?;
+    let mut inputs: Vec<(&str, &Path)> = vec![("--data", &job.data)];
+    inputs.extend(job.config_file.as_deref().map(|c| ("--config", c)));
+    inputs.extend(job.init.as_deref().map(|c| ("--init", c)));
+    let how = "pass --resume to continue that run or --overwrite to replace it";
+    check_outputs(&job.plan.outputs(out), &inputs, job.resume || job.overwrite, how)?;
+    let (dev, desc) = at.resolve()?;
+    let ds = load_dataset(&job.data, cfg, job.missing)?;
+    if !job.quiet {
+        eprintln!("device: {desc}");
+        eprintln!("{ds}");
+        eprintln!("effective configuration:\n{}", config::to_toml(cfg));
+    }
+    let split = check_split(&ds, cfg)?;
+    let model = build_model(cfg, &ds, cfg.train.seed, dev)?;
+    // A resumed run's settings are checked against the interrupted run's first (train::fit), and
+    // saved once they are.
+    if !job.resume {
+        save_config(out, cfg)?;
+    }
+    let r = run_stages(&model, &ds, &split, job)?;
+    if job.resume {
+        save_config(out, cfg)?;
+    }
+    Ok(r)
+}
+
+/// Save the effective config beside the checkpoint (`<stem>.config.toml`).
+fn save_config(out: &Path, cfg: &RunConfig) -> Result<()> {
+    checkpoint::write_atomic(&config_path(out), config::to_toml(cfg).as_bytes())
+}
+
+/// Initialise from `--init`, train the job's stages and evaluate the best weights of the last on
+/// valid and test.
+fn run_stages(model: &Model, ds: &Dataset, split: &Split, job: &TrainJob) -> Result<RunResult> {
+    let (cfg, plan, out, quiet) = (&job.cfg, job.plan, job.out.as_path(), job.quiet);
+    if let Some(init) = &job.init {
         let ck = checkpoint::load(init)?;
-        let n = train::load_weights(&model, &ck, &ds.item_tokens, false)?;
+        let n = train::load_weights(model, &ck, &ds.item_tokens, false)?;
         if n == 0 {
             return Err(Error::Invalid(format!(
                 "--init {}: none of its tensors belongs to this model (is it an msm4sr checkpoint of this model?)",
@@ -128,8 +215,8 @@ pub fn run_training(
     let start = Instant::now();
     let mut epochs = 0;
     if plan.pretrain {
-        let pre_out = stage_path(out, "pretrain");
-        let s = train::fit(&model, &split, cfg, Stage::Pretrain, &ds.item_tokens, &pre_out, resume, quiet)?;
+        let pre_out = plan.pretrain_out(out);
+        let s = train::fit(model, split, cfg, Stage::Pretrain, &ds.item_tokens, &pre_out, job.resume, quiet)?;
         epochs += s.epochs;
         if !quiet {
             eprintln!(
@@ -143,29 +230,18 @@ pub fn run_training(
     }
     let stage = if plan.e2e { Stage::E2e } else { Stage::Finetune };
     if plan.finetune || plan.e2e {
-        let s = train::fit(&model, &split, cfg, stage, &ds.item_tokens, out, resume, quiet)?;
+        let s = train::fit(model, split, cfg, stage, &ds.item_tokens, out, job.resume, quiet)?;
         epochs += s.epochs;
         if !quiet {
             eprintln!("{stage:?}: best epoch {} of {}, weights in {}", s.best_epoch, s.epochs, out.display());
         }
     }
+    // A pre-training run is scored as it was selected: modality scores alone.
     let with_id = plan.finetune || plan.e2e;
     let tc = &cfg.train;
-    let valid = metrics_of(&train::ranks(&model, &split.valid, tc.eval_batch, with_id, tc.mask_history)?);
-    let test = metrics_of(&train::ranks(&model, &split.test, tc.eval_batch, with_id, tc.mask_history)?);
+    let valid = metrics_of(&train::ranks(model, &split.valid, tc.eval_batch, with_id, tc.mask_history)?);
+    let test = metrics_of(&train::ranks(model, &split.test, tc.eval_batch, with_id, tc.mask_history)?);
     Ok(RunResult { model: model_name(cfg), valid, test, epochs, seconds: start.elapsed().as_secs_f64() })
-}
-
-/// Every file `train` / `finetune` / `pretrain --out OUT` may write: the checkpoint(s), their resume
-/// states and the saved configuration.
-pub fn run_outputs(out: &Path, pretrain: bool) -> Vec<PathBuf> {
-    let mut v = vec![out.to_path_buf(), train::last_path(out), config_path(out)];
-    if pretrain {
-        let p = stage_path(out, "pretrain");
-        v.push(train::last_path(&p));
-        v.push(p);
-    }
-    v
 }
 
 /// `<out stem>.config.toml` beside the checkpoint.
@@ -339,15 +415,25 @@ fn check_checkpoint_sizes(ck: &checkpoint::Checkpoint, cfg: &RunConfig, path: &P
     Ok(())
 }
 
-/// Rebuild a model from a checkpoint's saved config and weights.
-pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<Restored> {
-    let ck = checkpoint::load(ckpt)?;
+/// A checkpoint read once and its metadata checked (format, stage, configuration and its ranges,
+/// the sizes its tensors have), before any dataset is loaded or model built from it.
+pub struct Opened {
+    ck: checkpoint::Checkpoint,
+    path: PathBuf,
+    pub cfg: RunConfig,
+    /// The stage that wrote the checkpoint.
+    pub stage: Stage,
+}
+
+/// Read the checkpoint at `path` and check its metadata (see [`Opened`]).
+pub fn open_checkpoint(path: &Path) -> Result<Opened> {
+    let ck = checkpoint::load(path)?;
     match ck.meta.get("format").map(String::as_str) {
         Some(train::CHECKPOINT_FORMAT) => {}
         other => {
             return Err(Error::Invalid(format!(
                 "{}: format {other:?}, expected \"{}\" (not an msm4sr checkpoint, or from another version)",
-                ckpt.display(),
+                path.display(),
                 train::CHECKPOINT_FORMAT
             )))
         }
@@ -355,28 +441,106 @@ pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<R
     let stage: Stage = ck
         .meta
         .get("stage")
-        .ok_or_else(|| Error::Invalid(format!("{} has no stage metadata (not an msm4sr checkpoint?)", ckpt.display())))
-        .and_then(|s| serde_json::from_str(s).map_err(|e| Error::Invalid(format!("{}: stage metadata {s:?}: {e}", ckpt.display()))))?;
+        .ok_or_else(|| Error::Invalid(format!("{} has no stage metadata (not an msm4sr checkpoint?)", path.display())))
+        .and_then(|s| serde_json::from_str(s).map_err(|e| Error::Invalid(format!("{}: stage metadata {s:?}: {e}", path.display()))))?;
     let cfg: RunConfig = ck
         .meta
         .get("config")
-        .ok_or_else(|| Error::Invalid(format!("{} has no config metadata (not an msm4sr checkpoint?)", ckpt.display())))
-        .and_then(|c| serde_json::from_str(c).map_err(|e| Error::Invalid(format!("{}: config metadata: {e}", ckpt.display()))))?;
-    cfg.validate().map_err(|e| Error::Invalid(format!("{}: the saved configuration: {e}", ckpt.display())))?;
-    check_checkpoint_sizes(&ck, &cfg, ckpt)?;
-    let model = build_model(&cfg, ds, 0, dev)?;
-    train::load_weights(&model, &ck, &ds.item_tokens, true)?;
-    let names: std::collections::HashSet<String> = model.params().into_iter().map(|(n, _)| n).collect();
-    let mut extra: Vec<&String> = ck.tensors.keys().filter(|n| !names.contains(*n) && !n.starts_with("adam.")).collect();
-    extra.sort();
-    if let Some(n) = extra.first() {
-        return Err(Error::Invalid(format!(
-            "{}: tensor {n} (and {} more) belongs to no parameter of the model its configuration describes",
-            ckpt.display(),
-            extra.len() - 1
-        )));
+        .ok_or_else(|| Error::Invalid(format!("{} has no config metadata (not an msm4sr checkpoint?)", path.display())))
+        .and_then(|c| serde_json::from_str(c).map_err(|e| Error::Invalid(format!("{}: config metadata: {e}", path.display()))))?;
+    cfg.validate().map_err(|e| Error::Invalid(format!("{}: the saved configuration: {e}", path.display())))?;
+    check_checkpoint_sizes(&ck, &cfg, path)?;
+    Ok(Opened { ck, path: path.to_path_buf(), cfg, stage })
+}
+
+impl Opened {
+    /// Build the model its configuration describes for `ds` (after the memory check) and load every
+    /// tensor: a missing tensor, an extra one, a shape that differs or another item set is an error.
+    pub fn restore(self, ds: &Dataset, dev: Device) -> Result<Restored> {
+        let (ck, path) = (&self.ck, &self.path);
+        let model = build_model(&self.cfg, ds, 0, dev)?;
+        train::load_weights(&model, ck, &ds.item_tokens, true)?;
+        let names: std::collections::HashSet<String> = model.params().into_iter().map(|(n, _)| n).collect();
+        let mut extra: Vec<&String> = ck.tensors.keys().filter(|n| !names.contains(*n) && !n.starts_with("adam.")).collect();
+        extra.sort();
+        if let Some(n) = extra.first() {
+            return Err(Error::Invalid(format!(
+                "{}: tensor {n} (and {} more) belongs to no parameter of the model its configuration describes",
+                path.display(),
+                extra.len() - 1
+            )));
+        }
+        Ok(Restored { model, cfg: self.cfg, stage: self.stage })
     }
-    Ok(Restored { model, cfg, stage })
+}
+
+/// Rebuild a model from a checkpoint's saved config and weights.
+pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<Restored> {
+    open_checkpoint(ckpt)?.restore(ds, dev)
+}
+
+/// `evaluate`: the checkpoint at `ckpt` on the validation and test splits of `data` (each user's
+/// rank of their target written to `ranks` as TSV when given; see [`ranks_tsv`]).
+pub fn evaluate(data: &Path, ckpt: &Path, ranks: Option<&Path>, overwrite: bool, missing: MissingFeatures, at: Where) -> Result<RunResult> {
+    if let Some(r) = ranks {
+        let inputs: [(&str, &Path); 2] = [("--data", data), ("--ckpt", ckpt)];
+        check_outputs(&[r.to_path_buf()], &inputs, overwrite, "pass --overwrite to replace it")?;
+    }
+    let (dev, desc) = at.resolve()?;
+    eprintln!("device: {desc}");
+    let opened = open_checkpoint(ckpt)?;
+    let ds = load_dataset(data, &opened.cfg, missing)?;
+    let restored = opened.restore(&ds, dev)?;
+    let (model, cfg, with_id) = (&restored.model, &restored.cfg, restored.with_id());
+    if !with_id {
+        eprintln!("{} is a pre-training checkpoint: scoring with the modality encoders alone", ckpt.display());
+    }
+    let split = ds.split(cfg.model.max_len);
+    let start = Instant::now();
+    let tc = &cfg.train;
+    let valid_ranks = train::ranks(model, &split.valid, tc.eval_batch, with_id, tc.mask_history)?;
+    let test_ranks = train::ranks(model, &split.test, tc.eval_batch, with_id, tc.mask_history)?;
+    if let Some(path) = ranks {
+        let text = ranks_tsv(&ds, &[("valid", &split.valid, &valid_ranks), ("test", &split.test, &test_ranks)]);
+        checkpoint::write_atomic(path, text.as_bytes())?;
+        eprintln!("per-user ranks in {}", path.display());
+    }
+    let (valid, test) = (metrics_of(&valid_ranks), metrics_of(&test_ranks));
+    Ok(RunResult { model: model_name(cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// `recommend`: the top `k` items for `user` of `data` by the checkpoint at `ckpt` (see
+/// [`recommend`]).
+pub fn recommend_from(data: &Path, ckpt: &Path, user: &str, k: usize, missing: MissingFeatures, at: Where) -> Result<Vec<(String, f32, bool)>> {
+    if k == 0 {
+        return Err(Error::Invalid("--k 0: must be at least 1 (the number of items to recommend)".into()));
+    }
+    let (dev, _) = at.resolve()?;
+    let opened = open_checkpoint(ckpt)?;
+    let ds = load_dataset(data, &opened.cfg, missing)?;
+    let r = opened.restore(&ds, dev)?;
+    recommend(&r.model, &ds, user, k, r.with_id())
+}
+
+/// `featurize`: its outputs checked (not an input, not an earlier dataset's unless `overwrite`)
+/// before the sentence model is loaded, then [`crate::featurize::run`].
+pub fn featurize(opts: &crate::featurize::FeaturizeOptions, overwrite: bool, quiet: bool, at: Where) -> Result<crate::featurize::Summary> {
+    let name = opts.items.file_stem().and_then(|n| n.to_str()).unwrap_or("items").to_string();
+    let files = [opts.out.join(format!("{name}.features.safetensors")), opts.out.join(format!("{name}.items.txt"))];
+    let mut inputs: Vec<(&str, &Path)> = vec![("--items", &opts.items), ("--model-dir", &opts.model_dir)];
+    inputs.extend(opts.image_keywords.as_deref().map(|k| ("--image-keywords", k)));
+    check_outputs(&files, &inputs, overwrite, "pass --overwrite to replace it")?;
+    let (dev, desc) = at.resolve()?;
+    eprintln!("device: {desc}");
+    crate::featurize::run(opts, dev, quiet)
+}
+
+/// `synth`: its outputs checked (not `config_file`, not an earlier dataset's unless `overwrite`),
+/// then [`crate::synth::write`].
+pub fn synth(out: &Path, cfg: &crate::synth::SynthConfig, config_file: Option<&Path>, overwrite: bool) -> Result<()> {
+    let inputs: Vec<(&str, &Path)> = config_file.map(|c| ("--config", c)).into_iter().collect();
+    check_outputs(&crate::synth::SynthConfig::outputs(out), &inputs, overwrite, "pass --overwrite to replace it")?;
+    crate::synth::write(out, cfg)
 }
 
 /// Per-user target ranks as TSV (`split`, `user`, `target`, `rank`; rank 0 = top, ties counted

@@ -13,6 +13,7 @@ pub mod bench;
 pub mod bert;
 pub mod checkpoint;
 pub mod cli_run;
+pub mod config;
 pub mod data;
 pub mod demo;
 pub mod engine;

@@ -5,12 +5,12 @@ use std::process::ExitCode;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use msm4sr::cli_run::{self, Plan};
+use msm4sr::cli_run::{self, Plan, TrainJob, Where};
+use msm4sr::config::{self, Flags};
 use msm4sr::data::MissingFeatures;
 use msm4sr::engine::gpu::{self, list_adapters};
 use msm4sr::engine::{Device, DeviceChoice};
 use msm4sr::metrics;
-use msm4sr::model::{Mod, Modalities, ModelKind, Score};
 use msm4sr::train::RunConfig;
 use msm4sr::{bench, gradcheck, synth};
 
@@ -46,100 +46,12 @@ struct RunArgs {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
-    /// Model: msm4sr (the paper), sasrec (IDs only) or sasrecm (IDs + both encoders summed). Default msm4sr.
-    #[arg(long, value_enum)]
-    model: Option<ModelKind>,
-    /// Random seed of initialisation, shuffling and dropout (default 2024).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Fine-tuning epochs (upper bound; early stopping on validation Recall@20; default 300).
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Pre-training epochs (upper bound; early stopping on validation Recall@20; default 300).
-    #[arg(long)]
-    pretrain_epochs: Option<usize>,
-    /// Fine-tuning samples per step (default 1024).
-    #[arg(long)]
-    batch: Option<usize>,
-    /// Pre-training samples per step (default 1024).
-    #[arg(long)]
-    pretrain_batch: Option<usize>,
-    /// Fine-tuning learning rate, Adam (default 1e-3).
-    #[arg(long, allow_negative_numbers = true)]
-    lr: Option<f32>,
-    /// Pre-training learning rate, Adam (default 1e-3).
-    #[arg(long, allow_negative_numbers = true)]
-    pretrain_lr: Option<f32>,
-    /// Fine-tuning weight decay (Adam, coupled as torch's; default 0).
-    #[arg(long, allow_negative_numbers = true)]
-    weight_decay: Option<f32>,
-    /// Pre-training weight decay (default 0, as the authors pre-train).
-    #[arg(long, allow_negative_numbers = true)]
-    pretrain_weight_decay: Option<f32>,
-    /// Fine-tuning early-stopping patience in epochs (default 10).
-    #[arg(long)]
-    patience: Option<usize>,
-    /// Pre-training early-stopping patience in epochs (default 20).
-    #[arg(long)]
-    pretrain_patience: Option<usize>,
-    /// Users with fewer interactions are dropped (default 5; at least 3).
-    #[arg(long)]
-    min_user_inter: Option<usize>,
-    /// Hidden size d0 of the transformer and the item encoders (default 64).
-    #[arg(long)]
-    hidden: Option<usize>,
-    /// Transformer layers (default 2).
-    #[arg(long)]
-    layers: Option<usize>,
-    /// Attention heads; must divide --hidden (default 2).
-    #[arg(long)]
-    heads: Option<usize>,
-    /// Transformer feed-forward size (default 256).
-    #[arg(long)]
-    inner: Option<usize>,
-    /// Most recent items kept per input sequence (default 50).
-    #[arg(long)]
-    max_len: Option<usize>,
-    /// Hidden and attention dropout of the transformer, in [0, 1) (default 0.2).
-    #[arg(long, allow_negative_numbers = true)]
-    dropout: Option<f32>,
-    /// MoE experts per modality (default 8).
-    #[arg(long)]
-    experts: Option<usize>,
-    /// Temperature of the contrastive losses and the cosine scorer (default 0.07).
-    #[arg(long, allow_negative_numbers = true)]
-    tau: Option<f32>,
-    /// Weight of the CMCL loss in pre-training (default 0.01).
-    #[arg(long, allow_negative_numbers = true)]
-    lambda: Option<f32>,
-    /// Fine-tuning scorer: cos (cosine / tau, the released code; default) or dot (the paper).
-    #[arg(long, value_enum)]
-    score: Option<Score>,
-    /// Modalities the model uses: text, image or both (default both).
-    #[arg(long, value_enum)]
-    modalities: Option<Modalities>,
-    /// Drop one score term at fine-tuning: text gives MSM4SR-V, image gives MSM4SR-T.
-    #[arg(long, value_enum)]
-    drop_score: Option<Mod>,
-    /// Pre-train without the next-item-prediction loss (eq. 7).
-    #[arg(long)]
-    no_nip: bool,
-    /// Pre-train without the cross-modal contrastive loss (eq. 9).
-    #[arg(long)]
-    no_cmcl: bool,
-    /// Pre-train without complementary modality mixup.
-    #[arg(long)]
-    no_mixup: bool,
-    /// Pre-training without the projection heads of eq. 6 (the authors' published command).
-    #[arg(long)]
-    no_heads: bool,
-    /// Exclude each user's history from the ranking.
-    #[arg(long)]
-    mask_history: bool,
     /// Replace an earlier run's output files (without it, existing outputs are refused unless
     /// --resume continues that run).
     #[arg(long)]
     overwrite: bool,
+    #[command(flatten)]
+    flags: Flags,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -149,71 +61,28 @@ enum MissingArg {
 }
 
 impl RunArgs {
-    fn config(&self) -> msm4sr::Result<RunConfig> {
-        let mut c = match &self.config {
-            Some(p) => cli_run::read_config(p)?,
-            None => RunConfig::default(),
-        };
-        let (m, t) = (&mut c.model, &mut c.train);
-        macro_rules! set {
-            ($dst:expr, $src:expr) => {
-                if let Some(v) = $src {
-                    $dst = v;
-                }
-            };
+    /// The training command's job: the effective configuration and where it writes. `None` when
+    /// only `--print-config` was asked (printed here).
+    fn job(&self, plan: impl FnOnce(&RunConfig) -> Plan, out: Option<PathBuf>, init: Option<PathBuf>, resume: bool) -> msm4sr::Result<Option<TrainJob>> {
+        let cfg = config::resolve(self.config.as_deref(), &self.flags)?;
+        if self.print_config {
+            print!("{}", config::to_toml(&cfg));
+            return Ok(None);
         }
-        set!(m.model, self.model);
-        set!(t.seed, self.seed);
-        set!(t.epochs, self.epochs);
-        set!(t.pretrain_epochs, self.pretrain_epochs);
-        set!(t.batch, self.batch);
-        set!(t.pretrain_batch, self.pretrain_batch);
-        set!(t.lr, self.lr);
-        set!(t.pretrain_lr, self.pretrain_lr);
-        set!(t.weight_decay, self.weight_decay);
-        set!(t.pretrain_weight_decay, self.pretrain_weight_decay);
-        set!(t.patience, self.patience);
-        set!(t.pretrain_patience, self.pretrain_patience);
-        set!(t.min_user_inter, self.min_user_inter);
-        set!(m.hidden, self.hidden);
-        set!(m.layers, self.layers);
-        set!(m.heads, self.heads);
-        set!(m.inner, self.inner);
-        set!(m.max_len, self.max_len);
-        if let Some(d) = self.dropout {
-            m.dropout = d;
-            m.attn_dropout = d;
-        }
-        set!(m.experts, self.experts);
-        set!(m.tau, self.tau);
-        set!(m.lambda, self.lambda);
-        set!(m.score, self.score);
-        set!(m.modalities, self.modalities);
-        if self.drop_score.is_some() {
-            m.drop_score = self.drop_score;
-        }
-        m.nip &= !self.no_nip;
-        m.cmcl &= !self.no_cmcl;
-        m.mixup &= !self.no_mixup;
-        m.proj_heads &= !self.no_heads;
-        t.mask_history |= self.mask_history;
-        c.validate()?;
-        Ok(c)
-    }
-    /// What a training command at `out` will write, checked before any work (see
-    /// `cli_run::check_outputs`): its inputs are --data, --config and `init`.
-    fn check_outputs(&self, out: &std::path::Path, init: Option<&std::path::Path>, pretrain: bool, resume: bool) -> msm4sr::Result<()> {
-        let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--data", &self.data)];
-        inputs.extend(self.config.as_deref().map(|c| ("--config", c)));
-        inputs.extend(init.map(|c| ("--init", c)));
-        let how = "pass --resume to continue that run or --overwrite to replace it";
-        cli_run::check_outputs(&cli_run::run_outputs(out, pretrain), &inputs, resume || self.overwrite, how)
-    }
-    fn missing(&self) -> MissingFeatures {
-        match self.missing_features {
-            MissingArg::Error => MissingFeatures::Error,
-            MissingArg::Zero => MissingFeatures::Zero,
-        }
+        let plan = plan(&cfg);
+        let out = out.unwrap_or_else(|| cli_run::default_out(&self.data, &cfg));
+        Ok(Some(TrainJob {
+            data: self.data.clone(),
+            config_file: self.config.clone(),
+            cfg,
+            plan,
+            out,
+            init,
+            resume,
+            overwrite: self.overwrite,
+            missing: missing_of(self.missing_features),
+            quiet: self.json,
+        }))
     }
 }
 
@@ -240,8 +109,10 @@ enum Cmd {
     Pretrain {
         #[command(flatten)]
         run: RunArgs,
+        /// The best pre-trained weights go here (start `finetune --init` from them).
         #[arg(long)]
         out: PathBuf,
+        /// Continue an interrupted run from <stem>.last.safetensors.
         #[arg(long)]
         resume: bool,
     },
@@ -249,26 +120,32 @@ enum Cmd {
     Finetune {
         #[command(flatten)]
         run: RunArgs,
+        /// The best fine-tuned weights go here.
         #[arg(long)]
         out: PathBuf,
         /// Start from these weights (e.g. a `pretrain` checkpoint).
         #[arg(long)]
         init: Option<PathBuf>,
+        /// Continue an interrupted run from <stem>.last.safetensors.
         #[arg(long)]
         resume: bool,
     },
     /// Evaluate a checkpoint on the validation and test splits.
     Evaluate {
+        /// Dataset directory (the one the checkpoint was trained on: same items, same order).
         #[arg(long)]
         data: PathBuf,
+        /// A checkpoint written by train, pretrain or finetune.
         #[arg(long)]
         ckpt: PathBuf,
+        /// Print the result as JSON on stdout.
         #[arg(long)]
         json: bool,
         /// Also write every user's target rank (TSV: split, user, target, rank) for paired
         /// significance tests between models (tools/paired_test.py).
         #[arg(long)]
         ranks: Option<PathBuf>,
+        /// Items in .inter without features: fail (error) or give them zero features (zero).
         #[arg(long, value_enum, default_value = "error")]
         missing_features: MissingArg,
         /// Replace an existing --ranks file.
@@ -277,16 +154,22 @@ enum Cmd {
     },
     /// Top-k recommendations for one user from their whole history.
     Recommend {
+        /// Dataset directory (the one the checkpoint was trained on).
         #[arg(long)]
         data: PathBuf,
+        /// A checkpoint written by train, pretrain or finetune.
         #[arg(long)]
         ckpt: PathBuf,
+        /// The user's token in NAME.inter.
         #[arg(long)]
         user: String,
+        /// Items to recommend.
         #[arg(long, default_value_t = 10)]
         k: usize,
+        /// Print the recommendations as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Items in .inter without features: fail (error) or give them zero features (zero).
         #[arg(long, value_enum, default_value = "error")]
         missing_features: MissingArg,
     },
@@ -301,6 +184,7 @@ enum Cmd {
         /// NAME or NAME=TEMPLATE ({} {title} {list} {year}); repeatable or comma-separated; default: every field but item_id.
         #[arg(long = "text-fields", alias = "text-field", value_name = "NAME[=TEMPLATE]", value_delimiter = ',')]
         text_fields: Vec<String>,
+        /// Sentences kept per item (the first ones; the paper uses 10).
         #[arg(long, default_value_t = 10)]
         max_sentences: usize,
         /// One line per image: item token, TAB, space-separated keywords (e.g. from CLIP).
@@ -321,6 +205,7 @@ enum Cmd {
     },
     /// Write a synthetic dataset with planted multimodal structure.
     Synth {
+        /// Output dataset directory (synth.inter, synth.features.safetensors, synth.items.txt).
         #[arg(long, required_unless_present = "print_config")]
         out: Option<PathBuf>,
         /// TOML file with any generator settings (see `--print-config` for the keys and defaults).
@@ -344,11 +229,13 @@ enum Cmd {
     },
     /// List GPU adapters, the chosen device, its limits and features.
     Info {
+        /// Print the adapters, device, limits and features as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Check every op: f64 finite differences on the CPU, and the GPU kernels against the CPU.
     Gradcheck {
+        /// Print every check as JSON.
         #[arg(long)]
         json: bool,
         /// Only these ops (repeatable), e.g. --op matmul --op attention.
@@ -357,6 +244,7 @@ enum Cmd {
     },
     /// Benchmark kernels at the model's shapes.
     Bench {
+        /// Print the timings as JSON.
         #[arg(long)]
         json: bool,
         /// Seconds to spend on each entry (at least one call).
@@ -371,6 +259,7 @@ enum Cmd {
         /// Skip the training-step benchmark (one step of each model at the paper's shapes).
         #[arg(long)]
         no_steps: bool,
+        /// The BERT sentence model folder for --bert (see tools/get_minilm.sh).
         #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
         model_dir: PathBuf,
         /// Sentences for the BERT benchmark.
@@ -401,96 +290,22 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
     let named = cli.adapter.is_some();
+    let at = Where { choice: cli.device, named };
     match cli.cmd {
         Cmd::Info { json } => info(cli.device, named, json),
         Cmd::Train { run, out, no_pretrain, e2e, resume } => {
-            let cfg = run.config()?;
-            if e2e && cfg.model.model != ModelKind::Msm4sr {
-                return Err(msm4sr::Error::Invalid(format!(
-                    "--e2e sums MSM4SR's pre-training and fine-tuning losses; --model {} has no pre-training loss (drop --e2e)",
-                    format!("{:?}", cfg.model.model).to_lowercase()
-                )));
-            }
-            let pre = cfg.model.model == ModelKind::Msm4sr && !no_pretrain && !e2e;
-            let plan = Plan { pretrain: pre, finetune: !e2e, e2e };
-            let name = format!("{:?}", cfg.model.model).to_lowercase();
-            let out = out.unwrap_or_else(|| {
-                PathBuf::from(format!("runs/{}-{name}.safetensors", run.data.file_name().and_then(|n| n.to_str()).unwrap_or("data")))
-            });
-            train_cmd(&run, cfg, plan, &out, None, resume, cli.device, named)
+            let job = run.job(|cfg| Plan::train(cfg, no_pretrain, e2e), out, None, resume)?;
+            train_cmd(job, run.json, at)
         }
-        Cmd::Pretrain { run, out, resume } => {
-            let mut cfg = run.config()?;
-            cfg.model.model = ModelKind::Msm4sr;
-            // `pretrain --out X` writes X itself: run the stage directly.
-            if run.print_config {
-                print!("{}", cli_run::config_toml(&cfg));
-                return Ok(ExitCode::SUCCESS);
-            }
-            run.check_outputs(&out, None, false, resume)?;
-            let (dev, desc) = cli.device.resolve(named)?;
-            eprintln!("device: {desc}");
-            let ds = cli_run::load_dataset(&run.data, &cfg, run.missing())?;
-            eprintln!("{ds}");
-            let split = cli_run::check_split(&ds, &cfg)?;
-            let model = cli_run::build_model(&cfg, &ds, cfg.train.seed, dev)?;
-            if !resume {
-                save_config(&out, &cfg)?;
-            }
-            let s = msm4sr::train::fit(&model, &split, &cfg, msm4sr::train::Stage::Pretrain, &ds.item_tokens, &out, resume, run.json)?;
-            if resume {
-                save_config(&out, &cfg)?;
-            }
-            if run.json {
-                println!("{}", serde_json::to_string_pretty(&s).unwrap());
-            } else {
-                println!("pre-training: best epoch {} of {}, valid (modality scores) {}", s.best_epoch, s.epochs, s.valid);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Finetune { run, out, init, resume } => {
-            let cfg = run.config()?;
-            let plan = Plan { pretrain: false, finetune: true, e2e: false };
-            train_cmd(&run, cfg, plan, &out, init.as_deref(), resume, cli.device, named)
-        }
+        Cmd::Pretrain { run, out, resume } => train_cmd(run.job(|_| Plan::PRETRAIN, Some(out), None, resume)?, run.json, at),
+        Cmd::Finetune { run, out, init, resume } => train_cmd(run.job(|_| Plan::FINETUNE, Some(out), init, resume)?, run.json, at),
         Cmd::Evaluate { data, ckpt, json, ranks, missing_features, overwrite } => {
-            if let Some(r) = &ranks {
-                let inputs: [(&str, &std::path::Path); 2] = [("--data", &data), ("--ckpt", &ckpt)];
-                cli_run::check_outputs(std::slice::from_ref(r), &inputs, overwrite, "pass --overwrite to replace it")?;
-            }
-            let (dev, desc) = cli.device.resolve(named)?;
-            eprintln!("device: {desc}");
-            let cfg = checkpoint_config(&ckpt)?;
-            let ds = cli_run::load_dataset(&data, &cfg, missing_of(missing_features))?;
-            let restored = cli_run::model_from_checkpoint(&ds, &ckpt, dev)?;
-            let (model, cfg, with_id) = (&restored.model, &restored.cfg, restored.with_id());
-            if !with_id {
-                eprintln!("{} is a pre-training checkpoint: scoring with the modality encoders alone", ckpt.display());
-            }
-            let split = ds.split(cfg.model.max_len);
-            let start = std::time::Instant::now();
-            let tc = &cfg.train;
-            let valid_ranks = msm4sr::train::ranks(model, &split.valid, tc.eval_batch, with_id, tc.mask_history)?;
-            let test_ranks = msm4sr::train::ranks(model, &split.test, tc.eval_batch, with_id, tc.mask_history)?;
-            if let Some(path) = ranks {
-                let text = cli_run::ranks_tsv(&ds, &[("valid", &split.valid, &valid_ranks), ("test", &split.test, &test_ranks)]);
-                msm4sr::checkpoint::write_atomic(&path, text.as_bytes())?;
-                eprintln!("per-user ranks in {}", path.display());
-            }
-            let (valid, test) = (cli_run::metrics_of(&valid_ranks), cli_run::metrics_of(&test_ranks));
-            let r = cli_run::RunResult { model: cli_run::model_name(cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64() };
+            let r = cli_run::evaluate(&data, &ckpt, ranks.as_deref(), overwrite, missing_of(missing_features), at)?;
             print_result(&r, json);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Recommend { data, ckpt, user, k, json, missing_features } => {
-            if k == 0 {
-                return Err(msm4sr::Error::Invalid("--k 0: must be at least 1 (the number of items to recommend)".into()));
-            }
-            let (dev, _) = cli.device.resolve(named)?;
-            let cfg = checkpoint_config(&ckpt)?;
-            let ds = cli_run::load_dataset(&data, &cfg, missing_of(missing_features))?;
-            let r = cli_run::model_from_checkpoint(&ds, &ckpt, dev)?;
-            let recs = cli_run::recommend(&r.model, &ds, &user, k, r.with_id())?;
+            let recs = cli_run::recommend_from(&data, &ckpt, &user, k, missing_of(missing_features), at)?;
             if json {
                 let v: Vec<_> = recs.iter().map(|(i, s, seen)| serde_json::json!({"item": i, "score": s, "in_history": seen})).collect();
                 println!("{}", serde_json::to_string_pretty(&v).unwrap());
@@ -503,15 +318,8 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Featurize { items, out, text_fields, max_sentences, image_keywords, model_dir, batch, json, overwrite } => {
-            let name = items.file_stem().and_then(|n| n.to_str()).unwrap_or("items").to_string();
-            let files = [out.join(format!("{name}.features.safetensors")), out.join(format!("{name}.items.txt"))];
-            let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--items", &items), ("--model-dir", &model_dir)];
-            inputs.extend(image_keywords.as_deref().map(|k| ("--image-keywords", k)));
-            cli_run::check_outputs(&files, &inputs, overwrite, "pass --overwrite to replace it")?;
-            let (dev, desc) = cli.device.resolve(named)?;
-            eprintln!("device: {desc}");
             let opts = msm4sr::featurize::FeaturizeOptions { items, text_fields, out, max_sentences, image_keywords, model_dir, batch };
-            let s = msm4sr::featurize::run(&opts, dev, json)?;
+            let s = cli_run::featurize(&opts, overwrite, json, at)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap());
             } else {
@@ -528,30 +336,13 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Synth { out, config, print_config, users, items, seed, overwrite } => {
-            let mut c = match config {
-                Some(ref p) => synth::SynthConfig::from_toml_file(p)?,
-                None => synth::SynthConfig::default(),
-            };
-            if let Some(u) = users {
-                c.users = u;
-            }
-            if let Some(i) = items {
-                c.items = i;
-            }
-            if let Some(s) = seed {
-                c.seed = s;
-            }
-            c.validate()?;
+            let c = synth::SynthConfig::resolve(config.as_deref(), users, items, seed)?;
             if print_config {
                 print!("{}", toml::to_string(&c).unwrap_or_default());
                 return Ok(ExitCode::SUCCESS);
             }
             let out = out.ok_or_else(|| msm4sr::Error::Invalid("synth needs --out DIR".into()))?;
-            let files: Vec<PathBuf> =
-                ["inter", "features.safetensors", "items.txt"].iter().map(|e| out.join(format!("{}.{e}", synth::NAME))).collect();
-            let inputs: Vec<(&str, &std::path::Path)> = config.as_deref().map(|c| ("--config", c)).into_iter().collect();
-            cli_run::check_outputs(&files, &inputs, overwrite, "pass --overwrite to replace it")?;
-            synth::write(&out, &c)?;
+            cli_run::synth(&out, &c, config.as_deref(), overwrite)?;
             println!("wrote a synthetic dataset ({} users, {} items, seed {}) to {}", c.users, c.items, c.seed, out.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -709,17 +500,6 @@ fn missing_of(m: MissingArg) -> MissingFeatures {
     }
 }
 
-fn checkpoint_config(ckpt: &std::path::Path) -> msm4sr::Result<RunConfig> {
-    let ck = msm4sr::checkpoint::load(ckpt)?;
-    let c = ck.meta.get("config").ok_or_else(|| msm4sr::Error::Invalid(format!("{} has no config metadata", ckpt.display())))?;
-    serde_json::from_str(c).map_err(|e| msm4sr::Error::Invalid(format!("{}: {e}", ckpt.display())))
-}
-
-/// Save the effective config beside the checkpoint (`<stem>.config.toml`), once the run is validated.
-fn save_config(out: &std::path::Path, cfg: &RunConfig) -> msm4sr::Result<()> {
-    msm4sr::checkpoint::write_atomic(&cli_run::config_path(out), cli_run::config_toml(cfg).as_bytes())
-}
-
 fn print_result(r: &cli_run::RunResult, json: bool) {
     if json {
         println!("{}", serde_json::to_string_pretty(r).unwrap());
@@ -738,39 +518,37 @@ fn print_result(r: &cli_run::RunResult, json: bool) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_cmd(
-    run: &RunArgs,
-    cfg: RunConfig,
-    plan: Plan,
-    out: &std::path::Path,
-    init: Option<&std::path::Path>,
-    resume: bool,
-    choice: DeviceChoice,
-    named: bool,
-) -> msm4sr::Result<ExitCode> {
-    if run.print_config {
-        print!("{}", cli_run::config_toml(&cfg));
-        return Ok(ExitCode::SUCCESS);
+/// Run a training job (none: `--print-config` only) and print its result.
+fn train_cmd(job: Option<TrainJob>, json: bool, at: Where) -> msm4sr::Result<ExitCode> {
+    if let Some(job) = job {
+        print_result(&cli_run::train(&job, at)?, json);
     }
-    run.check_outputs(out, init, plan.pretrain, resume)?;
-    let (dev, desc) = choice.resolve(named)?;
-    let ds = cli_run::load_dataset(&run.data, &cfg, run.missing())?;
-    if !run.json {
-        eprintln!("device: {desc}");
-        eprintln!("{ds}");
-        eprintln!("effective configuration:\n{}", cli_run::config_toml(&cfg));
-    }
-    cli_run::check_split(&ds, &cfg)?;
-    cli_run::check_model_fits(&cfg, &ds)?;
-    // A resumed run's settings are checked against the interrupted run's first (train::fit).
-    if !resume {
-        save_config(out, &cfg)?;
-    }
-    let r = cli_run::run_training(&ds, &cfg, plan, out, init, resume, dev, run.json)?;
-    if resume {
-        save_config(out, &cfg)?;
-    }
-    print_result(&r, run.json);
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag of every command says what it does (`msm4sr CMD --help`).
+    #[test]
+    fn every_flag_has_help() {
+        let cli = super::Cli::command();
+        let mut missing = Vec::new();
+        let mut seen = 0;
+        for cmd in std::iter::once(&cli).chain(cli.get_subcommands()) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                seen += 1;
+                if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{} --{}", cmd.get_name(), arg.get_long().unwrap_or(id)));
+                }
+            }
+        }
+        assert!(seen > 60, "{seen} flags");
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
 }

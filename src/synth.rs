@@ -101,12 +101,31 @@ impl SynthConfig {
     pub fn from_toml_file(path: &Path) -> Result<SynthConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
         let cfg: SynthConfig = toml::from_str(&text)
-            .map_err(|e| Error::Invalid(format!("{}: {}", path.display(), crate::cli_run::with_suggestion(e.to_string()))))?;
+            .map_err(|e| Error::Invalid(format!("{}: {}", path.display(), crate::config::with_suggestion(e.to_string()))))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Check the settings, naming the first bad one.
+    /// The effective settings: defaults < the TOML file at `file` < `--users`, `--items`, `--seed`;
+    /// validated.
+    pub fn resolve(file: Option<&Path>, users: Option<usize>, items: Option<usize>, seed: Option<u64>) -> Result<SynthConfig> {
+        let mut c = match file {
+            Some(p) => SynthConfig::from_toml_file(p)?,
+            None => SynthConfig::default(),
+        };
+        c.users = users.unwrap_or(c.users);
+        c.items = items.unwrap_or(c.items);
+        c.seed = seed.unwrap_or(c.seed);
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The files [`write`] writes into `dir`.
+    pub fn outputs(dir: &Path) -> Vec<std::path::PathBuf> {
+        ["inter", "features.safetensors", "items.txt"].iter().map(|e| dir.join(format!("{NAME}.{e}"))).collect()
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Invalid(format!("synth config: {msg}")));
         if self.users == 0 {

@@ -123,12 +123,12 @@ impl RunConfig {
         at_least("pretrain-epochs", "train.pretrain_epochs", t.pretrain_epochs, 1)?;
         at_least("batch", "train.batch", t.batch, 1)?;
         at_least("pretrain-batch", "train.pretrain_batch", t.pretrain_batch, 1)?;
-        at_least("", "train.eval_batch", t.eval_batch, 1)?;
+        at_least("eval-batch", "train.eval_batch", t.eval_batch, 1)?;
         positive("lr", "train.lr", t.lr)?;
         positive("pretrain-lr", "train.pretrain_lr", t.pretrain_lr)?;
         non_negative("weight-decay", "train.weight_decay", t.weight_decay)?;
         non_negative("pretrain-weight-decay", "train.pretrain_weight_decay", t.pretrain_weight_decay)?;
-        non_negative("", "train.clip", t.clip)?;
+        non_negative("clip", "train.clip", t.clip)?;
         // Leave-one-out needs a training, a validation and a test interaction per user.
         at_least("min-user-inter", "train.min_user_inter", t.min_user_inter, 3)?;
         at_least("hidden", "model.hidden", m.hidden, 1)?;
@@ -146,9 +146,9 @@ impl RunConfig {
         at_least("max-len", "model.max_len", m.max_len, 1)?;
         at_least("experts", "model.experts", m.experts, 1)?;
         probability("dropout", "model.dropout", m.dropout)?;
-        probability("dropout", "model.attn_dropout", m.attn_dropout)?;
-        probability("", "model.moe_dropout", m.moe_dropout)?;
-        probability("", "model.item_drop", m.item_drop)?;
+        probability("attn-dropout", "model.attn_dropout", m.attn_dropout)?;
+        probability("moe-dropout", "model.moe_dropout", m.moe_dropout)?;
+        probability("item-drop", "model.item_drop", m.item_drop)?;
         positive("tau", "model.tau", m.tau)?;
         non_negative("lambda", "model.lambda", m.lambda)?;
         Ok(())
