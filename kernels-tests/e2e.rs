@@ -584,6 +584,90 @@ fn pretrain_goes_through_the_training_path() {
     assert_eq!(r["valid"], ev["valid"]);
 }
 
+/// A training run writes its directory: the configuration, the per-epoch log (JSON lines and CSV,
+/// every stage, each loss term), the console log, the result and the per-user ranks; `evaluate`
+/// takes the directory for its checkpoint.
+#[test]
+fn run_directory_holds_the_log_and_results() {
+    let (dir, ds) = tiny_dataset("run-dir");
+    let d = dir.to_str().unwrap();
+    let run = tmp("run-dir-out").join("r");
+    let r = run.to_str().unwrap();
+    let (ok, out, err) = msm4sr_bin(&[
+        "--device",
+        "cpu",
+        "train",
+        "--data",
+        d,
+        "--run-dir",
+        r,
+        "--hidden",
+        "16",
+        "--inner",
+        "32",
+        "--experts",
+        "2",
+        "--batch",
+        "64",
+        "--pretrain-batch",
+        "64",
+        "--pretrain-epochs",
+        "2",
+        "--epochs",
+        "3",
+        "--patience",
+        "100",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    for f in ["model.safetensors", "model.pretrain.safetensors", "model.last.safetensors", "model.config.toml"] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("model.result.json")).unwrap()).unwrap();
+    assert_eq!(result, saved, "result.json differs from --json");
+    let history = result["history"].as_array().unwrap();
+    let records: Vec<train::EpochRecord> =
+        std::fs::read_to_string(run.join("model.epochs.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 5);
+    assert_eq!(history.len(), 5);
+    let stages: Vec<(Stage, usize)> = records.iter().map(|r| (r.stage, r.epoch)).collect();
+    assert_eq!(stages, [(Stage::Pretrain, 1), (Stage::Pretrain, 2), (Stage::Finetune, 1), (Stage::Finetune, 2), (Stage::Finetune, 3)]);
+    for r in &records[..2] {
+        let names: Vec<&str> = r.terms.keys().map(String::as_str).collect();
+        assert_eq!(names, ["cmcl_image", "cmcl_text", "nip_image", "nip_text"]);
+        let sum: f64 = r.terms.values().sum();
+        assert!((sum - r.loss).abs() < 1e-4 * r.loss.abs(), "terms {sum} vs loss {}", r.loss);
+    }
+    assert_eq!(records[2].terms.keys().collect::<Vec<_>>(), ["ce"]);
+    // The best epoch of each stage is marked, and the fine-tuning one is what valid reports.
+    let best_ft = records[2..].iter().rfind(|r| r.best).unwrap();
+    assert_eq!(serde_json::to_value(best_ft.valid).unwrap(), result["valid"]);
+    let csv = std::fs::read_to_string(run.join("model.epochs.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "stage,epoch,loss,nip_text,nip_image,cmcl_text,cmcl_image,cmcl,ce,valid_recall@5,valid_recall@10,valid_recall@20,\
+         valid_ndcg@5,valid_ndcg@10,valid_ndcg@20,best,samples_per_s,train_seconds,valid_seconds,lr"
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 5);
+    assert!(rows.iter().all(|r| r.len() == 20));
+    assert_eq!((rows[0][0], rows[0][1], rows[0][8]), ("pretrain", "1", ""));
+    assert_eq!(rows[4][0..2], ["finetune", "3"]);
+    assert_eq!(rows[4][2].parse::<f64>().unwrap(), records[4].loss);
+    let log = std::fs::read_to_string(run.join("model.log")).unwrap();
+    assert!(log.contains("Pretrain epoch   1  loss") && log.contains("Finetune epoch   3  loss"), "{log}");
+    let ranks = std::fs::read_to_string(run.join("model.ranks.tsv")).unwrap();
+    let split = ds.split(50);
+    assert_eq!(ranks.lines().count(), 1 + split.valid.len() + split.test.len());
+    // evaluate takes the run directory.
+    let (ok, ev, err) = msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", r, "--json"]);
+    assert!(ok, "{err}");
+    let ev: serde_json::Value = serde_json::from_str(&ev).unwrap();
+    assert_eq!(ev["test"], result["test"]);
+}
+
 /// A run killed with SIGKILL (by the fault-injection hook: mid-epoch in pre-training and in
 /// fine-tuning, and inside a checkpoint write) and then resumed gives the same validation and test
 /// metrics as an uninterrupted run, and leaves no temporary file behind.
@@ -626,14 +710,22 @@ fn resume_after_kill_gives_the_same_metrics() {
         ];
         a.iter().map(|s| s.to_string()).collect()
     };
-    let metrics = |stdout: &[u8]| -> (serde_json::Value, serde_json::Value) {
+    // The metrics and the per-epoch history without its timings.
+    let metrics = |stdout: &[u8]| -> (serde_json::Value, serde_json::Value, Vec<serde_json::Value>) {
         let v: serde_json::Value = serde_json::from_slice(stdout).unwrap();
-        (v["valid"].clone(), v["test"].clone())
+        let mut h = v["history"].as_array().cloned().unwrap_or_default();
+        for r in &mut h {
+            for k in ["samples_per_s", "train_seconds", "valid_seconds"] {
+                r.as_object_mut().unwrap().remove(k);
+            }
+        }
+        (v["valid"].clone(), v["test"].clone(), h)
     };
     let bin = env!("CARGO_BIN_EXE_msm4sr");
     let full = Command::new(bin).args(args(dir.join("full/m.safetensors").to_str().unwrap())).output().unwrap();
     assert!(full.status.success(), "{}", String::from_utf8_lossy(&full.stderr));
     let want = metrics(&full.stdout);
+    assert_eq!(want.2.len(), 5, "2 pre-training and 3 fine-tuning epochs: {:?}", want.2);
     // About 11 steps per epoch: step 5 is in pre-training epoch 1, step 30 in fine-tuning epoch 1;
     // write 4 is pre-training epoch 2's first checkpoint.
     for fault in ["step:5", "step:30", "write:4"] {
@@ -647,7 +739,9 @@ fn resume_after_kill_gives_the_same_metrics() {
         resume.push("--resume".into());
         let again = Command::new(bin).args(&resume).output().unwrap();
         assert!(again.status.success(), "{fault}: resume failed: {}", String::from_utf8_lossy(&again.stderr));
-        assert_eq!(metrics(&again.stdout), want, "{fault}: resumed metrics differ from the uninterrupted run");
+        assert_eq!(metrics(&again.stdout), want, "{fault}: resumed metrics or history differ from the uninterrupted run");
+        let log = std::fs::read_to_string(out_dir.join("m.epochs.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), 5, "{fault}: the run log has other epochs than the run: {log}");
         let left: Vec<String> = std::fs::read_dir(&out_dir)
             .unwrap()
             .flatten()

@@ -11,8 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::checkpoint;
-use crate::data::{make_batch, Dataset, LoadOptions, MissingFeatures, Sample, Split};
 use crate::config;
+use crate::data::{make_batch, Dataset, LoadOptions, MissingFeatures, Sample, Split};
 use crate::engine::{no_grad, Device, DeviceChoice};
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelKind};
@@ -29,13 +29,16 @@ pub fn load_dataset(dir: &Path, cfg: &RunConfig, missing: MissingFeatures) -> Re
 
 /// The `--json` result of train / evaluate. A split without samples has no metrics (`null`),
 /// never zeros.
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize, Clone, Debug)]
 pub struct RunResult {
     pub model: String,
     pub valid: Option<Metrics>,
     pub test: Option<Metrics>,
     pub epochs: usize,
     pub seconds: f64,
+    /// Every epoch of every stage (training commands only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<train::EpochRecord>,
 }
 
 /// Metrics of a split's ranks, or none for an empty split.
@@ -102,16 +105,55 @@ impl Plan {
         }
     }
 
-    /// Every file the run may write: the checkpoint(s), their resume states and the saved
-    /// configuration.
+    /// Every file the run may write: the checkpoint(s), their resume states, the saved
+    /// configuration and the run's log and results ([`RunFiles`]).
     pub fn outputs(&self, out: &Path) -> Vec<PathBuf> {
-        let mut v = vec![out.to_path_buf(), train::last_path(out), config_path(out)];
+        let f = RunFiles::of(out);
+        let mut v = vec![out.to_path_buf(), train::last_path(out), config_path(out), f.jsonl, f.csv, f.log, f.result, f.ranks];
         let pre = self.pretrain_out(out);
         if self.pretrain && pre != out {
             v.push(train::last_path(&pre));
             v.push(pre);
         }
         v
+    }
+}
+
+/// The files of a run besides its checkpoints, named by the `--out` stem (in a `--run-dir` DIR the
+/// stem is DIR/model).
+#[derive(Clone, Debug)]
+pub struct RunFiles {
+    /// `<stem>.epochs.jsonl`: one [`train::EpochRecord`] per line, every stage.
+    pub jsonl: PathBuf,
+    /// `<stem>.epochs.csv`: the same as CSV ([`train::epochs_csv`]).
+    pub csv: PathBuf,
+    /// `<stem>.log`: the console lines (appended on resume).
+    pub log: PathBuf,
+    /// `<stem>.result.json`: the `--json` result.
+    pub result: PathBuf,
+    /// `<stem>.ranks.tsv`: every user's target rank on valid and test ([`ranks_tsv`]).
+    pub ranks: PathBuf,
+}
+
+impl RunFiles {
+    pub fn of(out: &Path) -> Self {
+        let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+        let f = |ext: &str| out.with_file_name(format!("{stem}.{ext}"));
+        RunFiles { jsonl: f("epochs.jsonl"), csv: f("epochs.csv"), log: f("log"), result: f("result.json"), ranks: f("ranks.tsv") }
+    }
+}
+
+/// The checkpoint of a run directory (`--run-dir DIR`): DIR/model.safetensors.
+pub fn run_dir_checkpoint(dir: &Path) -> PathBuf {
+    dir.join("model.safetensors")
+}
+
+/// A checkpoint argument (`--ckpt`, `--init`): a file, or a run directory for its checkpoint.
+pub fn checkpoint_arg(p: &Path) -> PathBuf {
+    if p.is_dir() {
+        run_dir_checkpoint(p)
+    } else {
+        p.to_path_buf()
     }
 }
 
@@ -171,11 +213,6 @@ pub fn train(job: &TrainJob, at: Where) -> Result<RunResult> {
     check_outputs(&job.plan.outputs(out), &inputs, job.resume || job.overwrite, how)?;
     let (dev, desc) = at.resolve()?;
     let ds = load_dataset(&job.data, cfg, job.missing)?;
-    if !job.quiet {
-        eprintln!("device: {desc}");
-        eprintln!("{ds}");
-        eprintln!("effective configuration:\n{}", config::to_toml(cfg));
-    }
     let split = check_split(&ds, cfg)?;
     let model = build_model(cfg, &ds, cfg.train.seed, dev)?;
     // A resumed run's settings are checked against the interrupted run's first (train::fit), and
@@ -183,10 +220,26 @@ pub fn train(job: &TrainJob, at: Where) -> Result<RunResult> {
     if !job.resume {
         save_config(out, cfg)?;
     }
-    let r = run_stages(&model, &ds, &split, job)?;
+    let files = RunFiles::of(out);
+    if !job.resume {
+        // A fresh run's console log starts empty (--overwrite replaces an earlier one).
+        let _ = std::fs::remove_file(&files.log);
+    }
+    crate::console::open(&files.log)?;
+    let say = |m: String| if job.quiet { crate::console::log_only(&m) } else { crate::console::line(&m) };
+    say(format!("msm4sr {}{}", env!("CARGO_PKG_VERSION"), if job.resume { " (resumed)" } else { "" }));
+    say(format!("device: {desc}"));
+    say(format!("{ds}"));
+    say(format!("effective configuration:\n{}", config::to_toml(cfg)));
+    let r = run_stages(&model, &ds, &split, job, &files);
+    crate::console::close();
+    let (r, ranks) = r?;
     if job.resume {
         save_config(out, cfg)?;
     }
+    checkpoint::write_atomic(&files.ranks, ranks.as_bytes())?;
+    let json = serde_json::to_string_pretty(&r).map_err(|e| Error::Invalid(e.to_string()))?;
+    checkpoint::write_atomic(&files.result, format!("{json}\n").as_bytes())?;
     Ok(r)
 }
 
@@ -197,9 +250,13 @@ fn save_config(out: &Path, cfg: &RunConfig) -> Result<()> {
 
 /// Initialise from `--init`, train the job's stages and evaluate the best weights of the last on
 /// valid and test.
-fn run_stages(model: &Model, ds: &Dataset, split: &Split, job: &TrainJob) -> Result<RunResult> {
+/// Also returns the per-user ranks as TSV.
+fn run_stages(model: &Model, ds: &Dataset, split: &Split, job: &TrainJob, files: &RunFiles) -> Result<(RunResult, String)> {
     let (cfg, plan, out, quiet) = (&job.cfg, job.plan, job.out.as_path(), job.quiet);
+    let mut log = train::RunLog::new(files.jsonl.clone(), files.csv.clone());
+    let say = |m: String| if quiet { crate::console::log_only(&m) } else { crate::console::line(&m) };
     if let Some(init) = &job.init {
+        let init = &checkpoint_arg(init);
         let ck = checkpoint::load(init)?;
         let n = train::load_weights(model, &ck, &ds.item_tokens, false)?;
         if n == 0 {
@@ -208,40 +265,47 @@ fn run_stages(model: &Model, ds: &Dataset, split: &Split, job: &TrainJob) -> Res
                 init.display()
             )));
         }
-        if !quiet {
-            eprintln!("initialised {n} tensors from {}", init.display());
-        }
+        say(format!("initialised {n} tensors from {}", init.display()));
     }
     let start = Instant::now();
     let mut epochs = 0;
     if plan.pretrain {
         let pre_out = plan.pretrain_out(out);
-        let s = train::fit(model, split, cfg, Stage::Pretrain, &ds.item_tokens, &pre_out, job.resume, quiet)?;
+        let s = train::fit_logged(model, split, cfg, Stage::Pretrain, &ds.item_tokens, &pre_out, job.resume, quiet, Some(&log))?;
         epochs += s.epochs;
-        if !quiet {
-            eprintln!(
-                "pre-training: best epoch {} of {}, valid recall@20 {:.4} (modality scores only), weights in {}",
-                s.best_epoch,
-                s.epochs,
-                s.valid.recall20,
-                pre_out.display()
-            );
-        }
+        say(format!(
+            "pre-training: best epoch {} of {}, valid recall@20 {:.4} (modality scores only), weights in {}",
+            s.best_epoch,
+            s.epochs,
+            s.valid.recall20,
+            pre_out.display()
+        ));
+        log.earlier.extend(s.history);
     }
     let stage = if plan.e2e { Stage::E2e } else { Stage::Finetune };
     if plan.finetune || plan.e2e {
-        let s = train::fit(model, split, cfg, stage, &ds.item_tokens, out, job.resume, quiet)?;
+        let s = train::fit_logged(model, split, cfg, stage, &ds.item_tokens, out, job.resume, quiet, Some(&log))?;
         epochs += s.epochs;
-        if !quiet {
-            eprintln!("{stage:?}: best epoch {} of {}, weights in {}", s.best_epoch, s.epochs, out.display());
-        }
+        say(format!("{stage:?}: best epoch {} of {}, weights in {}", s.best_epoch, s.epochs, out.display()));
+        log.earlier.extend(s.history);
     }
+    // The log as the stages left it (also when a resumed run had no epoch left to run).
+    log.write(&[])?;
     // A pre-training run is scored as it was selected: modality scores alone.
     let with_id = plan.finetune || plan.e2e;
     let tc = &cfg.train;
-    let valid = metrics_of(&train::ranks(model, &split.valid, tc.eval_batch, with_id, tc.mask_history)?);
-    let test = metrics_of(&train::ranks(model, &split.test, tc.eval_batch, with_id, tc.mask_history)?);
-    Ok(RunResult { model: model_name(cfg), valid, test, epochs, seconds: start.elapsed().as_secs_f64() })
+    let valid_ranks = train::ranks(model, &split.valid, tc.eval_batch, with_id, tc.mask_history)?;
+    let test_ranks = train::ranks(model, &split.test, tc.eval_batch, with_id, tc.mask_history)?;
+    let tsv = ranks_tsv(ds, &[("valid", &split.valid, &valid_ranks), ("test", &split.test, &test_ranks)]);
+    let r = RunResult {
+        model: model_name(cfg),
+        valid: metrics_of(&valid_ranks),
+        test: metrics_of(&test_ranks),
+        epochs,
+        seconds: start.elapsed().as_secs_f64(),
+        history: log.earlier,
+    };
+    Ok((r, tsv))
 }
 
 /// `<out stem>.config.toml` beside the checkpoint.
@@ -482,6 +546,7 @@ pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<R
 /// `evaluate`: the checkpoint at `ckpt` on the validation and test splits of `data` (each user's
 /// rank of their target written to `ranks` as TSV when given; see [`ranks_tsv`]).
 pub fn evaluate(data: &Path, ckpt: &Path, ranks: Option<&Path>, overwrite: bool, missing: MissingFeatures, at: Where) -> Result<RunResult> {
+    let ckpt = &checkpoint_arg(ckpt);
     if let Some(r) = ranks {
         let inputs: [(&str, &Path); 2] = [("--data", data), ("--ckpt", ckpt)];
         check_outputs(&[r.to_path_buf()], &inputs, overwrite, "pass --overwrite to replace it")?;
@@ -506,17 +571,24 @@ pub fn evaluate(data: &Path, ckpt: &Path, ranks: Option<&Path>, overwrite: bool,
         eprintln!("per-user ranks in {}", path.display());
     }
     let (valid, test) = (metrics_of(&valid_ranks), metrics_of(&test_ranks));
-    Ok(RunResult { model: model_name(cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64() })
+    Ok(RunResult { model: model_name(cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64(), history: Vec::new() })
 }
 
 /// `recommend`: the top `k` items for `user` of `data` by the checkpoint at `ckpt` (see
 /// [`recommend`]).
-pub fn recommend_from(data: &Path, ckpt: &Path, user: &str, k: usize, missing: MissingFeatures, at: Where) -> Result<Vec<(String, f32, bool)>> {
+pub fn recommend_from(
+    data: &Path,
+    ckpt: &Path,
+    user: &str,
+    k: usize,
+    missing: MissingFeatures,
+    at: Where,
+) -> Result<Vec<(String, f32, bool)>> {
     if k == 0 {
         return Err(Error::Invalid("--k 0: must be at least 1 (the number of items to recommend)".into()));
     }
     let (dev, _) = at.resolve()?;
-    let opened = open_checkpoint(ckpt)?;
+    let opened = open_checkpoint(&checkpoint_arg(ckpt))?;
     let ds = load_dataset(data, &opened.cfg, missing)?;
     let r = opened.restore(&ds, dev)?;
     recommend(&r.model, &ds, user, k, r.with_id())

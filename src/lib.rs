@@ -14,6 +14,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod cli_run;
 pub mod config;
+pub mod console;
 pub mod data;
 pub mod demo;
 pub mod engine;

@@ -46,6 +46,10 @@ struct RunArgs {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Write the run into this directory (model.safetensors, model.epochs.csv, ...) instead of
+    /// beside --out.
+    #[arg(long, conflicts_with = "out")]
+    run_dir: Option<PathBuf>,
     /// Replace an earlier run's output files (without it, existing outputs are refused unless
     /// --resume continues that run).
     #[arg(long)]
@@ -63,14 +67,24 @@ enum MissingArg {
 impl RunArgs {
     /// The training command's job: the effective configuration and where it writes. `None` when
     /// only `--print-config` was asked (printed here).
-    fn job(&self, plan: impl FnOnce(&RunConfig) -> Plan, out: Option<PathBuf>, init: Option<PathBuf>, resume: bool) -> msm4sr::Result<Option<TrainJob>> {
+    fn job(
+        &self,
+        plan: impl FnOnce(&RunConfig) -> Plan,
+        out: Option<PathBuf>,
+        init: Option<PathBuf>,
+        resume: bool,
+    ) -> msm4sr::Result<Option<TrainJob>> {
         let cfg = config::resolve(self.config.as_deref(), &self.flags)?;
         if self.print_config {
             print!("{}", config::to_toml(&cfg));
             return Ok(None);
         }
         let plan = plan(&cfg);
-        let out = out.unwrap_or_else(|| cli_run::default_out(&self.data, &cfg));
+        let out = match (&self.run_dir, out) {
+            (Some(dir), _) => cli_run::run_dir_checkpoint(dir),
+            (None, Some(out)) => out,
+            (None, None) => cli_run::default_out(&self.data, &cfg),
+        };
         Ok(Some(TrainJob {
             data: self.data.clone(),
             config_file: self.config.clone(),
@@ -92,7 +106,8 @@ enum Cmd {
     Train {
         #[command(flatten)]
         run: RunArgs,
-        /// Best fine-tuned weights go here (pre-training to <stem>.pretrain.safetensors).
+        /// Best fine-tuned weights go here (pre-training to <stem>.pretrain.safetensors; the run's
+        /// log and results to <stem>.epochs.csv, ...; default runs/DATA-MODEL.safetensors).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Skip pre-training (MSM4SR w/o pre-train).
@@ -109,9 +124,10 @@ enum Cmd {
     Pretrain {
         #[command(flatten)]
         run: RunArgs,
-        /// The best pre-trained weights go here (start `finetune --init` from them).
-        #[arg(long)]
-        out: PathBuf,
+        /// The best pre-trained weights go here (start `finetune --init` from them); the run's other
+        /// files are named by its stem.
+        #[arg(long, required_unless_present = "run_dir")]
+        out: Option<PathBuf>,
         /// Continue an interrupted run from <stem>.last.safetensors.
         #[arg(long)]
         resume: bool,
@@ -120,9 +136,9 @@ enum Cmd {
     Finetune {
         #[command(flatten)]
         run: RunArgs,
-        /// The best fine-tuned weights go here.
-        #[arg(long)]
-        out: PathBuf,
+        /// The best fine-tuned weights go here; the run's other files are named by its stem.
+        #[arg(long, required_unless_present = "run_dir")]
+        out: Option<PathBuf>,
         /// Start from these weights (e.g. a `pretrain` checkpoint).
         #[arg(long)]
         init: Option<PathBuf>,
@@ -135,7 +151,7 @@ enum Cmd {
         /// Dataset directory (the one the checkpoint was trained on: same items, same order).
         #[arg(long)]
         data: PathBuf,
-        /// A checkpoint written by train, pretrain or finetune.
+        /// A checkpoint written by train, pretrain or finetune (or a --run-dir directory).
         #[arg(long)]
         ckpt: PathBuf,
         /// Print the result as JSON on stdout.
@@ -297,8 +313,8 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             let job = run.job(|cfg| Plan::train(cfg, no_pretrain, e2e), out, None, resume)?;
             train_cmd(job, run.json, at)
         }
-        Cmd::Pretrain { run, out, resume } => train_cmd(run.job(|_| Plan::PRETRAIN, Some(out), None, resume)?, run.json, at),
-        Cmd::Finetune { run, out, init, resume } => train_cmd(run.job(|_| Plan::FINETUNE, Some(out), init, resume)?, run.json, at),
+        Cmd::Pretrain { run, out, resume } => train_cmd(run.job(|_| Plan::PRETRAIN, out, None, resume)?, run.json, at),
+        Cmd::Finetune { run, out, init, resume } => train_cmd(run.job(|_| Plan::FINETUNE, out, init, resume)?, run.json, at),
         Cmd::Evaluate { data, ckpt, json, ranks, missing_features, overwrite } => {
             let r = cli_run::evaluate(&data, &ckpt, ranks.as_deref(), overwrite, missing_of(missing_features), at)?;
             print_result(&r, json);
@@ -533,6 +549,7 @@ mod tests {
     /// Every flag of every command says what it does (`msm4sr CMD --help`).
     #[test]
     fn every_flag_has_help() {
+        super::Cli::command().debug_assert();
         let cli = super::Cli::command();
         let mut missing = Vec::new();
         let mut seen = 0;

@@ -433,6 +433,13 @@ impl Model {
     /// Pre-training loss (eq. 11) of a batch whose sequences already went through item dropout.
     /// `p_mix` is the batch's mixup ratio; `rng` draws the swaps.
     pub fn pretrain_loss(&self, batch: &Batch, p_mix: f64, rng: &mut impl Rng, seeds: &mut Seeds) -> Result<Tensor> {
+        sum_terms(self.pretrain_terms(batch, p_mix, rng, seeds)?)
+    }
+
+    /// The terms of the pre-training loss by name, each as it enters the sum (CMCL terms already
+    /// weighted by lambda): `nip_text`, `nip_image`, `cmcl_text`, `cmcl_image` (with the projection
+    /// heads) or one `cmcl` (without them); one `nip_text` or `nip_image` for a single modality.
+    pub fn pretrain_terms(&self, batch: &Batch, p_mix: f64, rng: &mut impl Rng, seeds: &mut Seeds) -> Result<Vec<(&'static str, Tensor)>> {
         if self.encoders().is_empty() {
             return Err(Error::Invalid("pre-training needs item features (text and/or image)".into()));
         }
@@ -446,7 +453,8 @@ impl Model {
             });
         }
         let (Some(enc_t), Some(text), Some(enc_v), Some(image)) = (&self.enc_t, &self.text, &self.enc_v, &self.image) else {
-            return self.pretrain_loss_single(batch, &uniq, &local, seeds);
+            let name = if self.enc_t.is_some() { "nip_text" } else { "nip_image" };
+            return Ok(vec![(name, self.pretrain_loss_single(batch, &uniq, &local, seeds)?)]);
         };
         let u = uniq.len() as u32;
         let (xt, lt) = text.gather(&uniq)?;
@@ -477,35 +485,44 @@ impl Model {
         let z_tgt_t = embedding(&zt, &Indices::new(tl.clone()), &[batch.b])?;
         let z_tgt_v = embedding(&zv, &Indices::new(tl), &[batch.b])?;
         let tau = self.cfg.tau;
-        let mut terms: Vec<Tensor> = Vec::new();
+        let mut terms: Vec<(&'static str, Tensor)> = Vec::new();
         match (&self.head_t, &self.head_v) {
             (Some(wt), Some(wv)) => {
                 let (mh_t, mt_t) = (wt.forward(&ht)?, wt.forward(&hv)?);
                 let (mh_v, mt_v) = (wv.forward(&hv)?, wv.forward(&ht)?);
                 if self.cfg.nip {
-                    terms.push(nip_loss(&mh_t, &mt_t, &z_tgt_t, &targets, tau)?);
-                    terms.push(nip_loss(&mh_v, &mt_v, &z_tgt_v, &targets, tau)?);
+                    terms.push(("nip_text", nip_loss(&mh_t, &mt_t, &z_tgt_t, &targets, tau)?));
+                    terms.push(("nip_image", nip_loss(&mh_v, &mt_v, &z_tgt_v, &targets, tau)?));
                 }
                 if self.cfg.cmcl {
-                    terms.push(scale(&cmcl_loss(&mh_t, &mt_t, &targets, tau)?, self.cfg.lambda)?);
-                    terms.push(scale(&cmcl_loss(&mh_v, &mt_v, &targets, tau)?, self.cfg.lambda)?);
+                    terms.push(("cmcl_text", scale(&cmcl_loss(&mh_t, &mt_t, &targets, tau)?, self.cfg.lambda)?));
+                    terms.push(("cmcl_image", scale(&cmcl_loss(&mh_v, &mt_v, &targets, tau)?, self.cfg.lambda)?));
                 }
             }
             _ => {
                 // --no-heads: one view per space and one CMCL term between h_t and h_v.
                 if self.cfg.nip {
-                    terms.push(crate::nn::nip_single(&ht, &z_tgt_t, &targets, tau)?);
-                    terms.push(crate::nn::nip_single(&hv, &z_tgt_v, &targets, tau)?);
+                    terms.push(("nip_text", crate::nn::nip_single(&ht, &z_tgt_t, &targets, tau)?));
+                    terms.push(("nip_image", crate::nn::nip_single(&hv, &z_tgt_v, &targets, tau)?));
                 }
                 if self.cfg.cmcl {
-                    terms.push(scale(&cmcl_loss(&ht, &hv, &targets, tau)?, self.cfg.lambda)?);
+                    terms.push(("cmcl", scale(&cmcl_loss(&ht, &hv, &targets, tau)?, self.cfg.lambda)?));
                 }
             }
         }
-        let mut loss = terms.pop().ok_or_else(|| Error::Invalid("pre-training with both --no-nip and --no-cmcl has no loss".into()))?;
-        for t in terms {
-            loss = add(&loss, &t)?;
+        if terms.is_empty() {
+            return Err(Error::Invalid("pre-training with both --no-nip and --no-cmcl has no loss".into()));
         }
-        Ok(loss)
+        Ok(terms)
     }
+}
+
+/// The sum of named loss terms, added in reverse order (the last term first, as the loss has
+/// always been summed; the order fixes the float rounding).
+pub fn sum_terms(mut terms: Vec<(&'static str, Tensor)>) -> Result<Tensor> {
+    let (_, mut loss) = terms.pop().ok_or_else(|| Error::Invalid("a loss with no terms".into()))?;
+    for (_, t) in terms {
+        loss = add(&loss, &t)?;
+    }
+    Ok(loss)
 }

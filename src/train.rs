@@ -174,6 +174,8 @@ pub struct StageSummary {
     pub valid: Metrics,
     /// Mean training loss of each epoch run in this call.
     pub losses: Vec<f64>,
+    /// Every epoch of the stage (those before a resume included).
+    pub history: Vec<EpochRecord>,
 }
 
 /// Rank every sample's target among all real items; returns one 0-based rank per sample. The item
@@ -251,6 +253,9 @@ pub struct ResumeState {
     pub best_valid: Option<Metrics>,
     pub data: DataFingerprint,
     pub config: RunConfig,
+    /// The stage's epochs so far (the run log is rebuilt from it on resume).
+    #[serde(default)]
+    pub history: Vec<EpochRecord>,
 }
 
 /// Settings that may change when a run is resumed (config keys); every other one must match.
@@ -362,8 +367,86 @@ impl EarlyStop {
     }
 }
 
+/// One epoch of a stage as the run log records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub stage: Stage,
+    /// 1-based, counted within the stage.
+    pub epoch: usize,
+    /// Mean training loss over the epoch's steps.
+    pub loss: f64,
+    /// Mean of each loss term (see `Model::pretrain_terms`; `ce` is fine-tuning's cross-entropy),
+    /// as it enters the loss (CMCL weighted by lambda).
+    pub terms: BTreeMap<String, f64>,
+    /// Validation metrics after the epoch (modality scores only in pre-training).
+    pub valid: Metrics,
+    /// Whether this epoch became the stage's best (its weights are the checkpoint).
+    pub best: bool,
+    pub samples_per_s: f64,
+    /// Seconds of training (without validation).
+    pub train_seconds: f64,
+    pub valid_seconds: f64,
+    pub lr: f32,
+}
+
+/// Names of the loss terms, in the order of the CSV columns.
+pub const LOSS_TERMS: [&str; 6] = ["nip_text", "nip_image", "cmcl_text", "cmcl_image", "cmcl", "ce"];
+
+/// The per-epoch log of a run: every record so far as JSON lines and as CSV, both rewritten
+/// (atomically) after every epoch, so that they always match the resume state.
+pub struct RunLog {
+    pub jsonl: PathBuf,
+    pub csv: PathBuf,
+    /// Records of the run's earlier stages.
+    pub earlier: Vec<EpochRecord>,
+}
+
+impl RunLog {
+    pub fn new(jsonl: PathBuf, csv: PathBuf) -> Self {
+        RunLog { jsonl, csv, earlier: Vec::new() }
+    }
+
+    /// Write the earlier stages' records and then `current`.
+    pub fn write(&self, current: &[EpochRecord]) -> Result<()> {
+        let all: Vec<&EpochRecord> = self.earlier.iter().chain(current).collect();
+        let mut jsonl = String::new();
+        for r in &all {
+            jsonl += &serde_json::to_string(r).map_err(|e| Error::Invalid(e.to_string()))?;
+            jsonl.push('\n');
+        }
+        checkpoint::write_atomic(&self.jsonl, jsonl.as_bytes())?;
+        checkpoint::write_atomic(&self.csv, epochs_csv(&all).as_bytes())
+    }
+}
+
+/// The records as CSV: stage, epoch, loss, each of [`LOSS_TERMS`] (empty where a stage has no such
+/// term), the six validation metrics, best, samples/s, seconds, learning rate.
+pub fn epochs_csv(records: &[&EpochRecord]) -> String {
+    let mut out = String::from("stage,epoch,loss");
+    for t in LOSS_TERMS {
+        out += &format!(",{t}");
+    }
+    out += ",valid_recall@5,valid_recall@10,valid_recall@20,valid_ndcg@5,valid_ndcg@10,valid_ndcg@20,best,samples_per_s,train_seconds,valid_seconds,lr\n";
+    for r in records {
+        out += &format!("{},{},{}", serde_json::to_string(&r.stage).unwrap().trim_matches('"'), r.epoch, r.loss);
+        for t in LOSS_TERMS {
+            out.push(',');
+            if let Some(v) = r.terms.get(t) {
+                out += &v.to_string();
+            }
+        }
+        let v = &r.valid;
+        out += &format!(
+            ",{},{},{},{},{},{},{},{:.1},{:.3},{:.3},{}\n",
+            v.recall5, v.recall10, v.recall20, v.ndcg5, v.ndcg10, v.ndcg20, r.best, r.samples_per_s, r.train_seconds, r.valid_seconds, r.lr
+        );
+    }
+    out
+}
+
 /// Train one stage with early stopping; the best weights end up both in `model` and at `out`.
 /// One summary line per epoch goes to stderr; `quiet` (used with `--json`) hides the progress bar.
+#[allow(clippy::too_many_arguments)]
 pub fn fit(
     model: &Model,
     split: &Split,
@@ -374,30 +457,172 @@ pub fn fit(
     resume: bool,
     quiet: bool,
 ) -> Result<StageSummary> {
-    let tc = &cfg.train;
-    let (epochs, patience, batch_size, lr, weight_decay) = match stage {
-        Stage::Pretrain => (tc.pretrain_epochs, tc.pretrain_patience, tc.pretrain_batch, tc.pretrain_lr, tc.pretrain_weight_decay),
-        _ => (tc.epochs, tc.patience, tc.batch, tc.lr, tc.weight_decay),
-    };
-    let params = match stage {
-        Stage::Pretrain => model.pretrain_params(),
-        Stage::Finetune => model.finetune_params(),
-        Stage::E2e => model.params(),
-    };
-    // Validation during pre-training uses modality scores only (the ID embeddings are not trained yet).
-    let with_id = stage != Stage::Pretrain;
-    let mut opt = Adam::new(
-        params.iter().map(|(_, t)| t.clone()).collect(),
-        AdamConfig { lr, weight_decay, max_grad_norm: tc.clip, ..AdamConfig::default() },
-    )?;
-    let mut meta = base_meta(cfg, item_tokens, stage);
-    let mut stop = EarlyStop::new(patience);
-    let (mut start_epoch, mut best_epoch) = (0usize, 0usize);
-    let mut best_valid: Option<Metrics> = None;
-    let last = last_path(out);
-    let data = DataFingerprint::of(item_tokens, split);
-    if resume && last.exists() {
-        let ck = checkpoint::load(&last)?;
+    fit_logged(model, split, cfg, stage, item_tokens, out, resume, quiet, None)
+}
+
+/// [`fit`], writing the run log after every epoch when `log` is given.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_logged(
+    model: &Model,
+    split: &Split,
+    cfg: &RunConfig,
+    stage: Stage,
+    item_tokens: &[String],
+    out: &Path,
+    resume: bool,
+    quiet: bool,
+    log: Option<&RunLog>,
+) -> Result<StageSummary> {
+    let mut run = StageRun::new(model, split, cfg, stage, item_tokens, out)?;
+    if resume {
+        run.resume()?;
+    }
+    let start = Instant::now();
+    let mut losses = Vec::new();
+    while run.epoch < run.settings.epochs && !run.stop.done() {
+        let trained = run.train_epoch(quiet)?;
+        run.check_finite()?;
+        let t0 = Instant::now();
+        let valid = evaluate(model, &split.valid, &cfg.train, run.with_id)?;
+        let rec = run.end_epoch(trained, valid, t0.elapsed().as_secs_f64())?;
+        crate::console::line(&format!(
+            "{stage:?} epoch {:>3}  loss {:.4}  train {:.1} s  {:.0} samples/s  valid recall@20 {:.4} ndcg@20 {:.4}{}",
+            rec.epoch,
+            rec.loss,
+            rec.train_seconds,
+            rec.samples_per_s,
+            rec.valid.recall20,
+            rec.valid.ndcg20,
+            if rec.best { "  *best" } else { "" },
+        ));
+        if trained.gemm_secs > 0.0 {
+            eprintln!(
+                "{stage:?} epoch {:>3}  gemm {:.1} s at {:.0} GFLOP/s",
+                rec.epoch,
+                trained.gemm_secs,
+                trained.gemm_flop / trained.gemm_secs / 1e9
+            );
+        }
+        losses.push(rec.loss);
+        run.save_state()?;
+        if let Some(log) = log {
+            log.write(&run.history)?;
+        }
+    }
+    // Continue from the best weights.
+    if out.exists() {
+        checkpoint::load(out)?.load_into(&model.params(), true)?;
+    }
+    Ok(StageSummary {
+        stage,
+        best_epoch: run.best_epoch,
+        epochs: run.epoch,
+        seconds: start.elapsed().as_secs_f64(),
+        valid: run.best_valid.unwrap_or_else(|| Metrics::from_ranks(&[])),
+        losses,
+        history: run.history,
+    })
+}
+
+/// A stage's settings from the run's configuration.
+#[derive(Clone, Copy, Debug)]
+struct StageSettings {
+    epochs: usize,
+    patience: usize,
+    batch: usize,
+    lr: f32,
+    weight_decay: f32,
+}
+
+/// What one epoch's training steps gave.
+#[derive(Clone, Copy, Debug)]
+struct Trained {
+    loss: f64,
+    /// Sums over the steps of each of [`LOSS_TERMS`] (NaN-free: only present terms are added).
+    terms: [f64; LOSS_TERMS.len()],
+    present: [bool; LOSS_TERMS.len()],
+    steps: usize,
+    seconds: f64,
+    gemm_secs: f64,
+    gemm_flop: f64,
+}
+
+/// A stage in progress: the optimizer, early stopping and the epoch count, which the resume state
+/// saves after every epoch and [`StageRun::resume`] restores.
+struct StageRun<'a> {
+    model: &'a Model,
+    split: &'a Split,
+    cfg: &'a RunConfig,
+    stage: Stage,
+    settings: StageSettings,
+    params: Vec<(String, Tensor)>,
+    /// Validation with the ID embeddings (not in pre-training, whose IDs are not trained yet).
+    with_id: bool,
+    opt: Adam,
+    stop: EarlyStop,
+    /// Epochs finished.
+    epoch: usize,
+    best_epoch: usize,
+    best_valid: Option<Metrics>,
+    history: Vec<EpochRecord>,
+    data: DataFingerprint,
+    meta: BTreeMap<String, String>,
+    out: PathBuf,
+    last: PathBuf,
+}
+
+impl<'a> StageRun<'a> {
+    fn new(model: &'a Model, split: &'a Split, cfg: &'a RunConfig, stage: Stage, item_tokens: &[String], out: &Path) -> Result<Self> {
+        let tc = &cfg.train;
+        let settings = match stage {
+            Stage::Pretrain => StageSettings {
+                epochs: tc.pretrain_epochs,
+                patience: tc.pretrain_patience,
+                batch: tc.pretrain_batch,
+                lr: tc.pretrain_lr,
+                weight_decay: tc.pretrain_weight_decay,
+            },
+            _ => StageSettings { epochs: tc.epochs, patience: tc.patience, batch: tc.batch, lr: tc.lr, weight_decay: tc.weight_decay },
+        };
+        let params = match stage {
+            Stage::Pretrain => model.pretrain_params(),
+            Stage::Finetune => model.finetune_params(),
+            Stage::E2e => model.params(),
+        };
+        let opt = Adam::new(
+            params.iter().map(|(_, t)| t.clone()).collect(),
+            AdamConfig { lr: settings.lr, weight_decay: settings.weight_decay, max_grad_norm: tc.clip, ..AdamConfig::default() },
+        )?;
+        Ok(StageRun {
+            model,
+            split,
+            cfg,
+            stage,
+            settings,
+            params,
+            with_id: stage != Stage::Pretrain,
+            opt,
+            stop: EarlyStop::new(settings.patience),
+            epoch: 0,
+            best_epoch: 0,
+            best_valid: None,
+            history: Vec::new(),
+            data: DataFingerprint::of(item_tokens, split),
+            meta: base_meta(cfg, item_tokens, stage),
+            out: out.to_path_buf(),
+            last: last_path(out),
+        })
+    }
+
+    /// Restore the resume state at `<out>.last.safetensors` if there is one; it must be this stage
+    /// of this run (same data, same settings but those of [`RESUME_MAY_CHANGE`]).
+    fn resume(&mut self) -> Result<()> {
+        let (last, stage) = (&self.last, self.stage);
+        if !last.exists() {
+            crate::console::line(&format!("no resume state at {}; starting from scratch", last.display()));
+            return Ok(());
+        }
+        let ck = checkpoint::load(last)?;
         let st: ResumeState = ck
             .meta
             .get("resume")
@@ -406,23 +631,23 @@ pub fn fit(
         if st.stage != stage {
             return Err(Error::Invalid(format!("{} belongs to stage {:?}, not {stage:?}", last.display(), st.stage)));
         }
-        if st.data != data {
+        if st.data != self.data {
             return Err(Error::Invalid(format!(
                 "--resume: {} was trained on other data ({}) than this dataset ({}); start a new run (--overwrite) instead",
                 last.display(),
                 st.data,
-                data
+                self.data
             )));
         }
-        if let Some(d) = config_difference(&st.config, cfg) {
+        if let Some(d) = config_difference(&st.config, self.cfg) {
             return Err(Error::Invalid(format!(
                 "--resume continues the run as it was, but {d}; only {} may change on resume (or start a new run with --overwrite)",
                 RESUME_MAY_CHANGE.join(", ")
             )));
         }
-        ck.load_into(&model.params(), true)?;
+        ck.load_into(&self.model.params(), true)?;
         let mut moments = Vec::new();
-        for (n, p) in &params {
+        for (n, p) in &self.params {
             let m = ck.tensor(&format!("adam.m.{n}"), p.shape(), p.device())?;
             let v = ck.tensor(&format!("adam.v.{n}"), p.shape(), p.device())?;
             match (m, v) {
@@ -430,23 +655,25 @@ pub fn fit(
                 _ => return Err(Error::Invalid(format!("{} has no optimizer state for {n}", last.display()))),
             }
         }
-        opt.load_state(st.adam_t, moments)?;
-        start_epoch = st.epoch;
-        stop.best = st.best;
-        best_epoch = st.best_epoch;
-        stop.bad_epochs = st.bad_epochs;
-        best_valid = st.best_valid;
-        eprintln!("resuming {stage:?} from {} at epoch {}", last.display(), start_epoch + 1);
-    } else if resume {
-        eprintln!("no resume state at {}; starting from scratch", last.display());
+        self.opt.load_state(st.adam_t, moments)?;
+        self.epoch = st.epoch;
+        self.stop.best = st.best;
+        self.stop.bad_epochs = st.bad_epochs;
+        self.best_epoch = st.best_epoch;
+        self.best_valid = st.best_valid;
+        self.history = st.history;
+        crate::console::line(&format!("resuming {stage:?} from {} at epoch {}", last.display(), self.epoch + 1));
+        Ok(())
     }
-    let start = Instant::now();
-    let mut losses = Vec::new();
-    let mut epoch = start_epoch;
-    while epoch < epochs && !stop.done() {
-        let mut rng = ChaCha8Rng::seed_from_u64(tc.seed ^ (stage_tag(stage) << 56) ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
+
+    /// One pass over the training samples (shuffled by an RNG seeded from the seed, the stage and
+    /// the epoch, so a resumed run replays the same batches); stops with [`Error::Interrupted`] after
+    /// the step in which Ctrl-C or SIGTERM arrived.
+    fn train_epoch(&mut self, quiet: bool) -> Result<Trained> {
+        let (stage, epoch, split) = (self.stage, self.epoch, self.split);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.train.seed ^ (stage_tag(stage) << 56) ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
         let mut seeds = Seeds::new(rng.random());
-        let order = batches(split.train.len(), batch_size, Some(&mut rng));
+        let order = batches(split.train.len(), self.settings.batch, Some(&mut rng));
         let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(split.train.len() as u64) };
         bar.set_style(
             ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}").unwrap().progress_chars("=> "),
@@ -454,16 +681,24 @@ pub fn fit(
         bar.set_prefix(format!("{stage:?} epoch {:>3}", epoch + 1));
         let t0 = Instant::now();
         let gemm0 = crate::engine::tensor::gemm_counters();
-        let (mut loss_sum, mut steps) = (0.0f64, 0usize);
+        let mut t = Trained {
+            loss: 0.0,
+            terms: [0.0; LOSS_TERMS.len()],
+            present: [false; LOSS_TERMS.len()],
+            steps: 0,
+            seconds: 0.0,
+            gemm_secs: 0.0,
+            gemm_flop: 0.0,
+        };
         for idx in &order {
-            let loss = step_loss(model, split, idx, stage, cfg, &mut rng, &mut seeds)?;
+            let (loss, values) = step_loss(self.model, split, idx, stage, self.cfg, &mut rng, &mut seeds)?;
             let grads = backward(&loss)?;
-            opt.step(&grads)?;
+            self.opt.step(&grads)?;
             crate::fault::point("step");
             crate::fault::reached("step");
             if crate::interrupt::requested() {
                 bar.finish_and_clear();
-                let done = if epoch > 0 { format!("after epoch {epoch}, in {}", last.display()) } else { "none yet".to_string() };
+                let done = if epoch > 0 { format!("after epoch {epoch}, in {}", self.last.display()) } else { "none yet".to_string() };
                 return Err(Error::Interrupted(format!(
                     "interrupted in {stage:?} epoch {} (saved state: {done}); run the same command with --resume to continue",
                     epoch + 1
@@ -473,90 +708,97 @@ pub fn fit(
             if !l.is_finite() {
                 return Err(Error::Invalid(format!("{stage:?} epoch {}: the loss became {l} (try a lower --lr)", epoch + 1)));
             }
-            loss_sum += l as f64;
-            steps += 1;
+            for (name, v) in &values {
+                let k = LOSS_TERMS.iter().position(|t| t == name).expect("a named loss term");
+                t.terms[k] += if values.len() == 1 { l as f64 } else { v.item()? as f64 };
+                t.present[k] = true;
+            }
+            t.loss += l as f64;
+            t.steps += 1;
             bar.inc(idx.len() as u64);
-            bar.set_message(format!("loss {:.4}", loss_sum / steps as f64));
+            bar.set_message(format!("loss {:.4}", t.loss / t.steps as f64));
         }
         bar.finish_and_clear();
-        let epoch_loss = loss_sum / steps.max(1) as f64;
-        losses.push(epoch_loss);
-        let train_secs = t0.elapsed().as_secs_f64();
+        t.seconds = t0.elapsed().as_secs_f64();
         // On the CPU backend: time in matrix products and their rate.
-        let (gemm_secs, gemm_flop) = {
-            let (s1, f1) = crate::engine::tensor::gemm_counters();
-            (s1 - gemm0.0, f1 - gemm0.1)
-        };
-        // A last step can leave finite losses but non-finite weights: never evaluate or save those.
-        for (name, p) in &params {
+        let (s1, f1) = crate::engine::tensor::gemm_counters();
+        (t.gemm_secs, t.gemm_flop) = (s1 - gemm0.0, f1 - gemm0.1);
+        Ok(t)
+    }
+
+    /// A last step can leave finite losses but non-finite weights: never evaluate or save those.
+    fn check_finite(&self) -> Result<()> {
+        for (name, p) in &self.params {
             if p.to_vec()?.iter().any(|v| !v.is_finite()) {
                 return Err(Error::Invalid(format!(
-                    "{stage:?} epoch {}: parameter {name} became NaN or Inf; nothing of this epoch was saved \
-                     (the best checkpoint so far is kept); try a lower learning rate (now {lr}) or gradient clipping",
-                    epoch + 1
+                    "{:?} epoch {}: parameter {name} became NaN or Inf; nothing of this epoch was saved \
+                     (the best checkpoint so far is kept); try a lower learning rate (now {}) or gradient clipping",
+                    self.stage,
+                    self.epoch + 1,
+                    self.settings.lr
                 )));
             }
         }
-        let valid = evaluate(model, &split.valid, tc, with_id)?;
-        let r20 = valid.recall20;
-        let improved = stop.update(r20);
+        Ok(())
+    }
+
+    /// Record the epoch: early stopping, the best checkpoint when it improved, the log record.
+    fn end_epoch(&mut self, t: Trained, valid: Metrics, valid_seconds: f64) -> Result<EpochRecord> {
+        let improved = self.stop.update(valid.recall20);
+        self.epoch += 1;
         if improved {
-            best_epoch = epoch + 1;
-            best_valid = Some(valid);
-            let mut m = meta.clone();
-            m.insert("epoch".into(), (epoch + 1).to_string());
+            self.best_epoch = self.epoch;
+            self.best_valid = Some(valid);
+            let mut m = self.meta.clone();
+            m.insert("epoch".into(), self.epoch.to_string());
             m.insert("valid".into(), serde_json::to_string(&valid).unwrap());
-            checkpoint::save(out, &model.params(), &m)?;
+            checkpoint::save(&self.out, &self.model.params(), &m)?;
         }
-        eprintln!(
-            "{stage:?} epoch {:>3}  loss {:.4}  train {:.1} s  {:.0} samples/s  valid recall@20 {:.4} ndcg@20 {:.4}{}",
-            epoch + 1,
-            epoch_loss,
-            train_secs,
-            split.train.len() as f64 / train_secs,
-            valid.recall20,
-            valid.ndcg20,
-            if improved { "  *best" } else { "" },
-        );
-        if gemm_secs > 0.0 {
-            eprintln!("{stage:?} epoch {:>3}  gemm {gemm_secs:.1} s at {:.0} GFLOP/s", epoch + 1, gemm_flop / gemm_secs / 1e9);
-        }
-        epoch += 1;
-        // Resume state after every epoch.
-        let mut state: Vec<(String, Tensor)> = model.params();
-        for ((n, _), (m, v)) in params.iter().zip(opt.moments()) {
+        let steps = t.steps.max(1) as f64;
+        let terms =
+            LOSS_TERMS.iter().zip(t.terms.iter().zip(&t.present)).filter(|(_, (_, p))| **p).map(|(n, (v, _))| (n.to_string(), v / steps));
+        let rec = EpochRecord {
+            stage: self.stage,
+            epoch: self.epoch,
+            loss: t.loss / steps,
+            terms: terms.collect(),
+            valid,
+            best: improved,
+            samples_per_s: self.split.train.len() as f64 / t.seconds,
+            train_seconds: t.seconds,
+            valid_seconds,
+            lr: self.settings.lr,
+        };
+        self.history.push(rec.clone());
+        Ok(rec)
+    }
+
+    /// The resume state after an epoch: weights, Adam moments, where the stage stands, its history.
+    fn save_state(&mut self) -> Result<()> {
+        let mut state: Vec<(String, Tensor)> = self.model.params();
+        for ((n, _), (m, v)) in self.params.iter().zip(self.opt.moments()) {
             state.push((format!("adam.m.{n}"), m.clone()));
             state.push((format!("adam.v.{n}"), v.clone()));
         }
         let st = ResumeState {
-            stage,
-            epoch,
-            adam_t: opt.t,
-            best: stop.best,
-            best_epoch,
-            bad_epochs: stop.bad_epochs,
-            best_valid,
-            data: data.clone(),
-            config: cfg.clone(),
+            stage: self.stage,
+            epoch: self.epoch,
+            adam_t: self.opt.t,
+            best: self.stop.best,
+            best_epoch: self.best_epoch,
+            bad_epochs: self.stop.bad_epochs,
+            best_valid: self.best_valid,
+            data: self.data.clone(),
+            config: self.cfg.clone(),
+            history: self.history.clone(),
         };
-        meta.insert("resume".into(), serde_json::to_string(&st).unwrap());
-        checkpoint::save(&last, &state, &meta)?;
+        self.meta.insert("resume".into(), serde_json::to_string(&st).unwrap());
+        checkpoint::save(&self.last, &state, &self.meta)
     }
-    // Continue from the best weights.
-    if out.exists() {
-        checkpoint::load(out)?.load_into(&model.params(), true)?;
-    }
-    Ok(StageSummary {
-        stage,
-        best_epoch,
-        epochs: epoch,
-        seconds: start.elapsed().as_secs_f64(),
-        valid: best_valid.unwrap_or_else(|| Metrics::from_ranks(&[])),
-        losses,
-    })
 }
 
-/// The loss of one batch for a stage.
+/// The loss of one batch for a stage and its named terms (fine-tuning: `ce`; E2E: pre-training's
+/// and `ce`).
 fn step_loss(
     model: &Model,
     split: &Split,
@@ -565,10 +807,13 @@ fn step_loss(
     cfg: &RunConfig,
     rng: &mut ChaCha8Rng,
     seeds: &mut Seeds,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Vec<(&'static str, Tensor)>)> {
     let samples: Vec<&Sample> = idx.iter().map(|&i| &split.train[i]).collect();
     match stage {
-        Stage::Finetune => model.finetune_loss(&make_batch(&samples), seeds),
+        Stage::Finetune => {
+            let ce = model.finetune_loss(&make_batch(&samples), seeds)?;
+            Ok((ce.clone(), vec![("ce", ce)]))
+        }
         Stage::Pretrain | Stage::E2e => {
             // Sequence random dropout with a per-batch ratio r ~ U(0, rho), then a mixup ratio p ~ U(0, 0.5).
             let r = rng.random::<f64>() * cfg.model.item_drop as f64;
@@ -576,11 +821,14 @@ fn step_loss(
                 samples.iter().map(|s| Sample { user: s.user, seq: item_dropout(&s.seq, r, rng), target: s.target }).collect();
             let refs: Vec<&Sample> = dropped.iter().collect();
             let p_mix = rng.random::<f64>() * 0.5;
-            let pre = model.pretrain_loss(&make_batch(&refs), p_mix, rng, seeds)?;
+            let mut terms = model.pretrain_terms(&make_batch(&refs), p_mix, rng, seeds)?;
+            let pre = crate::model::sum_terms(terms.clone())?;
             if stage == Stage::E2e {
-                add(&pre, &model.finetune_loss(&make_batch(&samples), seeds)?)
+                let ce = model.finetune_loss(&make_batch(&samples), seeds)?;
+                terms.push(("ce", ce.clone()));
+                Ok((add(&pre, &ce)?, terms))
             } else {
-                Ok(pre)
+                Ok((pre, terms))
             }
         }
     }
