@@ -39,6 +39,9 @@ pub struct RunResult {
     /// Every epoch of every stage (training commands only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<train::EpochRecord>,
+    /// Test metrics per user group by history length (`evaluate --groups N`).
+    #[serde(default, skip_serializing_if = "Option::is_none", skip_deserializing)]
+    pub groups: Option<Vec<crate::groups::UserGroup>>,
 }
 
 /// Metrics of a split's ranks, or none for an empty split.
@@ -304,6 +307,7 @@ fn run_stages(model: &Model, ds: &Dataset, split: &Split, job: &TrainJob, files:
         epochs,
         seconds: start.elapsed().as_secs_f64(),
         history: log.earlier,
+        groups: None,
     };
     Ok((r, tsv))
 }
@@ -545,7 +549,21 @@ pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<R
 
 /// `evaluate`: the checkpoint at `ckpt` on the validation and test splits of `data` (each user's
 /// rank of their target written to `ranks` as TSV when given; see [`ranks_tsv`]).
-pub fn evaluate(data: &Path, ckpt: &Path, ranks: Option<&Path>, overwrite: bool, missing: MissingFeatures, at: Where) -> Result<RunResult> {
+/// With `groups`, the test users are also split into that many groups by history length
+/// ([`crate::groups`]).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    data: &Path,
+    ckpt: &Path,
+    ranks: Option<&Path>,
+    overwrite: bool,
+    missing: MissingFeatures,
+    groups: Option<usize>,
+    at: Where,
+) -> Result<RunResult> {
+    if groups == Some(0) {
+        return Err(Error::Invalid("--groups 0: must be at least 1".into()));
+    }
     let ckpt = &checkpoint_arg(ckpt);
     if let Some(r) = ranks {
         let inputs: [(&str, &Path); 2] = [("--data", data), ("--ckpt", ckpt)];
@@ -571,7 +589,25 @@ pub fn evaluate(data: &Path, ckpt: &Path, ranks: Option<&Path>, overwrite: bool,
         eprintln!("per-user ranks in {}", path.display());
     }
     let (valid, test) = (metrics_of(&valid_ranks), metrics_of(&test_ranks));
-    Ok(RunResult { model: model_name(cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64(), history: Vec::new() })
+    let groups = match groups {
+        Some(n) if !test_ranks.is_empty() => Some(crate::groups::user_groups(&history_lengths(&ds, &split.test, &test_ranks), n)?),
+        _ => None,
+    };
+    Ok(RunResult { model: model_name(cfg), valid, test, epochs: 0, seconds: start.elapsed().as_secs_f64(), history: Vec::new(), groups })
+}
+
+/// (untruncated history length before the target, rank) of every sample.
+pub fn history_lengths(ds: &Dataset, samples: &[Sample], ranks: &[u32]) -> Vec<(usize, u32)> {
+    samples
+        .iter()
+        .zip(ranks)
+        .map(|(s, &r)| {
+            let seq = &ds.seqs[s.user as usize];
+            // The target's position in the user's sequence is the history before it.
+            let pos = seq.iter().rposition(|&i| i == s.target).unwrap_or(seq.len().saturating_sub(1));
+            (pos, r)
+        })
+        .collect()
 }
 
 /// `recommend`: the top `k` items for `user` of `data` by the checkpoint at `ckpt` (see

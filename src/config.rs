@@ -148,7 +148,7 @@ pub fn resolve(file: Option<&Path>, flags: &Flags) -> Result<RunConfig> {
         Some(p) => read_config(p)?,
         None => RunConfig::default(),
     };
-    let mut table = toml::Table::try_from(&base).map_err(|e| Error::Invalid(format!("configuration: {e}")))?;
+    let base = toml::Table::try_from(&base).map_err(|e| Error::Invalid(format!("configuration: {e}")))?;
     let mut over = toml::Table::try_from(flags).map_err(|e| Error::Invalid(format!("flags: {e}")))?;
     // --dropout is also the attention dropout unless --attn-dropout says otherwise.
     if let (Some(d), None) = (flags.model.dropout, flags.model.attn_dropout) {
@@ -156,13 +156,22 @@ pub fn resolve(file: Option<&Path>, flags: &Flags) -> Result<RunConfig> {
             m.insert("attn_dropout".into(), toml::Value::Float(d as f64));
         }
     }
-    for (section, values) in over.iter_mut() {
-        let (Some(toml::Value::Table(dst)), toml::Value::Table(src)) = (table.get_mut(section), values) else {
-            return Err(Error::Invalid(format!("flags: no config section [{section}]")));
-        };
-        dst.extend(std::mem::take(src));
+    from_layers(&[base, over])
+}
+
+/// The defaults overridden by each of `layers` in turn (tables with `[model]` and `[train]`
+/// sections, any subset of keys), range-checked; an unknown section or key is an error.
+pub fn from_layers(layers: &[toml::Table]) -> Result<RunConfig> {
+    let mut table = toml::Table::try_from(RunConfig::default()).map_err(|e| Error::Invalid(format!("configuration: {e}")))?;
+    for layer in layers {
+        for (section, values) in layer {
+            let (Some(toml::Value::Table(dst)), toml::Value::Table(src)) = (table.get_mut(section), values) else {
+                return Err(Error::Invalid(format!("no config section [{section}] (the sections are [model] and [train])")));
+            };
+            dst.extend(src.clone());
+        }
     }
-    let cfg: RunConfig = table.try_into().map_err(|e| Error::Invalid(format!("flags: {}", with_suggestion(e.to_string()))))?;
+    let cfg: RunConfig = table.try_into().map_err(|e| Error::Invalid(with_suggestion(e.to_string())))?;
     cfg.validate()?;
     Ok(cfg)
 }

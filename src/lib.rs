@@ -21,10 +21,13 @@ pub mod engine;
 pub mod fault;
 pub mod featurize;
 pub mod gradcheck;
+pub mod groups;
 pub mod interrupt;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod report;
+pub mod sweep;
 pub mod synth;
 pub mod train;
 

@@ -167,6 +167,10 @@ enum Cmd {
         /// Replace an existing --ranks file.
         #[arg(long)]
         overwrite: bool,
+        /// Also split the test users into N equal-size groups by history length (paper Fig. 4)
+        /// and report every metric per group.
+        #[arg(long)]
+        groups: Option<usize>,
     },
     /// Top-k recommendations for one user from their whole history.
     Recommend {
@@ -243,6 +247,58 @@ enum Cmd {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Summarise runs: a Markdown table (mean ± sd over seeds), paired bootstrap comparisons and
+    /// SVG plots (loss and validation curves, sweep lines) in --out.
+    Report {
+        /// Runs: a run directory, a checkpoint or stem, a result JSON, or a sweep directory;
+        /// LABEL=RUN names the group (runs with one label are seeds of one model).
+        #[arg(required = true)]
+        runs: Vec<String>,
+        /// Output directory (table.md, paired.md, curves.svg, report.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Paired comparison A:B of two group labels (repeatable); default: the first group
+        /// against each other one.
+        #[arg(long)]
+        compare: Vec<String>,
+        /// Split of the paired comparisons: valid or test.
+        #[arg(long, default_value = "test", value_parser = ["valid", "test"])]
+        split: String,
+        /// Bootstrap resamples of the users.
+        #[arg(long, default_value_t = 10_000)]
+        resamples: usize,
+        /// Seed of the bootstrap resamples.
+        #[arg(long, default_value_t = 2024)]
+        seed: u64,
+        /// Replace an earlier report in --out.
+        #[arg(long)]
+        overwrite: bool,
+        /// Also split the test users into N groups by history length (needs --data): groups.md
+        /// and groups.svg.
+        #[arg(long, requires = "data")]
+        groups: Option<usize>,
+        /// The dataset the runs were trained on (for --groups).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Train every point of a grid (variants × setting values × seeds), one run directory each;
+    /// finished runs are skipped and an interrupted one resumes when the command is run again.
+    Sweep {
+        /// The grid (TOML; see experiments/ for the paper's).
+        grid: PathBuf,
+        /// Dataset directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// The sweep directory (sweep.json and one run directory per point and seed).
+        #[arg(long)]
+        out: PathBuf,
+        /// Items in .inter without features: fail (error) or give them zero features (zero).
+        #[arg(long, value_enum, default_value = "error")]
+        missing_features: MissingArg,
+        /// Print each run's summary lines only (no progress bars).
+        #[arg(long)]
+        quiet: bool,
+    },
     /// List GPU adapters, the chosen device, its limits and features.
     Info {
         /// Print the adapters, device, limits and features as JSON.
@@ -315,9 +371,12 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
         }
         Cmd::Pretrain { run, out, resume } => train_cmd(run.job(|_| Plan::PRETRAIN, out, None, resume)?, run.json, at),
         Cmd::Finetune { run, out, init, resume } => train_cmd(run.job(|_| Plan::FINETUNE, out, init, resume)?, run.json, at),
-        Cmd::Evaluate { data, ckpt, json, ranks, missing_features, overwrite } => {
-            let r = cli_run::evaluate(&data, &ckpt, ranks.as_deref(), overwrite, missing_of(missing_features), at)?;
+        Cmd::Evaluate { data, ckpt, json, ranks, missing_features, overwrite, groups } => {
+            let r = cli_run::evaluate(&data, &ckpt, ranks.as_deref(), overwrite, missing_of(missing_features), groups, at)?;
             print_result(&r, json);
+            if let (Some(g), false) = (&r.groups, json) {
+                println!("\ntest users by history length ({} groups):\n{}", g.len(), msm4sr::groups::table(g));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Recommend { data, ckpt, user, k, json, missing_features } => {
@@ -361,6 +420,28 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             cli_run::synth(&out, &c, config.as_deref(), overwrite)?;
             println!("wrote a synthetic dataset ({} users, {} items, seed {}) to {}", c.users, c.items, c.seed, out.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Report { runs, out, compare, split, resamples, seed, overwrite, groups, data } => {
+            let groups = groups.zip(data);
+            let opts = msm4sr::report::ReportOptions { runs, out, compare, split, resamples, seed, overwrite, groups };
+            let w = msm4sr::report::report(&opts)?;
+            print!("{}", w.table);
+            for f in &w.files {
+                eprintln!("wrote {}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sweep { grid, data, out, missing_features, quiet } => {
+            let outcomes = msm4sr::sweep::run(&grid, &data, &out, missing_of(missing_features), at, quiet)?;
+            print!("{}", msm4sr::sweep::summary(&out)?);
+            let failed: Vec<_> = outcomes.iter().filter(|(_, o)| matches!(o, msm4sr::sweep::Outcome::Failed(_))).collect();
+            for (r, o) in &failed {
+                if let msm4sr::sweep::Outcome::Failed(e) = o {
+                    eprintln!("failed: {} seed {}: {e}", r.point, r.seed);
+                }
+            }
+            eprintln!("report: msm4sr report {} --out {}/report", out.display(), out.display());
+            Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Cmd::Gradcheck { json, op } => {
             // Verifying kernels is the point here: any adapter (software included) counts unless --device cpu.

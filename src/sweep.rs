@@ -1,0 +1,308 @@
+//! `msm4sr sweep GRID.toml --data DIR --out SWEEP`: named variants × the Cartesian product of setting
+//! values × seeds, one run directory each under SWEEP, resumable — a finished run (its
+//! `model.result.json` exists) is skipped, an interrupted one resumes — and a table at the end with
+//! the point that is best on validation Recall@20 (mean over seeds; test metrics are never used to
+//! choose). `sweep.json` lists the runs, so `msm4sr report SWEEP` finds them.
+//!
+//! A grid file (every table optional; keys are `[model]` / `[train]` config keys):
+//!
+//! ```toml
+//! seeds = [1, 2, 3]
+//! [base.train]            # every run
+//! batch = 256
+//! [[variant]]             # named points, e.g. ablations
+//! name = "MSM4SR"
+//! [[variant]]
+//! name = "w/o NIP"
+//! model = { nip = false }
+//! [[variant]]
+//! name = "w/o pre-train"
+//! plan = "no-pretrain"    # train (default), no-pretrain or e2e
+//! [grid]                  # every combination of these values, per variant
+//! "model.lambda" = [0.001, 0.01, 0.1, 1.0]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cli_run::{self, Plan, TrainJob, Where};
+use crate::data::MissingFeatures;
+use crate::train::RunConfig;
+use crate::{Error, Result};
+
+/// A grid file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grid {
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    /// Settings of every run (`[base.model]`, `[base.train]`).
+    #[serde(default)]
+    pub base: toml::Table,
+    #[serde(default, rename = "variant")]
+    pub variants: Vec<Variant>,
+    /// `"section.key" = [values]`.
+    #[serde(default)]
+    pub grid: toml::Table,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![2024]
+}
+
+/// A named point: settings over the base, and the stages it runs.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub name: String,
+    #[serde(default)]
+    pub model: toml::Table,
+    #[serde(default)]
+    pub train: toml::Table,
+    #[serde(default)]
+    pub plan: PlanName,
+}
+
+/// The stages of a sweep run (as `train`, `train --no-pretrain`, `train --e2e`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanName {
+    #[default]
+    Train,
+    NoPretrain,
+    E2e,
+}
+
+/// One run of a sweep, as `sweep.json` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ManifestRun {
+    /// Run directory, relative to the sweep directory.
+    pub dir: String,
+    /// The point's label (variant name and grid values), the same for all its seeds.
+    pub point: String,
+    pub variant: String,
+    pub seed: u64,
+    /// The value of the sweep's one numeric grid setting, if it has exactly one.
+    pub x: Option<f64>,
+}
+
+/// `sweep.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The one numeric grid setting (for sweep lines), if there is exactly one.
+    pub axis: Option<String>,
+    pub runs: Vec<ManifestRun>,
+}
+
+/// A run to do: where, its configuration and stages.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub entry: ManifestRun,
+    pub cfg: RunConfig,
+    pub plan: Plan,
+}
+
+/// Read a grid file.
+pub fn read_grid(path: &Path) -> Result<Grid> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+    toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {}", path.display(), crate::config::with_suggestion(e.to_string()))))
+}
+
+/// A directory name from a label: letters, digits, `.` and `-` kept, the rest `_`.
+fn dir_name(label: &str) -> String {
+    let s: String = label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+    s.trim_matches('_').to_string()
+}
+
+/// Every run of the grid, in order: variants, then grid points, then seeds; each configuration
+/// validated.
+pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
+    let variants = if grid.variants.is_empty() { vec![Variant { name: String::new(), ..Variant::default() }] } else { grid.variants.clone() };
+    let mut names: Vec<&String> = variants.iter().map(|v| &v.name).collect();
+    names.sort();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::Invalid(format!("two variants are named {:?}", w[0])));
+    }
+    if grid.seeds.is_empty() {
+        return Err(Error::Invalid("seeds = []: a sweep needs at least one seed".into()));
+    }
+    // The grid's axes: key, values.
+    let mut axes: Vec<(String, Vec<toml::Value>)> = Vec::new();
+    for (k, v) in &grid.grid {
+        let vals = v.as_array().filter(|a| !a.is_empty()).ok_or_else(|| Error::Invalid(format!("[grid] {k}: expected a non-empty list of values")))?;
+        if !k.contains('.') {
+            return Err(Error::Invalid(format!("[grid] {k}: expected section.key, e.g. model.lambda")));
+        }
+        axes.push((k.clone(), vals.clone()));
+    }
+    let numeric = |v: &toml::Value| v.as_float().or(v.as_integer().map(|i| i as f64));
+    let axis = match axes.as_slice() {
+        [(k, vals)] if vals.iter().all(|v| numeric(v).is_some()) => Some(k.clone()),
+        _ => None,
+    };
+    let mut points: Vec<Vec<(String, toml::Value)>> = vec![Vec::new()];
+    for (k, vals) in &axes {
+        points = points.into_iter().flat_map(|p| vals.iter().map(move |v| [p.clone(), vec![(k.clone(), v.clone())]].concat())).collect();
+    }
+    let mut runs = Vec::new();
+    let mut planned = Vec::new();
+    for v in &variants {
+        for p in &points {
+            let mut label = v.name.clone();
+            for (k, val) in p {
+                let short = k.rsplit('.').next().unwrap_or(k);
+                if !label.is_empty() {
+                    label.push(' ');
+                }
+                label += &format!("{short}={}", val.to_string().trim_matches('"'));
+            }
+            if label.is_empty() {
+                label = "run".into();
+            }
+            for &seed in &grid.seeds {
+                let mut layers = vec![grid.base.clone()];
+                let mut own = toml::Table::new();
+                own.insert("model".into(), toml::Value::Table(v.model.clone()));
+                own.insert("train".into(), toml::Value::Table(v.train.clone()));
+                layers.push(own);
+                let mut point = toml::Table::new();
+                for (k, val) in p {
+                    let (sec, key) = k.split_once('.').unwrap_or(("", k));
+                    let t = point.entry(sec.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    if let toml::Value::Table(t) = t {
+                        t.insert(key.to_string(), val.clone());
+                    }
+                }
+                let mut s = toml::Table::new();
+                s.insert("train".into(), toml::Value::Table(toml::Table::from_iter([("seed".to_string(), toml::Value::Integer(seed as i64))])));
+                layers.push(point);
+                layers.push(s);
+                let cfg = crate::config::from_layers(&layers).map_err(|e| Error::Invalid(format!("sweep point {label:?} seed {seed}: {e}")))?;
+                let plan = match v.plan {
+                    PlanName::Train => Plan::train(&cfg, false, false),
+                    PlanName::NoPretrain => Plan::train(&cfg, true, false),
+                    PlanName::E2e => Plan::train(&cfg, false, true),
+                };
+                let entry = ManifestRun {
+                    dir: format!("{}-s{seed}", dir_name(&label)),
+                    point: label.clone(),
+                    variant: v.name.clone(),
+                    seed,
+                    x: axis.as_ref().and_then(|_| p.first().and_then(|(_, v)| numeric(v))),
+                };
+                runs.push(entry.clone());
+                planned.push(Planned { entry, cfg, plan });
+            }
+        }
+    }
+    let mut dirs: Vec<&String> = runs.iter().map(|r| &r.dir).collect();
+    dirs.sort();
+    if let Some(w) = dirs.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::Invalid(format!("two sweep points share the directory {:?}; rename a variant", w[0])));
+    }
+    Ok((Manifest { axis, runs }, planned))
+}
+
+/// What one run of the sweep did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Finished in an earlier call.
+    Skipped,
+    Resumed,
+    Ran,
+    Failed(String),
+}
+
+/// Run every point of `grid` on `data` into `out` (see the module docs); returns each run's
+/// outcome. A failed run does not stop the others; the next call retries it (resuming).
+pub fn run(grid_path: &Path, data: &Path, out: &Path, missing: MissingFeatures, at: Where, quiet: bool) -> Result<Vec<(ManifestRun, Outcome)>> {
+    let grid = read_grid(grid_path)?;
+    let (manifest, planned) = expand(&grid)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.display().to_string(), source: e })?;
+    let mpath = out.join("sweep.json");
+    if mpath.is_file() {
+        let was: Manifest = serde_json::from_str(&std::fs::read_to_string(&mpath).map_err(|e| Error::Io { path: mpath.display().to_string(), source: e })?)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", mpath.display())))?;
+        let dirs = |m: &Manifest| m.runs.iter().map(|r| r.dir.clone()).collect::<Vec<_>>();
+        if dirs(&was) != dirs(&manifest) {
+            return Err(Error::Invalid(format!(
+                "{} holds another sweep (other points or seeds); give a new --out for this grid",
+                out.display()
+            )));
+        }
+    }
+    crate::checkpoint::write_atomic(&mpath, serde_json::to_string_pretty(&manifest).unwrap_or_default().as_bytes())?;
+    let mut outcomes = Vec::new();
+    let n = planned.len();
+    for (i, p) in planned.into_iter().enumerate() {
+        let dir = out.join(&p.entry.dir);
+        let ck = cli_run::run_dir_checkpoint(&dir);
+        let files = cli_run::RunFiles::of(&ck);
+        if files.result.is_file() {
+            eprintln!("[{}/{n}] {} seed {}: done earlier, skipped", i + 1, p.entry.point, p.entry.seed);
+            outcomes.push((p.entry, Outcome::Skipped));
+            continue;
+        }
+        let resume = cli_run::config_path(&ck).is_file();
+        eprintln!("[{}/{n}] {} seed {}{}", i + 1, p.entry.point, p.entry.seed, if resume { " (resuming)" } else { "" });
+        let job = TrainJob {
+            data: data.to_path_buf(),
+            config_file: Some(grid_path.to_path_buf()),
+            cfg: p.cfg,
+            plan: p.plan,
+            out: ck,
+            init: None,
+            resume,
+            overwrite: false,
+            missing,
+            quiet,
+        };
+        let o = match cli_run::train(&job, at) {
+            Ok(_) if resume => Outcome::Resumed,
+            Ok(_) => Outcome::Ran,
+            Err(e @ Error::Interrupted(_)) => return Err(e),
+            Err(e) => {
+                eprintln!("[{}/{n}] {} seed {} failed: {e}", i + 1, p.entry.point, p.entry.seed);
+                Outcome::Failed(e.to_string())
+            }
+        };
+        outcomes.push((p.entry, o));
+    }
+    Ok(outcomes)
+}
+
+/// The sweep's table (test metrics per point, mean ± sd over seeds) and the point best on mean
+/// validation Recall@20, with its test metrics.
+pub fn summary(out: &Path) -> Result<String> {
+    let mpath = out.join("sweep.json");
+    let m: Manifest = serde_json::from_str(&std::fs::read_to_string(&mpath).map_err(|e| Error::Io { path: mpath.display().to_string(), source: e })?)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", mpath.display())))?;
+    let mut runs = Vec::new();
+    for r in &m.runs {
+        let d = out.join(&r.dir);
+        if cli_run::RunFiles::of(&cli_run::run_dir_checkpoint(&d)).result.is_file() {
+            runs.push(crate::report::load_run(&format!("{}={}", r.point, d.display()))?);
+        }
+    }
+    let groups = crate::report::group(runs);
+    let mut s = crate::report::table(&groups);
+    let valid_r20 = |g: &crate::report::Group| {
+        let v: Vec<f64> = g.runs.iter().filter_map(|r| r.result.valid.map(|m| m.recall20)).collect();
+        if v.is_empty() {
+            f64::NEG_INFINITY
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    if let Some(best) = groups.iter().max_by(|a, b| valid_r20(a).total_cmp(&valid_r20(b))) {
+        s += &format!("\nbest on validation recall@20 (mean over seeds): {} ({:.4})\n", best.label, valid_r20(best));
+    }
+    Ok(s)
+}
+
+/// Where sweep runs live (for `report`): the run directories of a sweep directory.
+pub fn run_dirs(out: &Path, m: &Manifest) -> Vec<PathBuf> {
+    m.runs.iter().map(|r| out.join(&r.dir)).collect()
+}
