@@ -661,11 +661,16 @@ fn run_directory_holds_the_log_and_results() {
     let ranks = std::fs::read_to_string(run.join("model.ranks.tsv")).unwrap();
     let split = ds.split(50);
     assert_eq!(ranks.lines().count(), 1 + split.valid.len() + split.test.len());
-    // evaluate takes the run directory.
-    let (ok, ev, err) = msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", r, "--json"]);
+    // evaluate takes the run directory; --groups splits the test users by history length.
+    let (ok, ev, err) = msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", r, "--json", "--groups", "3"]);
     assert!(ok, "{err}");
     let ev: serde_json::Value = serde_json::from_str(&ev).unwrap();
     assert_eq!(ev["test"], result["test"]);
+    let groups = ev["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 3);
+    assert_eq!(groups.iter().map(|g| g["users"].as_u64().unwrap() as usize).sum::<usize>(), split.test.len());
+    let uppers: Vec<u64> = groups.iter().map(|g| g["upper"].as_u64().unwrap()).collect();
+    assert!(uppers.windows(2).all(|w| w[0] <= w[1]), "{uppers:?}");
 }
 
 /// A run killed with SIGKILL (by the fault-injection hook: mid-epoch in pre-training and in
@@ -946,4 +951,97 @@ fn info_output_is_clean_without_xdg_runtime_dir() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
+
+fn report_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/fixtures/report").join(name)
+}
+
+/// `report`'s table and paired bootstrap equal the independent Python reference
+/// (kernels-tests/fixtures/report/make.py) on committed results, ranks and resample indices.
+#[test]
+fn report_table_and_bootstrap_match_the_python_reference() {
+    use msm4sr::report;
+    let arg = |label: &str, run: &str| format!("{label}={}", report_fixture(&format!("{run}.result.json")).display());
+    let runs: Vec<report::Run> = [arg("A", "a-s1"), arg("A", "a-s2"), arg("A", "a-s3"), arg("B", "b-s1"), arg("B", "b-s2")]
+        .iter()
+        .map(|a| report::load_run(a).unwrap())
+        .collect();
+    let groups = report::group(runs);
+    assert_eq!(groups.len(), 2);
+    assert_eq!(report::table(&groups), std::fs::read_to_string(report_fixture("table.md")).unwrap());
+    let indices: Vec<Vec<usize>> = std::fs::read_to_string(report_fixture("indices.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').map(|x| x.parse().unwrap()).collect())
+        .collect();
+    let ranks = |names: &[&str]| -> Vec<PathBuf> { names.iter().map(|n| report_fixture(&format!("{n}.ranks.tsv"))).collect() };
+    let rows = report::paired(&ranks(&["a-s1", "a-s2", "a-s3"]), &ranks(&["b-s1", "b-s2"]), "test", &indices).unwrap();
+    assert_eq!(report::paired_table(&rows), std::fs::read_to_string(report_fixture("paired.md")).unwrap());
+    // Unlabelled runs group by their model (here: the result's model name).
+    let plain: Vec<report::Run> =
+        ["a-s1", "b-s1", "a-s2"].iter().map(|n| report::load_run(report_fixture(&format!("{n}.result.json")).to_str().unwrap()).unwrap()).collect();
+    let g = report::group(plain);
+    assert_eq!(g.iter().map(|g| (g.label.as_str(), g.runs.len())).collect::<Vec<_>>(), [("model a", 2), ("model b", 1)]);
+}
+
+/// `sweep` runs every point × seed into its own run directory, skips finished runs when run again,
+/// resumes an interrupted one (same metrics as uninterrupted), and `report` on the sweep writes the
+/// table, curves and sweep lines as SVG.
+#[test]
+fn sweep_skips_finished_runs_and_resumes_an_interrupted_one() {
+    let (dir, _) = tiny_dataset("sweep");
+    let d = dir.to_str().unwrap();
+    let grid = dir.join("grid.toml");
+    std::fs::write(
+        &grid,
+        "seeds = [1]\n[base.model]\nhidden = 16\ninner = 32\nexperts = 2\n[base.train]\nbatch = 64\npretrain_batch = 64\n\
+         epochs = 2\npretrain_epochs = 2\npatience = 100\n[grid]\n\"model.lambda\" = [0.01, 1.0]\n",
+    )
+    .unwrap();
+    let sweep = |out: &std::path::Path, fault: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_msm4sr"));
+        c.args(["--device", "cpu", "sweep", grid.to_str().unwrap(), "--data", d, "--out", out.to_str().unwrap(), "--quiet"]);
+        if let Some(f) = fault {
+            c.env("MSM4SR_FAULT", f);
+        }
+        c.output().unwrap()
+    };
+    let full = tmp("sweep-full");
+    let o = sweep(&full, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(table.contains("| lambda=0.01 | 1 |") && table.contains("| lambda=1.0 | 1 |") && table.contains("best on validation"), "{table}");
+    let again = sweep(&full, None);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success() && err.matches("done earlier, skipped").count() == 2, "{err}");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), table);
+
+    // Killed in the first run's pre-training (about 4 steps per epoch): resume it, then run the other.
+    let cut = tmp("sweep-cut");
+    let killed = sweep(&cut, Some("step:6"));
+    assert!(!killed.status.success());
+    let resumed = sweep(&cut, None);
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success() && err.contains("(resuming)") && !err.contains("skipped"), "{err}");
+    let result = |root: &std::path::Path, run: &str| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join(run).join("model.result.json")).unwrap()).unwrap();
+        serde_json::json!([v["valid"], v["test"]])
+    };
+    for run in ["lambda_0.01-s1", "lambda_1.0-s1"] {
+        assert_eq!(result(&cut, run), result(&full, run), "{run}: the interrupted sweep differs");
+    }
+
+    let rep = full.join("report");
+    let (ok, out, err) = msm4sr_bin(&["report", full.to_str().unwrap(), "--out", rep.to_str().unwrap(), "--resamples", "200"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("| lambda=0.01 | 1 |"), "{out}");
+    for f in ["curves.svg", "sweep.svg"] {
+        let svg = std::fs::read_to_string(rep.join(f)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{f} is not an SVG document");
+        assert!(svg.matches("<polyline").count() >= 2, "{f} has no lines");
+    }
+    assert!(std::fs::read_to_string(rep.join("paired.md")).unwrap().contains("| recall@20 |"));
+    let (ok, _, err) = msm4sr_bin(&["report", full.to_str().unwrap(), "--out", rep.to_str().unwrap()]);
+    assert!(!ok && err.contains("already exists"), "{err}");
 }
