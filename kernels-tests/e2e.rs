@@ -1045,3 +1045,24 @@ fn sweep_skips_finished_runs_and_resumes_an_interrupted_one() {
     let (ok, _, err) = msm4sr_bin(&["report", full.to_str().unwrap(), "--out", rep.to_str().unwrap()]);
     assert!(!ok && err.contains("already exists"), "{err}");
 }
+
+/// Every committed grid under experiments/ expands to valid configurations.
+#[test]
+fn experiment_grids_are_valid() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let g = msm4sr::sweep::read_grid(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let (m, planned) = msm4sr::sweep::expand(&g).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(!planned.is_empty() && m.runs.len() == planned.len());
+            n += 1;
+        }
+    }
+    assert!(n >= 7, "{n} grids");
+    let g = msm4sr::sweep::read_grid(&dir.join("finetune_grid.toml"), &["train.epochs=5".into()]).unwrap();
+    let (_, planned) = msm4sr::sweep::expand(&g).unwrap();
+    assert_eq!(planned.len(), 27);
+    assert!(planned.iter().all(|p| p.cfg.train.epochs == 5 && p.plan == cli_run::Plan::FINETUNE));
+}

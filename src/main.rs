@@ -298,6 +298,9 @@ enum Cmd {
         /// Print each run's summary lines only (no progress bars).
         #[arg(long)]
         quiet: bool,
+        /// Override a base setting of every run, e.g. --set train.pretrain_epochs=20 (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// List GPU adapters, the chosen device, its limits and features.
     Info {
@@ -431,8 +434,8 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Sweep { grid, data, out, missing_features, quiet } => {
-            let outcomes = msm4sr::sweep::run(&grid, &data, &out, missing_of(missing_features), at, quiet)?;
+        Cmd::Sweep { grid, data, out, missing_features, quiet, sets } => {
+            let outcomes = msm4sr::sweep::run(&grid, &sets, &data, &out, missing_of(missing_features), at, quiet)?;
             print!("{}", msm4sr::sweep::summary(&out)?);
             let failed: Vec<_> = outcomes.iter().filter(|(_, o)| matches!(o, msm4sr::sweep::Outcome::Failed(_))).collect();
             for (r, o) in &failed {

@@ -45,6 +45,10 @@ pub struct Grid {
     /// `"section.key" = [values]`.
     #[serde(default)]
     pub grid: toml::Table,
+    /// Fine-tune every run from these weights (a `pretrain` checkpoint or run directory) instead of
+    /// pre-training each (as `finetune --init`); relative to the working directory.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
 }
 
 fn default_seeds() -> Vec<u64> {
@@ -101,12 +105,31 @@ pub struct Planned {
     pub entry: ManifestRun,
     pub cfg: RunConfig,
     pub plan: Plan,
+    pub init: Option<PathBuf>,
 }
 
-/// Read a grid file.
-pub fn read_grid(path: &Path) -> Result<Grid> {
+/// Read a grid file; each of `sets` (`section.key=value`, a TOML value or a bare string) then
+/// overrides its base settings.
+pub fn read_grid(path: &Path, sets: &[String]) -> Result<Grid> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-    toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {}", path.display(), crate::config::with_suggestion(e.to_string()))))
+    let mut g: Grid =
+        toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {}", path.display(), crate::config::with_suggestion(e.to_string()))))?;
+    for s in sets {
+        let bad = || Error::Invalid(format!("--set {s}: expected section.key=value, e.g. train.epochs=20"));
+        let (key, value) = s.split_once('=').ok_or_else(bad)?;
+        let (sec, name) = key.split_once('.').ok_or_else(bad)?;
+        let v: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        match g.base.entry(sec.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new())) {
+            toml::Value::Table(t) => {
+                t.insert(name.to_string(), v);
+            }
+            _ => return Err(bad()),
+        }
+    }
+    Ok(g)
 }
 
 /// A directory name from a label: letters, digits, `.` and `-` kept, the rest `_`.
@@ -180,6 +203,7 @@ pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
                 layers.push(s);
                 let cfg = crate::config::from_layers(&layers).map_err(|e| Error::Invalid(format!("sweep point {label:?} seed {seed}: {e}")))?;
                 let plan = match v.plan {
+                    _ if grid.init.is_some() => Plan::FINETUNE,
                     PlanName::Train => Plan::train(&cfg, false, false),
                     PlanName::NoPretrain => Plan::train(&cfg, true, false),
                     PlanName::E2e => Plan::train(&cfg, false, true),
@@ -192,7 +216,7 @@ pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
                     x: axis.as_ref().and_then(|_| p.first().and_then(|(_, v)| numeric(v))),
                 };
                 runs.push(entry.clone());
-                planned.push(Planned { entry, cfg, plan });
+                planned.push(Planned { entry, cfg, plan, init: grid.init.clone() });
             }
         }
     }
@@ -217,8 +241,17 @@ pub enum Outcome {
 
 /// Run every point of `grid` on `data` into `out` (see the module docs); returns each run's
 /// outcome. A failed run does not stop the others; the next call retries it (resuming).
-pub fn run(grid_path: &Path, data: &Path, out: &Path, missing: MissingFeatures, at: Where, quiet: bool) -> Result<Vec<(ManifestRun, Outcome)>> {
-    let grid = read_grid(grid_path)?;
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    grid_path: &Path,
+    sets: &[String],
+    data: &Path,
+    out: &Path,
+    missing: MissingFeatures,
+    at: Where,
+    quiet: bool,
+) -> Result<Vec<(ManifestRun, Outcome)>> {
+    let grid = read_grid(grid_path, sets)?;
     let (manifest, planned) = expand(&grid)?;
     std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.display().to_string(), source: e })?;
     let mpath = out.join("sweep.json");
@@ -253,7 +286,7 @@ pub fn run(grid_path: &Path, data: &Path, out: &Path, missing: MissingFeatures, 
             cfg: p.cfg,
             plan: p.plan,
             out: ck,
-            init: None,
+            init: p.init.clone(),
             resume,
             overwrite: false,
             missing,
