@@ -979,8 +979,10 @@ fn report_table_and_bootstrap_match_the_python_reference() {
     let rows = report::paired(&ranks(&["a-s1", "a-s2", "a-s3"]), &ranks(&["b-s1", "b-s2"]), "test", &indices).unwrap();
     assert_eq!(report::paired_table(&rows), std::fs::read_to_string(report_fixture("paired.md")).unwrap());
     // Unlabelled runs group by their model (here: the result's model name).
-    let plain: Vec<report::Run> =
-        ["a-s1", "b-s1", "a-s2"].iter().map(|n| report::load_run(report_fixture(&format!("{n}.result.json")).to_str().unwrap()).unwrap()).collect();
+    let plain: Vec<report::Run> = ["a-s1", "b-s1", "a-s2"]
+        .iter()
+        .map(|n| report::load_run(report_fixture(&format!("{n}.result.json")).to_str().unwrap()).unwrap())
+        .collect();
     let g = report::group(plain);
     assert_eq!(g.iter().map(|g| (g.label.as_str(), g.runs.len())).collect::<Vec<_>>(), [("model a", 2), ("model b", 1)]);
 }
@@ -1011,7 +1013,10 @@ fn sweep_skips_finished_runs_and_resumes_an_interrupted_one() {
     let o = sweep(&full, None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let table = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(table.contains("| lambda=0.01 | 1 |") && table.contains("| lambda=1.0 | 1 |") && table.contains("best on validation"), "{table}");
+    assert!(
+        table.contains("| lambda=0.01 | 1 |") && table.contains("| lambda=1.0 | 1 |") && table.contains("best on validation"),
+        "{table}"
+    );
     let again = sweep(&full, None);
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success() && err.matches("done earlier, skipped").count() == 2, "{err}");
@@ -1025,7 +1030,8 @@ fn sweep_skips_finished_runs_and_resumes_an_interrupted_one() {
     let err = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success() && err.contains("(resuming)") && !err.contains("skipped"), "{err}");
     let result = |root: &std::path::Path, run: &str| -> serde_json::Value {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join(run).join("model.result.json")).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join(run).join("model.result.json")).unwrap()).unwrap();
         serde_json::json!([v["valid"], v["test"]])
     };
     for run in ["lambda_0.01-s1", "lambda_1.0-s1"] {
@@ -1065,4 +1071,91 @@ fn experiment_grids_are_valid() {
     let (_, planned) = msm4sr::sweep::expand(&g).unwrap();
     assert_eq!(planned.len(), 27);
     assert!(planned.iter().all(|p| p.cfg.train.epochs == 5 && p.plan == cli_run::Plan::FINETUNE));
+}
+
+/// `recommend --users all` (batched) gives every user the same items and scores as `--user`
+/// alone; `--history` serves a new user; items are named by NAME.item's title field.
+#[test]
+fn batch_recommend_equals_one_user_recommend() {
+    let (dir, ds) = tiny_dataset("recommend");
+    let d = dir.to_str().unwrap();
+    let mut item = String::from("item_id:token\ttitle:token_seq\n");
+    for t in &ds.item_tokens[1..] {
+        item += &format!("{t}\tThe {t} story\n");
+    }
+    std::fs::write(dir.join("synth.item"), item).unwrap();
+    let run = tmp("recommend-run").join("r");
+    let r = run.to_str().unwrap();
+    let (ok, _, err) = msm4sr_bin(&[
+        "--device",
+        "cpu",
+        "train",
+        "--data",
+        d,
+        "--run-dir",
+        r,
+        "--model",
+        "sasrec",
+        "--hidden",
+        "16",
+        "--epochs",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let all = run.join("recs.tsv");
+    let (ok, _, err) = msm4sr_bin(&[
+        "--device",
+        "cpu",
+        "recommend",
+        "--data",
+        d,
+        "--ckpt",
+        r,
+        "--users",
+        "all",
+        "--k",
+        "5",
+        "--mask-history",
+        "--out",
+        all.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let tsv = std::fs::read_to_string(&all).unwrap();
+    let mut lines = tsv.lines();
+    assert_eq!(lines.next().unwrap(), "user\trank\titem\tscore\tin_history\ttitle");
+    let rows: Vec<Vec<String>> = lines.map(|l| l.split('\t').map(String::from).collect()).collect();
+    assert_eq!(rows.len(), 5 * ds.user_tokens.len());
+    assert!(rows.iter().all(|r| r[4] == "false" && r[5] == format!("The {} story", r[2])), "masked history or titles wrong");
+    for u in [&ds.user_tokens[0], &ds.user_tokens[7], ds.user_tokens.last().unwrap()] {
+        let (ok, out, err) =
+            msm4sr_bin(&["--device", "cpu", "recommend", "--data", d, "--ckpt", r, "--user", u, "--k", "5", "--mask-history", "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let one: Vec<(String, f32)> = v[0]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| (x["item"].as_str().unwrap().to_string(), x["score"].as_f64().unwrap() as f32))
+            .collect();
+        let batch: Vec<(String, f32)> = rows.iter().filter(|r| &r[0] == u).map(|r| (r[2].clone(), r[3].parse().unwrap())).collect();
+        assert_eq!(one.len(), 5);
+        for ((a, sa), (b, sb)) in one.iter().zip(&batch) {
+            assert_eq!(a, b, "user {u}: {one:?} vs {batch:?}");
+            assert!((sa - sb).abs() <= 1e-5 * sa.abs().max(1.0), "user {u}: {one:?} vs {batch:?}");
+        }
+    }
+    // A new user from their history alone: as the dataset's user with that history.
+    let u = 3;
+    let hist: Vec<&str> = ds.seqs[u].iter().map(|&i| ds.item_tokens[i as usize].as_str()).collect();
+    let (ok, out, err) =
+        msm4sr_bin(&["--device", "cpu", "recommend", "--data", d, "--ckpt", r, "--history", &hist.join(","), "--k", "3", "--json"]);
+    assert!(ok, "{err}");
+    let (ok, same, _) =
+        msm4sr_bin(&["--device", "cpu", "recommend", "--data", d, "--ckpt", r, "--user", &ds.user_tokens[u], "--k", "3", "--json"]);
+    assert!(ok);
+    let items = |s: &str| -> serde_json::Value { serde_json::from_str::<serde_json::Value>(s).unwrap()[0]["items"].clone() };
+    assert_eq!(items(&out), items(&same));
+    let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "recommend", "--data", d, "--ckpt", r, "--history", "nope", "--k", "3"]);
+    assert!(!ok && err.contains("unknown item 'nope'"), "{err}");
 }

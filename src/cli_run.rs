@@ -12,11 +12,10 @@ use serde::Serialize;
 
 use crate::checkpoint;
 use crate::config;
-use crate::data::{make_batch, Dataset, LoadOptions, MissingFeatures, Sample, Split};
-use crate::engine::{no_grad, Device, DeviceChoice};
+use crate::data::{Dataset, LoadOptions, MissingFeatures, Sample, Split};
+use crate::engine::{Device, DeviceChoice};
 use crate::metrics::Metrics;
 use crate::model::{Model, ModelKind};
-use crate::nn::Seeds;
 use crate::train::{self, RunConfig, Stage};
 use crate::{Error, Result};
 
@@ -610,24 +609,38 @@ pub fn history_lengths(ds: &Dataset, samples: &[Sample], ranks: &[u32]) -> Vec<(
         .collect()
 }
 
-/// `recommend`: the top `k` items for `user` of `data` by the checkpoint at `ckpt` (see
-/// [`recommend`]).
+/// `recommend`: the top `k` items for `who` by the checkpoint at `ckpt` (see
+/// [`crate::recommend`]); written to `out` as TSV when given (checked first, as every output).
+#[allow(clippy::too_many_arguments)]
 pub fn recommend_from(
     data: &Path,
     ckpt: &Path,
-    user: &str,
+    who: &crate::recommend::Who,
     k: usize,
+    mask_history: bool,
     missing: MissingFeatures,
+    out: Option<(&Path, bool)>,
     at: Where,
-) -> Result<Vec<(String, f32, bool)>> {
+    quiet: bool,
+) -> Result<crate::recommend::Recs> {
+    let ckpt = &checkpoint_arg(ckpt);
+    if let Some((o, overwrite)) = out {
+        let inputs: [(&str, &Path); 2] = [("--data", data), ("--ckpt", ckpt)];
+        check_outputs(&[o.to_path_buf()], &inputs, overwrite, "pass --overwrite to replace it")?;
+    }
     if k == 0 {
         return Err(Error::Invalid("--k 0: must be at least 1 (the number of items to recommend)".into()));
     }
     let (dev, _) = at.resolve()?;
-    let opened = open_checkpoint(&checkpoint_arg(ckpt))?;
+    let opened = open_checkpoint(ckpt)?;
     let ds = load_dataset(data, &opened.cfg, missing)?;
     let r = opened.restore(&ds, dev)?;
-    recommend(&r.model, &ds, user, k, r.with_id())
+    let titles = crate::recommend::titles(data, &ds.name)?;
+    let recs = crate::recommend::recommend(&r.model, &ds, who, k, mask_history, r.with_id(), r.cfg.train.eval_batch, &titles, quiet)?;
+    if let Some((o, _)) = out {
+        checkpoint::write_atomic(o, crate::recommend::tsv(&recs).as_bytes())?;
+    }
+    Ok(recs)
 }
 
 /// `featurize`: its outputs checked (not an input, not an earlier dataset's unless `overwrite`)
@@ -661,25 +674,4 @@ pub fn ranks_tsv(ds: &Dataset, parts: &[(&str, &[Sample], &[u32])]) -> String {
         }
     }
     out
-}
-
-/// Top-k items for one user given their whole history; returns (item token, score, already seen).
-/// `with_id`: add the ID embeddings to the item tables (see [`Restored::with_id`]).
-pub fn recommend(model: &Model, ds: &Dataset, user: &str, k: usize, with_id: bool) -> Result<Vec<(String, f32, bool)>> {
-    let u = ds
-        .user_tokens
-        .iter()
-        .position(|t| t == user)
-        .ok_or_else(|| Error::Invalid(format!("unknown user '{user}' (not in the dataset after filtering)")))?;
-    let hist = &ds.seqs[u];
-    let l = model.cfg.max_len;
-    let seq = hist[hist.len().saturating_sub(l)..].to_vec();
-    let sample = Sample { user: u as u32, seq, target: 1 };
-    let scores = no_grad(|| model.scores(&make_batch(&[&sample]), false, with_id, &mut Seeds::new(0)))?.to_vec()?;
-    if let Some(j) = scores.iter().position(|s| !s.is_finite()) {
-        return Err(Error::Invalid(format!("the model gives item {} a non-finite score ({})", ds.item_tokens[j + 1], scores[j])));
-    }
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    Ok(order.into_iter().take(k).map(|j| (ds.item_tokens[j + 1].clone(), scores[j], hist.contains(&(j as u32 + 1)))).collect())
 }

@@ -26,6 +26,7 @@ pub mod interrupt;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod recommend;
 pub mod report;
 pub mod sweep;
 pub mod synth;

@@ -172,20 +172,36 @@ enum Cmd {
         #[arg(long)]
         groups: Option<usize>,
     },
-    /// Top-k recommendations for one user from their whole history.
+    /// Top-k recommendations for users of the dataset (one, a list or all) or for a new user's
+    /// item history.
     Recommend {
         /// Dataset directory (the one the checkpoint was trained on).
         #[arg(long)]
         data: PathBuf,
-        /// A checkpoint written by train, pretrain or finetune.
+        /// A checkpoint written by train, pretrain or finetune (or a --run-dir directory).
         #[arg(long)]
         ckpt: PathBuf,
-        /// The user's token in NAME.inter.
-        #[arg(long)]
-        user: String,
-        /// Items to recommend.
+        /// One user's token in NAME.inter.
+        #[arg(long, conflicts_with_all = ["users", "history"], required_unless_present_any = ["users", "history"])]
+        user: Option<String>,
+        /// Many users: `all`, or a file with one user token per line.
+        #[arg(long, conflicts_with = "history")]
+        users: Option<String>,
+        /// A user not in the dataset: their item tokens, oldest first, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        history: Option<Vec<String>>,
+        /// Items to recommend per user.
         #[arg(long, default_value_t = 10)]
         k: usize,
+        /// Leave out the items each user has already interacted with.
+        #[arg(long)]
+        mask_history: bool,
+        /// Write the recommendations here as TSV (user, rank, item, score, in_history, title).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        overwrite: bool,
         /// Print the recommendations as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -382,16 +398,47 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Recommend { data, ckpt, user, k, json, missing_features } => {
-            let recs = cli_run::recommend_from(&data, &ckpt, &user, k, missing_of(missing_features), at)?;
-            if json {
-                let v: Vec<_> = recs.iter().map(|(i, s, seen)| serde_json::json!({"item": i, "score": s, "in_history": seen})).collect();
-                println!("{}", serde_json::to_string_pretty(&v).unwrap());
-            } else {
-                println!("{:>4}  {:<20} {:>10}  in history", "rank", "item", "score");
-                for (r, (i, s, seen)) in recs.iter().enumerate() {
-                    println!("{:>4}  {:<20} {:>10.4}  {}", r + 1, i, s, if *seen { "yes" } else { "" });
+        Cmd::Recommend { data, ckpt, user, users, history, k, mask_history, out, overwrite, json, missing_features } => {
+            use msm4sr::recommend::Who;
+            let who = match (user, users, history) {
+                (Some(u), _, _) => Who::Users(vec![u]),
+                (_, Some(all), _) if all == "all" => Who::All,
+                (_, Some(file), _) => {
+                    let text = std::fs::read_to_string(&file).map_err(|e| msm4sr::Error::Io { path: file.clone(), source: e })?;
+                    Who::Users(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
                 }
+                (_, _, Some(h)) => Who::History(h),
+                _ => return Err(msm4sr::Error::Invalid("give --user, --users or --history".into())),
+            };
+            let target = out.as_deref().map(|o| (o, overwrite));
+            let recs = cli_run::recommend_from(&data, &ckpt, &who, k, mask_history, missing_of(missing_features), target, at, json)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&recs.iter().map(|(u, r)| serde_json::json!({"user": u, "items": r})).collect::<Vec<_>>())
+                        .unwrap()
+                );
+            } else if let Some(o) = &out {
+                eprintln!(
+                    "wrote {} recommendations for {} users to {}",
+                    recs.iter().map(|r| r.1.len()).sum::<usize>(),
+                    recs.len(),
+                    o.display()
+                );
+            } else if recs.len() == 1 {
+                println!("{:>4}  {:<20} {:>10}  {:<10} title", "rank", "item", "score", "in history");
+                for (r, x) in recs[0].1.iter().enumerate() {
+                    println!(
+                        "{:>4}  {:<20} {:>10.4}  {:<10} {}",
+                        r + 1,
+                        x.item,
+                        x.score,
+                        if x.in_history { "yes" } else { "" },
+                        x.title.as_deref().unwrap_or("")
+                    );
+                }
+            } else {
+                print!("{}", msm4sr::recommend::tsv(&recs));
             }
             Ok(ExitCode::SUCCESS)
         }

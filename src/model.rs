@@ -389,7 +389,13 @@ impl Model {
     /// Fine-tuning / evaluation scores over all real items: (B, I), column j = item j + 1.
     /// `with_id: false` scores with the modality encoders alone (validation during pre-training).
     pub fn scores(&self, batch: &Batch, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<Tensor> {
-        let (terms, sc) = self.score_terms(batch, train, with_id, seeds)?;
+        let t = self.score_tables(train, with_id, seeds)?;
+        self.scores_with(&t, batch, train, seeds)
+    }
+
+    /// [`Model::scores`] with item tables encoded once ([`Model::score_tables`]) for many batches.
+    pub fn scores_with(&self, t: &ScoreTables, batch: &Batch, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        let (terms, sc) = (self.terms_with(t, batch, train, seeds)?, t.scale);
         let mut total: Option<Tensor> = None;
         for (h, items) in &terms {
             let s = matmul(h, items, false, true)?;

@@ -314,7 +314,11 @@ pub fn paired(a: &[PathBuf], b: &[PathBuf], split: &str, indices: &[Vec<usize>])
             .collect();
         boots.sort_by(f64::total_cmp);
         let r = boots.len();
-        let (lo, hi) = if r == 0 { (f64::NAN, f64::NAN) } else { (boots[(0.025 * r as f64) as usize], boots[((0.975 * r as f64) as usize).max(1) - 1]) };
+        let (lo, hi) = if r == 0 {
+            (f64::NAN, f64::NAN)
+        } else {
+            (boots[(0.025 * r as f64) as usize], boots[((0.975 * r as f64) as usize).max(1) - 1])
+        };
         let side = |v: &[[f64; 6]]| {
             let mut s = 0.0;
             for x in v {
@@ -374,7 +378,9 @@ fn series(g: &Group, value: impl Fn(&EpochRecord) -> f64) -> Vec<(f64, f64, f64,
         }
     }
     at.into_iter()
-        .map(|(x, v)| (x as f64, mean(&v), v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(f64::NEG_INFINITY, f64::max)))
+        .map(|(x, v)| {
+            (x as f64, mean(&v), v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(f64::NEG_INFINITY, f64::max))
+        })
         .collect()
 }
 
@@ -419,7 +425,9 @@ pub fn curves_svg(groups: &[Group], path: &Path) -> Result<()> {
             if let Some(r) = g.runs.first() {
                 if let Some(k) = r.result.history.iter().position(|h| h.stage != Stage::Pretrain).filter(|&k| k > 0) {
                     let x = k as f64 + 0.5;
-                    chart.draw_series(DashedLineSeries::new([(x, lo - pad), (x, hi + pad)], 4, 4, c.mix(0.5).stroke_width(1))).map_err(plot_err)?;
+                    chart
+                        .draw_series(DashedLineSeries::new([(x, lo - pad), (x, hi + pad)], 4, 4, c.mix(0.5).stroke_width(1)))
+                        .map_err(plot_err)?;
                 }
             }
         }
@@ -503,7 +511,11 @@ pub struct ReportOptions {
 /// (model group label, per user group (history range, users, metrics averaged over runs)).
 pub fn user_groups(groups: &[Group], n: usize, data: &Path) -> Result<(String, Vec<(String, Vec<crate::groups::UserGroup>)>)> {
     let min_inter = groups.iter().flat_map(|g| &g.runs).find_map(|r| r.config.as_ref()).map_or(5, |c| c.train.min_user_inter);
-    let opts = crate::data::LoadOptions { min_user_inter: min_inter, missing_features: crate::data::MissingFeatures::Zero, require_features: false };
+    let opts = crate::data::LoadOptions {
+        min_user_inter: min_inter,
+        missing_features: crate::data::MissingFeatures::Zero,
+        require_features: false,
+    };
     let ds = crate::data::Dataset::load(data, &opts)?;
     let lens: std::collections::HashMap<&str, usize> =
         ds.user_tokens.iter().zip(&ds.seqs).map(|(u, s)| (u.as_str(), s.len().saturating_sub(1))).collect();
@@ -516,7 +528,11 @@ pub fn user_groups(groups: &[Group], n: usize, data: &Path) -> Result<(String, V
             let ranks = read_ranks(path, "test")?;
             let users: Vec<(usize, u32)> = ranks
                 .iter()
-                .map(|(u, &rank)| lens.get(u.as_str()).map(|&l| (l, rank)).ok_or_else(|| Error::Invalid(format!("{}: user {u} is not in {}", path.display(), data.display()))))
+                .map(|(u, &rank)| {
+                    lens.get(u.as_str())
+                        .map(|&l| (l, rank))
+                        .ok_or_else(|| Error::Invalid(format!("{}: user {u} is not in {}", path.display(), data.display())))
+                })
                 .collect::<Result<_>>()?;
             per_run.push(crate::groups::user_groups(&users, n)?);
         }
@@ -560,16 +576,24 @@ pub fn groups_svg(data: &[(String, Vec<crate::groups::UserGroup>)], path: &Path)
             .build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..top)
             .map_err(plot_err)?;
         let labels: Vec<String> = data.first().map_or(Vec::new(), |d| {
-            d.1.iter().map(|g| match (g.min_len, g.max_len) {
-                (Some(a), Some(b)) => format!("{a}-{b}"),
-                _ => "-".into(),
-            }).collect()
+            d.1.iter()
+                .map(|g| match (g.min_len, g.max_len) {
+                    (Some(a), Some(b)) => format!("{a}-{b}"),
+                    _ => "-".into(),
+                })
+                .collect()
         });
         chart
             .configure_mesh()
             .disable_x_mesh()
             .x_labels(n.max(1))
-            .x_label_formatter(&|x| if (x - x.round()).abs() < 1e-6 && *x >= 0.0 { labels.get(x.round() as usize).cloned().unwrap_or_default() } else { String::new() })
+            .x_label_formatter(&|x| {
+                if (x - x.round()).abs() < 1e-6 && *x >= 0.0 {
+                    labels.get(x.round() as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
             .x_desc("history length (user group)")
             .y_desc(metric)
             .draw()
@@ -586,7 +610,13 @@ pub fn groups_svg(data: &[(String, Vec<crate::groups::UserGroup>)], path: &Path)
                 .label(label.as_str())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperMiddle).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperMiddle)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
     }
     root.present().map_err(plot_err)?;
     Ok(())
@@ -642,7 +672,8 @@ pub fn report(opts: &ReportOptions) -> Result<Written> {
     if opts.groups.is_some() {
         names.extend(["groups.md", "groups.svg"]);
     }
-    let sweep_names: Vec<String> = (0..sweeps.len()).map(|i| if i == 0 { "sweep.svg".to_string() } else { format!("sweep-{}.svg", i + 1) }).collect();
+    let sweep_names: Vec<String> =
+        (0..sweeps.len()).map(|i| if i == 0 { "sweep.svg".to_string() } else { format!("sweep-{}.svg", i + 1) }).collect();
     let mut files: Vec<PathBuf> = names.iter().map(|f| opts.out.join(f)).collect();
     files.extend(sweep_names.iter().map(|f| opts.out.join(f)));
     let inputs: Vec<(&str, &Path)> = args.iter().map(|r| ("run", Path::new(r.rsplit_once('=').map_or(r.as_str(), |x| x.1)))).collect();

@@ -112,8 +112,8 @@ pub struct Planned {
 /// overrides its base settings.
 pub fn read_grid(path: &Path, sets: &[String]) -> Result<Grid> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-    let mut g: Grid =
-        toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {}", path.display(), crate::config::with_suggestion(e.to_string()))))?;
+    let mut g: Grid = toml::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: {}", path.display(), crate::config::with_suggestion(e.to_string()))))?;
     for s in sets {
         let bad = || Error::Invalid(format!("--set {s}: expected section.key=value, e.g. train.epochs=20"));
         let (key, value) = s.split_once('=').ok_or_else(bad)?;
@@ -141,7 +141,8 @@ fn dir_name(label: &str) -> String {
 /// Every run of the grid, in order: variants, then grid points, then seeds; each configuration
 /// validated.
 pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
-    let variants = if grid.variants.is_empty() { vec![Variant { name: String::new(), ..Variant::default() }] } else { grid.variants.clone() };
+    let variants =
+        if grid.variants.is_empty() { vec![Variant { name: String::new(), ..Variant::default() }] } else { grid.variants.clone() };
     let mut names: Vec<&String> = variants.iter().map(|v| &v.name).collect();
     names.sort();
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
@@ -153,7 +154,10 @@ pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
     // The grid's axes: key, values.
     let mut axes: Vec<(String, Vec<toml::Value>)> = Vec::new();
     for (k, v) in &grid.grid {
-        let vals = v.as_array().filter(|a| !a.is_empty()).ok_or_else(|| Error::Invalid(format!("[grid] {k}: expected a non-empty list of values")))?;
+        let vals = v
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| Error::Invalid(format!("[grid] {k}: expected a non-empty list of values")))?;
         if !k.contains('.') {
             return Err(Error::Invalid(format!("[grid] {k}: expected section.key, e.g. model.lambda")));
         }
@@ -198,10 +202,14 @@ pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
                     }
                 }
                 let mut s = toml::Table::new();
-                s.insert("train".into(), toml::Value::Table(toml::Table::from_iter([("seed".to_string(), toml::Value::Integer(seed as i64))])));
+                s.insert(
+                    "train".into(),
+                    toml::Value::Table(toml::Table::from_iter([("seed".to_string(), toml::Value::Integer(seed as i64))])),
+                );
                 layers.push(point);
                 layers.push(s);
-                let cfg = crate::config::from_layers(&layers).map_err(|e| Error::Invalid(format!("sweep point {label:?} seed {seed}: {e}")))?;
+                let cfg =
+                    crate::config::from_layers(&layers).map_err(|e| Error::Invalid(format!("sweep point {label:?} seed {seed}: {e}")))?;
                 let plan = match v.plan {
                     _ if grid.init.is_some() => Plan::FINETUNE,
                     PlanName::Train => Plan::train(&cfg, false, false),
@@ -256,8 +264,9 @@ pub fn run(
     std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.display().to_string(), source: e })?;
     let mpath = out.join("sweep.json");
     if mpath.is_file() {
-        let was: Manifest = serde_json::from_str(&std::fs::read_to_string(&mpath).map_err(|e| Error::Io { path: mpath.display().to_string(), source: e })?)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", mpath.display())))?;
+        let was: Manifest =
+            serde_json::from_str(&std::fs::read_to_string(&mpath).map_err(|e| Error::Io { path: mpath.display().to_string(), source: e })?)
+                .map_err(|e| Error::Invalid(format!("{}: {e}", mpath.display())))?;
         let dirs = |m: &Manifest| m.runs.iter().map(|r| r.dir.clone()).collect::<Vec<_>>();
         if dirs(&was) != dirs(&manifest) {
             return Err(Error::Invalid(format!(
@@ -310,8 +319,9 @@ pub fn run(
 /// validation Recall@20, with its test metrics.
 pub fn summary(out: &Path) -> Result<String> {
     let mpath = out.join("sweep.json");
-    let m: Manifest = serde_json::from_str(&std::fs::read_to_string(&mpath).map_err(|e| Error::Io { path: mpath.display().to_string(), source: e })?)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", mpath.display())))?;
+    let m: Manifest =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).map_err(|e| Error::Io { path: mpath.display().to_string(), source: e })?)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", mpath.display())))?;
     let mut runs = Vec::new();
     for r in &m.runs {
         let d = out.join(&r.dir);
