@@ -215,7 +215,7 @@ pub fn train(job: &TrainJob, at: Where) -> Result<RunResult> {
     check_outputs(&job.plan.outputs(out), &inputs, job.resume || job.overwrite, how)?;
     let (dev, desc) = at.resolve()?;
     let ds = load_dataset(&job.data, cfg, job.missing)?;
-    let split = check_split(&ds, cfg)?;
+    let samples = check_samples(&ds, cfg)?;
     let model = build_model(cfg, &ds, cfg.train.seed, dev)?;
     // A resumed run's settings are checked against the interrupted run's first (train::fit), and
     // saved once they are.
@@ -233,7 +233,7 @@ pub fn train(job: &TrainJob, at: Where) -> Result<RunResult> {
     say(format!("device: {desc}"));
     say(format!("{ds}"));
     say(format!("effective configuration:\n{}", config::to_toml(cfg)));
-    let r = run_stages(&model, &ds, &split, job, &files);
+    let r = run_stages(&model, &ds, &samples, job, &files);
     crate::console::close();
     let (r, ranks) = r?;
     if job.resume {
@@ -253,7 +253,8 @@ fn save_config(out: &Path, cfg: &RunConfig) -> Result<()> {
 /// Initialise from `--init`, train the job's stages and evaluate the best weights of the last on
 /// valid and test.
 /// Also returns the per-user ranks as TSV.
-fn run_stages(model: &Model, ds: &Dataset, split: &Split, job: &TrainJob, files: &RunFiles) -> Result<(RunResult, String)> {
+fn run_stages(model: &Model, ds: &Dataset, samples: &Samples, job: &TrainJob, files: &RunFiles) -> Result<(RunResult, String)> {
+    let split = &samples.split;
     let (cfg, plan, out, quiet) = (&job.cfg, job.plan, job.out.as_path(), job.quiet);
     let mut log = train::RunLog::new(files.jsonl.clone(), files.csv.clone());
     let say = |m: String| if quiet { crate::console::log_only(&m) } else { crate::console::line(&m) };
@@ -273,7 +274,8 @@ fn run_stages(model: &Model, ds: &Dataset, split: &Split, job: &TrainJob, files:
     let mut epochs = 0;
     if plan.pretrain {
         let pre_out = plan.pretrain_out(out);
-        let s = train::fit_logged(model, split, cfg, Stage::Pretrain, &ds.item_tokens, &pre_out, job.resume, quiet, Some(&log))?;
+        let pre_split = samples.pretrain_split();
+        let s = train::fit_logged(model, &pre_split, cfg, Stage::Pretrain, &ds.item_tokens, &pre_out, job.resume, quiet, Some(&log))?;
         epochs += s.epochs;
         say(format!(
             "pre-training: best epoch {} of {}, valid recall@20 {:.4} (modality scores only), weights in {}",
@@ -365,10 +367,64 @@ pub fn check_outputs(outputs: &[PathBuf], inputs: &[(&str, &Path)], replace: boo
     Ok(())
 }
 
+/// The samples of a run under its protocol: the split (fine-tuning samples; validation and test
+/// samples, under cold-start only those with a cold target) and, under cold-start, pre-training's
+/// own training samples (without cold items).
+#[derive(Clone, Debug)]
+pub struct Samples {
+    pub split: Split,
+    pub pretrain: Option<Vec<Sample>>,
+    /// Under cold-start: how many items are cold.
+    pub cold_items: Option<usize>,
+}
+
+impl Samples {
+    pub fn of(ds: &Dataset, cfg: &RunConfig) -> Samples {
+        match cfg.train.protocol {
+            train::Protocol::Standard => Samples { split: ds.split(cfg.model.max_len), pretrain: None, cold_items: None },
+            train::Protocol::ColdStart => {
+                let c = ds.cold_start(cfg.model.max_len, cfg.train.cold_threshold);
+                Samples { split: c.split, pretrain: Some(c.pretrain), cold_items: Some(c.cold.iter().filter(|&&x| x).count()) }
+            }
+        }
+    }
+
+    /// The split pre-training trains on.
+    pub fn pretrain_split(&self) -> Split {
+        match &self.pretrain {
+            Some(p) => Split { train: p.clone(), valid: self.split.valid.clone(), test: self.split.test.clone() },
+            None => self.split.clone(),
+        }
+    }
+}
+
+/// The run's samples, checked (training, validation and test samples all present) before anything
+/// is written.
+pub fn check_samples(ds: &Dataset, cfg: &RunConfig) -> Result<Samples> {
+    let s = Samples::of(ds, cfg);
+    if let Some(n) = s.cold_items {
+        crate::console::line(&format!(
+            "cold-start: {n} of {} items are cold (fewer than {} training interactions); {} validation and {} test users have a cold target",
+            ds.num_items(),
+            cfg.train.cold_threshold,
+            s.split.valid.len(),
+            s.split.test.len()
+        ));
+    }
+    check_split_of(ds, &s.split)?;
+    if s.pretrain.as_ref().is_some_and(|p| p.is_empty()) {
+        return Err(Error::Invalid(format!("dataset {}: no pre-training samples are left without the cold items", ds.name)));
+    }
+    Ok(s)
+}
+
 /// The run's split, checked (training, validation and test samples all present) before anything
 /// is written.
 pub fn check_split(ds: &Dataset, cfg: &RunConfig) -> Result<Split> {
-    let split = ds.split(cfg.model.max_len);
+    Ok(check_samples(ds, cfg)?.split)
+}
+
+fn check_split_of(ds: &Dataset, split: &Split) -> Result<()> {
     if split.train.is_empty() || split.valid.is_empty() || split.test.is_empty() {
         return Err(Error::Invalid(format!(
             "dataset {} gives {} training, {} validation and {} test samples; all three must be non-empty",
@@ -378,7 +434,7 @@ pub fn check_split(ds: &Dataset, cfg: &RunConfig) -> Result<Split> {
             split.test.len()
         )));
     }
-    Ok(split)
+    Ok(())
 }
 
 /// `runs/model.safetensors` + "pretrain" -> `runs/model.pretrain.safetensors`.
@@ -577,7 +633,7 @@ pub fn evaluate(
     if !with_id {
         eprintln!("{} is a pre-training checkpoint: scoring with the modality encoders alone", ckpt.display());
     }
-    let split = ds.split(cfg.model.max_len);
+    let split = Samples::of(&ds, cfg).split;
     let start = Instant::now();
     let tc = &cfg.train;
     let valid_ranks = train::ranks(model, &split.valid, tc.eval_batch, with_id, tc.mask_history)?;

@@ -6,7 +6,8 @@
 //! with its default in [`ModelConfig`](crate::model::ModelConfig) or [`TrainConfig`](crate::train::TrainConfig) and, to give it
 //! a flag, an `Option` field of the same name in [`ModelFlags`] or [`TrainFlags`]; its range check
 //! goes in [`RunConfig::validate`]. Two flags are shorthands: `--dropout` also sets `attn_dropout`
-//! unless `--attn-dropout` is given, and the `--no-*` flags set their key to false.
+//! unless `--attn-dropout` is given, and the `--no-*` flags set their key to false. One rule
+//! follows the merge: `protocol = "cold-start"` turns `ids` off for msm4sr.
 
 use std::path::Path;
 
@@ -14,7 +15,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::model::{Mod, Modalities, ModelKind, Score};
-use crate::train::RunConfig;
+use crate::train::{Freeze, Protocol, RunConfig};
 use crate::{Error, Result};
 
 /// Model flags: each overrides the `[model]` key of its name.
@@ -81,6 +82,10 @@ pub struct ModelFlags {
     /// Drop one score term at fine-tuning: text gives MSM4SR-V, image gives MSM4SR-T.
     #[arg(long, value_enum)]
     pub drop_score: Option<Mod>,
+    /// Fine-tune and score without ID embeddings (the modality encoders alone; default with
+    /// --protocol cold-start for msm4sr).
+    #[arg(long = "no-ids", num_args = 0, default_missing_value = "false")]
+    pub ids: Option<bool>,
 }
 
 /// Training flags: each overrides the `[train]` key of its name.
@@ -131,6 +136,16 @@ pub struct TrainFlags {
     /// Exclude each user's history from the ranking.
     #[arg(long, num_args = 0, default_missing_value = "true")]
     pub mask_history: Option<bool>,
+    /// Evaluation protocol: standard leave-one-out, or cold-start (paper Table V).
+    #[arg(long, value_enum)]
+    pub protocol: Option<Protocol>,
+    /// Cold-start: items with fewer training interactions than this are cold (default 10).
+    #[arg(long)]
+    pub cold_threshold: Option<usize>,
+    /// Keep the transformer fixed in fine-tuning (cross-domain transfer: transformer or none;
+    /// default none).
+    #[arg(long, value_enum)]
+    pub freeze: Option<Freeze>,
 }
 
 /// Every setting a command line can override.
@@ -171,7 +186,11 @@ pub fn from_layers(layers: &[toml::Table]) -> Result<RunConfig> {
             dst.extend(src.clone());
         }
     }
-    let cfg: RunConfig = table.try_into().map_err(|e| Error::Invalid(with_suggestion(e.to_string())))?;
+    let mut cfg: RunConfig = table.try_into().map_err(|e| Error::Invalid(with_suggestion(e.to_string())))?;
+    // Cold-start fine-tunes MSM4SR without ID embeddings: cold items have none worth the name.
+    if cfg.train.protocol == Protocol::ColdStart && cfg.model.model == ModelKind::Msm4sr {
+        cfg.model.ids = false;
+    }
     cfg.validate()?;
     Ok(cfg)
 }

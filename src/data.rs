@@ -715,6 +715,51 @@ impl Dataset {
         }
         split
     }
+
+    /// The cold-start protocol (paper Table V) with `threshold`: an item is cold when it occurs
+    /// fewer than `threshold` times in the training part of the sequences (each user's items but
+    /// the held-out validation and test targets). Returns the fine-tuning split (all training
+    /// samples; validation and test samples whose target is cold), the pre-training samples (each
+    /// training part with the cold items removed, then split into prefix -> next item as usual) and
+    /// which items (by index) are cold.
+    pub fn cold_start(&self, max_len: usize, threshold: usize) -> ColdStart {
+        let max_len = max_len.max(1);
+        let mut count = vec![0usize; self.item_tokens.len()];
+        let train_end = |n: usize| n - (n.saturating_sub(2)).min(2);
+        for seq in &self.seqs {
+            if seq.len() >= 2 {
+                for &i in &seq[..train_end(seq.len())] {
+                    count[i as usize] += 1;
+                }
+            }
+        }
+        let cold: Vec<bool> = count.iter().enumerate().map(|(i, &c)| i > 0 && c < threshold).collect();
+        let mut split = self.split(max_len);
+        split.valid.retain(|s| cold[s.target as usize]);
+        split.test.retain(|s| cold[s.target as usize]);
+        let mut pretrain = Vec::new();
+        for (u, seq) in self.seqs.iter().enumerate() {
+            if seq.len() < 2 {
+                continue;
+            }
+            let warm: Vec<u32> = seq[..train_end(seq.len())].iter().copied().filter(|&i| !cold[i as usize]).collect();
+            for k in 1..warm.len() {
+                pretrain.push(Sample { user: u as u32, seq: warm[k.saturating_sub(max_len)..k].to_vec(), target: warm[k] });
+            }
+        }
+        ColdStart { split, pretrain, cold }
+    }
+}
+
+/// What [`Dataset::cold_start`] returns.
+#[derive(Debug, Clone)]
+pub struct ColdStart {
+    /// Fine-tuning samples (all) and the validation / test samples with a cold target.
+    pub split: Split,
+    /// Pre-training samples without cold items.
+    pub pretrain: Vec<Sample>,
+    /// Per item index (0 = padding, never cold): whether the item is cold.
+    pub cold: Vec<bool>,
 }
 
 impl fmt::Display for Dataset {
@@ -875,4 +920,34 @@ pub fn item_dropout<R: Rng + ?Sized>(seq: &[u32], r: f64, rng: &mut R) -> Vec<u3
         return vec![seq[rng.random_range(0..seq.len())]];
     }
     kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which items are cold, which users are evaluated and what pre-training sees, on a hand-made
+    /// dataset (threshold 2).
+    #[test]
+    fn cold_start_split() {
+        let ds = Dataset {
+            name: "hand".into(),
+            item_tokens: std::iter::once(PAD_TOKEN.to_string()).chain((1..=6).map(|i| format!("i{i}"))).collect(),
+            user_tokens: (0..4).map(|u| format!("u{u}")).collect(),
+            // Training parts: u0 [1 2 3], u1 [2 1], u2 [1 2], u3 [4 3 1] -> counts 1:4 2:3 3:2 4:1 5:0 6:0.
+            seqs: vec![vec![1, 2, 3, 4, 5], vec![2, 1, 5, 3], vec![1, 2, 3], vec![4, 3, 1, 2, 6]],
+            text: None,
+            image: None,
+        };
+        let c = ds.cold_start(50, 2);
+        assert_eq!(c.cold, vec![false, false, false, false, true, true, true]);
+        let users = |v: &[Sample]| v.iter().map(|s| (s.user, s.target)).collect::<Vec<_>>();
+        assert_eq!(users(&c.split.valid), [(0, 4), (1, 5)]); // u3's validation target 2 is warm
+        assert_eq!(users(&c.split.test), [(0, 5), (3, 6)]); // u1's and u2's test target 3 is warm
+        assert_eq!(c.split.train, ds.split(50).train, "fine-tuning trains on everything");
+        let pre: Vec<(u32, Vec<u32>, u32)> = c.pretrain.iter().map(|s| (s.user, s.seq.clone(), s.target)).collect();
+        assert_eq!(pre, [(0, vec![1], 2), (0, vec![1, 2], 3), (1, vec![2], 1), (2, vec![1], 2), (3, vec![3], 1)]);
+        // Threshold 1: only never-seen items are cold.
+        assert_eq!(ds.cold_start(50, 1).cold, vec![false, false, false, false, false, true, true]);
+    }
 }

@@ -158,7 +158,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         /// Also write every user's target rank (TSV: split, user, target, rank) for paired
-        /// significance tests between models (tools/paired_test.py).
+        /// significance tests between models (`msm4sr report`).
         #[arg(long)]
         ranks: Option<PathBuf>,
         /// Items in .inter without features: fail (error) or give them zero features (zero).

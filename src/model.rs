@@ -78,6 +78,9 @@ pub struct ModelConfig {
     pub modalities: Modalities,
     /// Drop one score term at fine-tuning (MSM4SR-T keeps text: drop image).
     pub drop_score: Option<Mod>,
+    /// Fine-tuning adds the ID embeddings to the item representations (msm4sr, sasrecm); off, the
+    /// modality encoders alone score (cold-start, cross-domain).
+    pub ids: bool,
 }
 
 impl Default for ModelConfig {
@@ -103,6 +106,7 @@ impl Default for ModelConfig {
             score: Score::Cos,
             modalities: Modalities::Both,
             drop_score: None,
+            ids: true,
         }
     }
 }
@@ -265,8 +269,10 @@ impl Model {
     }
 
     /// Parameters trained in fine-tuning (the projection heads belong to pre-training only).
+    /// Without ID embeddings (`ids` off), they are not trained either.
     pub fn finetune_params(&self) -> Vec<(String, Tensor)> {
-        self.params().into_iter().filter(|(n, _)| !n.starts_with("head_")).collect()
+        let ids = self.cfg.ids || self.cfg.model == ModelKind::Sasrec;
+        self.params().into_iter().filter(|(n, _)| !n.starts_with("head_") && (ids || n != "item_embedding")).collect()
     }
 
     fn encoders(&self) -> Vec<(Mod, &ItemEncoder, &DeviceModality)> {
@@ -284,10 +290,12 @@ impl Model {
     /// modality it comes from (None for ID-only or fused tables).
     fn item_tables(&self, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<Vec<(Option<Mod>, Tensor)>> {
         let e = self.item_emb.as_ref().unwrap();
+        // `with_id` is the fine-tuning mode; the ID embeddings join it unless the model has none.
+        let add_id = with_id && (self.cfg.ids || self.cfg.model == ModelKind::Sasrec);
         match self.cfg.model {
             ModelKind::Sasrec => Ok(vec![(None, e.clone())]),
             ModelKind::Sasrecm => {
-                let mut t: Option<Tensor> = with_id.then(|| e.clone());
+                let mut t: Option<Tensor> = add_id.then(|| e.clone());
                 for (_, enc, m) in self.encoders() {
                     let (x, lens) = m.all()?;
                     let z = enc.forward(&x, &lens, train, seeds)?;
@@ -308,7 +316,7 @@ impl Model {
                     }
                     let (x, lens) = m.all()?;
                     let z = enc.forward(&x, &lens, train, seeds)?;
-                    v.push((Some(md), if with_id { add(&z, e)? } else { z }));
+                    v.push((Some(md), if add_id { add(&z, e)? } else { z }));
                 }
                 Ok(v)
             }

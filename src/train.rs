@@ -48,6 +48,34 @@ pub struct TrainConfig {
     pub min_user_inter: usize,
     /// Exclude each user's history items from the ranking (off: RecBole's sequential default).
     pub mask_history: bool,
+    /// Evaluation protocol: standard leave-one-out, or cold-start (paper Table V; see
+    /// `Dataset::cold_start`).
+    pub protocol: Protocol,
+    /// Cold-start: items with fewer training interactions than this are cold.
+    pub cold_threshold: usize,
+    /// Parameters fine-tuning leaves as they are: none, or the transformer (with its position
+    /// embeddings and input LayerNorm; cross-domain transfer).
+    pub freeze: Freeze,
+}
+
+/// The evaluation protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    #[default]
+    Standard,
+    /// Items seen fewer than `cold_threshold` times in training are cold: pre-training without
+    /// them, fine-tuning (msm4sr) without ID embeddings, evaluation on users whose target is cold.
+    ColdStart,
+}
+
+/// What fine-tuning keeps fixed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Freeze {
+    #[default]
+    None,
+    Transformer,
 }
 
 impl Default for TrainConfig {
@@ -68,6 +96,9 @@ impl Default for TrainConfig {
             seed: 2024,
             min_user_inter: 5,
             mask_history: false,
+            protocol: Protocol::Standard,
+            cold_threshold: 10,
+            freeze: Freeze::None,
         }
     }
 }
@@ -131,6 +162,7 @@ impl RunConfig {
         non_negative("clip", "train.clip", t.clip)?;
         // Leave-one-out needs a training, a validation and a test interaction per user.
         at_least("min-user-inter", "train.min_user_inter", t.min_user_inter, 3)?;
+        at_least("cold-threshold", "train.cold_threshold", t.cold_threshold, 1)?;
         at_least("hidden", "model.hidden", m.hidden, 1)?;
         at_least("layers", "model.layers", m.layers, 1)?;
         at_least("heads", "model.heads", m.heads, 1)?;
@@ -586,6 +618,9 @@ impl<'a> StageRun<'a> {
         };
         let params = match stage {
             Stage::Pretrain => model.pretrain_params(),
+            Stage::Finetune if cfg.train.freeze == Freeze::Transformer => {
+                model.finetune_params().into_iter().filter(|(n, _)| !n.starts_with("transformer.")).collect()
+            }
             Stage::Finetune => model.finetune_params(),
             Stage::E2e => model.params(),
         };
