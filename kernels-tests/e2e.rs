@@ -1159,3 +1159,77 @@ fn batch_recommend_equals_one_user_recommend() {
     let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "recommend", "--data", d, "--ckpt", r, "--history", "nope", "--k", "3"]);
     assert!(!ok && err.contains("unknown item 'nope'"), "{err}");
 }
+
+/// Cross-domain fine-tuning carries the transformer (frozen: bit for bit the source's after
+/// training) and the item encoders (trained) from a checkpoint of another item set, and says so;
+/// features of another width are refused with a clear message; without --cross-domain another item
+/// set is refused.
+#[test]
+fn cross_domain_round_trip_keeps_the_frozen_transformer() {
+    let root = tmp("cross");
+    let _ = std::fs::remove_dir_all(&root);
+    let synth = |name: &str, toml: &str| -> String {
+        let cfg = root.join(format!("{name}.toml"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(&cfg, toml).unwrap();
+        let out = root.join(name);
+        let (ok, _, err) = msm4sr_bin(&["synth", "--out", out.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        out.to_str().unwrap().to_string()
+    };
+    let src = synth("src", "domain = 1\nusers = 120\nitems = 240\n");
+    let tgt = synth("tgt", "domain = 2\nusers = 100\nitems = 200\n");
+    let wide = synth("wide", "domain = 3\nusers = 100\nitems = 200\ndim = 16\n");
+    let m = ["--hidden", "16", "--inner", "32", "--experts", "2", "--batch", "64", "--pretrain-batch", "64"];
+    let src_run = root.join("src-run");
+    let mut a =
+        vec!["--device", "cpu", "pretrain", "--data", &src, "--run-dir", src_run.to_str().unwrap(), "--pretrain-epochs", "2", "--json"];
+    a.extend(m);
+    let (ok, _, err) = msm4sr_bin(&a);
+    assert!(ok, "{err}");
+    let ft = |data: &str, out: &str, extra: &[&str]| {
+        let run = root.join(out);
+        let mut a = vec![
+            "--device",
+            "cpu",
+            "finetune",
+            "--data",
+            data,
+            "--init",
+            src_run.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--epochs",
+            "2",
+        ];
+        a.extend(m);
+        a.extend_from_slice(extra);
+        msm4sr_bin(&a)
+    };
+    let (ok, _, err) = ft(&tgt, "plain", &[]);
+    assert!(!ok && err.contains("different item set") && err.contains("--cross-domain"), "{err}");
+    let (ok, _, err) = ft(&tgt, "xd", &["--cross-domain"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("cross-domain: carried") && err.contains("transformer frozen, ID embeddings unused"), "{err}");
+    let before = msm4sr::checkpoint::load(&src_run.join("model.safetensors")).unwrap();
+    let after = msm4sr::checkpoint::load(&root.join("xd").join("model.safetensors")).unwrap();
+    let mut frozen = 0;
+    for (name, (shape, data)) in &after.tensors {
+        if name.starts_with("transformer.") {
+            assert_eq!(Some(&(shape.clone(), data.clone())), before.tensors.get(name), "{name} changed");
+            frozen += 1;
+        }
+    }
+    assert!(frozen > 10, "{frozen} transformer tensors");
+    let enc = "text_encoder.experts.weight";
+    let changed = after.tensors.keys().filter(|n| n.starts_with("text_encoder.")).any(|n| after.tensors[n] != before.tensors[n]);
+    assert!(changed, "the item encoders were not trained ({enc})");
+    // Trained everything: the transformer moves.
+    let (ok, _, err) = ft(&tgt, "all", &["--cross-domain", "--freeze", "none", "--target-ids"]);
+    assert!(ok && err.contains("transformer trained, ID embeddings trained"), "{err}");
+    let all = msm4sr::checkpoint::load(&root.join("all").join("model.safetensors")).unwrap();
+    assert!(all.tensors.keys().filter(|n| n.starts_with("transformer.")).any(|n| all.tensors[n] != before.tensors[n]));
+    // Features of another width.
+    let (ok, _, err) = ft(&wide, "wide", &["--cross-domain"]);
+    assert!(!ok && err.contains("features must have the source's width"), "{err}");
+}

@@ -5,7 +5,6 @@
 mod bert;
 mod e2e;
 mod fixtures;
-mod pool;
 mod workloads;
 
 use msm4sr::gradcheck::{all_cases, check_fd, check_gpu, CheckResult};

@@ -7,8 +7,17 @@ use msm4sr::demo::{Tiny, TinyConfig};
 use msm4sr::engine::gpu::gpu;
 use msm4sr::engine::Device;
 
+/// The tests of this file one at a time: the pool is the process's, so a test running beside
+/// another would see the other's buffers.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn pool_is_flat_over_200_steps() {
+    let _one = alone();
     // Full-length sequences: every step packs the same number of rows.
     let cfg = TinyConfig { min_len: TinyConfig::default().seq_len, ..TinyConfig::default() };
     let mut m = Tiny::new(cfg, Device::Gpu).unwrap();
@@ -33,6 +42,7 @@ fn pool_is_flat_over_200_steps() {
 
 #[test]
 fn cpu_and_gpu_agree_on_losses() {
+    let _one = alone();
     let mut cpu = Tiny::new(TinyConfig::default(), Device::Cpu).unwrap();
     let mut gpu = Tiny::new(TinyConfig::default(), Device::Gpu).unwrap();
     for step in 0..10 {
@@ -44,6 +54,7 @@ fn cpu_and_gpu_agree_on_losses() {
 
 #[test]
 fn loss_falls() {
+    let _one = alone();
     let mut m = Tiny::new(TinyConfig::default(), Device::Cpu).unwrap();
     let first: f32 = (0..10).map(|_| m.step().unwrap()).sum::<f32>() / 10.0;
     for _ in 0..150 {

@@ -85,6 +85,11 @@ impl Plan {
 
     /// Pre-training and E2E exist for msm4sr only (the baselines have no pre-training loss).
     fn check(&self, cfg: &RunConfig) -> Result<()> {
+        if cfg.train.cross_domain && *self != Plan::FINETUNE {
+            return Err(Error::Invalid(
+                "--cross-domain is fine-tuning from another dataset's checkpoint: use `finetune --init SOURCE`".into(),
+            ));
+        }
         let kind = cfg.model.model;
         if kind != ModelKind::Msm4sr && (self.pretrain || self.e2e) {
             let name = format!("{kind:?}").to_lowercase();
@@ -258,7 +263,28 @@ fn run_stages(model: &Model, ds: &Dataset, samples: &Samples, job: &TrainJob, fi
     let (cfg, plan, out, quiet) = (&job.cfg, job.plan, job.out.as_path(), job.quiet);
     let mut log = train::RunLog::new(files.jsonl.clone(), files.csv.clone());
     let say = |m: String| if quiet { crate::console::log_only(&m) } else { crate::console::line(&m) };
-    if let Some(init) = &job.init {
+    if cfg.train.cross_domain && job.init.is_none() {
+        return Err(Error::Invalid("--cross-domain fine-tunes from a checkpoint of another dataset: give it with --init".into()));
+    }
+    if let (true, Some(init)) = (cfg.train.cross_domain, &job.init) {
+        let init = &checkpoint_arg(init);
+        let ck = checkpoint::load(init)?;
+        let (carried, left) = train::load_transfer(model, &ck, init)?;
+        let groups = |v: &[String]| {
+            let mut g: Vec<&str> = v.iter().map(|n| n.split('.').next().unwrap_or(n)).collect();
+            g.dedup();
+            g.join(", ")
+        };
+        say(format!(
+            "cross-domain: carried {} tensors ({}) from {}; initialised here: {}; transformer {}, ID embeddings {}",
+            carried.len(),
+            groups(&carried),
+            init.display(),
+            if left.is_empty() { "none".to_string() } else { groups(&left) },
+            if cfg.train.freeze == train::Freeze::Transformer { "frozen" } else { "trained" },
+            if cfg.model.ids { "trained" } else { "unused" }
+        ));
+    } else if let Some(init) = &job.init {
         let init = &checkpoint_arg(init);
         let ck = checkpoint::load(init)?;
         let n = train::load_weights(model, &ck, &ds.item_tokens, false)?;

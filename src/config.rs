@@ -7,7 +7,8 @@
 //! a flag, an `Option` field of the same name in [`ModelFlags`] or [`TrainFlags`]; its range check
 //! goes in [`RunConfig::validate`]. Two flags are shorthands: `--dropout` also sets `attn_dropout`
 //! unless `--attn-dropout` is given, and the `--no-*` flags set their key to false. One rule
-//! follows the merge: `protocol = "cold-start"` turns `ids` off for msm4sr.
+//! follows the merge: `protocol = "cold-start"` turns `ids` off for msm4sr; `cross_domain` turns
+//! `ids` off and `freeze` to the transformer unless a layer sets them (`--target-ids`: `ids` on).
 
 use std::path::Path;
 
@@ -86,6 +87,10 @@ pub struct ModelFlags {
     /// --protocol cold-start for msm4sr).
     #[arg(long = "no-ids", num_args = 0, default_missing_value = "false")]
     pub ids: Option<bool>,
+    /// Cross-domain: train new ID embeddings for the target's items too (sets `ids` on).
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    #[serde(skip)]
+    pub target_ids: Option<bool>,
 }
 
 /// Training flags: each overrides the `[train]` key of its name.
@@ -143,9 +148,13 @@ pub struct TrainFlags {
     #[arg(long)]
     pub cold_threshold: Option<usize>,
     /// Keep the transformer fixed in fine-tuning (cross-domain transfer: transformer or none;
-    /// default none).
+    /// default none; transformer with --cross-domain).
     #[arg(long, value_enum)]
     pub freeze: Option<Freeze>,
+    /// Fine-tune from a checkpoint of another item set (--init): carry the transformer and the
+    /// item encoders, frozen transformer and no ID embeddings unless --freeze none / --target-ids.
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub cross_domain: Option<bool>,
 }
 
 /// Every setting a command line can override.
@@ -160,11 +169,17 @@ pub struct Flags {
 /// The effective configuration: defaults < the TOML file at `file` < `flags`, range-checked.
 pub fn resolve(file: Option<&Path>, flags: &Flags) -> Result<RunConfig> {
     let base = match file {
-        Some(p) => read_config(p)?,
-        None => RunConfig::default(),
+        Some(p) => read_table(p)?,
+        None => toml::Table::new(),
     };
-    let base = toml::Table::try_from(&base).map_err(|e| Error::Invalid(format!("configuration: {e}")))?;
     let mut over = toml::Table::try_from(flags).map_err(|e| Error::Invalid(format!("flags: {e}")))?;
+    if flags.model.target_ids == Some(true) {
+        if let Some(toml::Value::Table(m)) = over.get_mut("model") {
+            m.insert("ids".into(), toml::Value::Boolean(true));
+        } else {
+            over.insert("model".into(), toml::Value::Table(toml::Table::from_iter([("ids".to_string(), toml::Value::Boolean(true))])));
+        }
+    }
     // --dropout is also the attention dropout unless --attn-dropout says otherwise.
     if let (Some(d), None) = (flags.model.dropout, flags.model.attn_dropout) {
         if let Some(toml::Value::Table(m)) = over.get_mut("model") {
@@ -177,6 +192,7 @@ pub fn resolve(file: Option<&Path>, flags: &Flags) -> Result<RunConfig> {
 /// The defaults overridden by each of `layers` in turn (tables with `[model]` and `[train]`
 /// sections, any subset of keys), range-checked; an unknown section or key is an error.
 pub fn from_layers(layers: &[toml::Table]) -> Result<RunConfig> {
+    let given = |sec: &str, key: &str| layers.iter().any(|l| l.get(sec).and_then(|v| v.as_table()).is_some_and(|t| t.contains_key(key)));
     let mut table = toml::Table::try_from(RunConfig::default()).map_err(|e| Error::Invalid(format!("configuration: {e}")))?;
     for layer in layers {
         for (section, values) in layer {
@@ -191,8 +207,24 @@ pub fn from_layers(layers: &[toml::Table]) -> Result<RunConfig> {
     if cfg.train.protocol == Protocol::ColdStart && cfg.model.model == ModelKind::Msm4sr {
         cfg.model.ids = false;
     }
+    // Cross-domain transfer trains the item encoders alone unless told otherwise.
+    if cfg.train.cross_domain {
+        if !given("train", "freeze") {
+            cfg.train.freeze = Freeze::Transformer;
+        }
+        if !given("model", "ids") {
+            cfg.model.ids = false;
+        }
+    }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// A TOML config file as written (checked as [`read_config`] does).
+pub fn read_table(path: &Path) -> Result<toml::Table> {
+    read_config(path)?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
+    toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
 }
 
 /// Read a TOML config file (sections `[model]` and `[train]`, any subset of keys; an unknown
@@ -267,7 +299,8 @@ mod tests {
         let mut checked = 0;
         for arg in cmd.get_arguments() {
             let id = arg.get_id().as_str();
-            if id == "help" {
+            // `--target-ids` is a shorthand for `ids` (module docs).
+            if id == "help" || id == "target_ids" {
                 continue;
             }
             let long = format!("--{}", arg.get_long().unwrap());

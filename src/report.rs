@@ -390,11 +390,9 @@ pub fn curves_svg(groups: &[Group], path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (900, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let panels = root.split_evenly((3, 1));
-    let metrics: [(&str, Box<dyn Fn(&EpochRecord) -> f64>); 3] = [
-        ("training loss", Box::new(|h: &EpochRecord| h.loss)),
-        ("valid recall@20", Box::new(|h: &EpochRecord| h.valid.recall20)),
-        ("valid ndcg@20", Box::new(|h: &EpochRecord| h.valid.ndcg20)),
-    ];
+    type Value = fn(&EpochRecord) -> f64;
+    let metrics: [(&str, Value); 3] =
+        [("training loss", |h| h.loss), ("valid recall@20", |h| h.valid.recall20), ("valid ndcg@20", |h| h.valid.ndcg20)];
     for (panel, (name, f)) in panels.iter().zip(metrics.iter()) {
         let all: Vec<Vec<(f64, f64, f64, f64)>> = groups.iter().map(|g| series(g, f)).collect();
         let xs = all.iter().flatten().map(|p| p.0).fold(1.0, f64::max);
@@ -509,7 +507,7 @@ pub struct ReportOptions {
 
 /// Test metrics per user group (by history length in `data`), mean over each group's runs:
 /// (model group label, per user group (history range, users, metrics averaged over runs)).
-pub fn user_groups(groups: &[Group], n: usize, data: &Path) -> Result<(String, Vec<(String, Vec<crate::groups::UserGroup>)>)> {
+pub fn user_groups(groups: &[Group], n: usize, data: &Path) -> Result<(String, GroupBars)> {
     let min_inter = groups.iter().flat_map(|g| &g.runs).find_map(|r| r.config.as_ref()).map_or(5, |c| c.train.min_user_inter);
     let opts = crate::data::LoadOptions {
         min_user_inter: min_inter,
@@ -556,6 +554,9 @@ pub fn user_groups(groups: &[Group], n: usize, data: &Path) -> Result<(String, V
     }
     Ok((md, out))
 }
+
+/// Per model group: its label and its metrics per user group.
+pub type GroupBars = Vec<(String, Vec<crate::groups::UserGroup>)>;
 
 /// Test Recall@20 and NDCG@20 per user group, one bar per model group side by side.
 pub fn groups_svg(data: &[(String, Vec<crate::groups::UserGroup>)], path: &Path) -> Result<()> {

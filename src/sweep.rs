@@ -66,6 +66,9 @@ pub struct Variant {
     pub train: toml::Table,
     #[serde(default)]
     pub plan: PlanName,
+    /// Fine-tune from scratch although the grid has an `init` (the baseline of a transfer).
+    #[serde(default)]
+    pub from_scratch: bool,
 }
 
 /// The stages of a sweep run (as `train`, `train --no-pretrain`, `train --e2e`).
@@ -210,6 +213,12 @@ pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
                 layers.push(s);
                 let cfg =
                     crate::config::from_layers(&layers).map_err(|e| Error::Invalid(format!("sweep point {label:?} seed {seed}: {e}")))?;
+                let init = grid.init.clone().filter(|_| !v.from_scratch);
+                let mut cfg = cfg;
+                if v.from_scratch {
+                    // Nothing to carry: the same model trained on the target alone.
+                    cfg.train.cross_domain = false;
+                }
                 let plan = match v.plan {
                     _ if grid.init.is_some() => Plan::FINETUNE,
                     PlanName::Train => Plan::train(&cfg, false, false),
@@ -224,7 +233,7 @@ pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
                     x: axis.as_ref().and_then(|_| p.first().and_then(|(_, v)| numeric(v))),
                 };
                 runs.push(entry.clone());
-                planned.push(Planned { entry, cfg, plan, init: grid.init.clone() });
+                planned.push(Planned { entry, cfg, plan, init });
             }
         }
     }

@@ -64,11 +64,21 @@ pub struct SynthConfig {
     pub similarity: f64,
     /// Standard deviation of the noise added to every feature row.
     pub feature_noise: f64,
+    /// A domain of a family (0: a dataset of its own). Domains 1, 2, ... with the same seed share
+    /// their topics — topic centres, topic transitions and the feature projections — but not their
+    /// items or users (tokens `d<domain>i<n>`, `d<domain>u<n>`): a source and a target for
+    /// cross-domain transfer.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub domain: u32,
     /// Fraction of items with fewer rows than the maximum, per modality.
     pub partial: f64,
     /// Fraction of items with no rows in one modality.
     pub missing: f64,
     pub seed: u64,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
 }
 
 impl Default for SynthConfig {
@@ -90,6 +100,7 @@ impl Default for SynthConfig {
             feature_noise: 0.2,
             partial: 0.25,
             missing: 0.03,
+            domain: 0,
             seed: 42,
         }
     }
@@ -106,7 +117,6 @@ impl SynthConfig {
         Ok(cfg)
     }
 
-    /// Check the settings, naming the first bad one.
     /// The effective settings: defaults < the TOML file at `file` < `--users`, `--items`, `--seed`;
     /// validated.
     pub fn resolve(file: Option<&Path>, users: Option<usize>, items: Option<usize>, seed: Option<u64>) -> Result<SynthConfig> {
@@ -126,6 +136,7 @@ impl SynthConfig {
         ["inter", "features.safetensors", "items.txt"].iter().map(|e| dir.join(format!("{NAME}.{e}"))).collect()
     }
 
+    /// Check the settings, naming the first bad one.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Invalid(format!("synth config: {msg}")));
         if self.users == 0 {
@@ -207,13 +218,22 @@ fn draw<R: Rng + ?Sized>(rng: &mut R, w: &[f64]) -> Option<usize> {
 /// Generate the dataset in memory.
 pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
     cfg.validate()?;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    // Domain 0 draws everything from one generator (the order below); a domain d > 0 draws the
+    // topic-level structure from `world` and everything item- or user-level from its own.
+    let mut world = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut own = (cfg.domain > 0).then(|| ChaCha8Rng::seed_from_u64(cfg.seed ^ (cfg.domain as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+    macro_rules! rng {
+        () => {
+            own.as_mut().unwrap_or(&mut world)
+        };
+    }
     let (n, t, k) = (cfg.items, cfg.topics, cfg.latent);
+    let prefix = if cfg.domain > 0 { format!("d{}", cfg.domain) } else { String::new() };
 
     // Items: balanced random topics, Zipf popularity by rank within the topic, latent vectors.
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
-        order.swap(i, rng.random_range(0..=i));
+        order.swap(i, rng!().random_range(0..=i));
     }
     let mut topic = vec![0usize; n];
     let mut members: Vec<Vec<usize>> = vec![Vec::new(); t];
@@ -224,13 +244,13 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
         pop[item] = 1.0 / ((members[tp].len() + 1) as f64).powf(cfg.zipf);
         members[tp].push(item);
     }
-    let centres: Vec<Vec<f64>> = (0..t).map(|_| unit_vector(&mut rng, k)).collect();
-    let latent: Vec<Vec<f64>> = (0..n).map(|_| unit_vector(&mut rng, k)).collect();
+    let centres: Vec<Vec<f64>> = (0..t).map(|_| unit_vector(&mut world, k)).collect();
+    let latent: Vec<Vec<f64>> = (0..n).map(|_| unit_vector(rng!(), k)).collect();
 
     // Topic chain: stay, else one of two successors (80%) or any topic.
     let trans: Vec<Vec<f64>> = (0..t)
         .map(|a| {
-            let succ = [rng.random_range(0..t), rng.random_range(0..t)];
+            let succ = [world.random_range(0..t), world.random_range(0..t)];
             let mut row = vec![(1.0 - cfg.stay) * 0.2 / t as f64; t];
             row[a] += cfg.stay;
             for s in succ {
@@ -245,6 +265,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
     let mut events: Vec<(i64, usize, usize)> = Vec::new(); // (time, user, item)
     let mut seen = vec![false; n];
     let mut w = Vec::with_capacity(n);
+    let rng = rng!();
     for user in 0..cfg.users {
         let span = (cfg.max_len - cfg.min_len + 1) as f64;
         let len = (cfg.min_len + (span * rng.random::<f64>().powi(2)) as usize).min(cfg.max_len);
@@ -254,7 +275,7 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
         let mut seq = Vec::with_capacity(len);
         for step in 0..len {
             if step > 0 {
-                tp = draw(&mut rng, &trans[tp]).unwrap_or(tp);
+                tp = draw(rng, &trans[tp]).unwrap_or(tp);
                 time += rng.random_range(60..3 * 86_400);
             }
             let pick = if rng.random::<f64>() < cfg.noise {
@@ -268,14 +289,14 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
                     let sim = prev.map_or(0.0, |p| latent[p].iter().zip(&latent[j]).map(|(a, b)| a * b).sum::<f64>());
                     pop[j] * (cfg.similarity * sim).exp()
                 }));
-                draw(&mut rng, &w).map(|i| members[tp][i])
+                draw(rng, &w).map(|i| members[tp][i])
             };
             let item = match pick {
                 Some(i) => i,
                 None => {
                     w.clear();
                     w.extend((0..n).map(|j| if seen[j] { 0.0 } else { pop[j] }));
-                    match draw(&mut rng, &w) {
+                    match draw(rng, &w) {
                         Some(i) => i,
                         None => break, // cannot happen: max_len <= items
                     }
@@ -293,7 +314,11 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
     events.sort_by_key(|e| e.0); // stable: a user's own order is kept on equal times
     let interactions = events
         .iter()
-        .map(|&(time, u, i)| Interaction { user: format!("u{}", u + 1), item: format!("i{}", i + 1), timestamp: time as f64 })
+        .map(|&(time, u, i)| Interaction {
+            user: format!("{prefix}u{}", u + 1),
+            item: format!("{prefix}i{}", i + 1),
+            timestamp: time as f64,
+        })
         .collect();
 
     // Feature counts: text first; image may not also be empty.
@@ -307,22 +332,27 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
             max
         }
     };
-    let text_len: Vec<usize> =
-        (0..n).map(|_| if cfg.sentences > 0 { count(cfg.sentences, cfg.images == 0, &mut rng) } else { 0 }).collect();
-    let image_len: Vec<usize> = (0..n).map(|i| if cfg.images > 0 { count(cfg.images, text_len[i] == 0, &mut rng) } else { 0 }).collect();
+    let text_len: Vec<usize> = (0..n).map(|_| if cfg.sentences > 0 { count(cfg.sentences, cfg.images == 0, rng!()) } else { 0 }).collect();
+    let image_len: Vec<usize> = (0..n).map(|i| if cfg.images > 0 { count(cfg.images, text_len[i] == 0, rng!()) } else { 0 }).collect();
 
     // Feature rows: noisy projections of the modality's view of the latent state.
     let half = k / 2;
     let text_view = |i: usize| -> Vec<f64> { centres[topic[i]].iter().chain(&latent[i][..half]).copied().collect() };
     let image_view =
         |i: usize| -> Vec<f64> { centres[topic[i]].iter().map(|c| 0.5 * c).chain(latent[i][half..].iter().copied()).collect() };
-    let modality = |rows: usize, lens: &[usize], view: &dyn Fn(usize) -> Vec<f64>, rng: &mut ChaCha8Rng| -> Option<Modality> {
+    // `world` draws the projection, `rng` the noise (the same generator for domain 0).
+    let modality = |rows: usize,
+                    lens: &[usize],
+                    view: &dyn Fn(usize) -> Vec<f64>,
+                    world: &mut ChaCha8Rng,
+                    mut rng: Option<&mut ChaCha8Rng>|
+     -> Option<Modality> {
         if rows == 0 {
             return None;
         }
         let in_dim = view(0).len();
         let scale = 1.0 / (in_dim as f64).sqrt();
-        let proj: Vec<f64> = (0..in_dim * cfg.dim).map(|_| normal(rng) * scale * (cfg.dim as f64).sqrt()).collect();
+        let proj: Vec<f64> = (0..in_dim * cfg.dim).map(|_| normal(world) * scale * (cfg.dim as f64).sqrt()).collect();
         let mut data = vec![0.0f32; n * rows * cfg.dim];
         for i in 0..n {
             let v = view(i);
@@ -330,18 +360,22 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
             for r in 0..lens[i] {
                 let out = &mut data[(i * rows + r) * cfg.dim..(i * rows + r + 1) * cfg.dim];
                 for (o, c) in out.iter_mut().zip(&clean) {
-                    *o = (c / (cfg.dim as f64).sqrt() + cfg.feature_noise * normal(rng)) as f32;
+                    let r: &mut ChaCha8Rng = match rng.as_deref_mut() {
+                        Some(r) => r,
+                        None => &mut *world,
+                    };
+                    *o = (c / (cfg.dim as f64).sqrt() + cfg.feature_noise * normal(r)) as f32;
                 }
             }
         }
         Some(Modality { rows, dim: cfg.dim, data, lens: lens.iter().map(|&l| l as u32).collect() })
     };
-    let text = modality(cfg.sentences, &text_len, &text_view, &mut rng);
-    let image = modality(cfg.images, &image_len, &image_view, &mut rng);
+    let text = modality(cfg.sentences, &text_len, &text_view, &mut world, own.as_mut());
+    let image = modality(cfg.images, &image_len, &image_view, &mut world, own.as_mut());
 
     Ok(Synth {
         interactions,
-        item_tokens: (1..=n).map(|i| format!("i{i}")).collect(),
+        item_tokens: (1..=n).map(|i| format!("{prefix}i{i}")).collect(),
         item_topics: topic.iter().map(|&t| t as u32).collect(),
         text,
         image,

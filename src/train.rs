@@ -56,6 +56,9 @@ pub struct TrainConfig {
     /// Parameters fine-tuning leaves as they are: none, or the transformer (with its position
     /// embeddings and input LayerNorm; cross-domain transfer).
     pub freeze: Freeze,
+    /// Cross-domain fine-tuning: `--init` is a checkpoint of another item set, of which only the
+    /// item-independent tensors (transformer, item encoders) are carried over.
+    pub cross_domain: bool,
 }
 
 /// The evaluation protocol.
@@ -99,6 +102,7 @@ impl Default for TrainConfig {
             protocol: Protocol::Standard,
             cold_threshold: 10,
             freeze: Freeze::None,
+            cross_domain: false,
         }
     }
 }
@@ -883,6 +887,43 @@ pub fn load_weights(model: &Model, ck: &Checkpoint, item_tokens: &[String], stri
     ck.load_into(&model.params(), strict)
 }
 
+/// Cross-domain: load the item-independent tensors of `ck` (the transformer and the item encoders;
+/// not the ID embeddings or the pre-training heads) into `model`, whatever items `ck` was trained
+/// on. Returns the names carried and those left as initialised. Every carried tensor must be in
+/// `ck` with the same shape; the item encoders' input width is the features' width.
+pub fn load_transfer(model: &Model, ck: &Checkpoint, src: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let (mut carried, mut left) = (Vec::new(), Vec::new());
+    for (name, p) in model.params() {
+        if name == "item_embedding" || name.starts_with("head_") {
+            left.push(name);
+            continue;
+        }
+        let Some((shape, _)) = ck.tensors.get(&name) else {
+            return Err(Error::Invalid(format!(
+                "--init {}: no tensor {name} (another model kind, other --modalities, or not an msm4sr checkpoint)",
+                src.display()
+            )));
+        };
+        if shape.as_slice() != p.shape() {
+            let why = if name.starts_with("text_encoder") || name.starts_with("image_encoder") {
+                " (the target's features must have the source's width and the model the source's --hidden / --experts)"
+            } else {
+                " (the model must have the source's --hidden, --inner, --layers, --max-len)"
+            };
+            return Err(Error::Invalid(format!(
+                "--init {}: tensor {name} is {shape:?} there and {:?} here{why}",
+                src.display(),
+                p.shape()
+            )));
+        }
+        if let Some(t) = ck.tensor(&name, p.shape(), p.device())? {
+            p.assign(&t)?;
+        }
+        carried.push(name);
+    }
+    Ok((carried, left))
+}
+
 /// How a checkpoint's items (`saved`, index 0 padding) differ from a dataset's, in words.
 fn item_set_difference(saved: &[String], here: &[String]) -> String {
     use std::collections::HashSet;
@@ -899,7 +940,11 @@ fn item_set_difference(saved: &[String], here: &[String]) -> String {
     }
     let only_ck = saved.iter().skip(1).find(|t| !b.contains(t));
     let only_ds = here.iter().skip(1).find(|t| !a.contains(t));
-    let mut msg = format!("the checkpoint was trained on a different item set ({} items) than this dataset ({} items)", a.len(), b.len());
+    let mut msg = format!(
+        "the checkpoint was trained on a different item set ({} items) than this dataset ({} items; fine-tuning across domains: --cross-domain)",
+        a.len(),
+        b.len()
+    );
     if let Some(t) = only_ck {
         msg += &format!("; \"{t}\" is in the checkpoint only");
     }
