@@ -531,6 +531,9 @@ pub fn fit_logged(
             rec.valid.ndcg20,
             if rec.best { "  *best" } else { "" },
         ));
+        if let Some(d) = trained.dispatches {
+            eprintln!("{stage:?} epoch {:>3}  gpu {:.0} dispatches and {:.1} submits per step", rec.epoch, d.0, d.1);
+        }
         if trained.gemm_secs > 0.0 {
             eprintln!(
                 "{stage:?} epoch {:>3}  gemm {:.1} s at {:.0} GFLOP/s",
@@ -581,6 +584,8 @@ struct Trained {
     seconds: f64,
     gemm_secs: f64,
     gemm_flop: f64,
+    /// On the GPU: (dispatches, submits) per step.
+    dispatches: Option<(f64, f64)>,
 }
 
 /// A stage in progress: the optimizer, early stopping and the epoch count, which the resume state
@@ -728,7 +733,10 @@ impl<'a> StageRun<'a> {
             seconds: 0.0,
             gemm_secs: 0.0,
             gemm_flop: 0.0,
+            dispatches: None,
         };
+        let dev = self.params.first().map(|(_, p)| p.device()).unwrap_or(crate::engine::Device::Cpu);
+        let c0 = crate::bench::gpu_counters(dev);
         for idx in &order {
             let (loss, values) = step_loss(self.model, split, idx, stage, self.cfg, &mut rng, &mut seeds)?;
             let grads = backward(&loss)?;
@@ -743,13 +751,25 @@ impl<'a> StageRun<'a> {
                     epoch + 1
                 )));
             }
-            let l = loss.item()?;
+            // The loss and its terms in one read-back (one submit on the GPU).
+            let read = if values.len() == 1 {
+                vec![loss.item()?]
+            } else {
+                no_grad(|| -> Result<Vec<f32>> {
+                    let mut xs = vec![loss.reshape(&[1])?];
+                    for (_, v) in &values {
+                        xs.push(v.reshape(&[1])?);
+                    }
+                    crate::engine::ops::concat(&xs.iter().collect::<Vec<_>>())?.to_vec()
+                })?
+            };
+            let l = read[0];
             if !l.is_finite() {
                 return Err(Error::Invalid(format!("{stage:?} epoch {}: the loss became {l} (try a lower --lr)", epoch + 1)));
             }
-            for (name, v) in &values {
+            for (j, (name, _)) in values.iter().enumerate() {
                 let k = LOSS_TERMS.iter().position(|t| t == name).expect("a named loss term");
-                t.terms[k] += if values.len() == 1 { l as f64 } else { v.item()? as f64 };
+                t.terms[k] += if values.len() == 1 { l } else { read[j + 1] } as f64;
                 t.present[k] = true;
             }
             t.loss += l as f64;
@@ -762,6 +782,8 @@ impl<'a> StageRun<'a> {
         // On the CPU backend: time in matrix products and their rate.
         let (s1, f1) = crate::engine::tensor::gemm_counters();
         (t.gemm_secs, t.gemm_flop) = (s1 - gemm0.0, f1 - gemm0.1);
+        let n = t.steps.max(1) as f64;
+        t.dispatches = c0.zip(crate::bench::gpu_counters(dev)).map(|(a, b)| ((b.0 - a.0) as f64 / n, (b.1 - a.1) as f64 / n));
         Ok(t)
     }
 
