@@ -1021,6 +1021,13 @@ fn sweep_skips_finished_runs_and_resumes_an_interrupted_one() {
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success() && err.matches("done earlier, skipped").count() == 2, "{err}");
     assert_eq!(String::from_utf8_lossy(&again.stdout), table);
+    // The grid changed under a finished sweep: its runs are not silently reused.
+    let text = std::fs::read_to_string(&grid).unwrap();
+    std::fs::write(&grid, text.replace("hidden = 16", "hidden = 8")).unwrap();
+    let changed = sweep(&full, None);
+    let err = String::from_utf8_lossy(&changed.stderr);
+    assert!(!changed.status.success() && err.contains("other settings") && err.contains("model.hidden"), "{err}");
+    std::fs::write(&grid, text).unwrap();
 
     // Killed in the first run's pre-training (about 4 steps per epoch): resume it, then run the other.
     let cut = tmp("sweep-cut");
@@ -1232,4 +1239,20 @@ fn cross_domain_round_trip_keeps_the_frozen_transformer() {
     // Features of another width.
     let (ok, _, err) = ft(&wide, "wide", &["--cross-domain"]);
     assert!(!ok && err.contains("features must have the source's width"), "{err}");
+}
+
+/// A `from_scratch` variant of a transfer grid trains on the target alone with the ordinary
+/// defaults (ID embeddings, nothing frozen), not cross-domain's.
+#[test]
+fn from_scratch_variants_have_no_cross_domain_defaults() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let g = msm4sr::sweep::read_grid(&dir.join("cross_domain.toml"), &[]).unwrap();
+    let (_, planned) = msm4sr::sweep::expand(&g).unwrap();
+    let get = |name: &str| planned.iter().find(|p| p.entry.variant == name).unwrap();
+    let t = get("transfer");
+    assert!(t.cfg.train.cross_domain && !t.cfg.model.ids && t.cfg.train.freeze == train::Freeze::Transformer && t.init.is_some());
+    let s = get("target only");
+    assert!(!s.cfg.train.cross_domain && s.cfg.model.ids && s.cfg.train.freeze == train::Freeze::None && s.init.is_none());
+    assert!(!get("target only, no IDs").cfg.model.ids);
+    assert!(get("transfer + target IDs").cfg.model.ids);
 }

@@ -210,15 +210,18 @@ pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
                     toml::Value::Table(toml::Table::from_iter([("seed".to_string(), toml::Value::Integer(seed as i64))])),
                 );
                 layers.push(point);
+                if v.from_scratch {
+                    // Nothing to carry: the same model trained on the target alone (and so none of
+                    // cross-domain's defaults).
+                    s.insert("train".into(), toml::Value::Table(toml::Table::from_iter([
+                        ("seed".to_string(), toml::Value::Integer(seed as i64)),
+                        ("cross_domain".to_string(), toml::Value::Boolean(false)),
+                    ])));
+                }
                 layers.push(s);
                 let cfg =
                     crate::config::from_layers(&layers).map_err(|e| Error::Invalid(format!("sweep point {label:?} seed {seed}: {e}")))?;
                 let init = grid.init.clone().filter(|_| !v.from_scratch);
-                let mut cfg = cfg;
-                if v.from_scratch {
-                    // Nothing to carry: the same model trained on the target alone.
-                    cfg.train.cross_domain = false;
-                }
                 let plan = match v.plan {
                     _ if grid.init.is_some() => Plan::FINETUNE,
                     PlanName::Train => Plan::train(&cfg, false, false),
@@ -292,6 +295,17 @@ pub fn run(
         let ck = cli_run::run_dir_checkpoint(&dir);
         let files = cli_run::RunFiles::of(&ck);
         if files.result.is_file() {
+            // A finished run counts only if it is this point as the grid now defines it.
+            let was = crate::config::read_config(&cli_run::config_path(&ck))?;
+            if crate::config::to_toml(&was) != crate::config::to_toml(&p.cfg) {
+                let what = crate::train::config_difference(&was, &p.cfg)
+                    .unwrap_or_else(|| "its schedule (epochs or patience) differs".to_string());
+                return Err(Error::Invalid(format!(
+                    "{} was finished with other settings than the grid gives it now ({what}); remove that run directory \
+                     to redo it, or give the changed grid a new --out",
+                    dir.display()
+                )));
+            }
             eprintln!("[{}/{n}] {} seed {}: done earlier, skipped", i + 1, p.entry.point, p.entry.seed);
             outcomes.push((p.entry, Outcome::Skipped));
             continue;
