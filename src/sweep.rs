@@ -213,10 +213,13 @@ pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
                 if v.from_scratch {
                     // Nothing to carry: the same model trained on the target alone (and so none of
                     // cross-domain's defaults).
-                    s.insert("train".into(), toml::Value::Table(toml::Table::from_iter([
-                        ("seed".to_string(), toml::Value::Integer(seed as i64)),
-                        ("cross_domain".to_string(), toml::Value::Boolean(false)),
-                    ])));
+                    s.insert(
+                        "train".into(),
+                        toml::Value::Table(toml::Table::from_iter([
+                            ("seed".to_string(), toml::Value::Integer(seed as i64)),
+                            ("cross_domain".to_string(), toml::Value::Boolean(false)),
+                        ])),
+                    );
                 }
                 layers.push(s);
                 let cfg =
