@@ -139,6 +139,57 @@ pub fn gpu_counters(dev: Device) -> Option<(u64, u64)> {
     (dev == Device::Gpu).then(|| crate::engine::gpu::gpu().ok().map(|g| g.counters())).flatten()
 }
 
+/// One matmul kernel variant at one shape: its rate and its largest error against the CPU product
+/// (relative to the largest |value| of the CPU product).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VariantResult {
+    pub variant: crate::engine::ops::MatmulVariant,
+    pub shape: String,
+    pub device: String,
+    pub seconds: f64,
+    pub gflops: f64,
+    pub max_err: f64,
+    pub iters: usize,
+}
+
+/// Every GPU matmul variant side by side (the llm.c `dev/cuda` way) at the model's shapes, 4096^2
+/// and the item-encoder shape (4926x768).(768x512), each checked against the CPU product first.
+/// `quick` shrinks the rows 8x (software adapters).
+pub fn matmul_variants(min_secs: f64, quick: bool) -> Result<Vec<VariantResult>> {
+    use crate::engine::ops::{matmul_variant, MatmulVariant};
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let name = device_name(Device::Gpu);
+    let mut shapes: Vec<(usize, usize, usize)> = MATMUL_SHAPES.to_vec();
+    shapes.extend([(4096, 4096, 4096), (4926, 768, 512)]);
+    let mut out = Vec::new();
+    no_grad(|| -> Result<()> {
+        for (m, k, n) in shapes {
+            let (m, k) = if quick { (m.div_ceil(8), if k >= 4096 { k / 8 } else { k }) } else { (m, k) };
+            let a = Tensor::randn(&[m, k], 1.0, &mut rng, Device::Cpu)?;
+            let b = Tensor::randn(&[k, n], 1.0, &mut rng, Device::Cpu)?;
+            let want = matmul(&a, &b, false, false)?.to_vec()?;
+            let top = want.iter().fold(0f32, |x, y| x.max(y.abs())).max(1e-30) as f64;
+            let (ga, gb) = (a.to_device(Device::Gpu)?, b.to_device(Device::Gpu)?);
+            for v in MatmulVariant::ALL {
+                let got = matmul_variant(&ga, &gb, false, false, None, v)?.to_vec()?;
+                let max_err = got.iter().zip(&want).map(|(g, w)| ((g - w).abs() as f64) / top).fold(0.0, f64::max);
+                let (s, iters) = time(Device::Gpu, min_secs, || matmul_variant(&ga, &gb, false, false, None, v))?;
+                out.push(VariantResult {
+                    variant: v,
+                    shape: format!("({m}x{k}).({k}x{n})"),
+                    device: name.clone(),
+                    seconds: s,
+                    gflops: 2.0 * (m * n * k) as f64 / s / 1e9,
+                    max_err,
+                    iters,
+                });
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// Training steps at the paper's shapes on synthetic data: hidden 64, 2 layers, 2 heads, max
 /// length 50, random sequence lengths 1..=10 (about the 5.3-item average training prefix of the
 /// Pantry data); for MSM4SR 5000 items with 10 sentence and 10 image rows of 768 values per item

@@ -356,6 +356,9 @@ enum Cmd {
         /// Sentences for the BERT benchmark.
         #[arg(long, default_value_t = 512)]
         sentences: usize,
+        /// Also validate and time every GPU matmul kernel variant side by side.
+        #[arg(long)]
+        matmul_variants: bool,
     },
 }
 
@@ -532,12 +535,20 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(if results.iter().all(|r| r.pass) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Cmd::Bench { json, secs, quick, bert, no_steps, model_dir, sentences } => {
+        Cmd::Bench { json, secs, quick, bert, no_steps, model_dir, sentences, matmul_variants } => {
             let (dev, desc) = cli.device.resolve(named)?;
             eprintln!("bench on {desc}");
             let quick = quick || (dev == Device::Gpu && gpu::gpu()?.adapter.is_software());
             let mut results = bench::run(dev, secs, quick)?;
             let steps = if no_steps { Vec::new() } else { bench::train_steps(dev, secs, quick)? };
+            let variants = if matmul_variants {
+                if dev != Device::Gpu {
+                    return Err(msm4sr::Error::Invalid("--matmul-variants times the GPU kernels: run with --device gpu".into()));
+                }
+                bench::matmul_variants(secs, quick)?
+            } else {
+                Vec::new()
+            };
             if bert {
                 let r = msm4sr::bert::bench(&model_dir, dev, sentences)?;
                 results.push(bench::BenchResult {
@@ -550,12 +561,34 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 });
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "kernels": results, "train_steps": steps })).unwrap());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "kernels": results, "train_steps": steps, "matmul_variants": variants })
+                    )
+                    .unwrap()
+                );
             } else {
                 println!("{:<10} {:<26} {:>12} {:>10} {:>6}  device", "kernel", "shape", "ms/call", "GFLOP/s", "iters");
                 for r in &results {
                     let gf = r.gflops.map(|g| format!("{g:.1}")).unwrap_or_else(|| "-".into());
                     println!("{:<10} {:<26} {:>12.3} {:>10} {:>6}  {}", r.name, r.shape, r.seconds * 1e3, gf, r.iters, r.device);
+                }
+                if !variants.is_empty() {
+                    println!();
+                    println!("{:<10} {:<26} {:>12} {:>10} {:>10} {:>6}", "variant", "shape", "ms/call", "GFLOP/s", "max err", "iters");
+                    for r in &variants {
+                        let name = format!("{:?}", r.variant).to_lowercase();
+                        println!(
+                            "{:<10} {:<26} {:>12.3} {:>10.1} {:>10.1e} {:>6}",
+                            name,
+                            r.shape,
+                            r.seconds * 1e3,
+                            r.gflops,
+                            r.max_err,
+                            r.iters
+                        );
+                    }
                 }
                 if !steps.is_empty() {
                     println!();

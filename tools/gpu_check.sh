@@ -35,8 +35,8 @@ part() { # name, then the command; its output to $OUT/name.txt, and the time it 
 { date -u +%FT%TZ; git rev-parse --short HEAD 2>/dev/null; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; } >> "$OUT/summary.txt"
 part info "$BIN" --device gpu info
 part gradcheck "$BIN" --device gpu gradcheck
-part bench "$BIN" --device gpu bench --secs 0.5
-part bench_json "$BIN" --device gpu bench --secs 0.5 --json
+part bench "$BIN" --device gpu bench --secs 0.5 --matmul-variants
+part bench_json "$BIN" --device gpu bench --secs 0.5 --matmul-variants --json
 part torch_step timeout 300 "$PY" tools/torch_step.py --data "$DATA" --steps 20 --matmul --compile
 grep -E "passed|failed" "$OUT/gradcheck.txt" | tail -1 >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"

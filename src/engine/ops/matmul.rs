@@ -19,15 +19,54 @@ use crate::engine::{same_device, Tensor};
 use crate::{on_device, shape_err, Result};
 
 static MATMUL: Kernel<MatmulParams> = Kernel::new("matmul", wgsl!("matmul.wgsl"), "matmul", &[Read, Read, Read, ReadWrite]);
+static MATMUL_8X8: Kernel<MatmulParams> = Kernel::new("matmul_8x8", wgsl!("matmul_8x8.wgsl"), "matmul_8x8", &[Read, Read, Read, ReadWrite]);
 
 /// This module's kernels, for the layout tests.
 #[cfg(test)]
 pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
-    vec![MATMUL.contract()]
+    vec![MATMUL.contract(), MATMUL_8X8.contract()]
 }
 
-/// Output tile edge and K-slice depth of the kernel.
-const TILE: usize = 64;
+/// The GPU matrix-product kernels, side by side (the same contract and results; `bench
+/// --matmul-variants` validates each against the CPU and times it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatmulVariant {
+    /// 1. 64 x 64 tile, 4 x 4 outputs per invocation, BK 16 (matmul.wgsl; the default).
+    Tile64,
+    /// 2. 128 x 128 tile, 8 x 8 outputs per invocation, BK 8 (matmul_8x8.wgsl).
+    Tile128,
+}
+
+impl MatmulVariant {
+    pub const ALL: [MatmulVariant; 2] = [MatmulVariant::Tile64, MatmulVariant::Tile128];
+
+    fn kernel(self) -> &'static Kernel<MatmulParams> {
+        match self {
+            MatmulVariant::Tile64 => &MATMUL,
+            MatmulVariant::Tile128 => &MATMUL_8X8,
+        }
+    }
+
+    fn tile(self) -> usize {
+        match self {
+            MatmulVariant::Tile64 => 64,
+            MatmulVariant::Tile128 => 128,
+        }
+    }
+
+    /// The variant the runtime uses: `MSM4SR_MATMUL=tile64|tile128`, else variant 1 (no variant
+    /// has been measured faster on a hardware GPU yet; see benches/RESULTS.md).
+    pub fn current() -> MatmulVariant {
+        static CHOICE: std::sync::OnceLock<MatmulVariant> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| match std::env::var("MSM4SR_MATMUL").as_deref() {
+            Ok("tile128") => MatmulVariant::Tile128,
+            _ => MatmulVariant::Tile64,
+        })
+    }
+}
+
+/// The K-slice depth every variant's split-K range is a multiple of (variant 1's; variant 2's 8 divides it).
 const BK: usize = 16;
 /// Split-K: aim for this many workgroups, with at least `SPLIT_CHUNK` of K per split.
 const TARGET_WGS: usize = 256;
@@ -175,8 +214,8 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
 // ---- GPU ------------------------------------------------------------------------------------
 
 /// K range per split: all of K, unless the output grid is too small to fill the GPU and K is long.
-fn k_chunk(p: &Gemm) -> usize {
-    let wgs = p.m.div_ceil(TILE) * p.n.div_ceil(TILE) * p.nout;
+fn k_chunk(p: &Gemm, tile: usize) -> usize {
+    let wgs = p.m.div_ceil(tile) * p.n.div_ceil(tile) * p.nout;
     if p.nout > 1 || p.k < 2 * SPLIT_CHUNK || wgs >= TARGET_WGS {
         return p.k;
     }
@@ -185,8 +224,13 @@ fn k_chunk(p: &Gemm) -> usize {
 }
 
 fn gemm_gpu(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm) -> Result<GpuBuf> {
+    gemm_gpu_with(a, b, bias, p, MatmulVariant::current())
+}
+
+fn gemm_gpu_with(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm, v: MatmulVariant) -> Result<GpuBuf> {
     let g = gpu()?;
-    let kc = k_chunk(p);
+    let tile = v.tile();
+    let kc = k_chunk(p, tile);
     let nsplit = if kc < p.k { p.k.div_ceil(kc) } else { 1 };
     let out = g.alloc(4 * (nsplit * p.nout * p.m * p.n) as u64)?;
     let dummy;
@@ -210,12 +254,25 @@ fn gemm_gpu(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm) -> Result<G
         kc: kc as u32,
         bias: bias.is_some() as u32,
     };
-    let groups = [p.n.div_ceil(TILE) as u32, p.m.div_ceil(TILE) as u32, (p.nout * nsplit) as u32];
-    g.dispatch(&MATMUL, &[a, b, bias_buf, &out], &params, groups)?;
+    let groups = [p.n.div_ceil(tile) as u32, p.m.div_ceil(tile) as u32, (p.nout * nsplit) as u32];
+    g.dispatch(v.kernel(), &[a, b, bias_buf, &out], &params, groups)?;
     if nsplit > 1 {
         return sum_rows_gpu(&out, nsplit, p.m * p.n);
     }
     Ok(out)
+}
+
+/// op(a) . op(b) (+ bias) on the GPU with one particular kernel variant, without autograd: for
+/// validating and timing the variants side by side (`bench --matmul-variants`, the kernel tests).
+pub fn matmul_variant(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&Tensor>, v: MatmulVariant) -> Result<Tensor> {
+    let (p, shape) = Gemm::plan("matmul_variant", a.shape(), b.shape(), ta, tb)?;
+    let dev = same_device("matmul_variant", &[a, b])?;
+    if dev != crate::engine::Device::Gpu {
+        return shape_err("matmul_variant", "the kernel variants run on the GPU: give GPU tensors");
+    }
+    let bias_buf = bias.map(|t| t.gbuf()).transpose()?;
+    let out = gemm_gpu_with(&*a.gbuf()?, &*b.gbuf()?, bias_buf.as_deref(), &p, v)?;
+    Ok(Tensor::from_storage(Storage::Gpu(out), shape))
 }
 
 /// The product on the operands' device.

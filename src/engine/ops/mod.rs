@@ -23,7 +23,7 @@ pub use elementwise::{add, add_scaled, broadcast_to, dropout, dropout_rows, gelu
 pub use embedding::{embedding, gather_last};
 pub use layernorm::layernorm;
 pub use loss::{cross_entropy, info_nce};
-pub use matmul::{linear, matmul};
+pub use matmul::{linear, matmul, matmul_variant, MatmulVariant};
 pub use norm::l2norm;
 pub use pool::{attention_pool, mean_ragged, moe};
 pub use rank::rank_of_targets;

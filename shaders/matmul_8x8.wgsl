@@ -1,0 +1,106 @@
+// Variant 2 of the matrix product (see matmul.wgsl for the contract, which is the same: same
+// parameters, bindings and results): a 128 x 128 tile of C per workgroup of 16 x 16 invocations,
+// each keeping 8 x 8 outputs (rows ty + 16 i, columns tx + 16 j) in registers, and BK = 8 deep
+// K-slices — twice the register blocking of variant 1, so twice the arithmetic per workgroup-memory
+// read. kc (the split-K range) must be a multiple of 8.
+
+const TILE: u32 = 128u;
+const BK: u32 = 8u;
+const LDS: u32 = 129u; // padded row of the staged slices (avoids bank conflicts on the stores)
+
+struct P {
+    m: u32,
+    n: u32,
+    k: u32,
+    ta: u32,
+    tb: u32,
+    a_bs: u32,   // batch stride of A in elements (0 = broadcast)
+    b_bs: u32,
+    nsum: u32,   // products summed into each output matrix
+    nsplit: u32, // K splits (slabs per output matrix)
+    kc: u32,     // K range per split
+    bias: u32,   // 1: add bias[col] (first split only)
+}
+
+@group(0) @binding(0) var<uniform> prm: P;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c: array<f32>;
+
+var<workgroup> As: array<f32, 1032>; // BK * LDS: As[kk * LDS + row] = op(A)[m0 + row, kt + kk]
+var<workgroup> Bs: array<f32, 1032>; // Bs[kk * LDS + col] = op(B)[kt + kk, n0 + col]
+
+// op(A)[row, col] of the matrix at `base`, 0 outside (M, K).
+fn load_a(base: u32, row: u32, col: u32) -> f32 {
+    if (row >= prm.m || col >= prm.k) { return 0.0; }
+    if (prm.ta == 1u) { return a[base + col * prm.m + row]; }
+    return a[base + row * prm.k + col];
+}
+
+// op(B)[row, col] of the matrix at `base`, 0 outside (K, N).
+fn load_b(base: u32, row: u32, col: u32) -> f32 {
+    if (row >= prm.k || col >= prm.n) { return 0.0; }
+    if (prm.tb == 1u) { return b[base + col * prm.k + row]; }
+    return b[base + row * prm.n + col];
+}
+
+@compute @workgroup_size(16, 16)
+fn matmul_8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let tx = lid.x;
+    let ty = lid.y;
+    let li = ty * 16u + tx;
+    let m0 = wid.y * TILE;
+    let n0 = wid.x * TILE;
+    let z = wid.z;
+    let split = z % prm.nsplit;
+    let k0 = split * prm.kc;
+    let k1 = min(prm.k, k0 + prm.kc);
+
+    var acc: array<array<f32, 8>, 8>;
+    for (var s = 0u; s < prm.nsum; s = s + 1u) {
+        let i = (z / prm.nsplit) * prm.nsum + s;
+        let abase = i * prm.a_bs;
+        let bbase = i * prm.b_bs;
+        for (var kt = k0; kt < k1; kt = kt + BK) {
+            // 128 x BK elements of each operand, 4 per invocation.
+            for (var l = 0u; l < 4u; l = l + 1u) {
+                let t = li + 256u * l;
+                var row: u32;
+                var kk: u32;
+                if (prm.ta == 1u) { kk = t / TILE; row = t % TILE; } else { row = t / BK; kk = t % BK; }
+                As[kk * LDS + row] = load_a(abase, m0 + row, kt + kk);
+                var col: u32;
+                if (prm.tb == 1u) { col = t / BK; kk = t % BK; } else { kk = t / TILE; col = t % TILE; }
+                Bs[kk * LDS + col] = load_b(bbase, kt + kk, n0 + col);
+            }
+            workgroupBarrier();
+            for (var kk = 0u; kk < BK; kk = kk + 1u) {
+                let ra = kk * LDS + ty;
+                let rb = kk * LDS + tx;
+                var bv: array<f32, 8>;
+                for (var j = 0u; j < 8u; j = j + 1u) { bv[j] = Bs[rb + 16u * j]; }
+                for (var i = 0u; i < 8u; i = i + 1u) {
+                    let av = As[ra + 16u * i];
+                    for (var j = 0u; j < 8u; j = j + 1u) { acc[i][j] = fma(av, bv[j], acc[i][j]); }
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+
+    let cbase = z * prm.m * prm.n;
+    let add_bias = prm.bias == 1u && split == 0u;
+    for (var i = 0u; i < 8u; i = i + 1u) {
+        let row = m0 + ty + 16u * i;
+        if (row >= prm.m) { break; }
+        for (var j = 0u; j < 8u; j = j + 1u) {
+            let col = n0 + tx + 16u * j;
+            if (col < prm.n) {
+                var v = acc[i][j];
+                if (add_bias) { v = v + bias[col]; }
+                c[cbase + row * prm.n + col] = v;
+            }
+        }
+    }
+}
