@@ -12,48 +12,14 @@
 // Each workgroup of 16 x 16 invocations computes a 64 x 64 tile of C; invocation (tx, ty) keeps the
 // 4 x 4 outputs at rows ty + 16 i, columns tx + 16 j in registers (strided, so workgroup-memory reads
 // and the final stores are contiguous across tx). The K loop stages BK-deep slices of op(A) and
-// op(B) in workgroup memory, each loaded along the stored matrix's contiguous axis (coalesced).
+// op(B) in workgroup memory (`stage`, in include/matmul_tiles.wgsl with the parameters and bindings).
 
 const TILE: u32 = 64u;
 const BK: u32 = 16u;
 const LDS: u32 = 65u; // padded row of the staged slices (avoids bank conflicts on the stores)
 
-struct P {
-    m: u32,
-    n: u32,
-    k: u32,
-    ta: u32,
-    tb: u32,
-    a_bs: u32,   // batch stride of A in elements (0 = broadcast)
-    b_bs: u32,
-    nsum: u32,   // products summed into each output matrix
-    nsplit: u32, // K splits (slabs per output matrix)
-    kc: u32,     // K range per split
-    bias: u32,   // 1: add bias[col] (first split only)
-}
-
-@group(0) @binding(0) var<uniform> prm: P;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> c: array<f32>;
-
 var<workgroup> As: array<f32, 1040>; // BK * LDS: As[kk * LDS + row] = op(A)[m0 + row, kt + kk]
 var<workgroup> Bs: array<f32, 1040>; // Bs[kk * LDS + col] = op(B)[kt + kk, n0 + col]
-
-// op(A)[row, col] of the matrix at `base`, 0 outside (M, K).
-fn load_a(base: u32, row: u32, col: u32) -> f32 {
-    if (row >= prm.m || col >= prm.k) { return 0.0; }
-    if (prm.ta == 1u) { return a[base + col * prm.m + row]; }
-    return a[base + row * prm.k + col];
-}
-
-// op(B)[row, col] of the matrix at `base`, 0 outside (K, N).
-fn load_b(base: u32, row: u32, col: u32) -> f32 {
-    if (row >= prm.k || col >= prm.n) { return 0.0; }
-    if (prm.tb == 1u) { return b[base + col * prm.k + row]; }
-    return b[base + row * prm.n + col];
-}
 
 @compute @workgroup_size(16, 16)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -73,17 +39,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
         let abase = i * prm.a_bs;
         let bbase = i * prm.b_bs;
         for (var kt = k0; kt < k1; kt = kt + BK) {
-            // 64 x BK elements of each operand, 4 per invocation.
-            for (var l = 0u; l < 4u; l = l + 1u) {
-                let t = li + 256u * l;
-                var row: u32;
-                var kk: u32;
-                if (prm.ta == 1u) { kk = t / TILE; row = t % TILE; } else { row = t / BK; kk = t % BK; }
-                As[kk * LDS + row] = load_a(abase, m0 + row, kt + kk);
-                var col: u32;
-                if (prm.tb == 1u) { col = t / BK; kk = t % BK; } else { kk = t / TILE; col = t % TILE; }
-                Bs[kk * LDS + col] = load_b(bbase, kt + kk, n0 + col);
-            }
+            stage(li, abase, bbase, m0, n0, kt);
             workgroupBarrier();
             for (var kk = 0u; kk < BK; kk = kk + 1u) {
                 let ra = kk * LDS + ty;

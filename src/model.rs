@@ -83,6 +83,14 @@ pub struct ModelConfig {
     pub ids: bool,
 }
 
+impl ModelConfig {
+    /// Whether fine-tuning uses (and trains) the ID embeddings: SASRec always (they are all it
+    /// has), the others unless `ids` is off.
+    pub fn uses_ids(&self) -> bool {
+        self.ids || self.model == ModelKind::Sasrec
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
@@ -271,7 +279,7 @@ impl Model {
     /// Parameters trained in fine-tuning (the projection heads belong to pre-training only).
     /// Without ID embeddings (`ids` off), they are not trained either.
     pub fn finetune_params(&self) -> Vec<(String, Tensor)> {
-        let ids = self.cfg.ids || self.cfg.model == ModelKind::Sasrec;
+        let ids = self.cfg.uses_ids();
         self.params().into_iter().filter(|(n, _)| !n.starts_with("head_") && (ids || n != "item_embedding")).collect()
     }
 
@@ -291,7 +299,7 @@ impl Model {
     fn item_tables(&self, train: bool, with_id: bool, seeds: &mut Seeds) -> Result<Vec<(Option<Mod>, Tensor)>> {
         let e = self.item_emb.as_ref().unwrap();
         // `with_id` is the fine-tuning mode; the ID embeddings join it unless the model has none.
-        let add_id = with_id && (self.cfg.ids || self.cfg.model == ModelKind::Sasrec);
+        let add_id = with_id && self.cfg.uses_ids();
         match self.cfg.model {
             ModelKind::Sasrec => Ok(vec![(None, e.clone())]),
             ModelKind::Sasrecm => {

@@ -18,8 +18,10 @@ use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Tensor};
 use crate::{on_device, shape_err, Result};
 
-static MATMUL: Kernel<MatmulParams> = Kernel::new("matmul", wgsl!("matmul.wgsl"), "matmul", &[Read, Read, Read, ReadWrite]);
-static MATMUL_8X8: Kernel<MatmulParams> = Kernel::new("matmul_8x8", wgsl!("matmul_8x8.wgsl"), "matmul_8x8", &[Read, Read, Read, ReadWrite]);
+static MATMUL: Kernel<MatmulParams> =
+    Kernel::new("matmul", wgsl!("matmul_tiles.wgsl", "matmul.wgsl"), "matmul", &[Read, Read, Read, ReadWrite]);
+static MATMUL_8X8: Kernel<MatmulParams> =
+    Kernel::new("matmul_8x8", wgsl!("matmul_tiles.wgsl", "matmul_8x8.wgsl"), "matmul_8x8", &[Read, Read, Read, ReadWrite]);
 
 /// This module's kernels, for the layout tests.
 #[cfg(test)]

@@ -39,5 +39,15 @@ macro_rules! wgsl {
             include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $file))
         )
     };
+    // A kernel built on code it shares with others (shaders/include/), the kernel's file last.
+    ($shared:literal, $file:literal) => {
+        concat!(
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common.wgsl")),
+            "\n",
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/include/", $shared)),
+            "\n",
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $file))
+        )
+    };
 }
 pub(crate) use wgsl;
