@@ -67,3 +67,46 @@ fn adam(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     ad_v[i] = v;
     ad_p[i] = p - prm.lr / prm.bc1 * m / (sqrt(v) / sqrt(prm.bc2) + prm.eps);
 }
+
+// ---- The flat arena: every parameter, moment and gradient of a step in four buffers, each
+// parameter at the same offset in each (padding between them is zero and stays zero).
+//
+// sumsq_arena: NPART workgroups; workgroup w writes norms[w] = the sum of g^2 over the elements
+//              i = (j * NPART + w) * WG + lane (fixed order).
+// adam_arena:  every workgroup first reduces the NPART partial sums (one per lane, in a fixed
+//              order) to the global norm and the clip coefficient, then updates as `adam` does.
+const NPART: u32 = WG;
+
+@compute @workgroup_size(WG)
+fn sumsq_arena(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    var s = 0.0;
+    for (var i = wid.x * WG + lid.x; i < prm.n; i = i + NPART * WG) {
+        let x = sq_g[i];
+        s = s + x * x;
+    }
+    let tot = reduce_sum_f32(lid.x, s, WG);
+    if (lid.x == 0u) {
+        sq_norms[wid.x] = tot;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn adam_arena(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    var c = 1.0;
+    if (prm.max_norm > 0.0) {
+        var part = 0.0;
+        if (lid.x < prm.nparams) { part = ad_norms[lid.x]; }
+        let tot = reduce_sum_f32(lid.x, part, WG);
+        c = min(1.0, prm.max_norm / (sqrt(tot) + 1e-6));
+    }
+    let i = lin(gid, nwg);
+    if (i >= prm.n) { return; }
+    let p = ad_p[i];
+    let g = c * ad_g[i] + prm.wd * p;
+    let m = prm.b1 * ad_m[i] + (1.0 - prm.b1) * g;
+    let v = prm.b2 * ad_v[i] + (1.0 - prm.b2) * g * g;
+    ad_m[i] = m;
+    ad_v[i] = v;
+    ad_p[i] = p - prm.lr / prm.bc1 * m / (sqrt(v) / sqrt(prm.bc2) + prm.eps);
+}

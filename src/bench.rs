@@ -129,13 +129,14 @@ pub struct StepResult {
     pub tokens_per_s: f64,
     pub samples_per_s: f64,
     pub steps: usize,
-    /// GPU: compute dispatches and queue submits per step (None on the CPU backend).
+    /// GPU: compute dispatches, queue submits and buffer copies per step (None on the CPU backend).
     pub dispatches_per_step: Option<f64>,
     pub submits_per_step: Option<f64>,
+    pub copies_per_step: Option<f64>,
 }
 
-/// The GPU's (dispatches, submits) counters when `dev` is the GPU.
-pub fn gpu_counters(dev: Device) -> Option<(u64, u64)> {
+/// The GPU's dispatch, submit and copy counters when `dev` is the GPU.
+pub fn gpu_counters(dev: Device) -> Option<crate::engine::gpu::Counters> {
     (dev == Device::Gpu).then(|| crate::engine::gpu::gpu().ok().map(|g| g.counters())).flatten()
 }
 
@@ -259,7 +260,7 @@ pub fn train_steps(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<StepRe
             steps += 1;
         }
         let s = start.elapsed().as_secs_f64() / steps as f64;
-        let per = |f: fn((u64, u64)) -> u64| c0.zip(gpu_counters(dev)).map(|(a, b)| (f(b) - f(a)) as f64 / steps as f64);
+        let per = |f: fn(crate::engine::gpu::Counters) -> u64| c0.zip(gpu_counters(dev)).map(|(a, b)| (f(b) - f(a)) as f64 / steps as f64);
         out.push(StepResult {
             model: label.into(),
             shape: format!("batch {batch}, {tokens} tokens, {items} items, features {rows}x{d}"),
@@ -268,8 +269,9 @@ pub fn train_steps(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<StepRe
             tokens_per_s: tokens as f64 / s,
             samples_per_s: batch as f64 / s,
             steps,
-            dispatches_per_step: per(|c| c.0),
-            submits_per_step: per(|c| c.1),
+            dispatches_per_step: per(|c| c.dispatches),
+            submits_per_step: per(|c| c.submits),
+            copies_per_step: per(|c| c.copies),
         });
     }
     Ok(out)

@@ -593,13 +593,13 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 if !steps.is_empty() {
                     println!();
                     println!(
-                        "{:<20} {:<48} {:>10} {:>10} {:>10} {:>6} {:>11} {:>8}",
-                        "training step", "shape", "ms/step", "tokens/s", "samples/s", "steps", "dispatches", "submits"
+                        "{:<20} {:<48} {:>10} {:>10} {:>10} {:>6} {:>11} {:>8} {:>7}",
+                        "training step", "shape", "ms/step", "tokens/s", "samples/s", "steps", "dispatches", "submits", "copies"
                     );
                     let per = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.0}"));
                     for r in &steps {
                         println!(
-                            "{:<20} {:<48} {:>10.1} {:>10.0} {:>10.0} {:>6} {:>11} {:>8}",
+                            "{:<20} {:<48} {:>10.1} {:>10.0} {:>10.0} {:>6} {:>11} {:>8} {:>7}",
                             r.model,
                             r.shape,
                             r.seconds * 1e3,
@@ -607,7 +607,8 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                             r.samples_per_s,
                             r.steps,
                             per(r.dispatches_per_step),
-                            per(r.submits_per_step)
+                            per(r.submits_per_step),
+                            per(r.copies_per_step)
                         );
                     }
                 }

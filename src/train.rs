@@ -532,7 +532,7 @@ pub fn fit_logged(
             if rec.best { "  *best" } else { "" },
         ));
         if let Some(d) = trained.dispatches {
-            eprintln!("{stage:?} epoch {:>3}  gpu {:.0} dispatches and {:.1} submits per step", rec.epoch, d.0, d.1);
+            eprintln!("{stage:?} epoch {:>3}  gpu {:.0} dispatches, {:.0} copies and {:.1} submits per step", rec.epoch, d.0, d.2, d.1);
         }
         if trained.gemm_secs > 0.0 {
             eprintln!(
@@ -584,8 +584,8 @@ struct Trained {
     seconds: f64,
     gemm_secs: f64,
     gemm_flop: f64,
-    /// On the GPU: (dispatches, submits) per step.
-    dispatches: Option<(f64, f64)>,
+    /// On the GPU: (dispatches, submits, copies) per step.
+    dispatches: Option<(f64, f64, f64)>,
 }
 
 /// A stage in progress: the optimizer, early stopping and the epoch count, which the resume state
@@ -783,7 +783,9 @@ impl<'a> StageRun<'a> {
         let (s1, f1) = crate::engine::tensor::gemm_counters();
         (t.gemm_secs, t.gemm_flop) = (s1 - gemm0.0, f1 - gemm0.1);
         let n = t.steps.max(1) as f64;
-        t.dispatches = c0.zip(crate::bench::gpu_counters(dev)).map(|(a, b)| ((b.0 - a.0) as f64 / n, (b.1 - a.1) as f64 / n));
+        t.dispatches = c0
+            .zip(crate::bench::gpu_counters(dev))
+            .map(|(a, b)| ((b.dispatches - a.dispatches) as f64 / n, (b.submits - a.submits) as f64 / n, (b.copies - a.copies) as f64 / n));
         Ok(t)
     }
 

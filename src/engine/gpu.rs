@@ -164,9 +164,12 @@ pub struct Contract {
     pub size: usize,
 }
 
-/// A pooled GPU buffer. Dropping it returns the allocation to the pool.
+/// A pooled GPU buffer, or a view of `len` bytes inside one (see [`GpuBuf::view`]). Dropping an
+/// owned buffer returns the allocation to the pool; a view keeps its parent alive.
 pub struct GpuBuf {
     buf: Option<wgpu::Buffer>,
+    /// A view: the parent buffer and the byte offset into it.
+    parent: Option<(Arc<GpuBuf>, u64)>,
     /// Unique id used by the bind-group cache.
     pub(crate) id: u64,
     /// Bytes the pool allocated (size class), >= the bytes the tensor uses.
@@ -177,10 +180,44 @@ pub struct GpuBuf {
 
 impl GpuBuf {
     pub fn raw(&self) -> &wgpu::Buffer {
-        self.buf.as_ref().expect("live buffer")
+        match &self.parent {
+            Some((p, _)) => p.raw(),
+            None => self.buf.as_ref().expect("live buffer"),
+        }
     }
     pub fn bytes(&self) -> u64 {
         self.len
+    }
+    /// Byte offset of this buffer's data inside [`GpuBuf::raw`] (0 unless a view).
+    pub fn offset(&self) -> u64 {
+        self.parent.as_ref().map_or(0, |(_, o)| *o)
+    }
+    /// `bytes` bytes at byte `offset` of `parent`, bound to kernels as a buffer of its own (kernels
+    /// index it from 0). `offset` must be a multiple of the adapter's storage-offset alignment
+    /// ([`Gpu::view_align`]).
+    pub fn view(parent: &Arc<GpuBuf>, offset: u64, bytes: u64) -> Result<GpuBuf> {
+        let g = gpu()?;
+        if offset % g.view_align() != 0 || offset + bytes > parent.len || bytes == 0 {
+            return Err(Error::Device(format!("view of {bytes} bytes at offset {offset} does not fit a {}-byte buffer", parent.len)));
+        }
+        // A view of a view is a view of the root.
+        let (root, base) = match &parent.parent {
+            Some((r, o)) => (r.clone(), *o),
+            None => (parent.clone(), 0),
+        };
+        let id = g.state().next_id();
+        Ok(GpuBuf { buf: None, parent: Some((root, base + offset)), id, cap: bytes, len: bytes })
+    }
+    /// How this buffer is bound: the whole allocation, or just the view's range.
+    fn binding(&self) -> wgpu::BindingResource<'_> {
+        match &self.parent {
+            None => self.raw().as_entire_binding(),
+            Some((p, o)) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: p.raw(),
+                offset: *o,
+                size: wgpu::BufferSize::new(self.len.div_ceil(4) * 4),
+            }),
+        }
     }
 }
 
@@ -234,11 +271,11 @@ pub struct PoolStats {
     pub free_bytes: u64,
 }
 
-struct Pending {
-    pipeline: Arc<wgpu::ComputePipeline>,
-    bind_group: Arc<wgpu::BindGroup>,
-    offset: u32,
-    groups: [u32; 3],
+/// One queued command of the step: a dispatch, or a buffer-to-buffer copy (encoded between
+/// compute passes).
+enum Pending {
+    Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bind_group: Arc<wgpu::BindGroup>, offset: u32, groups: [u32; 3] },
+    Copy { src: wgpu::Buffer, src_offset: u64, dst: wgpu::Buffer, dst_offset: u64, bytes: u64 },
 }
 
 struct State {
@@ -254,6 +291,25 @@ struct State {
     stats: PoolStats,
     dispatches: u64,
     submits: u64,
+    copies: u64,
+}
+
+impl State {
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+/// Commands recorded since the process started (see [`Gpu::counters`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Compute dispatches.
+    pub dispatches: u64,
+    /// Queue submits.
+    pub submits: u64,
+    /// Buffer-to-buffer copies (no kernel; e.g. gathering gradients into the optimizer's arena).
+    pub copies: u64,
 }
 
 /// The process-wide GPU context.
@@ -373,6 +429,7 @@ fn create() -> std::result::Result<Gpu, String> {
             stats: PoolStats::default(),
             dispatches: 0,
             submits: 0,
+            copies: 0,
         }),
     })
 }
@@ -419,7 +476,7 @@ impl Gpu {
         if let Some(list) = st.free.get_mut(&cap) {
             if let Some((id, buf)) = list.pop() {
                 st.stats.free_bytes -= cap;
-                return Ok(GpuBuf { buf: Some(buf), id, cap, len: bytes });
+                return Ok(GpuBuf { buf: Some(buf), parent: None, id, cap, len: bytes });
             }
         }
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -428,11 +485,10 @@ impl Gpu {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        st.next_id += 1;
-        let id = st.next_id;
+        let id = st.next_id();
         st.stats.allocated_bytes += cap;
         st.stats.buffers += 1;
-        Ok(GpuBuf { buf: Some(buf), id, cap, len: bytes })
+        Ok(GpuBuf { buf: Some(buf), parent: None, id, cap, len: bytes })
     }
 
     /// Upload host data into a new pooled buffer.
@@ -454,10 +510,41 @@ impl Gpu {
         self.state().stats
     }
 
-    /// (dispatches recorded, submits made) since start.
-    pub fn counters(&self) -> (u64, u64) {
+    /// Dispatches and copies recorded, submits made, since start.
+    pub fn counters(&self) -> Counters {
         let st = self.state();
-        (st.dispatches, st.submits)
+        Counters { dispatches: st.dispatches, submits: st.submits, copies: st.copies }
+    }
+
+    /// The alignment, in bytes, of a view's offset ([`GpuBuf::view`]): the adapter's minimum
+    /// storage-buffer offset alignment (at least 16).
+    pub fn view_align(&self) -> u64 {
+        (self.limits.min_storage_buffer_offset_alignment as u64).max(16)
+    }
+
+    /// Queue a copy of all of `src` into `dst` at byte `dst_offset` of `dst`'s data, in order with
+    /// the queued dispatches.
+    pub fn copy(&self, src: &GpuBuf, dst: &GpuBuf, dst_offset: u64) -> Result<()> {
+        let bytes = src.len.div_ceil(4) * 4;
+        if dst_offset % 4 != 0 || dst_offset + bytes > dst.len.div_ceil(4) * 4 {
+            return Err(Error::Device(format!("copy of {bytes} bytes to offset {dst_offset} of a {}-byte buffer", dst.len)));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        let mut st = self.state();
+        if st.pending.len() >= MAX_PENDING {
+            self.flush_locked(&mut st);
+        }
+        st.pending.push(Pending::Copy {
+            src: src.raw().clone(),
+            src_offset: src.offset(),
+            dst: dst.raw().clone(),
+            dst_offset: dst.offset() + dst_offset,
+            bytes,
+        });
+        st.copies += 1;
+        Ok(())
     }
 
     fn pipeline(&self, st: &mut State, k: &Contract) -> (Arc<wgpu::ComputePipeline>, Arc<wgpu::BindGroupLayout>) {
@@ -555,7 +642,7 @@ impl Gpu {
                 }),
             }];
             for (i, b) in bufs.iter().enumerate() {
-                entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.raw().as_entire_binding() });
+                entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.binding() });
             }
             let bg = Arc::new(self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &bgl, entries: &entries }));
             if st.bind_groups.len() > 8192 {
@@ -568,23 +655,31 @@ impl Gpu {
         let mut block = [0u8; UNIFORM_STRIDE as usize];
         block[..params.len()].copy_from_slice(params);
         st.uniforms.extend_from_slice(&block);
-        st.pending.push(Pending { pipeline, bind_group, offset, groups });
+        st.pending.push(Pending::Dispatch { pipeline, bind_group, offset, groups });
         st.dispatches += 1;
         Ok(())
     }
 
-    /// Record every queued dispatch into one compute pass of `enc`.
+    /// Record every queued command into `enc`: each run of dispatches as one compute pass, copies
+    /// between them.
     fn encode_pending(&self, st: &mut State, enc: &mut wgpu::CommandEncoder) {
         if st.pending.is_empty() {
             return;
         }
         self.queue.write_buffer(&st.uniform_buf, 0, &st.uniforms);
-        {
+        let mut i = 0;
+        while i < st.pending.len() {
+            if let Pending::Copy { src, src_offset, dst, dst_offset, bytes } = &st.pending[i] {
+                enc.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *bytes);
+                i += 1;
+                continue;
+            }
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
-            for p in &st.pending {
-                pass.set_pipeline(&p.pipeline);
-                pass.set_bind_group(0, Some(p.bind_group.as_ref()), &[p.offset]);
-                pass.dispatch_workgroups(p.groups[0], p.groups[1], p.groups[2]);
+            while let Some(Pending::Dispatch { pipeline, bind_group, offset, groups }) = st.pending.get(i) {
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, Some(bind_group.as_ref()), &[*offset]);
+                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                i += 1;
             }
         }
         st.pending.clear();
@@ -638,7 +733,7 @@ impl Gpu {
             let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step+readback") });
             self.encode_pending(&mut st, &mut enc);
             if size > 0 {
-                enc.copy_buffer_to_buffer(b.raw(), 0, &staging, 0, size);
+                enc.copy_buffer_to_buffer(b.raw(), b.offset(), &staging, 0, size);
             }
             self.submit(&mut st, enc);
         }
