@@ -51,6 +51,7 @@ op_tests!(
     dropout,
     sum,
     layernorm,
+    add_layernorm,
     softmax,
     attention,
     attention_ragged,

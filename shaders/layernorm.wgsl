@@ -104,3 +104,40 @@ fn ln_bwd_param(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     pgamma[i] = sg;
     pbeta[i] = sb;
 }
+
+// ln_add_fwd: ln_fwd of s = x + res (a residual sum), with s written to sum_out for the backward:
+// one pass over the rows instead of an add kernel and then ln_fwd. Each lane reads back only the
+// elements of s it wrote itself, so no barrier is needed between the passes.
+@group(0) @binding(6) var<storage, read> res: array<f32>;
+@group(0) @binding(7) var<storage, read_write> sum_out: array<f32>;
+
+@compute @workgroup_size(WG)
+fn ln_add_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let r = row_index(wid, nwg);
+    if (r >= prm.rows) { return; }
+    let c = prm.cols;
+    let o = r * c;
+    let k = (r % prm.groups) * c;
+    let x0 = x[o] + res[o];
+    let n = f32(c);
+    var s = 0.0;
+    for (var i = lid; i < c; i = i + WG) {
+        let v = x[o + i] + res[o + i];
+        sum_out[o + i] = v;
+        s = s + (v - x0);
+    }
+    let mean = reduce_sum_f32(lid, s, WG) / n;
+    var v = 0.0;
+    for (var i = lid; i < c; i = i + WG) {
+        let d = sum_out[o + i] - x0 - mean;
+        v = v + d * d;
+    }
+    let rstd = 1.0 / sqrt(reduce_sum_f32(lid, v, WG) / n + prm.eps);
+    for (var i = lid; i < c; i = i + WG) {
+        y[o + i] = (sum_out[o + i] - x0 - mean) * rstd * gamma[k + i] + beta[k + i];
+    }
+    if (lid == 0u) {
+        stats_out[2u * r] = mean;
+        stats_out[2u * r + 1u] = rstd;
+    }
+}

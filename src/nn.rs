@@ -8,8 +8,8 @@
 use rand::Rng;
 
 use crate::engine::ops::{
-    add, attention_masked, attention_pool, attention_ragged, concat, dropout, dropout_rows, embedding, gather_last, gelu, info_nce, l2norm,
-    layernorm, linear, matmul, moe, scale,
+    add, add_layernorm, attention_masked, attention_pool, attention_ragged, concat, dropout, dropout_rows, embedding, gather_last, gelu,
+    info_nce, l2norm, layernorm, linear, matmul, moe, scale,
 };
 use crate::engine::{Device, Indices, Ragged, Tensor};
 use crate::Result;
@@ -92,6 +92,10 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layernorm(x, &self.g, &self.b, self.eps)
     }
+    /// LN(a + x), the residual sum and the normalization in one kernel on the GPU.
+    pub fn forward_add(&self, a: &Tensor, x: &Tensor) -> Result<Tensor> {
+        add_layernorm(a, x, &self.g, &self.b, self.eps)
+    }
     pub fn params(&self) -> Vec<(String, Tensor)> {
         vec![("weight".into(), self.g.clone()), ("bias".into(), self.b.clone())]
     }
@@ -149,9 +153,9 @@ impl TransformerLayer {
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
         let ctx = attention_ragged(&q, &k, &v, r, self.heads, pa, seeds.next(), self.causal)?;
         let a = drop_rows(&self.o.forward(&ctx)?, self.p_hidden, train, seeds, r)?;
-        let x1 = self.ln1.forward(&add(&a, x)?)?;
+        let x1 = self.ln1.forward_add(&a, x)?;
         let f = drop_rows(&self.ff2.forward(&gelu(&self.ff1.forward(&x1)?)?)?, self.p_hidden, train, seeds, r)?;
-        self.ln2.forward(&add(&f, &x1)?)
+        self.ln2.forward_add(&f, &x1)
     }
 
     /// The padded reference: x (B, L, C), lens (B) -> (B, L, C).
@@ -211,7 +215,7 @@ impl Transformer {
     /// m (N, C) item representations packed by `r` -> h (B, C), each sequence's last row.
     pub fn forward(&self, m: &Tensor, r: &Ragged, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
         let pos = embedding(&self.pos, &r.pos, &[r.rows()])?;
-        let mut x = drop_rows(&self.ln.forward(&add(m, &pos)?)?, self.p_hidden, train, seeds, r)?;
+        let mut x = drop_rows(&self.ln.forward_add(m, &pos)?, self.p_hidden, train, seeds, r)?;
         for layer in &self.layers {
             x = layer.forward(&x, r, train, seeds)?;
         }

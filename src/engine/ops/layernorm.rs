@@ -8,6 +8,11 @@
 //!   dx = rstd * (dxhat - mean_c(dxhat) - xhat * mean_c(dxhat * xhat)),
 //!   dgamma[k] = sum over rows r with r % G == k of g * xhat, dbeta[k] = the same sum of g.
 //!
+//! - `add_layernorm(a, x, gamma, beta, eps)` = `layernorm(a + x, ..)`, a and x of one shape (the
+//!   post-LN transformer's residual): on the GPU one kernel forms the sum and normalizes it (the same
+//!   values, bit for bit, as the add and then the LayerNorm), saving the sum for the backward; the
+//!   sum's gradient dx goes to both a and x.
+//!
 //! The mean is computed on values shifted by the row's first element (x - x[r, 0]), so rows with a
 //! large mean lose no precision in f32. The forward saves, per row, that shifted mean and rstd.
 //! dgamma/dbeta are deterministic: chunks of rows are summed in a fixed order, then the chunks.
@@ -24,11 +29,13 @@ const SRC: &str = wgsl!("layernorm.wgsl");
 static FWD: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_fwd", &[Read, ReadWrite, ReadWrite, Read, Read]);
 static BWD_X: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_bwd_x", &[Read, Read, Read, Read, ReadWrite]);
 static BWD_PARAM: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_bwd_param", &[Read, Read, Read, ReadWrite, ReadWrite]);
+static ADD_FWD: Kernel<LayernormParams> =
+    Kernel::new("layernorm", SRC, "ln_add_fwd", &[Read, ReadWrite, ReadWrite, Read, Read, Read, ReadWrite]);
 
 /// This module's kernels, for the layout tests.
 #[cfg(test)]
 pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
-    vec![FWD.contract(), BWD_X.contract(), BWD_PARAM.contract()]
+    vec![FWD.contract(), BWD_X.contract(), BWD_PARAM.contract(), ADD_FWD.contract()]
 }
 
 /// Rows summed by one invocation of `ln_bwd_param` (must match the shader).
@@ -163,6 +170,39 @@ fn layernorm_bwd_gpu(
 /// LayerNorm over the last axis of x (.., C) with gamma, beta (C) or (G, C); see the module docs.
 pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
     let op = "layernorm";
+    let (rows, c, groups) = check(op, x, gamma, beta, eps)?;
+    let dev = same_device(op, &[x, gamma, beta])?;
+    let (y, stats) = on_device!(dev, T => {
+        let (y, s) = layernorm_cpu::<T>(&x.host::<T>()?, &gamma.host::<T>()?, &beta.host::<T>()?, rows, c, groups, T::c(eps as f64));
+        (T::wrap(y), T::wrap(s))
+    }, layernorm_gpu(&*x.gbuf()?, &*gamma.gbuf()?, &*beta.gbuf()?, rows, c, groups, eps)?);
+    record(op, y, stats, x.detach(), x.shape(), &[x, gamma, beta], (rows, c, groups))
+}
+
+/// LayerNorm of the residual sum a + x (a and x of one shape); see the module docs.
+pub fn add_layernorm(a: &Tensor, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    let op = "add_layernorm";
+    if a.shape() != x.shape() {
+        return Err(Error::Shape { op, msg: format!("a {:?} and x {:?} must have one shape", a.shape(), x.shape()) });
+    }
+    let (rows, c, groups) = check(op, x, gamma, beta, eps)?;
+    if same_device(op, &[a, x, gamma, beta])? != crate::engine::Device::Gpu {
+        return layernorm(&super::add(a, x)?, gamma, beta, eps);
+    }
+    let g = gpu()?;
+    let (y, stats, sum) = (g.alloc(4 * (rows * c) as u64)?, g.alloc(4 * (rows * 2) as u64)?, g.alloc(4 * (rows * c) as u64)?);
+    g.dispatch(
+        &ADD_FWD,
+        &[&*x.gbuf()?, &stats, &y, &*gamma.gbuf()?, &*beta.gbuf()?, &*a.gbuf()?, &sum],
+        &params(rows, c, groups, eps),
+        row_groups(rows),
+    )?;
+    let sum = Tensor::from_storage(Storage::Gpu(sum), x.shape().to_vec());
+    record(op, Storage::Gpu(y), Storage::Gpu(stats), sum, x.shape(), &[a, x, gamma, beta], (rows, c, groups))
+}
+
+/// Shape checks of both ops: (rows, C, groups).
+fn check(op: &'static str, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(usize, usize, usize)> {
     let c = x.last_dim();
     if x.rank() == 0 || c == 0 {
         return Err(Error::Shape { op, msg: format!("x {:?} needs a non-empty last axis", x.shape()) });
@@ -183,26 +223,36 @@ pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<
         });
     }
     if eps.is_nan() || eps < 0.0 {
-        return Err(Error::Invalid(format!("layernorm: eps must be >= 0, got {eps}")));
+        return Err(Error::Invalid(format!("{op}: eps must be >= 0, got {eps}")));
     }
-    let dev = same_device(op, &[x, gamma, beta])?;
-    let (y, stats) = on_device!(dev, T => {
-        let (y, s) = layernorm_cpu::<T>(&x.host::<T>()?, &gamma.host::<T>()?, &beta.host::<T>()?, rows, c, groups, T::c(eps as f64));
-        (T::wrap(y), T::wrap(s))
-    }, layernorm_gpu(&*x.gbuf()?, &*gamma.gbuf()?, &*beta.gbuf()?, rows, c, groups, eps)?);
+    Ok((rows, c, groups))
+}
+
+/// The output y on the tape. `xs` is the normalized input (x, or the saved sum); `inputs` end with
+/// gamma, beta, and every input before them gets the same gradient dx.
+fn record(
+    op: &'static str,
+    y: Storage,
+    stats: Storage,
+    xs: Tensor,
+    shape: &[usize],
+    inputs: &[&Tensor],
+    (rows, c, groups): (usize, usize, usize),
+) -> Result<Tensor> {
     let stats = Tensor::from_storage(stats, vec![rows, 2]);
-    let (xc, gc) = (x.detach(), gamma.detach());
-    let pshape = gamma.shape().to_vec();
-    Ok(Tensor::from_op(op, y, x.shape().to_vec(), &[x, gamma, beta], move |g| {
+    let n = inputs.len();
+    let gc = inputs[n - 2].detach();
+    let pshape = gc.shape().to_vec();
+    Ok(Tensor::from_op(op, y, shape.to_vec(), inputs, move |g| {
         let (dx, dgamma, dbeta) = on_device!(g.device(), T => {
             let (dx, dg, db) =
-                layernorm_bwd_cpu::<T>(&xc.host::<T>()?, &gc.host::<T>()?, &stats.host::<T>()?, &g.host::<T>()?, rows, c, groups);
+                layernorm_bwd_cpu::<T>(&xs.host::<T>()?, &gc.host::<T>()?, &stats.host::<T>()?, &g.host::<T>()?, rows, c, groups);
             (T::wrap(dx), T::wrap(dg), T::wrap(db))
-        }, layernorm_bwd_gpu(&*xc.gbuf()?, &*gc.gbuf()?, &*stats.gbuf()?, &*g.gbuf()?, rows, c, groups)?);
-        Ok(vec![
-            Some(Tensor::from_storage(dx, g.shape().to_vec())),
-            Some(Tensor::from_storage(dgamma, pshape.clone())),
-            Some(Tensor::from_storage(dbeta, pshape.clone())),
-        ])
+        }, layernorm_bwd_gpu(&*xs.gbuf()?, &*gc.gbuf()?, &*stats.gbuf()?, &*g.gbuf()?, rows, c, groups)?);
+        let dx = Tensor::from_storage(dx, g.shape().to_vec());
+        let mut grads = vec![Some(dx); n - 2];
+        grads.push(Some(Tensor::from_storage(dgamma, pshape.clone())));
+        grads.push(Some(Tensor::from_storage(dbeta, pshape.clone())));
+        Ok(grads)
     }))
 }

@@ -21,7 +21,7 @@ pub use catalog::{catalog_ce, catalog_rank};
 pub use concat::concat;
 pub use elementwise::{add, add_scaled, broadcast_to, dropout, dropout_rows, gelu, mul, scale, sub};
 pub use embedding::{embedding, gather_last};
-pub use layernorm::layernorm;
+pub use layernorm::{add_layernorm, layernorm};
 pub use loss::{cross_entropy, info_nce};
 pub use matmul::{linear, matmul, matmul_variant, MatmulVariant};
 pub use norm::l2norm;

@@ -1,7 +1,7 @@
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::ops::attention::attention_masked;
-use crate::engine::ops::{attention, attention_ragged, dropout_rows, layernorm, softmax};
+use crate::engine::ops::{add_layernorm, attention, attention_ragged, dropout_rows, layernorm, softmax};
 use crate::engine::{Indices, Ragged};
 use crate::gradcheck::{Case, Input};
 
@@ -12,6 +12,12 @@ fn ln(shape: &[usize], pshape: &[usize], eps: f32, offset: f64, rng: &mut ChaCha
     Case::new("layernorm", desc, vec![x, Input::randn(pshape, rng), Input::randn(pshape, rng)], move |x| {
         layernorm(&x[0], &x[1], &x[2], eps)
     })
+}
+
+/// LayerNorm of a residual sum (the fused kernel on the GPU): gradients reach both summands.
+fn add_ln(shape: &[usize], pshape: &[usize], eps: f32, rng: &mut ChaCha8Rng) -> Case {
+    let inputs = vec![Input::randn(shape, rng), Input::randn(shape, rng), Input::randn(pshape, rng), Input::randn(pshape, rng)];
+    Case::new("add_layernorm", format!("{shape:?} gamma {pshape:?}"), inputs, move |x| add_layernorm(&x[0], &x[1], &x[2], &x[3], eps))
 }
 
 fn sm(shape: &[usize], lens: Option<Vec<u32>>, scale: f64, rng: &mut ChaCha8Rng) -> Case {
@@ -58,6 +64,8 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
         ln(&[4, 3, 5], &[3, 5], 1e-5, 0.0, rng),
         ln(&[3, 37], &[37], 1e-12, 1000.0, rng),
         ln(&[70, 2, 3], &[2, 3], 1e-5, 0.0, rng),
+        add_ln(&[3, 37], &[37], 1e-5, rng),
+        add_ln(&[300, 2, 3], &[2, 3], 1e-12, rng),
         sm(&[4, 1], None, 1.0, rng),
         sm(&[3, 7], None, 1.0, rng),
         sm(&[2, 3, 9], Some(vec![9, 0, 4, 1, 9, 2]), 1.0, rng),
