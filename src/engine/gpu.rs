@@ -197,7 +197,7 @@ impl GpuBuf {
     /// ([`Gpu::view_align`]).
     pub fn view(parent: &Arc<GpuBuf>, offset: u64, bytes: u64) -> Result<GpuBuf> {
         let g = gpu()?;
-        if offset % g.view_align() != 0 || offset + bytes > parent.len || bytes == 0 {
+        if !offset.is_multiple_of(g.view_align()) || offset + bytes > parent.len || bytes == 0 {
             return Err(Error::Device(format!("view of {bytes} bytes at offset {offset} does not fit a {}-byte buffer", parent.len)));
         }
         // A view of a view is a view of the root.
@@ -526,7 +526,7 @@ impl Gpu {
     /// the queued dispatches.
     pub fn copy(&self, src: &GpuBuf, dst: &GpuBuf, dst_offset: u64) -> Result<()> {
         let bytes = src.len.div_ceil(4) * 4;
-        if dst_offset % 4 != 0 || dst_offset + bytes > dst.len.div_ceil(4) * 4 {
+        if !dst_offset.is_multiple_of(4) || dst_offset + bytes > dst.len.div_ceil(4) * 4 {
             return Err(Error::Device(format!("copy of {bytes} bytes to offset {dst_offset} of a {}-byte buffer", dst.len)));
         }
         if bytes == 0 {
