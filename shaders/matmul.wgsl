@@ -12,7 +12,9 @@
 // Each workgroup of 16 x 16 invocations computes a 64 x 64 tile of C; invocation (tx, ty) keeps the
 // 4 x 4 outputs at rows ty + 16 i, columns tx + 16 j in registers (strided, so workgroup-memory reads
 // and the final stores are contiguous across tx). The K loop stages BK-deep slices of op(A) and
-// op(B) in workgroup memory (`stage`, in include/matmul_tiles.wgsl with the parameters and bindings).
+// op(B) in workgroup memory (`stage`, include/matmul_stage.wgsl). The parameters, bindings and
+// `store` (the one place an output element is written) are in include/matmul_tiles.wgsl, the
+// operand loads in include/matmul_scalar.wgsl; every variant shares them.
 
 const TILE: u32 = 64u;
 const BK: u32 = 16u;
@@ -59,13 +61,6 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     for (var i = 0u; i < 4u; i = i + 1u) {
         let row = m0 + ty + 16u * i;
         if (row >= prm.m) { break; }
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let col = n0 + tx + 16u * j;
-            if (col < prm.n) {
-                var v = acc[i][j];
-                if (add_bias) { v = v + bias[col]; }
-                c[cbase + row * prm.n + col] = v;
-            }
-        }
+        for (var j = 0u; j < 4u; j = j + 1u) { store(cbase, row, n0 + tx + 16u * j, acc[i][j], add_bias); }
     }
 }

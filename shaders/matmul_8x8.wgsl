@@ -50,13 +50,6 @@ fn matmul_8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     for (var i = 0u; i < 8u; i = i + 1u) {
         let row = m0 + ty + 16u * i;
         if (row >= prm.m) { break; }
-        for (var j = 0u; j < 8u; j = j + 1u) {
-            let col = n0 + tx + 16u * j;
-            if (col < prm.n) {
-                var v = acc[i][j];
-                if (add_bias) { v = v + bias[col]; }
-                c[cbase + row * prm.n + col] = v;
-            }
-        }
+        for (var j = 0u; j < 8u; j = j + 1u) { store(cbase, row, n0 + tx + 16u * j, acc[i][j], add_bias); }
     }
 }

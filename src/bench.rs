@@ -141,27 +141,35 @@ pub fn gpu_counters(dev: Device) -> Option<crate::engine::gpu::Counters> {
 }
 
 /// One matmul kernel variant at one shape: its rate and its largest error against the CPU product
-/// (relative to the largest |value| of the CPU product).
+/// (relative to the largest |value| of the CPU product), or why it did not run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct VariantResult {
     pub variant: crate::engine::ops::MatmulVariant,
+    /// The variant's number in the ladder.
+    pub number: usize,
     pub shape: String,
     pub device: String,
-    pub seconds: f64,
-    pub gflops: f64,
-    pub max_err: f64,
+    /// "ok", or "not eligible: ..." / "skipped: ..." (then there are no timings).
+    pub status: String,
+    pub seconds: Option<f64>,
+    pub gflops: Option<f64>,
+    pub max_err: Option<f64>,
     pub iters: usize,
+    /// Whether the autotune (run fresh, in memory) picks this variant at this shape.
+    pub autotune_pick: bool,
 }
 
 /// Every GPU matmul variant side by side (the llm.c `dev/cuda` way) at the model's shapes, 4096^2
-/// and the item-encoder shape (4926x768).(768x512), each checked against the CPU product first.
-/// `quick` shrinks the rows 8x (software adapters).
+/// and the item-encoder shape (4926x768).(768x512), each checked against the CPU product first, with
+/// the variant the autotune picks. `quick` shrinks the rows 8x (software adapters).
 pub fn matmul_variants(min_secs: f64, quick: bool) -> Result<Vec<VariantResult>> {
-    use crate::engine::ops::{matmul_variant, MatmulVariant};
+    use crate::engine::ops::matmul_tune::{Policy, Tuner};
+    use crate::engine::ops::{matmul_tuned, matmul_variant, matmul_variant_support, MatmulVariant, Support};
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let name = device_name(Device::Gpu);
     let mut shapes: Vec<(usize, usize, usize)> = MATMUL_SHAPES.to_vec();
     shapes.extend([(4096, 4096, 4096), (4926, 768, 512)]);
+    let mut tuner = Tuner::new(Policy { forced: None, tune: true, cache: None });
     let mut out = Vec::new();
     no_grad(|| -> Result<()> {
         for (m, k, n) in shapes {
@@ -171,19 +179,31 @@ pub fn matmul_variants(min_secs: f64, quick: bool) -> Result<Vec<VariantResult>>
             let want = matmul(&a, &b, false, false)?.to_vec()?;
             let top = want.iter().fold(0f32, |x, y| x.max(y.abs())).max(1e-30) as f64;
             let (ga, gb) = (a.to_device(Device::Gpu)?, b.to_device(Device::Gpu)?);
+            let (_, pick) = matmul_tuned(&ga, &gb, false, false, None, &mut tuner)?;
             for v in MatmulVariant::ALL {
-                let got = matmul_variant(&ga, &gb, false, false, None, v)?.to_vec()?;
-                let max_err = got.iter().zip(&want).map(|(g, w)| ((g - w).abs() as f64) / top).fold(0.0, f64::max);
-                let (s, iters) = time(Device::Gpu, min_secs, || matmul_variant(&ga, &gb, false, false, None, v))?;
-                out.push(VariantResult {
+                let mut r = VariantResult {
                     variant: v,
+                    number: v.number(),
                     shape: format!("({m}x{k}).({k}x{n})"),
                     device: name.clone(),
-                    seconds: s,
-                    gflops: 2.0 * (m * n * k) as f64 / s / 1e9,
-                    max_err,
-                    iters,
-                });
+                    status: "ok".into(),
+                    seconds: None,
+                    gflops: None,
+                    max_err: None,
+                    iters: 0,
+                    autotune_pick: v == pick,
+                };
+                let support = matmul_variant_support(&[m, k], &[k, n], false, false, v)?;
+                if support != Support::Yes {
+                    r.status = support.to_string();
+                    out.push(r);
+                    continue;
+                }
+                let got = matmul_variant(&ga, &gb, false, false, None, v)?.to_vec()?;
+                r.max_err = Some(got.iter().zip(&want).map(|(g, w)| ((g - w).abs() as f64) / top).fold(0.0, f64::max));
+                let (s, iters) = time(Device::Gpu, min_secs, || matmul_variant(&ga, &gb, false, false, None, v))?;
+                (r.seconds, r.gflops, r.iters) = (Some(s), Some(2.0 * (m * n * k) as f64 / s / 1e9), iters);
+                out.push(r);
             }
         }
         Ok(())

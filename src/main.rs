@@ -576,18 +576,26 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 }
                 if !variants.is_empty() {
                     println!();
-                    println!("{:<10} {:<26} {:>12} {:>10} {:>10} {:>6}", "variant", "shape", "ms/call", "GFLOP/s", "max err", "iters");
+                    println!(
+                        "{:<16} {:<26} {:>12} {:>10} {:>10} {:>6} {:>9}",
+                        "variant", "shape", "ms/call", "GFLOP/s", "max err", "iters", "autotune"
+                    );
                     for r in &variants {
-                        let name = format!("{:?}", r.variant).to_lowercase();
-                        println!(
-                            "{:<10} {:<26} {:>12.3} {:>10.1} {:>10.1e} {:>6}",
-                            name,
-                            r.shape,
-                            r.seconds * 1e3,
-                            r.gflops,
-                            r.max_err,
-                            r.iters
-                        );
+                        let name = format!("{} {}", r.number, r.variant.name());
+                        let pick = if r.autotune_pick { "<- pick" } else { "" };
+                        match (r.seconds, r.gflops, r.max_err) {
+                            (Some(s), Some(gf), Some(err)) => println!(
+                                "{:<16} {:<26} {:>12.3} {:>10.1} {:>10.1e} {:>6} {:>9}",
+                                name,
+                                r.shape,
+                                s * 1e3,
+                                gf,
+                                err,
+                                r.iters,
+                                pick
+                            ),
+                            _ => println!("{:<16} {:<26} {}", name, r.shape, r.status),
+                        }
                     }
                 }
                 if !steps.is_empty() {

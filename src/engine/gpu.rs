@@ -394,7 +394,7 @@ fn create() -> std::result::Result<Gpu, String> {
     let limits = adapter.limits();
     let desc = wgpu::DeviceDescriptor {
         label: Some("msm4sr"),
-        required_features: wgpu::Features::empty(),
+        required_features: adapter.features() & wgpu::Features::SUBGROUP, // for matmul variant 6
         required_limits: limits.clone(),
         ..Default::default()
     };

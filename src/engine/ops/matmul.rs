@@ -10,6 +10,10 @@
 //!
 //! A weight gradient such as x^T . g over 51200 rows has a tiny output and a long K: the GPU path
 //! splits K over more workgroups (split-K) and sums the partial products with `sum_rows`.
+//!
+//! The GPU has several kernel variants ([`MatmulVariant`], one contract); which one computes a product
+//! is decided per shape and adapter by `matmul_tune` (a cached one-time autotune, or
+//! `MSM4SR_MATMUL`), variant 1 where nothing was tuned.
 
 use super::reduce::{sum_rows, sum_rows_gpu};
 use super::{par, wgsl};
@@ -18,57 +22,199 @@ use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Tensor};
 use crate::{on_device, shape_err, Result};
 
+const BINDINGS: &[crate::engine::gpu::Access] = &[Read, Read, Read, ReadWrite];
 static MATMUL: Kernel<MatmulParams> =
-    Kernel::new("matmul", wgsl!("matmul_tiles.wgsl", "matmul.wgsl"), "matmul", &[Read, Read, Read, ReadWrite]);
-static MATMUL_8X8: Kernel<MatmulParams> =
-    Kernel::new("matmul_8x8", wgsl!("matmul_tiles.wgsl", "matmul_8x8.wgsl"), "matmul_8x8", &[Read, Read, Read, ReadWrite]);
+    Kernel::new("matmul", wgsl!("matmul_tiles.wgsl", "matmul_scalar.wgsl", "matmul_stage.wgsl"; "matmul.wgsl"), "matmul", BINDINGS);
+static MATMUL_8X8: Kernel<MatmulParams> = Kernel::new(
+    "matmul_8x8",
+    wgsl!("matmul_tiles.wgsl", "matmul_scalar.wgsl", "matmul_stage.wgsl"; "matmul_8x8.wgsl"),
+    "matmul_8x8",
+    BINDINGS,
+);
+static MATMUL_VEC4: Kernel<MatmulParams> =
+    Kernel::new("matmul_vec4", wgsl!("matmul_tiles.wgsl", "matmul_vec4.wgsl"; "matmul_vec4.wgsl"), "matmul_vec4", BINDINGS);
+static MATMUL_DB: Kernel<MatmulParams> =
+    Kernel::new("matmul_db", wgsl!("matmul_tiles.wgsl", "matmul_vec4.wgsl"; "matmul_db.wgsl"), "matmul_db", BINDINGS);
+static MATMUL_SKINNY: Kernel<MatmulParams> =
+    Kernel::new("matmul_skinny", wgsl!("matmul_tiles.wgsl", "matmul_scalar.wgsl"; "matmul_skinny.wgsl"), "matmul_skinny", BINDINGS);
+static MATMUL_SUBGROUP: Kernel<MatmulParams> =
+    Kernel::new("matmul_subgroup", wgsl!("matmul_tiles.wgsl", "matmul_scalar.wgsl"; "matmul_subgroup.wgsl"), "matmul_subgroup", BINDINGS);
 
 /// This module's kernels, for the layout tests.
 #[cfg(test)]
 pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
-    vec![MATMUL.contract(), MATMUL_8X8.contract()]
+    MatmulVariant::ALL.iter().map(|v| v.kernel().contract()).collect()
 }
 
 /// The GPU matrix-product kernels, side by side (the same contract and results; `bench
-/// --matmul-variants` validates each against the CPU and times it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+/// --matmul-variants` validates each against the CPU and times it). A variant runs only the
+/// products it [supports](MatmulVariant::supports); variant 1 runs every product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MatmulVariant {
-    /// 1. 64 x 64 tile, 4 x 4 outputs per invocation, BK 16 (matmul.wgsl; the default).
+    /// 1. 64 x 64 tile, 4 x 4 outputs per invocation, BK 16 (matmul.wgsl; the default). Any product.
     Tile64,
-    /// 2. 128 x 128 tile, 8 x 8 outputs per invocation, BK 8 (matmul_8x8.wgsl).
+    /// 2. 128 x 128 tile, 8 x 8 outputs per invocation, BK 8 (matmul_8x8.wgsl). Any product.
     Tile128,
+    /// 3. 128 x 128 tile, 8 x 8 outputs per invocation, BK 8, vec4 global and workgroup-memory loads
+    ///    (matmul_vec4.wgsl). Needs the stored contiguous axes (K of A, or M when ta; N of B, or K
+    ///    when tb) and the batch strides to be multiples of 4.
+    Vec4,
+    /// 4. Variant 3 with double-buffered workgroup tiles (the next K-slice's loads in flight while
+    ///    the current one is multiplied; one barrier per slice), BK 8 (matmul_db.wgsl). Needs what 3 needs.
+    DoubleBuffer,
+    /// 5. 64 x 64 tile, 4 x 4 outputs per invocation, all of K staged at once (no K loop)
+    ///    (matmul_skinny.wgsl). Needs K <= 64 and 32 KiB of workgroup memory.
+    SkinnyK,
+    /// 6. One subgroup per output, its lanes splitting K and summing with subgroupAdd, 32 rows per
+    ///    workgroup (matmul_subgroup.wgsl). Needs N <= 8 and an adapter with subgroup operations.
+    Subgroup,
+}
+
+/// Whether a variant can run one product.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Support {
+    Yes,
+    /// The product's shape or layout is outside what the variant takes.
+    NotEligible(String),
+    /// The adapter lacks what the variant needs.
+    Skipped(String),
+}
+
+impl std::fmt::Display for Support {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Support::Yes => write!(f, "ok"),
+            Support::NotEligible(why) => write!(f, "not eligible: {why}"),
+            Support::Skipped(why) => write!(f, "skipped: {why}"),
+        }
+    }
 }
 
 impl MatmulVariant {
-    pub const ALL: [MatmulVariant; 2] = [MatmulVariant::Tile64, MatmulVariant::Tile128];
+    pub const ALL: [MatmulVariant; 6] = [
+        MatmulVariant::Tile64,
+        MatmulVariant::Tile128,
+        MatmulVariant::Vec4,
+        MatmulVariant::DoubleBuffer,
+        MatmulVariant::SkinnyK,
+        MatmulVariant::Subgroup,
+    ];
 
     fn kernel(self) -> &'static Kernel<MatmulParams> {
         match self {
             MatmulVariant::Tile64 => &MATMUL,
             MatmulVariant::Tile128 => &MATMUL_8X8,
+            MatmulVariant::Vec4 => &MATMUL_VEC4,
+            MatmulVariant::DoubleBuffer => &MATMUL_DB,
+            MatmulVariant::SkinnyK => &MATMUL_SKINNY,
+            MatmulVariant::Subgroup => &MATMUL_SUBGROUP,
         }
     }
 
-    fn tile(self) -> usize {
+    /// The variant's number in the ladder (1..).
+    pub fn number(self) -> usize {
+        Self::ALL.iter().position(|&v| v == self).unwrap() + 1
+    }
+
+    /// The name `MSM4SR_MATMUL`, the tuning cache and the bench use.
+    pub fn name(self) -> &'static str {
         match self {
-            MatmulVariant::Tile64 => 64,
-            MatmulVariant::Tile128 => 128,
+            MatmulVariant::Tile64 => "tile64",
+            MatmulVariant::Tile128 => "tile128",
+            MatmulVariant::Vec4 => "vec4",
+            MatmulVariant::DoubleBuffer => "double_buffer",
+            MatmulVariant::SkinnyK => "skinny_k",
+            MatmulVariant::Subgroup => "subgroup",
         }
     }
 
-    /// The variant the runtime uses: `MSM4SR_MATMUL=tile64|tile128`, else variant 1 (no variant
-    /// has been measured faster on a hardware GPU yet; see benches/RESULTS.md).
-    pub fn current() -> MatmulVariant {
-        static CHOICE: std::sync::OnceLock<MatmulVariant> = std::sync::OnceLock::new();
-        *CHOICE.get_or_init(|| match std::env::var("MSM4SR_MATMUL").as_deref() {
-            Ok("tile128") => MatmulVariant::Tile128,
-            _ => MatmulVariant::Tile64,
-        })
+    /// The variant named `s` (its name or its number).
+    pub fn parse(s: &str) -> Option<MatmulVariant> {
+        let s = s.trim().to_lowercase();
+        Self::ALL.into_iter().find(|v| v.name() == s || v.number().to_string() == s)
+    }
+
+    /// (rows, columns) of C per workgroup.
+    fn tile(self) -> (usize, usize) {
+        match self {
+            MatmulVariant::Tile64 | MatmulVariant::SkinnyK => (64, 64),
+            MatmulVariant::Tile128 | MatmulVariant::Vec4 | MatmulVariant::DoubleBuffer => (128, 128),
+            MatmulVariant::Subgroup => (SUBGROUP_ROWS, SUBGROUP_MAX_N),
+        }
+    }
+
+    #[cfg(test)]
+    /// The depth of the kernel's K-slices, which the split-K range must be a multiple of (None: it
+    /// has no slices).
+    fn slice_depth(self) -> Option<usize> {
+        match self {
+            MatmulVariant::Tile64 => Some(16),
+            MatmulVariant::Tile128 | MatmulVariant::Vec4 | MatmulVariant::DoubleBuffer => Some(8),
+            MatmulVariant::SkinnyK | MatmulVariant::Subgroup => None,
+        }
+    }
+
+    /// Bytes of workgroup memory the kernel declares.
+    fn workgroup_bytes(self) -> u32 {
+        match self {
+            MatmulVariant::Tile64 => 2 * 1040 * 4,
+            MatmulVariant::Tile128 => 2 * 1032 * 4,
+            MatmulVariant::Vec4 => 2 * 256 * 16,
+            MatmulVariant::DoubleBuffer => 2 * 512 * 16,
+            MatmulVariant::SkinnyK => 2 * 4096 * 4,
+            MatmulVariant::Subgroup => 4,
+        }
+    }
+
+    /// Whether this variant can compute `p` on the adapter with `limits` and `features`.
+    pub fn supports(self, p: &Gemm, limits: &wgpu::Limits, features: wgpu::Features) -> Support {
+        let need = self.workgroup_bytes();
+        if need > limits.max_compute_workgroup_storage_size {
+            return Support::Skipped(format!(
+                "needs {need} bytes of workgroup memory, the adapter has {}",
+                limits.max_compute_workgroup_storage_size
+            ));
+        }
+        if self == MatmulVariant::Subgroup && !features.contains(wgpu::Features::SUBGROUP) {
+            return Support::Skipped("adapter has no SUBGROUP".into());
+        }
+        let (tm, tn) = self.tile();
+        let max = limits.max_compute_workgroups_per_dimension as usize;
+        if p.m.div_ceil(tm) > max || p.n.div_ceil(tn) > max {
+            return Support::NotEligible(format!(
+                "{} x {} tiles exceed {max} workgroups per dimension",
+                p.m.div_ceil(tm),
+                p.n.div_ceil(tn)
+            ));
+        }
+        match self {
+            MatmulVariant::Tile64 | MatmulVariant::Tile128 => Support::Yes,
+            MatmulVariant::Vec4 | MatmulVariant::DoubleBuffer => {
+                let a_axis = if p.ta { p.m } else { p.k };
+                let b_axis = if p.tb { p.k } else { p.n };
+                if [a_axis, b_axis, p.a_bs, p.b_bs].iter().all(|x| x % 4 == 0) {
+                    Support::Yes
+                } else {
+                    Support::NotEligible("vec4 loads need the stored rows and batch strides to be multiples of 4".into())
+                }
+            }
+            MatmulVariant::SkinnyK if p.k > SKINNY_MAX_K => Support::NotEligible(format!("needs K <= {SKINNY_MAX_K}")),
+            MatmulVariant::SkinnyK => Support::Yes,
+            MatmulVariant::Subgroup if p.n > SUBGROUP_MAX_N => Support::NotEligible(format!("needs N <= {SUBGROUP_MAX_N}")),
+            MatmulVariant::Subgroup => Support::Yes,
+        }
     }
 }
 
-/// The K-slice depth every variant's split-K range is a multiple of (variant 1's; variant 2's 8 divides it).
+/// Variant 5 takes products with K up to this (`KS` of matmul_skinny.wgsl).
+const SKINNY_MAX_K: usize = 64;
+/// Variant 6 takes products with N up to this, and computes `ROWS` (matmul_subgroup.wgsl) rows per workgroup.
+const SUBGROUP_MAX_N: usize = 8;
+const SUBGROUP_ROWS: usize = 32;
+
+/// The K-slice depth every variant's split-K range is a multiple of (variant 1's; every other
+/// variant's slice depth divides it, and variants without slices take any range).
 const BK: usize = 16;
 /// Split-K: aim for this many workgroups, with at least `SPLIT_CHUNK` of K per split.
 const TARGET_WGS: usize = 256;
@@ -216,8 +362,8 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
 // ---- GPU ------------------------------------------------------------------------------------
 
 /// K range per split: all of K, unless the output grid is too small to fill the GPU and K is long.
-fn k_chunk(p: &Gemm, tile: usize) -> usize {
-    let wgs = p.m.div_ceil(tile) * p.n.div_ceil(tile) * p.nout;
+fn k_chunk(p: &Gemm, tile: (usize, usize)) -> usize {
+    let wgs = p.m.div_ceil(tile.0) * p.n.div_ceil(tile.1) * p.nout;
     if p.nout > 1 || p.k < 2 * SPLIT_CHUNK || wgs >= TARGET_WGS {
         return p.k;
     }
@@ -226,11 +372,17 @@ fn k_chunk(p: &Gemm, tile: usize) -> usize {
 }
 
 fn gemm_gpu(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm) -> Result<GpuBuf> {
-    gemm_gpu_with(a, b, bias, p, MatmulVariant::current())
+    let v = super::matmul_tune::choose(a, b, bias, p)?;
+    gemm_gpu_with(a, b, bias, p, v)
 }
 
-fn gemm_gpu_with(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm, v: MatmulVariant) -> Result<GpuBuf> {
+/// The product with variant `v`, which must support it.
+pub(crate) fn gemm_gpu_with(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm, v: MatmulVariant) -> Result<GpuBuf> {
     let g = gpu()?;
+    match v.supports(p, &g.limits, g.features) {
+        Support::Yes => {}
+        no => return Err(crate::Error::Invalid(format!("matmul variant {} ({}) cannot compute {p:?}: {no}", v.number(), v.name()))),
+    }
     let tile = v.tile();
     let kc = k_chunk(p, tile);
     let nsplit = if kc < p.k { p.k.div_ceil(kc) } else { 1 };
@@ -256,7 +408,7 @@ fn gemm_gpu_with(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm, v: Mat
         kc: kc as u32,
         bias: bias.is_some() as u32,
     };
-    let groups = [p.n.div_ceil(tile) as u32, p.m.div_ceil(tile) as u32, (p.nout * nsplit) as u32];
+    let groups = [p.n.div_ceil(tile.1) as u32, p.m.div_ceil(tile.0) as u32, (p.nout * nsplit) as u32];
     g.dispatch(v.kernel(), &[a, b, bias_buf, &out], &params, groups)?;
     if nsplit > 1 {
         return sum_rows_gpu(&out, nsplit, p.m * p.n);
@@ -264,8 +416,16 @@ fn gemm_gpu_with(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm, v: Mat
     Ok(out)
 }
 
+/// Whether variant `v` can compute op(a) . op(b) for stored shapes `sa`, `sb` on this process's GPU.
+pub fn matmul_variant_support(sa: &[usize], sb: &[usize], ta: bool, tb: bool, v: MatmulVariant) -> Result<Support> {
+    let (p, _) = Gemm::plan("matmul_variant", sa, sb, ta, tb)?;
+    let g = gpu()?;
+    Ok(v.supports(&p, &g.limits, g.features))
+}
+
 /// op(a) . op(b) (+ bias) on the GPU with one particular kernel variant, without autograd: for
 /// validating and timing the variants side by side (`bench --matmul-variants`, the kernel tests).
+/// An error if the variant does not support the product ([`matmul_variant_support`]).
 pub fn matmul_variant(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&Tensor>, v: MatmulVariant) -> Result<Tensor> {
     let (p, shape) = Gemm::plan("matmul_variant", a.shape(), b.shape(), ta, tb)?;
     let dev = same_device("matmul_variant", &[a, b])?;
@@ -275,6 +435,40 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&
     let bias_buf = bias.map(|t| t.gbuf()).transpose()?;
     let out = gemm_gpu_with(&*a.gbuf()?, &*b.gbuf()?, bias_buf.as_deref(), &p, v)?;
     Ok(Tensor::from_storage(Storage::Gpu(out), shape))
+}
+
+/// [`matmul_variant`] of a batched product summed over the batch into one (M, N) matrix (the
+/// kernels' `nsum`, as in the gradient of a broadcast operand).
+pub fn matmul_variant_summed(a: &Tensor, b: &Tensor, ta: bool, tb: bool, v: MatmulVariant) -> Result<Tensor> {
+    let (p, shape) = Gemm::plan("matmul_variant_summed", a.shape(), b.shape(), ta, tb)?;
+    let dev = same_device("matmul_variant_summed", &[a, b])?;
+    if dev != crate::engine::Device::Gpu || shape.len() != 3 {
+        return shape_err("matmul_variant_summed", "give GPU tensors with a batch");
+    }
+    let out = gemm_gpu_with(&*a.gbuf()?, &*b.gbuf()?, None, &p.summed(), v)?;
+    Ok(Tensor::from_storage(Storage::Gpu(out), shape[1..].to_vec()))
+}
+
+/// op(a) . op(b) (+ bias) on the GPU with the variant `tuner` picks (tuning the product's key first
+/// if the tuner is on and has not seen it), without autograd; returns the product and the variant.
+pub fn matmul_tuned(
+    a: &Tensor,
+    b: &Tensor,
+    ta: bool,
+    tb: bool,
+    bias: Option<&Tensor>,
+    tuner: &mut super::matmul_tune::Tuner,
+) -> Result<(Tensor, MatmulVariant)> {
+    let (p, shape) = Gemm::plan("matmul_tuned", a.shape(), b.shape(), ta, tb)?;
+    let dev = same_device("matmul_tuned", &[a, b])?;
+    if dev != crate::engine::Device::Gpu {
+        return shape_err("matmul_tuned", "the kernel variants run on the GPU: give GPU tensors");
+    }
+    let bias_buf = bias.map(|t| t.gbuf()).transpose()?;
+    let (ga, gb) = (a.gbuf()?, b.gbuf()?);
+    let v = tuner.pick(&ga, &gb, bias_buf.as_deref(), &p)?;
+    let out = gemm_gpu_with(&ga, &gb, bias_buf.as_deref(), &p, v)?;
+    Ok((Tensor::from_storage(Storage::Gpu(out), shape), v))
 }
 
 /// The product on the operands' device.
@@ -384,5 +578,41 @@ mod tests {
         let e = linear(&t(&[2, 4]), &t(&[4, 3]), Some(&t(&[4]))).unwrap_err().to_string();
         assert!(e.contains("bias must have shape [3]"), "{e}");
         assert_eq!(matmul(&t(&[4, 3]), &t(&[2, 5, 4]), true, true).unwrap().shape(), [2, 3, 5]);
+    }
+
+    #[test]
+    fn split_k_ranges_suit_every_variant() {
+        for v in MatmulVariant::ALL {
+            if let Some(d) = v.slice_depth() {
+                assert_eq!(BK % d, 0, "{v:?}: slices of {d} do not divide the split-K granule {BK}");
+            }
+            assert_eq!(MatmulVariant::parse(v.name()), Some(v));
+            assert_eq!(MatmulVariant::parse(&v.number().to_string()), Some(v));
+        }
+        // Variant 5 stages all of K: products it takes are never split.
+        let p = Gemm { m: 1, n: 1, k: SKINNY_MAX_K, ta: false, tb: false, a_bs: 0, b_bs: 0, nout: 1, nsum: 1 };
+        assert_eq!(k_chunk(&p, MatmulVariant::SkinnyK.tile()), p.k);
+    }
+
+    /// The workgroup memory the host checks against the adapter's limit is what the shader declares.
+    #[test]
+    fn workgroup_bytes_match_the_shaders() {
+        for v in MatmulVariant::ALL {
+            use naga::valid::{Capabilities, ValidationFlags, Validator};
+            let module = naga::front::wgsl::parse_str(v.kernel().source).unwrap();
+            let info = Validator::new(ValidationFlags::all(), Capabilities::all()).validate(&module).unwrap();
+            let ep = module.entry_points.iter().position(|e| e.name == v.kernel().entry).unwrap();
+            let uses = info.get_entry_point(ep);
+            let mut layouter = naga::proc::Layouter::default();
+            layouter.update(module.to_ctx()).unwrap();
+            // Only what the entry point uses counts (common.wgsl declares arrays for other kernels).
+            let bytes: u32 = module
+                .global_variables
+                .iter()
+                .filter(|&(h, g)| g.space == naga::AddressSpace::WorkGroup && !uses[h].is_empty())
+                .map(|(_, g)| layouter[g.ty].size)
+                .sum();
+            assert_eq!(bytes, v.workgroup_bytes(), "{v:?}");
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod embedding;
 pub mod layernorm;
 pub mod loss;
 pub mod matmul;
+pub mod matmul_tune;
 pub mod norm;
 pub(crate) mod par;
 pub mod pool;
@@ -23,7 +24,7 @@ pub use elementwise::{add, add_scaled, broadcast_to, dropout, dropout_rows, gelu
 pub use embedding::{embedding, gather_last};
 pub use layernorm::{add_layernorm, layernorm};
 pub use loss::{cross_entropy, info_nce};
-pub use matmul::{linear, matmul, matmul_variant, MatmulVariant};
+pub use matmul::{linear, matmul, matmul_tuned, matmul_variant, matmul_variant_summed, matmul_variant_support, MatmulVariant, Support};
 pub use norm::l2norm;
 pub use pool::{attention_pool, mean_ragged, moe};
 pub use rank::rank_of_targets;
@@ -39,13 +40,13 @@ macro_rules! wgsl {
             include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $file))
         )
     };
-    // A kernel built on code it shares with others (shaders/include/), the kernel's file last.
-    ($shared:literal, $file:literal) => {
+    // A kernel built on code it shares with others (files of shaders/include/, in order), the
+    // kernel's file last.
+    ($($shared:literal),+ ; $file:literal) => {
         concat!(
             include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common.wgsl")),
             "\n",
-            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/include/", $shared)),
-            "\n",
+            $(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/include/", $shared)), "\n",)+
             include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $file))
         )
     };
