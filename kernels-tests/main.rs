@@ -65,6 +65,7 @@ op_tests!(
     catalog_ce,
     info_nce,
     matmul,
+    linear_gelu,
     l2norm,
     concat
 );

@@ -202,3 +202,34 @@ fn the_autotune_picks_an_eligible_variant() {
     assert!(tuner.warnings.is_empty() && again.warnings.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The GELU epilogue of every variant that takes the product: the pre-activation equals the CPU
+/// product (+ bias) within the f32 bound, and the output is GELU of the pre-activation as the GELU
+/// kernel computes it (relative 1e-6: the same formula on the same values).
+#[test]
+fn every_variant_applies_the_gelu_epilogue() {
+    use msm4sr::engine::ops::elementwise::gelu_cpu;
+    use msm4sr::engine::ops::{linear_gelu_variant, matmul_variant_support, MatmulVariant, Support};
+    // K = 700 with a small output would be split over K without the epilogue; 64 x 64 takes vec4.
+    for (m, k, n) in [(70usize, 37usize, 67usize), (3, 700, 2), (64, 64, 64)] {
+        let (sa, sb) = ([m, k], [k, n]);
+        let (da, db, dbias) = (values(m * k, 21), values(k * n, 22), values(n, 23));
+        let (want, scale) = matmul_reference(&da, &sa, &db, &sb, false, false, Some(&dbias));
+        let gpu = |d: &[f64], shape: &[usize]| Tensor::from_f64(d.to_vec(), shape, Device::Gpu).unwrap();
+        let (a, b, bias) = (gpu(&da, &sa), gpu(&db, &sb), gpu(&dbias, &[n]));
+        let mut ran = 0;
+        for v in MatmulVariant::ALL {
+            if matmul_variant_support(&sa, &sb, false, false, v).unwrap() != Support::Yes {
+                continue;
+            }
+            let (y, h) = linear_gelu_variant(&a, &b, Some(&bias), v).unwrap();
+            let (y, h) = (y.to_vec().unwrap(), h.to_vec().unwrap());
+            within_bound(&h, &want, &scale, k, &format!("{v:?} pre-activation ({m},{k}).({k},{n})"));
+            for (i, (&g, &e)) in y.iter().zip(&gelu_cpu::<f32>(&h)).enumerate() {
+                assert!((g - e).abs() <= 1e-6 * e.abs().max(1e-3), "{v:?} ({m},{k}).({k},{n}) element {i}: gelu {g} vs {e}");
+            }
+            ran += 1;
+        }
+        assert!(ran >= 2, "only {ran} variants took ({m},{k}).({k},{n})");
+    }
+}

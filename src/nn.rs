@@ -9,7 +9,7 @@ use rand::Rng;
 
 use crate::engine::ops::{
     add, add_layernorm, attention_masked, attention_pool, attention_ragged, concat, dropout, dropout_rows, embedding, gather_last, gelu,
-    info_nce, l2norm, layernorm, linear, matmul, moe, scale,
+    info_nce, l2norm, layernorm, linear, linear_gelu, matmul, moe, scale,
 };
 use crate::engine::{Device, Indices, Ragged, Tensor};
 use crate::Result;
@@ -154,7 +154,7 @@ impl TransformerLayer {
         let ctx = attention_ragged(&q, &k, &v, r, self.heads, pa, seeds.next(), self.causal)?;
         let a = drop_rows(&self.o.forward(&ctx)?, self.p_hidden, train, seeds, r)?;
         let x1 = self.ln1.forward_add(&a, x)?;
-        let f = drop_rows(&self.ff2.forward(&gelu(&self.ff1.forward(&x1)?)?)?, self.p_hidden, train, seeds, r)?;
+        let f = drop_rows(&self.ff2.forward(&linear_gelu(&x1, &self.ff1.w, self.ff1.b.as_ref())?)?, self.p_hidden, train, seeds, r)?;
         self.ln2.forward_add(&f, &x1)
     }
 

@@ -15,16 +15,24 @@ struct P {
     nsplit: u32, // K splits (slabs per output matrix)
     kc: u32,     // K range per split
     bias: u32,   // 1: add bias[col] (first split only)
+    gelu: u32,   // 1: pre[..] = the value, c[..] = GELU of it (never split over K)
 }
 
 @group(0) @binding(0) var<uniform> prm: P;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
+@group(0) @binding(5) var<storage, read_write> pre: array<f32>;
 
-// C[row, col] of the output matrix at `cbase` = v (+ bias[col] when `add_bias`); nothing outside (M, N).
+// C[row, col] of the output matrix at `cbase` = v (+ bias[col] when `add_bias`), or with the GELU
+// epilogue pre[..] = that and C[row, col] = GELU of it (as gelu_fwd computes it); nothing outside (M, N).
 fn store(cbase: u32, row: u32, col: u32, v: f32, add_bias: bool) {
     if (row >= prm.m || col >= prm.n) { return; }
     var x = v;
     if (add_bias) { x = x + bias[col]; }
-    c[cbase + row * prm.n + col] = x;
+    let i = cbase + row * prm.n + col;
+    if (prm.gelu == 1u) {
+        pre[i] = x;
+        x = x * norm_cdf(x);
+    }
+    c[i] = x;
 }

@@ -302,6 +302,11 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     let st = on_device!(x.device(), T => T::wrap(gelu_cpu::<T>(&x.host::<T>()?)),
         { let b = x.gbuf()?; launch(&GELU_FWD, x.numel(), &b, &b, 1, 0.0, 0, 0.0)? });
+    gelu_node(x, st)
+}
+
+/// gelu(x) on the tape, its values `st` already computed (by a product's fused epilogue).
+pub(crate) fn gelu_node(x: &Tensor, st: Storage) -> Result<Tensor> {
     let xc = x.detach();
     Ok(Tensor::from_op("gelu", st, x.shape().to_vec(), &[x], move |g| {
         let st = on_device!(g.device(), T => T::wrap(gelu_bwd_cpu::<T>(&xc.host::<T>()?, &g.host::<T>()?)),

@@ -22,7 +22,7 @@ use crate::engine::tensor::{Real, Storage};
 use crate::engine::{same_device, Tensor};
 use crate::{on_device, shape_err, Result};
 
-const BINDINGS: &[crate::engine::gpu::Access] = &[Read, Read, Read, ReadWrite];
+const BINDINGS: &[crate::engine::gpu::Access] = &[Read, Read, Read, ReadWrite, ReadWrite];
 static MATMUL: Kernel<MatmulParams> =
     Kernel::new("matmul", wgsl!("matmul_tiles.wgsl", "matmul_scalar.wgsl", "matmul_stage.wgsl"; "matmul.wgsl"), "matmul", BINDINGS);
 static MATMUL_8X8: Kernel<MatmulParams> = Kernel::new(
@@ -239,6 +239,8 @@ kernel_params! {
         kc: u32,
         /// 1: add bias[col] (first split only).
         bias: u32,
+        /// 1: write the value to `pre` and GELU of it to `c` (no split).
+        gelu: u32,
     }
 }
 
@@ -255,6 +257,9 @@ pub struct Gemm {
     pub b_bs: usize,
     pub nout: usize,
     pub nsum: usize,
+    /// GPU epilogue: write the product (+ bias) to a second output and GELU of it to the first
+    /// (`linear_gelu`; never split over K).
+    pub gelu: bool,
 }
 
 impl Gemm {
@@ -283,7 +288,7 @@ impl Gemm {
             Some(bt) => vec![bt, m, n],
             None => vec![m, n],
         };
-        Ok((Gemm { m, n, k, ta, tb, a_bs, b_bs, nout: batch.unwrap_or(1), nsum: 1 }, shape))
+        Ok((Gemm { m, n, k, ta, tb, a_bs, b_bs, nout: batch.unwrap_or(1), nsum: 1, gelu: false }, shape))
     }
 
     /// The same products summed over the batch into one (m, n) matrix.
@@ -364,7 +369,7 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
 /// K range per split: all of K, unless the output grid is too small to fill the GPU and K is long.
 fn k_chunk(p: &Gemm, tile: (usize, usize)) -> usize {
     let wgs = p.m.div_ceil(tile.0) * p.n.div_ceil(tile.1) * p.nout;
-    if p.nout > 1 || p.k < 2 * SPLIT_CHUNK || wgs >= TARGET_WGS {
+    if p.gelu || p.nout > 1 || p.k < 2 * SPLIT_CHUNK || wgs >= TARGET_WGS {
         return p.k;
     }
     let nsplit = (p.k / SPLIT_CHUNK).min(TARGET_WGS / wgs);
@@ -378,6 +383,11 @@ fn gemm_gpu(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm) -> Result<G
 
 /// The product with variant `v`, which must support it.
 pub(crate) fn gemm_gpu_with(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm, v: MatmulVariant) -> Result<GpuBuf> {
+    Ok(gemm_gpu_pre(a, b, bias, p, v)?.0)
+}
+
+/// The product with variant `v`, and with `p.gelu` the pre-activation: (GELU of it, it).
+fn gemm_gpu_pre(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm, v: MatmulVariant) -> Result<(GpuBuf, Option<GpuBuf>)> {
     let g = gpu()?;
     match v.supports(p, &g.limits, g.features) {
         Support::Yes => {}
@@ -407,13 +417,15 @@ pub(crate) fn gemm_gpu_with(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &G
         nsplit: nsplit as u32,
         kc: kc as u32,
         bias: bias.is_some() as u32,
+        gelu: p.gelu as u32,
     };
+    let pre = if p.gelu { g.alloc(4 * (p.nout * p.m * p.n) as u64)? } else { g.alloc(4)? };
     let groups = [p.n.div_ceil(tile.1) as u32, p.m.div_ceil(tile.0) as u32, (p.nout * nsplit) as u32];
-    g.dispatch(v.kernel(), &[a, b, bias_buf, &out], &params, groups)?;
+    g.dispatch(v.kernel(), &[a, b, bias_buf, &out, &pre], &params, groups)?;
     if nsplit > 1 {
-        return sum_rows_gpu(&out, nsplit, p.m * p.n);
+        return Ok((sum_rows_gpu(&out, nsplit, p.m * p.n)?, None));
     }
-    Ok(out)
+    Ok((out, p.gelu.then_some(pre)))
 }
 
 /// Whether variant `v` can compute op(a) . op(b) for stored shapes `sa`, `sb` on this process's GPU.
@@ -435,6 +447,16 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&
     let bias_buf = bias.map(|t| t.gbuf()).transpose()?;
     let out = gemm_gpu_with(&*a.gbuf()?, &*b.gbuf()?, bias_buf.as_deref(), &p, v)?;
     Ok(Tensor::from_storage(Storage::Gpu(out), shape))
+}
+
+/// x (M, K) . w (K, N) (+ bias) with the GELU epilogue and variant `v`, without autograd:
+/// (GELU of the product, the product), for checking the epilogue of every variant.
+pub fn linear_gelu_variant(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, v: MatmulVariant) -> Result<(Tensor, Tensor)> {
+    let (p, shape) = Gemm::plan("linear_gelu_variant", x.shape(), w.shape(), false, false)?;
+    let bias_buf = bias.map(|t| t.gbuf()).transpose()?;
+    let (y, h) = gemm_gpu_pre(&*x.gbuf()?, &*w.gbuf()?, bias_buf.as_deref(), &Gemm { gelu: true, ..p }, v)?;
+    let h = h.expect("the GELU epilogue writes the pre-activation");
+    Ok((Tensor::from_storage(Storage::Gpu(y), shape.clone()), Tensor::from_storage(Storage::Gpu(h), shape)))
 }
 
 /// [`matmul_variant`] of a batched product summed over the batch into one (M, N) matrix (the
@@ -500,6 +522,14 @@ fn product(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&Tensor>) ->
     inputs.extend(bias);
     same_device("matmul", &inputs)?;
     let st = run(a, b, bias, &p)?;
+    record(a, b, ta, tb, bias, st, &p, shape)
+}
+
+/// The product's values `st` on the tape.
+#[allow(clippy::too_many_arguments)]
+fn record(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&Tensor>, st: Storage, p: &Gemm, shape: Vec<usize>) -> Result<Tensor> {
+    let mut inputs = vec![a, b];
+    inputs.extend(bias);
     let (ac, bc) = (a.detach(), b.detach());
     let (need_a, need_b) = (a.requires_grad(), b.requires_grad());
     // A 2-D operand multiplied with a 3-D one was broadcast: its gradient sums over the batch.
@@ -558,6 +588,39 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(&shape)
 }
 
+/// gelu(x . w + bias): on the GPU the GELU is the product kernel's epilogue, which also writes the
+/// pre-activation h the GELU's backward needs (one kernel instead of two, and h is not read back
+/// in); the tape holds the same two nodes as `gelu(&linear(..)?)`, so the backward is theirs:
+/// dh = g * gelu'(h), then the product's. Elsewhere it is that composition.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if x.device() != crate::engine::Device::Gpu || x.rank() == 0 || w.rank() != 2 || x.last_dim() != w.shape()[0] {
+        return super::gelu(&linear(x, w, bias)?);
+    }
+    let (k, n) = (w.shape()[0], w.shape()[1]);
+    if bias.is_some_and(|b| b.shape() != [n]) {
+        return super::gelu(&linear(x, w, bias)?);
+    }
+    let rows = x.shape()[..x.rank() - 1].iter().product();
+    let x2 = x.reshape(&[rows, k])?;
+    let (p, shape) = Gemm::plan("linear_gelu", x2.shape(), w.shape(), false, false)?;
+    let mut inputs = vec![x, w];
+    inputs.extend(bias);
+    same_device("linear_gelu", &inputs)?;
+    let p = Gemm { gelu: true, ..p };
+    let (y, h) = {
+        let bias_buf = bias.map(|t| t.gbuf()).transpose()?;
+        let (a, b) = (x2.gbuf()?, w.gbuf()?);
+        let v = super::matmul_tune::choose(&a, &b, bias_buf.as_deref(), &p)?;
+        gemm_gpu_pre(&a, &b, bias_buf.as_deref(), &p, v)?
+    };
+    let h = h.expect("the GELU epilogue writes the pre-activation");
+    let h = record(&x2, w, false, false, bias, Storage::Gpu(h), &p, shape)?;
+    let y = super::elementwise::gelu_node(&h, Storage::Gpu(y))?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    y.reshape(&shape)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,7 +653,7 @@ mod tests {
             assert_eq!(MatmulVariant::parse(&v.number().to_string()), Some(v));
         }
         // Variant 5 stages all of K: products it takes are never split.
-        let p = Gemm { m: 1, n: 1, k: SKINNY_MAX_K, ta: false, tb: false, a_bs: 0, b_bs: 0, nout: 1, nsum: 1 };
+        let p = Gemm { m: 1, n: 1, k: SKINNY_MAX_K, ta: false, tb: false, a_bs: 0, b_bs: 0, nout: 1, nsum: 1, gelu: false };
         assert_eq!(k_chunk(&p, MatmulVariant::SkinnyK.tile()), p.k);
     }
 

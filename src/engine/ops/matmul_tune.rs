@@ -47,6 +47,9 @@ pub struct Key {
     pub nout: usize,
     pub nsum: usize,
     pub bias: bool,
+    /// The fused GELU epilogue (`linear_gelu`).
+    #[serde(default)]
+    pub gelu: bool,
 }
 
 /// A size as the key holds it: exact up to 64, else the next power of two.
@@ -70,6 +73,7 @@ impl Key {
             nout: p.nout,
             nsum: p.nsum,
             bias,
+            gelu: p.gelu,
         }
     }
 }
@@ -336,7 +340,7 @@ mod tests {
     use super::*;
 
     fn entry(m: usize, pick: MatmulVariant) -> Entry {
-        let p = Gemm { m, n: 64, k: 64, ta: false, tb: true, a_bs: 0, b_bs: 0, nout: 1, nsum: 1 };
+        let p = Gemm { m, n: 64, k: 64, ta: false, tb: true, a_bs: 0, b_bs: 0, nout: 1, nsum: 1, gelu: false };
         Entry {
             key: Key::new("gpu / driver 1.0 / Vulkan", &p, true),
             tuned_on: [m, 64, 64],

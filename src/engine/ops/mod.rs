@@ -24,7 +24,10 @@ pub use elementwise::{add, add_scaled, broadcast_to, dropout, dropout_rows, gelu
 pub use embedding::{embedding, gather_last};
 pub use layernorm::{add_layernorm, layernorm};
 pub use loss::{cross_entropy, info_nce};
-pub use matmul::{linear, matmul, matmul_tuned, matmul_variant, matmul_variant_summed, matmul_variant_support, MatmulVariant, Support};
+pub use matmul::{
+    linear, linear_gelu, linear_gelu_variant, matmul, matmul_tuned, matmul_variant, matmul_variant_summed, matmul_variant_support,
+    MatmulVariant, Support,
+};
 pub use norm::l2norm;
 pub use pool::{attention_pool, mean_ragged, moe};
 pub use rank::rank_of_targets;

@@ -10,7 +10,7 @@
 
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::ops::{catalog_ce, concat, l2norm, linear, matmul};
+use crate::engine::ops::{catalog_ce, concat, l2norm, linear, linear_gelu, matmul};
 use crate::engine::Indices;
 use crate::gradcheck::{gauss, Case, Input};
 
@@ -69,6 +69,15 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
     // Split-K in the weight gradient x^T . g (K = 700 rows), and in the forward with the bias fused.
     v.push(lin(rng, "linear dw split-K (2,350,6).(6,5)", &[2, 350, 6], 6, 5, false));
     v.push(lin(rng, "linear split-K (3,600).(600,2)+b", &[3, 600], 600, 2, true));
+    // The GELU epilogue (on the GPU one kernel writes the product and its GELU); K = 700 would be
+    // split in a plain product, never with the epilogue.
+    let lin_gelu = |rng: &mut ChaCha8Rng, desc: &str, sx: &[usize], k: usize, n: usize| {
+        let dim = (sx.iter().product::<usize>() / k).max(k).max(n);
+        let inputs = vec![mm_input(sx, dim, rng), mm_input(&[k, n], dim, rng), mm_input(&[n], dim, rng)];
+        Case::new("linear_gelu", desc, inputs, |x| linear_gelu(&x[0], &x[1], x.get(2)))
+    };
+    v.push(lin_gelu(rng, "(2,3,5).(5,4)+b", &[2, 3, 5], 5, 4));
+    v.push(lin_gelu(rng, "(3,700).(700,2)+b", &[3, 700], 700, 2));
 
     v.push(Case::new("l2norm", "(4,7)", vec![Input::randn(&[4, 7], rng)], |x| l2norm(&x[0], 1e-12)));
     v.push(Case::new("l2norm", "(1,64)", vec![Input::randn(&[1, 64], rng)], |x| l2norm(&x[0], 1e-12)));
