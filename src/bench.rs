@@ -159,16 +159,17 @@ pub struct VariantResult {
     pub autotune_pick: bool,
 }
 
-/// Every GPU matmul variant side by side (the llm.c `dev/cuda` way) at the model's shapes, 4096^2
-/// and the item-encoder shape (4926x768).(768x512), each checked against the CPU product first, with
-/// the variant the autotune picks. `quick` shrinks the rows 8x (software adapters).
+/// Every GPU matmul variant side by side (the llm.c `dev/cuda` way) at the model's shapes, 4096^2,
+/// the item-encoder shape (4926x768).(768x512) and the attention-pooling energies of 10 sentence rows
+/// per item (49260x768).(768x1), each checked against the CPU product first, with the variant the
+/// autotune picks. `quick` shrinks the rows 8x (software adapters).
 pub fn matmul_variants(min_secs: f64, quick: bool) -> Result<Vec<VariantResult>> {
     use crate::engine::ops::matmul_tune::{Policy, Tuner};
     use crate::engine::ops::{matmul_tuned, matmul_variant, matmul_variant_support, MatmulVariant, Support};
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let name = device_name(Device::Gpu);
     let mut shapes: Vec<(usize, usize, usize)> = MATMUL_SHAPES.to_vec();
-    shapes.extend([(4096, 4096, 4096), (4926, 768, 512)]);
+    shapes.extend([(4096, 4096, 4096), (4926, 768, 512), (49260, 768, 1)]);
     let mut tuner = Tuner::new(Policy { forced: None, tune: true, cache: None });
     let mut out = Vec::new();
     no_grad(|| -> Result<()> {
