@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything measured on a GPU machine in one run of a few minutes: the adapter, every kernel's
-# gradient check, the kernel benchmarks (GFLOP/s), dispatches and submits per training step and the
+# gradient check, the kernel benchmarks (GFLOP/s; every matmul variant and the autotune's pick),
+# dispatches, copies and submits per training step and the
 # step times, and the PyTorch peer (tools/torch_step.py: the same steps in eager PyTorch and under
 # torch.compile, and torch.matmul as the cuBLAS reference, TF32 off). Output: $OUT (default
 # gpu-check/) with one file per part and summary.txt.
@@ -17,6 +18,8 @@ OUT=${OUT:-gpu-check}
 PY=${PY:-python3}
 DATA=${DATA:-../shared/data/pantry}
 mkdir -p "$OUT"
+# The matmul autotune's picks (and every variant's time per shape) land in $OUT/cache/matmul_tune.json.
+export MSM4SR_CACHE_DIR=${MSM4SR_CACHE_DIR:-$OUT/cache}
 if ls .gl/*.deb >/dev/null 2>&1 && ! ldconfig -p | grep -q libvulkan; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
