@@ -18,17 +18,14 @@ fn matmul_8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let li = ty * 16u + tx;
     let m0 = wid.y * TILE;
     let n0 = wid.x * TILE;
-    let z = wid.z;
-    let split = z % prm.nsplit;
-    let k0 = split * prm.kc;
-    let k1 = min(prm.k, k0 + prm.kc);
+    let sl = slab(wid.z);
 
     var acc: array<array<f32, 8>, 8>;
     for (var s = 0u; s < prm.nsum; s = s + 1u) {
-        let i = (z / prm.nsplit) * prm.nsum + s;
+        let i = sl.first + s;
         let abase = i * prm.a_bs;
         let bbase = i * prm.b_bs;
-        for (var kt = k0; kt < k1; kt = kt + BK) {
+        for (var kt = sl.k0; kt < sl.k1; kt = kt + BK) {
             stage(li, abase, bbase, m0, n0, kt);
             workgroupBarrier();
             for (var kk = 0u; kk < BK; kk = kk + 1u) {
@@ -45,8 +42,8 @@ fn matmul_8x8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         }
     }
 
-    let cbase = z * prm.m * prm.n;
-    let add_bias = prm.bias == 1u && split == 0u;
+    let cbase = sl.cbase;
+    let add_bias = sl.add_bias;
     for (var i = 0u; i < 8u; i = i + 1u) {
         let row = m0 + ty + 16u * i;
         if (row >= prm.m) { break; }

@@ -18,17 +18,14 @@ fn matmul_db(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id
     let li = ty * 16u + tx;
     let m0 = wid.y * TILE;
     let n0 = wid.x * TILE;
-    let z = wid.z;
-    let split = z % prm.nsplit;
-    let k0 = split * prm.kc;
-    let k1 = min(prm.k, k0 + prm.kc);
-    let nk = (max(k1, k0) - k0 + BK - 1u) / BK; // slices per product
+    let sl = slab(wid.z);
+    let nk = (max(sl.k1, sl.k0) - sl.k0 + BK - 1u) / BK; // slices per product
     let total = prm.nsum * nk;
-    let first = (z / prm.nsplit) * prm.nsum; // matrix index of product s = 0
+    let first = sl.first; // matrix index of product s = 0
 
     var acc: array<vec4<f32>, 16>;
     if (total > 0u) {
-        put(li, fetch(li, first * prm.a_bs, first * prm.b_bs, m0, n0, k0), 0u);
+        put(li, fetch(li, first * prm.a_bs, first * prm.b_bs, m0, n0, sl.k0), 0u);
         workgroupBarrier();
         for (var u = 0u; u < total; u = u + 1u) {
             let cur = (u % 2u) * 256u;
@@ -36,12 +33,12 @@ fn matmul_db(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id
             var next: Frag;
             if (more) {
                 let i = first + (u + 1u) / nk;
-                next = fetch(li, i * prm.a_bs, i * prm.b_bs, m0, n0, k0 + ((u + 1u) % nk) * BK);
+                next = fetch(li, i * prm.a_bs, i * prm.b_bs, m0, n0, sl.k0 + ((u + 1u) % nk) * BK);
             }
             mac(cur, tx, ty, &acc);
             if (more) { put(li, next, 256u - cur); }
             workgroupBarrier();
         }
     }
-    store_tile(z * prm.m * prm.n, m0, n0, tx, ty, &acc, prm.bias == 1u && split == 0u);
+    store_tile(sl.cbase, m0, n0, tx, ty, &acc, sl.add_bias);
 }

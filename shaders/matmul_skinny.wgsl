@@ -25,15 +25,12 @@ fn matmul_skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     let li = ty * 16u + tx;
     let m0 = wid.y * TILE;
     let n0 = wid.x * TILE;
-    let z = wid.z;
-    let split = z % prm.nsplit;
-    let k0 = split * prm.kc;
-    let k1 = min(prm.k, k0 + prm.kc);
-    let kn = min(max(k1, k0) - k0, KS);
+    let sl = slab(wid.z);
+    let kn = min(max(sl.k1, sl.k0) - sl.k0, KS);
 
     var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     for (var s = 0u; s < prm.nsum; s = s + 1u) {
-        let i = (z / prm.nsplit) * prm.nsum + s;
+        let i = sl.first + s;
         let abase = i * prm.a_bs;
         let bbase = i * prm.b_bs;
         // Along the stored contiguous axis (coalesced): K of a stored (M, K) A, else M; likewise B.
@@ -43,12 +40,12 @@ fn matmul_skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
             var kk: u32;
             if (prm.ta == 1u) { kk = t / TILE; row = t % TILE; } else { row = t / KS; kk = t % KS; }
             var va = 0.0;
-            if (kk < kn) { va = load_a(abase, m0 + row, k0 + kk); }
+            if (kk < kn) { va = load_a(abase, m0 + row, sl.k0 + kk); }
             As[at(kk, row)] = va;
             var col: u32;
             if (prm.tb == 1u) { col = t / KS; kk = t % KS; } else { kk = t / TILE; col = t % TILE; }
             var vb = 0.0;
-            if (kk < kn) { vb = load_b(bbase, k0 + kk, n0 + col); }
+            if (kk < kn) { vb = load_b(bbase, sl.k0 + kk, n0 + col); }
             Bs[at(kk, col)] = vb;
         }
         workgroupBarrier();
@@ -62,8 +59,8 @@ fn matmul_skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
         if (s + 1u < prm.nsum) { workgroupBarrier(); }
     }
 
-    let cbase = z * prm.m * prm.n;
-    let add_bias = prm.bias == 1u && split == 0u;
+    let cbase = sl.cbase;
+    let add_bias = sl.add_bias;
     for (var i = 0u; i < 4u; i = i + 1u) {
         let row = m0 + ty + 16u * i;
         if (row >= prm.m) { break; }

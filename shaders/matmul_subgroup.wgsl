@@ -26,24 +26,21 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>) {
     let nsub = atomicLoad(&subgroups);
 
     let m0 = wid.y * ROWS;
-    let z = wid.z;
-    let split = z % prm.nsplit;
-    let k0 = split * prm.kc;
-    let k1 = min(prm.k, k0 + prm.kc);
-    let cbase = z * prm.m * prm.n;
-    let add_bias = prm.bias == 1u && split == 0u;
+    let sl = slab(wid.z);
+    let cbase = sl.cbase;
+    let add_bias = sl.add_bias;
     for (var o = slot; o < ROWS * prm.n; o = o + nsub) {
         let row = m0 + o / prm.n;
         let col = o % prm.n;
         if (row >= prm.m) { break; }
         var acc = 0.0;
         for (var s = 0u; s < prm.nsum; s = s + 1u) {
-            let i = (z / prm.nsplit) * prm.nsum + s;
+            let i = sl.first + s;
             let abase = i * prm.a_bs;
             let bbase = i * prm.b_bs;
-            for (var kb = k0; kb < k1; kb = kb + lanes) {
+            for (var kb = sl.k0; kb < sl.k1; kb = kb + lanes) {
                 let k = kb + lane;
-                if (k < k1) { acc = fma(load_a(abase, row, k), load_b(bbase, k, col), acc); }
+                if (k < sl.k1) { acc = fma(load_a(abase, row, k), load_b(bbase, k, col), acc); }
             }
         }
         let total = subgroupAdd(acc);

@@ -14,22 +14,19 @@ fn matmul_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     let li = ty * 16u + tx;
     let m0 = wid.y * TILE;
     let n0 = wid.x * TILE;
-    let z = wid.z;
-    let split = z % prm.nsplit;
-    let k0 = split * prm.kc;
-    let k1 = min(prm.k, k0 + prm.kc);
+    let sl = slab(wid.z);
 
     var acc: array<vec4<f32>, 16>;
     for (var s = 0u; s < prm.nsum; s = s + 1u) {
-        let i = (z / prm.nsplit) * prm.nsum + s;
+        let i = sl.first + s;
         let abase = i * prm.a_bs;
         let bbase = i * prm.b_bs;
-        for (var kt = k0; kt < k1; kt = kt + BK) {
+        for (var kt = sl.k0; kt < sl.k1; kt = kt + BK) {
             put(li, fetch(li, abase, bbase, m0, n0, kt), 0u);
             workgroupBarrier();
             mac(0u, tx, ty, &acc);
             workgroupBarrier();
         }
     }
-    store_tile(z * prm.m * prm.n, m0, n0, tx, ty, &acc, prm.bias == 1u && split == 0u);
+    store_tile(sl.cbase, m0, n0, tx, ty, &acc, sl.add_bias);
 }

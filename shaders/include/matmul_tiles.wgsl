@@ -23,6 +23,23 @@ struct P {
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 @group(0) @binding(5) var<storage, read_write> pre: array<f32>;
 
+// What the workgroup of output slab z computes: the K range [k0, k1) of its split (z % nsplit), the
+// matrix index `first` of its first product (product s uses matrices first + s of A and B), where
+// its output matrix starts, and whether it adds the bias (the first split only).
+struct Slab {
+    k0: u32,
+    k1: u32,
+    first: u32,
+    cbase: u32,
+    add_bias: bool,
+}
+
+fn slab(z: u32) -> Slab {
+    let split = z % prm.nsplit;
+    let k0 = split * prm.kc;
+    return Slab(k0, min(prm.k, k0 + prm.kc), (z / prm.nsplit) * prm.nsum, z * prm.m * prm.n, prm.bias == 1u && split == 0u);
+}
+
 // C[row, col] of the output matrix at `cbase` = v (+ bias[col] when `add_bias`), or with the GELU
 // epilogue pre[..] = that and C[row, col] = GELU of it (as gelu_fwd computes it); nothing outside (M, N).
 fn store(cbase: u32, row: u32, col: u32, v: f32, add_bias: bool) {
