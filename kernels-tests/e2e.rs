@@ -3,7 +3,7 @@
 //! same losses (dropout, item dropout and mixup on), GPU ranking equals CPU ranking, and the CLI
 //! reports bad input as errors.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use msm4sr::cli_run;
@@ -791,6 +791,64 @@ fn resume_after_kill_gives_the_same_metrics() {
         assert!(again.status.success(), "SIGINT: resume failed: {}", String::from_utf8_lossy(&again.stderr));
         assert_eq!(metrics(&again.stdout), want, "SIGINT: resumed metrics differ from the uninterrupted run");
     }
+}
+
+/// Resume is exact when validation scores tie: on this dataset a later epoch ties the best
+/// validation Recall@20 (24/66), which counts as an improvement only if the best score read back from
+/// the resume state is the one written, bit for bit. Killed mid-run at several steps, the resumed run
+/// stops at the same epoch with the same metrics and a history identical to the last bit (timings
+/// aside), and the run log holds exactly its epochs.
+#[test]
+fn resume_is_exact_when_validation_scores_tie() {
+    let dir = std::env::temp_dir().join(format!("msm4sr-e2e-{}-ties", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    let (ok, _, err) = msm4sr_bin(&["synth", "--out", data.to_str().unwrap(), "--users", "66", "--items", "300", "--seed", "3"]);
+    assert!(ok, "{err}");
+    let args = |run: &Path| -> Vec<String> {
+        let d = data.to_str().unwrap();
+        let a = ["--device", "cpu", "train", "--data", d, "--model", "sasrec", "--epochs", "25", "--patience", "3", "--batch", "64"];
+        let mut a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+        a.extend(["--seed", "1", "--json", "--run-dir", run.to_str().unwrap()].map(String::from));
+        a
+    };
+    // Metrics and history with every float as its bits (the timings removed).
+    let exact = |stdout: &[u8]| -> (String, String, Vec<String>) {
+        let v: serde_json::Value = serde_json::from_slice(stdout).unwrap();
+        let mut h = v["history"].as_array().cloned().unwrap_or_default();
+        for r in &mut h {
+            for k in ["samples_per_s", "train_seconds", "valid_seconds"] {
+                r.as_object_mut().unwrap().remove(k);
+            }
+        }
+        (v["valid"].to_string(), v["test"].to_string(), h.iter().map(|r| r.to_string()).collect())
+    };
+    let bin = env!("CARGO_BIN_EXE_msm4sr");
+    let full = Command::new(bin).args(args(&dir.join("full"))).output().unwrap();
+    assert!(full.status.success(), "{}", String::from_utf8_lossy(&full.stderr));
+    let want = exact(&full.stdout);
+    let v: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    let scores: Vec<f64> = v["history"].as_array().unwrap().iter().map(|r| r["valid"]["recall@20"].as_f64().unwrap()).collect();
+    let best: Vec<bool> = v["history"].as_array().unwrap().iter().map(|r| r["best"].as_bool().unwrap()).collect();
+    // The case this test is for: an epoch that ties the best so far (and so becomes the best).
+    let tie = (1..scores.len()).find(|&e| best[e] && scores[..e].iter().any(|&s| s == scores[e]));
+    assert!(tie.is_some(), "no tied best epoch in {scores:?} (the test needs one)");
+    let tie = tie.unwrap();
+    // About 4 steps per epoch: kill before the tie, right after it, and late.
+    for step in [3, 4 * tie - 2, 4 * tie + 3, 4 * (scores.len() - 1) - 1] {
+        let run = dir.join(format!("k{step}"));
+        let killed = Command::new(bin).args(args(&run)).env("MSM4SR_FAULT", format!("step:{step}")).output().unwrap();
+        assert!(!killed.status.success(), "step {step}: the run was not killed");
+        let mut resume = args(&run);
+        resume.push("--resume".into());
+        let again = Command::new(bin).args(&resume).output().unwrap();
+        assert!(again.status.success(), "step {step}: resume failed: {}", String::from_utf8_lossy(&again.stderr));
+        let got = exact(&again.stdout);
+        assert_eq!(got, want, "step {step}: the resumed run differs from the uninterrupted one");
+        let log = std::fs::read_to_string(run.join("model.epochs.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), scores.len(), "step {step}: the run log has other epochs than the run");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Non-finite weights are never saved or used: a parameter that became NaN stops the run at that
