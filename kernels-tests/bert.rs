@@ -276,3 +276,79 @@ fn featurize_errors_name_the_problem() {
     let _ = std::fs::remove_dir_all(d);
     let _ = std::fs::remove_dir_all(model);
 }
+
+/// The Office features command (`experiments/office/features.sh`) on four items copied from
+/// `office.item`: per item the title, "Brand: ...", "Categories: ...", then the description's
+/// sentences, at most 10; and one keyword sentence (title words longer than 3 characters, then the
+/// brand) as the image stand-in, also written to `office.image_words.tsv`.
+#[test]
+fn office_features_command_builds_the_stated_sentences() {
+    let model = tiny_model_dir("office-model");
+    let d = tmp("office");
+    let out = d.join("out");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments/office/features.sh");
+    let items = fixtures().join("office/office.item");
+    let run = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&items)
+        .arg(&out)
+        .args(["--model-dir", model.to_str().unwrap(), "--json"])
+        .env("BIN", env!("CARGO_BIN_EXE_msm4sr"))
+        .env("DEVICE", "cpu")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(s["image_stand_in"], "title>3,brand");
+    assert_eq!(s["text_len_histogram"], serde_json::json!([0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 2]), "{s}");
+
+    let f = read_features(&out.join("office.features.safetensors"), &out.join("office.items.txt")).unwrap();
+    assert_eq!(f.tokens, ["B00000JBLH", "B00000JBLU", "B00000K3T0", "B00004Z5QO"]);
+    let (text, image) = (f.text.unwrap(), f.image.unwrap());
+    // HP: 3 field sentences + the first 7 of the description's; TI: its description is one sentence
+    // (no space after its periods); Canon: no brand, 8 description sentences; Avery: no description.
+    assert_eq!(text.lens, [10, 4, 10, 3]);
+    assert_eq!(image.lens, [1, 1, 1, 1]);
+    let words = std::fs::read_to_string(out.join("office.image_words.tsv")).unwrap();
+    assert_eq!(
+        words,
+        "B00000JBLH\tFinancial Calculator HP\n\
+         B00000JBLU\tTexas Instruments TI-1795 Standard Function Calculator Texas Instruments\n\
+         B00000K3T0\tCanon LS-85H Portable Display Calculator\n\
+         B00004Z5QO\tAvery Easy Peel Return Address Labels Inkjet Printers Inches White Pack 2000 08167 Avery\n"
+    );
+
+    // The rows are these sentences' own vectors, in this order.
+    let enc = SentenceEncoder::load(&model, Device::Cpu).unwrap();
+    let row = |m: &msm4sr::data::Modality, i: usize, j: usize| m.item(i).unwrap()[j * m.dim..(j + 1) * m.dim].to_vec();
+    let expect = |m: &msm4sr::data::Modality, i: usize, sentences: &[&str]| {
+        let want = enc.encode(&sentences.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        for (j, w) in want.iter().enumerate() {
+            assert!(cosine(&row(m, i, j), w) > 0.99999, "item {i} row {j}: {:?}", sentences[j]);
+        }
+    };
+    expect(&text, 0, &[
+        "HP 12C Financial Calculator",
+        "Brand: HP.",
+        "Categories: Office Electronics, Calculators, Scientific.",
+        "If you bought yourself a financial calculator during the 1980s, chances are it was this bad boy.",
+    ]);
+    expect(&text, 1, &[
+        "Texas Instruments TI-1795 SV Standard Function Calculator",
+        "Brand: Texas Instruments.",
+        "Categories: Office Electronics, Calculators, Basic.",
+    ]);
+    expect(&text, 2, &[
+        "Canon LS-85H Portable Display Calculator",
+        "Categories: Office Electronics, Calculators, Basic.",
+        "The Canon LS-85H calculator does what a simple calculator is supposed to do quite handily: it easily accomplishes basic mathematical functions via a keypad with practical key size and has provision for memory calculations, working with percentages, and finding square roots.",
+    ]);
+    expect(&text, 3, &[
+        "Avery Easy Peel Return Address Labels for Inkjet Printers, 0.5 x 1.75 Inches, White, Pack of 2000 (08167)",
+        "Brand: Avery.",
+        "Categories: Office & School Supplies, Labels, Indexes & Stamps, Labels & Stickers, Printer Labels: Laser & Inkjet.",
+    ]);
+    expect(&image, 2, &["Canon LS-85H Portable Display Calculator"]);
+    let _ = std::fs::remove_dir_all(d);
+    let _ = std::fs::remove_dir_all(model);
+}

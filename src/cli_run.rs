@@ -729,7 +729,10 @@ pub fn recommend_from(
 /// before the sentence model is loaded, then [`crate::featurize::run`].
 pub fn featurize(opts: &crate::featurize::FeaturizeOptions, overwrite: bool, quiet: bool, at: Where) -> Result<crate::featurize::Summary> {
     let name = opts.items.file_stem().and_then(|n| n.to_str()).unwrap_or("items").to_string();
-    let files = [opts.out.join(format!("{name}.features.safetensors")), opts.out.join(format!("{name}.items.txt"))];
+    let mut files = vec![opts.out.join(format!("{name}.features.safetensors")), opts.out.join(format!("{name}.items.txt"))];
+    if !opts.image_words_from.is_empty() {
+        files.push(opts.out.join(format!("{name}.image_words.tsv")));
+    }
     let mut inputs: Vec<(&str, &Path)> = vec![("--items", &opts.items), ("--model-dir", &opts.model_dir)];
     inputs.extend(opts.image_keywords.as_deref().map(|k| ("--image-keywords", k)));
     check_outputs(&files, &inputs, overwrite, "pass --overwrite to replace it")?;

@@ -25,6 +25,16 @@
 //! **Images.** With `image_keywords`, a file with one line per image, `ITEM_TOKEN<TAB>word word ...`,
 //! each image's words are embedded as one sentence; up to [`MAX_IMAGES`] images per item, in file order.
 //!
+//! **An image stand-in from text fields.** For data without images, `image_words_from` builds one
+//! keyword sentence per item from named fields (a stand-in for the paper's CLIP words, not image
+//! content): each spec is `FIELD` (the value as it is) or `FIELD>N` (the value's distinct words of
+//! more than N characters, in order of first appearance, compared case-insensitively; a word is a run
+//! of letters, digits, `'`, `-` and `&`, trimmed of the last three at its ends). The pieces are joined
+//! with spaces in the order given; an item whose pieces are all empty or missing gets no image
+//! (`image_len` 0). E.g. `title>3,brand`: "HP 12C Financial Calculator" by "HP" -> "Financial
+//! Calculator HP". The keyword lines are also written to `NAME.image_words.tsv` (the
+//! `image_keywords` format).
+//!
 //! **Output** (in `out`, created if needed, each file written atomically): `NAME.features.safetensors`
 //! with `text` [N, S, d] f32 (S = the largest sentence count, rows past an item's count zero) and
 //! `text_len` [N] int32, plus `image` [N, V, d] / `image_len` [N] with image keywords; and
@@ -69,6 +79,9 @@ pub struct FeaturizeOptions {
     pub max_sentences: usize,
     /// Optional image-keywords file: `ITEM_TOKEN<TAB>words` per line, one line per image.
     pub image_keywords: Option<PathBuf>,
+    /// An image stand-in: one keyword sentence per item from these field specs (`FIELD` or
+    /// `FIELD>N`, see the module docs); empty = none. Not together with `image_keywords`.
+    pub image_words_from: Vec<String>,
     /// BERT sentence model folder (model.safetensors + tokenizer.json).
     pub model_dir: PathBuf,
     /// Sentences per batch.
@@ -84,6 +97,7 @@ impl FeaturizeOptions {
             out: out.into(),
             max_sentences: DEFAULT_MAX_SENTENCES,
             image_keywords: None,
+            image_words_from: Vec::new(),
             model_dir: PathBuf::from(DEFAULT_MODEL_DIR),
             batch: crate::bert::DEFAULT_BATCH,
         }
@@ -96,6 +110,14 @@ pub struct Summary {
     /// Items (rows of the `.item` file).
     pub items: usize,
     pub items_with_text: usize,
+    /// Items by their number of text sentences: `text_len_histogram[k]` items have k sentences.
+    pub text_len_histogram: Vec<usize>,
+    /// Mean text sentences per item (over all items).
+    pub sentences_per_item: f64,
+    /// The stand-in's field specs when the image rows are keyword sentences built from text fields.
+    pub image_stand_in: Option<String>,
+    /// `NAME.image_words.tsv`, when the image rows come from `image_words_from`.
+    pub image_words: Option<PathBuf>,
     /// Sentences kept over all items, and how many were dropped past `max_sentences`.
     pub sentences: usize,
     pub sentences_dropped: usize,
@@ -385,6 +407,76 @@ pub fn read_image_keywords(path: &Path, tokens: &[String]) -> Result<(Vec<Vec<St
     Ok((images, dropped))
 }
 
+/// One piece of the image stand-in: `FIELD` or `FIELD>N` (see the module docs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WordsSpec {
+    pub field: String,
+    /// Keep only the distinct words longer than this many characters; `None`: the value as it is.
+    pub longer_than: Option<usize>,
+}
+
+impl WordsSpec {
+    pub fn parse(spec: &str) -> Result<WordsSpec> {
+        let bad = |why: &str| Error::Invalid(format!("--image-words-from \"{spec}\": {why} (expected FIELD or FIELD>N, e.g. title>3,brand)"));
+        let (field, n) = match spec.split_once('>') {
+            Some((f, n)) => (f.trim(), Some(n.trim().parse::<usize>().map_err(|_| bad("N is not a whole number"))?)),
+            None => (spec.trim(), None),
+        };
+        if field.is_empty() {
+            return Err(bad("empty field name"));
+        }
+        Ok(WordsSpec { field: field.to_string(), longer_than: n })
+    }
+
+    /// This spec's words of one value (empty for a missing value).
+    pub fn words(&self, value: &str) -> Vec<String> {
+        let value = value.trim();
+        if is_missing(value) {
+            return Vec::new();
+        }
+        let Some(n) = self.longer_than else { return vec![value.to_string()] };
+        let mut seen = std::collections::HashSet::new();
+        value
+            .split(|c: char| !(c.is_alphanumeric() || matches!(c, '\'' | '-' | '&')))
+            .map(|w| w.trim_matches(['\'', '-', '&']))
+            .filter(|w| w.chars().count() > n && seen.insert(w.to_lowercase()))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// The image stand-in: per item, one keyword sentence from the specs' fields (none when empty).
+pub fn item_keyword_images(table: &ItemTable, specs: &[WordsSpec], file: &Path) -> Result<Vec<Vec<String>>> {
+    let cols = specs
+        .iter()
+        .map(|s| {
+            table.field(&s.field).ok_or_else(|| Error::Data {
+                file: file.display().to_string(),
+                line: 1,
+                msg: format!("--image-words-from: no field `{}` in the header (fields: {})", s.field, table.fields.join(", ")),
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    Ok(table
+        .rows
+        .iter()
+        .map(|row| {
+            let words: Vec<String> = specs.iter().zip(&cols).flat_map(|(s, &c)| s.words(&row[c])).collect();
+            let line = words.join(" ").split_whitespace().collect::<Vec<_>>().join(" ");
+            if line.is_empty() {
+                Vec::new()
+            } else {
+                vec![line]
+            }
+        })
+        .collect())
+}
+
+/// Lines of an image-keywords file (`ITEM<TAB>words`, one per image).
+pub fn image_words_tsv(tokens: &[String], images: &[Vec<String>]) -> String {
+    tokens.iter().zip(images).flat_map(|(t, im)| im.iter().map(move |w| format!("{t}\t{w}\n"))).collect()
+}
+
 // ---- run ------------------------------------------------------------------------------------
 
 /// Pack per-item vectors into a [`Modality`]: [N, R, d] with R = max count (at least 1), counts [N].
@@ -421,13 +513,19 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
         opts.text_fields.iter().map(|s| FieldSpec::parse(s)).collect::<Result<_>>()?
     };
     let (text, sentences_dropped) = item_sentences(&table, &specs, opts.max_sentences, &opts.items)?;
-    let (images, images_dropped) = match &opts.image_keywords {
-        Some(p) => {
+    let stand_in: Vec<WordsSpec> = opts.image_words_from.iter().map(|s| WordsSpec::parse(s)).collect::<Result<_>>()?;
+    let (images, images_dropped) = match (&opts.image_keywords, stand_in.is_empty()) {
+        (Some(_), false) => {
+            return Err(Error::Invalid("--image-keywords and --image-words-from both give the image rows: pass one of them".into()))
+        }
+        (Some(p), true) => {
             let (im, d) = read_image_keywords(p, &table.tokens)?;
             (Some(im), d)
         }
-        None => (None, 0),
+        (None, false) => (Some(item_keyword_images(&table, &stand_in, &opts.items)?), 0),
+        (None, true) => (None, 0),
     };
+    let stand_in_spec = (!stand_in.is_empty()).then(|| opts.image_words_from.join(","));
 
     let mut encoder = SentenceEncoder::load(&opts.model_dir, dev)?;
     encoder.batch = opts.batch.max(1);
@@ -456,6 +554,7 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
         }).collect::<Vec<_>>(),
         "max_sentences": opts.max_sentences,
         "image_keywords": opts.image_keywords.as_ref().map(|p| p.display().to_string()),
+        "image_stand_in": stand_in_spec,
     });
     let meta: HashMap<String, String> = [("source".to_string(), source.to_string())].into_iter().collect();
     let bytes = features_bytes(Some(&text_m), image_m.as_ref(), meta)?;
@@ -464,6 +563,14 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
     let items_txt = opts.out.join(format!("{name}.items.txt"));
     write_atomic(&features, &bytes)?;
     write_atomic(&items_txt, table.tokens.iter().map(|t| format!("{t}\n")).collect::<String>().as_bytes())?;
+    let image_words = match (&stand_in_spec, &images) {
+        (Some(_), Some(im)) => {
+            let p = opts.out.join(format!("{name}.image_words.tsv"));
+            write_atomic(&p, image_words_tsv(&table.tokens, im).as_bytes())?;
+            Some(p)
+        }
+        _ => None,
+    };
     let mut inter_copied = None;
     let inter_src = opts.items.with_file_name(format!("{name}.inter"));
     let inter_dst = opts.out.join(format!("{name}.inter"));
@@ -475,10 +582,18 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
 
     let count = |v: &[Vec<String>]| (v.iter().map(Vec::len).sum::<usize>(), v.iter().filter(|s| !s.is_empty()).count());
     let (sentences, items_with_text) = count(&text);
+    let mut text_len_histogram = vec![0usize; text.iter().map(Vec::len).max().unwrap_or(0) + 1];
+    for t in &text {
+        text_len_histogram[t.len()] += 1;
+    }
     let (n_images, items_with_images) = images.as_deref().map(count).unwrap_or((0, 0));
     Ok(Summary {
         items: n,
         items_with_text,
+        text_len_histogram,
+        sentences_per_item: sentences as f64 / n.max(1) as f64,
+        image_stand_in: stand_in_spec,
+        image_words,
         sentences,
         sentences_dropped,
         images: n_images,

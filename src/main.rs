@@ -226,6 +226,9 @@ enum Cmd {
         /// One line per image: item token, TAB, space-separated keywords (e.g. from CLIP).
         #[arg(long)]
         image_keywords: Option<PathBuf>,
+        /// Data without images: one keyword sentence per item as an image stand-in, from FIELD (as it is) or FIELD>N (its distinct words longer than N characters); repeatable or comma-separated, e.g. title>3,brand.
+        #[arg(long = "image-words-from", value_name = "FIELD[>N]", value_delimiter = ',', conflicts_with = "image_keywords")]
+        image_words_from: Vec<String>,
         /// A BERT sentence model folder (model.safetensors, tokenizer.json, config.json); see tools/get_minilm.sh.
         #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
         model_dir: PathBuf,
@@ -445,21 +448,35 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Featurize { items, out, text_fields, max_sentences, image_keywords, model_dir, batch, json, overwrite } => {
-            let opts = msm4sr::featurize::FeaturizeOptions { items, text_fields, out, max_sentences, image_keywords, model_dir, batch };
+        Cmd::Featurize { items, out, text_fields, max_sentences, image_keywords, image_words_from, model_dir, batch, json, overwrite } => {
+            let opts =
+                msm4sr::featurize::FeaturizeOptions { items, text_fields, out, max_sentences, image_keywords, image_words_from, model_dir, batch };
             let s = cli_run::featurize(&opts, overwrite, json, at)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap());
             } else {
                 println!(
-                    "wrote {}: text {:?}, {} sentences ({} distinct), {:.0} sentences/s on {}",
+                    "wrote {}: text {:?}, {} sentences ({} distinct), {:.0} sentences/s on {}, {:.1} s in all",
                     s.features.display(),
                     s.text_shape,
                     s.sentences,
                     s.distinct_sentences,
                     s.sentences_per_s,
-                    s.device
+                    s.device,
+                    s.total_seconds
                 );
+                let hist: Vec<String> = s.text_len_histogram.iter().enumerate().map(|(k, n)| format!("{k}:{n}")).collect();
+                println!("sentences per item: mean {:.2}; items by count {}", s.sentences_per_item, hist.join(" "));
+                if let Some(shape) = s.image_shape {
+                    let what = match &s.image_stand_in {
+                        Some(spec) => format!("a keyword stand-in from {spec}, not image content"),
+                        None => "image keywords".to_string(),
+                    };
+                    println!("image {shape:?}: {} of {} items, {what}", s.items_with_images, s.items);
+                }
+                if let Some(p) = &s.image_words {
+                    println!("keyword lines: {}", p.display());
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
