@@ -997,7 +997,7 @@ mod tests {
         let mut values: Vec<f64> = (1..=200u32).flat_map(|n| (0..=n).map(move |k| k as f64 / n as f64)).collect();
         values.extend((0..20_000).map(|_| rng.random::<f64>()));
         values.extend((0..2_000).map(|_| rng.random::<f64>() * 1e3 - 5e2));
-        let metrics = |x: f64| Metrics { recall5: x, recall10: x / 3.0, recall20: x, recall50: None, ndcg5: x / 7.0, ndcg10: x / 9.0, ndcg20: x / 11.0, users: 0 };
+        let metrics = |x: f64| Metrics { recall5: x, recall10: x / 3.0, recall20: x, recall50: None, ndcg5: x / 7.0, ndcg10: x / 9.0, ndcg20: x / 11.0, ndcg50: None, users: 0 };
         for chunk in values.chunks(500) {
             let history: Vec<EpochRecord> = chunk
                 .iter()
