@@ -327,27 +327,39 @@ fn office_features_command_builds_the_stated_sentences() {
             assert!(cosine(&row(m, i, j), w) > 0.99999, "item {i} row {j}: {:?}", sentences[j]);
         }
     };
-    expect(&text, 0, &[
-        "HP 12C Financial Calculator",
-        "Brand: HP.",
-        "Categories: Office Electronics, Calculators, Scientific.",
-        "If you bought yourself a financial calculator during the 1980s, chances are it was this bad boy.",
-    ]);
-    expect(&text, 1, &[
-        "Texas Instruments TI-1795 SV Standard Function Calculator",
-        "Brand: Texas Instruments.",
-        "Categories: Office Electronics, Calculators, Basic.",
-    ]);
+    expect(
+        &text,
+        0,
+        &[
+            "HP 12C Financial Calculator",
+            "Brand: HP.",
+            "Categories: Office Electronics, Calculators, Scientific.",
+            "If you bought yourself a financial calculator during the 1980s, chances are it was this bad boy.",
+        ],
+    );
+    expect(
+        &text,
+        1,
+        &[
+            "Texas Instruments TI-1795 SV Standard Function Calculator",
+            "Brand: Texas Instruments.",
+            "Categories: Office Electronics, Calculators, Basic.",
+        ],
+    );
     expect(&text, 2, &[
         "Canon LS-85H Portable Display Calculator",
         "Categories: Office Electronics, Calculators, Basic.",
         "The Canon LS-85H calculator does what a simple calculator is supposed to do quite handily: it easily accomplishes basic mathematical functions via a keypad with practical key size and has provision for memory calculations, working with percentages, and finding square roots.",
     ]);
-    expect(&text, 3, &[
-        "Avery Easy Peel Return Address Labels for Inkjet Printers, 0.5 x 1.75 Inches, White, Pack of 2000 (08167)",
-        "Brand: Avery.",
-        "Categories: Office & School Supplies, Labels, Indexes & Stamps, Labels & Stickers, Printer Labels: Laser & Inkjet.",
-    ]);
+    expect(
+        &text,
+        3,
+        &[
+            "Avery Easy Peel Return Address Labels for Inkjet Printers, 0.5 x 1.75 Inches, White, Pack of 2000 (08167)",
+            "Brand: Avery.",
+            "Categories: Office & School Supplies, Labels, Indexes & Stamps, Labels & Stickers, Printer Labels: Laser & Inkjet.",
+        ],
+    );
     expect(&image, 2, &["Canon LS-85H Portable Display Calculator"]);
     let _ = std::fs::remove_dir_all(d);
     let _ = std::fs::remove_dir_all(model);

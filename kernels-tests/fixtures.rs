@@ -134,6 +134,8 @@ fn sasrec_layer() {
             p_hidden: 0.2,
             p_attn: 0.2,
             causal: true,
+            pre_ln: false,
+            act: msm4sr::nn::Activation::Gelu,
         };
         // PyTorch's layer runs on the padded batch; the ragged path is checked against this one.
         layer.forward_padded(&x["x"], &idx(c, "lens"), false, &mut Seeds::new(0))

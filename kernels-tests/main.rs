@@ -3,6 +3,7 @@
 //! adapter wgpu picks (in CI: Mesa lavapipe); set MSM4SR_ADAPTER to choose one.
 
 mod bert;
+mod clip;
 mod e2e;
 mod fixtures;
 mod workloads;
@@ -48,6 +49,7 @@ op_tests!(
     add,
     mul,
     gelu,
+    quick_gelu,
     dropout,
     sum,
     layernorm,

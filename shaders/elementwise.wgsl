@@ -4,6 +4,7 @@
 //   scale:   out = alpha * a
 //   bcast:   out = b[i % nb]              (broadcast b up to n elements)
 //   gelu_fwd/gelu_bwd: erf-GELU and its derivative
+//   quick_gelu_fwd/quick_gelu_bwd: x * sigmoid(1.702 x) (CLIP) and its derivative
 //   dropout: out = a * keep(seed, i) / (1 - p); the mask is recomputed from (seed, i) in backward
 //   dropout_rows: as dropout on rows of nb channels, element (r, c) keyed on keys[r] * nb + c
 //   copy:    out = a
@@ -67,6 +68,24 @@ fn gelu_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     let x = a[i];
     let pdf = 0.3989422804014327 * exp(-0.5 * x * x);
     out[i] = b[i] * (norm_cdf(x) + x * pdf);
+}
+
+@compute @workgroup_size(WG)
+fn quick_gelu_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = lin(gid, nwg);
+    if (i >= prm.n) { return; }
+    let x = a[i];
+    out[i] = x / (1.0 + exp(-1.702 * x));
+}
+
+// b = upstream gradient, a = forward input x.
+@compute @workgroup_size(WG)
+fn quick_gelu_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = lin(gid, nwg);
+    if (i >= prm.n) { return; }
+    let x = a[i];
+    let s = 1.0 / (1.0 + exp(-1.702 * x));
+    out[i] = b[i] * s * (1.0 + 1.702 * x * (1.0 - s));
 }
 
 @compute @workgroup_size(WG)

@@ -103,7 +103,7 @@ fn invalid(msg: impl Into<String>) -> Error {
     Error::Invalid(msg.into())
 }
 
-fn data_err(file: &Path, msg: impl Into<String>) -> Error {
+pub(crate) fn data_err(file: &Path, msg: impl Into<String>) -> Error {
     Error::Data { file: file.display().to_string(), line: 0, msg: msg.into() }
 }
 
@@ -115,20 +115,21 @@ fn missing(path: &Path) -> Error {
     ))
 }
 
-/// The tensors of a `model.safetensors`, names without their prefix, values as f32.
-struct Weights<'a> {
-    st: SafeTensors<'a>,
-    prefix: String,
-    file: PathBuf,
+/// The tensors of a `model.safetensors`, names without their prefix, values as f32 (also read by
+/// [`crate::clip`]).
+pub(crate) struct Weights<'a> {
+    pub(crate) st: SafeTensors<'a>,
+    pub(crate) prefix: String,
+    pub(crate) file: PathBuf,
 }
 
 impl Weights<'_> {
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+    pub(crate) fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.st.tensor(&format!("{}{name}", self.prefix)).ok().map(|t| t.shape().to_vec())
     }
 
     /// Tensor `name` as f32, checked against `shape`.
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let full = format!("{}{name}", self.prefix);
         let t = self.st.tensor(&full).map_err(|_| data_err(&self.file, format!("tensor `{full}` is missing")))?;
         if t.shape() != shape {
@@ -143,28 +144,34 @@ impl Weights<'_> {
         })
     }
 
-    fn upload(&self, name: &str, shape: &[usize], dev: Device) -> Result<Tensor> {
+    pub(crate) fn upload(&self, name: &str, shape: &[usize], dev: Device) -> Result<Tensor> {
         Tensor::from_vec(self.get(name, shape)?, shape, dev)
     }
 
     /// An HF linear layer `name` (weight (out, in), bias (out)) with the engine's (in, out) weight.
-    fn linear(&self, name: &str, inp: usize, out: usize, dev: Device) -> Result<Linear> {
-        let w = self.get(&format!("{name}.weight"), &[out, inp])?;
-        let mut wt = vec![0.0f32; w.len()];
-        for o in 0..out {
-            for i in 0..inp {
-                wt[i * out + o] = w[o * inp + i];
-            }
-        }
-        Ok(Linear { w: Tensor::from_vec(wt, &[inp, out], dev)?, b: Some(self.upload(&format!("{name}.bias"), &[out], dev)?) })
+    pub(crate) fn linear(&self, name: &str, inp: usize, out: usize, dev: Device) -> Result<Linear> {
+        let w = self.transposed(&format!("{name}.weight"), out, inp, dev)?;
+        Ok(Linear { w, b: Some(self.upload(&format!("{name}.bias"), &[out], dev)?) })
     }
 
-    fn layernorm(&self, name: &str, n: usize, eps: f32, dev: Device) -> Result<LayerNorm> {
+    /// Tensor `name` (rows, cols) transposed to (cols, rows): an HF (out, in) weight in the engine's layout.
+    pub(crate) fn transposed(&self, name: &str, rows: usize, cols: usize, dev: Device) -> Result<Tensor> {
+        let w = self.get(name, &[rows, cols])?;
+        let mut wt = vec![0.0f32; w.len()];
+        for o in 0..rows {
+            for i in 0..cols {
+                wt[i * rows + o] = w[o * cols + i];
+            }
+        }
+        Tensor::from_vec(wt, &[cols, rows], dev)
+    }
+
+    pub(crate) fn layernorm(&self, name: &str, n: usize, eps: f32, dev: Device) -> Result<LayerNorm> {
         Ok(LayerNorm { g: self.upload(&format!("{name}.weight"), &[n], dev)?, b: self.upload(&format!("{name}.bias"), &[n], dev)?, eps })
     }
 }
 
-fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+pub(crate) fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
     }
@@ -274,6 +281,8 @@ impl SentenceEncoder {
                 p_hidden: 0.0,
                 p_attn: 0.0,
                 causal: false,
+                pre_ln: false,
+                act: crate::nn::Activation::Gelu,
             });
         }
 
@@ -413,12 +422,19 @@ impl SentenceEncoder {
 
 /// A progress bar over `n` sentences showing sentences/s (hidden when `quiet`).
 pub fn progress_bar(n: usize, quiet: bool) -> ProgressBar {
+    progress_bar_of(n, "sentences", quiet)
+}
+
+/// A progress bar over `n` things called `unit`, showing their rate and the time left.
+pub fn progress_bar_of(n: usize, unit: &str, quiet: bool) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(n as u64);
     bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} sentences {per_sec} ETA {eta}").unwrap().progress_chars("=> "),
+        ProgressStyle::with_template(&format!("{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}}"))
+            .unwrap()
+            .progress_chars("=> "),
     );
     bar.set_prefix("embedding");
     bar

@@ -730,11 +730,14 @@ pub fn recommend_from(
 pub fn featurize(opts: &crate::featurize::FeaturizeOptions, overwrite: bool, quiet: bool, at: Where) -> Result<crate::featurize::Summary> {
     let name = opts.items.file_stem().and_then(|n| n.to_str()).unwrap_or("items").to_string();
     let mut files = vec![opts.out.join(format!("{name}.features.safetensors")), opts.out.join(format!("{name}.items.txt"))];
-    if !opts.image_words_from.is_empty() {
+    if !opts.image_words_from.is_empty() || opts.images.is_some() {
         files.push(opts.out.join(format!("{name}.image_words.tsv")));
     }
     let mut inputs: Vec<(&str, &Path)> = vec![("--items", &opts.items), ("--model-dir", &opts.model_dir)];
     inputs.extend(opts.image_keywords.as_deref().map(|k| ("--image-keywords", k)));
+    inputs.extend(opts.images.as_deref().map(|k| ("--images", k)));
+    inputs.extend(opts.clip.as_deref().map(|k| ("--clip", k)));
+    inputs.extend(opts.vocab.as_deref().map(|k| ("--vocab", k)));
     check_outputs(&files, &inputs, overwrite, "pass --overwrite to replace it")?;
     let (dev, desc) = at.resolve()?;
     eprintln!("device: {desc}");

@@ -25,6 +25,17 @@
 //! **Images.** With `image_keywords`, a file with one line per image, `ITEM_TOKEN<TAB>word word ...`,
 //! each image's words are embedded as one sentence; up to [`MAX_IMAGES`] images per item, in file order.
 //!
+//! **Images through CLIP** (the paper's eq. 2). With `images` (a TSV of `ITEM<TAB>PATH` lines or a
+//! folder of `ITEM.ext` / `ITEM_k.ext` files; see [`crate::images`]) and `clip` (a Hugging Face CLIP
+//! folder; [`crate::clip`]), every image is preprocessed as CLIP's processor does, embedded by the
+//! vision tower, and its `top_n` words of the dictionary ([`crate::clip_words`]: `vocab`, or the
+//! words of the text fields) joined in rank order become its sentence; up to 10 images per item.
+//! An image that cannot be read is reported (item, path, reason) and skipped; an item without a
+//! readable image gets `image_len` 0. The words and their cosines are written to
+//! `NAME.image_words.tsv` (`ITEM<TAB>words<TAB>cosines`, one line per image; the first two columns
+//! are the `image_keywords` format) and the dictionary's embeddings are cached in
+//! `NAME.clip_words.safetensors`.
+//!
 //! **An image stand-in from text fields.** For data without images, `image_words_from` builds one
 //! keyword sentence per item from named fields (a stand-in for the paper's CLIP words, not image
 //! content): each spec is `FIELD` (the value as it is) or `FIELD>N` (the value's distinct words of
@@ -82,6 +93,16 @@ pub struct FeaturizeOptions {
     /// An image stand-in: one keyword sentence per item from these field specs (`FIELD` or
     /// `FIELD>N`, see the module docs); empty = none. Not together with `image_keywords`.
     pub image_words_from: Vec<String>,
+    /// Item images (a TSV or a folder) to turn into words with `clip`.
+    pub images: Option<PathBuf>,
+    /// A CLIP model folder (needed with `images`).
+    pub clip: Option<PathBuf>,
+    /// The word dictionary for CLIP (one per line); default: the words of the text fields.
+    pub vocab: Option<PathBuf>,
+    /// Words per image (the paper's N).
+    pub top_n: usize,
+    /// How a word is put to CLIP's text tower (`{}` = the word).
+    pub word_template: String,
     /// BERT sentence model folder (model.safetensors + tokenizer.json).
     pub model_dir: PathBuf,
     /// Sentences per batch.
@@ -98,6 +119,11 @@ impl FeaturizeOptions {
             max_sentences: DEFAULT_MAX_SENTENCES,
             image_keywords: None,
             image_words_from: Vec::new(),
+            images: None,
+            clip: None,
+            vocab: None,
+            top_n: crate::clip_words::DEFAULT_TOP_N,
+            word_template: crate::clip_words::DEFAULT_TEMPLATE.to_string(),
             model_dir: PathBuf::from(DEFAULT_MODEL_DIR),
             batch: crate::bert::DEFAULT_BATCH,
         }
@@ -116,8 +142,15 @@ pub struct Summary {
     pub sentences_per_item: f64,
     /// The stand-in's field specs when the image rows are keyword sentences built from text fields.
     pub image_stand_in: Option<String>,
-    /// `NAME.image_words.tsv`, when the image rows come from `image_words_from`.
+    /// `NAME.image_words.tsv`, when the image rows come from `image_words_from` or CLIP.
     pub image_words: Option<PathBuf>,
+    /// CLIP: images that could not be read (item, path, reason), skipped.
+    pub images_skipped: Vec<crate::images::Skipped>,
+    /// CLIP: the dictionary's size, whether its embeddings came from the cache, and the images
+    /// embedded per second (reading and preprocessing included).
+    pub clip_dictionary: Option<usize>,
+    pub clip_words_cached: Option<bool>,
+    pub clip_images_per_s: Option<f64>,
     /// Sentences kept over all items, and how many were dropped past `max_sentences`.
     pub sentences: usize,
     pub sentences_dropped: usize,
@@ -394,7 +427,8 @@ pub fn read_image_keywords(path: &Path, tokens: &[String]) -> Result<(Vec<Vec<St
         let Some(&i) = index.get(tok) else {
             return data_err(path, k + 1, format!("item \"{tok}\" is not in the .item file"));
         };
-        let words: Vec<&str> = words.split_whitespace().collect();
+        // A third column (the cosines in NAME.image_words.tsv) is not part of the words.
+        let words: Vec<&str> = words.split('\t').next().unwrap_or("").split_whitespace().collect();
         if words.is_empty() {
             return data_err(path, k + 1, format!("image of item \"{tok}\" has no words"));
         }
@@ -417,7 +451,8 @@ pub struct WordsSpec {
 
 impl WordsSpec {
     pub fn parse(spec: &str) -> Result<WordsSpec> {
-        let bad = |why: &str| Error::Invalid(format!("--image-words-from \"{spec}\": {why} (expected FIELD or FIELD>N, e.g. title>3,brand)"));
+        let bad =
+            |why: &str| Error::Invalid(format!("--image-words-from \"{spec}\": {why} (expected FIELD or FIELD>N, e.g. title>3,brand)"));
         let (field, n) = match spec.split_once('>') {
             Some((f, n)) => (f.trim(), Some(n.trim().parse::<usize>().map_err(|_| bad("N is not a whole number"))?)),
             None => (spec.trim(), None),
@@ -491,6 +526,110 @@ fn pack(per_item: &[Vec<String>], emb: &HashMap<&str, &[f32]>, d: usize) -> Moda
     Modality { rows, dim: d, data, lens: per_item.iter().map(|s| s.len() as u32).collect() }
 }
 
+/// What the CLIP path of [`run`] produced.
+struct ClipImages {
+    /// Per item, one sentence (the top words) per readable image.
+    per_item: Vec<Vec<String>>,
+    dropped: usize,
+    /// `NAME.image_words.tsv`.
+    lines: String,
+    skipped: Vec<crate::images::Skipped>,
+    dictionary: usize,
+    cached: bool,
+    images_per_s: f64,
+}
+
+/// Images per chunk read, preprocessed and embedded at once (bounds the memory of the pixels).
+const IMAGE_CHUNK: usize = 64;
+
+/// Images -> CLIP image embeddings -> the top-N words of the dictionary, per image (see the module docs).
+#[allow(clippy::too_many_arguments)]
+fn clip_images(
+    opts: &FeaturizeOptions,
+    spec: &Path,
+    table: &ItemTable,
+    specs: &[FieldSpec],
+    name: &str,
+    dev: Device,
+    quiet: bool,
+) -> Result<ClipImages> {
+    use crate::clip_words::{dictionary_from_items, read_vocab, WordBank};
+    use crate::images::{list_images, preprocess_file, ImageSource, Skipped};
+    use rayon::prelude::*;
+
+    crate::clip_words::check_template(&opts.word_template)?;
+    if opts.top_n == 0 {
+        return Err(Error::Invalid("--top-n must be at least 1".into()));
+    }
+    let list = list_images(&ImageSource::parse(spec)?, &table.tokens)?;
+    for (tok, path) in list.unknown.iter().take(5) {
+        crate::console::line(&format!("warning: {}: item \"{tok}\" is not in {}; skipped", path.display(), opts.items.display()));
+    }
+    if list.unknown.len() > 5 {
+        crate::console::line(&format!("warning: {} more images of unknown items skipped", list.unknown.len() - 5));
+    }
+    let clip = crate::clip::Clip::load(opts.clip.as_deref().expect("checked by run"), dev)?;
+    let words = match &opts.vocab {
+        Some(v) => read_vocab(v)?,
+        None => {
+            let cols: Vec<usize> = specs.iter().filter_map(|s| table.field(&s.name)).collect();
+            dictionary_from_items(table.rows.iter().map(|row| cols.iter().map(|&c| row[c].as_str()).collect()))
+        }
+    };
+    let bank = WordBank::build(&clip, words, &opts.word_template, &opts.out.join(format!("{name}.clip_words.safetensors")), quiet)?;
+
+    let all: Vec<(usize, &PathBuf)> = list.per_item.iter().enumerate().flat_map(|(i, ps)| ps.iter().map(move |p| (i, p))).collect();
+    let bar = crate::bert::progress_bar_of(all.len(), "images", quiet);
+    bar.set_prefix("CLIP images");
+    let t0 = Instant::now();
+    let mut per_item = vec![Vec::new(); table.tokens.len()];
+    let mut lines = String::new();
+    let mut skipped = Vec::new();
+    for chunk in all.chunks(IMAGE_CHUNK) {
+        let loaded: Vec<std::result::Result<Vec<f32>, String>> =
+            chunk.par_iter().map(|(_, p)| preprocess_file(p, &clip.processor).map_err(|e| e.to_string())).collect();
+        let mut ok = Vec::new();
+        let mut pixels = Vec::new();
+        for ((item, path), r) in chunk.iter().zip(loaded) {
+            match r {
+                Ok(px) => {
+                    ok.push((*item, *path));
+                    pixels.push(px);
+                }
+                Err(reason) => {
+                    skipped.push(Skipped { item: table.tokens[*item].clone(), path: (*path).clone(), reason });
+                    bar.inc(1);
+                }
+            }
+        }
+        let embeds = clip.encode_pixels(&pixels, &bar)?;
+        for ((item, _), e) in ok.iter().zip(&embeds) {
+            let top = bank.top_words(e, opts.top_n);
+            let sentence = top.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>().join(" ");
+            let scores = top.iter().map(|(_, s)| format!("{s:.4}")).collect::<Vec<_>>().join(" ");
+            lines += &format!("{}\t{sentence}\t{scores}\n", table.tokens[*item]);
+            per_item[*item].push(sentence);
+        }
+    }
+    bar.finish_and_clear();
+    for s in skipped.iter().take(10) {
+        crate::console::line(&format!("warning: image of item \"{}\" skipped: {}: {}", s.item, s.path.display(), s.reason));
+    }
+    if skipped.len() > 10 {
+        crate::console::line(&format!("warning: {} more images skipped (all listed in --json)", skipped.len() - 10));
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(ClipImages {
+        per_item,
+        dropped: list.dropped,
+        lines,
+        skipped,
+        dictionary: bank.words.len(),
+        cached: bank.cached,
+        images_per_s: all.len() as f64 / seconds.max(1e-9),
+    })
+}
+
 /// Embed the text (and image keywords) of every item of `opts.items` and write the features; see
 /// the module docs. `quiet` hides the progress bar.
 pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary> {
@@ -514,16 +653,27 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
     };
     let (text, sentences_dropped) = item_sentences(&table, &specs, opts.max_sentences, &opts.items)?;
     let stand_in: Vec<WordsSpec> = opts.image_words_from.iter().map(|s| WordsSpec::parse(s)).collect::<Result<_>>()?;
-    let (images, images_dropped) = match (&opts.image_keywords, stand_in.is_empty()) {
-        (Some(_), false) => {
-            return Err(Error::Invalid("--image-keywords and --image-words-from both give the image rows: pass one of them".into()))
-        }
-        (Some(p), true) => {
+    let sources = [opts.image_keywords.is_some(), !stand_in.is_empty(), opts.images.is_some()].iter().filter(|&&b| b).count();
+    if sources > 1 {
+        return Err(Error::Invalid("--image-keywords, --image-words-from and --images each give the image rows: pass one of them".into()));
+    }
+    if opts.images.is_some() != opts.clip.is_some() {
+        return Err(Error::Invalid("--images and --clip go together: the images are turned into words by the CLIP model".into()));
+    }
+    let mut clip_run = None;
+    let (images, images_dropped) = match (&opts.image_keywords, stand_in.is_empty(), &opts.images) {
+        (Some(p), _, _) => {
             let (im, d) = read_image_keywords(p, &table.tokens)?;
             (Some(im), d)
         }
-        (None, false) => (Some(item_keyword_images(&table, &stand_in, &opts.items)?), 0),
-        (None, true) => (None, 0),
+        (None, false, _) => (Some(item_keyword_images(&table, &stand_in, &opts.items)?), 0),
+        (None, true, Some(spec)) => {
+            let c = clip_images(opts, spec, &table, &specs, &name, dev, quiet)?;
+            let (im, d) = (c.per_item.clone(), c.dropped);
+            clip_run = Some(c);
+            (Some(im), d)
+        }
+        (None, true, None) => (None, 0),
     };
     let stand_in_spec = (!stand_in.is_empty()).then(|| opts.image_words_from.join(","));
 
@@ -555,6 +705,11 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
         "max_sentences": opts.max_sentences,
         "image_keywords": opts.image_keywords.as_ref().map(|p| p.display().to_string()),
         "image_stand_in": stand_in_spec,
+        "images": opts.images.as_ref().map(|p| p.display().to_string()),
+        "clip": opts.clip.as_ref().map(|p| p.display().to_string()),
+        "clip_top_n": opts.images.as_ref().map(|_| opts.top_n),
+        "clip_word_template": opts.images.as_ref().map(|_| opts.word_template.clone()),
+        "clip_vocab": opts.vocab.as_ref().map(|p| p.display().to_string()),
     });
     let meta: HashMap<String, String> = [("source".to_string(), source.to_string())].into_iter().collect();
     let bytes = features_bytes(Some(&text_m), image_m.as_ref(), meta)?;
@@ -563,13 +718,18 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
     let items_txt = opts.out.join(format!("{name}.items.txt"));
     write_atomic(&features, &bytes)?;
     write_atomic(&items_txt, table.tokens.iter().map(|t| format!("{t}\n")).collect::<String>().as_bytes())?;
-    let image_words = match (&stand_in_spec, &images) {
-        (Some(_), Some(im)) => {
+    let words_tsv = match (&stand_in_spec, &images, &clip_run) {
+        (_, _, Some(c)) => Some(c.lines.clone()),
+        (Some(_), Some(im), None) => Some(image_words_tsv(&table.tokens, im)),
+        _ => None,
+    };
+    let image_words = match words_tsv {
+        Some(text) => {
             let p = opts.out.join(format!("{name}.image_words.tsv"));
-            write_atomic(&p, image_words_tsv(&table.tokens, im).as_bytes())?;
+            write_atomic(&p, text.as_bytes())?;
             Some(p)
         }
-        _ => None,
+        None => None,
     };
     let mut inter_copied = None;
     let inter_src = opts.items.with_file_name(format!("{name}.inter"));
@@ -594,6 +754,10 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
         sentences_per_item: sentences as f64 / n.max(1) as f64,
         image_stand_in: stand_in_spec,
         image_words,
+        images_skipped: clip_run.as_ref().map(|c| c.skipped.clone()).unwrap_or_default(),
+        clip_dictionary: clip_run.as_ref().map(|c| c.dictionary),
+        clip_words_cached: clip_run.as_ref().map(|c| c.cached),
+        clip_images_per_s: clip_run.as_ref().map(|c| c.images_per_s),
         sentences,
         sentences_dropped,
         images: n_images,

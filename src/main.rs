@@ -229,6 +229,21 @@ enum Cmd {
         /// Data without images: one keyword sentence per item as an image stand-in, from FIELD (as it is) or FIELD>N (its distinct words longer than N characters); repeatable or comma-separated, e.g. title>3,brand.
         #[arg(long = "image-words-from", value_name = "FIELD[>N]", value_delimiter = ',', conflicts_with = "image_keywords")]
         image_words_from: Vec<String>,
+        /// Item images to turn into words with --clip: a TSV of ITEM<TAB>PATH lines, or a folder of ITEM.ext / ITEM_k.ext files (jpg, png, webp).
+        #[arg(long, value_name = "TSV|DIR", conflicts_with_all = ["image_keywords", "image_words_from"], requires = "clip")]
+        images: Option<PathBuf>,
+        /// A Hugging Face CLIP model folder (config.json, model.safetensors, tokenizer.json, preprocessor_config.json).
+        #[arg(long, value_name = "DIR", requires = "images")]
+        clip: Option<PathBuf>,
+        /// The words CLIP chooses from, one per line (default: the words of the text fields seen in at least 2 items).
+        #[arg(long, value_name = "FILE", requires = "images")]
+        vocab: Option<PathBuf>,
+        /// Words per image (the paper's N).
+        #[arg(long, default_value_t = 15)]
+        top_n: usize,
+        /// How a word is put to CLIP's text tower; {} is the word (e.g. "a photo of {}.").
+        #[arg(long, default_value = "{}")]
+        word_template: String,
         /// A BERT sentence model folder (model.safetensors, tokenizer.json, config.json); see tools/get_minilm.sh.
         #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
         model_dir: PathBuf,
@@ -362,6 +377,9 @@ enum Cmd {
         /// Also validate and time every GPU matmul kernel variant side by side.
         #[arg(long)]
         matmul_variants: bool,
+        /// Also time CLIP inference (images/s through the vision tower, texts/s through the text tower) with this model folder.
+        #[arg(long, value_name = "DIR")]
+        clip: Option<PathBuf>,
     },
 }
 
@@ -448,9 +466,38 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Featurize { items, out, text_fields, max_sentences, image_keywords, image_words_from, model_dir, batch, json, overwrite } => {
-            let opts =
-                msm4sr::featurize::FeaturizeOptions { items, text_fields, out, max_sentences, image_keywords, image_words_from, model_dir, batch };
+        Cmd::Featurize {
+            items,
+            out,
+            text_fields,
+            max_sentences,
+            image_keywords,
+            image_words_from,
+            images,
+            clip,
+            vocab,
+            top_n,
+            word_template,
+            model_dir,
+            batch,
+            json,
+            overwrite,
+        } => {
+            let opts = msm4sr::featurize::FeaturizeOptions {
+                items,
+                text_fields,
+                out,
+                max_sentences,
+                image_keywords,
+                image_words_from,
+                images,
+                clip,
+                vocab,
+                top_n,
+                word_template,
+                model_dir,
+                batch,
+            };
             let s = cli_run::featurize(&opts, overwrite, json, at)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap());
@@ -468,9 +515,17 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 let hist: Vec<String> = s.text_len_histogram.iter().enumerate().map(|(k, n)| format!("{k}:{n}")).collect();
                 println!("sentences per item: mean {:.2}; items by count {}", s.sentences_per_item, hist.join(" "));
                 if let Some(shape) = s.image_shape {
-                    let what = match &s.image_stand_in {
-                        Some(spec) => format!("a keyword stand-in from {spec}, not image content"),
-                        None => "image keywords".to_string(),
+                    let what = match (&s.image_stand_in, s.clip_images_per_s) {
+                        (Some(spec), _) => format!("a keyword stand-in from {spec}, not image content"),
+                        (None, Some(ips)) => format!(
+                            "CLIP words of {} images ({:.1} images/s; dictionary of {} words{}), {} images skipped",
+                            s.images,
+                            ips,
+                            s.clip_dictionary.unwrap_or(0),
+                            if s.clip_words_cached == Some(true) { ", from the cache" } else { "" },
+                            s.images_skipped.len()
+                        ),
+                        (None, None) => "image keywords".to_string(),
                     };
                     println!("image {shape:?}: {} of {} items, {what}", s.items_with_images, s.items);
                 }
@@ -552,7 +607,7 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             }
             Ok(if results.iter().all(|r| r.pass) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Cmd::Bench { json, secs, quick, bert, no_steps, model_dir, sentences, matmul_variants } => {
+        Cmd::Bench { json, secs, quick, bert, no_steps, model_dir, sentences, matmul_variants, clip } => {
             let (dev, desc) = cli.device.resolve(named)?;
             eprintln!("bench on {desc}");
             let quick = quick || (dev == Device::Gpu && gpu::gpu()?.adapter.is_software());
@@ -576,6 +631,21 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                     gflops: None,
                     iters: 1,
                 });
+            }
+            if let Some(dir) = &clip {
+                let r = msm4sr::clip::bench(dir, dev, if quick { 8 } else { 64 }, if quick { 64 } else { 512 })?;
+                for (name, n, what, s) in
+                    [("clip-image", r.images, "images", r.image_seconds), ("clip-text", r.texts, "texts", r.text_seconds)]
+                {
+                    results.push(bench::BenchResult {
+                        name: name.into(),
+                        shape: format!("{n} {what} ({:.1} {what}/s)", n as f64 / s.max(1e-9)),
+                        device: bench::device_name(dev),
+                        seconds: s / n.max(1) as f64,
+                        gflops: None,
+                        iters: 1,
+                    });
+                }
             }
             if json {
                 println!(

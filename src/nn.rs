@@ -9,7 +9,7 @@ use rand::Rng;
 
 use crate::engine::ops::{
     add, add_layernorm, attention_masked, attention_pool, attention_ragged, concat, dropout, dropout_rows, embedding, gather_last, gelu,
-    info_nce, l2norm, layernorm, linear, linear_gelu, matmul, moe, scale,
+    info_nce, l2norm, layernorm, linear, linear_gelu, matmul, moe, quick_gelu, scale,
 };
 use crate::engine::{Device, Indices, Ragged, Tensor};
 use crate::Result;
@@ -101,9 +101,19 @@ impl LayerNorm {
     }
 }
 
-/// One post-LN transformer layer exactly as RecBole's SASRec (causal) and BERT (bidirectional)
+/// The feed-forward activation of a [`TransformerLayer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// x Phi(x), the erf form (RecBole, BERT).
+    Gelu,
+    /// x sigmoid(1.702 x) (OpenAI's CLIP).
+    QuickGelu,
+}
+
+/// One transformer layer. Post-LN, exactly as RecBole's SASRec (causal) and BERT (bidirectional)
 /// write it: a = dropout((softmax(q k^T / sqrt(dh) + mask) -> dropout) v Wo); x1 = LN(a + x);
-/// f = dropout(gelu(x1 W1) W2); out = LN(f + x1).
+/// f = dropout(act(x1 W1) W2); out = LN(f + x1). Pre-LN (`pre_ln`, CLIP's order):
+/// x1 = x + dropout(Attn(LN1(x)) Wo); out = x1 + dropout(act(LN2(x1) W1) W2).
 ///
 /// It runs on ragged batches: x is (N, C), the packed rows of a [`Ragged`] batch. Linear maps,
 /// GELU, residuals and LayerNorm act on the rows; attention stays within each sequence.
@@ -111,7 +121,9 @@ impl LayerNorm {
 /// path is tested against (the two agree on every valid row, dropout included).
 ///
 /// [`crate::bert::SentenceEncoder`] builds its layers from a BERT checkpoint's weights with
-/// `causal = false`, the checkpoint's LayerNorm eps and no dropout.
+/// `causal = false`, the checkpoint's LayerNorm eps and no dropout; [`crate::clip::Clip`] builds
+/// pre-LN layers (causal in the text tower, bidirectional in the vision tower) with the checkpoint's
+/// activation.
 pub struct TransformerLayer {
     pub q: Linear,
     pub k: Linear,
@@ -126,6 +138,9 @@ pub struct TransformerLayer {
     pub p_attn: f32,
     /// Causal attention (SASRec) or bidirectional (BERT).
     pub causal: bool,
+    /// LayerNorm before each block (CLIP) instead of after the residual sum (RecBole, BERT).
+    pub pre_ln: bool,
+    pub act: Activation,
 }
 
 impl TransformerLayer {
@@ -144,18 +159,34 @@ impl TransformerLayer {
             p_hidden,
             p_attn,
             causal: true,
+            pre_ln: false,
+            act: Activation::Gelu,
         })
     }
 
     /// x (N, C) packed by `r` -> (N, C)
     pub fn forward(&self, x: &Tensor, r: &Ragged, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
         let pa = if train { self.p_attn } else { 0.0 };
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let attn_in = if self.pre_ln { self.ln1.forward(x)? } else { x.clone() };
+        let (q, k, v) = (self.q.forward(&attn_in)?, self.k.forward(&attn_in)?, self.v.forward(&attn_in)?);
         let ctx = attention_ragged(&q, &k, &v, r, self.heads, pa, seeds.next(), self.causal)?;
         let a = drop_rows(&self.o.forward(&ctx)?, self.p_hidden, train, seeds, r)?;
+        if self.pre_ln {
+            let x1 = add(x, &a)?;
+            let f = drop_rows(&self.ff2.forward(&self.ffn_act(&self.ln2.forward(&x1)?)?)?, self.p_hidden, train, seeds, r)?;
+            return add(&x1, &f);
+        }
         let x1 = self.ln1.forward_add(&a, x)?;
-        let f = drop_rows(&self.ff2.forward(&linear_gelu(&x1, &self.ff1.w, self.ff1.b.as_ref())?)?, self.p_hidden, train, seeds, r)?;
+        let f = drop_rows(&self.ff2.forward(&self.ffn_act(&x1)?)?, self.p_hidden, train, seeds, r)?;
         self.ln2.forward_add(&f, &x1)
+    }
+
+    /// act(x W1 + b1); the GELU form is the product's fused epilogue.
+    fn ffn_act(&self, x: &Tensor) -> Result<Tensor> {
+        match self.act {
+            Activation::Gelu => linear_gelu(x, &self.ff1.w, self.ff1.b.as_ref()),
+            Activation::QuickGelu => quick_gelu(&self.ff1.forward(x)?),
+        }
     }
 
     /// The padded reference: x (B, L, C), lens (B) -> (B, L, C).

@@ -997,7 +997,17 @@ mod tests {
         let mut values: Vec<f64> = (1..=200u32).flat_map(|n| (0..=n).map(move |k| k as f64 / n as f64)).collect();
         values.extend((0..20_000).map(|_| rng.random::<f64>()));
         values.extend((0..2_000).map(|_| rng.random::<f64>() * 1e3 - 5e2));
-        let metrics = |x: f64| Metrics { recall5: x, recall10: x / 3.0, recall20: x, recall50: None, ndcg5: x / 7.0, ndcg10: x / 9.0, ndcg20: x / 11.0, ndcg50: None, users: 0 };
+        let metrics = |x: f64| Metrics {
+            recall5: x,
+            recall10: x / 3.0,
+            recall20: x,
+            recall50: None,
+            ndcg5: x / 7.0,
+            ndcg10: x / 9.0,
+            ndcg20: x / 11.0,
+            ndcg50: None,
+            users: 0,
+        };
         for chunk in values.chunks(500) {
             let history: Vec<EpochRecord> = chunk
                 .iter()
@@ -1033,7 +1043,10 @@ mod tests {
             assert_eq!(bits(&back.best_valid.unwrap()), bits(&st.best_valid.unwrap()));
             for (a, b) in back.history.iter().zip(&st.history) {
                 assert_eq!(bits(&a.valid), bits(&b.valid), "valid metrics of {}", b.valid.recall20);
-                assert_eq!((a.loss.to_bits(), a.terms["ce"].to_bits(), a.lr.to_bits()), (b.loss.to_bits(), b.terms["ce"].to_bits(), b.lr.to_bits()));
+                assert_eq!(
+                    (a.loss.to_bits(), a.terms["ce"].to_bits(), a.lr.to_bits()),
+                    (b.loss.to_bits(), b.terms["ce"].to_bits(), b.lr.to_bits())
+                );
             }
         }
     }

@@ -5,6 +5,7 @@
 //! - `mul(a, b)`:                a (.., S) , b (S) -> (.., S) = a * b;          da = g * b, db = sum_rows(g * a)
 //! - `scale(a, s)`:              a -> s * a;                                    da = s * g
 //! - `gelu(x)`:                  x -> x * Phi(x) (erf form);                    dx = g * (Phi(x) + x * phi(x))
+//! - `quick_gelu(x)`:            x -> x * s, s = sigmoid(1.702 x) (CLIP);        dx = g * s * (1 + 1.702 x (1 - s))
 //! - `dropout(x, p, seed)`:      x -> x * keep / (1 - p), keep = rand01(seed, i) >= p; dx = dropout(g, p, seed)
 //! - `dropout_rows(x, p, seed, keys)`: x (N, C), keys (N) -> as dropout with element (r, c) keyed on
 //!   keys[r] * C + c (the flat index it would have in a padded layout; see `Ragged`); dx likewise
@@ -26,6 +27,8 @@ static BCAST: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "bcast
 static SCALE: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "scale", RRW);
 static GELU_FWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "gelu_fwd", RRW);
 static GELU_BWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "gelu_bwd", RRW);
+static QGELU_FWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "quick_gelu_fwd", RRW);
+static QGELU_BWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "quick_gelu_bwd", RRW);
 static DROPOUT: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "dropout", RRW);
 static DROPOUT_ROWS: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "dropout_rows", RRW);
 
@@ -39,6 +42,8 @@ pub(crate) fn kernels() -> Vec<crate::engine::gpu::Contract> {
         SCALE.contract(),
         GELU_FWD.contract(),
         GELU_BWD.contract(),
+        QGELU_FWD.contract(),
+        QGELU_BWD.contract(),
         DROPOUT.contract(),
         DROPOUT_ROWS.contract(),
     ]
@@ -198,6 +203,25 @@ pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     })
 }
 
+/// sigmoid(1.702 x), QuickGELU's gate.
+fn quick_gate<T: Real>(x: T) -> T {
+    T::one() / (T::one() + (-(T::c(1.702) * x)).fexp())
+}
+
+pub fn quick_gelu_cpu<T: Real>(x: &[T]) -> Vec<T> {
+    map1(x, |v| v * quick_gate(v))
+}
+
+pub fn quick_gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    let g = &g[..x.len()];
+    map_slices(x, |o, x, start| {
+        for ((o, &v), &gi) in o.iter_mut().zip(x).zip(&g[start..start + x.len()]) {
+            let s = quick_gate(v);
+            *o = gi * s * (T::one() + T::c(1.702) * v * (T::one() - s));
+        }
+    })
+}
+
 /// The counter-based RNG of `shaders/common.wgsl`, bit for bit.
 pub fn pcg(x: u32) -> u32 {
     let s = x.wrapping_mul(747796405).wrapping_add(2891336453);
@@ -311,6 +335,18 @@ pub(crate) fn gelu_node(x: &Tensor, st: Storage) -> Result<Tensor> {
     Ok(Tensor::from_op("gelu", st, x.shape().to_vec(), &[x], move |g| {
         let st = on_device!(g.device(), T => T::wrap(gelu_bwd_cpu::<T>(&xc.host::<T>()?, &g.host::<T>()?)),
             launch(&GELU_BWD, g.numel(), &*xc.gbuf()?, &*g.gbuf()?, g.numel(), 0.0, 0, 0.0)?);
+        Ok(vec![Some(Tensor::from_storage(st, g.shape().to_vec()))])
+    }))
+}
+
+/// QuickGELU, x * sigmoid(1.702 x): the activation of OpenAI's CLIP checkpoints.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let st = on_device!(x.device(), T => T::wrap(quick_gelu_cpu::<T>(&x.host::<T>()?)),
+        { let b = x.gbuf()?; launch(&QGELU_FWD, x.numel(), &b, &b, 1, 0.0, 0, 0.0)? });
+    let xc = x.detach();
+    Ok(Tensor::from_op("quick_gelu", st, x.shape().to_vec(), &[x], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(quick_gelu_bwd_cpu::<T>(&xc.host::<T>()?, &g.host::<T>()?)),
+            launch(&QGELU_BWD, g.numel(), &*xc.gbuf()?, &*g.gbuf()?, g.numel(), 0.0, 0, 0.0)?);
         Ok(vec![Some(Tensor::from_storage(st, g.shape().to_vec()))])
     }))
 }

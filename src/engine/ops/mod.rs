@@ -20,7 +20,7 @@ pub mod softmax;
 pub use attention::{attention, attention_masked, attention_ragged};
 pub use catalog::{catalog_ce, catalog_rank};
 pub use concat::concat;
-pub use elementwise::{add, add_scaled, broadcast_to, dropout, dropout_rows, gelu, mul, scale, sub};
+pub use elementwise::{add, add_scaled, broadcast_to, dropout, dropout_rows, gelu, mul, quick_gelu, scale, sub};
 pub use embedding::{embedding, gather_last};
 pub use layernorm::{add_layernorm, layernorm};
 pub use loss::{cross_entropy, info_nce};

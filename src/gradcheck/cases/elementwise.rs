@@ -1,6 +1,6 @@
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::ops::{add, dropout, gelu, mean, mul, scale, sub, sum, sum_rows};
+use crate::engine::ops::{add, dropout, gelu, mean, mul, quick_gelu, scale, sub, sum, sum_rows};
 use crate::gradcheck::{Case, Input};
 
 pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
@@ -12,6 +12,7 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
         Case::new("mul", "(4,6)*(4,6)", vec![Input::randn(&[4, 6], rng), Input::randn(&[4, 6], rng)], |x| mul(&x[0], &x[1])),
         Case::new("mul", "(2,3,5)*(5)", vec![Input::randn(&[2, 3, 5], rng), Input::randn(&[5], rng)], |x| mul(&x[0], &x[1])),
         Case::new("gelu", "(301)", vec![Input::randn(&[301], rng).scaled(3.0)], |x| gelu(&x[0])),
+        Case::new("quick_gelu", "(301)", vec![Input::randn(&[301], rng).scaled(3.0)], |x| quick_gelu(&x[0])),
         Case::new("dropout", "(17,13) p=0.3", vec![Input::randn(&[17, 13], rng)], |x| dropout(&x[0], 0.3, 1234)),
         Case::new("dropout", "(5) p=0.5", vec![Input::randn(&[5], rng)], |x| dropout(&x[0], 0.5, 9)),
         Case::new("sum", "sum (1000)", vec![Input::randn(&[1000], rng)], |x| sum(&x[0])),
