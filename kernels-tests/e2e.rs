@@ -1315,3 +1315,141 @@ fn from_scratch_variants_have_no_cross_domain_defaults() {
     assert!(!get("target only, no IDs").cfg.model.ids);
     assert!(get("transfer + target IDs").cfg.model.ids);
 }
+
+/// Reliability, second round (one block per finding; each failed before its fix): special files
+/// are never replaced, one writer per run, non-finite scores and vanishing losses are refused,
+/// sizes are bounded up front, stdout errors are clean, nothing is written before a run is
+/// accepted, a resume is checked before work, and reports check their inputs.
+#[test]
+fn reliability_second_round() {
+    let root = std::env::temp_dir().join(format!("msm4sr-e2e-{}-rel2", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let p = |n: &str| root.join(n).to_str().unwrap().to_string();
+    let bin = env!("CARGO_BIN_EXE_msm4sr");
+    let run = |args: &[&str]| -> (Option<i32>, String, String) {
+        let o = Command::new(bin).args(args).output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (d, d2) = (p("D"), p("D2"));
+    assert_eq!(run(&["synth", "--out", &d, "--users", "60", "--items", "80", "--seed", "3"]).0, Some(0));
+    assert_eq!(run(&["synth", "--out", &d2, "--users", "60", "--items", "80", "--seed", "4"]).0, Some(0));
+    let small = ["--hidden", "16", "--inner", "32", "--experts", "2", "--max-len", "12", "--batch", "64", "--pretrain-batch", "64"];
+    let train = |extra: &[&str]| {
+        let mut a = vec!["--device", "cpu", "train", "--data", d.as_str(), "--model", "sasrec", "--epochs", "1"];
+        a.extend(small);
+        a.extend(extra);
+        run(&a)
+    };
+
+    // 2. A special file is never replaced, --overwrite or not.
+    #[cfg(unix)]
+    {
+        let fifo = root.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let (code, _, err) = train(&["--out", fifo.to_str().unwrap(), "--overwrite"]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("FIFO") && err.contains("regular file"), "{err}");
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
+    }
+
+    // 3. One writer per run: a run directory whose lock is held is refused, naming the holder.
+    {
+        let dir = root.join("locked");
+        let _held = msm4sr::checkpoint::RunLock::acquire(&dir.join("model.lock"), "test").unwrap();
+        let (code, _, err) = train(&["--run-dir", dir.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("in use by another msm4sr process") && err.contains(&std::process::id().to_string()), "{err}");
+        assert!(!dir.join("model.config.toml").exists(), "the refused run wrote its config");
+    }
+    // ... and a lock left by a dead process is taken over: the run goes ahead.
+    std::fs::create_dir_all(root.join("stale")).unwrap();
+    std::fs::write(root.join("stale/model.lock"), "999999999\n").unwrap();
+    let (code, _, err) = train(&["--run-dir", &p("stale")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!root.join("stale/model.lock").exists(), "the lock outlived its run");
+
+    // 4. Non-finite scores are refused, naming the stage and epoch (not metrics of 0).
+    let (code, out, err) =
+        run(&["--device", "cpu", "train", "--data", &d, "--model", "sasrec", "--epochs", "1", "--lr", "1e30", "--run-dir", &p("nan")]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("Finetune epoch 1") && err.contains("non-finite scores"), "{err}");
+
+    // 5. A batch that makes the contrastive losses vanish is refused.
+    let (code, _, err) = run(&["--device", "cpu", "pretrain", "--data", &d, "--pretrain-batch", "1", "--out", &p("p1/m.safetensors")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--pretrain-batch 1") && err.contains("at least 2"), "{err}");
+
+    // 6. Sizes are bounded before anything is allocated.
+    for flag in ["--items", "--users"] {
+        let (code, _, err) = run(&["synth", "--out", &p("huge"), flag, "100000000000"]);
+        assert_eq!(code, Some(1), "{flag}: {err}");
+        assert!(err.contains("at most"), "{err}");
+    }
+    let (_, _, err) = train(&["--run-dir", &p("ok")]);
+    let ok = p("ok");
+    let (code, _, err2) = run(&["--device", "cpu", "evaluate", "--data", &d, "--ckpt", &ok, "--groups", "1000000"]);
+    assert_eq!(code, Some(2), "{err}{err2}");
+    let (code, _, err) = run(&["report", &ok, "--out", &p("r0"), "--resamples", "0"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--resamples 0"), "{err}");
+
+    // 7. stdout: a closed pipe ends quietly, a write error is a clean error (not a panic, exit 101).
+    {
+        let mut child = Command::new(bin)
+            .args(["--device", "cpu", "recommend", "--data", &d, "--ckpt", &ok, "--users", "all", "--k", "80"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success() || o.status.code().is_none(), "closed pipe: {:?} {}", o.status, String::from_utf8_lossy(&o.stderr));
+        assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let o =
+            Command::new(bin).args(["--device", "cpu", "evaluate", "--data", &d, "--ckpt", &ok, "--json"]).stdout(full).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("standard output") && !err.contains("panicked"), "{err}");
+    }
+
+    // 8. A run refused at validation writes nothing (here: --init of another item set).
+    let (code, _, err) =
+        run(&["--device", "cpu", "finetune", "--data", &d2, "--init", &ok, "--model", "sasrec", "--run-dir", &p("refused")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(!root.join("refused/model.config.toml").exists() && !root.join("refused/model.log").exists(), "{err}");
+
+    // 9. A resume is checked before any work: a `train` run resumed by `finetune`, and settings
+    // that contradict each other.
+    {
+        let mut a = vec!["--device", "cpu", "train", "--data", d.as_str(), "--model", "msm4sr", "--epochs", "1", "--pretrain-epochs", "1"];
+        a.extend(small);
+        a.extend(["--run-dir", ok.as_str()]);
+        let two = p("two");
+        *a.last_mut().unwrap() = two.as_str();
+        assert_eq!(run(&a).0, Some(0));
+        let mut f = vec!["--device", "cpu", "finetune", "--data", d.as_str(), "--model", "msm4sr", "--epochs", "2"];
+        f.extend(small);
+        f.extend(["--run-dir", two.as_str(), "--resume"]);
+        let (code, _, err) = run(&f);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("pre-trains and then fine-tunes") && !err.contains("Finetune epoch"), "{err}");
+    }
+    let (code, _, err) =
+        run(&["--device", "cpu", "train", "--data", &d, "--drop-score", "image", "--modalities", "image", "--out", &p("c/m.safetensors")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--drop-score image with --modalities image"), "{err}");
+
+    // 10. A report grouping users by another dataset's histories is refused.
+    let (code, _, err) = run(&["report", &ok, "--out", &p("rg"), "--groups", "3", "--data", &d2]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("trained on other data"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}

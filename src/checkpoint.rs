@@ -13,10 +13,47 @@ use safetensors::{Dtype, SafeTensors};
 use crate::engine::{Device, Tensor};
 use crate::{Error, Result};
 
+/// What a path that is neither absent nor a regular file is (a directory, a device, a FIFO, ...):
+/// `None` when it may be written (absent, or a regular file, also through a symlink).
+pub fn not_a_regular_file(path: &Path) -> Option<&'static str> {
+    let m = std::fs::metadata(path).ok()?;
+    if m.is_file() {
+        return None;
+    }
+    if m.is_dir() {
+        return Some("a directory");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = m.file_type();
+        if t.is_char_device() {
+            return Some("a character device");
+        }
+        if t.is_block_device() {
+            return Some("a block device");
+        }
+        if t.is_fifo() {
+            return Some("a FIFO (named pipe)");
+        }
+        if t.is_socket() {
+            return Some("a socket");
+        }
+    }
+    Some("not a regular file")
+}
+
 /// Write `bytes` to `path` atomically: a hidden temp file in the same directory, fsync, rename
-/// (the temp file is removed if anything fails). Creates the directory if needed.
+/// (the temp file is removed if anything fails). Creates the directory if needed. A `path` that
+/// exists and is not a regular file (a device, a FIFO, a directory) is never replaced.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |p: &Path, e: std::io::Error| Error::Io { path: p.display().to_string(), source: e };
+    if let Some(what) = not_a_regular_file(path) {
+        return Err(Error::Invalid(format!(
+            "refusing to write {}: it is {what}; an output must be a regular file or absent",
+            path.display()
+        )));
+    }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -129,5 +166,76 @@ impl Checkpoint {
             }
         }
         Ok(n)
+    }
+}
+
+/// One writer per run: an exclusive advisory lock (`flock`) on `<stem>.lock` beside the run's
+/// checkpoint, held while the run writes and released when it ends — also when the process is
+/// killed, so a dead process's lock is simply taken over. The file holds the holder's pid (for the
+/// message a second writer gets) and is removed when the lock is released.
+pub struct RunLock {
+    path: std::path::PathBuf,
+    #[cfg(unix)]
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Take the lock at `path` for `what` (e.g. "run directory runs/a"), or say who holds it.
+    pub fn acquire(path: &Path, what: &str) -> Result<RunLock> {
+        let io = |e: std::io::Error| Error::Io { path: path.display().to_string(), source: e };
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+        }
+        #[cfg(unix)]
+        {
+            use std::io::{Read, Seek};
+            use std::os::unix::fs::MetadataExt;
+            use std::os::unix::io::AsRawFd;
+            // The file can be removed by the holder between our open and our lock: then the lock we
+            // got is on a deleted file, and we try again.
+            for _ in 0..100 {
+                let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io)?;
+                // SAFETY: flock on a descriptor we own.
+                if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                    let err = std::io::Error::last_os_error();
+                    if err.kind() != std::io::ErrorKind::WouldBlock {
+                        return Err(io(err));
+                    }
+                    let mut pid = String::new();
+                    let _ = f.read_to_string(&mut pid);
+                    let pid = pid.trim();
+                    return Err(Error::Invalid(format!(
+                        "{what} is in use by another msm4sr process{} (lock {}); wait for it to end, or give this run another --run-dir / --out",
+                        if pid.is_empty() { String::new() } else { format!(" (pid {pid})") },
+                        path.display()
+                    )));
+                }
+                let same = match (f.metadata(), std::fs::metadata(path)) {
+                    (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                    _ => false,
+                };
+                if !same {
+                    continue;
+                }
+                f.set_len(0).map_err(io)?;
+                f.rewind().map_err(io)?;
+                std::io::Write::write_all(&mut f, format!("{}\n", std::process::id()).as_bytes()).map_err(io)?;
+                return Ok(RunLock { path: path.to_path_buf(), _file: f });
+            }
+            Err(Error::Invalid(format!("could not take the lock {} (it keeps being replaced)", path.display())))
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = what;
+            std::fs::write(path, format!("{}\n", std::process::id())).map_err(io)?;
+            Ok(RunLock { path: path.to_path_buf() })
+        }
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // Removed while still locked, so a process that opens the path afterwards gets a new file.
+        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -99,6 +99,20 @@ impl Plan {
                 format!("pre-training trains MSM4SR's backbone; --model {name} has no pre-training loss (use train or finetune)")
             }));
         }
+        // NIP and CMCL contrast each sample with the others of its batch: with one sample every
+        // term is 0 and nothing trains.
+        if self.pretrain && cfg.train.pretrain_batch < 2 {
+            return Err(Error::Invalid(format!(
+                "--pretrain-batch {}: pre-training contrasts each sample with the rest of its batch, so it needs at least 2",
+                cfg.train.pretrain_batch
+            )));
+        }
+        if self.e2e && cfg.train.batch < 2 {
+            return Err(Error::Invalid(format!(
+                "--batch {} with --e2e: the pre-training losses contrast each sample with the rest of its batch, so it needs at least 2",
+                cfg.train.batch
+            )));
+        }
         Ok(())
     }
 
@@ -140,13 +154,22 @@ pub struct RunFiles {
     pub result: PathBuf,
     /// `<stem>.ranks.tsv`: every user's target rank on valid and test ([`ranks_tsv`]).
     pub ranks: PathBuf,
+    /// `<stem>.lock`: held while a process writes the run ([`checkpoint::RunLock`]).
+    pub lock: PathBuf,
 }
 
 impl RunFiles {
     pub fn of(out: &Path) -> Self {
         let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
         let f = |ext: &str| out.with_file_name(format!("{stem}.{ext}"));
-        RunFiles { jsonl: f("epochs.jsonl"), csv: f("epochs.csv"), log: f("log"), result: f("result.json"), ranks: f("ranks.tsv") }
+        RunFiles {
+            jsonl: f("epochs.jsonl"),
+            csv: f("epochs.csv"),
+            log: f("log"),
+            result: f("result.json"),
+            ranks: f("ranks.tsv"),
+            lock: f("lock"),
+        }
     }
 }
 
@@ -217,11 +240,22 @@ pub fn train(job: &TrainJob, at: Where) -> Result<RunResult> {
     inputs.extend(job.config_file.as_deref().map(|c| ("--config", c)));
     inputs.extend(job.init.as_deref().map(|c| ("--init", c)));
     let how = "pass --resume to continue that run or --overwrite to replace it";
+    // One writer per run, before anything is checked or written (the lock goes when the run ends).
+    let lock_path = RunFiles::of(out).lock;
+    let what = match out.parent() {
+        Some(d) if out.file_name().is_some_and(|n| n == "model.safetensors") => format!("run directory {}", d.display()),
+        _ => format!("run {}", out.display()),
+    };
+    let _lock = checkpoint::RunLock::acquire(&lock_path, &what)?;
     check_outputs(&job.plan.outputs(out), &inputs, job.resume || job.overwrite, how)?;
     let (dev, desc) = at.resolve()?;
     let ds = load_dataset(&job.data, cfg, job.missing)?;
     let samples = check_samples(&ds, cfg)?;
     let model = build_model(cfg, &ds, cfg.train.seed, dev)?;
+    let init_msg = apply_init(&model, &ds, job)?;
+    if job.resume {
+        check_resume(job, &ds, &samples)?;
+    }
     // A resumed run's settings are checked against the interrupted run's first (train::fit), and
     // saved once they are.
     if !job.resume {
@@ -238,6 +272,9 @@ pub fn train(job: &TrainJob, at: Where) -> Result<RunResult> {
     say(format!("device: {desc}"));
     say(format!("{ds}"));
     say(format!("effective configuration:\n{}", config::to_toml(cfg)));
+    if let Some(m) = init_msg {
+        say(m);
+    }
     let r = run_stages(&model, &ds, &samples, job, &files);
     crate::console::close();
     let (r, ranks) = r?;
@@ -255,14 +292,45 @@ fn save_config(out: &Path, cfg: &RunConfig) -> Result<()> {
     checkpoint::write_atomic(&config_path(out), config::to_toml(cfg).as_bytes())
 }
 
-/// Initialise from `--init`, train the job's stages and evaluate the best weights of the last on
-/// valid and test.
-/// Also returns the per-user ranks as TSV.
-fn run_stages(model: &Model, ds: &Dataset, samples: &Samples, job: &TrainJob, files: &RunFiles) -> Result<(RunResult, String)> {
-    let split = &samples.split;
-    let (cfg, plan, out, quiet) = (&job.cfg, job.plan, job.out.as_path(), job.quiet);
-    let mut log = train::RunLog::new(files.jsonl.clone(), files.csv.clone());
-    let say = |m: String| if quiet { crate::console::log_only(&m) } else { crate::console::line(&m) };
+/// Before a resumed run does any work: the resume states it will continue are this run's (its
+/// command's stages, data and settings), so a mismatch is found before pre-training runs again.
+fn check_resume(job: &TrainJob, ds: &Dataset, samples: &Samples) -> Result<()> {
+    let (plan, out) = (job.plan, job.out.as_path());
+    let pre_out = stage_path(out, "pretrain");
+    let pre_files = [pre_out.clone(), train::last_path(&pre_out)].into_iter().any(|p| p.exists());
+    if !plan.pretrain && (plan.finetune || plan.e2e) && pre_files {
+        return Err(Error::Invalid(format!(
+            "--resume: {} belongs to a run that pre-trains and then fine-tunes (it has {}); resume it with `train ... --resume`",
+            out.display(),
+            pre_out.display()
+        )));
+    }
+    if plan.pretrain && plan.finetune && !pre_files && train::last_path(out).exists() {
+        return Err(Error::Invalid(format!(
+            "--resume: {} belongs to a run without pre-training (no {}); resume it with the command that started it",
+            out.display(),
+            pre_out.display()
+        )));
+    }
+    let mut states = Vec::new();
+    if plan.pretrain {
+        states.push((train::last_path(&plan.pretrain_out(out)), Stage::Pretrain, samples.pretrain_split()));
+    }
+    if plan.finetune || plan.e2e {
+        states.push((train::last_path(out), if plan.e2e { Stage::E2e } else { Stage::Finetune }, samples.split.clone()));
+    }
+    for (last, stage, split) in states {
+        if last.exists() {
+            train::read_resume_state(&last, stage, &train::DataFingerprint::of(&ds.item_tokens, &split), &job.cfg)?;
+        }
+    }
+    Ok(())
+}
+
+/// Load `--init` into the model (checked against this dataset), before anything of the run is
+/// written; the line to log about it.
+fn apply_init(model: &Model, ds: &Dataset, job: &TrainJob) -> Result<Option<String>> {
+    let cfg = &job.cfg;
     if cfg.train.cross_domain && job.init.is_none() {
         return Err(Error::Invalid("--cross-domain fine-tunes from a checkpoint of another dataset: give it with --init".into()));
     }
@@ -275,7 +343,7 @@ fn run_stages(model: &Model, ds: &Dataset, samples: &Samples, job: &TrainJob, fi
             g.dedup();
             g.join(", ")
         };
-        say(format!(
+        return Ok(Some(format!(
             "cross-domain: carried {} tensors ({}) from {}; initialised here: {}; transformer {}, ID embeddings {}",
             carried.len(),
             groups(&carried),
@@ -283,7 +351,7 @@ fn run_stages(model: &Model, ds: &Dataset, samples: &Samples, job: &TrainJob, fi
             if left.is_empty() { "none".to_string() } else { groups(&left) },
             if cfg.train.freeze == train::Freeze::Transformer { "frozen" } else { "trained" },
             if cfg.model.ids { "trained" } else { "unused" }
-        ));
+        )));
     } else if let Some(init) = &job.init {
         let init = &checkpoint_arg(init);
         let ck = checkpoint::load(init)?;
@@ -294,8 +362,19 @@ fn run_stages(model: &Model, ds: &Dataset, samples: &Samples, job: &TrainJob, fi
                 init.display()
             )));
         }
-        say(format!("initialised {n} tensors from {}", init.display()));
+        return Ok(Some(format!("initialised {n} tensors from {}", init.display())));
     }
+    Ok(None)
+}
+
+/// Train the job's stages and evaluate the best weights of the last on
+/// valid and test.
+/// Also returns the per-user ranks as TSV.
+fn run_stages(model: &Model, ds: &Dataset, samples: &Samples, job: &TrainJob, files: &RunFiles) -> Result<(RunResult, String)> {
+    let split = &samples.split;
+    let (cfg, plan, out, quiet) = (&job.cfg, job.plan, job.out.as_path(), job.quiet);
+    let mut log = train::RunLog::new(files.jsonl.clone(), files.csv.clone());
+    let say = |m: String| if quiet { crate::console::log_only(&m) } else { crate::console::line(&m) };
     let start = Instant::now();
     let mut epochs = 0;
     if plan.pretrain {
@@ -380,6 +459,12 @@ pub fn check_outputs(outputs: &[PathBuf], inputs: &[(&str, &Path)], replace: boo
         }
         if out.is_dir() {
             return Err(Error::Invalid(format!("cannot write {}: it is a directory (give a file name)", out.display())));
+        }
+        if let Some(what) = crate::checkpoint::not_a_regular_file(out) {
+            return Err(Error::Invalid(format!(
+                "refusing to write {}: it is {what}; an output must be a regular file or absent (--overwrite replaces only regular files)",
+                out.display()
+            )));
         }
         if out.exists() && !replace {
             return Err(Error::Invalid(format!("{} already exists (an earlier run's output?); {how}", out.display())));

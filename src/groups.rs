@@ -28,9 +28,12 @@ pub struct UserGroup {
 }
 
 /// Upper boundaries of `n` groups of the lengths `lens` (see the module docs).
+/// The most user groups `--groups` makes.
+pub const MAX_GROUPS: usize = 100;
+
 pub fn boundaries(lens: &[usize], n: usize) -> Result<Vec<usize>> {
-    if n == 0 {
-        return Err(Error::Invalid("--groups 0: must be at least 1".into()));
+    if !(1..=MAX_GROUPS).contains(&n) {
+        return Err(Error::Invalid(format!("--groups {n}: must be between 1 and {MAX_GROUPS} (the paper uses 5)")));
     }
     if lens.is_empty() {
         return Err(Error::Invalid("no users to group".into()));

@@ -14,6 +14,37 @@ use msm4sr::metrics;
 use msm4sr::train::RunConfig;
 use msm4sr::{bench, gradcheck, synth};
 
+/// Write a line to standard output: a closed pipe ends the program quietly (exit 0, as Unix tools
+/// do), any other write error (a full disk, /dev/full) is a clean error.
+macro_rules! outln {
+    () => {
+        emit(format_args!("\n"))?
+    };
+    ($($t:tt)*) => {
+        emit(format_args!("{}\n", format_args!($($t)*)))?
+    };
+}
+
+/// [`outln!`] without the newline.
+macro_rules! out {
+    ($($t:tt)*) => {
+        emit(format_args!($($t)*))?
+    };
+}
+
+fn stdout_result(r: std::io::Result<()>) -> msm4sr::Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(msm4sr::Error::Io { path: "standard output".into(), source: e }),
+    }
+}
+
+fn emit(args: std::fmt::Arguments) -> msm4sr::Result<()> {
+    use std::io::Write;
+    stdout_result(std::io::stdout().lock().write_fmt(args))
+}
+
 #[derive(Parser)]
 #[command(name = "msm4sr", version, about = "MSM4SR multimodal sequential recommendation on a wgpu compute engine")]
 struct Cli {
@@ -76,7 +107,7 @@ impl RunArgs {
     ) -> msm4sr::Result<Option<TrainJob>> {
         let cfg = config::resolve(self.config.as_deref(), &self.flags)?;
         if self.print_config {
-            print!("{}", config::to_toml(&cfg));
+            out!("{}", config::to_toml(&cfg));
             return Ok(None);
         }
         let plan = plan(&cfg);
@@ -168,8 +199,8 @@ enum Cmd {
         #[arg(long)]
         overwrite: bool,
         /// Also split the test users into N equal-size groups by history length (paper Fig. 4)
-        /// and report every metric per group.
-        #[arg(long)]
+        /// and report every metric per group (1 to 100).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
         groups: Option<usize>,
     },
     /// Top-k recommendations for users of the dataset (one, a list or all) or for a new user's
@@ -298,7 +329,7 @@ enum Cmd {
         /// Split of the paired comparisons: valid or test.
         #[arg(long, default_value = "test", value_parser = ["valid", "test"])]
         split: String,
-        /// Bootstrap resamples of the users.
+        /// Bootstrap resamples of the users (1 to 1000000).
         #[arg(long, default_value_t = 10_000)]
         resamples: usize,
         /// Seed of the bootstrap resamples.
@@ -307,9 +338,9 @@ enum Cmd {
         /// Replace an earlier report in --out.
         #[arg(long)]
         overwrite: bool,
-        /// Also split the test users into N groups by history length (needs --data): groups.md
-        /// and groups.svg.
-        #[arg(long, requires = "data")]
+        /// Also split the test users into N groups by history length (needs --data; 1 to 100):
+        /// groups.md and groups.svg.
+        #[arg(long, requires = "data", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
         groups: Option<usize>,
         /// The dataset the runs were trained on (for --groups).
         #[arg(long)]
@@ -390,7 +421,11 @@ fn main() -> ExitCode {
     if let Err(e) = msm4sr::interrupt::install() {
         eprintln!("warning: {e}");
     }
-    match run(cli) {
+    let result = run(cli).and_then(|code| {
+        use std::io::Write;
+        stdout_result(std::io::stdout().flush()).map(|()| code)
+    });
+    match result {
         Ok(code) => code,
         Err(e @ msm4sr::Error::Interrupted(_)) => {
             eprintln!("{e}");
@@ -416,9 +451,9 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
         Cmd::Finetune { run, out, init, resume } => train_cmd(run.job(|_| Plan::FINETUNE, out, init, resume)?, run.json, at),
         Cmd::Evaluate { data, ckpt, json, ranks, missing_features, overwrite, groups } => {
             let r = cli_run::evaluate(&data, &ckpt, ranks.as_deref(), overwrite, missing_of(missing_features), groups, at)?;
-            print_result(&r, json);
+            print_result(&r, json)?;
             if let (Some(g), false) = (&r.groups, json) {
-                println!("\ntest users by history length ({} groups):\n{}", g.len(), msm4sr::groups::table(g));
+                outln!("\ntest users by history length ({} groups):\n{}", g.len(), msm4sr::groups::table(g));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -437,7 +472,7 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             let target = out.as_deref().map(|o| (o, overwrite));
             let recs = cli_run::recommend_from(&data, &ckpt, &who, k, mask_history, missing_of(missing_features), target, at, json)?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&recs.iter().map(|(u, r)| serde_json::json!({"user": u, "items": r})).collect::<Vec<_>>())
                         .unwrap()
@@ -450,9 +485,9 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                     o.display()
                 );
             } else if recs.len() == 1 {
-                println!("{:>4}  {:<20} {:>10}  {:<10} title", "rank", "item", "score", "in history");
+                outln!("{:>4}  {:<20} {:>10}  {:<10} title", "rank", "item", "score", "in history");
                 for (r, x) in recs[0].1.iter().enumerate() {
-                    println!(
+                    outln!(
                         "{:>4}  {:<20} {:>10.4}  {:<10} {}",
                         r + 1,
                         x.item,
@@ -462,7 +497,7 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                     );
                 }
             } else {
-                print!("{}", msm4sr::recommend::tsv(&recs));
+                out!("{}", msm4sr::recommend::tsv(&recs));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -500,9 +535,9 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
             };
             let s = cli_run::featurize(&opts, overwrite, json, at)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s).unwrap());
+                outln!("{}", serde_json::to_string_pretty(&s).unwrap());
             } else {
-                println!(
+                outln!(
                     "wrote {}: text {:?}, {} sentences ({} distinct), {:.0} sentences/s on {}, {:.1} s in all",
                     s.features.display(),
                     s.text_shape,
@@ -513,7 +548,7 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                     s.total_seconds
                 );
                 let hist: Vec<String> = s.text_len_histogram.iter().enumerate().map(|(k, n)| format!("{k}:{n}")).collect();
-                println!("sentences per item: mean {:.2}; items by count {}", s.sentences_per_item, hist.join(" "));
+                outln!("sentences per item: mean {:.2}; items by count {}", s.sentences_per_item, hist.join(" "));
                 if let Some(shape) = s.image_shape {
                     let what = match (&s.image_stand_in, s.clip_images_per_s) {
                         (Some(spec), _) => format!("a keyword stand-in from {spec}, not image content"),
@@ -527,10 +562,10 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                         ),
                         (None, None) => "image keywords".to_string(),
                     };
-                    println!("image {shape:?}: {} of {} items, {what}", s.items_with_images, s.items);
+                    outln!("image {shape:?}: {} of {} items, {what}", s.items_with_images, s.items);
                 }
                 if let Some(p) = &s.image_words {
-                    println!("keyword lines: {}", p.display());
+                    outln!("keyword lines: {}", p.display());
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -538,19 +573,19 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
         Cmd::Synth { out, config, print_config, users, items, seed, overwrite } => {
             let c = synth::SynthConfig::resolve(config.as_deref(), users, items, seed)?;
             if print_config {
-                print!("{}", toml::to_string(&c).unwrap_or_default());
+                out!("{}", toml::to_string(&c).unwrap_or_default());
                 return Ok(ExitCode::SUCCESS);
             }
             let out = out.ok_or_else(|| msm4sr::Error::Invalid("synth needs --out DIR".into()))?;
             cli_run::synth(&out, &c, config.as_deref(), overwrite)?;
-            println!("wrote a synthetic dataset ({} users, {} items, seed {}) to {}", c.users, c.items, c.seed, out.display());
+            outln!("wrote a synthetic dataset ({} users, {} items, seed {}) to {}", c.users, c.items, c.seed, out.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Report { runs, out, compare, split, resamples, seed, overwrite, groups, data } => {
             let groups = groups.zip(data);
             let opts = msm4sr::report::ReportOptions { runs, out, compare, split, resamples, seed, overwrite, groups };
             let w = msm4sr::report::report(&opts)?;
-            print!("{}", w.table);
+            out!("{}", w.table);
             for f in &w.files {
                 eprintln!("wrote {}", f.display());
             }
@@ -558,7 +593,7 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
         }
         Cmd::Sweep { grid, data, out, missing_features, quiet, sets } => {
             let outcomes = msm4sr::sweep::run(&grid, &sets, &data, &out, missing_of(missing_features), at, quiet)?;
-            print!("{}", msm4sr::sweep::summary(&out)?);
+            out!("{}", msm4sr::sweep::summary(&out)?);
             let failed: Vec<_> = outcomes.iter().filter(|(_, o)| matches!(o, msm4sr::sweep::Outcome::Failed(_))).collect();
             for (r, o) in &failed {
                 if let msm4sr::sweep::Outcome::Failed(e) = o {
@@ -587,11 +622,11 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&results).unwrap());
+                outln!("{}", serde_json::to_string_pretty(&results).unwrap());
             } else {
-                println!("{:<15} {:<32} {:<5} {:>12} {:>12}  pass", "op", "shape", "check", "max_abs_err", "max_rel_err");
+                outln!("{:<15} {:<32} {:<5} {:>12} {:>12}  pass", "op", "shape", "check", "max_abs_err", "max_rel_err");
                 for r in &results {
-                    println!(
+                    outln!(
                         "{:<15} {:<32} {:<5} {:>12.3e} {:>12.3e}  {}{}",
                         r.op,
                         r.shape,
@@ -603,7 +638,7 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                     );
                 }
                 let failed = results.iter().filter(|r| !r.pass).count();
-                println!("{} checks, {} passed, {} failed", results.len(), results.len() - failed, failed);
+                outln!("{} checks, {} passed, {} failed", results.len(), results.len() - failed, failed);
             }
             Ok(if results.iter().all(|r| r.pass) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
@@ -648,7 +683,7 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 }
             }
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(
                         &serde_json::json!({ "kernels": results, "train_steps": steps, "matmul_variants": variants })
@@ -656,22 +691,28 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                     .unwrap()
                 );
             } else {
-                println!("{:<10} {:<26} {:>12} {:>10} {:>6}  device", "kernel", "shape", "ms/call", "GFLOP/s", "iters");
+                outln!("{:<10} {:<26} {:>12} {:>10} {:>6}  device", "kernel", "shape", "ms/call", "GFLOP/s", "iters");
                 for r in &results {
                     let gf = r.gflops.map(|g| format!("{g:.1}")).unwrap_or_else(|| "-".into());
-                    println!("{:<10} {:<26} {:>12.3} {:>10} {:>6}  {}", r.name, r.shape, r.seconds * 1e3, gf, r.iters, r.device);
+                    outln!("{:<10} {:<26} {:>12.3} {:>10} {:>6}  {}", r.name, r.shape, r.seconds * 1e3, gf, r.iters, r.device);
                 }
                 if !variants.is_empty() {
-                    println!();
-                    println!(
+                    outln!();
+                    outln!(
                         "{:<16} {:<26} {:>12} {:>10} {:>10} {:>6} {:>9}",
-                        "variant", "shape", "ms/call", "GFLOP/s", "max err", "iters", "autotune"
+                        "variant",
+                        "shape",
+                        "ms/call",
+                        "GFLOP/s",
+                        "max err",
+                        "iters",
+                        "autotune"
                     );
                     for r in &variants {
                         let name = format!("{} {}", r.number, r.variant.name());
                         let pick = if r.autotune_pick { "<- pick" } else { "" };
                         match (r.seconds, r.gflops, r.max_err) {
-                            (Some(s), Some(gf), Some(err)) => println!(
+                            (Some(s), Some(gf), Some(err)) => outln!(
                                 "{:<16} {:<26} {:>12.3} {:>10.1} {:>10.1e} {:>6} {:>9}",
                                 name,
                                 r.shape,
@@ -681,19 +722,27 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                                 r.iters,
                                 pick
                             ),
-                            _ => println!("{:<16} {:<26} {}", name, r.shape, r.status),
+                            _ => outln!("{:<16} {:<26} {}", name, r.shape, r.status),
                         }
                     }
                 }
                 if !steps.is_empty() {
-                    println!();
-                    println!(
+                    outln!();
+                    outln!(
                         "{:<20} {:<48} {:>10} {:>10} {:>10} {:>6} {:>11} {:>8} {:>7}",
-                        "training step", "shape", "ms/step", "tokens/s", "samples/s", "steps", "dispatches", "submits", "copies"
+                        "training step",
+                        "shape",
+                        "ms/step",
+                        "tokens/s",
+                        "samples/s",
+                        "steps",
+                        "dispatches",
+                        "submits",
+                        "copies"
                     );
                     let per = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.0}"));
                     for r in &steps {
-                        println!(
+                        outln!(
                             "{:<20} {:<48} {:>10.1} {:>10.0} {:>10.0} {:>6} {:>11} {:>8} {:>7}",
                             r.model,
                             r.shape,
@@ -735,12 +784,12 @@ fn info(choice: DeviceChoice, named: bool, json: bool) -> msm4sr::Result<ExitCod
             }
             Err(e) => v["device_error"] = serde_json::json!(e.to_string()),
         }
-        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+        outln!("{}", serde_json::to_string_pretty(&v).unwrap());
         return Ok(ExitCode::SUCCESS);
     }
-    println!("GPU adapters ({}):", adapters.len());
+    outln!("GPU adapters ({}):", adapters.len());
     for (a, l) in &adapters {
-        println!(
+        outln!(
             "  - {} [{}; {}; driver {} {}] max storage binding {} MiB, workgroup memory {} KiB",
             a.name,
             a.backend,
@@ -752,22 +801,22 @@ fn info(choice: DeviceChoice, named: bool, json: bool) -> msm4sr::Result<ExitCod
         );
     }
     if adapters.is_empty() {
-        println!("  (none: install a Vulkan driver, e.g. `apt-get install mesa-vulkan-drivers` for software Vulkan)");
+        outln!("  (none: install a Vulkan driver, e.g. `apt-get install mesa-vulkan-drivers` for software Vulkan)");
     }
     let (dev, desc) = chosen?;
-    println!("chosen device: {desc}");
+    outln!("chosen device: {desc}");
     if dev == Device::Gpu {
         let g = gpu::gpu()?;
         let l = &g.limits;
-        println!("limits:");
-        println!("  max_storage_buffer_binding_size     {}", l.max_storage_buffer_binding_size);
-        println!("  max_buffer_size                     {}", l.max_buffer_size);
-        println!("  max_storage_buffers_per_shader_stage {}", l.max_storage_buffers_per_shader_stage);
-        println!("  max_compute_workgroup_storage_size  {}", l.max_compute_workgroup_storage_size);
-        println!("  max_compute_invocations_per_workgroup {}", l.max_compute_invocations_per_workgroup);
-        println!("  max_compute_workgroups_per_dimension {}", l.max_compute_workgroups_per_dimension);
-        println!("  min_subgroup_size / max              {} / {}", g.adapter.subgroup_min_size, g.adapter.subgroup_max_size);
-        println!("features: {:?}", g.features);
+        outln!("limits:");
+        outln!("  max_storage_buffer_binding_size     {}", l.max_storage_buffer_binding_size);
+        outln!("  max_buffer_size                     {}", l.max_buffer_size);
+        outln!("  max_storage_buffers_per_shader_stage {}", l.max_storage_buffers_per_shader_stage);
+        outln!("  max_compute_workgroup_storage_size  {}", l.max_compute_workgroup_storage_size);
+        outln!("  max_compute_invocations_per_workgroup {}", l.max_compute_invocations_per_workgroup);
+        outln!("  max_compute_workgroups_per_dimension {}", l.max_compute_workgroups_per_dimension);
+        outln!("  min_subgroup_size / max              {} / {}", g.adapter.subgroup_min_size, g.adapter.subgroup_max_size);
+        outln!("features: {:?}", g.features);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -779,28 +828,29 @@ fn missing_of(m: MissingArg) -> MissingFeatures {
     }
 }
 
-fn print_result(r: &cli_run::RunResult, json: bool) {
+fn print_result(r: &cli_run::RunResult, json: bool) -> msm4sr::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(r).unwrap());
+        outln!("{}", serde_json::to_string_pretty(r).unwrap());
     } else {
         let present: Vec<(&str, &metrics::Metrics)> =
             [("valid", &r.valid), ("test", &r.test)].into_iter().filter_map(|(n, m)| m.as_ref().map(|m| (n, m))).collect();
         for (n, m) in [("valid", &r.valid), ("test", &r.test)] {
             if m.is_none() {
-                println!("{n}: no samples");
+                outln!("{n}: no samples");
             }
         }
         if !present.is_empty() {
-            println!("{}", metrics::table(&present));
+            outln!("{}", metrics::table(&present));
         }
-        println!("model {}, {} epochs, {:.1} s", r.model, r.epochs, r.seconds);
+        outln!("model {}, {} epochs, {:.1} s", r.model, r.epochs, r.seconds);
     }
+    Ok(())
 }
 
 /// Run a training job (none: `--print-config` only) and print its result.
 fn train_cmd(job: Option<TrainJob>, json: bool, at: Where) -> msm4sr::Result<ExitCode> {
     if let Some(job) = job {
-        print_result(&cli_run::train(&job, at)?, json);
+        print_result(&cli_run::train(&job, at)?, json)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -362,6 +362,9 @@ impl Model {
         for (_, table) in self.item_tables(train, with_id, seeds)? {
             let items = embedding(&table, &self.real_items, &[self.n_items])?;
             let items = if cos { l2norm(&items, 1e-12)? } else { items };
+            if !train {
+                check_finite(&items, "the item representations")?;
+            }
             tables.push((table, items));
         }
         if tables.is_empty() {
@@ -377,7 +380,11 @@ impl Model {
         let mut terms = Vec::new();
         for (table, items) in &t.tables {
             let h = self.sequences(table, &lay, train, seeds)?;
-            terms.push((if t.cos { l2norm(&h, 1e-12)? } else { h }, items.clone()));
+            let h = if t.cos { l2norm(&h, 1e-12)? } else { h };
+            if !train {
+                check_finite(&h, "the sequence representations")?;
+            }
+            terms.push((h, items.clone()));
         }
         Ok(terms)
     }
@@ -547,4 +554,15 @@ pub fn sum_terms(mut terms: Vec<(&'static str, Tensor)>) -> Result<Tensor> {
         loss = add(&loss, &t)?;
     }
     Ok(loss)
+}
+
+/// Scores are never ranked when what they are made of is NaN or Inf (every metric would read 0).
+fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    if let Some(v) = t.to_vec()?.into_iter().find(|v| !v.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "the model gives non-finite scores ({what} hold {v}): its weights are too large or became NaN \
+             (e.g. a too-high learning rate); nothing is evaluated"
+        )));
+    }
+    Ok(())
 }

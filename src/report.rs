@@ -274,6 +274,9 @@ pub struct PairedRow {
     pub worse: usize,
 }
 
+/// The most bootstrap resamples a report takes (each holds one index per user).
+pub const MAX_RESAMPLES: usize = 1_000_000;
+
 /// Bootstrap resamples of `n` users: `resamples` rows of `n` indices drawn with replacement.
 pub fn resample_indices(n: usize, resamples: usize, seed: u64) -> Vec<Vec<usize>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -517,6 +520,34 @@ pub fn user_groups(groups: &[Group], n: usize, data: &Path) -> Result<(String, G
     let ds = crate::data::Dataset::load(data, &opts)?;
     let lens: std::collections::HashMap<&str, usize> =
         ds.user_tokens.iter().zip(&ds.seqs).map(|(u, s)| (u.as_str(), s.len().saturating_sub(1))).collect();
+    // Each run's test targets must be this dataset's (the last item of each user's sequence): the
+    // same user tokens in another dataset would otherwise be grouped by the wrong histories.
+    let targets: std::collections::HashMap<&str, &str> = ds
+        .user_tokens
+        .iter()
+        .zip(&ds.seqs)
+        .filter_map(|(u, s)| s.last().map(|&i| (u.as_str(), ds.item_tokens[i as usize].as_str())))
+        .collect();
+    for r in groups.iter().flat_map(|g| &g.runs) {
+        let Some(path) = &r.ranks else { continue };
+        let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+        let wrong = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split('\t').collect::<Vec<_>>())
+            .filter(|f| f.len() == 4 && f[0] == "test")
+            .find(|f| targets.get(f[1]) != Some(&f[2]));
+        if let Some(f) = wrong {
+            return Err(Error::Invalid(format!(
+                "{}: user {}'s test target is {} there but {} in {}: the run was trained on other data than --data",
+                path.display(),
+                f[1],
+                f[2],
+                targets.get(f[1]).copied().unwrap_or("(no such user)"),
+                data.display()
+            )));
+        }
+    }
     let mut md = String::new();
     let mut out = Vec::new();
     for g in groups {
@@ -663,6 +694,12 @@ fn expand(args: &[String]) -> Result<(Vec<String>, Vec<(String, Vec<(String, f64
 /// `msm4sr report`: `table.md` (test metrics), `paired.md` (bootstrap comparisons), `curves.svg`
 /// and `report.json` in `opts.out`.
 pub fn report(opts: &ReportOptions) -> Result<Written> {
+    if !(1..=MAX_RESAMPLES).contains(&opts.resamples) {
+        return Err(Error::Invalid(format!(
+            "--resamples {}: the paired bootstrap needs between 1 and {MAX_RESAMPLES} resamples (10000 is plenty)",
+            opts.resamples
+        )));
+    }
     let (args, sweeps) = expand(&opts.runs)?;
     if args.is_empty() {
         return Err(Error::Invalid("report needs at least one finished run".into()));

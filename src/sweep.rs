@@ -330,7 +330,13 @@ pub fn run(
         let o = match cli_run::train(&job, at) {
             Ok(_) if resume => Outcome::Resumed,
             Ok(_) => Outcome::Ran,
-            Err(e @ Error::Interrupted(_)) => return Err(e),
+            // The run's own advice (`--resume`) is not how a sweep continues: say what is.
+            Err(Error::Interrupted(m)) => {
+                let m = m.split("; run the same command").next().unwrap_or(&m).to_string();
+                return Err(Error::Interrupted(format!(
+                    "{m}; run the same sweep command again (without --resume: finished runs are skipped and this one resumes)"
+                )));
+            }
             Err(e) => {
                 eprintln!("[{}/{n}] {} seed {} failed: {e}", i + 1, p.entry.point, p.entry.seed);
                 Outcome::Failed(e.to_string())

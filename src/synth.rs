@@ -34,6 +34,12 @@ use crate::{Error, Result};
 
 /// Dataset name: the files are `synth.inter`, `synth.features.safetensors`, `synth.items.txt`.
 pub const NAME: &str = "synth";
+/// Bounds on what `synth` makes (checked before anything is allocated).
+pub const MAX_USERS: usize = 10_000_000;
+pub const MAX_ITEMS: usize = 10_000_000;
+pub const MAX_INTERACTIONS: usize = 200_000_000;
+/// Bytes of the features file at most (both modalities).
+pub const MAX_FEATURE_BYTES: u64 = 16 << 30;
 
 /// Generator settings. The defaults train an ID-only SASRec and MSM4SR in a few minutes on a
 /// 2-core CPU.
@@ -136,7 +142,8 @@ impl SynthConfig {
         ["inter", "features.safetensors", "items.txt"].iter().map(|e| dir.join(format!("{NAME}.{e}"))).collect()
     }
 
-    /// Check the settings, naming the first bad one.
+    /// Check the settings, naming the first bad one (sizes included: see [`MAX_USERS`] and the
+    /// other bounds).
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Invalid(format!("synth config: {msg}")));
         if self.users == 0 {
@@ -166,6 +173,27 @@ impl SynthConfig {
             if !v.is_finite() || v < 0.0 {
                 return bad(format!("{name} must be finite and >= 0, got {v}"));
             }
+        }
+        // Sizes are bounded up front by what the output would take (the features are written as
+        // one f32 tensor per modality, the interactions as text), never found by running out of memory.
+        for (name, v, max) in [("users", self.users, MAX_USERS), ("items", self.items, MAX_ITEMS), ("topics", self.topics, MAX_ITEMS)] {
+            if v > max {
+                return bad(format!("{name} {v} is more than this generator makes (at most {max})"));
+            }
+        }
+        let rows = self.sentences.saturating_add(self.images);
+        let feature_bytes = (self.items as u128) * (rows as u128) * (self.dim as u128) * 4;
+        if feature_bytes > MAX_FEATURE_BYTES as u128 {
+            return bad(format!(
+                "{} items x {rows} feature rows x {} dims would be {:.1} GiB of features (at most {} GiB): fewer items, rows or dims",
+                self.items,
+                self.dim,
+                feature_bytes as f64 / (1u64 << 30) as f64,
+                MAX_FEATURE_BYTES >> 30
+            ));
+        }
+        if (self.users as u128) * (self.max_len as u128) > MAX_INTERACTIONS as u128 {
+            return bad(format!("{} users x up to {} items each is more than {MAX_INTERACTIONS} interactions", self.users, self.max_len));
         }
         Ok(())
     }

@@ -187,6 +187,16 @@ impl RunConfig {
         probability("item-drop", "model.item_drop", m.item_drop)?;
         positive("tau", "model.tau", m.tau)?;
         non_negative("lambda", "model.lambda", m.lambda)?;
+        // --drop-score removes one modality's term from the scores of a model that has both.
+        if let (Some(d), false) = (m.drop_score, m.modalities == crate::model::Modalities::Both) {
+            let name = |x: &dyn std::fmt::Debug| format!("{x:?}").to_lowercase();
+            return Err(Error::Invalid(format!(
+                "--drop-score {} with --modalities {}: dropping a modality's score needs both modalities (MSM4SR-T is \
+                 --drop-score image, MSM4SR-V --drop-score text, each with --modalities both)",
+                name(&d),
+                name(&m.modalities)
+            )));
+        }
         Ok(())
     }
 }
@@ -271,6 +281,40 @@ pub fn base_meta(cfg: &RunConfig, item_tokens: &[String], stage: Stage) -> BTree
     m.insert("item_tokens".into(), serde_json::to_string(item_tokens).unwrap());
     m.insert("stage".into(), serde_json::to_string(&stage).unwrap());
     m
+}
+
+/// The resume state at `last`, checked to be `stage` of this run: the same data (`data`) and the same
+/// settings as `cfg` but those of [`RESUME_MAY_CHANGE`]. Also used before a resumed run does any
+/// work, for every stage it will resume.
+pub fn read_resume_state(last: &Path, stage: Stage, data: &DataFingerprint, cfg: &RunConfig) -> Result<(Checkpoint, ResumeState)> {
+    let ck = checkpoint::load(last)?;
+    let st: ResumeState = ck
+        .meta
+        .get("resume")
+        .ok_or_else(|| Error::Invalid(format!("{} has no resume state (not written by this version's training loop)", last.display())))
+        .and_then(|v| serde_json::from_str(v).map_err(|e| Error::Invalid(format!("{}: resume state: {e}", last.display()))))?;
+    if st.stage != stage {
+        return Err(Error::Invalid(format!(
+            "--resume: {} holds stage {:?} of a run, not {stage:?}; resume a run with the command that started it",
+            last.display(),
+            st.stage
+        )));
+    }
+    if st.data != *data {
+        return Err(Error::Invalid(format!(
+            "--resume: {} was trained on other data ({}) than this dataset ({}); start a new run (--overwrite) instead",
+            last.display(),
+            st.data,
+            data
+        )));
+    }
+    if let Some(d) = config_difference(&st.config, cfg) {
+        return Err(Error::Invalid(format!(
+            "--resume continues the run as it was, but {d}; only {} may change on resume (or start a new run with --overwrite)",
+            RESUME_MAY_CHANGE.join(", ")
+        )));
+    }
+    Ok((ck, st))
 }
 
 /// What a resume state (`<out>.last.safetensors`, metadata `resume`) records besides the weights
@@ -519,7 +563,10 @@ pub fn fit_logged(
         let trained = run.train_epoch(quiet)?;
         run.check_finite()?;
         let t0 = Instant::now();
-        let valid = evaluate(model, &split.valid, &cfg.train, run.with_id)?;
+        let valid = evaluate(model, &split.valid, &cfg.train, run.with_id).map_err(|e| match e {
+            Error::Invalid(m) => Error::Invalid(format!("{stage:?} epoch {}: validation: {m}", run.epoch + 1)),
+            e => e,
+        })?;
         let rec = run.end_epoch(trained, valid, t0.elapsed().as_secs_f64())?;
         crate::console::line(&format!(
             "{stage:?} epoch {:>3}  loss {:.4}  train {:.1} s  {:.0} samples/s  valid recall@20 {:.4} ndcg@20 {:.4}{}",
@@ -666,29 +713,7 @@ impl<'a> StageRun<'a> {
             crate::console::line(&format!("no resume state at {}; starting from scratch", last.display()));
             return Ok(());
         }
-        let ck = checkpoint::load(last)?;
-        let st: ResumeState = ck
-            .meta
-            .get("resume")
-            .ok_or_else(|| Error::Invalid(format!("{} has no resume state (not written by this version's training loop)", last.display())))
-            .and_then(|v| serde_json::from_str(v).map_err(|e| Error::Invalid(format!("{}: resume state: {e}", last.display()))))?;
-        if st.stage != stage {
-            return Err(Error::Invalid(format!("{} belongs to stage {:?}, not {stage:?}", last.display(), st.stage)));
-        }
-        if st.data != self.data {
-            return Err(Error::Invalid(format!(
-                "--resume: {} was trained on other data ({}) than this dataset ({}); start a new run (--overwrite) instead",
-                last.display(),
-                st.data,
-                self.data
-            )));
-        }
-        if let Some(d) = config_difference(&st.config, self.cfg) {
-            return Err(Error::Invalid(format!(
-                "--resume continues the run as it was, but {d}; only {} may change on resume (or start a new run with --overwrite)",
-                RESUME_MAY_CHANGE.join(", ")
-            )));
-        }
+        let (ck, st) = read_resume_state(last, stage, &self.data, self.cfg)?;
         ck.load_into(&self.model.params(), true)?;
         let mut moments = Vec::new();
         for (n, p) in &self.params {
