@@ -43,7 +43,8 @@ def main():
             "SASRec": (authors(logs, "sasrec"), ours(logs, "sasrec")),
             "MSM4SR": ((pre_a + ft_a[0], ft_a[1]), ours(logs, "msm4sr")),
         }
-    lines = [f"Seeds: {', '.join(seeds)}. Test metrics, mean ± sample standard deviation over seeds.", ""]
+    what = "mean ± sample standard deviation over seeds" if len(seeds) > 1 else "one seed"
+    lines = [f"Seeds: {', '.join(seeds)}. Test metrics, {what}.", ""]
     lines.append("| model | program | " + " | ".join("test " + c for c in COLS) + " |")
     lines.append("|---|---|" + "---|" * len(COLS))
     ratios = []
@@ -54,7 +55,7 @@ def main():
             for c in COLS:
                 m, sd = mean_sd([runs[s][model][k][1][c] for s in seeds])
                 means[(k, c)] = m
-                cells.append(f"{m:.4f} ± {sd:.4f}")
+                cells.append(f"{m:.4f} ± {sd:.4f}" if len(seeds) > 1 else f"{m:.4f}")
             lines.append(f"| {model} | {prog} | " + " | ".join(cells) + " |")
         ratios.append((model, means[(1, "recall@20")] / means[(0, "recall@20")], means[(1, "ndcg@20")] / means[(0, "ndcg@20")]))
     lines.append("")
