@@ -1453,3 +1453,35 @@ fn reliability_second_round() {
     assert!(err.contains("trained on other data"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Settings that mean nothing for the model or plan given are refused, not silently accepted.
+#[test]
+fn meaningless_settings_are_refused() {
+    let root = std::env::temp_dir().join(format!("msm4sr-e2e-{}-meaningless", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let d = root.join("D");
+    let d = d.to_str().unwrap();
+    let (ok, _, err) = msm4sr_bin(&["synth", "--out", d, "--users", "40", "--items", "60", "--seed", "3"]);
+    assert!(ok, "{err}");
+    let out = root.join("x/m.safetensors");
+    let out = out.to_str().unwrap();
+    for (args, want) in [
+        (vec!["train", "--model", "sasrec", "--no-ids"], "--no-ids"),
+        (vec!["train", "--model", "sasrec", "--modalities", "text"], "--modalities"),
+        (vec!["train", "--model", "msm4sr", "--target-ids"], "--cross-domain"),
+        (vec!["train", "--model", "msm4sr", "--e2e", "--no-pretrain"], "pass one"),
+    ] {
+        let mut a = vec!["--device", "cpu"];
+        a.extend(&args);
+        a.extend(["--data", d, "--epochs", "1", "--out", out]);
+        let (ok, _, err) = msm4sr_bin(&a);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+    assert!(!root.join("x").exists(), "a refused run wrote something");
+    let users = root.join("users.txt");
+    std::fs::write(&users, "\n  \n").unwrap();
+    let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "recommend", "--data", d, "--ckpt", out, "--users", users.to_str().unwrap()]);
+    assert!(!ok && err.contains("no user tokens"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}

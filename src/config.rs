@@ -126,7 +126,7 @@ pub struct TrainFlags {
     /// Pre-training weight decay (default 0, as the authors pre-train).
     #[arg(long, allow_negative_numbers = true)]
     pub pretrain_weight_decay: Option<f32>,
-    /// Gradient clipping: the largest global L2 norm of a step's gradients (default 5).
+    /// Gradient clipping: the largest global L2 norm of a step's gradients (default 5; 0 turns clipping off).
     #[arg(long, allow_negative_numbers = true)]
     pub clip: Option<f32>,
     /// Fine-tuning early-stopping patience in epochs (default 10).
@@ -186,7 +186,13 @@ pub fn resolve(file: Option<&Path>, flags: &Flags) -> Result<RunConfig> {
             m.insert("attn_dropout".into(), toml::Value::Float(d as f64));
         }
     }
-    from_layers(&[base, over])
+    let cfg = from_layers(&[base, over])?;
+    if flags.model.target_ids == Some(true) && !cfg.train.cross_domain {
+        return Err(Error::Invalid(
+            "--target-ids adds ID embeddings for the target items of a cross-domain transfer: it needs --cross-domain".into(),
+        ));
+    }
+    Ok(cfg)
 }
 
 /// The defaults overridden by each of `layers` in turn (tables with `[model]` and `[train]`
@@ -203,6 +209,20 @@ pub fn from_layers(layers: &[toml::Table]) -> Result<RunConfig> {
         }
     }
     let mut cfg: RunConfig = table.try_into().map_err(|e| Error::Invalid(with_suggestion(e.to_string())))?;
+    // Settings that mean nothing for the model or plan given are refused, not ignored.
+    if cfg.model.model == ModelKind::Sasrec {
+        let m = &cfg.model;
+        let msm = |what: &str| Error::Invalid(format!("{what} is a setting of the multimodal models; --model sasrec uses item IDs only"));
+        if !m.ids {
+            return Err(msm("--no-ids (ids = false)"));
+        }
+        if m.modalities != crate::model::Modalities::Both {
+            return Err(msm("--modalities"));
+        }
+        if m.drop_score.is_some() {
+            return Err(msm("--drop-score"));
+        }
+    }
     // Cold-start fine-tunes MSM4SR without ID embeddings: cold items have none worth the name.
     if cfg.train.protocol == Protocol::ColdStart && cfg.model.model == ModelKind::Msm4sr {
         cfg.model.ids = false;

@@ -15,8 +15,14 @@ fn spec() -> &'static Option<(String, u64)> {
     static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
     SPEC.get_or_init(|| {
         let v = std::env::var("MSM4SR_FAULT").ok()?;
-        let (name, k) = v.split_once(':')?;
-        Some((name.to_string(), k.parse().ok()?))
+        let parsed = v.split_once(':').and_then(|(name, k)| Some((name.to_string(), k.parse::<u64>().ok()?)));
+        match parsed {
+            Some((name, k)) if (name == "step" || name == "write") && k >= 1 => Some((name, k)),
+            _ => {
+                eprintln!("warning: MSM4SR_FAULT={v} is not step:K or write:K (K >= 1); no fault is injected");
+                None
+            }
+        }
     })
 }
 

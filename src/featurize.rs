@@ -637,6 +637,9 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
     if opts.max_sentences == 0 {
         return Err(Error::Invalid("featurize: max_sentences must be at least 1".into()));
     }
+    if opts.batch == 0 {
+        return Err(Error::Invalid("featurize: --batch 0: a batch needs at least 1 sentence".into()));
+    }
     let name = opts
         .items
         .file_name()
@@ -652,6 +655,16 @@ pub fn run(opts: &FeaturizeOptions, dev: Device, quiet: bool) -> Result<Summary>
         opts.text_fields.iter().map(|s| FieldSpec::parse(s)).collect::<Result<_>>()?
     };
     let (text, sentences_dropped) = item_sentences(&table, &specs, opts.max_sentences, &opts.items)?;
+    if text.iter().all(Vec::is_empty) {
+        return Err(Error::Data {
+            file: opts.items.display().to_string(),
+            line: 0,
+            msg: format!(
+                "no item has any text in the fields {} (all empty or missing): the features would be empty",
+                specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
     let stand_in: Vec<WordsSpec> = opts.image_words_from.iter().map(|s| WordsSpec::parse(s)).collect::<Result<_>>()?;
     let sources = [opts.image_keywords.is_some(), !stand_in.is_empty(), opts.images.is_some()].iter().filter(|&&b| b).count();
     if sources > 1 {

@@ -444,6 +444,11 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
     match cli.cmd {
         Cmd::Info { json } => info(cli.device, named, json),
         Cmd::Train { run, out, no_pretrain, e2e, resume } => {
+            if no_pretrain && e2e {
+                return Err(msm4sr::Error::Invalid(
+                    "--e2e trains the pre-training and fine-tuning losses together; --no-pretrain leaves out pre-training: pass one".into(),
+                ));
+            }
             let job = run.job(|cfg| Plan::train(cfg, no_pretrain, e2e), out, None, resume)?;
             train_cmd(job, run.json, at)
         }
@@ -464,7 +469,15 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                 (_, Some(all), _) if all == "all" => Who::All,
                 (_, Some(file), _) => {
                     let text = std::fs::read_to_string(&file).map_err(|e| msm4sr::Error::Io { path: file.clone(), source: e })?;
-                    Who::Users(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+                    let list: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+                    if list.is_empty() {
+                        return Err(msm4sr::Error::Data {
+                            file: file.clone(),
+                            line: 0,
+                            msg: "no user tokens (expected one per line; --users all recommends for everyone)".into(),
+                        });
+                    }
+                    Who::Users(list)
                 }
                 (_, _, Some(h)) => Who::History(h),
                 _ => return Err(msm4sr::Error::Invalid("give --user, --users or --history".into())),
