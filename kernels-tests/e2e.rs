@@ -1485,3 +1485,39 @@ fn meaningless_settings_are_refused() {
     assert!(!ok && err.contains("no user tokens"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Messages say what is wrong in the user's terms: a --run-dir that is a file, an output directory
+/// that cannot be made, a .inter that is not a regular file, a seed listed twice in a grid.
+#[test]
+fn messages_name_the_problem() {
+    let root = std::env::temp_dir().join(format!("msm4sr-e2e-{}-messages", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let d = root.join("D");
+    let ds = d.to_str().unwrap();
+    let (ok, _, err) = msm4sr_bin(&["synth", "--out", ds, "--users", "40", "--items", "60", "--seed", "3"]);
+    assert!(ok, "{err}");
+    let afile = root.join("afile");
+    std::fs::write(&afile, "x").unwrap();
+    let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "train", "--data", ds, "--model", "sasrec", "--run-dir", afile.to_str().unwrap()]);
+    assert!(!ok && err.contains("it is a file; give a directory"), "{err}");
+    let under_file = afile.join("m.safetensors");
+    let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "train", "--data", ds, "--model", "sasrec", "--out", under_file.to_str().unwrap()]);
+    assert!(!ok && err.contains("cannot be created or written"), "{err}");
+    #[cfg(unix)]
+    {
+        let bad = root.join("fifo-data");
+        std::fs::create_dir_all(&bad).unwrap();
+        let c = std::ffi::CString::new(bad.join("x.inter").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "train", "--data", bad.to_str().unwrap(), "--model", "sasrec"]);
+        assert!(!ok && err.contains("x.inter") && err.contains("FIFO"), "{err}");
+    }
+    let grid = root.join("g.toml");
+    std::fs::write(&grid, "seeds = [1, 2, 1]\n[[variant]]\nname = \"a\"\nmodel = { model = \"sasrec\" }\n").unwrap();
+    let (ok, _, err) =
+        msm4sr_bin(&["--device", "cpu", "sweep", grid.to_str().unwrap(), "--data", ds, "--out", root.join("sw").to_str().unwrap()]);
+    assert!(!ok && err.contains("seed 1 is listed twice"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -1,10 +1,12 @@
 //! A fuzz harness for the readers, on stable Rust: mutated `.inter` files, feature files,
-//! `items.txt`, config files and checkpoints, each run by the real binary in a child process with a
+//! `items.txt`, config files, checkpoints, the files of an interrupted run directory (resume states,
+//! run logs, saved config) resumed with `--resume`, and sweep grid files, each run by the real binary in a child process with a
 //! timeout and a memory limit (an abort or a hang cannot be caught in-process). Every outcome is
 //! classified — a clean error (`error: ...`, exit 1), success, a panic, an abort (killed by a
 //! signal), a hang (past the timeout) — and the stages each input reached are counted (`parsed`,
 //! `model`, `step`, `evaluated`; see `msm4sr::fault::reached`), so that a harness whose mutants all
-//! die at the first byte cannot pass.
+//! die at the first byte cannot pass. A success whose JSON reports every test metric as 0 is
+//! counted too (`zero_metrics`): that is how wrong scores used to pass silently.
 //!
 //! `cargo test --release --test fuzz` runs for `MSM4SR_FUZZ_SECS` seconds (default 30) with seed
 //! `MSM4SR_FUZZ_SEED` (default 1); the README records the counts of a 10-minute run:
@@ -31,6 +33,8 @@ struct Tally {
     panic: usize,
     abort: usize,
     hang: usize,
+    /// Successes whose `--json` output has every test metric 0.
+    zero_metrics: usize,
     stages: BTreeMap<String, usize>,
     by_target: BTreeMap<&'static str, usize>,
 }
@@ -38,7 +42,7 @@ struct Tally {
 /// Run the binary with `args`; classify the outcome and record the stages reached.
 fn run(args: &[String], tally: &mut Tally) -> Option<String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_msm4sr"));
-    cmd.args(args).env("MSM4SR_TRACE_STAGES", "1").env("RAYON_NUM_THREADS", "1").stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.args(args).env("MSM4SR_TRACE_STAGES", "1").env("RAYON_NUM_THREADS", "1").stdout(Stdio::piped()).stderr(Stdio::piped());
     #[cfg(unix)]
     unsafe {
         use std::os::unix::process::CommandExt;
@@ -56,6 +60,12 @@ fn run(args: &[String], tally: &mut Tally) -> Option<String> {
         let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
         s
     });
+    let mut stdout = child.stdout.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
     let t0 = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -69,6 +79,7 @@ fn run(args: &[String], tally: &mut Tally) -> Option<String> {
         std::thread::sleep(Duration::from_millis(20));
     };
     let err = reader.join().unwrap();
+    let out = out_reader.join().unwrap();
     tally.runs += 1;
     for line in err.lines() {
         if let Some(st) = line.strip_prefix("msm4sr-stage: ") {
@@ -90,7 +101,16 @@ fn run(args: &[String], tally: &mut Tally) -> Option<String> {
         }
         Some(s) if s.success() => {
             tally.ok += 1;
-            None
+            let zero = serde_json::from_str::<serde_json::Value>(&out).ok().and_then(|v| {
+                let t = v.get("test")?.as_object()?.clone();
+                Some(!t.is_empty() && t.values().all(|m| m.as_f64() == Some(0.0)))
+            });
+            if zero == Some(true) {
+                tally.zero_metrics += 1;
+                Some("every test metric 0 with exit 0")
+            } else {
+                None
+            }
         }
         Some(_) if err.contains("error: ") => {
             tally.clean_error += 1;
@@ -219,6 +239,29 @@ fn mutated_inputs_never_panic_abort_or_hang() {
     assert!(run(&train(&base, &root.join("base.toml"), &ckpt), &mut tally).is_none(), "the unmutated run must succeed");
     assert!(tally.stages.contains_key("step"), "the unmutated run must reach a training step: {tally:?}");
     let ckpt_bytes = std::fs::read(&ckpt).unwrap();
+    // An interrupted run directory (killed in its second training step) to mutate and resume.
+    let killed = root.join("killed");
+    let resume_args = |dir: &Path, config: &Path| -> Vec<String> {
+        let mut a = s(&["--device", "cpu", "train", "--model", "msm4sr", "--json", "--resume"]);
+        a.extend([
+            "--data".into(),
+            base.display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+            "--run-dir".into(),
+            dir.display().to_string(),
+        ]);
+        a
+    };
+    {
+        let mut a = resume_args(&killed, &root.join("base.toml"));
+        a.retain(|x| x != "--resume");
+        let o = Command::new(env!("CARGO_BIN_EXE_msm4sr")).args(&a).env("MSM4SR_FAULT", "step:2").output().unwrap();
+        assert!(!o.status.success(), "the run to interrupt was not killed");
+        assert!(killed.join("model.pretrain.last.safetensors").exists() || killed.join("model.config.toml").exists());
+    }
+    let run_files: Vec<PathBuf> = std::fs::read_dir(&killed).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
+    let grid_text = "seeds = [1]\n\n[base.model]\nhidden = 8\ninner = 16\nexperts = 2\nmax_len = 8\n\n[base.train]\nepochs = 1\npretrain_epochs = 1\nbatch = 64\npretrain_batch = 64\n\n[[variant]]\nname = \"SASRec\"\nmodel = { model = \"sasrec\" }\n\n[[variant]]\nname = \"w/o pre-train\"\nplan = \"no-pretrain\"\n\n[grid]\n\"model.lambda\" = [0.01, 0.1]\n";
 
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut failures = Vec::new();
@@ -231,7 +274,7 @@ fn mutated_inputs_never_panic_abort_or_hang() {
         let cfg_path = dir.join("run.toml");
         std::fs::write(&cfg_path, config_text).unwrap();
         let out = dir.join("out/m.safetensors");
-        let target: &'static str = ["inter", "features", "items", "config", "checkpoint"][rng.random_range(0..5)];
+        let target: &'static str = ["inter", "features", "items", "config", "checkpoint", "run-dir", "grid"][rng.random_range(0..7)];
         *tally.by_target.entry(target).or_default() += 1;
         let text_or_bytes = |path: &Path, rng: &mut ChaCha8Rng| {
             let bytes = std::fs::read(path).unwrap();
@@ -256,6 +299,35 @@ fn mutated_inputs_never_panic_abort_or_hang() {
             "config" => {
                 text_or_bytes(&cfg_path, &mut rng);
                 train(&dir, &cfg_path, &out)
+            }
+            "run-dir" => {
+                let rd = dir.join("run");
+                let _ = std::fs::remove_dir_all(&rd);
+                copy_dir(&killed, &rd);
+                let f = &run_files[rng.random_range(0..run_files.len())];
+                let p = rd.join(f.file_name().unwrap());
+                if p.extension().is_some_and(|e| e == "safetensors") {
+                    let m = mutate_bytes(&std::fs::read(&p).unwrap(), &mut rng);
+                    std::fs::write(&p, m).unwrap();
+                } else {
+                    text_or_bytes(&p, &mut rng);
+                }
+                resume_args(&rd, &root.join("base.toml"))
+            }
+            "grid" => {
+                let g = dir.join("grid.toml");
+                std::fs::write(&g, grid_text).unwrap();
+                text_or_bytes(&g, &mut rng);
+                let _ = std::fs::remove_dir_all(dir.join("sweep"));
+                let mut a = s(&["--device", "cpu", "sweep"]);
+                a.extend([
+                    g.display().to_string(),
+                    "--data".into(),
+                    dir.display().to_string(),
+                    "--out".into(),
+                    dir.join("sweep").display().to_string(),
+                ]);
+                a
             }
             _ => {
                 let p = dir.join("ck.safetensors");

@@ -470,9 +470,12 @@ pub fn check_outputs(outputs: &[PathBuf], inputs: &[(&str, &Path)], replace: boo
             return Err(Error::Invalid(format!("{} already exists (an earlier run's output?); {how}", out.display())));
         }
         let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+        let cannot = |e: std::io::Error| {
+            Error::Invalid(format!("cannot write {}: its directory {} cannot be created or written ({e})", out.display(), dir.display()))
+        };
+        std::fs::create_dir_all(dir).map_err(cannot)?;
         let probe = dir.join(format!(".msm4sr-write-check-{}", std::process::id()));
-        std::fs::write(&probe, b"").map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+        std::fs::write(&probe, b"").map_err(cannot)?;
         let _ = std::fs::remove_file(&probe);
     }
     Ok(())

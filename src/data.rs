@@ -591,7 +591,10 @@ impl Dataset {
         for e in entries {
             let p = e.map_err(|e| io_err(dir, e))?.path();
             found.push(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-            if p.is_file() && p.extension().is_some_and(|x| x == "inter") {
+            if p.extension().is_some_and(|x| x == "inter") {
+                if let Some(what) = crate::checkpoint::not_a_regular_file(&p) {
+                    return data_err(&p.display().to_string(), 0, format!("it is {what}; the interactions must be a regular file"));
+                }
                 inter.push(p);
             }
         }

@@ -111,6 +111,12 @@ impl RunArgs {
             return Ok(None);
         }
         let plan = plan(&cfg);
+        if let Some(dir) = self.run_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+            return Err(msm4sr::Error::Invalid(format!(
+                "--run-dir {}: it is a file; give a directory (new or of this run)",
+                dir.display()
+            )));
+        }
         let out = match (&self.run_dir, out) {
             (Some(dir), _) => cli_run::run_dir_checkpoint(dir),
             (None, Some(out)) => out,
@@ -613,8 +619,17 @@ fn run(cli: Cli) -> msm4sr::Result<ExitCode> {
                     eprintln!("failed: {} seed {}: {e}", r.point, r.seed);
                 }
             }
-            eprintln!("report: msm4sr report {} --out {}/report", out.display(), out.display());
-            Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            if failed.len() < outcomes.len() {
+                eprintln!("report: msm4sr report {} --out {}/report", out.display(), out.display());
+            }
+            if !failed.is_empty() {
+                return Err(msm4sr::Error::Invalid(format!(
+                    "{} of {} sweep runs failed (listed above); fix the cause and run the same command again (finished runs are skipped)",
+                    failed.len(),
+                    outcomes.len()
+                )));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Gradcheck { json, op } => {
             // Verifying kernels is the point here: any adapter (software included) counts unless --device cpu.

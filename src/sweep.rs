@@ -243,6 +243,11 @@ pub fn expand(grid: &Grid) -> Result<(Manifest, Vec<Planned>)> {
             }
         }
     }
+    let mut seeds = grid.seeds.clone();
+    seeds.sort_unstable();
+    if let Some(w) = seeds.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::Invalid(format!("seed {} is listed twice in `seeds`; each seed runs once per point", w[0])));
+    }
     let mut dirs: Vec<&String> = runs.iter().map(|r| &r.dir).collect();
     dirs.sort();
     if let Some(w) = dirs.windows(2).find(|w| w[0] == w[1]) {
