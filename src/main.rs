@@ -32,6 +32,18 @@ macro_rules! out {
     };
 }
 
+/// A message of at most about `max` characters: a very long value echoed in it (a 100k-character
+/// token, a deeply nested TOML line) keeps its start and end, with how much was left out.
+fn cut_middle(msg: &str, max: usize) -> String {
+    let n = msg.chars().count();
+    if n <= max {
+        return msg.to_string();
+    }
+    let head: String = msg.chars().take(max * 3 / 4).collect();
+    let tail: String = msg.chars().skip(n - max / 4).collect();
+    format!("{head} [... {} characters left out ...] {tail}", n - head.chars().count() - tail.chars().count())
+}
+
 fn stdout_result(r: std::io::Result<()>) -> msm4sr::Result<()> {
     match r {
         Ok(()) => Ok(()),
@@ -438,7 +450,7 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", cut_middle(&e.to_string(), 2000));
             ExitCode::FAILURE
         }
     }
@@ -886,6 +898,16 @@ fn train_cmd(job: Option<TrainJob>, json: bool, at: Where) -> msm4sr::Result<Exi
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    /// An error message echoing a huge value stays readable.
+    #[test]
+    fn long_messages_are_cut_in_the_middle() {
+        let long = format!("item \"{}\" is not in the file", "x".repeat(100_000));
+        let m = super::cut_middle(&long, 2000);
+        assert!(m.chars().count() < 2100 && m.starts_with("item \"xxx") && m.ends_with("is not in the file"), "{}", m.len());
+        assert!(m.contains("characters left out"));
+        assert_eq!(super::cut_middle("short", 2000), "short");
+    }
 
     /// Every flag of every command says what it does (`msm4sr CMD --help`).
     #[test]
