@@ -291,3 +291,32 @@ fn images_to_words_to_training_end_to_end() {
     assert!(v["test"]["recall@20"].as_f64().is_some(), "{v}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A second layout read from config.json: 16-pixel patches (196 + class token, as ViT-B/16) and
+/// GELU in the vision tower (fixture by tools/make_clip_b16_fixture.py), against transformers.
+#[test]
+fn clip_b16_layout_with_gelu_matches_transformers() {
+    let r = Reference::load();
+    let tmp = std::env::temp_dir().join(format!("msm4sr-clip-b16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    for f in ["config.json", "model.safetensors", "preprocessor_config.json"] {
+        std::fs::copy(dir().join("model-b16").join(f), tmp.join(f)).unwrap();
+    }
+    std::fs::copy(dir().join("model/tokenizer.json"), tmp.join("tokenizer.json")).unwrap();
+    let want = {
+        let bytes = std::fs::read(dir().join("ref_b16.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        bytemuck::pod_collect_to_vec::<u8, f64>(st.tensor("image_embeds_f64").unwrap().data())
+    };
+    let pixels: Vec<Vec<f32>> =
+        r.strings("images").iter().map(|n| r.tensor(&format!("pixel_values.{n}")).1.into_iter().map(|v| v as f32).collect()).collect();
+    for dev in [Device::Cpu, Device::Gpu] {
+        let clip = Clip::load(&tmp, dev).unwrap();
+        assert_eq!((clip.config.patch_size, clip.config.patches(), clip.config.vision.act.as_str()), (16, 196, "gelu"));
+        let got = clip.encode_pixels(&pixels, &ProgressBar::hidden()).unwrap();
+        let err = close(&format!("{dev:?} ViT-B/16-layout image embeddings"), &got, &want, 1e-4);
+        eprintln!("{dev:?}: B/16 layout, max abs error {err:.2e}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}

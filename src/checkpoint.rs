@@ -184,7 +184,12 @@ impl RunLock {
     pub fn acquire(path: &Path, what: &str) -> Result<RunLock> {
         let io = |e: std::io::Error| Error::Io { path: path.display().to_string(), source: e };
         if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::Invalid(format!(
+                    "cannot write the run's files: their directory {} cannot be created or written ({e})",
+                    dir.display()
+                ))
+            })?;
         }
         #[cfg(unix)]
         {
