@@ -1447,6 +1447,35 @@ fn reliability_second_round() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--drop-score image with --modalities image"), "{err}");
 
+    // 13. A checkpoint whose saved configuration is `{}` (every field would take its default) is refused.
+    {
+        let bytes = std::fs::read(root.join("ok/model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let mut meta = header.metadata().clone().unwrap();
+        meta.insert("config".into(), "{}".into());
+        let views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+        let out = safetensors::serialize(views, Some(meta)).unwrap();
+        let bad = root.join("empty-config.safetensors");
+        std::fs::write(&bad, out).unwrap();
+        let (code, _, err) = run(&["--device", "cpu", "evaluate", "--data", &d, "--ckpt", bad.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("no model and train settings"), "{err}");
+    }
+
+    // 12. Report labels print a setting as given (lr=0.003, not its f64 widening).
+    {
+        let mut a = vec!["--device", "cpu", "train", "--data", d.as_str(), "--model", "sasrec", "--epochs", "1", "--lr", "0.003"];
+        a.extend(small);
+        let lr = p("lr");
+        a.extend(["--run-dir", lr.as_str()]);
+        assert_eq!(run(&a).0, Some(0));
+        let (code, _, err) = run(&["report", &ok, &lr, "--out", &p("rl")]);
+        assert_eq!(code, Some(0), "{err}");
+        let table = std::fs::read_to_string(root.join("rl/table.md")).unwrap();
+        assert!(table.contains("lr=0.003 ") && table.contains("lr=0.001 ") && !table.contains("0.0030000"), "{table}");
+    }
+
     // 10. A report grouping users by another dataset's histories is refused.
     let (code, _, err) = run(&["report", &ok, "--out", &p("rg"), "--groups", "3", "--data", &d2]);
     assert_eq!(code, Some(1), "{err}");

@@ -684,7 +684,18 @@ pub fn open_checkpoint(path: &Path) -> Result<Opened> {
         .meta
         .get("config")
         .ok_or_else(|| Error::Invalid(format!("{} has no config metadata (not an msm4sr checkpoint?)", path.display())))
-        .and_then(|c| serde_json::from_str(c).map_err(|e| Error::Invalid(format!("{}: config metadata: {e}", path.display()))))?;
+        .and_then(|c| {
+            // Every field has a default, so `{}` would read as the defaults: a checkpoint must say both sections.
+            let v: serde_json::Value =
+                serde_json::from_str(c).map_err(|e| Error::Invalid(format!("{}: config metadata: {e}", path.display())))?;
+            if !(v.get("model").is_some_and(|m| m.is_object()) && v.get("train").is_some_and(|t| t.is_object())) {
+                return Err(Error::Invalid(format!(
+                    "{}: the config metadata has no model and train settings (not written by msm4sr's training loop?)",
+                    path.display()
+                )));
+            }
+            serde_json::from_value(v).map_err(|e| Error::Invalid(format!("{}: config metadata: {e}", path.display())))
+        })?;
     cfg.validate().map_err(|e| Error::Invalid(format!("{}: the saved configuration: {e}", path.display())))?;
     check_checkpoint_sizes(&ck, &cfg, path)?;
     Ok(Opened { ck, path: path.to_path_buf(), cfg, stage })

@@ -100,7 +100,13 @@ fn flat(c: &RunConfig) -> BTreeMap<String, String> {
         for (sec, v) in t {
             if let toml::Value::Table(keys) = v {
                 for (k, v) in keys {
-                    out.insert(format!("{sec}.{k}"), v.to_string());
+                    // The f32 settings (learning rates, dropout, ...) as given, not as their f64 widening
+                    // (0.001, not 0.0010000000474974513).
+                    let text = match v {
+                        toml::Value::Float(x) if (x as f32) as f64 == x => format!("{}", x as f32),
+                        v => v.to_string(),
+                    };
+                    out.insert(format!("{sec}.{k}"), text);
                 }
             }
         }
