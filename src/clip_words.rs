@@ -319,7 +319,7 @@ mod tests {
     #[test]
     fn default_dictionary_keeps_words_of_two_items() {
         let items = [vec!["Blue Stapler, heavy-duty", "Office"], vec!["blue pens; the BEST pens", "office"], vec!["Stapler 3000", "x"]];
-        let d = dictionary_from_items(items.iter().map(|v| v.iter().copied().collect()));
+        let d = dictionary_from_items(items.iter().map(|v| v.to_vec()));
         assert_eq!(d, ["blue", "office", "stapler"]);
     }
 
