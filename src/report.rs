@@ -282,6 +282,8 @@ pub struct PairedRow {
 
 /// The most bootstrap resamples a report takes (each holds one index per user).
 pub const MAX_RESAMPLES: usize = 1_000_000;
+/// The most resampled user indices held at once (resamples x users; 8 bytes each: 4 GiB).
+pub const MAX_RESAMPLED_INDICES: usize = 1 << 29;
 
 /// Bootstrap resamples of `n` users: `resamples` rows of `n` indices drawn with replacement.
 pub fn resample_indices(n: usize, resamples: usize, seed: u64) -> Vec<Vec<usize>> {
@@ -747,6 +749,15 @@ pub fn report(opts: &ReportOptions) -> Result<Written> {
             continue;
         };
         let n = read_ranks(&a[0], &opts.split)?.len();
+        // The resamples are held as indices: bound them by memory, not only by count.
+        if (opts.resamples as u128) * (n as u128) > MAX_RESAMPLED_INDICES as u128 {
+            return Err(Error::Invalid(format!(
+                "--resamples {} over {n} users would hold {:.1} GiB of resampled indices (at most {} GiB): use fewer resamples",
+                opts.resamples,
+                (opts.resamples as f64) * (n as f64) * 8.0 / (1u64 << 30) as f64,
+                (MAX_RESAMPLED_INDICES * 8) >> 30
+            )));
+        }
         let idx = resample_indices(n, opts.resamples, opts.seed);
         let rows = paired(&a, &b, &opts.split, &idx)?;
         paired_md += &format!(
