@@ -1550,3 +1550,53 @@ fn messages_name_the_problem() {
     assert!(!ok && err.contains("seed 1 is listed twice"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Ctrl-C during a sweep stops it after the current step and says how to continue a sweep (the
+/// same command again), not the single run's `--resume`, which `sweep` does not take.
+#[cfg(unix)]
+#[test]
+fn interrupted_sweep_says_how_to_continue() {
+    use std::io::{BufRead, BufReader, Read};
+    let root = std::env::temp_dir().join(format!("msm4sr-e2e-{}-sweepint", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let d = root.join("D");
+    let (ok, _, err) = msm4sr_bin(&["synth", "--out", d.to_str().unwrap(), "--users", "60", "--items", "80", "--seed", "3"]);
+    assert!(ok, "{err}");
+    let grid = root.join("g.toml");
+    std::fs::write(&grid, "seeds = [1]\n[base.model]\nmodel = \"sasrec\"\nhidden = 16\ninner = 32\n[base.train]\nepochs = 50\npatience = 100\nbatch = 16\n[[variant]]\nname = \"a\"\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_msm4sr"))
+        .args([
+            "--device",
+            "cpu",
+            "sweep",
+            grid.to_str().unwrap(),
+            "--data",
+            d.to_str().unwrap(),
+            "--out",
+            root.join("sw").to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen += &line;
+        if line.contains("Finetune epoch   1  loss") {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            break;
+        }
+    }
+    reader.read_to_string(&mut seen).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("run the same sweep command again") && !seen.contains("with --resume to continue"), "{seen}");
+    let _ = std::fs::remove_dir_all(&root);
+}
