@@ -229,20 +229,25 @@ fn images_to_words_to_training_end_to_end() {
     }
     let out = root.join("ds");
     let bin = env!("CARGO_BIN_EXE_msm4sr");
-    let run = Command::new(bin)
-        .args(["--device", "cpu", "featurize", "--items"])
-        .arg(data.join("toy.item"))
-        .arg("--out")
-        .arg(&out)
-        .arg("--model-dir")
-        .arg(&bert)
-        .arg("--images")
-        .arg(&imgs)
-        .arg("--clip")
-        .arg(dir().join("model"))
-        .args(["--top-n", "3", "--json"])
-        .output()
-        .unwrap();
+    let featurize = |extra: &[&str]| {
+        Command::new(bin)
+            .args(["--device", "cpu", "featurize"])
+            .args(extra)
+            .arg("--items")
+            .arg(data.join("toy.item"))
+            .arg("--out")
+            .arg(&out)
+            .arg("--model-dir")
+            .arg(&bert)
+            .arg("--images")
+            .arg(&imgs)
+            .arg("--clip")
+            .arg(dir().join("model"))
+            .args(["--top-n", "3", "--json"])
+            .output()
+            .unwrap()
+    };
+    let run = featurize(&[]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let s: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
     assert_eq!(s["images"], 7, "eight files, one of them corrupt: {s}");
@@ -260,20 +265,7 @@ fn images_to_words_to_training_end_to_end() {
     let f = msm4sr::data::read_features(&out.join("toy.features.safetensors"), &out.join("toy.items.txt")).unwrap();
     assert_eq!(f.image.unwrap().lens, [1, 2, 1, 2, 1, 0]);
     // A second run reads the word embeddings from the cache.
-    let again = Command::new(bin)
-        .args(["--device", "cpu", "featurize", "--overwrite", "--items"])
-        .arg(data.join("toy.item"))
-        .arg("--out")
-        .arg(&out)
-        .arg("--model-dir")
-        .arg(&bert)
-        .arg("--images")
-        .arg(&imgs)
-        .arg("--clip")
-        .arg(dir().join("model"))
-        .args(["--top-n", "3", "--json"])
-        .output()
-        .unwrap();
+    let again = featurize(&["--overwrite"]);
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     let s2: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(s2["clip_words_cached"], true);

@@ -156,7 +156,13 @@ impl Weights<'_> {
 
     /// Tensor `name` (rows, cols) transposed to (cols, rows): an HF (out, in) weight in the engine's layout.
     pub(crate) fn transposed(&self, name: &str, rows: usize, cols: usize, dev: Device) -> Result<Tensor> {
-        let w = self.get(name, &[rows, cols])?;
+        self.transposed_as(name, &[rows, cols], rows, cols, dev)
+    }
+
+    /// Tensor `name` of `shape`, read as (rows, cols) row-major and transposed to (cols, rows) (e.g.
+    /// a convolution kernel (h, 3, p, p) as (h, 3 p p)).
+    pub(crate) fn transposed_as(&self, name: &str, shape: &[usize], rows: usize, cols: usize, dev: Device) -> Result<Tensor> {
+        let w = self.get(name, shape)?;
         let mut wt = vec![0.0f32; w.len()];
         for o in 0..rows {
             for i in 0..cols {

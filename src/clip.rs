@@ -54,6 +54,14 @@ use crate::images::ImageProcessorConfig;
 use crate::nn::{Activation, LayerNorm, Seeds, TransformerLayer};
 use crate::{Error, Result};
 
+/// FNV-1a (64-bit): the start value, and `h` advanced over `bytes` (the word cache's keys).
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) fn fnv1a(h: &mut u64, bytes: &[u8]) {
+    for &b in bytes {
+        *h = (*h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+}
+
 /// Sizes of one tower.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TowerConfig {
@@ -190,10 +198,8 @@ impl Clip {
         let processor = if pre_path.is_file() { ImageProcessorConfig::load(&pre_path)? } else { ImageProcessorConfig::default() };
         let bytes = std::fs::read(&model_path).map_err(|e| Error::Io { path: model_path.display().to_string(), source: e })?;
         let model_hash = {
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-            for &b in &bytes {
-                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-            }
+            let mut h = FNV_OFFSET;
+            fnv1a(&mut h, &bytes);
             format!("{h:016x}")
         };
         let st = SafeTensors::deserialize(&bytes).map_err(|e| data_err(&model_path, format!("not a safetensors file: {e}")))?;
@@ -252,17 +258,7 @@ impl Clip {
         let (hv, ht, pd, ps) = (config.vision.hidden, config.text.hidden, config.projection_dim, config.patch_size);
         let n_pos = config.patches() + 1;
         // The convolution kernel (h, 3, p, p) read as (h, 3 p p), transposed to (3 p p, h).
-        let patch_w = {
-            let k = 3 * ps * ps;
-            let v = w.get("vision_model.embeddings.patch_embedding.weight", &[hv, 3, ps, ps])?;
-            let mut t = vec![0.0f32; v.len()];
-            for o in 0..hv {
-                for i in 0..k {
-                    t[i * hv + o] = v[o * k + i];
-                }
-            }
-            Tensor::from_vec(t, &[k, hv], dev)?
-        };
+        let patch_w = w.transposed_as("vision_model.embeddings.patch_embedding.weight", &[hv, 3, ps, ps], hv, 3 * ps * ps, dev)?;
         let class = w.get("vision_model.embeddings.class_embedding", &[hv])?;
         let mut vpos = w.get("vision_model.embeddings.position_embedding.weight", &[n_pos, hv])?;
         vpos[..hv].iter_mut().zip(&class).for_each(|(p, c)| *p += c);

@@ -23,7 +23,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::bert::progress_bar;
 use crate::checkpoint::write_atomic;
-use crate::clip::Clip;
+use crate::clip::{fnv1a as fnv, Clip, FNV_OFFSET};
 use crate::{Error, Result};
 
 /// The paper's best N.
@@ -218,15 +218,9 @@ pub fn check_template(template: &str) -> Result<()> {
     Ok(())
 }
 
-fn fnv(h: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *h = (*h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-}
-
 /// The cache key: a hash of the model weights, the template and the words.
 pub fn cache_key(model_hash: &str, template: &str, words: &[String]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = FNV_OFFSET;
     fnv(&mut h, model_hash.as_bytes());
     fnv(&mut h, &[0xff]);
     fnv(&mut h, template.as_bytes());

@@ -201,6 +201,24 @@ impl ItemTable {
     pub fn field(&self, name: &str) -> Option<usize> {
         self.fields.iter().position(|f| f == name)
     }
+
+    /// The column of each named field; a missing one is an error naming the file's header
+    /// (`what` prefixes the message, e.g. the flag that named the field).
+    pub fn columns<'a>(&self, names: impl Iterator<Item = &'a str>, what: &str, file: &Path) -> Result<Vec<usize>> {
+        names
+            .map(|n| {
+                self.field(n).ok_or_else(|| Error::Data {
+                    file: file.display().to_string(),
+                    line: 1,
+                    msg: format!(
+                        "{what}no {}field `{n}` in the header (fields: {})",
+                        if what.is_empty() { "text " } else { "" },
+                        self.fields.join(", ")
+                    ),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Read a RecBole `.item` file (tab-separated, header `field:type`, an `item_id` column).
@@ -381,16 +399,7 @@ fn is_abbreviation(before: &str) -> bool {
 
 /// Sentences of every item: `(kept per item, dropped count)`.
 pub fn item_sentences(table: &ItemTable, specs: &[FieldSpec], max_sentences: usize, file: &Path) -> Result<(Vec<Vec<String>>, usize)> {
-    let cols = specs
-        .iter()
-        .map(|s| {
-            table.field(&s.name).ok_or_else(|| Error::Data {
-                file: file.display().to_string(),
-                line: 1,
-                msg: format!("no text field `{}` in the header (fields: {})", s.name, table.fields.join(", ")),
-            })
-        })
-        .collect::<Result<Vec<usize>>>()?;
+    let cols = table.columns(specs.iter().map(|s| s.name.as_str()), "", file)?;
     let mut dropped = 0;
     let per_item = table
         .rows
@@ -482,16 +491,7 @@ impl WordsSpec {
 
 /// The image stand-in: per item, one keyword sentence from the specs' fields (none when empty).
 pub fn item_keyword_images(table: &ItemTable, specs: &[WordsSpec], file: &Path) -> Result<Vec<Vec<String>>> {
-    let cols = specs
-        .iter()
-        .map(|s| {
-            table.field(&s.field).ok_or_else(|| Error::Data {
-                file: file.display().to_string(),
-                line: 1,
-                msg: format!("--image-words-from: no field `{}` in the header (fields: {})", s.field, table.fields.join(", ")),
-            })
-        })
-        .collect::<Result<Vec<usize>>>()?;
+    let cols = table.columns(specs.iter().map(|s| s.field.as_str()), "--image-words-from: ", file)?;
     Ok(table
         .rows
         .iter()
