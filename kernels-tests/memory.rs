@@ -18,8 +18,9 @@ use msm4sr::data::{make_batch, Batch, Dataset, LoadOptions, Sample};
 use msm4sr::engine::ops::catalog::BLOCK;
 use msm4sr::engine::ops::{catalog_ce, catalog_rank, cross_entropy, matmul, mean};
 use msm4sr::engine::optim::{Adam, AdamConfig};
-use msm4sr::engine::tensor::in_gemm;
-use msm4sr::engine::{backward, no_grad, pool, Device, Indices, Tensor};
+use msm4sr::engine::stats::in_gemm;
+use msm4sr::engine::cpu::pool;
+use msm4sr::engine::{backward, no_grad, Device, Indices, Tensor};
 use msm4sr::model::{Model, ModelKind};
 use msm4sr::nn::Seeds;
 use msm4sr::synth::{self, SynthConfig};
@@ -31,7 +32,7 @@ struct Counting;
 static CUR: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 /// Allocations (and growing reallocations) of at least `LARGE` bytes, outside the GEMM crate's
-/// own packing buffers (one per matrix product; see `engine::tensor::in_gemm`).
+/// own packing buffers (one per matrix product; see `engine::stats::in_gemm`).
 static LARGE_COUNT: AtomicUsize = AtomicUsize::new(0);
 /// Larger than the per-step batch bookkeeping (item-id lists and maps, a few KiB at these shapes),
 /// smaller than any activation (26 KiB and up), so tensor storage that bypassed the pool would show.

@@ -177,7 +177,7 @@ fn matmul_variants_match_the_cpu() {
 /// result is written to the cache file and a second tuner reads it back instead of tuning again.
 #[test]
 fn the_autotune_picks_an_eligible_variant() {
-    use msm4sr::engine::ops::matmul_tune::{read_cache, Policy, Tuner};
+    use msm4sr::engine::ops::matmul::tune::{read_cache, Policy, Tuner};
     use msm4sr::engine::ops::{matmul_tuned, matmul_variant_support, Support};
     let dir = std::env::temp_dir().join(format!("msm4sr-autotune-test-{}", std::process::id()));
     let path = dir.join("matmul_tune.json");

@@ -135,11 +135,6 @@ pub struct StepResult {
     pub copies_per_step: Option<f64>,
 }
 
-/// The GPU's dispatch, submit and copy counters when `dev` is the GPU.
-pub fn gpu_counters(dev: Device) -> Option<crate::engine::gpu::Counters> {
-    (dev == Device::Gpu).then(|| crate::engine::gpu::gpu().ok().map(|g| g.counters())).flatten()
-}
-
 /// One matmul kernel variant at one shape: its rate and its largest error against the CPU product
 /// (relative to the largest |value| of the CPU product), or why it did not run.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -164,7 +159,7 @@ pub struct VariantResult {
 /// per item (49260x768).(768x1), each checked against the CPU product first, with the variant the
 /// autotune picks. `quick` shrinks the rows 8x (software adapters).
 pub fn matmul_variants(min_secs: f64, quick: bool) -> Result<Vec<VariantResult>> {
-    use crate::engine::ops::matmul_tune::{Policy, Tuner};
+    use crate::engine::ops::matmul::tune::{Policy, Tuner};
     use crate::engine::ops::{matmul_tuned, matmul_variant, matmul_variant_support, MatmulVariant, Support};
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let name = device_name(Device::Gpu);
@@ -273,7 +268,7 @@ pub fn train_steps(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<StepRe
             Ok(())
         };
         step()?; // warm-up (pipelines, pool)
-        let c0 = gpu_counters(dev);
+        let c0 = crate::engine::stats::gpu_counters(dev);
         let start = Instant::now();
         let mut steps = 0;
         while steps == 0 || start.elapsed().as_secs_f64() < min_secs {
@@ -281,7 +276,7 @@ pub fn train_steps(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<StepRe
             steps += 1;
         }
         let s = start.elapsed().as_secs_f64() / steps as f64;
-        let per = |f: fn(crate::engine::gpu::Counters) -> u64| c0.zip(gpu_counters(dev)).map(|(a, b)| (f(b) - f(a)) as f64 / steps as f64);
+        let per = |f: fn(crate::engine::gpu::Counters) -> u64| c0.zip(crate::engine::stats::gpu_counters(dev)).map(|(a, b)| (f(b) - f(a)) as f64 / steps as f64);
         out.push(StepResult {
             model: label.into(),
             shape: format!("batch {batch}, {tokens} tokens, {items} items, features {rows}x{d}"),

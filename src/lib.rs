@@ -19,7 +19,6 @@ pub mod config;
 pub mod console;
 pub mod data;
 pub mod demo;
-pub mod engine;
 pub mod fault;
 pub mod featurize;
 pub mod gradcheck;
@@ -35,82 +34,8 @@ pub mod sweep;
 pub mod synth;
 pub mod train;
 
+/// The compute engine (the `msm4sr-engine` crate of this workspace).
+pub use ::engine;
 pub use engine::{Device, Tensor};
 
-/// Every failure the library reports. Messages name the op, shape, file or adapter involved.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("shape error in {op}: {msg}")]
-    Shape { op: &'static str, msg: String },
-    #[error("index error in {op}: {msg}")]
-    Index { op: &'static str, msg: String },
-    #[error("device error: {0}")]
-    Device(String),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
-    /// Bad content in a data file: `line` is 1-based, 0 when the problem concerns the whole file
-    /// (then the message is `{file}: {msg}`).
-    #[error("{file}{}: {msg}", line_suffix(*line))]
-    Data { file: String, line: usize, msg: String },
-    /// The run was stopped by Ctrl-C or SIGTERM (see [`interrupt`]); the message says how to continue.
-    #[error("{0}")]
-    Interrupted(String),
-}
-
-fn line_suffix(line: usize) -> String {
-    if line == 0 {
-        String::new()
-    } else {
-        format!(":{line}")
-    }
-}
-
-pub type Result<T> = std::result::Result<T, Error>;
-
-/// Build a shape error.
-pub fn shape_err<T>(op: &'static str, msg: impl Into<String>) -> Result<T> {
-    Err(Error::Shape { op, msg: msg.into() })
-}
-
-/// Process-wide settings for the CPU backend; call once at start-up, before any thread starts.
-///
-/// - The C allocator keeps freed memory for reuse (glibc on Linux; elsewhere a no-op): with glibc's
-///   defaults, blocks above the adaptive mmap threshold are mapped and unmapped on every allocation
-///   and the heap top is trimmed, so what the storage pool (`engine::pool`) does not hold (GEMM
-///   packing buffers, the first steps' tensors) would page-fault back in every time.
-/// - `XDG_RUNTIME_DIR` is set to a private directory when it is unset or invalid, so that probing
-///   GPU adapters prints nothing from the Vulkan loader's window-system layers.
-/// - The GEMM crate's thread count follows the cores this process may run on (its CPU affinity, as
-///   `taskset` sets it, or `RAYON_NUM_THREADS`) unless `MATMUL_NUM_THREADS` is set: by default it
-///   counts the machine's physical cores, so a process pinned to one core ran two GEMM threads that
-///   took turns on it.
-pub fn startup() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tunables; called before other threads allocate.
-    unsafe {
-        // 32 MiB is glibc's largest mmap threshold on 64-bit; trimming only above 1 GiB of free top.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-    // The Vulkan loader's window-system layers print "XDG_RUNTIME_DIR is invalid or not set" (four
-    // lines, read as this tool's errors) when probing adapters without one, e.g. over ssh or in a
-    // container: give them a private directory. Only when the variable is unset or not a directory.
-    #[cfg(unix)]
-    if !std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from).is_some_and(|p| p.is_dir()) {
-        use std::os::unix::fs::DirBuilderExt;
-        // SAFETY: getuid has no preconditions.
-        let dir = std::env::temp_dir().join(format!("msm4sr-runtime-{}", unsafe { libc::getuid() }));
-        if std::fs::DirBuilder::new().mode(0o700).create(&dir).is_ok() || dir.is_dir() {
-            std::env::set_var("XDG_RUNTIME_DIR", &dir);
-        }
-    }
-    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-        let rayon = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
-        let cores = rayon.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        // Before any other thread exists (the contract of this function), so nothing reads the
-        // environment concurrently.
-        std::env::set_var("MATMUL_NUM_THREADS", cores.to_string());
-    }
-}
+pub use engine::{shape_err, startup, Error, Result};

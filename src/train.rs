@@ -749,7 +749,7 @@ impl<'a> StageRun<'a> {
         );
         bar.set_prefix(format!("{stage:?} epoch {:>3}", epoch + 1));
         let t0 = Instant::now();
-        let gemm0 = crate::engine::tensor::gemm_counters();
+        let gemm0 = crate::engine::stats::gemm_counters();
         let mut t = Trained {
             loss: 0.0,
             terms: [0.0; LOSS_TERMS.len()],
@@ -761,7 +761,7 @@ impl<'a> StageRun<'a> {
             dispatches: None,
         };
         let dev = self.params.first().map(|(_, p)| p.device()).unwrap_or(crate::engine::Device::Cpu);
-        let c0 = crate::bench::gpu_counters(dev);
+        let c0 = crate::engine::stats::gpu_counters(dev);
         for idx in &order {
             let (loss, values) = step_loss(self.model, split, idx, stage, self.cfg, &mut rng, &mut seeds)?;
             let grads = backward(&loss)?;
@@ -805,11 +805,11 @@ impl<'a> StageRun<'a> {
         bar.finish_and_clear();
         t.seconds = t0.elapsed().as_secs_f64();
         // On the CPU backend: time in matrix products and their rate.
-        let (s1, f1) = crate::engine::tensor::gemm_counters();
+        let (s1, f1) = crate::engine::stats::gemm_counters();
         (t.gemm_secs, t.gemm_flop) = (s1 - gemm0.0, f1 - gemm0.1);
         let n = t.steps.max(1) as f64;
         t.dispatches = c0
-            .zip(crate::bench::gpu_counters(dev))
+            .zip(crate::engine::stats::gpu_counters(dev))
             .map(|(a, b)| ((b.dispatches - a.dispatches) as f64 / n, (b.submits - a.submits) as f64 / n, (b.copies - a.copies) as f64 / n));
         Ok(t)
     }

@@ -1,0 +1,329 @@
+//! Data parallelism for the CPU backend (rayon's global pool, one thread per core by default;
+//! `RAYON_NUM_THREADS` overrides it).
+//!
+//! Work is only ever split along independent outputs: rows, element ranges or column blocks. Each
+//! output value is computed by one thread, with the same operations in the same order as a plain
+//! sequential loop, so results are bit-identical for any number of threads. Small problems stay on
+//! the calling thread, where starting a parallel region would cost more than it saves.
+//!
+//! The helpers take their outputs from the storage pool (`engine::pool`) and hand each task its own rows, zeroed by that task just
+//! before use: no serial pass over a large buffer precedes the parallel work, and the zeroing
+//! happens while the rows are about to be written anyway (in cache).
+
+use std::marker::PhantomData;
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use crate::cpu::pool;
+
+/// Elements of work below which an op runs on the calling thread.
+pub(crate) const MIN_PAR: usize = 1 << 15;
+/// Elements of work per parallel task, at least.
+const GRAIN: usize = 1 << 13;
+/// Elements per task for cheap elementwise maps.
+const ELEM_CHUNK: usize = 1 << 14;
+
+/// Whether `work` elements of work are worth spreading over the pool.
+pub(crate) fn worth(work: usize) -> bool {
+    work >= MIN_PAR && rayon::current_num_threads() > 1
+}
+
+/// Rows per task for rows costing `work_per_row` elements each.
+fn min_rows(work_per_row: usize) -> usize {
+    (GRAIN / work_per_row.max(1)).max(1)
+}
+
+/// A chunk length for elementwise work over rows of `unit` elements: a multiple of `unit` near
+/// `ELEM_CHUNK`.
+pub(crate) fn elem_chunk(unit: usize) -> usize {
+    let unit = unit.max(1);
+    (ELEM_CHUNK / unit).max(1) * unit
+}
+
+/// An output vector under construction: tasks take disjoint ranges of its (not yet initialized)
+/// storage, zero them and fill them; `finish` then gives the vector its full length.
+struct Fresh<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _buf: PhantomData<&'a mut Vec<T>>,
+}
+
+// SAFETY: tasks only ever touch disjoint ranges (see `range`), so sharing the pointer between
+// threads is sound for element types that may be sent between threads.
+unsafe impl<T: Send> Send for Fresh<'_, T> {}
+unsafe impl<T: Send> Sync for Fresh<'_, T> {}
+
+impl<'a, T> Fresh<'a, T> {
+    fn new(buf: &'a mut Vec<T>, len: usize) -> Self {
+        debug_assert!(buf.is_empty());
+        // A no-op for vectors from `pool::take(len)`.
+        buf.reserve_exact(len);
+        Fresh { ptr: buf.as_mut_ptr(), len, _buf: PhantomData }
+    }
+}
+
+impl<T: Copy + Default> Fresh<'_, T> {
+    /// Elements [start, start + n), set to zero (`T::default()`).
+    ///
+    /// SAFETY: the range must lie within `len`, and no two calls may take overlapping ranges.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range(&self, start: usize, n: usize) -> &mut [T] {
+        debug_assert!(start + n <= self.len);
+        let p = self.ptr.add(start);
+        for i in 0..n {
+            p.add(i).write(T::default());
+        }
+        std::slice::from_raw_parts_mut(p, n)
+    }
+}
+
+impl<T> Fresh<'_, T> {
+    /// Elements [start, start + n), uninitialized.
+    ///
+    /// SAFETY: as for `range`.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn uninit(&self, start: usize, n: usize) -> &mut [MaybeUninit<T>] {
+        debug_assert!(start + n <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(start) as *mut MaybeUninit<T>, n)
+    }
+}
+
+/// Give `buf` (reserved by `Fresh::new`) its length once every element has been written.
+///
+/// SAFETY: every element of [0, len) must have been initialized through `Fresh::range`.
+unsafe fn finish<T>(buf: &mut Vec<T>, len: usize) {
+    buf.set_len(len);
+}
+
+/// `f(i)` for i < n, on the pool when `par` (at least `min_len` consecutive i per task).
+fn drive(n: usize, par: bool, min_len: usize, f: impl Fn(usize) + Sync + Send) {
+    if par && n > 1 {
+        (0..n).into_par_iter().with_min_len(min_len).for_each(f);
+    } else {
+        (0..n).for_each(f);
+    }
+}
+
+/// The vector [f(0), .., f(len - 1)], built in parallel pieces when long (written once, without
+/// zeroing first).
+pub(crate) fn map<T: Send + 'static>(len: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    let mut v = pool::take(len);
+    {
+        let out = Fresh::new(&mut v, len);
+        drive(len.div_ceil(ELEM_CHUNK), worth(len), 1, |i| {
+            let start = i * ELEM_CHUNK;
+            // SAFETY: piece i is [i * ELEM_CHUNK, min(len, (i + 1) * ELEM_CHUNK)), disjoint from the others.
+            let piece = unsafe { out.uninit(start, ELEM_CHUNK.min(len - start)) };
+            for (j, o) in piece.iter_mut().enumerate() {
+                o.write(f(start + j));
+            }
+        });
+    }
+    // SAFETY: the pieces cover [0, len), every element written above.
+    unsafe { finish(&mut v, len) };
+    v
+}
+
+/// A vector of `len` elements built by `f(start, piece)` over consecutive pieces of `chunk`
+/// elements (the last may be shorter), each zeroed first; pieces in parallel when `par`.
+pub(crate) fn chunks<T: Copy + Default + Send + 'static>(
+    len: usize,
+    chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let chunk = chunk.max(1);
+    let mut v = pool::take(len);
+    {
+        let out = Fresh::new(&mut v, len);
+        drive(len.div_ceil(chunk), par, 1, |i| {
+            let start = i * chunk;
+            // SAFETY: piece i is [i * chunk, min(len, (i + 1) * chunk)), disjoint from the others.
+            f(start, unsafe { out.range(start, chunk.min(len - start)) })
+        });
+    }
+    // SAFETY: the pieces cover [0, len).
+    unsafe { finish(&mut v, len) };
+    v
+}
+
+/// As [`chunks`], building two vectors of the same length piece by piece together.
+pub(crate) fn chunks2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
+    len: usize,
+    chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
+) -> (Vec<A>, Vec<B>) {
+    let chunk = chunk.max(1);
+    let (mut a, mut b) = (pool::take(len), pool::take(len));
+    {
+        let (oa, ob) = (Fresh::new(&mut a, len), Fresh::new(&mut b, len));
+        drive(len.div_ceil(chunk), par, 1, |i| {
+            let (start, n) = (i * chunk, chunk.min(len - i * chunk));
+            // SAFETY: as in `chunks`.
+            f(start, unsafe { oa.range(start, n) }, unsafe { ob.range(start, n) })
+        });
+    }
+    // SAFETY: the pieces cover [0, len) of both.
+    unsafe {
+        finish(&mut a, len);
+        finish(&mut b, len);
+    }
+    (a, b)
+}
+
+/// An (n, la) matrix built row by row: `f(r, row_r)`, each row zeroed first. Each row costs about
+/// `work` elements of work; rows go to the pool when there is enough of it.
+pub(crate) fn rows<A: Copy + Default + Send + 'static>(
+    n: usize,
+    work: usize,
+    la: usize,
+    f: impl Fn(usize, &mut [A]) + Sync + Send,
+) -> Vec<A> {
+    rows3::<A, u8, u8>(n, work, (la, 0, 0), |r, a, _, _| f(r, a)).0
+}
+
+/// As [`rows`] with two outputs of rows `la` and `lb` long, row r of each handed to `f` together.
+pub(crate) fn rows2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
+    n: usize,
+    work: usize,
+    la: usize,
+    lb: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
+) -> (Vec<A>, Vec<B>) {
+    let (a, b, _) = rows3::<A, B, u8>(n, work, (la, lb, 0), |r, a, b, _| f(r, a, b));
+    (a, b)
+}
+
+/// An (n, la), (n, lb) and (n, lc) matrix built row by row: `f(r, row_r of each)`, each row zeroed
+/// first (a zero length gives an empty output at no cost). Each row costs about `work` elements of
+/// work; rows go to the pool when there is enough of it.
+#[allow(clippy::type_complexity)]
+pub(crate) fn rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static>(
+    n: usize,
+    work: usize,
+    (la, lb, lc): (usize, usize, usize),
+    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
+) -> (Vec<A>, Vec<B>, Vec<C>) {
+    let (mut a, mut b, mut c) = (pool::take(n * la), pool::take(n * lb), pool::take(n * lc));
+    {
+        let (oa, ob, oc) = (Fresh::new(&mut a, n * la), Fresh::new(&mut b, n * lb), Fresh::new(&mut c, n * lc));
+        drive(n, worth(n * work), min_rows(work), |r| {
+            // SAFETY: row r of each output is [r * l, (r + 1) * l); rows are disjoint.
+            f(r, unsafe { oa.range(r * la, la) }, unsafe { ob.range(r * lb, lb) }, unsafe { oc.range(r * lc, lc) })
+        });
+    }
+    // SAFETY: the rows cover all three outputs.
+    unsafe {
+        finish(&mut a, n * la);
+        finish(&mut b, n * lb);
+        finish(&mut c, n * lc);
+    }
+    (a, b, c)
+}
+
+/// As [`rows3`] for rows of different lengths: row r of output A is `oa[r] .. oa[r + 1]` (and so for
+/// B and C), `oa`, `ob`, `oc` being n + 1 ascending offsets (an empty slice gives an empty output).
+/// Each row costs about `work` elements of work on average.
+#[allow(clippy::type_complexity)]
+pub(crate) fn segs3<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static>(
+    n: usize,
+    work: usize,
+    (oa, ob, oc): (&[usize], &[usize], &[usize]),
+    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
+) -> (Vec<A>, Vec<B>, Vec<C>) {
+    let end = |o: &[usize]| o.last().copied().unwrap_or(0);
+    let seg = |o: &[usize], r: usize| if o.is_empty() { (0, 0) } else { (o[r], o[r + 1] - o[r]) };
+    let (la, lb, lc) = (end(oa), end(ob), end(oc));
+    let (mut a, mut b, mut c) = (pool::take(la), pool::take(lb), pool::take(lc));
+    {
+        let (fa, fb, fc) = (Fresh::new(&mut a, la), Fresh::new(&mut b, lb), Fresh::new(&mut c, lc));
+        drive(n, worth(n * work), min_rows(work), |r| {
+            let ((sa, na), (sb, nb), (sc, nc)) = (seg(oa, r), seg(ob, r), seg(oc, r));
+            // SAFETY: the offsets ascend, so the rows' ranges are disjoint.
+            f(r, unsafe { fa.range(sa, na) }, unsafe { fb.range(sb, nb) }, unsafe { fc.range(sc, nc) })
+        });
+    }
+    // SAFETY: the rows cover [0, end) of each output.
+    unsafe {
+        finish(&mut a, la);
+        finish(&mut b, lb);
+        finish(&mut c, lc);
+    }
+    (a, b, c)
+}
+
+/// `f` on every element of `x` in place, in parallel pieces when long.
+pub(crate) fn chunks_apply<T: Send>(x: &mut [T], f: impl Fn(&mut T) + Sync + Send) {
+    if worth(x.len()) {
+        x.par_chunks_mut(ELEM_CHUNK).for_each(|c| c.iter_mut().for_each(&f));
+    } else {
+        x.iter_mut().for_each(f);
+    }
+}
+
+/// `f(r, row_r)` on each row of `w` elements of `x` in place, rows in parallel when long.
+pub(crate) fn rows_apply<T: Send>(x: &mut [T], w: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    let w = w.max(1);
+    if worth(x.len()) {
+        x.par_chunks_mut(w).with_min_len(min_rows(w)).enumerate().for_each(|(r, row)| f(r, row));
+    } else {
+        x.chunks_mut(w).enumerate().for_each(|(r, row)| f(r, row));
+    }
+}
+
+/// `f(pos, piece, bo)` over the segments of `piece` (which starts at `start` of an output repeating
+/// a row of `nb` elements) that stay within one row: `pos` is the segment's offset in the output,
+/// `bo` its offset within the row.
+pub(crate) fn segments<T>(start: usize, piece: &mut [T], nb: usize, mut f: impl FnMut(usize, &mut [T], usize)) {
+    let mut off = 0;
+    while off < piece.len() {
+        let bo = (start + off) % nb;
+        let len = (nb - bo).min(piece.len() - off);
+        f(start + off, &mut piece[off..off + len], bo);
+        off += len;
+    }
+}
+
+/// Piece length for elementwise work over rows of `nb` elements: whole rows when rows are short.
+pub(crate) fn bcast_chunk(nb: usize) -> usize {
+    if nb <= elem_chunk(1) {
+        elem_chunk(nb)
+    } else {
+        elem_chunk(1)
+    }
+}
+
+/// A column-block width for reducing `rows` rows of `cols` columns in parallel: each block is
+/// summed over all rows by one task. `cols` when the work is small (one block, on this thread).
+pub(crate) fn col_block(rows: usize, cols: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if !worth(rows * cols) || cols < 32 {
+        return cols.max(1);
+    }
+    // Several blocks per thread for balance, but at least 16 columns (a cache line of f32) each.
+    cols.div_ceil(4 * threads).max(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helpers_fill_every_element_in_order() {
+        for n in [0, 1, 7, 100_000] {
+            let v: Vec<u64> = chunks(n, 1000, true, |s, p| p.iter_mut().enumerate().for_each(|(i, x)| *x += (s + i) as u64));
+            assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64));
+            let (a, b): (Vec<u32>, Vec<u8>) = rows2(n, 1 << 20, 3, 0, |r, a, b| {
+                assert!(a.iter().all(|&x| x == 0) && b.is_empty());
+                a.iter_mut().for_each(|x| *x = r as u32);
+            });
+            assert_eq!(a.len(), 3 * n);
+            assert!(a.chunks(3).enumerate().all(|(r, row)| row.iter().all(|&x| x == r as u32)));
+            assert!(b.is_empty());
+            let m: Vec<usize> = map(n, |i| 3 * i);
+            assert!(m.len() == n && m.iter().enumerate().all(|(i, &x)| x == 3 * i));
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Elementwise ops. Broadcasting is trailing: `b`'s shape must equal a suffix of `a`'s shape
+//! (e.g. a (B, L, C) + b (L, C) or b (C)), and `b` is read at `i % numel(b)`.
+//!
+//! - `add_scaled(a, b, alpha)`: a (.., S) , b (S) -> (.., S) = a + alpha * b;  da = g, db = alpha * sum_rows(g)
+//! - `mul(a, b)`:                a (.., S) , b (S) -> (.., S) = a * b;          da = g * b, db = sum_rows(g * a)
+//! - `scale(a, s)`:              a -> s * a;                                    da = s * g
+//! - `gelu(x)`:                  x -> x * Phi(x) (erf form);                    dx = g * (Phi(x) + x * phi(x))
+//! - `quick_gelu(x)`:            x -> x * s, s = sigmoid(1.702 x) (CLIP);        dx = g * s * (1 + 1.702 x (1 - s))
+//! - `dropout(x, p, seed)`:      x -> x * keep / (1 - p), keep = rand01(seed, i) >= p; dx = dropout(g, p, seed)
+//! - `dropout_rows(x, p, seed, keys)`: x (N, C), keys (N) -> as dropout with element (r, c) keyed on
+//!   keys[r] * C + c (the flat index it would have in a padded layout; see `Ragged`); dx likewise
+
+use crate::cpu::par;
+use super::reduce::{sum, sum_rows};
+use super::wgsl;
+use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
+use crate::cpu::Real;
+use crate::tensor::{numel, Storage};
+use crate::{same_device, Indices, Tensor};
+use crate::{on_device, Error, Result};
+
+const SRC: &str = wgsl!("elementwise.wgsl");
+const RRW: &[crate::gpu::Access] = &[Read, Read, ReadWrite];
+static AXPBY: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "axpby", RRW);
+static MUL: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "mul", RRW);
+static SCALE: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "scale", RRW);
+static GELU_FWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "gelu_fwd", RRW);
+static GELU_BWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "gelu_bwd", RRW);
+static QGELU_FWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "quick_gelu_fwd", RRW);
+static QGELU_BWD: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "quick_gelu_bwd", RRW);
+static DROPOUT: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "dropout", RRW);
+static DROPOUT_ROWS: Kernel<ElementwiseParams> = Kernel::new("elementwise", SRC, "dropout_rows", RRW);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::gpu::Contract> {
+    vec![
+        AXPBY.contract(),
+        MUL.contract(),
+        SCALE.contract(),
+        GELU_FWD.contract(),
+        GELU_BWD.contract(),
+        QGELU_FWD.contract(),
+        QGELU_BWD.contract(),
+        DROPOUT.contract(),
+        DROPOUT_ROWS.contract(),
+    ]
+}
+
+kernel_params! {
+    /// `struct P` of elementwise.wgsl (every kernel).
+    struct ElementwiseParams {
+        /// Elements of out.
+        n: u32,
+        /// Elements of b.
+        nb: u32,
+        alpha: f32,
+        seed: u32,
+        /// Dropout probability.
+        p: f32,
+    }
+}
+
+/// Run one elementwise kernel producing `n` outputs.
+fn launch(k: &Kernel<ElementwiseParams>, n: usize, a: &GpuBuf, b: &GpuBuf, nb: usize, alpha: f32, seed: u32, p: f32) -> Result<Storage> {
+    let g = gpu()?;
+    let out = g.alloc(4 * n as u64)?;
+    let prm = ElementwiseParams { n: n as u32, nb: nb.max(1) as u32, alpha, seed, p };
+    g.dispatch(k, &[a, b, &out], &prm, groups_1d(n))?;
+    Ok(Storage::Gpu(out))
+}
+
+fn check_suffix(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    let (sa, sb) = (a.shape(), b.shape());
+    if sb.len() > sa.len() || sa[sa.len() - sb.len()..] != *sb {
+        return Err(Error::Shape {
+            op,
+            msg: format!("cannot broadcast {sb:?} onto {sa:?} (the second shape must be a suffix of the first)"),
+        });
+    }
+    Ok(())
+}
+
+// ---- CPU references -------------------------------------------------------------------------
+
+/// out[i] = f(a[i], b[i % nb]), in parallel pieces when large.
+fn zip_bcast<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> Vec<T> {
+    let (n, nb) = (a.len(), b.len());
+    if nb == 0 {
+        assert!(n == 0, "broadcast of an empty operand");
+        return Vec::new();
+    }
+    if nb == n {
+        return par::map(n, |i| f(a[i], b[i]));
+    }
+    par::chunks(n, par::bcast_chunk(nb), par::worth(n), |start, piece| {
+        par::segments(start, piece, nb, |pos, seg, bo| {
+            let len = seg.len();
+            for ((o, &x), &y) in seg.iter_mut().zip(&a[pos..pos + len]).zip(&b[bo..bo + len]) {
+                *o = f(x, y);
+            }
+        })
+    })
+}
+
+/// `f` over x in parallel pieces, each a plain loop over slices (no bounds checks, so it vectorizes).
+fn map_slices<T: Real>(x: &[T], f: impl Fn(&mut [T], &[T], usize) + Sync + Send) -> Vec<T> {
+    par::chunks(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, piece| {
+        let n = piece.len();
+        f(piece, &x[start..start + n], start)
+    })
+}
+
+/// out[i] = f(x[i]), in parallel pieces when large.
+fn map1<T: Real>(x: &[T], f: impl Fn(T) -> T + Sync + Send) -> Vec<T> {
+    map_slices(x, |o, x, _| {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = f(v);
+        }
+    })
+}
+
+pub fn axpby_cpu<T: Real>(a: &[T], b: &[T], alpha: T) -> Vec<T> {
+    zip_bcast(a, b, |x, y| x + alpha * y)
+}
+
+pub fn mul_cpu<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
+    zip_bcast(a, b, |x, y| x * y)
+}
+
+pub fn scale_cpu<T: Real>(a: &[T], s: T) -> Vec<T> {
+    map1(a, |x| x * s)
+}
+
+/// Phi(x), the standard normal CDF, accurate in both tails: libm's erfc in f64, and in f32 the
+/// Chebyshev fit of `shaders/common.wgsl` (relative error < 1.2e-7, several times faster).
+pub fn norm_cdf<T: Real>(x: T) -> T {
+    if std::mem::size_of::<T>() == 8 {
+        let z = x.to_f64().unwrap() * std::f64::consts::FRAC_1_SQRT_2;
+        return T::c(if z < 0.0 { 0.5 * libm::erfc(-z) } else { 1.0 - 0.5 * libm::erfc(z) });
+    }
+    let xf = x.to_f32().unwrap();
+    let z = xf.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07 + t * (-1.135_203_9 + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
+    let h = 0.5 * t * crate::cpu::expf(poly);
+    let (lo, hi) = (h, 1.0 - h);
+    T::c(if xf < 0.0 { lo } else { hi } as f64)
+}
+
+pub fn gelu_cpu<T: Real>(x: &[T]) -> Vec<T> {
+    map1(x, |v| v * norm_cdf(v))
+}
+
+pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    let c = T::c(0.3989422804014327);
+    let g = &g[..x.len()];
+    map_slices(x, |o, x, start| {
+        for ((o, &v), &gi) in o.iter_mut().zip(x).zip(&g[start..start + x.len()]) {
+            *o = gi * (norm_cdf(v) + v * c * (-(v * v) * T::c(0.5)).fexp());
+        }
+    })
+}
+
+/// sigmoid(1.702 x), QuickGELU's gate.
+fn quick_gate<T: Real>(x: T) -> T {
+    T::one() / (T::one() + (-(T::c(1.702) * x)).fexp())
+}
+
+pub fn quick_gelu_cpu<T: Real>(x: &[T]) -> Vec<T> {
+    map1(x, |v| v * quick_gate(v))
+}
+
+pub fn quick_gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
+    let g = &g[..x.len()];
+    map_slices(x, |o, x, start| {
+        for ((o, &v), &gi) in o.iter_mut().zip(x).zip(&g[start..start + x.len()]) {
+            let s = quick_gate(v);
+            *o = gi * s * (T::one() + T::c(1.702) * v * (T::one() - s));
+        }
+    })
+}
+
+/// The counter-based RNG of `shaders/common.wgsl`, bit for bit.
+pub fn pcg(x: u32) -> u32 {
+    let s = x.wrapping_mul(747796405).wrapping_add(2891336453);
+    let w = ((s >> ((s >> 28) + 4)) ^ s).wrapping_mul(277803737);
+    (w >> 22) ^ w
+}
+
+pub fn rand01(seed: u32, i: u32) -> f32 {
+    rand01_hashed(pcg(seed), i)
+}
+
+/// `rand01(seed, i)` given `pcg(seed)` (hoisted out of loops over i).
+pub fn rand01_hashed(hashed_seed: u32, i: u32) -> f32 {
+    (pcg(i.wrapping_add(hashed_seed)) >> 8) as f32 / 16777216.0
+}
+
+/// o[j] = x[j] * s where rand01(key base + j) >= p, else 0: a select between constants and one
+/// product over equal-length slices, so the loop (hash included) vectorizes.
+#[inline(always)]
+fn keep_mul<T: Real>(o: &mut [T], x: &[T], hashed_seed: u32, base: u32, p: f32, s: T) {
+    let n = o.len().min(x.len());
+    let (o, x) = (&mut o[..n], &x[..n]);
+    for j in 0..n {
+        let m = if rand01_hashed(hashed_seed, base.wrapping_add(j as u32)) >= p { s } else { T::zero() };
+        o[j] = x[j] * m;
+    }
+}
+
+pub fn dropout_cpu<T: Real>(x: &[T], p: f32, seed: u32) -> Vec<T> {
+    let s = T::c(1.0 / (1.0 - p as f64));
+    let ps = pcg(seed);
+    map_slices(x, |o, x, start| {
+        keep_mul(o, x, ps, start as u32, p, s);
+    })
+}
+
+/// `dropout_cpu` with element (r, c) of rows of `c` channels keyed on keys[r] * c + c.
+pub fn dropout_rows_cpu<T: Real>(x: &[T], p: f32, seed: u32, keys: &[u32], c: usize) -> Vec<T> {
+    let s = T::c(1.0 / (1.0 - p as f64));
+    let ps = pcg(seed);
+    par::chunks(x.len(), par::elem_chunk(c), par::worth(x.len()), |start, piece| {
+        let xs = &x[start..start + piece.len()];
+        for (rr, (row, xr)) in piece.chunks_mut(c).zip(xs.chunks(c)).enumerate() {
+            let base = keys[start / c + rr].wrapping_mul(c as u32);
+            keep_mul(row, xr, ps, base, p, s);
+        }
+    })
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+/// a + b (trailing broadcast of b).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    add_scaled(a, b, 1.0)
+}
+
+/// a - b (trailing broadcast of b).
+pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    add_scaled(a, b, -1.0)
+}
+
+/// a + alpha * b (trailing broadcast of b).
+pub fn add_scaled(a: &Tensor, b: &Tensor, alpha: f32) -> Result<Tensor> {
+    check_suffix("add", a, b)?;
+    let dev = same_device("add", &[a, b])?;
+    let st = on_device!(dev, T => T::wrap(axpby_cpu::<T>(&a.host::<T>()?, &b.host::<T>()?, T::c(alpha as f64))),
+        launch(&AXPBY, a.numel(), &*a.gbuf()?, &*b.gbuf()?, b.numel(), alpha, 0, 0.0)?);
+    let bshape = b.shape().to_vec();
+    Ok(Tensor::from_op("add", st, a.shape().to_vec(), &[a, b], move |g| {
+        let gb =
+            if numel(&bshape) == g.numel() { g.clone() } else { sum_rows(&g.reshape(&[g.numel() / numel(&bshape), numel(&bshape)])?)? };
+        let gb = if alpha == 1.0 { gb } else { scale(&gb, alpha)? };
+        Ok(vec![Some(g.clone()), Some(gb.reshape(&bshape)?)])
+    }))
+}
+
+/// a * b elementwise (trailing broadcast of b).
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_suffix("mul", a, b)?;
+    let dev = same_device("mul", &[a, b])?;
+    let st = on_device!(dev, T => T::wrap(mul_cpu::<T>(&a.host::<T>()?, &b.host::<T>()?)),
+        launch(&MUL, a.numel(), &*a.gbuf()?, &*b.gbuf()?, b.numel(), 0.0, 0, 0.0)?);
+    let (ac, bc) = (a.detach(), b.detach());
+    let bshape = b.shape().to_vec();
+    Ok(Tensor::from_op("mul", st, a.shape().to_vec(), &[a, b], move |g| {
+        let ga = mul(g, &bc)?;
+        let ga_b = mul(g, &ac)?;
+        let nb = numel(&bshape);
+        let gb = if nb == g.numel() { ga_b } else { sum_rows(&ga_b.reshape(&[g.numel() / nb, nb])?)? };
+        Ok(vec![Some(ga), Some(gb.reshape(&bshape)?)])
+    }))
+}
+
+/// s * a.
+pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
+    let st = on_device!(a.device(), T => T::wrap(scale_cpu::<T>(&a.host::<T>()?, T::c(s as f64))),
+        { let b = a.gbuf()?; launch(&SCALE, a.numel(), &b, &b, 1, s, 0, 0.0)? });
+    Ok(Tensor::from_op("scale", st, a.shape().to_vec(), &[a], move |g| Ok(vec![Some(scale(g, s)?)])))
+}
+
+/// Mean of all elements: x -> () = sum(x) / numel(x);  dx = g / numel(x) everywhere.
+pub fn mean(x: &Tensor) -> Result<Tensor> {
+    if x.numel() == 0 {
+        return Err(Error::Shape { op: "mean", msg: "mean of an empty tensor".into() });
+    }
+    scale(&sum(x)?, 1.0 / x.numel() as f32)
+}
+
+/// erf-GELU: x * Phi(x).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    let st = on_device!(x.device(), T => T::wrap(gelu_cpu::<T>(&x.host::<T>()?)),
+        { let b = x.gbuf()?; launch(&GELU_FWD, x.numel(), &b, &b, 1, 0.0, 0, 0.0)? });
+    gelu_node(x, st)
+}
+
+/// gelu(x) on the tape, its values `st` already computed (by a product's fused epilogue).
+pub(crate) fn gelu_node(x: &Tensor, st: Storage) -> Result<Tensor> {
+    let xc = x.detach();
+    Ok(Tensor::from_op("gelu", st, x.shape().to_vec(), &[x], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(gelu_bwd_cpu::<T>(&xc.host::<T>()?, &g.host::<T>()?)),
+            launch(&GELU_BWD, g.numel(), &*xc.gbuf()?, &*g.gbuf()?, g.numel(), 0.0, 0, 0.0)?);
+        Ok(vec![Some(Tensor::from_storage(st, g.shape().to_vec()))])
+    }))
+}
+
+/// QuickGELU, x * sigmoid(1.702 x): the activation of OpenAI's CLIP checkpoints.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let st = on_device!(x.device(), T => T::wrap(quick_gelu_cpu::<T>(&x.host::<T>()?)),
+        { let b = x.gbuf()?; launch(&QGELU_FWD, x.numel(), &b, &b, 1, 0.0, 0, 0.0)? });
+    let xc = x.detach();
+    Ok(Tensor::from_op("quick_gelu", st, x.shape().to_vec(), &[x], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(quick_gelu_bwd_cpu::<T>(&xc.host::<T>()?, &g.host::<T>()?)),
+            launch(&QGELU_BWD, g.numel(), &*xc.gbuf()?, &*g.gbuf()?, g.numel(), 0.0, 0, 0.0)?);
+        Ok(vec![Some(Tensor::from_storage(st, g.shape().to_vec()))])
+    }))
+}
+
+/// Inverted dropout with a counter-based mask: element i is kept when rand01(seed, i) >= p.
+/// The backward pass recomputes the same mask from (seed, i). p = 0 is the identity.
+pub fn dropout(x: &Tensor, p: f32, seed: u32) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::Invalid(format!("dropout probability must be in [0, 1), got {p}")));
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let st = on_device!(x.device(), T => T::wrap(dropout_cpu::<T>(&x.host::<T>()?, p, seed)),
+        { let b = x.gbuf()?; launch(&DROPOUT, x.numel(), &b, &b, 1, 0.0, seed, p)? });
+    Ok(Tensor::from_op("dropout", st, x.shape().to_vec(), &[x], move |g| Ok(vec![Some(dropout(g, p, seed)?)])))
+}
+
+/// Dropout of rows x (N, C) whose element (r, c) draws its mask from keys[r] * C + c (see the
+/// module docs): the masks of a packed batch equal those of its padded form.
+pub fn dropout_rows(x: &Tensor, p: f32, seed: u32, keys: &Indices) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::Invalid(format!("dropout probability must be in [0, 1), got {p}")));
+    }
+    let [n, c] = *x.shape() else {
+        return Err(Error::Shape { op: "dropout_rows", msg: format!("x {:?} must be (N, C)", x.shape()) });
+    };
+    if keys.len() != n {
+        return Err(Error::Shape { op: "dropout_rows", msg: format!("{} row keys for x {:?}", keys.len(), x.shape()) });
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let st = on_device!(x.device(), T => T::wrap(dropout_rows_cpu::<T>(&x.host::<T>()?, p, seed, keys.host(), c)),
+        { let b = x.gbuf()?; launch(&DROPOUT_ROWS, x.numel(), &b, keys.gpu()?, c, 0.0, seed, p)? });
+    let keys = keys.clone();
+    Ok(Tensor::from_op("dropout", st, x.shape().to_vec(), &[x], move |g| Ok(vec![Some(dropout_rows(g, p, seed, &keys)?)])))
+}

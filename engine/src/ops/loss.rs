@@ -1,0 +1,282 @@
+//! Training losses. Each is a per-row kernel (one workgroup per row, workgroup reductions over the
+//! row) recorded as one tape node, followed by the deterministic `mean` over rows.
+//!
+//! - `cross_entropy(logits, targets)`: logits (B, N), targets (B) each < N -> () scalar
+//!   mean_b [logsumexp(logits[b]) - logits[b, t_b]]. The per-row logsumexp is saved for backward:
+//!   dlogits = (softmax(logits) - onehot(t)) * g / B.
+//! - `info_nce(logits, targets, numerator, exclude_diag)`: logits (K, B, B) (K <= 4 similarity
+//!   matrices, already cosine / temperature), targets (B) -> () scalar mean_j (log den_j - log num_j),
+//!   with num_j = sum over k with numerator[k] of exp(logits[k, j, j]), and den_j = sum over k, j' of
+//!   exp(logits[k, j, j']) over the included entries: j' == j when !exclude_diag[k]; j' != j when
+//!   targets[j'] != targets[j] (rows with the same target item are not negatives of each other).
+//!   Both sums are computed max-shifted. Every numerator entry must also be in the denominator
+//!   (numerator[k] implies !exclude_diag[k]), so den_j >= num_j > 0.
+//!   Backward: dlogits[k, j, j'] = g / B * ([den] exp(l) / den_j - [num] exp(l) / num_j).
+//!
+//! The two MSM4SR pre-training losses are both `info_nce`:
+//! - NIP, next-item prediction (paper eq. 7): K = 2, logits[0][j, j'] = cos(m_hat_j, z_j') / tau,
+//!   logits[1][j, j'] = cos(m_tilde_j, z_j') / tau, numerator = [true, true],
+//!   exclude_diag = [false, false].
+//! - CMCL, one direction l(a, b) of the cross-modality contrastive loss (eq. 9): K = 2,
+//!   logits[0][j, j'] = cos(a_j, b_j') / tau, logits[1][j, j'] = cos(a_j, a_j') / tau,
+//!   numerator = [true, false], exclude_diag = [false, true].
+
+use crate::cpu::par;
+use super::elementwise::mean;
+use super::wgsl;
+use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
+use crate::cpu::{sum_exp, Real};
+use crate::tensor::Storage;
+use crate::{Indices, Tensor};
+use crate::{on_device, shape_err, Error, Result};
+
+const SRC: &str = wgsl!("loss.wgsl");
+static CE_FWD: Kernel<LossParams> = Kernel::new("loss", SRC, "ce_fwd", &[Read, Read, ReadWrite, ReadWrite]);
+static CE_BWD: Kernel<LossParams> = Kernel::new("loss", SRC, "ce_bwd", &[Read, Read, ReadWrite, Read, Read]);
+static NCE_FWD: Kernel<LossParams> = Kernel::new("loss", SRC, "nce_fwd", &[Read, Read, ReadWrite, ReadWrite]);
+static NCE_BWD: Kernel<LossParams> = Kernel::new("loss", SRC, "nce_bwd", &[Read, Read, ReadWrite, Read, Read]);
+
+/// This module's kernels, for the layout tests.
+#[cfg(test)]
+pub(crate) fn kernels() -> Vec<crate::gpu::Contract> {
+    vec![CE_FWD.contract(), CE_BWD.contract(), NCE_FWD.contract(), NCE_BWD.contract()]
+}
+
+/// Most similarity matrices `info_nce` takes.
+pub const MAX_K: usize = 4;
+
+kernel_params! {
+    /// `struct P` of loss.wgsl (every kernel).
+    struct LossParams {
+        /// B
+        rows: u32,
+        /// N for cross-entropy, B for InfoNCE.
+        cols: u32,
+        /// InfoNCE matrices.
+        k: u32,
+        num_mask: u32,
+        excl_mask: u32,
+    }
+}
+
+/// Per-row forward: (loss (rows), saved statistics (stat_len)).
+fn fwd_gpu(
+    k: &Kernel<LossParams>,
+    logits: &GpuBuf,
+    targets: &GpuBuf,
+    rows: usize,
+    stat_len: usize,
+    prm: &LossParams,
+) -> Result<(Storage, Storage)> {
+    let g = gpu()?;
+    let loss = g.alloc(4 * rows as u64)?;
+    let stat = g.alloc(4 * stat_len as u64)?;
+    g.dispatch(k, &[logits, targets, &loss, &stat], prm, row_groups(rows))?;
+    Ok((Storage::Gpu(loss), Storage::Gpu(stat)))
+}
+
+/// Backward: dlogits (n elements) from the saved statistics and the per-row gradient g.
+fn bwd_gpu(
+    k: &Kernel<LossParams>,
+    logits: &GpuBuf,
+    targets: &GpuBuf,
+    stat: &GpuBuf,
+    g: &GpuBuf,
+    n: usize,
+    prm: &LossParams,
+) -> Result<Storage> {
+    let gp = gpu()?;
+    let out = gp.alloc(4 * n as u64)?;
+    gp.dispatch(k, &[logits, targets, &out, stat, g], prm, groups_1d(n))?;
+    Ok(Storage::Gpu(out))
+}
+
+fn bit(mask: u32, k: usize) -> bool {
+    (mask >> k) & 1 == 1
+}
+
+// ---- CPU references -------------------------------------------------------------------------
+
+/// Per-row cross-entropy: logits (B, N) -> (loss (B), lse (B)).
+pub fn cross_entropy_cpu<T: Real>(logits: &[T], targets: &[u32], n: usize) -> (Vec<T>, Vec<T>) {
+    let b = targets.len().min(logits.len() / n.max(1));
+    par::rows2(b, 2 * n, 1, 1, |r, lo, ls| {
+        let (row, t) = (&logits[r * n..(r + 1) * n], targets[r]);
+        let m = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let s = sum_exp(row, m).ln();
+        ls[0] = m + s;
+        lo[0] = (m - row[t as usize]) + s;
+    })
+}
+
+/// dlogits (B, N) = (softmax - onehot) * g[b].
+pub fn cross_entropy_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], lse: &[T], g: &[T], n: usize) -> Vec<T> {
+    par::rows(logits.len() / n, 2 * n, n, |b, row| {
+        let (t, l, gb) = (targets[b] as usize, lse[b], g[b]);
+        for (o, &v) in row.iter_mut().zip(&logits[b * n..(b + 1) * n]) {
+            *o = (v - l).fexp() * gb;
+        }
+        row[t] = ((logits[b * n + t] - l).fexp() - T::one()) * gb;
+    })
+}
+
+/// Whether entry (k, j, c) is in row j's denominator.
+fn in_den(targets: &[u32], excl: u32, k: usize, j: usize, c: usize) -> bool {
+    if c == j {
+        !bit(excl, k)
+    } else {
+        targets[c] != targets[j]
+    }
+}
+
+/// max(v) + ln(sum(exp(v - max))) over the values `v()` yields, in order.
+fn lse_of<T: Real, I: Iterator<Item = T>>(v: impl Fn() -> I) -> T {
+    let m = v().fold(T::neg_infinity(), |m, x| m.max(x));
+    m + v().map(|x| (x - m).fexp()).sum::<T>().ln()
+}
+
+/// Per-row InfoNCE: logits (K, B, B) -> (loss (B), stat (2B) = lse_den then lse_num).
+pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], num: u32, excl: u32, k: usize) -> (Vec<T>, Vec<T>) {
+    let b = targets.len();
+    let (loss, den, nums) = par::rows3(b, 2 * k * b, (1, 1, 1), |j, lo, de, nu| {
+        de[0] = lse_of(|| {
+            (0..k)
+                .flat_map(move |kk| (0..b).map(move |c| (kk, c)))
+                .filter(move |&(kk, c)| in_den(targets, excl, kk, j, c))
+                .map(move |(kk, c)| logits[(kk * b + j) * b + c])
+        });
+        nu[0] = lse_of(|| (0..k).filter(move |&kk| bit(num, kk)).map(move |kk| logits[(kk * b + j) * b + j]));
+        lo[0] = de[0] - nu[0];
+    });
+    let mut stat = crate::cpu::pool::take(2 * b);
+    stat.extend_from_slice(&den);
+    stat.extend_from_slice(&nums);
+    crate::cpu::pool::give(den);
+    crate::cpu::pool::give(nums);
+    (loss, stat)
+}
+
+/// dlogits (K, B, B) from the saved (lse_den, lse_num) and the per-row gradient g (B).
+pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &[T], num: u32, excl: u32, k: usize) -> Vec<T> {
+    let b = targets.len();
+    // Row (kk, j) of the (K * B, B) view.
+    par::rows(k * b, 2 * b, b, |row, dr| {
+        let (kk, j) = (row / b, row % b);
+        // Off the diagonal: the denominator's term where the column's target differs (branch-free,
+        // so the loop vectorizes); then the diagonal entry exactly as its definition reads.
+        let (lr, tj, sd, gj) = (&logits[(kk * b + j) * b..(kk * b + j + 1) * b], targets[j], stat[j], g[j]);
+        for ((o, &l), &tc) in dr.iter_mut().zip(lr).zip(targets) {
+            let e = (l - sd).fexp();
+            *o = gj * if tc != tj { e } else { T::zero() };
+        }
+        let mut v = T::zero();
+        if !bit(excl, kk) {
+            v += (lr[j] - sd).fexp();
+        }
+        if bit(num, kk) {
+            v -= (lr[j] - stat[b + j]).fexp();
+        }
+        dr[j] = gj * v;
+    })
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+/// Mean cross-entropy: logits (B, N), targets (B) each < N -> () scalar.
+pub fn cross_entropy(logits: &Tensor, targets: &Indices) -> Result<Tensor> {
+    let s = logits.shape();
+    if s.len() != 2 || s[0] == 0 || s[1] == 0 {
+        return shape_err("cross_entropy", format!("logits must be (B, N) with B, N >= 1, got {s:?}"));
+    }
+    let (b, n) = (s[0], s[1]);
+    if targets.len() != b {
+        return shape_err("cross_entropy", format!("{} targets for logits {s:?}", targets.len()));
+    }
+    targets.check_below(n, "cross_entropy", "target")?;
+    let prm = LossParams { rows: b as u32, cols: n as u32, k: 0, num_mask: 0, excl_mask: 0 };
+    let (loss, lse) = on_device!(logits.device(), T => {
+        let (loss, lse) = cross_entropy_cpu::<T>(&logits.host::<T>()?, targets.host(), n);
+        (T::wrap(loss), T::wrap(lse))
+    }, fwd_gpu(&CE_FWD, &*logits.gbuf()?, targets.gpu()?, b, b, &prm)?);
+    let lse = Tensor::from_storage(lse, vec![b]);
+    let (lc, targets) = (logits.detach(), targets.clone());
+    let rows = Tensor::from_op("cross_entropy", loss, vec![b], &[logits], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(cross_entropy_bwd_cpu::<T>(&lc.host::<T>()?, targets.host(), &lse.host::<T>()?, &g.host::<T>()?, n)),
+            bwd_gpu(&CE_BWD, &*lc.gbuf()?, targets.gpu()?, &*lse.gbuf()?, &*g.gbuf()?, b * n, &prm)?);
+        Ok(vec![Some(Tensor::from_storage(st, vec![b, n]))])
+    });
+    mean(&rows)
+}
+
+/// Multi-matrix InfoNCE with same-target exclusion: logits (K, B, B), targets (B) -> () scalar.
+/// See the module doc for the definition and how NIP and CMCL map onto it.
+pub fn info_nce(logits: &Tensor, targets: &Indices, numerator: &[bool], exclude_diag: &[bool]) -> Result<Tensor> {
+    let s = logits.shape();
+    if s.len() != 3 || s[1] != s[2] || s[0] == 0 || s[0] > MAX_K || s[1] == 0 {
+        return shape_err("info_nce", format!("logits must be (K, B, B) with 1 <= K <= {MAX_K}, B >= 1, got {s:?}"));
+    }
+    let (k, b) = (s[0], s[1]);
+    if targets.len() != b || numerator.len() != k || exclude_diag.len() != k {
+        return shape_err(
+            "info_nce",
+            format!(
+                "logits {s:?} need {b} targets and {k} numerator / exclude_diag flags, got {}, {}, {}",
+                targets.len(),
+                numerator.len(),
+                exclude_diag.len()
+            ),
+        );
+    }
+    if !numerator.contains(&true) {
+        return Err(Error::Invalid("info_nce: at least one matrix must contribute to the numerator".into()));
+    }
+    if let Some(kk) = (0..k).find(|&kk| numerator[kk] && exclude_diag[kk]) {
+        return Err(Error::Invalid(format!("info_nce: matrix {kk} is in the numerator but its diagonal is excluded from the denominator")));
+    }
+    let mask = |f: &[bool]| f.iter().enumerate().fold(0u32, |m, (i, &x)| m | ((x as u32) << i));
+    let (num, excl) = (mask(numerator), mask(exclude_diag));
+    let prm = LossParams { rows: b as u32, cols: b as u32, k: k as u32, num_mask: num, excl_mask: excl };
+    let (loss, stat) = on_device!(logits.device(), T => {
+        let (loss, stat) = info_nce_cpu::<T>(&logits.host::<T>()?, targets.host(), num, excl, k);
+        (T::wrap(loss), T::wrap(stat))
+    }, fwd_gpu(&NCE_FWD, &*logits.gbuf()?, targets.gpu()?, b, 2 * b, &prm)?);
+    let stat = Tensor::from_storage(stat, vec![2 * b]);
+    let (lc, targets) = (logits.detach(), targets.clone());
+    let rows = Tensor::from_op("info_nce", loss, vec![b], &[logits], move |g| {
+        let st = on_device!(g.device(), T => T::wrap(info_nce_bwd_cpu::<T>(&lc.host::<T>()?, targets.host(), &stat.host::<T>()?, &g.host::<T>()?, num, excl, k)),
+            bwd_gpu(&NCE_BWD, &*lc.gbuf()?, targets.gpu()?, &*stat.gbuf()?, &*g.gbuf()?, k * b * b, &prm)?);
+        Ok(vec![Some(Tensor::from_storage(st, vec![k, b, b]))])
+    });
+    mean(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Device;
+
+    #[test]
+    fn rejects_bad_inputs() {
+        let l = Tensor::zeros(&[2, 3], Device::Cpu).unwrap();
+        assert!(matches!(cross_entropy(&l, &Indices::new(vec![0, 3])), Err(Error::Index { .. })));
+        assert!(matches!(cross_entropy(&l, &Indices::new(vec![0])), Err(Error::Shape { .. })));
+        let s = Tensor::zeros(&[2, 3, 3], Device::Cpu).unwrap();
+        let t = Indices::new(vec![0, 1, 0]);
+        assert!(matches!(info_nce(&s, &t, &[false, false], &[false, false]), Err(Error::Invalid(_))));
+        assert!(matches!(info_nce(&s, &t, &[true, true], &[false, true]), Err(Error::Invalid(_))));
+        assert!(matches!(info_nce(&s, &t, &[true], &[false]), Err(Error::Shape { .. })));
+        assert!(info_nce(&s, &t, &[true, false], &[false, true]).is_ok());
+    }
+
+    #[test]
+    fn uniform_logits_give_log_of_candidate_count() {
+        // All logits equal: CE = ln N; NIP with targets [0, 1, 0]: row 0 has den {k} x {0, 1} = 4
+        // entries (row 2 shares its target), num 2 -> ln 2; row 1 has 6 entries -> ln 3.
+        let l = Tensor::zeros(&[2, 5], Device::Cpu64).unwrap();
+        let ce = cross_entropy(&l, &Indices::new(vec![1, 4])).unwrap().item().unwrap();
+        assert!((ce - 5f32.ln()).abs() < 1e-6);
+        let s = Tensor::zeros(&[2, 3, 3], Device::Cpu64).unwrap();
+        let v = info_nce(&s, &Indices::new(vec![0, 1, 0]), &[true, true], &[false, false]).unwrap().item().unwrap();
+        assert!((v - (2.0 * 2f32.ln() + 3f32.ln()) / 3.0).abs() < 1e-6, "{v}");
+    }
+}
