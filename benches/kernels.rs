@@ -1,7 +1,7 @@
 //! `cargo bench`: the kernel benchmarks of `msm4sr bench`, on the CPU backend and (when an adapter
 //! exists) the GPU. Software adapters get the reduced shapes.
 
-use msm4sr::bench;
+use msm4sr::harness::bench;
 use msm4sr::engine::gpu::gpu;
 use msm4sr::engine::Device;
 

@@ -4,7 +4,7 @@
 //!     cargo run --release --example tiny -- gpu       # any GPU adapter (software Vulkan included)
 //!     cargo run --release --example tiny -- cpu
 
-use msm4sr::demo::{Tiny, TinyConfig};
+use msm4sr::model::demo::{Tiny, TinyConfig};
 use msm4sr::engine::DeviceChoice;
 
 fn main() {

@@ -1,4 +1,4 @@
-//! Sentence-BERT on the engine (`msm4sr::bert`) and the `featurize` pipeline.
+//! Sentence-BERT on the engine (`msm4sr::model::bert`) and the `featurize` pipeline.
 //!
 //! - A tiny random BERT (2 layers, hidden 32, 4 heads, 48 positions; fixtures written by
 //!   tools/make_bert_fixtures.py) must give PyTorch's (float64) token ids and sentence vectors on the
@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use msm4sr::bert::SentenceEncoder;
+use msm4sr::model::bert::SentenceEncoder;
 use msm4sr::data::read_features;
 use msm4sr::engine::Device;
 use msm4sr::featurize::{self, FeaturizeOptions};

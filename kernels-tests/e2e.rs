@@ -6,15 +6,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use msm4sr::cli_run;
+use msm4sr::app::{runs, train as train_cmd};
 use msm4sr::data::{make_batch, Dataset, LoadOptions, Sample};
 use msm4sr::engine::ops::rank_of_targets;
 use msm4sr::engine::optim::{Adam, AdamConfig};
 use msm4sr::engine::{backward, Device, Indices, Tensor};
-use msm4sr::model::{Model, ModelKind};
-use msm4sr::nn::Seeds;
-use msm4sr::synth::{self, SynthConfig};
-use msm4sr::train::{self, RunConfig, Stage};
+use msm4sr::model::msm4sr::Model;
+use msm4sr::config::ModelKind;
+use msm4sr::model::nn::Seeds;
+use msm4sr::data::synth::{self, SynthConfig};
+use msm4sr::train::{self};
+use msm4sr::config::Stage;
+use msm4sr::config::RunConfig;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -64,7 +67,7 @@ fn training_lowers_the_loss_and_checkpoints_round_trip() {
     assert!(s.losses.last().unwrap() < &(0.95 * s.losses[0]), "loss did not fall: {:?}", s.losses);
     // The model now holds the best epoch's weights; a model rebuilt from the checkpoint ranks the same.
     let before = train::ranks(&model, &split.test, 256, true, false).unwrap();
-    let r = cli_run::model_from_checkpoint(&ds, &out, Device::Cpu).unwrap();
+    let r = runs::model_from_checkpoint(&ds, &out, Device::Cpu).unwrap();
     assert_eq!((r.cfg.model.hidden, r.stage, r.with_id()), (16, Stage::Finetune, true));
     let after = train::ranks(&r.model, &split.test, 256, true, false).unwrap();
     assert_eq!(before, after);
@@ -75,18 +78,18 @@ fn training_lowers_the_loss_and_checkpoints_round_trip() {
         let o = Dataset::load(&d, &LoadOptions::default()).unwrap();
         (d, o)
     };
-    let err = cli_run::model_from_checkpoint(&other, &out, Device::Cpu).err().expect("must refuse");
+    let err = runs::model_from_checkpoint(&other, &out, Device::Cpu).err().expect("must refuse");
     assert!(err.to_string().contains("different item set"), "{err}");
     // The same items in another order: said so, not "a different item set (60 items) than (60 items)".
     let mut swapped = ds.item_tokens.clone();
     swapped.swap(1, 2);
-    let ck = msm4sr::checkpoint::load(&out).unwrap();
+    let ck = msm4sr::train::checkpoint::load(&out).unwrap();
     let err = train::load_weights(&reloaded_model(&ds, &out), &ck, &swapped, true).expect_err("must refuse").to_string();
     assert!(err.contains("same") && err.contains("another order") && err.contains(&ds.item_tokens[1]), "{err}");
 }
 
 fn reloaded_model(ds: &Dataset, ck: &std::path::Path) -> Model {
-    cli_run::model_from_checkpoint(ds, ck, Device::Cpu).unwrap().model
+    runs::model_from_checkpoint(ds, ck, Device::Cpu).unwrap().model
 }
 
 #[test]
@@ -208,7 +211,7 @@ fn gpu_ranking_matches_cpu_ranking() {
 fn fused_ranking_matches_the_materialised_ranking() {
     use msm4sr::engine::ops::catalog::BLOCK;
     use msm4sr::engine::ops::catalog_rank;
-    use msm4sr::metrics::rank_of_target_masked;
+    use msm4sr::data::metrics::rank_of_target_masked;
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let (b, n) = (9usize, 2 * BLOCK + 33);
     let mut int = |len: usize| (0..len).map(|_| rand::Rng::random_range(&mut rng, -2..=2) as f32).collect::<Vec<f32>>();
@@ -396,7 +399,7 @@ fn evaluate_scores_a_pretraining_checkpoint_without_ids() {
 /// with both modalities, so its validation ranks are the same with and without it.
 #[test]
 fn drop_score_leaves_pretraining_selection_alone() {
-    use msm4sr::model::Mod;
+    use msm4sr::config::Mod;
     let (dir, ds) = tiny_dataset("drop-pre");
     let split = ds.split(12);
     let run = |drop: Option<Mod>| {
@@ -877,14 +880,14 @@ fn non_finite_weights_are_never_saved_or_used() {
     let model = Model::new(cfg.model.clone(), ds.num_items(), None, None, &mut rng, Device::Cpu).unwrap();
     cfg.train.epochs = 1;
     train::fit(&model, &split, &cfg, Stage::Finetune, &ds.item_tokens, &good, false, true).unwrap();
-    let ck = msm4sr::checkpoint::load(&good).unwrap();
+    let ck = msm4sr::train::checkpoint::load(&good).unwrap();
     let mut tensors = model.params();
     let (name, t) = tensors[1].clone();
     let mut v = t.to_vec().unwrap();
     v[3] = f32::INFINITY;
     tensors[1] = (name.clone(), Tensor::from_vec(v, t.shape(), Device::Cpu).unwrap());
     let bad = dir.join("bad.safetensors");
-    msm4sr::checkpoint::save(&bad, &tensors, &ck.meta).unwrap();
+    msm4sr::train::checkpoint::save(&bad, &tensors, &ck.meta).unwrap();
     let d = dir.to_str().unwrap();
     let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", bad.to_str().unwrap()]);
     assert!(!ok && err.contains(&name) && err.contains("non-finite"), "evaluate: {err}");
@@ -955,7 +958,7 @@ fn checkpoints_are_checked_before_a_model_is_built() {
         good.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
-    let ck = msm4sr::checkpoint::load(&good).unwrap();
+    let ck = msm4sr::train::checkpoint::load(&good).unwrap();
     let tensors = |skip: &str, add: bool| -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = ck
             .tensors
@@ -991,7 +994,7 @@ fn checkpoints_are_checked_before_a_model_is_built() {
     ];
     for (what, t, meta, want) in cases {
         let bad = dir.join(format!("{}.safetensors", what.replace(' ', "-")));
-        msm4sr::checkpoint::save(&bad, &t, &meta).unwrap();
+        msm4sr::train::checkpoint::save(&bad, &t, &meta).unwrap();
         let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "evaluate", "--data", d, "--ckpt", bad.to_str().unwrap()]);
         assert!(!ok && err.contains("error: ") && err.contains(want), "{what}: {err}");
     }
@@ -1020,7 +1023,7 @@ fn report_fixture(name: &str) -> PathBuf {
 /// (kernels-tests/fixtures/report/make.py) on committed results, ranks and resample indices.
 #[test]
 fn report_table_and_bootstrap_match_the_python_reference() {
-    use msm4sr::report;
+    use msm4sr::app::report;
     let arg = |label: &str, run: &str| format!("{label}={}", report_fixture(&format!("{run}.result.json")).display());
     let runs: Vec<report::Run> = [arg("A", "a-s1"), arg("A", "a-s2"), arg("A", "a-s3"), arg("B", "b-s1"), arg("B", "b-s2")]
         .iter()
@@ -1126,17 +1129,17 @@ fn experiment_grids_are_valid() {
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "toml") {
-            let g = msm4sr::sweep::read_grid(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            let (m, planned) = msm4sr::sweep::expand(&g).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let g = msm4sr::app::sweep::read_grid(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let (m, planned) = msm4sr::app::sweep::expand(&g).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             assert!(!planned.is_empty() && m.runs.len() == planned.len());
             n += 1;
         }
     }
     assert!(n >= 7, "{n} grids");
-    let g = msm4sr::sweep::read_grid(&dir.join("finetune_grid.toml"), &["train.epochs=5".into()]).unwrap();
-    let (_, planned) = msm4sr::sweep::expand(&g).unwrap();
+    let g = msm4sr::app::sweep::read_grid(&dir.join("finetune_grid.toml"), &["train.epochs=5".into()]).unwrap();
+    let (_, planned) = msm4sr::app::sweep::expand(&g).unwrap();
     assert_eq!(planned.len(), 27);
-    assert!(planned.iter().all(|p| p.cfg.train.epochs == 5 && p.plan == cli_run::Plan::FINETUNE));
+    assert!(planned.iter().all(|p| p.cfg.train.epochs == 5 && p.plan == train_cmd::Plan::FINETUNE));
 }
 
 /// `recommend --users all` (batched) gives every user the same items and scores as `--user`
@@ -1277,8 +1280,8 @@ fn cross_domain_round_trip_keeps_the_frozen_transformer() {
     let (ok, _, err) = ft(&tgt, "xd", &["--cross-domain"]);
     assert!(ok, "{err}");
     assert!(err.contains("cross-domain: carried") && err.contains("transformer frozen, ID embeddings unused"), "{err}");
-    let before = msm4sr::checkpoint::load(&src_run.join("model.safetensors")).unwrap();
-    let after = msm4sr::checkpoint::load(&root.join("xd").join("model.safetensors")).unwrap();
+    let before = msm4sr::train::checkpoint::load(&src_run.join("model.safetensors")).unwrap();
+    let after = msm4sr::train::checkpoint::load(&root.join("xd").join("model.safetensors")).unwrap();
     let mut frozen = 0;
     for (name, (shape, data)) in &after.tensors {
         if name.starts_with("transformer.") {
@@ -1293,7 +1296,7 @@ fn cross_domain_round_trip_keeps_the_frozen_transformer() {
     // Trained everything: the transformer moves.
     let (ok, _, err) = ft(&tgt, "all", &["--cross-domain", "--freeze", "none", "--target-ids"]);
     assert!(ok && err.contains("transformer trained, ID embeddings trained"), "{err}");
-    let all = msm4sr::checkpoint::load(&root.join("all").join("model.safetensors")).unwrap();
+    let all = msm4sr::train::checkpoint::load(&root.join("all").join("model.safetensors")).unwrap();
     assert!(all.tensors.keys().filter(|n| n.starts_with("transformer.")).any(|n| all.tensors[n] != before.tensors[n]));
     // Features of another width.
     let (ok, _, err) = ft(&wide, "wide", &["--cross-domain"]);
@@ -1305,13 +1308,13 @@ fn cross_domain_round_trip_keeps_the_frozen_transformer() {
 #[test]
 fn from_scratch_variants_have_no_cross_domain_defaults() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments");
-    let g = msm4sr::sweep::read_grid(&dir.join("cross_domain.toml"), &[]).unwrap();
-    let (_, planned) = msm4sr::sweep::expand(&g).unwrap();
+    let g = msm4sr::app::sweep::read_grid(&dir.join("cross_domain.toml"), &[]).unwrap();
+    let (_, planned) = msm4sr::app::sweep::expand(&g).unwrap();
     let get = |name: &str| planned.iter().find(|p| p.entry.variant == name).unwrap();
     let t = get("transfer");
-    assert!(t.cfg.train.cross_domain && !t.cfg.model.ids && t.cfg.train.freeze == train::Freeze::Transformer && t.init.is_some());
+    assert!(t.cfg.train.cross_domain && !t.cfg.model.ids && t.cfg.train.freeze == msm4sr::config::Freeze::Transformer && t.init.is_some());
     let s = get("target only");
-    assert!(!s.cfg.train.cross_domain && s.cfg.model.ids && s.cfg.train.freeze == train::Freeze::None && s.init.is_none());
+    assert!(!s.cfg.train.cross_domain && s.cfg.model.ids && s.cfg.train.freeze == msm4sr::config::Freeze::None && s.init.is_none());
     assert!(!get("target only, no IDs").cfg.model.ids);
     assert!(get("transfer + target IDs").cfg.model.ids);
 }
@@ -1359,7 +1362,7 @@ fn reliability_second_round() {
     // 3. One writer per run: a run directory whose lock is held is refused, naming the holder.
     {
         let dir = root.join("locked");
-        let _held = msm4sr::checkpoint::RunLock::acquire(&dir.join("model.lock"), "test").unwrap();
+        let _held = msm4sr::files::RunLock::acquire(&dir.join("model.lock"), "test").unwrap();
         let (code, _, err) = train(&["--run-dir", dir.to_str().unwrap()]);
         assert_eq!(code, Some(1), "{err}");
         assert!(err.contains("in use by another msm4sr process") && err.contains(&std::process::id().to_string()), "{err}");

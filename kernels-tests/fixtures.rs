@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use msm4sr::engine::ops::*;
 use msm4sr::engine::{backward, Device, Indices, Ragged, Tensor};
-use msm4sr::nn::{self, AttentionPool, ItemEncoder, LayerNorm, Linear, MoeAdaptor, Seeds, TransformerLayer};
+use msm4sr::model::nn::{self, AttentionPool, ItemEncoder, LayerNorm, Linear, MoeAdaptor, Seeds, TransformerLayer};
 use msm4sr::Result;
 use safetensors::SafeTensors;
 
@@ -135,7 +135,7 @@ fn sasrec_layer() {
             p_attn: 0.2,
             causal: true,
             pre_ln: false,
-            act: msm4sr::nn::Activation::Gelu,
+            act: msm4sr::model::nn::Activation::Gelu,
         };
         // PyTorch's layer runs on the padded batch; the ragged path is checked against this one.
         layer.forward_padded(&x["x"], &idx(c, "lens"), false, &mut Seeds::new(0))

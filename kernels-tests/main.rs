@@ -8,7 +8,7 @@ mod e2e;
 mod fixtures;
 mod workloads;
 
-use msm4sr::gradcheck::{all_cases, check_fd, check_gpu, CheckResult};
+use msm4sr::harness::gradcheck::{all_cases, check_fd, check_gpu, CheckResult};
 
 fn report(results: &[CheckResult]) {
     let bad: Vec<_> = results.iter().filter(|r| !r.pass).collect();
@@ -74,5 +74,5 @@ op_tests!(
 
 #[test]
 fn adam() {
-    report(&msm4sr::gradcheck::cases::special_checks(&["adam".to_string()], true));
+    report(&msm4sr::harness::gradcheck::cases::special_checks(&["adam".to_string()], true));
 }

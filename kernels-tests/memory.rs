@@ -21,10 +21,11 @@ use msm4sr::engine::optim::{Adam, AdamConfig};
 use msm4sr::engine::stats::in_gemm;
 use msm4sr::engine::cpu::pool;
 use msm4sr::engine::{backward, no_grad, Device, Indices, Tensor};
-use msm4sr::model::{Model, ModelKind};
-use msm4sr::nn::Seeds;
-use msm4sr::synth::{self, SynthConfig};
-use msm4sr::train::RunConfig;
+use msm4sr::model::msm4sr::Model;
+use msm4sr::config::ModelKind;
+use msm4sr::model::nn::Seeds;
+use msm4sr::data::synth::{self, SynthConfig};
+use msm4sr::config::RunConfig;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 

@@ -4,7 +4,7 @@
 
 use msm4sr::engine::ops::{l2norm, rank_of_targets, scale, softmax};
 use msm4sr::engine::{Device, Indices, Tensor};
-use msm4sr::gradcheck::compare;
+use msm4sr::harness::gradcheck::compare;
 
 /// Deterministic values in [-2, 2).
 fn values(n: usize, seed: u64) -> Vec<f64> {

@@ -9,29 +9,16 @@
 //!   RecBole atomic-file reader, item features, leave-one-out splits and batches; a synthetic
 //!   multimodal dataset generator; Recall/NDCG from full rankings.
 
-pub mod bench;
-pub mod bert;
-pub mod checkpoint;
-pub mod cli_run;
-pub mod clip;
-pub mod clip_words;
+pub mod app;
 pub mod config;
 pub mod console;
 pub mod data;
-pub mod demo;
 pub mod fault;
 pub mod featurize;
-pub mod gradcheck;
-pub mod groups;
-pub mod images;
+pub mod files;
+pub mod harness;
 pub mod interrupt;
-pub mod metrics;
 pub mod model;
-pub mod nn;
-pub mod recommend;
-pub mod report;
-pub mod sweep;
-pub mod synth;
 pub mod train;
 
 /// The compute engine (the `msm4sr-engine` crate of this workspace).

@@ -3,6 +3,11 @@
 //! Model code is written once against [`Tensor`] and the functions in [`ops`]; each op checks shapes,
 //! then runs either its WGSL kernel (`Device::Gpu`) or its plain-Rust reference (`Device::Cpu` in
 //! f32, `Device::Cpu64` in f64 for finite differences).
+//!
+//! Rooms, bottom to top: [`error`](Error) and [`startup`]; [`gpu`] (the wgpu runtime) and [`cpu`] (the
+//! native backend) with [`stats`]; [`tensor`] (tensors and their tape nodes) and [`ragged`]; [`ops`]
+//! (one module per op family); [`autograd`] (the backward walk) and [`optim`] (Adam). The engine
+//! uses nothing of the application above it.
 
 mod error;
 pub mod autograd;
