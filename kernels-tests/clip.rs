@@ -1,4 +1,4 @@
-//! CLIP on the engine (`msm4sr::model::clip`), its image preprocessing (`msm4sr::featurize::images`) and the images ->
+//! CLIP on the engine (`msm4sr::model::clip`), its image preprocessing (`msm4sr::data::images`) and the images ->
 //! words step of `featurize` (`msm4sr::featurize::clip_words`), against transformers.
 //!
 //! The fixture (kernels-tests/fixtures/clip/, written by tools/make_clip_fixtures.py) is a tiny
@@ -111,11 +111,11 @@ fn clip_towers_match_transformers_on_the_gpu() {
 #[test]
 fn preprocessing_matches_clip_image_processor() {
     let r = Reference::load();
-    let cfg = msm4sr::featurize::images::ImageProcessorConfig::load(&dir().join("model/preprocessor_config.json")).unwrap();
-    let std = msm4sr::featurize::images::OPENAI_CLIP_STD;
+    let cfg = msm4sr::data::images::ImageProcessorConfig::load(&dir().join("model/preprocessor_config.json")).unwrap();
+    let std = msm4sr::data::images::OPENAI_CLIP_STD;
     for name in r.strings("images") {
         let path = dir().join("images").join(&name);
-        let got = msm4sr::featurize::images::preprocess_file(&path, &cfg).unwrap();
+        let got = msm4sr::data::images::preprocess_file(&path, &cfg).unwrap();
         let (shape, want) = r.tensor(&format!("pixel_values.{name}"));
         assert_eq!(shape, [3, 224, 224], "{name}");
         assert_eq!(got.len(), want.len(), "{name}");
@@ -166,7 +166,7 @@ fn real_clip_weights_when_present() {
     let clip = Clip::load(Path::new(&d), Device::Cpu).unwrap();
     let bar = ProgressBar::hidden();
     let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(300, 240, image::Rgb([220, 20, 30])));
-    let e = clip.encode_pixels(&[msm4sr::featurize::images::preprocess(&img, &clip.processor)], &bar).unwrap().remove(0);
+    let e = clip.encode_pixels(&[msm4sr::data::images::preprocess(&img, &clip.processor)], &bar).unwrap().remove(0);
     let colours: Vec<String> = ["red", "green", "blue", "yellow", "black", "white"].map(String::from).to_vec();
     let mut bank: Vec<f32> = clip.encode_texts(&colours, &bar).unwrap().concat();
     let dd = clip.config.projection_dim;

@@ -9,8 +9,8 @@ use std::collections::{HashMap, HashSet};
 
 use crate::ops::add;
 use crate::tensor::no_grad;
-use crate::Tensor;
-use crate::{Error, Result};
+use crate::tensor::Tensor;
+use crate::error::{Error, Result};
 
 
 thread_local! {

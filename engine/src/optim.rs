@@ -31,8 +31,10 @@ use crate::cpu::par;
 use super::ops::wgsl;
 use crate::cpu::Real;
 use crate::tensor::Storage;
-use super::{Device, Grads, Tensor};
-use crate::{Error, Result};
+use crate::autograd::Grads;
+use crate::device::Device;
+use crate::tensor::Tensor;
+use crate::error::{Error, Result};
 
 const SRC: &str = wgsl!("optim.wgsl");
 static SUMSQ: Kernel<OptimParams> = Kernel::new("optim", SRC, "sumsq", &[Read, ReadWrite]);

@@ -11,7 +11,7 @@
 //! and its packed form draw the same masks.
 
 use super::Indices;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The layout of one packed batch (host copies; the GPU copies are uploaded on first use).
 #[derive(Clone, Debug)]

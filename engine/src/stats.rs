@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::Device;
+use crate::device::Device;
 
 /// Seconds and floating-point operations spent in the f32 CPU backend's matrix products since the
 /// process started (for reporting how GEMM-bound a run is).

@@ -9,8 +9,8 @@ use rand::Rng;
 
 use super::gpu::{gpu, GpuBuf};
 use super::cpu::Real;
-use super::Device;
-use crate::{Error, Result};
+use crate::device::Device;
+use crate::error::{Error, Result};
 
 // ---- The tape: the node that made a tensor, and whether ops record one -----------------------
 
@@ -360,4 +360,15 @@ impl From<Vec<u32>> for Indices {
     fn from(v: Vec<u32>) -> Self {
         Indices::new(v)
     }
+}
+
+/// All tensors must be on one device; returns it.
+pub fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<Device> {
+    let d = ts[0].device();
+    for t in &ts[1..] {
+        if t.device() != d {
+            return Err(Error::Device(format!("{op}: inputs on different devices ({:?} and {:?})", d, t.device())));
+        }
+    }
+    Ok(d)
 }

@@ -31,9 +31,10 @@
 //! The data layer: plain Rust, no engine; uses `config` and `files` only. Files: [`inter`] the
 //! `.inter` reader, [`features`] the feature files, [`dataset`] datasets and splits, [`batch`]
 //! samples and batches, [`synth`] the synthetic generator, [`metrics`] Recall/NDCG, [`groups`] user
-//! groups by history length.
+//! groups by history length, [`images`] item images (listing, reading, CLIP's preprocessing).
 
 pub mod groups;
+pub mod images;
 pub mod metrics;
 pub mod synth;
 

@@ -12,7 +12,7 @@
 //! - `model.safetensors`: the `CLIPModel` tensors (`vision_model.*`, `text_model.*`,
 //!   `visual_projection.weight`, `text_projection.weight`), f32, f16 or bf16;
 //! - `tokenizer.json`: the CLIP BPE tokenizer (`<|startoftext|>` ... `<|endoftext|>`);
-//! - `preprocessor_config.json` (optional): resizing, crop, mean and std ([`crate::featurize::images`]).
+//! - `preprocessor_config.json` (optional): resizing, crop, mean and std ([`crate::data::images`]).
 //!
 //! **Vision tower**, one forward for B images of pixels (3, S, S), with P = (S / p)^2 patches of
 //! p x p pixels; every image is a sequence of P + 1 rows, packed as a ragged batch:
@@ -50,7 +50,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 use crate::model::bert::{data_err, read_json, Weights};
 use crate::engine::ops::{add, embedding, linear, matmul};
 use crate::engine::{no_grad, Device, Indices, Ragged, Tensor};
-use crate::featurize::images::ImageProcessorConfig;
+use crate::data::images::ImageProcessorConfig;
 use crate::model::nn::{Activation, LayerNorm, Seeds, TransformerLayer};
 use crate::{Error, Result};
 
@@ -244,7 +244,7 @@ impl Clip {
                 format!("image_size {} is not a multiple of patch_size {}", config.image_size, config.patch_size),
             ));
         }
-        let [_, out_h, out_w] = crate::featurize::images::output_shape(&processor, config.image_size as u32, config.image_size as u32);
+        let [_, out_h, out_w] = crate::data::images::output_shape(&processor, config.image_size as u32, config.image_size as u32);
         let (crop_h, crop_w) = (processor.crop_size.height as usize, processor.crop_size.width as usize);
         if processor.do_center_crop && (crop_h, crop_w) != (config.image_size, config.image_size)
             || !processor.do_center_crop && (out_h, out_w) != (config.image_size, config.image_size)
@@ -376,7 +376,7 @@ impl Clip {
     }
 
     /// Image embeddings (`projection_dim` each, not normalised) of preprocessed images, each
-    /// (3, S, S) as [`crate::featurize::images::preprocess`] gives them.
+    /// (3, S, S) as [`crate::data::images::preprocess`] gives them.
     pub fn encode_pixels(&self, pixels: &[Vec<f32>], bar: &ProgressBar) -> Result<Vec<Vec<f32>>> {
         let s = self.config.image_size;
         if let Some((i, p)) = pixels.iter().enumerate().find(|(_, p)| p.len() != 3 * s * s) {

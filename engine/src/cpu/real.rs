@@ -4,7 +4,7 @@
 
 use crate::stats::{count_gemm, InGemm};
 use crate::tensor::Storage;
-use crate::Device;
+use crate::device::Device;
 
 /// Host scalar types the CPU backend is generic over (f32 for training, f64 for finite differences).
 pub trait Real: num_traits::Float + num_traits::NumAssign + Default + std::fmt::Debug + std::iter::Sum + Send + Sync + 'static {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{gpu, Gpu, CTX};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// A pooled GPU buffer, or a view of `len` bytes inside one (see [`GpuBuf::view`]). Dropping an
 /// owned buffer returns the allocation to the pool; a view keeps its parent alive.

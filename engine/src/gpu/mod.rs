@@ -34,7 +34,7 @@ pub(crate) use kernel::kernel_params;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Bytes reserved per dispatch in the uniform arena (the minimum dynamic-offset alignment): the
 /// largest parameter block a kernel may take.

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::{Access, Contract, Gpu, GpuBuf, Kernel, Params, Pending, State, MAX_PENDING, UNIFORM_STRIDE};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 impl Gpu {
     /// Queue a copy of all of `src` into `dst` at byte `dst_offset` of `dst`'s data, in order with

@@ -37,8 +37,10 @@ use super::wgsl;
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::cpu::{dot, Real};
 use crate::tensor::Storage;
-use crate::{same_device, Indices, Ragged, Tensor};
-use crate::{on_device, Error, Result};
+use crate::tensor::same_device;
+use crate::ragged::Ragged;
+use crate::tensor::{Indices, Tensor};
+use crate::error::{Error, Result};
 
 const SRC: &str = wgsl!("attention.wgsl");
 static FWD: Kernel<AttentionParams> = Kernel::new("attention", SRC, "attn_fwd", &[Read, Read, Read, Read, ReadWrite, ReadWrite]);
@@ -529,7 +531,7 @@ pub fn attention_masked(
         return Err(Error::Invalid(format!("attention: dropout probability must be in [0, 1), got {p_drop}")));
     }
     let dev = same_device(op, &[q, k, v])?;
-    if dev == crate::Device::Gpu && l > MAX_LEN_GPU {
+    if dev == crate::device::Device::Gpu && l > MAX_LEN_GPU {
         return Err(Error::Shape {
             op,
             msg: format!("sequence length {l} of q {:?} exceeds the GPU kernels' limit {MAX_LEN_GPU}", q.shape()),
@@ -590,7 +592,7 @@ pub fn attention_ragged(
     }
     let dev = same_device(op, &[q, k, v])?;
     let longest = r.lens.iter().copied().max().unwrap_or(0) as usize;
-    if dev == crate::Device::Gpu && longest > MAX_LEN_GPU {
+    if dev == crate::device::Device::Gpu && longest > MAX_LEN_GPU {
         return Err(Error::Shape { op, msg: format!("sequence length {longest} exceeds the GPU kernels' limit {MAX_LEN_GPU}") });
     }
     let d = RaggedDims { heads, dh: c / heads, p: p_drop, seed, causal, key_len: r.key_len };

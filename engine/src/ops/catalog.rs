@@ -31,8 +31,10 @@ use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, K
 use crate::cpu::Real;
 use crate::tensor::Storage;
 use crate::cpu::pool;
-use crate::{same_device, Device, Indices, Tensor};
-use crate::{on_device, shape_err, Result};
+use crate::device::Device;
+use crate::tensor::same_device;
+use crate::tensor::{Indices, Tensor};
+use crate::error::{shape_err, Result};
 
 /// Items per block of recomputed scores.
 pub const BLOCK: usize = 512;
@@ -434,7 +436,8 @@ mod tests {
 
     use super::*;
     use crate::ops::{cross_entropy, mul, scale, sum};
-    use crate::{backward, Device};
+    use crate::autograd::backward;
+    use crate::device::Device;
 
     /// Over three item blocks and two terms, the fused loss and its gradients equal cross_entropy
     /// of the materialised scores (f64).

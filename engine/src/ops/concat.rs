@@ -7,8 +7,9 @@ use super::wgsl;
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::cpu::Real;
 use crate::tensor::Storage;
-use crate::{same_device, Tensor};
-use crate::{on_device, shape_err, Result};
+use crate::tensor::same_device;
+use crate::tensor::Tensor;
+use crate::error::{shape_err, Result};
 
 static COPY: Kernel<ConcatParams> = Kernel::new("concat", wgsl!("concat.wgsl"), "copy", &[Read, ReadWrite]);
 
@@ -87,7 +88,7 @@ pub fn concat(xs: &[&Tensor]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Device;
+    use crate::device::Device;
 
     #[test]
     fn mismatched_shapes_are_named() {

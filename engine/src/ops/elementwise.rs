@@ -16,8 +16,9 @@ use super::wgsl;
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::cpu::Real;
 use crate::tensor::{numel, Storage};
-use crate::{same_device, Indices, Tensor};
-use crate::{on_device, Error, Result};
+use crate::tensor::same_device;
+use crate::tensor::{Indices, Tensor};
+use crate::error::{Error, Result};
 
 const SRC: &str = wgsl!("elementwise.wgsl");
 const RRW: &[crate::gpu::Access] = &[Read, Read, ReadWrite];

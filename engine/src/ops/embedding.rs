@@ -13,8 +13,8 @@ use super::wgsl;
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::cpu::Real;
 use crate::tensor::{numel, Storage};
-use crate::{Indices, Tensor};
-use crate::{on_device, shape_err, Error, Result};
+use crate::tensor::{Indices, Tensor};
+use crate::error::{shape_err, Error, Result};
 
 const SRC: &str = wgsl!("embedding.wgsl");
 static EMB_FWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "embedding_fwd", &[Read, Read, ReadWrite]);
@@ -169,7 +169,7 @@ pub fn gather_last(x: &Tensor, lens: &Indices) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Device;
+    use crate::device::Device;
 
     #[test]
     fn inverse_index_lists_positions_in_order() {

@@ -23,8 +23,9 @@ use super::wgsl;
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::cpu::Real;
 use crate::tensor::Storage;
-use crate::{same_device, Tensor};
-use crate::{on_device, Error, Result};
+use crate::tensor::same_device;
+use crate::tensor::Tensor;
+use crate::error::{Error, Result};
 
 const SRC: &str = wgsl!("layernorm.wgsl");
 static FWD: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_fwd", &[Read, ReadWrite, ReadWrite, Read, Read]);
@@ -187,7 +188,7 @@ pub fn add_layernorm(a: &Tensor, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps:
         return Err(Error::Shape { op, msg: format!("a {:?} and x {:?} must have one shape", a.shape(), x.shape()) });
     }
     let (rows, c, groups) = check(op, x, gamma, beta, eps)?;
-    if same_device(op, &[a, x, gamma, beta])? != crate::Device::Gpu {
+    if same_device(op, &[a, x, gamma, beta])? != crate::device::Device::Gpu {
         return layernorm(&super::add(a, x)?, gamma, beta, eps);
     }
     let g = gpu()?;

@@ -27,8 +27,8 @@ use super::wgsl;
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::cpu::{sum_exp, Real};
 use crate::tensor::Storage;
-use crate::{Indices, Tensor};
-use crate::{on_device, shape_err, Error, Result};
+use crate::tensor::{Indices, Tensor};
+use crate::error::{shape_err, Error, Result};
 
 const SRC: &str = wgsl!("loss.wgsl");
 static CE_FWD: Kernel<LossParams> = Kernel::new("loss", SRC, "ce_fwd", &[Read, Read, ReadWrite, ReadWrite]);
@@ -253,7 +253,7 @@ pub fn info_nce(logits: &Tensor, targets: &Indices, numerator: &[bool], exclude_
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Device;
+    use crate::device::Device;
 
     #[test]
     fn rejects_bad_inputs() {

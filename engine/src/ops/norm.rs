@@ -8,8 +8,8 @@ use super::wgsl;
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::cpu::Real;
 use crate::tensor::Storage;
-use crate::Tensor;
-use crate::{on_device, shape_err, Error, Result};
+use crate::tensor::Tensor;
+use crate::error::{shape_err, Error, Result};
 
 const SRC: &str = wgsl!("norm.wgsl");
 static L2NORM_FWD: Kernel<NormParams> = Kernel::new("norm", SRC, "l2norm_fwd", &[Read, ReadWrite]);

@@ -19,8 +19,10 @@ use super::wgsl;
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access, Access::*, GpuBuf, Kernel};
 use crate::cpu::Real;
 use crate::tensor::Storage;
-use crate::{same_device, Indices, Ragged, Tensor};
-use crate::{on_device, shape_err, Error, Result};
+use crate::tensor::same_device;
+use crate::ragged::Ragged;
+use crate::tensor::{Indices, Tensor};
+use crate::error::{shape_err, Error, Result};
 
 const SRC: &str = wgsl!("pool.wgsl");
 const BWD: &[Access] = &[Read, Read, Read, Read, ReadWrite];
@@ -230,7 +232,7 @@ pub fn mean_ragged(x: &Tensor, r: &Ragged) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Device;
+    use crate::device::Device;
 
     #[test]
     fn rejects_bad_lengths_and_shapes() {

@@ -5,8 +5,8 @@
 use super::wgsl;
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, Kernel};
 use crate::cpu::Real;
-use crate::{Indices, Tensor};
-use crate::{on_device, Error, Result};
+use crate::tensor::{Indices, Tensor};
+use crate::error::{Error, Result};
 
 static RANK: Kernel<RankParams> = Kernel::new("rank", wgsl!("rank.wgsl"), "rank", &[Read, Read, ReadWrite]);
 

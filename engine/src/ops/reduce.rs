@@ -12,8 +12,8 @@ use super::wgsl;
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::cpu::Real;
 use crate::tensor::{numel, Storage};
-use crate::Tensor;
-use crate::{on_device, Error, Result};
+use crate::tensor::Tensor;
+use crate::error::{Error, Result};
 
 const SRC: &str = wgsl!("reduce.wgsl");
 static SUM_ROWS: Kernel<ReduceParams> = Kernel::new("reduce", SRC, "sum_rows", &[Read, ReadWrite]);

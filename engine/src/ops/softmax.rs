@@ -16,8 +16,8 @@ use super::wgsl;
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::cpu::Real;
 use crate::tensor::Storage;
-use crate::{Indices, Tensor};
-use crate::{on_device, Error, Result};
+use crate::tensor::{Indices, Tensor};
+use crate::error::{Error, Result};
 
 const SRC: &str = wgsl!("softmax.wgsl");
 static FWD: Kernel<SoftmaxParams> = Kernel::new("softmax", SRC, "softmax_fwd", &[Read, Read, ReadWrite]);

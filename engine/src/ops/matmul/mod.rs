@@ -33,7 +33,9 @@ use super::reduce::sum_rows;
 use crate::cpu::{par, Real};
 use crate::gpu::GpuBuf;
 use crate::tensor::Storage;
-use crate::{on_device, same_device, shape_err, Result, Tensor};
+use crate::tensor::same_device;
+use crate::error::{shape_err, Result};
+use crate::tensor::Tensor;
 use variants::{gemm_gpu_pre, gemm_gpu_with};
 
 // ---- CPU reference --------------------------------------------------------------------------
@@ -209,7 +211,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 /// in); the tape holds the same two nodes as `gelu(&linear(..)?)`, so the backward is theirs:
 /// dh = g * gelu'(h), then the product's. Elsewhere it is that composition.
 pub fn linear_gelu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if x.device() != crate::Device::Gpu || x.rank() == 0 || w.rank() != 2 || x.last_dim() != w.shape()[0] {
+    if x.device() != crate::device::Device::Gpu || x.rank() == 0 || w.rank() != 2 || x.last_dim() != w.shape()[0] {
         return super::gelu(&linear(x, w, bias)?);
     }
     let (k, n) = (w.shape()[0], w.shape()[1]);
@@ -240,7 +242,7 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Device;
+    use crate::device::Device;
 
     fn t(shape: &[usize]) -> Tensor {
         Tensor::zeros(shape, Device::Cpu).unwrap()

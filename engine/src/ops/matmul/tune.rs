@@ -26,9 +26,11 @@ use std::time::Instant;
 
 use super::variants::{gemm_gpu_with, Gemm, MatmulVariant, Support};
 use crate::tensor::Storage;
-use crate::{same_device, shape_err, Tensor};
+use crate::tensor::same_device;
+use crate::error::shape_err;
+use crate::tensor::Tensor;
 use crate::gpu::{gpu, Gpu, GpuBuf};
-use crate::Result;
+use crate::error::Result;
 
 /// Timing rounds per variant (the fastest counts), and products per round, after one warm-up.
 const ROUNDS: usize = 3;
@@ -349,7 +351,7 @@ pub fn matmul_tuned(
 ) -> Result<(Tensor, MatmulVariant)> {
     let (p, shape) = Gemm::plan("matmul_tuned", a.shape(), b.shape(), ta, tb)?;
     let dev = same_device("matmul_tuned", &[a, b])?;
-    if dev != crate::Device::Gpu {
+    if dev != crate::device::Device::Gpu {
         return shape_err("matmul_tuned", "the kernel variants run on the GPU: give GPU tensors");
     }
     let bias_buf = bias.map(|t| t.gbuf()).transpose()?;

@@ -6,7 +6,9 @@ use super::super::reduce::sum_rows_gpu;
 use super::super::wgsl;
 use crate::gpu::{gpu, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::tensor::Storage;
-use crate::{same_device, shape_err, Result, Tensor};
+use crate::tensor::same_device;
+use crate::error::{shape_err, Result};
+use crate::tensor::Tensor;
 
 const BINDINGS: &[crate::gpu::Access] = &[Read, Read, Read, ReadWrite, ReadWrite];
 static MATMUL: Kernel<MatmulParams> =
@@ -307,7 +309,7 @@ pub(super) fn gemm_gpu_pre(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Ge
     let g = gpu()?;
     match v.supports(p, &g.limits, g.features) {
         Support::Yes => {}
-        no => return Err(crate::Error::Invalid(format!("matmul variant {} ({}) cannot compute {p:?}: {no}", v.number(), v.name()))),
+        no => return Err(crate::error::Error::Invalid(format!("matmul variant {} ({}) cannot compute {p:?}: {no}", v.number(), v.name()))),
     }
     let tile = v.tile();
     let kc = k_chunk(p, tile);
@@ -357,7 +359,7 @@ pub fn matmul_variant_support(sa: &[usize], sb: &[usize], ta: bool, tb: bool, v:
 pub fn matmul_variant(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&Tensor>, v: MatmulVariant) -> Result<Tensor> {
     let (p, shape) = Gemm::plan("matmul_variant", a.shape(), b.shape(), ta, tb)?;
     let dev = same_device("matmul_variant", &[a, b])?;
-    if dev != crate::Device::Gpu {
+    if dev != crate::device::Device::Gpu {
         return shape_err("matmul_variant", "the kernel variants run on the GPU: give GPU tensors");
     }
     let bias_buf = bias.map(|t| t.gbuf()).transpose()?;
@@ -380,7 +382,7 @@ pub fn linear_gelu_variant(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, v: Mat
 pub fn matmul_variant_summed(a: &Tensor, b: &Tensor, ta: bool, tb: bool, v: MatmulVariant) -> Result<Tensor> {
     let (p, shape) = Gemm::plan("matmul_variant_summed", a.shape(), b.shape(), ta, tb)?;
     let dev = same_device("matmul_variant_summed", &[a, b])?;
-    if dev != crate::Device::Gpu || shape.len() != 3 {
+    if dev != crate::device::Device::Gpu || shape.len() != 3 {
         return shape_err("matmul_variant_summed", "give GPU tensors with a batch");
     }
     let out = gemm_gpu_with(&*a.gbuf()?, &*b.gbuf()?, None, &p.summed(), v)?;
