@@ -4,8 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use msm4sr::app::{self, Where};
-use msm4sr::engine::gpu;
-use msm4sr::engine::DeviceChoice;
+use msm4sr::engine::{gpu, DeviceChoice};
 
 #[derive(Parser)]
 #[command(name = "msm4sr", version, about = "MSM4SR multimodal sequential recommendation on a wgpu compute engine")]

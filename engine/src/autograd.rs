@@ -7,11 +7,9 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
-use crate::ops::add;
-use crate::tensor::no_grad;
-use crate::tensor::Tensor;
 use crate::error::{Error, Result};
-
+use crate::ops::add;
+use crate::tensor::{no_grad, Tensor};
 
 thread_local! {
     /// The walk's working sets, kept empty between calls so that a step allocates none anew.

@@ -24,17 +24,15 @@
 
 use std::sync::Arc;
 
-use super::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use rayon::prelude::*;
 
-use crate::cpu::par;
-use super::ops::wgsl;
-use crate::cpu::Real;
-use crate::tensor::Storage;
 use crate::autograd::Grads;
+use crate::cpu::{par, Real};
 use crate::device::Device;
-use crate::tensor::Tensor;
 use crate::error::{Error, Result};
+use crate::tensor::{Storage, Tensor};
+use super::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
+use super::ops::wgsl;
 
 const SRC: &str = wgsl!("optim.wgsl");
 static SUMSQ: Kernel<OptimParams> = Kernel::new("optim", SRC, "sumsq", &[Read, ReadWrite]);

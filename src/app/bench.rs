@@ -3,11 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::Where;
-use crate::Result;
-use crate::engine::gpu;
-use crate::engine::Device;
+use crate::engine::{gpu, Device};
 use crate::harness::bench;
+use crate::Result;
+use super::Where;
 
 /// Benchmark kernels at the model's shapes.
 #[derive(clap::Args)]

@@ -2,19 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-use super::runs::*;
-use super::{missing_of, print_result, MissingArg, Where};
-use crate::{Error, Result};
-
-
 use std::time::Instant;
 
-
-use crate::files::checkpoint_arg;
 use crate::data::{Dataset, MissingFeatures, Sample};
-use crate::train::{self};
-
+use crate::{Error, Result};
+use crate::files::checkpoint_arg;
+use crate::train;
+use super::{missing_of, print_result, MissingArg, Where};
+use super::runs::{check_outputs, load_dataset, metrics_of, model_name, open_checkpoint, ranks_tsv, RunResult, Samples};
 
 /// Evaluate a checkpoint on the validation and test splits.
 #[derive(clap::Args)]

@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use super::runs::*;
-use super::Where;
 use crate::Result;
+use super::runs::check_outputs;
+use super::Where;
 
 /// Embed item texts with a BERT sentence model into NAME.features.safetensors + NAME.items.txt.
 #[derive(clap::Args)]

@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
-use super::Where;
-use crate::Result;
-use crate::engine::gpu::{self, list_adapters};
 use crate::engine::{Device, DeviceChoice};
+use crate::engine::gpu::{self, list_adapters};
+use crate::Result;
+use super::Where;
 
 /// List GPU adapters, the chosen device, its limits and features.
 #[derive(clap::Args)]

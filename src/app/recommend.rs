@@ -4,23 +4,20 @@
 //! named by the dataset's `NAME.item` title field when there is one.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::data::{make_batch, Dataset, Sample};
+use crate::data::{make_batch, Dataset, MissingFeatures, Sample};
 use crate::engine::no_grad;
+use crate::{Error, Result};
+use crate::files::checkpoint_arg;
 use crate::model::msm4sr::Model;
 use crate::model::nn::Seeds;
-use std::path::PathBuf;
-use std::process::ExitCode;
-
-use super::runs::*;
 use super::{missing_of, MissingArg, Where};
-use crate::data::MissingFeatures;
-use crate::files::checkpoint_arg;
-use crate::{Error, Result};
+use super::runs::{check_outputs, load_dataset, open_checkpoint};
 
 /// One recommended item.
 #[derive(Clone, Debug, PartialEq, Serialize)]

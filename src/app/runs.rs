@@ -2,24 +2,19 @@
 //! outputs before any work, building a model or restoring one from a checkpoint, the result of a run
 //! and its per-user ranks.
 
-
 use std::path::{Path, PathBuf};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::train::checkpoint;
+use crate::config::{ModelKind, RunConfig, Stage};
 use crate::data::{Dataset, LoadOptions, MissingFeatures, Sample, Split};
-use crate::engine::Device;
 use crate::data::metrics::Metrics;
-use crate::model::msm4sr::Model;
-use crate::config::ModelKind;
-use crate::train::{self};
-use crate::config::Stage;
-use crate::config::RunConfig;
+use crate::engine::Device;
 use crate::{Error, Result};
-
+use crate::model::msm4sr::Model;
+use crate::train::{self, checkpoint};
 
 pub fn load_dataset(dir: &Path, cfg: &RunConfig, missing: MissingFeatures) -> Result<Dataset> {
     let ds =

@@ -23,18 +23,17 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use serde::{Deserialize, Serialize};
 
 use crate::app::train::{train_job, Plan, TrainJob};
-use std::process::ExitCode;
-
-use super::{missing_of, MissingArg};
 use crate::app::Where;
-use crate::data::MissingFeatures;
 use crate::config::RunConfig;
-use crate::files::{Manifest, ManifestRun};
+use crate::data::MissingFeatures;
 use crate::{Error, Result};
+use crate::files::{Manifest, ManifestRun};
+use super::{missing_of, MissingArg};
 
 /// A grid file.
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use super::runs::*;
-use super::Where;
-use crate::Result;
 use crate::data::synth;
+use crate::Result;
+use super::runs::check_outputs;
+use super::Where;
 
 /// Write a synthetic dataset with planted multimodal structure.
 #[derive(clap::Args)]

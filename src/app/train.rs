@@ -3,26 +3,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-use super::runs::*;
-use super::{missing_of, print_result, MissingArg, Where};
-use crate::config::Flags;
-use crate::{Error, Result};
-
-
 use std::time::Instant;
 
-
-use crate::files::{checkpoint_arg, config_path, stage_path, RunFiles};
-use crate::train::checkpoint;
-use crate::config;
+use crate::config::{self, Flags, ModelKind, RunConfig, Stage};
 use crate::data::{Dataset, MissingFeatures};
+use crate::{Error, Result};
+use crate::files::{checkpoint_arg, config_path, stage_path, RunFiles};
 use crate::model::msm4sr::Model;
-use crate::config::ModelKind;
-use crate::train::{self};
-use crate::config::Stage;
-use crate::config::RunConfig;
-
+use crate::train::{self, checkpoint};
+use super::{missing_of, print_result, MissingArg, Where};
+use super::runs::{build_model, check_outputs, check_samples, load_dataset, metrics_of, model_name, ranks_tsv, RunResult, Samples};
 
 /// Dataset, configuration and hyper-parameter flags shared by the training commands. Every
 /// hyper-parameter flag overrides the `--config` file, which overrides the defaults of SPEC.md.

@@ -15,8 +15,7 @@ use std::path::Path;
 use clap::Args;
 use serde::Serialize;
 
-use crate::config::{Mod, Modalities, ModelKind, Score};
-use crate::config::{Freeze, Protocol, RunConfig};
+use crate::config::{Freeze, Mod, Modalities, ModelKind, Protocol, RunConfig, Score};
 use crate::{Error, Result};
 
 /// Model flags: each overrides the `[model]` key of its name.

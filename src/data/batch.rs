@@ -1,7 +1,7 @@
 //! Training samples and batches: a sample is a prefix of a user's sequence and its next item.
 
-use rand::seq::SliceRandom;
 use rand::Rng;
+use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 /// One "input sequence -> next item" example.

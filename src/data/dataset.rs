@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::*;
-use super::{data_err, io_err, PAD_TOKEN};
 use crate::Result;
+use super::{*, data_err, io_err, PAD_TOKEN};
 
 /// A loaded dataset: chronological item sequences per user and optional item features.
 #[derive(Debug, Clone, PartialEq)]

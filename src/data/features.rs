@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
+use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
 
-use super::{data_err, io_err, read_text, short};
 use crate::{Error, Result};
+use super::{data_err, io_err, read_text, short};
 
 /// What to do with an item of the `.inter` file that has no row in `NAME.items.txt`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

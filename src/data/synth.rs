@@ -28,9 +28,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::files::write_atomic;
 use crate::data::{features_bytes, Interaction, Modality};
 use crate::{Error, Result};
+use crate::files::write_atomic;
 
 /// Dataset name: the files are `synth.inter`, `synth.features.safetensors`, `synth.items.txt`.
 pub const NAME: &str = "synth";

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::{Error, Result};
-
 use super::*;
 
 // ---- .item files ----------------------------------------------------------------------------

@@ -69,11 +69,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::model::bert::{progress_bar, SentenceEncoder};
-use crate::files::write_atomic;
 use crate::data::{features_bytes, Modality};
 use crate::engine::Device;
 use crate::{Error, Result};
+use crate::files::write_atomic;
+use crate::model::bert::{progress_bar, SentenceEncoder};
 
 mod items;
 mod sentences;

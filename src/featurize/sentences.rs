@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::{Error, Result};
-
 use super::*;
 
 // ---- sentences ------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::gpu::gpu;
-use crate::engine::ops::{attention, layernorm, matmul, softmax};
 use crate::engine::{no_grad, Device, Indices, Tensor};
+use crate::engine::ops::{attention, layernorm, matmul, softmax};
 use crate::Result;
 
 #[derive(Clone, Debug, serde::Serialize)]

@@ -1,11 +1,11 @@
 //! Full-ranking evaluation: every target ranked among all real items, Recall/NDCG from the ranks.
 
 use crate::config::TrainConfig;
+use crate::data::metrics::Metrics;
 use crate::data::Sample;
 use crate::engine::no_grad;
-use crate::data::metrics::Metrics;
-use crate::model::Recommender;
 use crate::model::nn::Seeds;
+use crate::model::Recommender;
 use crate::Result;
 
 /// Rank every sample's target among all real items; returns one 0-based rank per sample. The item

@@ -9,16 +9,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::checkpoint::{self};
 use crate::config::{RunConfig, Stage};
 use crate::data::{batches, Sample, Split};
-use crate::engine::optim::{Adam, AdamConfig};
-use crate::engine::{backward, no_grad, Tensor};
 use crate::data::metrics::Metrics;
+use crate::engine::{backward, no_grad, Tensor};
+use crate::engine::optim::{Adam, AdamConfig};
+use crate::{Error, Result};
 use crate::model::{Loss, Recommender};
 use crate::model::nn::Seeds;
-use crate::{Error, Result};
 use super::*;
+use super::checkpoint;
 use super::resume::stage_tag;
 
 /// Early stopping on validation Recall@20 as RecBole's `early_stopping`: a score at least as good

@@ -2,9 +2,9 @@
 //! each with its matrix product (the `matrixmultiply` crate's GEMM) and the few vectorized helpers
 //! every CPU kernel shares ([`expf`], [`dot`], [`sum_exp`]).
 
+use crate::device::Device;
 use crate::stats::{count_gemm, InGemm};
 use crate::tensor::Storage;
-use crate::device::Device;
 
 /// Host scalar types the CPU backend is generic over (f32 for training, f64 for finite differences).
 pub trait Real: num_traits::Float + num_traits::NumAssign + Default + std::fmt::Debug + std::iter::Sum + Send + Sync + 'static {

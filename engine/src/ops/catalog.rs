@@ -23,18 +23,14 @@
 //! kernel per row (`catalog.wgsl`) updates the running statistics (forward) or writes dz
 //! (backward); dh accumulates over blocks with `add`, de is written block by block.
 
+use crate::cpu::{par, pool, Real};
+use crate::device::Device;
+use crate::error::{shape_err, Result};
+use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
+use crate::tensor::{same_device, Indices, Storage, Tensor};
 use super::concat::copy_gpu;
 use super::elementwise::add;
-use crate::cpu::par;
 use super::{matmul, wgsl};
-use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
-use crate::cpu::Real;
-use crate::tensor::Storage;
-use crate::cpu::pool;
-use crate::device::Device;
-use crate::tensor::same_device;
-use crate::tensor::{Indices, Tensor};
-use crate::error::{shape_err, Result};
 
 /// Items per block of recomputed scores.
 pub const BLOCK: usize = 512;

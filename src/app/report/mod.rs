@@ -10,16 +10,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-
 use std::process::ExitCode;
 
-use super::Where;
 use crate::app::runs::{self, RunResult};
-use crate::files::RunFiles;
-use crate::config::Stage;
-use crate::config::RunConfig;
+use crate::config::{RunConfig, Stage};
 use crate::{Error, Result};
+use crate::files::RunFiles;
+use super::Where;
 
 mod paired;
 mod plots;

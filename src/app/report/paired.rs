@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-
 use crate::{Error, Result};
-
 use super::*;
 
 pub fn read_ranks(path: &Path, split: &str) -> Result<BTreeMap<String, u32>> {

@@ -5,11 +5,9 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-
-use crate::train::EpochRecord;
 use crate::config::Stage;
 use crate::{Error, Result};
-
+use crate::train::EpochRecord;
 use super::*;
 
 fn plot_err(e: impl std::fmt::Display) -> Error {

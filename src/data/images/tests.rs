@@ -1,9 +1,8 @@
 //! Tests of image listing, reading and preprocessing.
 
-use super::preprocess::{crop, crop_axis, over_white, resize_window};
-use image::RgbImage;
+use image::{GrayImage, ImageBuffer, Luma, LumaA, Rgb, Rgba, RgbImage};
 use super::*;
-use image::{GrayImage, ImageBuffer, Luma, LumaA, Rgb, Rgba};
+use super::preprocess::{crop, crop_axis, over_white, resize_window};
 
 /// A fresh folder under the system temp dir for one test.
 fn temp_dir(name: &str) -> PathBuf {

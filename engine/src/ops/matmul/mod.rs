@@ -29,14 +29,12 @@ pub use tune::matmul_tuned;
 #[cfg(test)]
 pub(crate) use variants::kernels;
 
-use super::reduce::sum_rows;
-use crate::cpu::{par, Real};
-use crate::gpu::GpuBuf;
-use crate::tensor::Storage;
-use crate::tensor::same_device;
-use crate::error::{shape_err, Result};
-use crate::tensor::Tensor;
 use variants::{gemm_gpu_pre, gemm_gpu_with};
+use crate::cpu::{par, Real};
+use crate::error::{shape_err, Result};
+use crate::gpu::GpuBuf;
+use crate::tensor::{same_device, Storage, Tensor};
+use super::reduce::sum_rows;
 
 // ---- CPU reference --------------------------------------------------------------------------
 

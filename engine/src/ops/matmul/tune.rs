@@ -24,13 +24,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::variants::{gemm_gpu_with, Gemm, MatmulVariant, Support};
-use crate::tensor::Storage;
-use crate::tensor::same_device;
-use crate::error::shape_err;
-use crate::tensor::Tensor;
+use crate::error::{shape_err, Result};
 use crate::gpu::{gpu, Gpu, GpuBuf};
-use crate::error::Result;
+use crate::tensor::{same_device, Storage, Tensor};
+use super::variants::{gemm_gpu_with, Gemm, MatmulVariant, Support};
 
 /// Timing rounds per variant (the fastest counts), and products per round, after one warm-up.
 const ROUNDS: usize = 3;

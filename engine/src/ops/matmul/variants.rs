@@ -2,13 +2,11 @@
 //! --matmul-variants` validates each against the CPU and times it), the product description they
 //! share ([`Gemm`]) and split-K.
 
+use crate::error::{shape_err, Result};
+use crate::gpu::{gpu, kernel_params, Access::*, GpuBuf, Kernel};
+use crate::tensor::{same_device, Storage, Tensor};
 use super::super::reduce::sum_rows_gpu;
 use super::super::wgsl;
-use crate::gpu::{gpu, kernel_params, Access::*, GpuBuf, Kernel};
-use crate::tensor::Storage;
-use crate::tensor::same_device;
-use crate::error::{shape_err, Result};
-use crate::tensor::Tensor;
 
 const BINDINGS: &[crate::gpu::Access] = &[Read, Read, Read, ReadWrite, ReadWrite];
 static MATMUL: Kernel<MatmulParams> =
