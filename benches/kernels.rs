@@ -1,9 +1,9 @@
 //! `cargo bench`: the kernel benchmarks of `msm4sr bench`, on the CPU backend and (when an adapter
 //! exists) the GPU. Software adapters get the reduced shapes.
 
-use msm4sr::harness::bench;
 use msm4sr::engine::gpu::gpu;
 use msm4sr::engine::Device;
+use msm4sr::harness::bench;
 
 fn main() {
     let mut devices = vec![Device::Cpu];

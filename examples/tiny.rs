@@ -4,8 +4,8 @@
 //!     cargo run --release --example tiny -- gpu       # any GPU adapter (software Vulkan included)
 //!     cargo run --release --example tiny -- cpu
 
-use msm4sr::model::demo::{Tiny, TinyConfig};
 use msm4sr::engine::DeviceChoice;
+use msm4sr::model::demo::{Tiny, TinyConfig};
 
 fn main() {
     msm4sr::startup();

@@ -11,10 +11,10 @@
 
 use std::path::{Path, PathBuf};
 
-use msm4sr::model::bert::SentenceEncoder;
 use msm4sr::data::read_features;
 use msm4sr::engine::Device;
 use msm4sr::featurize::{self, FeaturizeOptions};
+use msm4sr::model::bert::SentenceEncoder;
 use safetensors::SafeTensors;
 
 fn fixtures() -> PathBuf {

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use indicatif::ProgressBar;
-use msm4sr::model::clip::Clip;
-use msm4sr::featurize::clip_words::top_words;
 use msm4sr::engine::Device;
+use msm4sr::featurize::clip_words::top_words;
+use msm4sr::model::clip::Clip;
 use safetensors::SafeTensors;
 
 fn dir() -> PathBuf {

@@ -7,12 +7,12 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use msm4sr::data::metrics::{rank_batch, rank_of_target, rank_of_target_masked, table, Metrics, RankAccumulator};
+use msm4sr::data::synth::{self, SynthConfig};
 use msm4sr::data::{
     batches, item_dropout, make_batch, parse_inter, parse_timestamp, read_inter, Dataset, Interaction, LoadOptions, MissingFeatures,
     Modality, Sample, PAD_TOKEN,
 };
-use msm4sr::data::metrics::{rank_batch, rank_of_target, rank_of_target_masked, table, Metrics, RankAccumulator};
-use msm4sr::data::synth::{self, SynthConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::TensorView;

@@ -7,17 +7,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use msm4sr::app::{runs, train as train_cmd};
+use msm4sr::config::ModelKind;
+use msm4sr::config::RunConfig;
+use msm4sr::config::Stage;
+use msm4sr::data::synth::{self, SynthConfig};
 use msm4sr::data::{make_batch, Dataset, LoadOptions, Sample};
 use msm4sr::engine::ops::rank_of_targets;
 use msm4sr::engine::optim::{Adam, AdamConfig};
 use msm4sr::engine::{backward, Device, Indices, Tensor};
 use msm4sr::model::msm4sr::Model;
-use msm4sr::config::ModelKind;
 use msm4sr::model::nn::Seeds;
-use msm4sr::data::synth::{self, SynthConfig};
 use msm4sr::train::{self};
-use msm4sr::config::Stage;
-use msm4sr::config::RunConfig;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -209,9 +209,9 @@ fn gpu_ranking_matches_cpu_ranking() {
 /// to the last rank; one row's NaN scores rank its target last.
 #[test]
 fn fused_ranking_matches_the_materialised_ranking() {
+    use msm4sr::data::metrics::rank_of_target_masked;
     use msm4sr::engine::ops::catalog::BLOCK;
     use msm4sr::engine::ops::catalog_rank;
-    use msm4sr::data::metrics::rank_of_target_masked;
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let (b, n) = (9usize, 2 * BLOCK + 33);
     let mut int = |len: usize| (0..len).map(|_| rand::Rng::random_range(&mut rng, -2..=2) as f32).collect::<Vec<f32>>();

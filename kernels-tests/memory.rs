@@ -14,18 +14,18 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
+use msm4sr::config::ModelKind;
+use msm4sr::config::RunConfig;
+use msm4sr::data::synth::{self, SynthConfig};
 use msm4sr::data::{make_batch, Batch, Dataset, LoadOptions, Sample};
+use msm4sr::engine::cpu::pool;
 use msm4sr::engine::ops::catalog::BLOCK;
 use msm4sr::engine::ops::{catalog_ce, catalog_rank, cross_entropy, matmul, mean};
 use msm4sr::engine::optim::{Adam, AdamConfig};
 use msm4sr::engine::stats::in_gemm;
-use msm4sr::engine::cpu::pool;
 use msm4sr::engine::{backward, no_grad, Device, Indices, Tensor};
 use msm4sr::model::msm4sr::Model;
-use msm4sr::config::ModelKind;
 use msm4sr::model::nn::Seeds;
-use msm4sr::data::synth::{self, SynthConfig};
-use msm4sr::config::RunConfig;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 

@@ -3,9 +3,9 @@
 //! when a step needs more of a size class than any before), each step is one submit (the loss readback), and the CPU and GPU backends
 //! agree on the losses of the same run (same seeds, dropout on).
 
-use msm4sr::model::demo::{Tiny, TinyConfig};
 use msm4sr::engine::gpu::gpu;
 use msm4sr::engine::Device;
+use msm4sr::model::demo::{Tiny, TinyConfig};
 
 /// The tests of this file one at a time: the pool is the process's, so a test running beside
 /// another would see the other's buffers.

@@ -101,4 +101,3 @@ mod tests {
         assert!(missing.is_empty(), "flags without help: {missing:?}");
     }
 }
-

@@ -51,7 +51,6 @@ impl DeviceChoice {
     }
 }
 
-
 /// Run the CPU implementation generic over the element type, or the GPU one.
 /// `on_device!(dev, T => cpu_expr_using_T, gpu_expr)`
 macro_rules! on_device {

@@ -11,23 +11,23 @@
 
 #[macro_use]
 mod device;
-mod error;
 pub mod autograd;
 pub mod cpu;
+mod error;
 pub mod gpu;
 #[cfg(test)]
 mod layout;
 pub mod ops;
 pub mod optim;
 pub mod ragged;
-pub mod stats;
 mod startup;
+pub mod stats;
 pub mod tensor;
 
-pub use ragged::Ragged;
 pub use autograd::{backward, Grads};
-pub use tensor::no_grad;
 pub use cpu::Real;
+pub use ragged::Ragged;
+pub use tensor::no_grad;
 pub use tensor::{same_device, Indices, Storage, Tensor};
 
 pub use device::{Device, DeviceChoice};

@@ -26,13 +26,13 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
+use super::ops::wgsl;
 use crate::autograd::Grads;
 use crate::cpu::{par, Real};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{Storage, Tensor};
-use super::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
-use super::ops::wgsl;
 
 const SRC: &str = wgsl!("optim.wgsl");
 static SUMSQ: Kernel<OptimParams> = Kernel::new("optim", SRC, "sumsq", &[Read, ReadWrite]);

@@ -10,8 +10,8 @@
 //! key_len + j`, exactly the flat indices the padded ops use, so a padded batch of width `key_len`
 //! and its packed form draw the same masks.
 
-use crate::error::{Error, Result};
 use super::Indices;
+use crate::error::{Error, Result};
 
 /// The layout of one packed batch (host copies; the GPU copies are uploaded on first use).
 #[derive(Clone, Debug)]

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::Rng;
 
-use crate::device::Device;
-use crate::error::{Error, Result};
 use super::cpu::Real;
 use super::gpu::{gpu, GpuBuf};
+use crate::device::Device;
+use crate::error::{Error, Result};
 
 // ---- The tape: the node that made a tensor, and whether ops record one -----------------------
 

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::Where;
 use crate::engine::{gpu, Device};
 use crate::harness::bench;
 use crate::Result;
-use super::Where;
 
 /// Benchmark kernels at the model's shapes.
 #[derive(clap::Args)]
@@ -69,9 +69,7 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
     }
     if let Some(dir) = &clip {
         let r = crate::model::clip::bench(dir, dev, if quick { 8 } else { 64 }, if quick { 64 } else { 512 })?;
-        for (name, n, what, s) in
-            [("clip-image", r.images, "images", r.image_seconds), ("clip-text", r.texts, "texts", r.text_seconds)]
-        {
+        for (name, n, what, s) in [("clip-image", r.images, "images", r.image_seconds), ("clip-text", r.texts, "texts", r.text_seconds)] {
             results.push(bench::BenchResult {
                 name: name.into(),
                 shape: format!("{n} {what} ({:.1} {what}/s)", n as f64 / s.max(1e-9)),
@@ -85,10 +83,8 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
     if json {
         outln!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "kernels": results, "train_steps": steps, "matmul_variants": variants })
-            )
-            .unwrap()
+            serde_json::to_string_pretty(&serde_json::json!({ "kernels": results, "train_steps": steps, "matmul_variants": variants }))
+                .unwrap()
         );
     } else {
         outln!("{:<10} {:<26} {:>12} {:>10} {:>6}  device", "kernel", "shape", "ms/call", "GFLOP/s", "iters");
@@ -112,16 +108,9 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
                 let name = format!("{} {}", r.number, r.variant.name());
                 let pick = if r.autotune_pick { "<- pick" } else { "" };
                 match (r.seconds, r.gflops, r.max_err) {
-                    (Some(s), Some(gf), Some(err)) => outln!(
-                        "{:<16} {:<26} {:>12.3} {:>10.1} {:>10.1e} {:>6} {:>9}",
-                        name,
-                        r.shape,
-                        s * 1e3,
-                        gf,
-                        err,
-                        r.iters,
-                        pick
-                    ),
+                    (Some(s), Some(gf), Some(err)) => {
+                        outln!("{:<16} {:<26} {:>12.3} {:>10.1} {:>10.1e} {:>6} {:>9}", name, r.shape, s * 1e3, gf, err, r.iters, pick)
+                    }
                     _ => outln!("{:<16} {:<26} {}", name, r.shape, r.status),
                 }
             }

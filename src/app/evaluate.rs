@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use super::runs::{check_outputs, load_dataset, metrics_of, model_name, open_checkpoint, ranks_tsv, RunResult, Samples};
+use super::{missing_of, print_result, MissingArg, Where};
 use crate::data::{Dataset, MissingFeatures, Sample};
-use crate::{Error, Result};
 use crate::files::checkpoint_arg;
 use crate::train;
-use super::{missing_of, print_result, MissingArg, Where};
-use super::runs::{check_outputs, load_dataset, metrics_of, model_name, open_checkpoint, ranks_tsv, RunResult, Samples};
+use crate::{Error, Result};
 
 /// Evaluate a checkpoint on the validation and test splits.
 #[derive(clap::Args)]
@@ -49,7 +49,6 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
-
 
 /// `evaluate`: the checkpoint at `ckpt` on the validation and test splits of `data` (each user's
 /// rank of their target written to `ranks` as TSV when given; see [`ranks_tsv`]).

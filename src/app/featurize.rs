@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::Result;
 use super::runs::check_outputs;
 use super::Where;
+use crate::Result;
 
 /// Embed item texts with a BERT sentence model into NAME.features.safetensors + NAME.items.txt.
 #[derive(clap::Args)]
@@ -59,62 +59,77 @@ pub struct Args {
 
 /// `msm4sr featurize`.
 pub fn run(args: Args, at: Where) -> Result<ExitCode> {
-    let Args { items, out, text_fields, max_sentences, image_keywords, image_words_from, images, clip, vocab, top_n, word_template, model_dir, batch, json, overwrite } = args;
+    let Args {
+        items,
+        out,
+        text_fields,
+        max_sentences,
+        image_keywords,
+        image_words_from,
+        images,
+        clip,
+        vocab,
+        top_n,
+        word_template,
+        model_dir,
+        batch,
+        json,
+        overwrite,
+    } = args;
     {
-            let opts = crate::featurize::FeaturizeOptions {
-                items,
-                text_fields,
-                out,
-                max_sentences,
-                image_keywords,
-                image_words_from,
-                images,
-                clip,
-                vocab,
-                top_n,
-                word_template,
-                model_dir,
-                batch,
-            };
-            let s = featurize(&opts, overwrite, json, at)?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&s).unwrap());
-            } else {
-                outln!(
-                    "wrote {}: text {:?}, {} sentences ({} distinct), {:.0} sentences/s on {}, {:.1} s in all",
-                    s.features.display(),
-                    s.text_shape,
-                    s.sentences,
-                    s.distinct_sentences,
-                    s.sentences_per_s,
-                    s.device,
-                    s.total_seconds
-                );
-                let hist: Vec<String> = s.text_len_histogram.iter().enumerate().map(|(k, n)| format!("{k}:{n}")).collect();
-                outln!("sentences per item: mean {:.2}; items by count {}", s.sentences_per_item, hist.join(" "));
-                if let Some(shape) = s.image_shape {
-                    let what = match (&s.image_stand_in, s.clip_images_per_s) {
-                        (Some(spec), _) => format!("a keyword stand-in from {spec}, not image content"),
-                        (None, Some(ips)) => format!(
-                            "CLIP words of {} images ({:.1} images/s; dictionary of {} words{}), {} images skipped",
-                            s.images,
-                            ips,
-                            s.clip_dictionary.unwrap_or(0),
-                            if s.clip_words_cached == Some(true) { ", from the cache" } else { "" },
-                            s.images_skipped.len()
-                        ),
-                        (None, None) => "image keywords".to_string(),
-                    };
-                    outln!("image {shape:?}: {} of {} items, {what}", s.items_with_images, s.items);
-                }
-                if let Some(p) = &s.image_words {
-                    outln!("keyword lines: {}", p.display());
-                }
+        let opts = crate::featurize::FeaturizeOptions {
+            items,
+            text_fields,
+            out,
+            max_sentences,
+            image_keywords,
+            image_words_from,
+            images,
+            clip,
+            vocab,
+            top_n,
+            word_template,
+            model_dir,
+            batch,
+        };
+        let s = featurize(&opts, overwrite, json, at)?;
+        if json {
+            outln!("{}", serde_json::to_string_pretty(&s).unwrap());
+        } else {
+            outln!(
+                "wrote {}: text {:?}, {} sentences ({} distinct), {:.0} sentences/s on {}, {:.1} s in all",
+                s.features.display(),
+                s.text_shape,
+                s.sentences,
+                s.distinct_sentences,
+                s.sentences_per_s,
+                s.device,
+                s.total_seconds
+            );
+            let hist: Vec<String> = s.text_len_histogram.iter().enumerate().map(|(k, n)| format!("{k}:{n}")).collect();
+            outln!("sentences per item: mean {:.2}; items by count {}", s.sentences_per_item, hist.join(" "));
+            if let Some(shape) = s.image_shape {
+                let what = match (&s.image_stand_in, s.clip_images_per_s) {
+                    (Some(spec), _) => format!("a keyword stand-in from {spec}, not image content"),
+                    (None, Some(ips)) => format!(
+                        "CLIP words of {} images ({:.1} images/s; dictionary of {} words{}), {} images skipped",
+                        s.images,
+                        ips,
+                        s.clip_dictionary.unwrap_or(0),
+                        if s.clip_words_cached == Some(true) { ", from the cache" } else { "" },
+                        s.images_skipped.len()
+                    ),
+                    (None, None) => "image keywords".to_string(),
+                };
+                outln!("image {shape:?}: {} of {} items, {what}", s.items_with_images, s.items);
             }
-            Ok(ExitCode::SUCCESS)
+            if let Some(p) = &s.image_words {
+                outln!("keyword lines: {}", p.display());
+            }
         }
+        Ok(ExitCode::SUCCESS)
+    }
 }
-
 
 /// `featurize`: its outputs checked (not an input, not an earlier dataset's unless `overwrite`)
 /// before the sentence model is loaded, then [`crate::featurize::run`].

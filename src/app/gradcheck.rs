@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
+use super::Where;
 use crate::engine::{gpu, DeviceChoice};
 use crate::harness::gradcheck;
 use crate::Result;
-use super::Where;
 
 /// Check every op: f64 finite differences on the CPU, and the GPU kernels against the CPU.
 #[derive(clap::Args)]

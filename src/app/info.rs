@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
-use crate::engine::{Device, DeviceChoice};
-use crate::engine::gpu::{self, list_adapters};
-use crate::Result;
 use super::Where;
+use crate::engine::gpu::{self, list_adapters};
+use crate::engine::{Device, DeviceChoice};
+use crate::Result;
 
 /// List GPU adapters, the chosen device, its limits and features.
 #[derive(clap::Args)]
@@ -20,7 +20,6 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
     let Args { json } = args;
     info(at.choice, at.named, json)
 }
-
 
 fn info(choice: DeviceChoice, named: bool, json: bool) -> Result<ExitCode> {
     let adapters = list_adapters();

@@ -4,7 +4,6 @@
 //!
 //! Uses every layer below; nothing uses it.
 
-
 /// Write a line to standard output: a closed pipe ends the program quietly (exit 0, as Unix tools
 /// do), any other write error (a full disk, /dev/full) is a clean error.
 macro_rules! outln {

@@ -10,14 +10,14 @@ use std::process::ExitCode;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use super::runs::{check_outputs, load_dataset, open_checkpoint};
+use super::{missing_of, MissingArg, Where};
 use crate::data::{make_batch, Dataset, MissingFeatures, Sample};
 use crate::engine::no_grad;
-use crate::{Error, Result};
 use crate::files::checkpoint_arg;
 use crate::model::msm4sr::Model;
 use crate::model::nn::Seeds;
-use super::{missing_of, MissingArg, Where};
-use super::runs::{check_outputs, load_dataset, open_checkpoint};
+use crate::{Error, Result};
 
 /// One recommended item.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -238,12 +238,7 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
                 .unwrap()
         );
     } else if let Some(o) = &out {
-        eprintln!(
-            "wrote {} recommendations for {} users to {}",
-            recs.iter().map(|r| r.1.len()).sum::<usize>(),
-            recs.len(),
-            o.display()
-        );
+        eprintln!("wrote {} recommendations for {} users to {}", recs.iter().map(|r| r.1.len()).sum::<usize>(), recs.len(), o.display());
     } else if recs.len() == 1 {
         outln!("{:>4}  {:<20} {:>10}  {:<10} title", "rank", "item", "score", "in history");
         for (r, x) in recs[0].1.iter().enumerate() {

@@ -9,12 +9,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::config::{ModelKind, RunConfig, Stage};
-use crate::data::{Dataset, LoadOptions, MissingFeatures, Sample, Split};
 use crate::data::metrics::Metrics;
+use crate::data::{Dataset, LoadOptions, MissingFeatures, Sample, Split};
 use crate::engine::Device;
-use crate::{Error, Result};
 use crate::model::msm4sr::Model;
 use crate::train::{self, checkpoint};
+use crate::{Error, Result};
 
 pub fn load_dataset(dir: &Path, cfg: &RunConfig, missing: MissingFeatures) -> Result<Dataset> {
     let ds =
@@ -56,7 +56,6 @@ pub fn model_name(cfg: &RunConfig) -> String {
     }
     s
 }
-
 
 /// The path as the file system resolves it (an output that does not exist yet: its directory
 /// resolved, then its name).
@@ -355,7 +354,6 @@ pub fn model_from_checkpoint(ds: &Dataset, ckpt: &Path, dev: Device) -> Result<R
     open_checkpoint(ckpt)?.restore(ds, dev)
 }
 
-
 /// Per-user target ranks as TSV (`split`, `user`, `target`, `rank`; rank 0 = top, ties counted
 /// against the target), one line per evaluated sample.
 pub fn ranks_tsv(ds: &Dataset, parts: &[(&str, &[Sample], &[u32])]) -> String {
@@ -367,4 +365,3 @@ pub fn ranks_tsv(ds: &Dataset, parts: &[(&str, &[Sample], &[u32])]) -> String {
     }
     out
 }
-

@@ -27,13 +27,13 @@ use std::process::ExitCode;
 
 use serde::{Deserialize, Serialize};
 
+use super::{missing_of, MissingArg};
 use crate::app::train::{train_job, Plan, TrainJob};
 use crate::app::Where;
 use crate::config::RunConfig;
 use crate::data::MissingFeatures;
-use crate::{Error, Result};
 use crate::files::{Manifest, ManifestRun};
-use super::{missing_of, MissingArg};
+use crate::{Error, Result};
 
 /// A grid file.
 #[derive(Clone, Debug, Default, Deserialize)]

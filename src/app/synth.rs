@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::data::synth;
-use crate::Result;
 use super::runs::check_outputs;
 use super::Where;
+use crate::data::synth;
+use crate::Result;
 
 /// Write a synthetic dataset with planted multimodal structure.
 #[derive(clap::Args)]
@@ -47,7 +47,6 @@ pub fn run(args: Args, _at: Where) -> Result<ExitCode> {
     outln!("wrote a synthetic dataset ({} users, {} items, seed {}) to {}", c.users, c.items, c.seed, out.display());
     Ok(ExitCode::SUCCESS)
 }
-
 
 /// `synth`: its outputs checked (not `config_file`, not an earlier dataset's unless `overwrite`),
 /// then [`crate::data::synth::write`].

@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use super::runs::{build_model, check_outputs, check_samples, load_dataset, metrics_of, model_name, ranks_tsv, RunResult, Samples};
+use super::{missing_of, print_result, MissingArg, Where};
 use crate::config::{self, Flags, ModelKind, RunConfig, Stage};
 use crate::data::{Dataset, MissingFeatures};
-use crate::{Error, Result};
 use crate::files::{checkpoint_arg, config_path, stage_path, RunFiles};
 use crate::model::msm4sr::Model;
 use crate::train::{self, checkpoint};
-use super::{missing_of, print_result, MissingArg, Where};
-use super::runs::{build_model, check_outputs, check_samples, load_dataset, metrics_of, model_name, ranks_tsv, RunResult, Samples};
+use crate::{Error, Result};
 
 /// Dataset, configuration and hyper-parameter flags shared by the training commands. Every
 /// hyper-parameter flag overrides the `--config` file, which overrides the defaults of SPEC.md.
@@ -45,7 +45,6 @@ pub struct RunArgs {
     flags: Flags,
 }
 
-
 impl RunArgs {
     /// The training command's job: the effective configuration and where it writes. `None` when
     /// only `--print-config` was asked (printed here).
@@ -63,10 +62,7 @@ impl RunArgs {
         }
         let plan = plan(&cfg);
         if let Some(dir) = self.run_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
-            return Err(crate::Error::Invalid(format!(
-                "--run-dir {}: it is a file; give a directory (new or of this run)",
-                dir.display()
-            )));
+            return Err(crate::Error::Invalid(format!("--run-dir {}: it is a file; give a directory (new or of this run)", dir.display())));
         }
         let out = match (&self.run_dir, out) {
             (Some(dir), _) => crate::files::run_dir_checkpoint(dir),
@@ -87,7 +83,6 @@ impl RunArgs {
         }))
     }
 }
-
 
 /// Pre-train and fine-tune a model (both stages for msm4sr), then evaluate on the test split.
 #[derive(clap::Args)]
@@ -121,7 +116,6 @@ pub fn train(args: TrainArgs, at: Where) -> Result<ExitCode> {
     train_cmd(job, run.json, at)
 }
 
-
 /// Pre-train the M²SE backbone only (NIP + CMCL).
 #[derive(clap::Args)]
 pub struct PretrainArgs {
@@ -141,7 +135,6 @@ pub fn pretrain(args: PretrainArgs, at: Where) -> Result<ExitCode> {
     let PretrainArgs { run, out, resume } = args;
     train_cmd(run.job(|_| Plan::PRETRAIN, out, None, resume)?, run.json, at)
 }
-
 
 /// Fine-tune (from pre-trained weights with --init), then evaluate on the test split.
 #[derive(clap::Args)]
@@ -165,7 +158,6 @@ pub fn finetune(args: FinetuneArgs, at: Where) -> Result<ExitCode> {
     train_cmd(run.job(|_| Plan::FINETUNE, out, init, resume)?, run.json, at)
 }
 
-
 /// Run a training job (none: `--print-config` only) and print its result.
 fn train_cmd(job: Option<TrainJob>, json: bool, at: Where) -> Result<ExitCode> {
     if let Some(job) = job {
@@ -173,7 +165,6 @@ fn train_cmd(job: Option<TrainJob>, json: bool, at: Where) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
-
 
 /// Which stages a training command runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,13 +246,11 @@ impl Plan {
     }
 }
 
-
 /// `train` without `--out`: `runs/<data dir name>-<model>.safetensors`.
 pub fn default_out(data: &Path, cfg: &RunConfig) -> PathBuf {
     let name = format!("{:?}", cfg.model.model).to_lowercase();
     PathBuf::from(format!("runs/{}-{name}.safetensors", data.file_name().and_then(|n| n.to_str()).unwrap_or("data")))
 }
-
 
 /// One training command (`train`, `pretrain` or `finetune`), as the command line gave it.
 #[derive(Clone, Debug)]

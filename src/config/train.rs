@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
 use super::model::*;
+use crate::{Error, Result};
 
 /// Optimisation and protocol settings (saved with every checkpoint).
 #[derive(Clone, Debug, Serialize, Deserialize)]

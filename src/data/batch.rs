@@ -1,7 +1,7 @@
 //! Training samples and batches: a sample is a prefix of a user's sequence and its next item.
 
-use rand::Rng;
 use rand::seq::SliceRandom;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 /// One "input sequence -> next item" example.
@@ -74,4 +74,3 @@ pub fn item_dropout<R: Rng + ?Sized>(seq: &[u32], r: f64, rng: &mut R) -> Vec<u3
     }
     kept
 }
-

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::{data_err, io_err, PAD_TOKEN, *};
 use crate::Result;
-use super::{*, data_err, io_err, PAD_TOKEN};
 
 /// A loaded dataset: chronological item sequences per user and optional item features.
 #[derive(Debug, Clone, PartialEq)]
@@ -316,4 +316,3 @@ fn build(name: &str, rows: &[Interaction], min_user_inter: usize, file: &str) ->
         .collect();
     Ok(Dataset { name: name.to_string(), item_tokens, user_tokens, seqs, text: None, image: None })
 }
-

@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
 use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
 use super::{data_err, io_err, read_text, short};
+use crate::{Error, Result};
 
 /// What to do with an item of the `.inter` file that has no row in `NAME.items.txt`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -305,4 +305,3 @@ impl ItemFeatures {
         Ok((pick(&self.text), pick(&self.image)))
     }
 }
-

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use crate::{Error, Result};
 use super::{data_err, read_text, short};
+use crate::{Error, Result};
 
 /// One row of a `.inter` file.
 #[derive(Debug, Clone, PartialEq)]

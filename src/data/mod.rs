@@ -112,4 +112,3 @@ mod tests {
         assert_eq!(ds.cold_start(50, 1).cold, vec![false, false, false, false, false, true, true]);
     }
 }
-

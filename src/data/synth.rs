@@ -29,8 +29,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{features_bytes, Interaction, Modality};
-use crate::{Error, Result};
 use crate::files::write_atomic;
+use crate::{Error, Result};
 
 /// Dataset name: the files are `synth.inter`, `synth.features.safetensors`, `synth.items.txt`.
 pub const NAME: &str = "synth";

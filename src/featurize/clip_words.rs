@@ -18,13 +18,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
 use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 
-use crate::{Error, Result};
 use crate::files::write_atomic;
 use crate::model::bert::progress_bar;
 use crate::model::clip::{fnv1a as fnv, Clip, FNV_OFFSET};
+use crate::{Error, Result};
 
 /// The paper's best N.
 pub const DEFAULT_TOP_N: usize = 15;

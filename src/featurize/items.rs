@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::{Error, Result};
 use super::*;
+use crate::{Error, Result};
 
 // ---- .item files ----------------------------------------------------------------------------
 
@@ -80,4 +80,3 @@ pub fn read_item_table(path: &Path) -> Result<ItemTable> {
     }
     Ok(table)
 }
-

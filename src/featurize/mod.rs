@@ -63,17 +63,15 @@
 
 pub mod clip_words;
 
-
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::data::{features_bytes, Modality};
 use crate::engine::Device;
-use crate::{Error, Result};
 use crate::files::write_atomic;
 use crate::model::bert::{progress_bar, SentenceEncoder};
+use crate::{Error, Result};
 
 mod items;
 mod sentences;
@@ -244,8 +242,8 @@ fn clip_images(
     dev: Device,
     quiet: bool,
 ) -> Result<ClipImages> {
-    use crate::featurize::clip_words::{dictionary_from_items, read_vocab, WordBank};
     use crate::data::images::{list_images, preprocess_file, ImageSource, Skipped};
+    use crate::featurize::clip_words::{dictionary_from_items, read_vocab, WordBank};
     use rayon::prelude::*;
 
     crate::featurize::clip_words::check_template(&opts.word_template)?;

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::{Error, Result};
 use super::*;
+use crate::{Error, Result};
 
 // ---- sentences ------------------------------------------------------------------------------
 
@@ -257,4 +257,3 @@ pub fn item_keyword_images(table: &ItemTable, specs: &[WordsSpec], file: &Path) 
 pub fn image_words_tsv(tokens: &[String], images: &[Vec<String>]) -> String {
     tokens.iter().zip(images).flat_map(|(t, im)| im.iter().map(move |w| format!("{t}\t{w}\n"))).collect()
 }
-

@@ -9,8 +9,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::gpu::gpu;
-use crate::engine::{no_grad, Device, Indices, Tensor};
 use crate::engine::ops::{attention, layernorm, matmul, softmax};
+use crate::engine::{no_grad, Device, Indices, Tensor};
 use crate::Result;
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -213,11 +213,11 @@ pub fn matmul_variants(min_secs: f64, quick: bool) -> Result<Vec<VariantResult>>
 /// and batch 1024, for SASRec batch 2048. `quick` (software adapters) shrinks items, feature size
 /// and batch 8x.
 pub fn train_steps(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<StepResult>> {
+    use crate::config::{ModelConfig, ModelKind};
     use crate::data::{make_batch, Modality, Sample};
     use crate::engine::backward;
     use crate::engine::optim::{Adam, AdamConfig};
     use crate::model::msm4sr::Model;
-use crate::config::{ModelConfig, ModelKind};
     use crate::model::nn::Seeds;
     use rand::Rng;
 
@@ -277,7 +277,9 @@ use crate::config::{ModelConfig, ModelKind};
             steps += 1;
         }
         let s = start.elapsed().as_secs_f64() / steps as f64;
-        let per = |f: fn(crate::engine::gpu::Counters) -> u64| c0.zip(crate::engine::stats::gpu_counters(dev)).map(|(a, b)| (f(b) - f(a)) as f64 / steps as f64);
+        let per = |f: fn(crate::engine::gpu::Counters) -> u64| {
+            c0.zip(crate::engine::stats::gpu_counters(dev)).map(|(a, b)| (f(b) - f(a)) as f64 / steps as f64)
+        };
         out.push(StepResult {
             model: label.into(),
             shape: format!("batch {batch}, {tokens} tokens, {items} items, features {rows}x{d}"),

@@ -42,10 +42,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::{Dtype, SafeTensors};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::engine::{no_grad, Device, Indices, Ragged, Tensor};
 use crate::engine::ops::{add, embedding, l2norm, mean_ragged};
-use crate::{Error, Result};
+use crate::engine::{no_grad, Device, Indices, Ragged, Tensor};
 use crate::model::nn::{LayerNorm, Linear, Seeds, TransformerLayer};
+use crate::{Error, Result};
 
 /// Default sentences per batch.
 pub const DEFAULT_BATCH: usize = 64;

@@ -48,11 +48,11 @@ use safetensors::SafeTensors;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::data::images::ImageProcessorConfig;
-use crate::engine::{no_grad, Device, Indices, Ragged, Tensor};
 use crate::engine::ops::{add, embedding, linear, matmul};
-use crate::{Error, Result};
+use crate::engine::{no_grad, Device, Indices, Ragged, Tensor};
 use crate::model::bert::{data_err, read_json, Weights};
 use crate::model::nn::{Activation, LayerNorm, Seeds, TransformerLayer};
+use crate::{Error, Result};
 
 /// FNV-1a (64-bit): the start value, and `h` advanced over `bytes` (the word cache's keys).
 pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

@@ -9,9 +9,9 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::{backward, Device, Indices, Ragged, Tensor};
 use crate::engine::ops::{cross_entropy, embedding, matmul};
 use crate::engine::optim::{Adam, AdamConfig};
+use crate::engine::{backward, Device, Indices, Ragged, Tensor};
 use crate::model::nn::{ItemEncoder, Seeds, Transformer};
 use crate::Result;
 

@@ -14,11 +14,11 @@ pub mod nn;
 
 use rand_chacha::ChaCha8Rng;
 
-use nn::Seeds;
 use crate::config::{Freeze, Stage};
 use crate::data::Sample;
 use crate::engine::Tensor;
 use crate::Result;
+use nn::Seeds;
 
 /// What training and evaluation need of a model (RecBole's `calculate_loss` / `full_sort_predict`
 /// boundary): its parameters, the loss of a batch at a stage, and the rank of each target among all

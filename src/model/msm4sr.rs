@@ -12,11 +12,11 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{Freeze, Mod, Modalities, ModelConfig, ModelKind, Score, Stage};
 use crate::data::{item_dropout, make_batch, Batch, Modality, Sample};
-use crate::engine::{Device, Indices, Ragged, Tensor};
 use crate::engine::ops::{add, catalog_ce, catalog_rank, concat, embedding, l2norm, matmul, mean, scale};
-use crate::{Error, Result};
-use crate::model::{Loss, Recommender};
+use crate::engine::{Device, Indices, Ragged, Tensor};
 use crate::model::nn::{cmcl_loss, nip_loss, ItemEncoder, Linear, Seeds, Transformer};
+use crate::model::{Loss, Recommender};
+use crate::{Error, Result};
 
 /// Item features of one modality on the device.
 pub struct DeviceModality {

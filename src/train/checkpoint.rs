@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
 use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 
 use crate::engine::{Device, Tensor};
 use crate::{Error, Result};

@@ -39,4 +39,3 @@ fn ranks_inner<M: Recommender>(model: &M, samples: &[Sample], eval_batch: usize,
 pub fn evaluate<M: Recommender>(model: &M, samples: &[Sample], cfg: &TrainConfig, with_id: bool) -> Result<Metrics> {
     Ok(Metrics::from_ranks(&ranks(model, samples, cfg.eval_batch, with_id, cfg.mask_history)?))
 }
-

@@ -85,4 +85,3 @@ pub fn epochs_csv(records: &[&EpochRecord]) -> String {
     }
     out
 }
-

@@ -6,12 +6,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::{self, Checkpoint};
+use super::log::EpochRecord;
 use crate::config::{RunConfig, Stage};
 use crate::data::metrics::Metrics;
 use crate::data::Split;
 use crate::{Error, Result};
-use super::checkpoint::{self, Checkpoint};
-use super::log::EpochRecord;
 
 pub(super) fn stage_tag(s: Stage) -> u64 {
     match s {
@@ -234,4 +234,3 @@ mod tests {
         }
     }
 }
-

@@ -9,17 +9,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{RunConfig, Stage};
-use crate::data::{batches, Sample, Split};
-use crate::data::metrics::Metrics;
-use crate::engine::{backward, no_grad, Tensor};
-use crate::engine::optim::{Adam, AdamConfig};
-use crate::{Error, Result};
-use crate::model::{Loss, Recommender};
-use crate::model::nn::Seeds;
-use super::*;
 use super::checkpoint;
 use super::resume::stage_tag;
+use super::*;
+use crate::config::{RunConfig, Stage};
+use crate::data::metrics::Metrics;
+use crate::data::{batches, Sample, Split};
+use crate::engine::optim::{Adam, AdamConfig};
+use crate::engine::{backward, no_grad, Tensor};
+use crate::model::nn::Seeds;
+use crate::model::{Loss, Recommender};
+use crate::{Error, Result};
 
 /// Early stopping on validation Recall@20 as RecBole's `early_stopping`: a score at least as good
 /// as the best so far (a tie included) is an improvement and becomes the best; training stops once
@@ -190,7 +190,14 @@ struct StageRun<'a, M: Recommender> {
 }
 
 impl<'a, M: Recommender> StageRun<'a, M> {
-    pub(super) fn new(model: &'a M, split: &'a Split, cfg: &'a RunConfig, stage: Stage, item_tokens: &[String], out: &Path) -> Result<Self> {
+    pub(super) fn new(
+        model: &'a M,
+        split: &'a Split,
+        cfg: &'a RunConfig,
+        stage: Stage,
+        item_tokens: &[String],
+        out: &Path,
+    ) -> Result<Self> {
         let tc = &cfg.train;
         let settings = match stage {
             Stage::Pretrain => StageSettings {
@@ -408,4 +415,3 @@ impl<'a, M: Recommender> StageRun<'a, M> {
         checkpoint::save(&self.last, &state, &self.meta)
     }
 }
-

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use crate::{Error, Result};
-use crate::model::Recommender;
 use super::checkpoint::Checkpoint;
+use crate::model::Recommender;
+use crate::{Error, Result};
 
 /// Load model weights (and check the item order) from a checkpoint written by `fit`.
 pub fn load_weights<M: Recommender>(model: &M, ck: &Checkpoint, item_tokens: &[String], strict: bool) -> Result<usize> {
@@ -87,4 +87,3 @@ fn item_set_difference(saved: &[String], here: &[String]) -> String {
     }
     msg
 }
-

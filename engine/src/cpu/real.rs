@@ -220,4 +220,3 @@ mod exp_tests {
         assert!(expf(f32::NAN).is_nan());
     }
 }
-

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use super::{gpu, Gpu, CTX};
 use crate::error::{Error, Result};
-use super::{gpu, CTX, Gpu};
 
 /// A pooled GPU buffer, or a view of `len` bytes inside one (see [`GpuBuf::view`]). Dropping an
 /// owned buffer returns the allocation to the pool; a view keeps its parent alive.

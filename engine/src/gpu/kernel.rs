@@ -159,7 +159,6 @@ fn fold(g: u64) -> [u32; 3] {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,4 +177,3 @@ mod tests {
         }
     }
 }
-

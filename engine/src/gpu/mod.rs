@@ -28,8 +28,8 @@ mod kernel;
 mod stream;
 
 pub use buffer::{GpuBuf, PoolStats};
-pub use kernel::{groups_1d, row_groups, Access, Contract, Field, Kernel, Params, Scalar, ScalarKind};
 pub(crate) use kernel::kernel_params;
+pub use kernel::{groups_1d, row_groups, Access, Contract, Field, Kernel, Params, Scalar, ScalarKind};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -73,7 +73,6 @@ impl AdapterSummary {
         self.device_type == "Cpu"
     }
 }
-
 
 /// One queued command of the step: a dispatch, or a buffer-to-buffer copy (encoded between
 /// compute passes).

@@ -4,8 +4,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use super::{Access, Contract, Gpu, GpuBuf, Kernel, Params, Pending, State, MAX_PENDING, UNIFORM_STRIDE};
 use crate::error::{Error, Result};
-use super::{Access, Contract, Gpu, GpuBuf, Kernel, MAX_PENDING, Params, Pending, State, UNIFORM_STRIDE};
 
 impl Gpu {
     /// Queue a copy of all of `src` into `dst` at byte `dst_offset` of `dst`'s data, in order with

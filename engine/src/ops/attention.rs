@@ -31,13 +31,13 @@
 //! backward one workgroup per query row (dS and dq) and one per key column (dk and dv). A row of P
 //! lives in workgroup memory, so the GPU path takes L <= 1024.
 
+use super::elementwise::{pcg, rand01, rand01_hashed};
+use super::wgsl;
 use crate::cpu::{dot, par, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::ragged::Ragged;
 use crate::tensor::{same_device, Indices, Storage, Tensor};
-use super::elementwise::{pcg, rand01, rand01_hashed};
-use super::wgsl;
 
 const SRC: &str = wgsl!("attention.wgsl");
 static FWD: Kernel<AttentionParams> = Kernel::new("attention", SRC, "attn_fwd", &[Read, Read, Read, Read, ReadWrite, ReadWrite]);

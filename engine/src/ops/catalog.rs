@@ -23,14 +23,14 @@
 //! kernel per row (`catalog.wgsl`) updates the running statistics (forward) or writes dz
 //! (backward); dh accumulates over blocks with `add`, de is written block by block.
 
+use super::concat::copy_gpu;
+use super::elementwise::add;
+use super::{matmul, wgsl};
 use crate::cpu::{par, pool, Real};
 use crate::device::Device;
 use crate::error::{shape_err, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::tensor::{same_device, Indices, Storage, Tensor};
-use super::concat::copy_gpu;
-use super::elementwise::add;
-use super::{matmul, wgsl};
 
 /// Items per block of recomputed scores.
 pub const BLOCK: usize = 512;
@@ -431,9 +431,9 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::ops::{cross_entropy, mul, scale, sum};
     use crate::autograd::backward;
     use crate::device::Device;
+    use crate::ops::{cross_entropy, mul, scale, sum};
 
     /// Over three item blocks and two terms, the fused loss and its gradients equal cross_entropy
     /// of the materialised scores (f64).

@@ -3,11 +3,11 @@
 //! - `concat([x_0, .., x_{p-1}])`: x_i (n_i, ..) with equal trailing axes -> (sum n_i, ..);
 //!   dx_i = the rows of g that x_i filled
 
+use super::wgsl;
 use crate::cpu::Real;
 use crate::error::{shape_err, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::tensor::{same_device, Storage, Tensor};
-use super::wgsl;
 
 static COPY: Kernel<ConcatParams> = Kernel::new("concat", wgsl!("concat.wgsl"), "copy", &[Read, ReadWrite]);
 

@@ -10,12 +10,12 @@
 //! - `dropout_rows(x, p, seed, keys)`: x (N, C), keys (N) -> as dropout with element (r, c) keyed on
 //!   keys[r] * C + c (the flat index it would have in a padded layout; see `Ragged`); dx likewise
 
+use super::reduce::{sum, sum_rows};
+use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::tensor::{numel, same_device, Indices, Storage, Tensor};
-use super::reduce::{sum, sum_rows};
-use super::wgsl;
 
 const SRC: &str = wgsl!("elementwise.wgsl");
 const RRW: &[crate::gpu::Access] = &[Read, Read, ReadWrite];

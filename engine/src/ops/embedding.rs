@@ -8,11 +8,11 @@
 //! - `gather_last(x, lens)`: x (B, L, C), lens (B) each in 1..=L -> (B, C) = x[b, lens[b] - 1].
 //!   Backward: dx = zeros (B, L, C) with g[b] at row lens[b] - 1.
 
+use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::tensor::{numel, Indices, Storage, Tensor};
-use super::wgsl;
 
 const SRC: &str = wgsl!("embedding.wgsl");
 static EMB_FWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "embedding_fwd", &[Read, Read, ReadWrite]);

@@ -17,12 +17,12 @@
 //! large mean lose no precision in f32. The forward saves, per row, that shifted mean and rstd.
 //! dgamma/dbeta are deterministic: chunks of rows are summed in a fixed order, then the chunks.
 
+use super::reduce::sum_rows_gpu;
+use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::tensor::{same_device, Storage, Tensor};
-use super::reduce::sum_rows_gpu;
-use super::wgsl;
 
 const SRC: &str = wgsl!("layernorm.wgsl");
 static FWD: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_fwd", &[Read, ReadWrite, ReadWrite, Read, Read]);

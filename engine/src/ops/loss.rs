@@ -21,12 +21,12 @@
 //!   logits[0][j, j'] = cos(a_j, b_j') / tau, logits[1][j, j'] = cos(a_j, a_j') / tau,
 //!   numerator = [true, false], exclude_diag = [false, true].
 
+use super::elementwise::mean;
+use super::wgsl;
 use crate::cpu::{par, sum_exp, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::tensor::{Indices, Storage, Tensor};
-use super::elementwise::mean;
-use super::wgsl;
 
 const SRC: &str = wgsl!("loss.wgsl");
 static CE_FWD: Kernel<LossParams> = Kernel::new("loss", SRC, "ce_fwd", &[Read, Read, ReadWrite, ReadWrite]);

@@ -3,11 +3,11 @@
 //! - `l2norm(x, eps)`: x (.., C) -> y (.., C) = x / max(||x||_2, eps) per row;
 //!   dx = (g - y * dot(y, g)) / ||x|| where ||x|| > eps, else g / eps
 
+use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::tensor::{Storage, Tensor};
-use super::wgsl;
 
 const SRC: &str = wgsl!("norm.wgsl");
 static L2NORM_FWD: Kernel<NormParams> = Kernel::new("norm", SRC, "l2norm_fwd", &[Read, ReadWrite]);

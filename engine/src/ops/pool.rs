@@ -14,12 +14,12 @@
 //!   offsets[b + 1], n_b >= 1 of them) -> e (B, C), e[b] = (sum of sequence b's rows) / n_b, the rows
 //!   summed in order. Backward: dx[t] = de[b] / n_b for each row t of sequence b.
 
+use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access, Access::*, GpuBuf, Kernel};
 use crate::ragged::Ragged;
 use crate::tensor::{same_device, Indices, Storage, Tensor};
-use super::wgsl;
 
 const SRC: &str = wgsl!("pool.wgsl");
 const BWD: &[Access] = &[Read, Read, Read, Read, ReadWrite];

@@ -2,11 +2,11 @@
 //! scores (B, N), targets (B) each < N -> ranks (B), rank = #{ j != t : !(s_j < s_t) } (ties counted
 //! against the target; a NaN score ranks last). Only B integers come back to the host. No gradient.
 
+use super::wgsl;
 use crate::cpu::Real;
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, Kernel};
 use crate::tensor::{Indices, Tensor};
-use super::wgsl;
 
 static RANK: Kernel<RankParams> = Kernel::new("rank", wgsl!("rank.wgsl"), "rank", &[Read, Read, ReadWrite]);
 

@@ -7,11 +7,11 @@
 //! `sum_rows` and `broadcast_to` are each other's gradient. (`mean` is `scale(sum(x), 1/n)`, in
 //! `elementwise`.)
 
+use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::tensor::{numel, Storage, Tensor};
-use super::wgsl;
 
 const SRC: &str = wgsl!("reduce.wgsl");
 static SUM_ROWS: Kernel<ReduceParams> = Kernel::new("reduce", SRC, "sum_rows", &[Read, ReadWrite]);

@@ -11,11 +11,11 @@
 use std::cell::OnceCell;
 use std::rc::Rc;
 
+use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::tensor::{Indices, Storage, Tensor};
-use super::wgsl;
 
 const SRC: &str = wgsl!("softmax.wgsl");
 static FWD: Kernel<SoftmaxParams> = Kernel::new("softmax", SRC, "softmax_fwd", &[Read, Read, ReadWrite]);

@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use super::Where;
 use crate::app::runs::{self, RunResult};
 use crate::config::{RunConfig, Stage};
-use crate::{Error, Result};
 use crate::files::RunFiles;
-use super::Where;
+use crate::{Error, Result};
 
 mod paired;
 mod plots;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{Error, Result};
 use super::*;
+use crate::{Error, Result};
 
 pub fn read_ranks(path: &Path, split: &str) -> Result<BTreeMap<String, u32>> {
     let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
@@ -157,4 +157,3 @@ pub fn paired_table(rows: &[PairedRow]) -> String {
     }
     out
 }
-

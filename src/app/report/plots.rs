@@ -5,10 +5,10 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::config::Stage;
-use crate::{Error, Result};
-use crate::train::EpochRecord;
 use super::*;
+use crate::config::Stage;
+use crate::train::EpochRecord;
+use crate::{Error, Result};
 
 fn plot_err(e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("plot: {e}"))

@@ -89,7 +89,6 @@ use rayon::prelude::*;
 
 use crate::{Error, Result};
 
-
 mod preprocess;
 mod settings;
 #[cfg(test)]

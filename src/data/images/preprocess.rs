@@ -6,8 +6,6 @@ use std::ops::Range;
 
 use image::{DynamicImage, RgbImage};
 
-
-
 use super::*;
 
 // ---- preprocessing --------------------------------------------------------------------------
@@ -149,7 +147,15 @@ pub fn resize_like_pil(src: &RgbImage, width: u32, height: u32, filter: Resample
 /// The pixels `cols` x `rows` of [`resize_like_pil`]`(src, out_w, out_h, filter, pillow)`, computing
 /// only those and the intermediate pixels they need: every output pixel of a pass depends only on its
 /// own taps, so this equals resizing everything and cropping.
-pub(super) fn resize_window(src: &RgbImage, out_w: u32, out_h: u32, filter: Resample, pillow: Pillow, cols: Range<u32>, rows: Range<u32>) -> RgbImage {
+pub(super) fn resize_window(
+    src: &RgbImage,
+    out_w: u32,
+    out_h: u32,
+    filter: Resample,
+    pillow: Pillow,
+    cols: Range<u32>,
+    rows: Range<u32>,
+) -> RgbImage {
     let (w, h) = src.dimensions();
     if cols.is_empty() || rows.is_empty() || w == 0 || h == 0 {
         return RgbImage::new(cols.len() as u32, rows.len() as u32);
@@ -266,4 +272,3 @@ fn vertical_pass(src: &RgbImage, taps: &[(usize, Vec<i32>)], row0: u32, cols: Ra
     }
     out
 }
-

@@ -7,7 +7,6 @@ use serde_json::{Map, Value};
 
 use crate::Result;
 
-
 use super::*;
 
 // ---- settings -------------------------------------------------------------------------------
@@ -292,4 +291,3 @@ fn parse_size(v: &Value, square: bool) -> std::result::Result<Size, String> {
         _ => Err(format!("{expected}, found {v}")),
     }
 }
-

@@ -1,8 +1,8 @@
 //! Tests of image listing, reading and preprocessing.
 
-use image::{GrayImage, ImageBuffer, Luma, LumaA, Rgb, Rgba, RgbImage};
-use super::*;
 use super::preprocess::{crop, crop_axis, over_white, resize_window};
+use super::*;
+use image::{GrayImage, ImageBuffer, Luma, LumaA, Rgb, RgbImage, Rgba};
 
 /// A fresh folder under the system temp dir for one test.
 fn temp_dir(name: &str) -> PathBuf {
@@ -347,8 +347,7 @@ fn bad_images_are_skipped_with_a_reason() {
     // The PNG and the WebP (lossless) decode to the same pixels.
     assert_eq!(images[0][0], images[2][0]);
     assert_eq!(images[0][0], images[0][2]);
-    let reasons: Vec<(&str, &str)> =
-        skipped.iter().map(|s| (s.path.file_name().unwrap().to_str().unwrap(), s.reason.as_str())).collect();
+    let reasons: Vec<(&str, &str)> = skipped.iter().map(|s| (s.path.file_name().unwrap().to_str().unwrap(), s.reason.as_str())).collect();
     let expect = [
         ("missing.jpg", "missing file"),
         ("cut.jpg", "truncated JPEG file"),

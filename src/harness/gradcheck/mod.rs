@@ -13,8 +13,8 @@ pub mod cases;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::{backward, no_grad, Device, Tensor};
 use crate::engine::ops::{mul, sum};
+use crate::engine::{backward, no_grad, Device, Tensor};
 use crate::Result;
 
 pub use cases::all_cases;

@@ -19,22 +19,20 @@
 //! side by side and the one product description [`Gemm`] they share; [`tune`] which variant runs a
 //! product.
 
-mod variants;
 pub mod tune;
+mod variants;
 
-pub use variants::{
-    linear_gelu_variant, matmul_variant, matmul_variant_summed, matmul_variant_support, Gemm, MatmulVariant, Support,
-};
 pub use tune::matmul_tuned;
 #[cfg(test)]
 pub(crate) use variants::kernels;
+pub use variants::{linear_gelu_variant, matmul_variant, matmul_variant_summed, matmul_variant_support, Gemm, MatmulVariant, Support};
 
-use variants::{gemm_gpu_pre, gemm_gpu_with};
+use super::reduce::sum_rows;
 use crate::cpu::{par, Real};
 use crate::error::{shape_err, Result};
 use crate::gpu::GpuBuf;
 use crate::tensor::{same_device, Storage, Tensor};
-use super::reduce::sum_rows;
+use variants::{gemm_gpu_pre, gemm_gpu_with};
 
 // ---- CPU reference --------------------------------------------------------------------------
 
@@ -102,7 +100,6 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
         crate::cpu::pool::give(add);
     }
 }
-
 
 fn gemm_gpu(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm) -> Result<GpuBuf> {
     let v = tune::choose(a, b, bias, p)?;

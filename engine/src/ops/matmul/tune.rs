@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::variants::{gemm_gpu_with, Gemm, MatmulVariant, Support};
 use crate::error::{shape_err, Result};
 use crate::gpu::{gpu, Gpu, GpuBuf};
 use crate::tensor::{same_device, Storage, Tensor};
-use super::variants::{gemm_gpu_with, Gemm, MatmulVariant, Support};
 
 /// Timing rounds per variant (the fastest counts), and products per round, after one warm-up.
 const ROUNDS: usize = 3;
@@ -357,7 +357,6 @@ pub fn matmul_tuned(
     let out = gemm_gpu_with(&ga, &gb, bias_buf.as_deref(), &p, v)?;
     Ok((Tensor::from_storage(Storage::Gpu(out), shape), v))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -2,11 +2,11 @@
 //! --matmul-variants` validates each against the CPU and times it), the product description they
 //! share ([`Gemm`]) and split-K.
 
+use super::super::reduce::sum_rows_gpu;
+use super::super::wgsl;
 use crate::error::{shape_err, Result};
 use crate::gpu::{gpu, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::tensor::{same_device, Storage, Tensor};
-use super::super::reduce::sum_rows_gpu;
-use super::super::wgsl;
 
 const BINDINGS: &[crate::gpu::Access] = &[Read, Read, Read, ReadWrite, ReadWrite];
 static MATMUL: Kernel<MatmulParams> =
@@ -294,8 +294,6 @@ fn k_chunk(p: &Gemm, tile: (usize, usize)) -> usize {
     let nsplit = (p.k / SPLIT_CHUNK).min(TARGET_WGS / wgs);
     p.k.div_ceil(nsplit).next_multiple_of(BK)
 }
-
-
 
 /// The product with variant `v`, which must support it.
 pub(crate) fn gemm_gpu_with(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm, v: MatmulVariant) -> Result<GpuBuf> {

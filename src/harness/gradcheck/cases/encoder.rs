@@ -1,8 +1,8 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::{Indices, Ragged};
 use crate::engine::ops::{attention_pool, cross_entropy, embedding, gather_last, gelu, info_nce, mean_ragged, moe};
+use crate::engine::{Indices, Ragged};
 use crate::harness::gradcheck::{Case, Input};
 
 fn ids(v: &[u32]) -> Indices {

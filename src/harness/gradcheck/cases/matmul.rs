@@ -10,8 +10,8 @@
 
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::Indices;
 use crate::engine::ops::{catalog_ce, concat, l2norm, linear, linear_gelu, matmul};
+use crate::engine::Indices;
 use crate::harness::gradcheck::{gauss, Case, Input};
 
 const MM_SCALE: f64 = 0.1;

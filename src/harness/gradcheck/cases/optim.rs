@@ -5,9 +5,9 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::{backward, Device, Tensor};
 use crate::engine::ops::{add, mul, sum};
 use crate::engine::optim::{Adam, AdamConfig};
+use crate::engine::{backward, Device, Tensor};
 use crate::harness::gradcheck::{compare, gauss, CheckResult};
 use crate::Result;
 

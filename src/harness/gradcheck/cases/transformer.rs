@@ -1,8 +1,8 @@
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::{Indices, Ragged};
 use crate::engine::ops::attention::attention_masked;
 use crate::engine::ops::{add_layernorm, attention, attention_ragged, dropout_rows, layernorm, softmax};
+use crate::engine::{Indices, Ragged};
 use crate::harness::gradcheck::{Case, Input};
 
 fn ln(shape: &[usize], pshape: &[usize], eps: f32, offset: f64, rng: &mut ChaCha8Rng) -> Case {
