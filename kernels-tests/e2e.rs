@@ -29,6 +29,30 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 /// A small synthetic dataset (about 120 users, 60 items).
+/// Run `cmd`, send it SIGINT (Ctrl-C) once a line of its stderr contains `marker`, and return its
+/// exit status and everything it wrote to stderr.
+#[cfg(unix)]
+fn interrupt_after(mut cmd: Command, marker: &str) -> (std::process::ExitStatus, String) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut reader = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen += &line;
+        if line.contains(marker) {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            break;
+        }
+    }
+    reader.read_to_string(&mut seen).unwrap();
+    (child.wait().unwrap(), seen)
+}
+
 fn tiny_dataset(name: &str) -> (PathBuf, Dataset) {
     let dir = tmp(name);
     let cfg = SynthConfig { users: 120, items: 60, topics: 6, min_len: 5, max_len: 12, seed: 3, ..SynthConfig::default() };
@@ -762,30 +786,10 @@ fn resume_after_kill_gives_the_same_metrics() {
     // says how to continue; --resume then gives the same metrics.
     #[cfg(unix)]
     {
-        use std::io::{BufRead, BufReader, Read};
         let out = dir.join("sigint/m.safetensors");
-        let mut child = Command::new(bin)
-            .args(args(out.to_str().unwrap()))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut reader = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap() == 0 {
-                break;
-            }
-            seen += &line;
-            if line.contains("Pretrain epoch   1  loss") {
-                // SAFETY: a signal to our own child.
-                unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-                break;
-            }
-        }
-        reader.read_to_string(&mut seen).unwrap();
-        let status = child.wait().unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.args(args(out.to_str().unwrap()));
+        let (status, seen) = interrupt_after(cmd, "Pretrain epoch   1  loss");
         assert_eq!(status.code(), Some(130), "SIGINT: {seen}");
         assert!(seen.contains("interrupted in Pretrain") && seen.contains("--resume"), "{seen}");
         let mut resume = args(out.to_str().unwrap());
@@ -1559,7 +1563,6 @@ fn messages_name_the_problem() {
 #[cfg(unix)]
 #[test]
 fn interrupted_sweep_says_how_to_continue() {
-    use std::io::{BufRead, BufReader, Read};
     let root = std::env::temp_dir().join(format!("msm4sr-e2e-{}-sweepint", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
@@ -1568,37 +1571,18 @@ fn interrupted_sweep_says_how_to_continue() {
     assert!(ok, "{err}");
     let grid = root.join("g.toml");
     std::fs::write(&grid, "seeds = [1]\n[base.model]\nmodel = \"sasrec\"\nhidden = 16\ninner = 32\n[base.train]\nepochs = 50\npatience = 100\nbatch = 16\n[[variant]]\nname = \"a\"\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_msm4sr"))
-        .args([
-            "--device",
-            "cpu",
-            "sweep",
-            grid.to_str().unwrap(),
-            "--data",
-            d.to_str().unwrap(),
-            "--out",
-            root.join("sw").to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        seen += &line;
-        if line.contains("Finetune epoch   1  loss") {
-            // SAFETY: a signal to our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            break;
-        }
-    }
-    reader.read_to_string(&mut seen).unwrap();
-    let status = child.wait().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_msm4sr"));
+    cmd.args([
+        "--device",
+        "cpu",
+        "sweep",
+        grid.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+        "--out",
+        root.join("sw").to_str().unwrap(),
+    ]);
+    let (status, seen) = interrupt_after(cmd, "Finetune epoch   1  loss");
     assert_eq!(status.code(), Some(130), "{seen}");
     assert!(seen.contains("run the same sweep command again") && !seen.contains("with --resume to continue"), "{seen}");
     let _ = std::fs::remove_dir_all(&root);

@@ -169,13 +169,13 @@ impl Drop for RunLock {
 pub struct RunFiles {
     /// `<stem>.epochs.jsonl`: one `EpochRecord` per line, every stage.
     pub jsonl: PathBuf,
-    /// `<stem>.epochs.csv`: the same as CSV .
+    /// `<stem>.epochs.csv`: the same as CSV.
     pub csv: PathBuf,
     /// `<stem>.log`: the console lines (appended on resume).
     pub log: PathBuf,
     /// `<stem>.result.json`: the `--json` result.
     pub result: PathBuf,
-    /// `<stem>.ranks.tsv`: every user's target rank on valid and test .
+    /// `<stem>.ranks.tsv`: every user's target rank on valid and test.
     pub ranks: PathBuf,
     /// `<stem>.lock`: held while a process writes the run ([`crate::files::RunLock`]).
     pub lock: PathBuf,
@@ -183,8 +183,7 @@ pub struct RunFiles {
 
 impl RunFiles {
     pub fn of(out: &Path) -> Self {
-        let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-        let f = |ext: &str| out.with_file_name(format!("{stem}.{ext}"));
+        let f = |ext: &str| sibling(out, ext);
         RunFiles {
             jsonl: f("epochs.jsonl"),
             csv: f("epochs.csv"),
@@ -210,22 +209,25 @@ pub fn checkpoint_arg(p: &Path) -> PathBuf {
     }
 }
 
-/// Path of the resume state for checkpoint `out`.
-pub fn last_path(out: &Path) -> PathBuf {
+/// `<stem>.<ext>` beside the checkpoint `out` (whose stem names the run; "model" if it has none).
+fn sibling(out: &Path, ext: &str) -> PathBuf {
     let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-    out.with_file_name(format!("{stem}.last.safetensors"))
+    out.with_file_name(format!("{stem}.{ext}"))
+}
+
+/// Path of the resume state for checkpoint `out`: `<stem>.last.safetensors`.
+pub fn last_path(out: &Path) -> PathBuf {
+    stage_path(out, "last")
 }
 
 /// `runs/model.safetensors` + "pretrain" -> `runs/model.pretrain.safetensors`.
 pub fn stage_path(out: &Path, tag: &str) -> PathBuf {
-    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-    out.with_file_name(format!("{stem}.{tag}.safetensors"))
+    sibling(out, &format!("{tag}.safetensors"))
 }
 
 /// `<out stem>.config.toml` beside the checkpoint.
 pub fn config_path(out: &Path) -> PathBuf {
-    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-    out.with_file_name(format!("{stem}.config.toml"))
+    sibling(out, "config.toml")
 }
 
 /// One run of a sweep, as `sweep.json` lists it.

@@ -190,14 +190,7 @@ struct StageRun<'a, M: Recommender> {
 }
 
 impl<'a, M: Recommender> StageRun<'a, M> {
-    pub(super) fn new(
-        model: &'a M,
-        split: &'a Split,
-        cfg: &'a RunConfig,
-        stage: Stage,
-        item_tokens: &[String],
-        out: &Path,
-    ) -> Result<Self> {
+    fn new(model: &'a M, split: &'a Split, cfg: &'a RunConfig, stage: Stage, item_tokens: &[String], out: &Path) -> Result<Self> {
         let tc = &cfg.train;
         let settings = match stage {
             Stage::Pretrain => StageSettings {
@@ -237,7 +230,7 @@ impl<'a, M: Recommender> StageRun<'a, M> {
 
     /// Restore the resume state at `<out>.last.safetensors` if there is one; it must be this stage
     /// of this run (same data, same settings but those of [`RESUME_MAY_CHANGE`]).
-    pub(super) fn resume(&mut self) -> Result<()> {
+    fn resume(&mut self) -> Result<()> {
         let (last, stage) = (&self.last, self.stage);
         if !last.exists() {
             crate::console::line(&format!("no resume state at {}; starting from scratch", last.display()));
@@ -268,7 +261,7 @@ impl<'a, M: Recommender> StageRun<'a, M> {
     /// One pass over the training samples (shuffled by an RNG seeded from the seed, the stage and
     /// the epoch, so a resumed run replays the same batches); stops with [`Error::Interrupted`] after
     /// the step in which Ctrl-C or SIGTERM arrived.
-    pub(super) fn train_epoch(&mut self, quiet: bool) -> Result<Trained> {
+    fn train_epoch(&mut self, quiet: bool) -> Result<Trained> {
         let (stage, epoch, split) = (self.stage, self.epoch, self.split);
         let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.train.seed ^ (stage_tag(stage) << 56) ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
         let mut seeds = Seeds::new(rng.random());
