@@ -12,6 +12,8 @@ use msm4sr::model::nn::{self, AttentionPool, ItemEncoder, LayerNorm, Linear, Moe
 use msm4sr::Result;
 use safetensors::SafeTensors;
 
+use crate::padded;
+
 struct Fixture {
     floats: HashMap<String, (Vec<usize>, Vec<f32>)>,
     ints: HashMap<String, Vec<u32>>,
@@ -40,8 +42,12 @@ fn load(name: &str) -> Fixture {
 type Build = fn(&HashMap<String, Tensor>, &HashMap<String, Vec<u32>>) -> Result<Tensor>;
 
 fn run(name: &str, build: Build) {
+    run_on(name, &[Device::Cpu, Device::Gpu], build)
+}
+
+fn run_on(name: &str, devices: &[Device], build: Build) {
     let f = load(name);
-    for dev in [Device::Cpu, Device::Gpu] {
+    for &dev in devices {
         let mut xs = HashMap::new();
         for (k, (shape, data)) in &f.floats {
             if let Some(n) = k.strip_prefix("x.") {
@@ -97,11 +103,13 @@ fn ops() {
     run("softmax", |x, c| softmax(&x["x"], Some(&idx(c, "lens"))));
     run("gelu", |x, _| gelu(&x["x"]));
     run("l2norm", |x, _| l2norm(&x["x"], 1e-12));
-    run("attention", |x, c| attention(&x["q"], &x["k"], &x["v"], &idx(c, "lens"), 2, 0.0, 0));
+    // The padded reference (padded.rs) against PyTorch's padded attention; the packed op is
+    // checked against the reference there, and against PyTorch below.
+    run_on("attention", &[Device::Cpu], |x, c| padded::attention(&x["q"], &x["k"], &x["v"], &idx(c, "lens"), 2, 0.0, 0, true));
     run("attention_pool", |x, c| attention_pool(&x["a"], &x["x"], &idx(c, "lens")));
     run("moe", |x, _| moe(&x["logits"], &x["experts"]));
     run("embedding", |x, c| embedding(&x["w"], &idx(c, "ids"), &[2, 3]));
-    run("gather_last", |x, c| gather_last(&x["x"], &idx(c, "lens")));
+    run("gather_last", |x, c| padded::gather_last(&x["x"], &idx(c, "lens")));
     run("cross_entropy", |x, c| cross_entropy(&x["logits"], &idx(c, "targets")));
     fn ragged(c: &HashMap<String, Vec<u32>>) -> Ragged {
         let lens = &c["lens"];
@@ -120,7 +128,9 @@ fn losses() {
 
 #[test]
 fn sasrec_layer() {
-    run("sasrec_layer", |x, c| {
+    // PyTorch's layer runs on the padded batch: so does the reference (padded.rs), which the
+    // packed layer is checked against on every device.
+    run_on("sasrec_layer", &[Device::Cpu], |x, c| {
         let layer = TransformerLayer {
             q: lin(x, "wq", "bq"),
             k: lin(x, "wk", "bk"),
@@ -137,8 +147,7 @@ fn sasrec_layer() {
             pre_ln: false,
             act: msm4sr::model::nn::Activation::Gelu,
         };
-        // PyTorch's layer runs on the padded batch; the ragged path is checked against this one.
-        layer.forward_padded(&x["x"], &idx(c, "lens"), false, &mut Seeds::new(0))
+        padded::layer(&layer, &x["x"], &idx(c, "lens"), false, &mut Seeds::new(0))
     });
 }
 

@@ -6,6 +6,7 @@ mod bert;
 mod clip;
 mod e2e;
 mod fixtures;
+mod padded;
 mod workloads;
 
 use msm4sr::harness::gradcheck::{all_cases, check_fd, check_gpu, CheckResult};
@@ -55,14 +56,12 @@ op_tests!(
     layernorm,
     add_layernorm,
     softmax,
-    attention,
     attention_ragged,
     dropout_rows,
     attention_pool,
     moe,
     mean_ragged,
     embedding,
-    gather_last,
     cross_entropy,
     catalog_ce,
     info_nce,

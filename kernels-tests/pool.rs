@@ -66,9 +66,10 @@ fn loss_falls() {
 }
 
 /// Adam on the GPU over its flat arena: a step is one copy per gradient and two dispatches; a step
-/// in which a parameter has no gradient takes the per-parameter path and leaves that parameter
-/// alone; a parameter whose storage was replaced (as loading a checkpoint does) makes the arena be
-/// rebuilt. Every step's result equals the CPU update's.
+/// in which a parameter has no gradient (with weight decay) leaves that parameter alone by updating
+/// the others only; a parameter whose storage was replaced (as loading a checkpoint does) makes the
+/// arena be rebuilt; parameters laid out over several arenas (as a model larger than one storage
+/// binding is) are updated alike. Every step's result equals the CPU update's.
 #[test]
 fn adam_over_the_flat_arena() {
     use msm4sr::engine::ops::{mul, sum};
@@ -80,10 +81,13 @@ fn adam_over_the_flat_arena() {
         |n: usize, seed: usize| (0..n).map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0) * 3.0).collect::<Vec<f32>>();
     // (step, which parameters get a gradient); before step 4, parameter 2 is assigned new values.
     let plan: [&[usize]; 5] = [&[0, 1, 2], &[0, 1, 2], &[0, 1], &[0, 1, 2], &[0, 1, 2]];
-    let run = |dev: Device| {
+    let run = |dev: Device, arena_limit: Option<u64>| {
         let params: Vec<Tensor> =
             shapes.iter().enumerate().map(|(i, s)| Tensor::from_vec(vals(s.iter().product(), i), s, dev).unwrap().param()).collect();
         let mut opt = Adam::new(params.clone(), AdamConfig { lr: 0.05, weight_decay: 1e-2, ..AdamConfig::default() }).unwrap();
+        if let Some(bytes) = arena_limit {
+            opt.set_arena_limit(bytes);
+        }
         let mut per_step = Vec::new();
         for (step, live) in plan.iter().enumerate() {
             if step == 3 {
@@ -106,21 +110,28 @@ fn adam_over_the_flat_arena() {
         }
         (params.iter().map(|p| p.to_vec().unwrap()).collect::<Vec<_>>(), per_step)
     };
-    let (want, _) = run(Device::Cpu);
-    let (got, counts) = run(Device::Gpu);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        for (a, b) in g.iter().zip(w) {
-            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "parameter {i}: gpu {a} vs cpu {b}");
+    let (want, _) = run(Device::Cpu, None);
+    // One arena, then each parameter in an arena of its own (a limit below two parameters' size).
+    let (got, counts) = run(Device::Gpu, None);
+    let (got_split, counts_split) = run(Device::Gpu, Some(1));
+    for (got, what) in [(&got, "one arena"), (&got_split, "three arenas")] {
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (a, b) in g.iter().zip(w) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{what}: parameter {i}: gpu {a} vs cpu {b}");
+            }
         }
     }
-    eprintln!("(dispatches, copies) per optimizer step: {counts:?}");
+    eprintln!("(dispatches, copies) per optimizer step: {counts:?}; over three arenas: {counts_split:?}");
     // Step 2 runs on the arena built in step 1: 3 gradient copies, sumsq_arena + adam_arena.
     assert_eq!(counts[1], (2, 3), "arena step");
-    // Step 3: parameter 2 has no gradient: per parameter, 2 x 2 dispatches, no copies.
-    assert_eq!(counts[2], (4, 0), "per-parameter step");
+    // Step 3: parameter 2 has no gradient: its slot gets zeros, the update runs over 0 and 1 only.
+    assert_eq!(counts[2], (2, 3), "step without parameter 2");
     // Step 4: parameter 2 was reassigned: the arena is rebuilt (9 copies) and the step copies 3.
     assert_eq!(counts[3], (2, 12), "rebuilt arena");
     assert_eq!(counts[4], (2, 3), "arena step after the rebuild");
+    // Over three arenas: a sumsq_arena and an adam_arena each (step 3: no adam_arena for the third).
+    assert_eq!(counts_split[1], (6, 3), "three arenas");
+    assert_eq!(counts_split[2], (5, 3), "three arenas, parameter 2 left alone");
 
     // Without weight decay, a parameter that never has a gradient rides along with a zero one
     // (the attention pooling's biases): still the arena step, and the parameter stays exactly put.

@@ -2,14 +2,12 @@
 //   embedding_fwd:   w (V, D), ids (n) -> out (n, D) = w[ids[i]]
 //   embedding_bwd:   g (n, D), inverse index (offsets (V + 1) then positions (n)) -> dw (V, D);
 //                    dw[v, d] = sum of g[i, d] over the positions i reading row v, in increasing i
-//   gather_last_fwd: x (B, L, C), lens (B) -> out (B, C) = x[b, lens[b] - 1]
-//   gather_last_bwd: g (B, C), lens (B) -> dx (B, L, C), g[b] at row lens[b] - 1, zeros elsewhere
 // One invocation per output element.
 
 struct P {
     total: u32, // elements of out
-    d: u32,     // row width (D or C)
-    m: u32,     // L for gather_last, V for embedding_bwd
+    d: u32,     // row width D
+    m: u32,     // V for embedding_bwd
 }
 
 @group(0) @binding(0) var<uniform> prm: P;
@@ -35,22 +33,4 @@ fn embedding_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
         s = s + src[idx[prm.m + 1u + p] * prm.d + d];
     }
     out[i] = s;
-}
-
-@compute @workgroup_size(WG)
-fn gather_last_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = lin(gid, nwg);
-    if (i >= prm.total) { return; }
-    let b = i / prm.d;
-    out[i] = src[(b * prm.m + idx[b] - 1u) * prm.d + i % prm.d];
-}
-
-@compute @workgroup_size(WG)
-fn gather_last_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = lin(gid, nwg);
-    if (i >= prm.total) { return; }
-    let c = i % prm.d;
-    let r = i / prm.d; // b * L + l
-    let b = r / prm.m;
-    out[i] = select(0.0, src[b * prm.d + c], r % prm.m == idx[b] - 1u);
 }

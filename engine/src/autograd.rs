@@ -1,6 +1,6 @@
 //! Reverse-mode autograd. The tape is the graph itself: every tensor made by an op that needs a
-//! gradient holds a node (its inputs and a backward closure that owns whatever the forward saved;
-//! see `tensor`). [`backward`] orders the graph once (depth-first, post-order) and walks it in
+//! gradient holds a node (its inputs and its backward rule, which owns the state the forward saved;
+//! see `op`). [`backward`] orders the graph once (depth-first, post-order) and walks it in
 //! reverse, summing gradients that meet at a tensor (with the `add` op). Dropping the loss frees the
 //! graph and its buffers.
 
@@ -91,7 +91,7 @@ fn walk(loss: &Tensor, sc: &mut Scratch) -> Result<Grads> {
             let Some(g) = grads.remove(&t.id()) else {
                 continue;
             };
-            let outs = (node.backward)(&g)?;
+            let outs = node.rule.grads(&g)?;
             for (inp, gi) in node.inputs.iter().zip(outs) {
                 let Some(gi) = gi else { continue };
                 if !inp.requires_grad() {

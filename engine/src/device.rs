@@ -1,5 +1,5 @@
-//! Devices: where a tensor lives and which implementation of each op runs, the user's choice of
-//! one, and the dispatch of an op to its CPU (generic over the element type) or GPU form.
+//! Devices: where a tensor lives and which implementation of each op runs, and the user's choice
+//! of one. (An op is dispatched to its CPU or GPU form by `op::run`.)
 
 use crate::error::Result;
 use crate::gpu;
@@ -49,22 +49,4 @@ impl DeviceChoice {
             }
         }
     }
-}
-
-/// Run the CPU implementation generic over the element type, or the GPU one.
-/// `on_device!(dev, T => cpu_expr_using_T, gpu_expr)`
-macro_rules! on_device {
-    ($dev:expr, $T:ident => $cpu:expr, $gpu:expr) => {
-        match $dev {
-            $crate::device::Device::Cpu => {
-                type $T = f32;
-                $cpu
-            }
-            $crate::device::Device::Cpu64 => {
-                type $T = f64;
-                $cpu
-            }
-            $crate::device::Device::Gpu => $gpu,
-        }
-    };
 }

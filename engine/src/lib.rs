@@ -9,14 +9,14 @@
 //! (one module per op family); [`autograd`] (the backward walk) and [`optim`] (Adam). The engine
 //! uses nothing of the application above it.
 
-#[macro_use]
-mod device;
 pub mod autograd;
 pub mod cpu;
+mod device;
 mod error;
 pub mod gpu;
 #[cfg(test)]
 mod layout;
+pub mod op;
 pub mod ops;
 pub mod optim;
 pub mod ragged;

@@ -1,21 +1,18 @@
 //! Adam with coupled L2 weight decay (torch.optim.Adam) after global gradient-norm clipping
 //! (torch.nn.utils.clip_grad_norm_), on every device. On the GPU the whole update is queued without a
-//! readback, in one of two forms:
+//! readback, over the flat arena: the parameters and their two moments live in flat buffers, each
+//! parameter at the same aligned offset in each, the tensors being views into them (several such
+//! arenas when the parameters do not fit one storage binding). A step copies each gradient into a
+//! fourth flat buffer (buffer copies, no kernels; zeros for a parameter without one), then runs ONE
+//! `sumsq_arena` dispatch per arena (partial sums of squares) and ONE `adam_arena` dispatch per run
+//! of consecutive parameters to update (every parameter, in the usual case: one dispatch). The
+//! arenas are built on the first step (and rebuilt when a parameter's or moment's storage was
+//! replaced since, e.g. by loading a checkpoint).
 //!
-//! - the flat arena (the usual case): the parameters and their two moments live in three flat
-//!   buffers, each parameter at the same aligned offset in each, the tensors being views into them;
-//!   a step copies each gradient into a fourth flat buffer (buffer copies, no kernels), then runs
-//!   ONE `sumsq_arena` dispatch (partial sums of squares) and ONE `adam_arena` dispatch over all
-//!   parameters. The arena is built on the first step (and rebuilt when a parameter's or moment's
-//!   storage was replaced since, e.g. by loading a checkpoint).
-//!   A parameter without a gradient this step must be left alone (as torch does); the arena step
-//!   gives it a zero gradient instead, which leaves it exactly unchanged as long as its moments are
-//!   still zero (it never had a gradient) and there is no weight decay, as for the attention
-//!   pooling's biases, whose gradient is structurally absent (see `nn::AttentionPool`).
-//! - per parameter (when a parameter without a gradient has non-zero moments or there is weight
-//!   decay, or the parameters do not fit one storage binding): one `sumsq` dispatch per parameter writes its
-//!   squared gradient norm into a small buffer, then one `adam` dispatch per parameter reads all of
-//!   them to form the clip coefficient.
+//! A parameter without a gradient this step is left alone (as torch does): it is outside the
+//! updated runs, unless it rides along with its zero gradient, which leaves it exactly unchanged
+//! while its moments are still zero (it never had a gradient) and there is no weight decay, as for
+//! the attention pooling's biases, whose gradient is structurally absent (see `nn::AttentionPool`).
 //!
 //! For each parameter p with gradient g (t = step count, from 1):
 //!   c  = min(1, max_norm / (sqrt(sum over params of |g|^2) + 1e-6))   (c = 1 without clipping)
@@ -35,8 +32,6 @@ use crate::error::{Error, Result};
 use crate::tensor::{Storage, Tensor};
 
 const SRC: &str = wgsl!("optim.wgsl");
-static SUMSQ: Kernel<OptimParams> = Kernel::new("optim", SRC, "sumsq", &[Read, ReadWrite]);
-static ADAM: Kernel<OptimParams> = Kernel::new("optim", SRC, "adam", &[ReadWrite, ReadWrite, ReadWrite, Read, Read]);
 static SUMSQ_ARENA: Kernel<OptimParams> = Kernel::new("optim", SRC, "sumsq_arena", &[Read, ReadWrite]);
 static ADAM_ARENA: Kernel<OptimParams> = Kernel::new("optim", SRC, "adam_arena", &[ReadWrite, ReadWrite, ReadWrite, Read, Read]);
 /// Workgroups of `sumsq_arena` (partial sums; `NPART` of optim.wgsl).
@@ -45,16 +40,17 @@ const NPART: u32 = super::gpu::WG;
 /// This module's kernels, for the layout tests.
 #[cfg(test)]
 pub(crate) fn kernels() -> Vec<super::gpu::Contract> {
-    vec![SUMSQ.contract(), ADAM.contract(), SUMSQ_ARENA.contract(), ADAM_ARENA.contract()]
+    vec![SUMSQ_ARENA.contract(), ADAM_ARENA.contract()]
 }
 
 kernel_params! {
     /// `struct P` of optim.wgsl (both kernels).
     struct OptimParams {
+        /// sumsq_arena: elements of g; adam_arena: end of the updated range.
         n: u32,
-        /// sumsq: where to write.
+        /// sumsq_arena: where its NPART partial sums go.
         slot: u32,
-        /// adam: entries in norms.
+        /// adam_arena: partial sums in norms.
         nparams: u32,
         lr: f32,
         b1: f32,
@@ -66,6 +62,8 @@ kernel_params! {
         /// 1 - b2^t
         bc2: f32,
         max_norm: f32,
+        /// adam_arena: start of the updated range.
+        start: u32,
     }
 }
 
@@ -95,15 +93,19 @@ pub struct Adam {
     /// First and second moments, one pair per parameter.
     moments: Vec<(Tensor, Tensor)>,
     /// GPU: the flat buffers the parameters and moments are views into (built on the first step).
-    arena: Option<Arena>,
+    arenas: Vec<Arena>,
+    /// The most bytes one arena buffer holds (the adapter's storage-binding limit unless set).
+    arena_limit: Option<u64>,
     /// Per parameter: its moments are exactly zero (it has never had a gradient).
     fresh: Vec<bool>,
 }
 
-/// The GPU's flat optimizer state: parameter i's values, moments and gradient at byte `offsets[i]`
-/// of `p`, `m`, `v` and `g` (offsets aligned for views; the padding between parameters is zero in
-/// all four and stays zero: a zero gradient on a zero weight leaves it zero).
+/// Part of the GPU's flat optimizer state: parameters `first ..` (as many as `offsets`), parameter
+/// `first + k`'s values, moments and gradient at byte `offsets[k]` of `p`, `m`, `v` and `g`
+/// (offsets aligned for views; the padding between parameters is zero in all four and stays zero:
+/// a zero gradient on a zero weight leaves it zero).
 struct Arena {
+    first: usize,
     p: Arc<GpuBuf>,
     m: Arc<GpuBuf>,
     v: Arc<GpuBuf>,
@@ -114,14 +116,33 @@ struct Arena {
     /// Buffer ids of each parameter's (p, m, v) views: a tensor whose storage has been replaced
     /// since no longer aliases the arena, which must then be rebuilt.
     ids: Vec<[u64; 3]>,
-    /// Elements per arena, padding included.
+    /// Elements per buffer, padding included.
     n: usize,
 }
 
 impl Arena {
-    /// Lay the parameters and moments out in flat buffers and make the tensors views into them;
-    /// `None` when they would not fit one storage binding or a parameter is listed twice.
-    fn build(params: &[Tensor], moments: &[(Tensor, Tensor)]) -> Result<Option<Arena>> {
+    /// Lay the parameters out over arenas of at most `limit` bytes each (consecutive parameters
+    /// while they fit) and make the tensors views into them.
+    fn build_all(params: &[Tensor], moments: &[(Tensor, Tensor)], limit: Option<u64>) -> Result<Vec<Arena>> {
+        let g = gpu()?;
+        let (align, limit) = (g.view_align(), limit.unwrap_or(g.max_binding()).min(4 * u32::MAX as u64));
+        let mut arenas = Vec::new();
+        let (mut first, mut bytes) = (0, 0u64);
+        for (i, p) in params.iter().enumerate() {
+            let size = (4 * p.numel().max(1) as u64).next_multiple_of(align);
+            if i > first && bytes + size > limit {
+                arenas.push(Arena::build(first, &params[first..i], &moments[first..i])?);
+                (first, bytes) = (i, 0);
+            }
+            bytes += size;
+        }
+        if first < params.len() {
+            arenas.push(Arena::build(first, &params[first..], &moments[first..])?);
+        }
+        Ok(arenas)
+    }
+
+    fn build(first: usize, params: &[Tensor], moments: &[(Tensor, Tensor)]) -> Result<Arena> {
         let g = gpu()?;
         let align = g.view_align();
         let mut offsets = Vec::with_capacity(params.len());
@@ -129,10 +150,6 @@ impl Arena {
         for p in params {
             offsets.push(end);
             end = (end + 4 * p.numel().max(1) as u64).next_multiple_of(align);
-        }
-        let mut seen = std::collections::HashSet::new();
-        if end > g.max_binding() || end / 4 > u32::MAX as u64 || !params.iter().all(|p| seen.insert(p.id())) {
-            return Ok(None);
         }
         let zeros = vec![0u8; end as usize];
         let (pa, ma, va, ga) = (Arc::new(g.upload(&zeros)?), Arc::new(g.upload(&zeros)?), Arc::new(g.upload(&zeros)?), g.upload(&zeros)?);
@@ -149,17 +166,42 @@ impl Arena {
             }
             ids.push(slot);
         }
-        Ok(Some(Arena { p: pa, m: ma, v: va, g: ga, zeros, offsets, ids, n: (end / 4) as usize }))
+        Ok(Arena { first, p: pa, m: ma, v: va, g: ga, zeros, offsets, ids, n: (end / 4) as usize })
+    }
+
+    /// The parameters (and moments) of this arena.
+    fn range(&self) -> std::ops::Range<usize> {
+        self.first..self.first + self.offsets.len()
     }
 
     /// Whether every parameter and moment is still a view into this arena.
     fn aliases(&self, params: &[Tensor], moments: &[(Tensor, Tensor)]) -> Result<bool> {
-        for ((p, (m, v)), ids) in params.iter().zip(moments).zip(&self.ids) {
+        for ((p, (m, v)), ids) in params[self.range()].iter().zip(&moments[self.range()]).zip(&self.ids) {
             if [p.gbuf()?.id, m.gbuf()?.id, v.gbuf()?.id] != *ids {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// The element ranges to update: one per run of consecutive parameters with `update` set (the
+    /// whole buffer when every parameter is updated).
+    fn runs(&self, params: &[Tensor], update: &[bool]) -> Vec<(usize, usize)> {
+        if self.range().all(|i| update[i]) {
+            return vec![(0, self.n)];
+        }
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (k, i) in self.range().enumerate() {
+            if !update[i] {
+                continue;
+            }
+            let (start, end) = ((self.offsets[k] / 4) as usize, (self.offsets[k] / 4) as usize + params[i].numel());
+            match runs.last_mut() {
+                Some(r) if k > 0 && update[i - 1] => r.1 = end,
+                _ => runs.push((start, end)),
+            }
+        }
+        runs
     }
 }
 
@@ -201,8 +243,20 @@ impl Adam {
             .iter()
             .map(|p| Ok((Tensor::zeros(p.shape(), p.device())?, Tensor::zeros(p.shape(), p.device())?)))
             .collect::<Result<Vec<_>>>()?;
+        let mut seen = std::collections::HashSet::new();
+        if let Some(p) = params.iter().find(|p| !seen.insert(p.id())) {
+            return Err(Error::Invalid(format!("adam: parameter {:?} is listed twice", p.shape())));
+        }
         let fresh = vec![true; params.len()];
-        Ok(Adam { cfg, t: 0, params, moments, arena: None, fresh })
+        Ok(Adam { cfg, t: 0, params, moments, arenas: Vec::new(), arena_limit: None, fresh })
+    }
+
+    /// Lay the GPU state out over flat buffers of at most `bytes` each (default: the adapter's
+    /// storage-binding limit), as a model too large for one buffer is; the arenas are rebuilt on
+    /// the next step.
+    pub fn set_arena_limit(&mut self, bytes: u64) {
+        self.arena_limit = Some(bytes);
+        self.arenas.clear();
     }
 
     pub fn params(&self) -> &[Tensor] {
@@ -225,17 +279,18 @@ impl Adam {
             return Ok(());
         }
         let dev = self.params[live[0]].device();
-        // The arena step is exact when every parameter without a gradient stays put under a zero one.
-        let zero_ok = live.len() == self.params.len()
-            || (self.cfg.weight_decay == 0.0 && (0..self.params.len()).all(|i| live.contains(&i) || self.fresh[i]));
+        // Updated on the GPU: the parameters with a gradient, and those that ride along with a zero
+        // one, which leaves them exactly in place (see the module docs).
+        let update: Vec<bool> = (0..self.params.len())
+            .map(|i| grads.get(&self.params[i]).is_some() || (self.cfg.weight_decay == 0.0 && self.fresh[i]))
+            .collect();
         for &i in &live {
             self.fresh[i] = false;
         }
         match dev {
             Device::Cpu => self.step_cpu::<f32>(grads, &live, bc1, bc2),
             Device::Cpu64 => self.step_cpu::<f64>(grads, &live, bc1, bc2),
-            Device::Gpu if zero_ok && self.arena_ready()? => self.step_arena(grads, bc1 as f32, bc2 as f32),
-            Device::Gpu => self.step_gpu(grads, &live, bc1 as f32, bc2 as f32),
+            Device::Gpu => self.step_gpu(grads, &update, bc1 as f32, bc2 as f32),
         }
     }
 
@@ -269,81 +324,53 @@ impl Adam {
         Ok(())
     }
 
-    /// Build (or rebuild) the arena if needed; false when the parameters cannot have one.
-    fn arena_ready(&mut self) -> Result<bool> {
-        if let Some(a) = &self.arena {
-            if a.aliases(&self.params, &self.moments)? {
-                return Ok(true);
-            }
+    /// The update over the flat arenas: one copy per gradient (zeros for a parameter without one),
+    /// one `sumsq_arena` per arena, one `adam_arena` per run of updated parameters.
+    fn step_gpu(&mut self, grads: &Grads, update: &[bool], bc1: f32, bc2: f32) -> Result<()> {
+        let mut fresh = self.arenas.is_empty();
+        for a in &self.arenas {
+            fresh |= !a.aliases(&self.params, &self.moments)?;
         }
-        self.arena = Arena::build(&self.params, &self.moments)?;
-        Ok(self.arena.is_some())
-    }
-
-    /// The update over the flat arena: one copy per gradient (zeros for a parameter without one),
-    /// two dispatches.
-    fn step_arena(&self, grads: &Grads, bc1: f32, bc2: f32) -> Result<()> {
+        if fresh {
+            self.arenas = Arena::build_all(&self.params, &self.moments, self.arena_limit)?;
+        }
         let g = gpu()?;
-        let a = self.arena.as_ref().expect("arena built");
-        for (p, &off) in self.params.iter().zip(&a.offsets) {
-            match grads.get(p) {
-                Some(gr) => g.copy(&*gr.gbuf()?, &a.g, off)?,
-                None => g.copy(&GpuBuf::view(&a.zeros, 0, 4 * p.numel().max(1) as u64)?, &a.g, off)?,
+        for a in &self.arenas {
+            for (p, &off) in self.params[a.range()].iter().zip(&a.offsets) {
+                match grads.get(p) {
+                    Some(gr) => g.copy(&*gr.gbuf()?, &a.g, off)?,
+                    None => g.copy(&GpuBuf::view(&a.zeros, 0, 4 * p.numel().max(1) as u64)?, &a.g, off)?,
+                }
             }
         }
         let clip = self.cfg.max_grad_norm > 0.0;
-        let norms = g.alloc(4 * NPART as u64)?;
+        let parts = NPART * self.arenas.len() as u32;
+        let norms = g.alloc(4 * parts as u64)?;
         if clip {
-            g.dispatch(&SUMSQ_ARENA, &[&a.g, &norms], &OptimParams { n: a.n as u32, ..Default::default() }, [NPART, 1, 1])?;
-        }
-        let c = &self.cfg;
-        let params = OptimParams {
-            n: a.n as u32,
-            slot: 0,
-            nparams: if clip { NPART } else { 0 },
-            lr: c.lr,
-            b1: c.beta1,
-            b2: c.beta2,
-            eps: c.eps,
-            wd: c.weight_decay,
-            bc1,
-            bc2,
-            max_norm: c.max_grad_norm,
-        };
-        g.dispatch(&ADAM_ARENA, &[&a.p, &a.m, &a.v, &a.g, &norms], &params, groups_1d(a.n))
-    }
-
-    fn step_gpu(&self, grads: &Grads, live: &[usize], bc1: f32, bc2: f32) -> Result<()> {
-        let g = gpu()?;
-        let norms = g.alloc(4 * live.len() as u64)?;
-        let clip = self.cfg.max_grad_norm > 0.0;
-        if clip {
-            for (slot, &i) in live.iter().enumerate() {
-                let gr = grads.get(&self.params[i]).unwrap();
-                let prm = OptimParams { n: gr.numel() as u32, slot: slot as u32, ..Default::default() };
-                g.dispatch(&SUMSQ, &[&*gr.gbuf()?, &norms], &prm, [1, 1, 1])?;
+            for (k, a) in self.arenas.iter().enumerate() {
+                let prm = OptimParams { n: a.n as u32, slot: k as u32 * NPART, ..Default::default() };
+                g.dispatch(&SUMSQ_ARENA, &[&a.g, &norms], &prm, [NPART, 1, 1])?;
             }
         }
         let c = &self.cfg;
-        for &i in live {
-            let p = &self.params[i];
-            let gr = grads.get(p).unwrap();
-            let (m, v) = &self.moments[i];
-            let n = p.numel();
-            let params = OptimParams {
-                n: n as u32,
-                slot: 0,
-                nparams: if clip { live.len() as u32 } else { 0 },
-                lr: c.lr,
-                b1: c.beta1,
-                b2: c.beta2,
-                eps: c.eps,
-                wd: c.weight_decay,
-                bc1,
-                bc2,
-                max_norm: c.max_grad_norm,
-            };
-            g.dispatch(&ADAM, &[&*p.gbuf()?, &*m.gbuf()?, &*v.gbuf()?, &*gr.gbuf()?, &norms], &params, groups_1d(n))?;
+        for a in &self.arenas {
+            for (start, end) in a.runs(&self.params, update) {
+                let prm = OptimParams {
+                    n: end as u32,
+                    slot: 0,
+                    nparams: if clip { parts } else { 0 },
+                    lr: c.lr,
+                    b1: c.beta1,
+                    b2: c.beta2,
+                    eps: c.eps,
+                    wd: c.weight_decay,
+                    bc1,
+                    bc2,
+                    max_norm: c.max_grad_norm,
+                    start: start as u32,
+                };
+                g.dispatch(&ADAM_ARENA, &[&a.p, &a.m, &a.v, &a.g, &norms], &prm, groups_1d(end - start))?;
+            }
         }
         Ok(())
     }
@@ -366,7 +393,7 @@ impl Adam {
         self.fresh = moments.iter().map(|(m, v)| Ok(m.to_vec()?.iter().chain(&v.to_vec()?).all(|&x| x == 0.0))).collect::<Result<_>>()?;
         self.t = t;
         self.moments = moments;
-        self.arena = None;
+        self.arenas.clear();
         Ok(())
     }
 }

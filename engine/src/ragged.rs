@@ -7,8 +7,9 @@
 //! Random keys: the row at position i of sequence b has the key `b * key_len + i`, its flat index in
 //! a padded (B, key_len, C) layout divided by C. Dropout of a hidden channel c keys on
 //! `key * C + c` and attention dropout of (b, head, i, j) on `((b * heads + head) * key_len + i) *
-//! key_len + j`, exactly the flat indices the padded ops use, so a padded batch of width `key_len`
-//! and its packed form draw the same masks.
+//! key_len + j`, exactly the flat indices of the padded layout (PyTorch's, and the tests' reference
+//! in `kernels-tests/padded.rs`), so a padded batch of width `key_len` and its packed form draw the
+//! same masks.
 
 use super::Indices;
 use crate::error::{Error, Result};

@@ -11,17 +11,25 @@ use super::cpu::Real;
 use super::gpu::{gpu, GpuBuf};
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::op::Rule;
 
 // ---- The tape: the node that made a tensor, and whether ops record one -----------------------
 
-type BackwardFn = dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>>;
-
-/// How a tensor was made, for the backward walk (`autograd`): the op, its inputs, and the closure
-/// that turns the output's gradient into the inputs' (owning what the forward saved for it).
+/// How a tensor was made, for the backward walk (`autograd`): the op, its inputs, and its backward
+/// rule with the state the forward saved for it (see `op`).
 pub(crate) struct Node {
     pub(crate) op: &'static str,
     pub(crate) inputs: Vec<Tensor>,
-    pub(crate) backward: Box<BackwardFn>,
+    pub(crate) rule: Box<dyn Rule>,
+}
+
+/// The backward rule of `reshape`: the gradient viewed in the input's shape.
+struct ReshapeRule(Vec<usize>);
+
+impl Rule for ReshapeRule {
+    fn grads(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(g.reshape(&self.0)?)])
+    }
 }
 
 thread_local! {
@@ -86,18 +94,12 @@ impl Tensor {
         Tensor(Rc::new(Inner { id: next_id(), shape, storage: Rc::new(RefCell::new(storage)), requires_grad: false, node: None }))
     }
 
-    /// The result of an op: records a tape node when gradients are enabled and any input needs one.
-    /// `backward` maps the output's gradient to one optional gradient per input (same order).
-    pub(crate) fn from_op(
-        op: &'static str,
-        storage: Storage,
-        shape: Vec<usize>,
-        inputs: &[&Tensor],
-        backward: impl Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
-    ) -> Tensor {
-        let needs = grad_enabled() && inputs.iter().any(|t| t.requires_grad());
-        let node = needs.then(|| Node { op, inputs: inputs.iter().map(|t| (*t).clone()).collect(), backward: Box::new(backward) });
-        Tensor(Rc::new(Inner { id: next_id(), shape, storage: Rc::new(RefCell::new(storage)), requires_grad: needs, node }))
+    /// This freshly made op output, tracked, with the node that made it (see `op::apply`).
+    pub(crate) fn record(mut self, op: &'static str, inputs: &[&Tensor], rule: Box<dyn Rule>) -> Tensor {
+        let inner = Rc::get_mut(&mut self.0).expect("an op's output is recorded before it is shared");
+        inner.requires_grad = true;
+        inner.node = Some(Node { op, inputs: inputs.iter().map(|t| (*t).clone()).collect(), rule });
+        self
     }
 
     /// A tensor from host f32 data on `dev`.
@@ -277,11 +279,7 @@ impl Tensor {
         }
         let old = self.shape().to_vec();
         let needs = grad_enabled() && self.requires_grad();
-        let node = needs.then(|| Node {
-            op: "reshape",
-            inputs: vec![self.clone()],
-            backward: Box::new(move |g: &Tensor| Ok(vec![Some(g.reshape(&old)?)])),
-        });
+        let node = needs.then(|| Node { op: "reshape", inputs: vec![self.clone()], rule: Box::new(ReshapeRule(old)) });
         Ok(Tensor(Rc::new(Inner { id: next_id(), shape: shape.to_vec(), storage: self.0.storage.clone(), requires_grad: needs, node })))
     }
 

@@ -9,8 +9,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::gpu::gpu;
-use crate::engine::ops::{attention, layernorm, matmul, softmax};
-use crate::engine::{no_grad, Device, Indices, Tensor};
+use crate::engine::ops::{attention_ragged, layernorm, matmul, softmax};
+use crate::engine::{no_grad, Device, Ragged, Tensor};
 use crate::Result;
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -100,12 +100,19 @@ pub fn run(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<BenchResult>> 
             gflops: None,
             iters,
         });
-        let lens = Indices::new((0..b).map(|i| (1 + i % l) as u32).collect());
-        let (q, kk, v) = (x.clone(), Tensor::randn(&[b, l, c], 1.0, &mut rng, dev)?, Tensor::randn(&[b, l, c], 1.0, &mut rng, dev)?);
-        let (s, iters) = time(dev, min_secs, || attention(&q, &kk, &v, &lens, 2, 0.0, 0))?;
+        // Sequences of every length 1..=l in turn, packed into their real rows.
+        let lens: Vec<u32> = (0..b).map(|i| (1 + i % l) as u32).collect();
+        let r = Ragged::new(&lens, l)?;
+        let n = r.rows();
+        let (q, kk, v) = (
+            Tensor::randn(&[n, c], 1.0, &mut rng, dev)?,
+            Tensor::randn(&[n, c], 1.0, &mut rng, dev)?,
+            Tensor::randn(&[n, c], 1.0, &mut rng, dev)?,
+        );
+        let (s, iters) = time(dev, min_secs, || attention_ragged(&q, &kk, &v, &r, 2, 0.0, 0, true))?;
         out.push(BenchResult {
             name: "attention".into(),
-            shape: format!("({b},{l},{c}) 2 heads"),
+            shape: format!("{b} seqs of 1..={l}, {n} rows x {c}, 2 heads"),
             device: name.clone(),
             seconds: s,
             gflops: None,

@@ -57,12 +57,11 @@ pub struct ScoreTables {
     pub scale: f32,
 }
 
-/// How a batch's sequences travel through the transformer (see `Model::layout`).
-enum Layout {
-    /// Real rows only, with the item id of each packed row.
-    Packed { r: Ragged, ids: Indices },
-    /// (B, l) padded ids and the lengths.
-    Padded { ids: Indices, lens: Indices, l: usize },
+/// How a batch's sequences travel through the transformer (see `Model::layout`): real rows only,
+/// with the item id of each packed row.
+struct Layout {
+    r: Ragged,
+    ids: Indices,
 }
 
 pub struct Model {
@@ -79,9 +78,6 @@ pub struct Model {
     pub image: Option<DeviceModality>,
     /// Ids 1..=I, the columns of the score matrix (uploaded once).
     real_items: Indices,
-    /// Run the transformer on padded (B, L, C) batches instead of packed rows: the reference layout
-    /// the ragged path is tested against (same values on every sequence, same dropout masks).
-    pub padded: bool,
 }
 
 impl Model {
@@ -124,7 +120,6 @@ impl Model {
             text: text.map(|m| DeviceModality::new(m, dev)).transpose()?,
             image: image.map(|m| DeviceModality::new(m, dev)).transpose()?,
             real_items: Indices::new((1..=n_items as u32).collect()),
-            padded: false,
             cfg,
         })
     }
@@ -231,25 +226,18 @@ impl Model {
     }
 
     /// The layout a batch's sequences take through the transformer, from padded ids (B' x l,
-    /// row-major, left-aligned, B' = lens.len()): packed into their real rows, or padded with
-    /// `self.padded`. Built once per batch and shared by every item table.
+    /// row-major, left-aligned, B' = lens.len()): packed into their real rows. Built once per batch
+    /// and shared by every item table.
     fn layout(&self, ids: &[u32], lens: &[u32], l: usize) -> Result<Layout> {
-        if self.padded {
-            return Ok(Layout::Padded { ids: Indices::new(ids.to_vec()), lens: Indices::new(lens.to_vec()), l });
-        }
         let r = Ragged::new(lens, l)?;
-        Ok(Layout::Packed { ids: Indices::new(r.pack(ids, l)), r })
+        Ok(Layout { ids: Indices::new(r.pack(ids, l)), r })
     }
 
     /// Sequence representations h (B', d0): the sequences of `lay` with their item rows from
     /// `table`, through the transformer, each sequence's last position.
     fn sequences(&self, table: &Tensor, lay: &Layout, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
-        match lay {
-            Layout::Packed { r, ids } => self.transformer.forward(&embedding(table, ids, &[r.rows()])?, r, train, seeds),
-            Layout::Padded { ids, lens, l } => {
-                self.transformer.forward_padded(&embedding(table, ids, &[lens.len(), *l])?, lens, train, seeds)
-            }
-        }
+        let Layout { r, ids } = lay;
+        self.transformer.forward(&embedding(table, ids, &[r.rows()])?, r, train, seeds)
     }
 
     /// The item side of scoring, once per step or per evaluation: each item table (I + 1, d0)

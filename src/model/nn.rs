@@ -8,8 +8,8 @@
 use rand::Rng;
 
 use crate::engine::ops::{
-    add, add_layernorm, attention_masked, attention_pool, attention_ragged, concat, dropout, dropout_rows, embedding, gather_last, gelu,
-    info_nce, l2norm, layernorm, linear, linear_gelu, matmul, moe, quick_gelu, scale,
+    add, add_layernorm, attention_pool, attention_ragged, concat, dropout, dropout_rows, embedding, info_nce, l2norm, layernorm, linear,
+    linear_gelu, matmul, moe, quick_gelu, scale,
 };
 use crate::engine::{Device, Indices, Ragged, Tensor};
 use crate::Result;
@@ -117,8 +117,8 @@ pub enum Activation {
 ///
 /// It runs on ragged batches: x is (N, C), the packed rows of a [`Ragged`] batch. Linear maps,
 /// GELU, residuals and LayerNorm act on the rows; attention stays within each sequence.
-/// `forward_padded` is the same layer on a padded (B, L, C) batch, kept as the reference the ragged
-/// path is tested against (the two agree on every valid row, dropout included).
+/// The tests hold the same layer on a padded (B, L, C) batch (`kernels-tests/padded.rs`) as the
+/// reference the ragged path is checked against (the two agree on every valid row, dropout included).
 ///
 /// [`crate::model::bert::SentenceEncoder`] builds its layers from a BERT checkpoint's weights with
 /// `causal = false`, the checkpoint's LayerNorm eps and no dropout; [`crate::model::clip::Clip`] builds
@@ -189,17 +189,6 @@ impl TransformerLayer {
         }
     }
 
-    /// The padded reference: x (B, L, C), lens (B) -> (B, L, C).
-    pub fn forward_padded(&self, x: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
-        let pa = if train { self.p_attn } else { 0.0 };
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        let ctx = attention_masked(&q, &k, &v, lens, self.heads, pa, seeds.next(), self.causal)?;
-        let a = drop(&self.o.forward(&ctx)?, self.p_hidden, train, seeds)?;
-        let x1 = self.ln1.forward(&add(&a, x)?)?;
-        let f = drop(&self.ff2.forward(&gelu(&self.ff1.forward(&x1)?)?)?, self.p_hidden, train, seeds)?;
-        self.ln2.forward(&add(&f, &x1)?)
-    }
-
     pub fn params(&self) -> Vec<(String, Tensor)> {
         let mut v = Vec::new();
         for (n, l) in
@@ -251,17 +240,6 @@ impl Transformer {
             x = layer.forward(&x, r, train, seeds)?;
         }
         embedding(&x, &r.last, &[r.batch()])
-    }
-
-    /// The padded reference of `forward`: m (B, L, C), lens (B) in 1..=L -> h (B, C).
-    pub fn forward_padded(&self, m: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
-        let l = m.shape()[1];
-        let pos = embedding(&self.pos, &Indices::new((0..l as u32).collect()), &[l])?;
-        let mut x = drop(&self.ln.forward(&add(m, &pos)?)?, self.p_hidden, train, seeds)?;
-        for layer in &self.layers {
-            x = layer.forward_padded(&x, lens, train, seeds)?;
-        }
-        gather_last(&x, lens)
     }
 
     pub fn params(&self) -> Vec<(String, Tensor)> {

@@ -27,10 +27,10 @@ use super::concat::copy_gpu;
 use super::elementwise::add;
 use super::{matmul, wgsl};
 use crate::cpu::{par, pool, Real};
-use crate::device::Device;
 use crate::error::{shape_err, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
-use crate::tensor::{same_device, Indices, Storage, Tensor};
+use crate::op::{apply, query, run, Backward, Op, Query};
+use crate::tensor::{Indices, Storage, Tensor};
 
 /// Items per block of recomputed scores.
 pub const BLOCK: usize = 512;
@@ -234,7 +234,7 @@ fn item_blocks_gpu(es: &[Tensor], j0: usize, w: usize) -> Result<Vec<Tensor>> {
     es.iter().map(|e| item_block_gpu(e, j0, w)).collect()
 }
 
-fn catalog_ce_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: usize, scale: f32) -> Result<(Storage, Storage)> {
+fn catalog_ce_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: usize, scale: f32) -> Result<(GpuBuf, GpuBuf)> {
     let b = targets.len();
     let g = gpu()?;
     // Running (max, sum, target logit) per row, then (loss, lse) per row.
@@ -247,18 +247,11 @@ fn catalog_ce_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: usiz
     let (loss, lse) = (g.alloc(4 * b as u64)?, g.alloc(4 * b as u64)?);
     let prm = CatalogParams { rows: b as u32, width: 0, start: 0, first: 0, scale };
     g.dispatch(&FIN, &[&stat, &loss, &lse], &prm, groups_1d(b))?;
-    Ok((Storage::Gpu(loss), Storage::Gpu(lse)))
+    Ok((loss, lse))
 }
 
 /// Backward on the GPU: `lg` holds lse (B) then g (B).
-fn catalog_ce_bwd_gpu(
-    hs: &[Tensor],
-    es: &[Tensor],
-    targets: &Indices,
-    n_items: usize,
-    scale: f32,
-    lg: &GpuBuf,
-) -> Result<Vec<(Tensor, Tensor)>> {
+fn catalog_ce_bwd_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: usize, scale: f32, lg: &GpuBuf) -> Result<Vec<GpuBuf>> {
     let b = targets.len();
     let gp = gpu()?;
     let mut dh: Vec<Option<Tensor>> = vec![None; hs.len()];
@@ -281,12 +274,14 @@ fn catalog_ce_bwd_gpu(
             copy_gpu(&*deb.gbuf()?, 0, &de[k], j0 * d, w * d)?;
         }
     }
-    Ok(dh
-        .into_iter()
-        .zip(de)
-        .zip(es)
-        .map(|((dh, de), e)| (dh.expect("at least one block"), Tensor::from_storage(Storage::Gpu(de), e.shape().to_vec())))
-        .collect())
+    let mut out = Vec::with_capacity(2 * hs.len());
+    for (dh, de) in dh.into_iter().zip(de) {
+        let dh = dh.expect("at least one block");
+        let buf = gp.alloc(4 * dh.numel() as u64)?;
+        copy_gpu(&*dh.gbuf()?, 0, &buf, 0, dh.numel())?;
+        out.extend([buf, de]);
+    }
+    Ok(out)
 }
 
 fn catalog_rank_gpu(hs: &[Tensor], es: &[Tensor], targets: &Indices, n_items: usize, scale: f32, mask: &Indices) -> Result<Vec<u32>> {
@@ -351,6 +346,107 @@ fn rank_mask(rows: &[Vec<u32>], targets: &[u32], n_items: usize) -> Indices {
     Indices::new(offsets)
 }
 
+/// The terms' tensors h_0, e_0, h_1, e_1, .. cut from the tape.
+fn split_terms(x: &[&Tensor]) -> (Vec<Tensor>, Vec<Tensor>) {
+    (x.iter().step_by(2).map(|t| t.detach()).collect(), x.iter().skip(1).step_by(2).map(|t| t.detach()).collect())
+}
+
+/// The terms' values h_0, e_0, h_1, e_1, ..
+fn split_values<'a, T>(x: &[&'a [T]]) -> (Vec<&'a [T]>, Vec<&'a [T]>) {
+    (x.iter().step_by(2).copied().collect(), x.iter().skip(1).step_by(2).copied().collect())
+}
+
+/// Per-row losses and lse (B) over inputs [h_0, e_0, h_1, e_1, ..]; in the backward form
+/// [dh_0, de_0, ..] over [h_0, e_0, .., lse, g].
+#[derive(Clone)]
+struct CatalogCe {
+    targets: Indices,
+    n_items: usize,
+    dims: Vec<usize>,
+    scale: f32,
+    backward: bool,
+}
+
+impl Op for CatalogCe {
+    fn name(&self) -> &'static str {
+        "catalog_ce"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        let b = self.targets.len();
+        match self.backward {
+            false => vec![vec![b], vec![b]],
+            true => self.dims.iter().flat_map(|&d| [vec![b, d], vec![self.n_items, d]]).collect(),
+        }
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (t, scale) = (self.targets.host(), T::c(self.scale as f64));
+        let k = self.dims.len();
+        let (hs, es) = split_values(&x[..2 * k]);
+        if !self.backward {
+            let (loss, lse) = catalog_ce_cpu::<T>(&hs, &es, &self.dims, t, self.n_items, scale);
+            return Ok(vec![loss, lse]);
+        }
+        let grads = catalog_ce_bwd_cpu::<T>(&hs, &es, &self.dims, t, self.n_items, scale, x[2 * k], x[2 * k + 1]);
+        Ok(grads.into_iter().flat_map(|(dh, de)| [dh, de]).collect())
+    }
+    fn gpu(&self, _: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        unreachable!("catalog_ce's GPU form is gpu_tensors")
+    }
+    fn gpu_tensors(&self, x: &[&Tensor]) -> Result<Vec<GpuBuf>> {
+        let k = self.dims.len();
+        let (hs, es) = split_terms(&x[..2 * k]);
+        if !self.backward {
+            let (loss, lse) = catalog_ce_gpu(&hs, &es, &self.targets, self.n_items, self.scale)?;
+            return Ok(vec![loss, lse]);
+        }
+        // The backward kernel reads lse (B) then g (B) from one buffer.
+        let (gp, b) = (gpu()?, self.targets.len());
+        let lg = gp.alloc(4 * (2 * b) as u64)?;
+        copy_gpu(&*x[2 * k].gbuf()?, 0, &lg, 0, b)?;
+        copy_gpu(&*x[2 * k + 1].gbuf()?, 0, &lg, b, b)?;
+        catalog_ce_bwd_gpu(&hs, &es, &self.targets, self.n_items, self.scale, &lg)
+    }
+}
+
+impl Backward for CatalogCe {
+    /// The terms' tensors, lse, and the op in its backward form.
+    type Saved = (Vec<Tensor>, Tensor, CatalogCe);
+    fn save(self, x: &[&Tensor], mut out: Vec<Tensor>, _: &[bool]) -> Self::Saved {
+        (x.iter().map(|t| t.detach()).collect(), out.remove(1), CatalogCe { backward: true, ..self })
+    }
+    /// See the module docs: the blocks of scores are recomputed.
+    fn backward((terms, lse, op): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut x: Vec<&Tensor> = terms.iter().collect();
+        x.extend([lse, g]);
+        Ok(run(op, &x)?.into_iter().map(Some).collect())
+    }
+}
+
+/// Ranks of the targets over the whole catalog (see `catalog_rank`).
+struct CatalogRank<'a> {
+    targets: &'a Indices,
+    n_items: usize,
+    dims: Vec<usize>,
+    scale: f32,
+    mask: Indices,
+}
+
+impl Query for CatalogRank<'_> {
+    type Out = Vec<u32>;
+    fn name(&self) -> &'static str {
+        "catalog_rank"
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<u32>> {
+        let (hs, es) = split_values(x);
+        let scale = T::c(self.scale as f64);
+        Ok(catalog_rank_cpu::<T>(&hs, &es, &self.dims, self.targets.host(), self.n_items, scale, self.mask.host()))
+    }
+    fn gpu(&self, x: &[&Tensor]) -> Result<Vec<u32>> {
+        let (hs, es) = split_terms(x);
+        catalog_rank_gpu(&hs, &es, self.targets, self.n_items, self.scale, &self.mask)
+    }
+}
+
 /// Full-catalog ranks of the targets (B), scores as `catalog_ce`'s, never materialised; `mask`
 /// (one list of columns per row, e.g. its history; repeats, the target and out-of-range columns
 /// are harmless) takes columns out of each row's ranking. See the module docs.
@@ -362,67 +458,16 @@ pub fn catalog_rank(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32,
         Some(m) => rank_mask(m, targets.host(), n_items),
         None => Indices::new(vec![0; b + 1]),
     };
-    let mask = &mask;
     let all: Vec<&Tensor> = terms.iter().flat_map(|(h, e)| [*h, *e]).collect();
-    let dev = same_device(op, &all)?;
-    match dev {
-        Device::Gpu => {
-            let hs: Vec<Tensor> = terms.iter().map(|(h, _)| h.detach()).collect();
-            let es: Vec<Tensor> = terms.iter().map(|(_, e)| e.detach()).collect();
-            catalog_rank_gpu(&hs, &es, targets, n_items, scale, mask)
-        }
-        dev => on_device!(dev, T => {
-            let hh = terms.iter().map(|(h, _)| h.host::<T>()).collect::<Result<Vec<_>>>()?;
-            let ee = terms.iter().map(|(_, e)| e.host::<T>()).collect::<Result<Vec<_>>>()?;
-            let hr: Vec<&[T]> = hh.iter().map(|x| &**x).collect();
-            let er: Vec<&[T]> = ee.iter().map(|x| &**x).collect();
-            Ok(catalog_rank_cpu::<T>(&hr, &er, &dims, targets.host(), n_items, T::c(scale as f64), mask.host()))
-        }, unreachable!()),
-    }
+    query(&CatalogRank { targets, n_items, dims, scale, mask }, &all)
 }
 
 /// Per-row full-catalog cross-entropy (B) of z = scale * sum_k h_k e_k^T; see the module docs.
 /// `mean` of it is the training loss.
 pub fn catalog_ce(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32) -> Result<Tensor> {
-    let op = "catalog_ce";
-    let (b, n_items, dims) = check_terms(op, terms, targets)?;
+    let (_, n_items, dims) = check_terms("catalog_ce", terms, targets)?;
     let all: Vec<&Tensor> = terms.iter().flat_map(|(h, e)| [*h, *e]).collect();
-    let dev = same_device(op, &all)?;
-    let hs: Vec<Tensor> = terms.iter().map(|(h, _)| h.detach()).collect();
-    let es: Vec<Tensor> = terms.iter().map(|(_, e)| e.detach()).collect();
-    let (loss, lse) = on_device!(dev, T => {
-        let hh = hs.iter().map(|t| t.host::<T>()).collect::<Result<Vec<_>>>()?;
-        let ee = es.iter().map(|t| t.host::<T>()).collect::<Result<Vec<_>>>()?;
-        let hr: Vec<&[T]> = hh.iter().map(|x| &**x).collect();
-        let er: Vec<&[T]> = ee.iter().map(|x| &**x).collect();
-        let (l, s) = catalog_ce_cpu::<T>(&hr, &er, &dims, targets.host(), n_items, T::c(scale as f64));
-        (T::wrap(l), T::wrap(s))
-    }, catalog_ce_gpu(&hs, &es, targets, n_items, scale)?);
-    let lse = Tensor::from_storage(lse, vec![b]);
-    let targets = targets.clone();
-    Ok(Tensor::from_op(op, loss, vec![b], &all, move |g| {
-        let grads: Vec<(Tensor, Tensor)> = match g.device() {
-            Device::Gpu => {
-                let gp = gpu()?;
-                let lg = gp.alloc(4 * (2 * b) as u64)?;
-                copy_gpu(&*lse.gbuf()?, 0, &lg, 0, b)?;
-                copy_gpu(&*g.gbuf()?, 0, &lg, b, b)?;
-                catalog_ce_bwd_gpu(&hs, &es, &targets, n_items, scale, &lg)?
-            }
-            dev => on_device!(dev, T => {
-                let hh = hs.iter().map(|t| t.host::<T>()).collect::<Result<Vec<_>>>()?;
-                let ee = es.iter().map(|t| t.host::<T>()).collect::<Result<Vec<_>>>()?;
-                let hr: Vec<&[T]> = hh.iter().map(|x| &**x).collect();
-                let er: Vec<&[T]> = ee.iter().map(|x| &**x).collect();
-                let out = catalog_ce_bwd_cpu::<T>(&hr, &er, &dims, targets.host(), n_items, T::c(scale as f64), &lse.host::<T>()?, &g.host::<T>()?);
-                out.into_iter()
-                    .zip(&dims)
-                    .map(|((dh, de), &d)| (Tensor::from_storage(T::wrap(dh), vec![b, d]), Tensor::from_storage(T::wrap(de), vec![n_items, d])))
-                    .collect()
-            }, unreachable!()),
-        };
-        Ok(grads.into_iter().flat_map(|(dh, de)| [Some(dh), Some(de)]).collect())
-    }))
+    apply(CatalogCe { targets: targets.clone(), n_items, dims, scale, backward: false }, &all)
 }
 
 #[cfg(test)]

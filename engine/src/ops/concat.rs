@@ -7,7 +7,8 @@ use super::wgsl;
 use crate::cpu::Real;
 use crate::error::{shape_err, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
-use crate::tensor::{same_device, Storage, Tensor};
+use crate::op::{apply, run, Backward, Op};
+use crate::tensor::{numel, Tensor};
 
 static COPY: Kernel<ConcatParams> = Kernel::new("concat", wgsl!("concat.wgsl"), "copy", &[Read, ReadWrite]);
 
@@ -41,46 +42,83 @@ pub fn concat(xs: &[&Tensor]) -> Result<Tensor> {
     if xs.iter().any(|x| x.rank() == 0 || x.shape()[1..] != first.shape()[1..]) {
         return shape_err("concat", format!("all shapes must agree after the first axis, got {shapes:?}"));
     }
-    let dev = same_device("concat", xs)?;
-    let sizes: Vec<usize> = xs.iter().map(|x| x.numel()).collect();
-    let total: usize = sizes.iter().sum();
-    let st = on_device!(dev, T => {
-        let mut v = crate::cpu::pool::take(total);
-        for x in xs {
-            v.extend_from_slice(&x.host::<T>()?);
-        }
-        T::wrap(v)
-    }, {
-        let out = gpu()?.alloc(4 * total as u64)?;
-        let mut off = 0;
-        for (x, &n) in xs.iter().zip(&sizes) {
-            copy_gpu(&*x.gbuf()?, 0, &out, off, n)?;
-            off += n;
-        }
-        Storage::Gpu(out)
-    });
     let mut shape = first.shape().to_vec();
     shape[0] = xs.iter().map(|x| x.shape()[0]).sum();
-    let pieces: Vec<(Vec<usize>, bool)> = xs.iter().map(|x| (x.shape().to_vec(), x.requires_grad())).collect();
-    Ok(Tensor::from_op("concat", st, shape, xs, move |g| {
-        let mut grads = Vec::with_capacity(pieces.len());
+    apply(Concat { shape, sizes: xs.iter().map(|x| x.numel()).collect() }, xs)
+}
+
+/// The inputs' values one after the other.
+struct Concat {
+    shape: Vec<usize>,
+    /// Each input's element count.
+    sizes: Vec<usize>,
+}
+
+impl Op for Concat {
+    fn name(&self) -> &'static str {
+        "concat"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![self.shape.clone()]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let mut v = crate::cpu::pool::take(numel(&self.shape));
+        for piece in x {
+            v.extend_from_slice(piece);
+        }
+        Ok(vec![v])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let out = gpu()?.alloc(4 * numel(&self.shape) as u64)?;
         let mut off = 0;
-        for (shape, need) in &pieces {
-            let n: usize = shape.iter().product();
-            if *need {
-                let st = on_device!(g.device(), T => T::wrap(crate::cpu::pool::copy_of(&g.host::<T>()?[off..off + n])), {
-                    let out = gpu()?.alloc(4 * n as u64)?;
-                    copy_gpu(&*g.gbuf()?, off, &out, 0, n)?;
-                    Storage::Gpu(out)
-                });
-                grads.push(Some(Tensor::from_storage(st, shape.clone())));
-            } else {
-                grads.push(None);
-            }
+        for (piece, &n) in x.iter().zip(&self.sizes) {
+            copy_gpu(piece, 0, &out, off, n)?;
             off += n;
         }
+        Ok(vec![out])
+    }
+}
+
+/// Elements off..off + numel(shape) of the input.
+struct Slice {
+    off: usize,
+    shape: Vec<usize>,
+}
+
+impl Op for Slice {
+    fn name(&self) -> &'static str {
+        "slice"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![self.shape.clone()]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![crate::cpu::pool::copy_of(&x[0][self.off..self.off + numel(&self.shape)])])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let n = numel(&self.shape);
+        let out = gpu()?.alloc(4 * n as u64)?;
+        copy_gpu(x[0], self.off, &out, 0, n)?;
+        Ok(vec![out])
+    }
+}
+
+impl Backward for Concat {
+    /// Each piece's shape, and whether it is tracked.
+    type Saved = Vec<(Vec<usize>, bool)>;
+    fn save(self, x: &[&Tensor], _: Vec<Tensor>, tracked: &[bool]) -> Self::Saved {
+        x.iter().zip(tracked).map(|(x, &t)| (x.shape().to_vec(), t)).collect()
+    }
+    /// Each tracked piece's gradient is its part of g.
+    fn backward(pieces: &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut grads = Vec::with_capacity(pieces.len());
+        let mut off = 0;
+        for (shape, tracked) in pieces {
+            grads.push(tracked.then(|| run(&Slice { off, shape: shape.clone() }, &[g])).transpose()?.map(|mut v| v.remove(0)));
+            off += numel(shape);
+        }
         Ok(grads)
-    }))
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,8 @@ use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
-use crate::tensor::{numel, same_device, Indices, Storage, Tensor};
+use crate::op::{apply, run, Backward, Op};
+use crate::tensor::{numel, Indices, Tensor};
 
 const SRC: &str = wgsl!("elementwise.wgsl");
 const RRW: &[crate::gpu::Access] = &[Read, Read, ReadWrite];
@@ -60,12 +61,13 @@ kernel_params! {
 }
 
 /// Run one elementwise kernel producing `n` outputs.
-fn launch(k: &Kernel<ElementwiseParams>, n: usize, a: &GpuBuf, b: &GpuBuf, nb: usize, alpha: f32, seed: u32, p: f32) -> Result<Storage> {
+#[allow(clippy::too_many_arguments)]
+fn launch(k: &Kernel<ElementwiseParams>, n: usize, a: &GpuBuf, b: &GpuBuf, nb: usize, alpha: f32, seed: u32, p: f32) -> Result<GpuBuf> {
     let g = gpu()?;
     let out = g.alloc(4 * n as u64)?;
     let prm = ElementwiseParams { n: n as u32, nb: nb.max(1) as u32, alpha, seed, p };
     g.dispatch(k, &[a, b, &out], &prm, groups_1d(n))?;
-    Ok(Storage::Gpu(out))
+    Ok(out)
 }
 
 fn check_suffix(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
@@ -235,6 +237,214 @@ pub fn dropout_rows_cpu<T: Real>(x: &[T], p: f32, seed: u32, keys: &[u32], c: us
 
 // ---- ops ------------------------------------------------------------------------------------
 
+/// a + alpha * b, b broadcast over a's leading axes.
+struct Axpby {
+    shape: Vec<usize>,
+    nb: usize,
+    alpha: f32,
+}
+
+impl Op for Axpby {
+    fn name(&self) -> &'static str {
+        "add"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![self.shape.clone()]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![axpby_cpu(x[0], x[1], T::c(self.alpha as f64))])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        Ok(vec![launch(&AXPBY, numel(&self.shape), x[0], x[1], self.nb, self.alpha, 0, 0.0)?])
+    }
+}
+
+impl Backward for Axpby {
+    /// b's shape and alpha.
+    type Saved = (Vec<usize>, f32);
+    fn save(self, x: &[&Tensor], _: Vec<Tensor>, _: &[bool]) -> Self::Saved {
+        (x[1].shape().to_vec(), self.alpha)
+    }
+    /// da = g, db = alpha * sum_rows(g)
+    fn backward((bshape, alpha): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let nb = numel(bshape);
+        let gb = if nb == g.numel() { g.clone() } else { sum_rows(&g.reshape(&[g.numel() / nb, nb])?)? };
+        let gb = if *alpha == 1.0 { gb } else { scale(&gb, *alpha)? };
+        Ok(vec![Some(g.clone()), Some(gb.reshape(bshape)?)])
+    }
+}
+
+/// a * b, b broadcast over a's leading axes.
+struct Mul {
+    shape: Vec<usize>,
+    nb: usize,
+}
+
+impl Op for Mul {
+    fn name(&self) -> &'static str {
+        "mul"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![self.shape.clone()]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![mul_cpu(x[0], x[1])])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        Ok(vec![launch(&MUL, numel(&self.shape), x[0], x[1], self.nb, 0.0, 0, 0.0)?])
+    }
+}
+
+/// The operands each gradient needs: b for a's, a for b's (with b's shape).
+struct MulSaved {
+    a: Option<Tensor>,
+    b: Option<Tensor>,
+    bshape: Vec<usize>,
+}
+
+impl Backward for Mul {
+    type Saved = MulSaved;
+    fn save(self, x: &[&Tensor], _: Vec<Tensor>, tracked: &[bool]) -> MulSaved {
+        MulSaved { a: tracked[1].then(|| x[0].detach()), b: tracked[0].then(|| x[1].detach()), bshape: x[1].shape().to_vec() }
+    }
+    /// da = g * b, db = sum_rows(g * a)
+    fn backward(s: &MulSaved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let ga = s.b.as_ref().map(|b| mul(g, b)).transpose()?;
+        let gb = match &s.a {
+            None => None,
+            Some(a) => {
+                let ga_b = mul(g, a)?;
+                let nb = numel(&s.bshape);
+                let gb = if nb == g.numel() { ga_b } else { sum_rows(&ga_b.reshape(&[g.numel() / nb, nb])?)? };
+                Some(gb.reshape(&s.bshape)?)
+            }
+        };
+        Ok(vec![ga, gb])
+    }
+}
+
+/// s * a.
+struct Scale {
+    shape: Vec<usize>,
+    s: f32,
+}
+
+impl Op for Scale {
+    fn name(&self) -> &'static str {
+        "scale"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![self.shape.clone()]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![scale_cpu(x[0], T::c(self.s as f64))])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        Ok(vec![launch(&SCALE, numel(&self.shape), x[0], x[0], 1, self.s, 0, 0.0)?])
+    }
+}
+
+impl Backward for Scale {
+    type Saved = f32;
+    fn save(self, _: &[&Tensor], _: Vec<Tensor>, _: &[bool]) -> f32 {
+        self.s
+    }
+    /// da = s * g
+    fn backward(s: &f32, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(scale(g, *s)?)])
+    }
+}
+
+/// An activation f applied elementwise (`Gelu`, `QuickGelu`), or its backward g * f'(x) over
+/// inputs [x, g] (`backward`).
+#[derive(Clone)]
+pub(crate) struct Act {
+    pub(crate) quick: bool,
+    pub(crate) backward: bool,
+    pub(crate) shape: Vec<usize>,
+}
+
+impl Op for Act {
+    fn name(&self) -> &'static str {
+        "gelu"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![self.shape.clone()]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![match (self.quick, self.backward) {
+            (false, false) => gelu_cpu(x[0]),
+            (false, true) => gelu_bwd_cpu(x[0], x[1]),
+            (true, false) => quick_gelu_cpu(x[0]),
+            (true, true) => quick_gelu_bwd_cpu(x[0], x[1]),
+        }])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let k = match (self.quick, self.backward) {
+            (false, false) => &GELU_FWD,
+            (false, true) => &GELU_BWD,
+            (true, false) => &QGELU_FWD,
+            (true, true) => &QGELU_BWD,
+        };
+        let (b, n) = (if self.backward { x[1] } else { x[0] }, numel(&self.shape));
+        Ok(vec![launch(k, n, x[0], b, n, 0.0, 0, 0.0)?])
+    }
+}
+
+impl Backward for Act {
+    /// x, and the activation's form.
+    type Saved = (Tensor, Act);
+    fn save(self, x: &[&Tensor], _: Vec<Tensor>, _: &[bool]) -> Self::Saved {
+        (x[0].detach(), self)
+    }
+    /// dx = g * f'(x)
+    fn backward((x, a): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(run(&Act { backward: true, ..a.clone() }, &[x, g])?.remove(0))])
+    }
+}
+
+/// Inverted dropout, keyed on the flat index (`keys` None) or on keys[r] * C + c for rows of C.
+#[derive(Clone)]
+struct Dropout {
+    shape: Vec<usize>,
+    p: f32,
+    seed: u32,
+    keys: Option<Indices>,
+}
+
+impl Op for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![self.shape.clone()]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![match &self.keys {
+            None => dropout_cpu(x[0], self.p, self.seed),
+            Some(k) => dropout_rows_cpu(x[0], self.p, self.seed, k.host(), *self.shape.last().unwrap()),
+        }])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let n = numel(&self.shape);
+        Ok(vec![match &self.keys {
+            None => launch(&DROPOUT, n, x[0], x[0], 1, 0.0, self.seed, self.p)?,
+            Some(k) => launch(&DROPOUT_ROWS, n, x[0], k.gpu()?, *self.shape.last().unwrap(), 0.0, self.seed, self.p)?,
+        }])
+    }
+}
+
+impl Backward for Dropout {
+    type Saved = Dropout;
+    fn save(self, _: &[&Tensor], _: Vec<Tensor>, _: &[bool]) -> Dropout {
+        self
+    }
+    /// dx = the same mask applied to g
+    fn backward(d: &Dropout, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(apply(d.clone(), &[g])?)])
+    }
+}
+
 /// a + b (trailing broadcast of b).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     add_scaled(a, b, 1.0)
@@ -248,40 +458,18 @@ pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// a + alpha * b (trailing broadcast of b).
 pub fn add_scaled(a: &Tensor, b: &Tensor, alpha: f32) -> Result<Tensor> {
     check_suffix("add", a, b)?;
-    let dev = same_device("add", &[a, b])?;
-    let st = on_device!(dev, T => T::wrap(axpby_cpu::<T>(&a.host::<T>()?, &b.host::<T>()?, T::c(alpha as f64))),
-        launch(&AXPBY, a.numel(), &*a.gbuf()?, &*b.gbuf()?, b.numel(), alpha, 0, 0.0)?);
-    let bshape = b.shape().to_vec();
-    Ok(Tensor::from_op("add", st, a.shape().to_vec(), &[a, b], move |g| {
-        let gb =
-            if numel(&bshape) == g.numel() { g.clone() } else { sum_rows(&g.reshape(&[g.numel() / numel(&bshape), numel(&bshape)])?)? };
-        let gb = if alpha == 1.0 { gb } else { scale(&gb, alpha)? };
-        Ok(vec![Some(g.clone()), Some(gb.reshape(&bshape)?)])
-    }))
+    apply(Axpby { shape: a.shape().to_vec(), nb: b.numel(), alpha }, &[a, b])
 }
 
 /// a * b elementwise (trailing broadcast of b).
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     check_suffix("mul", a, b)?;
-    let dev = same_device("mul", &[a, b])?;
-    let st = on_device!(dev, T => T::wrap(mul_cpu::<T>(&a.host::<T>()?, &b.host::<T>()?)),
-        launch(&MUL, a.numel(), &*a.gbuf()?, &*b.gbuf()?, b.numel(), 0.0, 0, 0.0)?);
-    let (ac, bc) = (a.detach(), b.detach());
-    let bshape = b.shape().to_vec();
-    Ok(Tensor::from_op("mul", st, a.shape().to_vec(), &[a, b], move |g| {
-        let ga = mul(g, &bc)?;
-        let ga_b = mul(g, &ac)?;
-        let nb = numel(&bshape);
-        let gb = if nb == g.numel() { ga_b } else { sum_rows(&ga_b.reshape(&[g.numel() / nb, nb])?)? };
-        Ok(vec![Some(ga), Some(gb.reshape(&bshape)?)])
-    }))
+    apply(Mul { shape: a.shape().to_vec(), nb: b.numel() }, &[a, b])
 }
 
 /// s * a.
 pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
-    let st = on_device!(a.device(), T => T::wrap(scale_cpu::<T>(&a.host::<T>()?, T::c(s as f64))),
-        { let b = a.gbuf()?; launch(&SCALE, a.numel(), &b, &b, 1, s, 0, 0.0)? });
-    Ok(Tensor::from_op("scale", st, a.shape().to_vec(), &[a], move |g| Ok(vec![Some(scale(g, s)?)])))
+    apply(Scale { shape: a.shape().to_vec(), s }, &[a])
 }
 
 /// Mean of all elements: x -> () = sum(x) / numel(x);  dx = g / numel(x) everywhere.
@@ -292,33 +480,18 @@ pub fn mean(x: &Tensor) -> Result<Tensor> {
     scale(&sum(x)?, 1.0 / x.numel() as f32)
 }
 
-/// erf-GELU: x * Phi(x).
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    let st = on_device!(x.device(), T => T::wrap(gelu_cpu::<T>(&x.host::<T>()?)),
-        { let b = x.gbuf()?; launch(&GELU_FWD, x.numel(), &b, &b, 1, 0.0, 0, 0.0)? });
-    gelu_node(x, st)
+fn activation(x: &Tensor, quick: bool) -> Result<Tensor> {
+    apply(Act { quick, backward: false, shape: x.shape().to_vec() }, &[x])
 }
 
-/// gelu(x) on the tape, its values `st` already computed (by a product's fused epilogue).
-pub(crate) fn gelu_node(x: &Tensor, st: Storage) -> Result<Tensor> {
-    let xc = x.detach();
-    Ok(Tensor::from_op("gelu", st, x.shape().to_vec(), &[x], move |g| {
-        let st = on_device!(g.device(), T => T::wrap(gelu_bwd_cpu::<T>(&xc.host::<T>()?, &g.host::<T>()?)),
-            launch(&GELU_BWD, g.numel(), &*xc.gbuf()?, &*g.gbuf()?, g.numel(), 0.0, 0, 0.0)?);
-        Ok(vec![Some(Tensor::from_storage(st, g.shape().to_vec()))])
-    }))
+/// erf-GELU: x * Phi(x).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    activation(x, false)
 }
 
 /// QuickGELU, x * sigmoid(1.702 x): the activation of OpenAI's CLIP checkpoints.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    let st = on_device!(x.device(), T => T::wrap(quick_gelu_cpu::<T>(&x.host::<T>()?)),
-        { let b = x.gbuf()?; launch(&QGELU_FWD, x.numel(), &b, &b, 1, 0.0, 0, 0.0)? });
-    let xc = x.detach();
-    Ok(Tensor::from_op("quick_gelu", st, x.shape().to_vec(), &[x], move |g| {
-        let st = on_device!(g.device(), T => T::wrap(quick_gelu_bwd_cpu::<T>(&xc.host::<T>()?, &g.host::<T>()?)),
-            launch(&QGELU_BWD, g.numel(), &*xc.gbuf()?, &*g.gbuf()?, g.numel(), 0.0, 0, 0.0)?);
-        Ok(vec![Some(Tensor::from_storage(st, g.shape().to_vec()))])
-    }))
+    activation(x, true)
 }
 
 /// Inverted dropout with a counter-based mask: element i is kept when rand01(seed, i) >= p.
@@ -330,9 +503,7 @@ pub fn dropout(x: &Tensor, p: f32, seed: u32) -> Result<Tensor> {
     if p == 0.0 {
         return Ok(x.clone());
     }
-    let st = on_device!(x.device(), T => T::wrap(dropout_cpu::<T>(&x.host::<T>()?, p, seed)),
-        { let b = x.gbuf()?; launch(&DROPOUT, x.numel(), &b, &b, 1, 0.0, seed, p)? });
-    Ok(Tensor::from_op("dropout", st, x.shape().to_vec(), &[x], move |g| Ok(vec![Some(dropout(g, p, seed)?)])))
+    apply(Dropout { shape: x.shape().to_vec(), p, seed, keys: None }, &[x])
 }
 
 /// Dropout of rows x (N, C) whose element (r, c) draws its mask from keys[r] * C + c (see the
@@ -341,7 +512,7 @@ pub fn dropout_rows(x: &Tensor, p: f32, seed: u32, keys: &Indices) -> Result<Ten
     if !(0.0..1.0).contains(&p) {
         return Err(Error::Invalid(format!("dropout probability must be in [0, 1), got {p}")));
     }
-    let [n, c] = *x.shape() else {
+    let [n, _] = *x.shape() else {
         return Err(Error::Shape { op: "dropout_rows", msg: format!("x {:?} must be (N, C)", x.shape()) });
     };
     if keys.len() != n {
@@ -350,8 +521,5 @@ pub fn dropout_rows(x: &Tensor, p: f32, seed: u32, keys: &Indices) -> Result<Ten
     if p == 0.0 {
         return Ok(x.clone());
     }
-    let st = on_device!(x.device(), T => T::wrap(dropout_rows_cpu::<T>(&x.host::<T>()?, p, seed, keys.host(), c)),
-        { let b = x.gbuf()?; launch(&DROPOUT_ROWS, x.numel(), &b, keys.gpu()?, c, 0.0, seed, p)? });
-    let keys = keys.clone();
-    Ok(Tensor::from_op("dropout", st, x.shape().to_vec(), &[x], move |g| Ok(vec![Some(dropout_rows(g, p, seed, &keys)?)])))
+    apply(Dropout { shape: x.shape().to_vec(), p, seed, keys: Some(keys.clone()) }, &[x])
 }

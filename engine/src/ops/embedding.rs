@@ -5,25 +5,22 @@
 //!   Backward: dw[v] = sum of g[i] over the positions i with ids[i] = v, summed in increasing i
 //!   (rows never read get 0). Deterministic without atomics: the host builds the inverse index
 //!   (CSR: for each row of w, the positions that read it) and one invocation per (v, d) sums them.
-//! - `gather_last(x, lens)`: x (B, L, C), lens (B) each in 1..=L -> (B, C) = x[b, lens[b] - 1].
-//!   Backward: dx = zeros (B, L, C) with g[b] at row lens[b] - 1.
 
 use super::wgsl;
 use crate::cpu::{par, Real};
-use crate::error::{shape_err, Error, Result};
+use crate::error::{shape_err, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
-use crate::tensor::{numel, Indices, Storage, Tensor};
+use crate::op::{apply, run, Backward, Op};
+use crate::tensor::{numel, Indices, Tensor};
 
 const SRC: &str = wgsl!("embedding.wgsl");
 static EMB_FWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "embedding_fwd", &[Read, Read, ReadWrite]);
 static EMB_BWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "embedding_bwd", &[Read, Read, ReadWrite]);
-static LAST_FWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "gather_last_fwd", &[Read, Read, ReadWrite]);
-static LAST_BWD: Kernel<EmbeddingParams> = Kernel::new("embedding", SRC, "gather_last_bwd", &[Read, Read, ReadWrite]);
 
 /// This module's kernels, for the layout tests.
 #[cfg(test)]
 pub(crate) fn kernels() -> Vec<crate::gpu::Contract> {
-    vec![EMB_FWD.contract(), EMB_BWD.contract(), LAST_FWD.contract(), LAST_BWD.contract()]
+    vec![EMB_FWD.contract(), EMB_BWD.contract()]
 }
 
 kernel_params! {
@@ -31,19 +28,19 @@ kernel_params! {
     struct EmbeddingParams {
         /// Elements of out.
         total: u32,
-        /// Row width (D or C).
+        /// Row width D.
         d: u32,
-        /// L for gather_last, V for embedding_bwd.
+        /// V for embedding_bwd.
         m: u32,
     }
 }
 
 /// Run one gather kernel producing `total` outputs; params (total, d, m) as in the shader.
-fn launch(k: &Kernel<EmbeddingParams>, src: &GpuBuf, idx: &GpuBuf, total: usize, d: usize, m: usize) -> Result<Storage> {
+fn launch(k: &Kernel<EmbeddingParams>, src: &GpuBuf, idx: &GpuBuf, total: usize, d: usize, m: usize) -> Result<GpuBuf> {
     let g = gpu()?;
     let out = g.alloc(4 * total as u64)?;
     g.dispatch(k, &[src, idx, &out], &EmbeddingParams { total: total as u32, d: d as u32, m: m as u32 }, groups_1d(total))?;
-    Ok(Storage::Gpu(out))
+    Ok(out)
 }
 
 // ---- CPU references -------------------------------------------------------------------------
@@ -98,21 +95,59 @@ pub fn inverse_index(ids: &[u32], v: usize) -> Vec<u32> {
     out
 }
 
-pub fn gather_last_cpu<T: Real>(x: &[T], lens: &[u32], l: usize, c: usize) -> Vec<T> {
-    par::rows(lens.len(), c, c, |b, o| {
-        let r = b * l + lens[b] as usize - 1;
-        o.copy_from_slice(&x[r * c..(r + 1) * c]);
-    })
-}
-
-pub fn gather_last_bwd_cpu<T: Real>(g: &[T], lens: &[u32], l: usize, c: usize) -> Vec<T> {
-    par::rows(lens.len(), l * c, l * c, |b, o| {
-        let r = lens[b] as usize - 1;
-        o[r * c..(r + 1) * c].copy_from_slice(&g[b * c..(b + 1) * c]);
-    })
-}
-
 // ---- ops ------------------------------------------------------------------------------------
+
+/// Rows `ids` of w (V, D), or (`backward`) the gradient of w from the rows' gradient.
+#[derive(Clone)]
+struct Embedding {
+    ids: Indices,
+    v: usize,
+    d: usize,
+    /// ids' shape.
+    shape: Vec<usize>,
+    backward: bool,
+}
+
+impl Op for Embedding {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        if self.backward {
+            return vec![vec![self.v, self.d]];
+        }
+        let mut shape = self.shape.clone();
+        shape.push(self.d);
+        vec![shape]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![match self.backward {
+            false => embedding_cpu(x[0], self.ids.host(), self.d),
+            true => embedding_bwd_cpu(x[0], self.ids.host(), self.v, self.d),
+        }])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let (v, d, n) = (self.v, self.d, self.ids.len());
+        Ok(vec![match self.backward {
+            false => launch(&EMB_FWD, x[0], self.ids.gpu()?, n * d, d, 0)?,
+            true => {
+                let csr = Indices::new(inverse_index(self.ids.host(), v));
+                launch(&EMB_BWD, x[0], csr.gpu()?, v * d, d, v)?
+            }
+        }])
+    }
+}
+
+impl Backward for Embedding {
+    type Saved = Embedding;
+    fn save(self, _: &[&Tensor], _: Vec<Tensor>, _: &[bool]) -> Embedding {
+        Embedding { backward: true, ..self }
+    }
+    /// dw[v] = sum of g[i] over ids[i] = v
+    fn backward(op: &Embedding, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(run(op, &[g])?.remove(0))])
+    }
+}
 
 /// Embedding lookup: w (V, D), ids (prod(ids_shape)) each < V -> ids_shape + [D].
 pub fn embedding(w: &Tensor, ids: &Indices, ids_shape: &[usize]) -> Result<Tensor> {
@@ -124,50 +159,14 @@ pub fn embedding(w: &Tensor, ids: &Indices, ids_shape: &[usize]) -> Result<Tenso
     }
     let (v, d) = (w.shape()[0], w.shape()[1]);
     ids.check_below(v, "embedding", "id")?;
-    let n = ids.len();
-    let st = on_device!(w.device(), T => T::wrap(embedding_cpu::<T>(&w.host::<T>()?, ids.host(), d)),
-        launch(&EMB_FWD, &*w.gbuf()?, ids.gpu()?, n * d, d, 0)?);
-    let mut shape = ids_shape.to_vec();
-    shape.push(d);
-    let ids = ids.clone();
-    Ok(Tensor::from_op("embedding", st, shape, &[w], move |g| {
-        let st = on_device!(g.device(), T => T::wrap(embedding_bwd_cpu::<T>(&g.host::<T>()?, ids.host(), v, d)), {
-            let csr = Indices::new(inverse_index(ids.host(), v));
-            launch(&EMB_BWD, &*g.gbuf()?, csr.gpu()?, v * d, d, v)?
-        });
-        Ok(vec![Some(Tensor::from_storage(st, vec![v, d]))])
-    }))
-}
-
-/// The last valid position of each sequence: x (B, L, C), lens (B) each in 1..=L -> (B, C).
-pub fn gather_last(x: &Tensor, lens: &Indices) -> Result<Tensor> {
-    if x.rank() != 3 {
-        return shape_err("gather_last", format!("x must be (B, L, C), got {:?}", x.shape()));
-    }
-    let (b, l, c) = (x.shape()[0], x.shape()[1], x.shape()[2]);
-    if lens.len() != b {
-        return shape_err("gather_last", format!("{} lengths for x {:?}", lens.len(), x.shape()));
-    }
-    if let Some((pos, &len)) = lens.host().iter().enumerate().find(|(_, &len)| len == 0 || len as usize > l) {
-        return Err(Error::Index {
-            op: "gather_last",
-            msg: format!("length {len} at position {pos} must be in 1..={l} (x {:?})", x.shape()),
-        });
-    }
-    let st = on_device!(x.device(), T => T::wrap(gather_last_cpu::<T>(&x.host::<T>()?, lens.host(), l, c)),
-        launch(&LAST_FWD, &*x.gbuf()?, lens.gpu()?, b * c, c, l)?);
-    let lens = lens.clone();
-    Ok(Tensor::from_op("gather_last", st, vec![b, c], &[x], move |g| {
-        let st = on_device!(g.device(), T => T::wrap(gather_last_bwd_cpu::<T>(&g.host::<T>()?, lens.host(), l, c)),
-            launch(&LAST_BWD, &*g.gbuf()?, lens.gpu()?, b * l * c, c, l)?);
-        Ok(vec![Some(Tensor::from_storage(st, vec![b, l, c]))])
-    }))
+    apply(Embedding { ids: ids.clone(), v, d, shape: ids_shape.to_vec(), backward: false }, &[w])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::device::Device;
+    use crate::error::Error;
 
     #[test]
     fn inverse_index_lists_positions_in_order() {
@@ -176,14 +175,10 @@ mod tests {
     }
 
     #[test]
-    fn rejects_bad_ids_and_lengths() {
+    fn rejects_bad_ids() {
         let w = Tensor::zeros(&[5, 2], Device::Cpu).unwrap();
         let err = embedding(&w, &Indices::new(vec![0, 7, 1]), &[3]).unwrap_err().to_string();
         assert!(err.contains("id 7 at position 1") && err.contains("< 5"), "{err}");
         assert!(matches!(embedding(&w, &Indices::new(vec![0, 1]), &[3]), Err(Error::Shape { .. })));
-        let x = Tensor::zeros(&[2, 3, 4], Device::Cpu).unwrap();
-        assert!(matches!(gather_last(&x, &Indices::new(vec![0, 3])), Err(Error::Index { .. })));
-        assert!(matches!(gather_last(&x, &Indices::new(vec![1, 4])), Err(Error::Index { .. })));
-        assert_eq!(gather_last(&x, &Indices::new(vec![1, 3])).unwrap().shape(), &[2, 4]);
     }
 }

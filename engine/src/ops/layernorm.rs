@@ -17,12 +17,14 @@
 //! large mean lose no precision in f32. The forward saves, per row, that shifted mean and rstd.
 //! dgamma/dbeta are deterministic: chunks of rows are summed in a fixed order, then the chunks.
 
+use super::elementwise::axpby_cpu;
 use super::reduce::sum_rows_gpu;
 use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
-use crate::tensor::{same_device, Storage, Tensor};
+use crate::op::{apply, run, Backward, Op};
+use crate::tensor::Tensor;
 
 const SRC: &str = wgsl!("layernorm.wgsl");
 static FWD: Kernel<LayernormParams> = Kernel::new("layernorm", SRC, "ln_fwd", &[Read, ReadWrite, ReadWrite, Read, Read]);
@@ -133,12 +135,12 @@ fn params(rows: usize, c: usize, groups: usize, eps: f32) -> LayernormParams {
     LayernormParams { rows: rows as u32, cols: c as u32, groups: groups as u32, eps }
 }
 
-fn layernorm_gpu(x: &GpuBuf, gamma: &GpuBuf, beta: &GpuBuf, rows: usize, c: usize, groups: usize, eps: f32) -> Result<(Storage, Storage)> {
+fn layernorm_gpu(x: &GpuBuf, gamma: &GpuBuf, beta: &GpuBuf, rows: usize, c: usize, groups: usize, eps: f32) -> Result<(GpuBuf, GpuBuf)> {
     let g = gpu()?;
     let y = g.alloc(4 * (rows * c) as u64)?;
     let stats = g.alloc(4 * (rows * 2) as u64)?;
     g.dispatch(&FWD, &[x, &stats, &y, gamma, beta], &params(rows, c, groups, eps), row_groups(rows))?;
-    Ok((Storage::Gpu(y), Storage::Gpu(stats)))
+    Ok((y, stats))
 }
 
 fn layernorm_bwd_gpu(
@@ -149,7 +151,7 @@ fn layernorm_bwd_gpu(
     rows: usize,
     c: usize,
     groups: usize,
-) -> Result<(Storage, Storage, Storage)> {
+) -> Result<(GpuBuf, GpuBuf, GpuBuf)> {
     let g = gpu()?;
     let prm = params(rows, c, groups, 0.0);
     let dx = g.alloc(4 * (rows * c) as u64)?;
@@ -161,21 +163,115 @@ fn layernorm_bwd_gpu(
     let pb = g.alloc(4 * (chunks * cols) as u64)?;
     g.dispatch(&BWD_PARAM, &[x, stats, dy, &pg, &pb], &prm, groups_1d(chunks * cols))?;
     let (dgamma, dbeta) = if chunks == 1 { (pg, pb) } else { (sum_rows_gpu(&pg, chunks, cols)?, sum_rows_gpu(&pb, chunks, cols)?) };
-    Ok((Storage::Gpu(dx), Storage::Gpu(dgamma), Storage::Gpu(dbeta)))
+    Ok((dx, dgamma, dbeta))
 }
 
 // ---- op -------------------------------------------------------------------------------------
 
+/// LayerNorm of x over inputs [x, gamma, beta], or (`add`) of a + x over [a, x, gamma, beta]:
+/// outputs y, the per-row statistics (rows, 2) and, with `add`, the sum. In the backward form,
+/// (dx, dgamma, dbeta) over [x or the sum, gamma, statistics, g].
+#[derive(Clone)]
+struct LayerNorm {
+    shape: Vec<usize>,
+    rows: usize,
+    c: usize,
+    groups: usize,
+    eps: f32,
+    add: bool,
+    backward: bool,
+}
+
+impl Op for LayerNorm {
+    fn name(&self) -> &'static str {
+        if self.add {
+            "add_layernorm"
+        } else {
+            "layernorm"
+        }
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        let (x, stats, params) = (self.shape.clone(), vec![self.rows, 2], vec![self.groups, self.c]);
+        match (self.backward, self.add) {
+            (true, _) => vec![x, params.clone(), params],
+            (false, false) => vec![x, stats],
+            (false, true) => vec![x.clone(), stats, x],
+        }
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (rows, c, groups) = (self.rows, self.c, self.groups);
+        if self.backward {
+            let (dx, dg, db) = layernorm_bwd_cpu(x[0], x[1], x[2], x[3], rows, c, groups);
+            return Ok(vec![dx, dg, db]);
+        }
+        let eps = T::c(self.eps as f64);
+        if self.add {
+            let sum = axpby_cpu(x[0], x[1], T::one());
+            let (y, stats) = layernorm_cpu(&sum, x[2], x[3], rows, c, groups, eps);
+            return Ok(vec![y, stats, sum]);
+        }
+        let (y, stats) = layernorm_cpu(x[0], x[1], x[2], rows, c, groups, eps);
+        Ok(vec![y, stats])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let (rows, c, groups) = (self.rows, self.c, self.groups);
+        if self.backward {
+            let (dx, dg, db) = layernorm_bwd_gpu(x[0], x[1], x[2], x[3], rows, c, groups)?;
+            return Ok(vec![dx, dg, db]);
+        }
+        if !self.add {
+            let (y, stats) = layernorm_gpu(x[0], x[1], x[2], rows, c, groups, self.eps)?;
+            return Ok(vec![y, stats]);
+        }
+        let g = gpu()?;
+        let (y, stats, sum) = (g.alloc(4 * (rows * c) as u64)?, g.alloc(4 * (rows * 2) as u64)?, g.alloc(4 * (rows * c) as u64)?);
+        let (a, xx, gamma, beta) = (x[0], x[1], x[2], x[3]);
+        g.dispatch(&ADD_FWD, &[xx, &stats, &y, gamma, beta, a, &sum], &params(rows, c, groups, self.eps), row_groups(rows))?;
+        Ok(vec![y, stats, sum])
+    }
+}
+
+/// What the backward reads: the normalized input (x, or the saved sum), gamma, the statistics,
+/// the parameters' shape, how many inputs share dx, and the op in its backward form.
+struct LayerNormSaved {
+    xs: Tensor,
+    gamma: Tensor,
+    stats: Tensor,
+    pshape: Vec<usize>,
+    summands: usize,
+    op: LayerNorm,
+}
+
+impl Backward for LayerNorm {
+    type Saved = LayerNormSaved;
+    fn save(self, x: &[&Tensor], mut out: Vec<Tensor>, _: &[bool]) -> LayerNormSaved {
+        let n = x.len();
+        let xs = if self.add { out.remove(2) } else { x[0].detach() };
+        LayerNormSaved {
+            xs,
+            gamma: x[n - 2].detach(),
+            stats: out.remove(1),
+            pshape: x[n - 2].shape().to_vec(),
+            summands: n - 2,
+            op: LayerNorm { backward: true, ..self },
+        }
+    }
+    /// dx (to every summand), dgamma, dbeta: see the module docs.
+    fn backward(s: &LayerNormSaved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut d = run(&s.op, &[&s.xs, &s.gamma, &s.stats, g])?.into_iter();
+        let (dx, dgamma, dbeta) = (d.next().unwrap(), d.next().unwrap(), d.next().unwrap());
+        let mut grads = vec![Some(dx); s.summands];
+        grads.push(Some(dgamma.reshape(&s.pshape)?));
+        grads.push(Some(dbeta.reshape(&s.pshape)?));
+        Ok(grads)
+    }
+}
+
 /// LayerNorm over the last axis of x (.., C) with gamma, beta (C) or (G, C); see the module docs.
 pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
-    let op = "layernorm";
-    let (rows, c, groups) = check(op, x, gamma, beta, eps)?;
-    let dev = same_device(op, &[x, gamma, beta])?;
-    let (y, stats) = on_device!(dev, T => {
-        let (y, s) = layernorm_cpu::<T>(&x.host::<T>()?, &gamma.host::<T>()?, &beta.host::<T>()?, rows, c, groups, T::c(eps as f64));
-        (T::wrap(y), T::wrap(s))
-    }, layernorm_gpu(&*x.gbuf()?, &*gamma.gbuf()?, &*beta.gbuf()?, rows, c, groups, eps)?);
-    record(op, y, stats, x.detach(), x.shape(), &[x, gamma, beta], (rows, c, groups))
+    let (rows, c, groups) = check("layernorm", x, gamma, beta, eps)?;
+    let op = LayerNorm { shape: x.shape().to_vec(), rows, c, groups, eps, add: false, backward: false };
+    apply(op, &[x, gamma, beta])
 }
 
 /// LayerNorm of the residual sum a + x (a and x of one shape); see the module docs.
@@ -185,19 +281,8 @@ pub fn add_layernorm(a: &Tensor, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps:
         return Err(Error::Shape { op, msg: format!("a {:?} and x {:?} must have one shape", a.shape(), x.shape()) });
     }
     let (rows, c, groups) = check(op, x, gamma, beta, eps)?;
-    if same_device(op, &[a, x, gamma, beta])? != crate::device::Device::Gpu {
-        return layernorm(&super::add(a, x)?, gamma, beta, eps);
-    }
-    let g = gpu()?;
-    let (y, stats, sum) = (g.alloc(4 * (rows * c) as u64)?, g.alloc(4 * (rows * 2) as u64)?, g.alloc(4 * (rows * c) as u64)?);
-    g.dispatch(
-        &ADD_FWD,
-        &[&*x.gbuf()?, &stats, &y, &*gamma.gbuf()?, &*beta.gbuf()?, &*a.gbuf()?, &sum],
-        &params(rows, c, groups, eps),
-        row_groups(rows),
-    )?;
-    let sum = Tensor::from_storage(Storage::Gpu(sum), x.shape().to_vec());
-    record(op, Storage::Gpu(y), Storage::Gpu(stats), sum, x.shape(), &[a, x, gamma, beta], (rows, c, groups))
+    let op = LayerNorm { shape: x.shape().to_vec(), rows, c, groups, eps, add: true, backward: false };
+    apply(op, &[a, x, gamma, beta])
 }
 
 /// Shape checks of both ops: (rows, C, groups).
@@ -225,33 +310,4 @@ fn check(op: &'static str, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) 
         return Err(Error::Invalid(format!("{op}: eps must be >= 0, got {eps}")));
     }
     Ok((rows, c, groups))
-}
-
-/// The output y on the tape. `xs` is the normalized input (x, or the saved sum); `inputs` end with
-/// gamma, beta, and every input before them gets the same gradient dx.
-fn record(
-    op: &'static str,
-    y: Storage,
-    stats: Storage,
-    xs: Tensor,
-    shape: &[usize],
-    inputs: &[&Tensor],
-    (rows, c, groups): (usize, usize, usize),
-) -> Result<Tensor> {
-    let stats = Tensor::from_storage(stats, vec![rows, 2]);
-    let n = inputs.len();
-    let gc = inputs[n - 2].detach();
-    let pshape = gc.shape().to_vec();
-    Ok(Tensor::from_op(op, y, shape.to_vec(), inputs, move |g| {
-        let (dx, dgamma, dbeta) = on_device!(g.device(), T => {
-            let (dx, dg, db) =
-                layernorm_bwd_cpu::<T>(&xs.host::<T>()?, &gc.host::<T>()?, &stats.host::<T>()?, &g.host::<T>()?, rows, c, groups);
-            (T::wrap(dx), T::wrap(dg), T::wrap(db))
-        }, layernorm_bwd_gpu(&*xs.gbuf()?, &*gc.gbuf()?, &*stats.gbuf()?, &*g.gbuf()?, rows, c, groups)?);
-        let dx = Tensor::from_storage(dx, g.shape().to_vec());
-        let mut grads = vec![Some(dx); n - 2];
-        grads.push(Some(Tensor::from_storage(dgamma, pshape.clone())));
-        grads.push(Some(Tensor::from_storage(dbeta, pshape.clone())));
-        Ok(grads)
-    }))
 }

@@ -26,7 +26,8 @@ use super::wgsl;
 use crate::cpu::{par, sum_exp, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
-use crate::tensor::{Indices, Storage, Tensor};
+use crate::op::{apply, run, Backward, Op};
+use crate::tensor::{Indices, Tensor};
 
 const SRC: &str = wgsl!("loss.wgsl");
 static CE_FWD: Kernel<LossParams> = Kernel::new("loss", SRC, "ce_fwd", &[Read, Read, ReadWrite, ReadWrite]);
@@ -65,12 +66,12 @@ fn fwd_gpu(
     rows: usize,
     stat_len: usize,
     prm: &LossParams,
-) -> Result<(Storage, Storage)> {
+) -> Result<(GpuBuf, GpuBuf)> {
     let g = gpu()?;
     let loss = g.alloc(4 * rows as u64)?;
     let stat = g.alloc(4 * stat_len as u64)?;
     g.dispatch(k, &[logits, targets, &loss, &stat], prm, row_groups(rows))?;
-    Ok((Storage::Gpu(loss), Storage::Gpu(stat)))
+    Ok((loss, stat))
 }
 
 /// Backward: dlogits (n elements) from the saved statistics and the per-row gradient g.
@@ -82,11 +83,11 @@ fn bwd_gpu(
     g: &GpuBuf,
     n: usize,
     prm: &LossParams,
-) -> Result<Storage> {
+) -> Result<GpuBuf> {
     let gp = gpu()?;
     let out = gp.alloc(4 * n as u64)?;
     gp.dispatch(k, &[logits, targets, &out, stat, g], prm, groups_1d(n))?;
-    Ok(Storage::Gpu(out))
+    Ok(out)
 }
 
 fn bit(mask: u32, k: usize) -> bool {
@@ -180,6 +181,83 @@ pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &
 
 // ---- ops ------------------------------------------------------------------------------------
 
+/// The per-row loss (B) of logits (B, N) (cross-entropy) or (K, B, B) (InfoNCE), with the row
+/// statistics its backward reuses as the second output: the log-sum-exp (B), or (`nce`) the
+/// numerator's and denominator's (2B). In the backward form, the gradient of the logits over
+/// inputs [logits, statistics, g].
+#[derive(Clone)]
+struct RowLoss {
+    nce: bool,
+    targets: Indices,
+    prm: LossParams,
+    /// The logits' shape.
+    shape: Vec<usize>,
+    backward: bool,
+}
+
+impl RowLoss {
+    fn rows(&self) -> usize {
+        self.prm.rows as usize
+    }
+    fn stat_len(&self) -> usize {
+        if self.nce {
+            2 * self.rows()
+        } else {
+            self.rows()
+        }
+    }
+}
+
+impl Op for RowLoss {
+    fn name(&self) -> &'static str {
+        "loss"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        match self.backward {
+            false => vec![vec![self.rows()], vec![self.stat_len()]],
+            true => vec![self.shape.clone()],
+        }
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (t, p) = (self.targets.host(), &self.prm);
+        let (k, n) = (p.k as usize, p.cols as usize);
+        Ok(match (self.nce, self.backward) {
+            (false, false) => {
+                let (loss, lse) = cross_entropy_cpu(x[0], t, n);
+                vec![loss, lse]
+            }
+            (true, false) => {
+                let (loss, stat) = info_nce_cpu(x[0], t, p.num_mask, p.excl_mask, k);
+                vec![loss, stat]
+            }
+            (false, true) => vec![cross_entropy_bwd_cpu(x[0], t, x[1], x[2], n)],
+            (true, true) => vec![info_nce_bwd_cpu(x[0], t, x[1], x[2], p.num_mask, p.excl_mask, k)],
+        })
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let t = self.targets.gpu()?;
+        let (fwd, bwd) = if self.nce { (&NCE_FWD, &NCE_BWD) } else { (&CE_FWD, &CE_BWD) };
+        Ok(match self.backward {
+            false => {
+                let (loss, stat) = fwd_gpu(fwd, x[0], t, self.rows(), self.stat_len(), &self.prm)?;
+                vec![loss, stat]
+            }
+            true => vec![bwd_gpu(bwd, x[0], t, x[1], x[2], self.shape.iter().product(), &self.prm)?],
+        })
+    }
+}
+
+impl Backward for RowLoss {
+    /// The logits, the row statistics, and the op in its backward form.
+    type Saved = (Tensor, Tensor, RowLoss);
+    fn save(self, x: &[&Tensor], mut out: Vec<Tensor>, _: &[bool]) -> Self::Saved {
+        (x[0].detach(), out.remove(1), RowLoss { backward: true, ..self })
+    }
+    fn backward((logits, stat, op): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(run(op, &[logits, stat, g])?.remove(0))])
+    }
+}
+
 /// Mean cross-entropy: logits (B, N), targets (B) each < N -> () scalar.
 pub fn cross_entropy(logits: &Tensor, targets: &Indices) -> Result<Tensor> {
     let s = logits.shape();
@@ -192,18 +270,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &Indices) -> Result<Tensor> {
     }
     targets.check_below(n, "cross_entropy", "target")?;
     let prm = LossParams { rows: b as u32, cols: n as u32, k: 0, num_mask: 0, excl_mask: 0 };
-    let (loss, lse) = on_device!(logits.device(), T => {
-        let (loss, lse) = cross_entropy_cpu::<T>(&logits.host::<T>()?, targets.host(), n);
-        (T::wrap(loss), T::wrap(lse))
-    }, fwd_gpu(&CE_FWD, &*logits.gbuf()?, targets.gpu()?, b, b, &prm)?);
-    let lse = Tensor::from_storage(lse, vec![b]);
-    let (lc, targets) = (logits.detach(), targets.clone());
-    let rows = Tensor::from_op("cross_entropy", loss, vec![b], &[logits], move |g| {
-        let st = on_device!(g.device(), T => T::wrap(cross_entropy_bwd_cpu::<T>(&lc.host::<T>()?, targets.host(), &lse.host::<T>()?, &g.host::<T>()?, n)),
-            bwd_gpu(&CE_BWD, &*lc.gbuf()?, targets.gpu()?, &*lse.gbuf()?, &*g.gbuf()?, b * n, &prm)?);
-        Ok(vec![Some(Tensor::from_storage(st, vec![b, n]))])
-    });
-    mean(&rows)
+    let op = RowLoss { nce: false, targets: targets.clone(), prm, shape: vec![b, n], backward: false };
+    mean(&apply(op, &[logits])?)
 }
 
 /// Multi-matrix InfoNCE with same-target exclusion: logits (K, B, B), targets (B) -> () scalar.
@@ -234,18 +302,8 @@ pub fn info_nce(logits: &Tensor, targets: &Indices, numerator: &[bool], exclude_
     let mask = |f: &[bool]| f.iter().enumerate().fold(0u32, |m, (i, &x)| m | ((x as u32) << i));
     let (num, excl) = (mask(numerator), mask(exclude_diag));
     let prm = LossParams { rows: b as u32, cols: b as u32, k: k as u32, num_mask: num, excl_mask: excl };
-    let (loss, stat) = on_device!(logits.device(), T => {
-        let (loss, stat) = info_nce_cpu::<T>(&logits.host::<T>()?, targets.host(), num, excl, k);
-        (T::wrap(loss), T::wrap(stat))
-    }, fwd_gpu(&NCE_FWD, &*logits.gbuf()?, targets.gpu()?, b, 2 * b, &prm)?);
-    let stat = Tensor::from_storage(stat, vec![2 * b]);
-    let (lc, targets) = (logits.detach(), targets.clone());
-    let rows = Tensor::from_op("info_nce", loss, vec![b], &[logits], move |g| {
-        let st = on_device!(g.device(), T => T::wrap(info_nce_bwd_cpu::<T>(&lc.host::<T>()?, targets.host(), &stat.host::<T>()?, &g.host::<T>()?, num, excl, k)),
-            bwd_gpu(&NCE_BWD, &*lc.gbuf()?, targets.gpu()?, &*stat.gbuf()?, &*g.gbuf()?, k * b * b, &prm)?);
-        Ok(vec![Some(Tensor::from_storage(st, vec![k, b, b]))])
-    });
-    mean(&rows)
+    let op = RowLoss { nce: true, targets: targets.clone(), prm, shape: vec![k, b, b], backward: false };
+    mean(&apply(op, &[logits])?)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! One module per op family. Each op: shape checks, a WGSL forward and backward kernel (in
-//! `shaders/`), a plain-Rust reference generic over f32/f64, and the shapes in its doc comment.
+//! `shaders/`), a plain-Rust form generic over f32/f64, and the shapes and backward rule in its
+//! module's doc comment; each is an [`Op`](crate::op::Op) run through [`apply`](crate::op::apply).
 
 pub mod attention;
 pub mod catalog;
@@ -15,11 +16,11 @@ pub mod rank;
 pub mod reduce;
 pub mod softmax;
 
-pub use attention::{attention, attention_masked, attention_ragged};
+pub use attention::attention_ragged;
 pub use catalog::{catalog_ce, catalog_rank};
 pub use concat::concat;
 pub use elementwise::{add, add_scaled, dropout, dropout_rows, gelu, mean, mul, quick_gelu, scale, sub};
-pub use embedding::{embedding, gather_last};
+pub use embedding::embedding;
 pub use layernorm::{add_layernorm, layernorm};
 pub use loss::{cross_entropy, info_nce};
 pub use matmul::{

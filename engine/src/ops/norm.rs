@@ -7,7 +7,8 @@ use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
-use crate::tensor::{Storage, Tensor};
+use crate::op::{apply, run, Backward, Op};
+use crate::tensor::Tensor;
 
 const SRC: &str = wgsl!("norm.wgsl");
 static L2NORM_FWD: Kernel<NormParams> = Kernel::new("norm", SRC, "l2norm_fwd", &[Read, ReadWrite]);
@@ -62,16 +63,57 @@ pub fn l2norm_bwd_cpu<T: Real>(x: &[T], g: &[T], cols: usize, eps: T) -> Vec<T> 
 // ---- GPU ------------------------------------------------------------------------------------
 
 /// One 64-invocation workgroup per row.
-fn l2norm_gpu(k: &Kernel<NormParams>, bufs: &[&GpuBuf], rows: usize, cols: usize, eps: f32) -> Result<Storage> {
+fn l2norm_gpu(k: &Kernel<NormParams>, bufs: &[&GpuBuf], rows: usize, cols: usize, eps: f32) -> Result<GpuBuf> {
     let g = gpu()?;
     let out = g.alloc(4 * (rows * cols) as u64)?;
     let mut all = bufs.to_vec();
     all.push(&out);
     g.dispatch(k, &all, &NormParams { rows: rows as u32, cols: cols as u32, eps }, row_groups(rows))?;
-    Ok(Storage::Gpu(out))
+    Ok(out)
 }
 
 // ---- op -------------------------------------------------------------------------------------
+
+/// x (rows, cols) over its rows' norms, or (`backward`) the gradient of x over inputs [x, g].
+#[derive(Clone)]
+struct L2Norm {
+    shape: Vec<usize>,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+    backward: bool,
+}
+
+impl Op for L2Norm {
+    fn name(&self) -> &'static str {
+        "l2norm"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![self.shape.clone()]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let eps = T::c(self.eps as f64);
+        Ok(vec![match self.backward {
+            false => l2norm_cpu(x[0], self.cols, eps),
+            true => l2norm_bwd_cpu(x[0], x[1], self.cols, eps),
+        }])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let k = if self.backward { &L2NORM_BWD } else { &L2NORM_FWD };
+        Ok(vec![l2norm_gpu(k, x, self.rows, self.cols, self.eps)?])
+    }
+}
+
+impl Backward for L2Norm {
+    /// x, and the op in its backward form.
+    type Saved = (Tensor, L2Norm);
+    fn save(self, x: &[&Tensor], _: Vec<Tensor>, _: &[bool]) -> Self::Saved {
+        (x[0].detach(), L2Norm { backward: true, ..self })
+    }
+    fn backward((x, op): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(run(op, &[x, g])?.remove(0))])
+    }
+}
 
 /// x / max(||x||_2, eps) over the last axis (the model uses eps = 1e-12).
 pub fn l2norm(x: &Tensor, eps: f32) -> Result<Tensor> {
@@ -82,13 +124,5 @@ pub fn l2norm(x: &Tensor, eps: f32) -> Result<Tensor> {
         return Err(Error::Invalid(format!("l2norm: eps must be positive and finite, got {eps}")));
     }
     let cols = x.last_dim();
-    let rows = x.numel() / cols;
-    let st = on_device!(x.device(), T => T::wrap(l2norm_cpu::<T>(&x.host::<T>()?, cols, T::c(eps as f64))),
-        l2norm_gpu(&L2NORM_FWD, &[&*x.gbuf()?], rows, cols, eps)?);
-    let xc = x.detach();
-    Ok(Tensor::from_op("l2norm", st, x.shape().to_vec(), &[x], move |g| {
-        let st = on_device!(g.device(), T => T::wrap(l2norm_bwd_cpu::<T>(&xc.host::<T>()?, &g.host::<T>()?, cols, T::c(eps as f64))),
-            l2norm_gpu(&L2NORM_BWD, &[&*xc.gbuf()?, &*g.gbuf()?], rows, cols, eps)?);
-        Ok(vec![Some(Tensor::from_storage(st, g.shape().to_vec()))])
-    }))
+    apply(L2Norm { shape: x.shape().to_vec(), rows: x.numel() / cols, cols, eps, backward: false }, &[x])
 }

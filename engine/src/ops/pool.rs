@@ -18,8 +18,9 @@ use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access, Access::*, GpuBuf, Kernel};
+use crate::op::{apply, run, Backward, Op};
 use crate::ragged::Ragged;
-use crate::tensor::{same_device, Indices, Storage, Tensor};
+use crate::tensor::{Indices, Tensor};
 
 const SRC: &str = wgsl!("pool.wgsl");
 const BWD: &[Access] = &[Read, Read, Read, Read, ReadWrite];
@@ -130,59 +131,100 @@ pub fn mean_ragged_bwd_cpu<T: Real>(de: &[T], r: &Ragged, c: usize) -> Vec<T> {
 
 // ---- GPU ------------------------------------------------------------------------------------
 
-fn pool_gpu(a: &GpuBuf, x: &GpuBuf, lens: &GpuBuf, n: usize, s: usize, d: usize) -> Result<(Storage, Storage)> {
+fn pool_gpu(a: &GpuBuf, x: &GpuBuf, lens: &GpuBuf, n: usize, s: usize, d: usize) -> Result<(GpuBuf, GpuBuf)> {
     let g = gpu()?;
     let e = g.alloc(4 * (n * d) as u64)?;
     let alpha = g.alloc(4 * (n * s) as u64)?;
     g.dispatch(&FWD, &[a, x, lens, &e, &alpha], &PoolParams { n: n as u32, s: s as u32, d: d as u32 }, row_groups(n))?;
-    Ok((Storage::Gpu(e), Storage::Gpu(alpha)))
+    Ok((e, alpha))
 }
 
-fn pool_bwd_gpu(alpha: &GpuBuf, x: &GpuBuf, lens: &GpuBuf, de: &GpuBuf, n: usize, s: usize, d: usize) -> Result<(Storage, Storage)> {
+fn pool_bwd_gpu(alpha: &GpuBuf, x: &GpuBuf, lens: &GpuBuf, de: &GpuBuf, n: usize, s: usize, d: usize) -> Result<(GpuBuf, GpuBuf)> {
     let g = gpu()?;
     let da = g.alloc(4 * (n * s) as u64)?;
     let dx = g.alloc(4 * (n * s * d) as u64)?;
     let prm = PoolParams { n: n as u32, s: s as u32, d: d as u32 };
     g.dispatch(&BWD_A, &[alpha, x, lens, de, &da], &prm, row_groups(n))?;
     g.dispatch(&BWD_X, &[alpha, x, lens, de, &dx], &prm, groups_1d(n * s * d))?;
-    Ok((Storage::Gpu(da), Storage::Gpu(dx)))
+    Ok((da, dx))
 }
 
-fn mean_ragged_gpu(x: &GpuBuf, r: &Ragged, c: usize) -> Result<Storage> {
+fn mean_ragged_gpu(x: &GpuBuf, r: &Ragged, c: usize) -> Result<GpuBuf> {
     let g = gpu()?;
     let e = g.alloc(4 * (r.batch() * c) as u64)?;
     let prm = MeanParams { batch: r.batch() as u32, rows: r.rows() as u32, cols: c as u32 };
     g.dispatch(&MEAN_FWD, &[r.meta.gpu()?, x, &e], &prm, groups_1d(r.batch() * c))?;
-    Ok(Storage::Gpu(e))
+    Ok(e)
 }
 
-fn mean_ragged_bwd_gpu(de: &GpuBuf, r: &Ragged, c: usize) -> Result<Storage> {
+fn mean_ragged_bwd_gpu(de: &GpuBuf, r: &Ragged, c: usize) -> Result<GpuBuf> {
     let g = gpu()?;
     let dx = g.alloc(4 * (r.rows() * c) as u64)?;
     let prm = MeanParams { batch: r.batch() as u32, rows: r.rows() as u32, cols: c as u32 };
     g.dispatch(&MEAN_BWD, &[r.meta.gpu()?, de, &dx], &prm, groups_1d(r.rows() * c))?;
-    Ok(Storage::Gpu(dx))
+    Ok(dx)
 }
 
 // ---- ops ------------------------------------------------------------------------------------
 
+/// e (N, D) = sum_{j < lens[n]} softmax(a[n, :lens[n]])_j x[n, j] over inputs [a, x], with the
+/// weights alpha (N, S) as the second output; in the backward form (da, dx) over [alpha, x, g].
+#[derive(Clone)]
+struct SoftmaxPool {
+    name: &'static str,
+    lens: Indices,
+    n: usize,
+    s: usize,
+    d: usize,
+    backward: bool,
+}
+
+impl Op for SoftmaxPool {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        let (n, s, d) = (self.n, self.s, self.d);
+        match self.backward {
+            false => vec![vec![n, d], vec![n, s]],
+            true => vec![vec![n, s], vec![n, s, d]],
+        }
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (l, n, s, d) = (self.lens.host(), self.n, self.s, self.d);
+        let (a, b) = match self.backward {
+            false => pool_cpu(x[0], x[1], l, n, s, d),
+            true => pool_bwd_cpu(x[0], x[1], x[2], l, n, s, d),
+        };
+        Ok(vec![a, b])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let (l, n, s, d) = (self.lens.gpu()?, self.n, self.s, self.d);
+        let (a, b) = match self.backward {
+            false => pool_gpu(x[0], x[1], l, n, s, d)?,
+            true => pool_bwd_gpu(x[0], x[1], l, x[2], n, s, d)?,
+        };
+        Ok(vec![a, b])
+    }
+}
+
+impl Backward for SoftmaxPool {
+    /// alpha, x, and the op in its backward form.
+    type Saved = (Tensor, Tensor, SoftmaxPool);
+    fn save(self, x: &[&Tensor], mut out: Vec<Tensor>, _: &[bool]) -> Self::Saved {
+        (out.remove(1), x[1].detach(), SoftmaxPool { backward: true, ..self })
+    }
+    fn backward((alpha, x, op): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut d = run(op, &[alpha, x, g])?;
+        let dx = d.pop();
+        Ok(vec![d.pop(), dx])
+    }
+}
+
 /// e (N, D) = sum_{j < lens[n]} softmax(a[n, :lens[n]])_j x[n, j]; `lens` already validated.
-fn softmax_pool(op: &'static str, a: &Tensor, x: &Tensor, lens: Indices) -> Result<Tensor> {
+fn softmax_pool(name: &'static str, a: &Tensor, x: &Tensor, lens: Indices) -> Result<Tensor> {
     let (n, s, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
-    let dev = same_device(op, &[a, x])?;
-    let (e, alpha) = on_device!(dev, T => {
-        let (e, alpha) = pool_cpu::<T>(&a.host::<T>()?, &x.host::<T>()?, lens.host(), n, s, d);
-        (T::wrap(e), T::wrap(alpha))
-    }, pool_gpu(&*a.gbuf()?, &*x.gbuf()?, lens.gpu()?, n, s, d)?);
-    let alpha = Tensor::from_storage(alpha, vec![n, s]);
-    let xc = x.detach();
-    Ok(Tensor::from_op(op, e, vec![n, d], &[a, x], move |g| {
-        let (da, dx) = on_device!(g.device(), T => {
-            let (da, dx) = pool_bwd_cpu::<T>(&alpha.host::<T>()?, &xc.host::<T>()?, &g.host::<T>()?, lens.host(), n, s, d);
-            (T::wrap(da), T::wrap(dx))
-        }, pool_bwd_gpu(&*alpha.gbuf()?, &*xc.gbuf()?, lens.gpu()?, &*g.gbuf()?, n, s, d)?);
-        Ok(vec![Some(Tensor::from_storage(da, vec![n, s])), Some(Tensor::from_storage(dx, vec![n, s, d]))])
-    }))
+    apply(SoftmaxPool { name, lens, n, s, d, backward: false }, &[a, x])
 }
 
 /// Attention pooling with lengths: a (N, S), x (N, S, D), lens (N) each <= S -> (N, D).
@@ -217,13 +259,47 @@ pub fn mean_ragged(x: &Tensor, r: &Ragged) -> Result<Tensor> {
     if n != r.rows() {
         return shape_err("mean_ragged", format!("x has {n} rows but the ragged batch packs {} ({} sequences)", r.rows(), r.batch()));
     }
-    let e = on_device!(x.device(), T => T::wrap(mean_ragged_cpu::<T>(&x.host::<T>()?, r, c)), mean_ragged_gpu(&*x.gbuf()?, r, c)?);
-    let r = r.clone();
-    Ok(Tensor::from_op("mean_ragged", e, vec![r.batch(), c], &[x], move |g| {
-        let dx = on_device!(g.device(), T => T::wrap(mean_ragged_bwd_cpu::<T>(&g.host::<T>()?, &r, c)),
-            mean_ragged_bwd_gpu(&*g.gbuf()?, &r, c)?);
-        Ok(vec![Some(Tensor::from_storage(dx, vec![r.rows(), c]))])
-    }))
+    apply(MeanRagged { r: r.clone(), c, backward: false }, &[x])
+}
+
+/// Each sequence's mean row, or (`backward`) the rows' gradient from the means'.
+#[derive(Clone)]
+struct MeanRagged {
+    r: Ragged,
+    c: usize,
+    backward: bool,
+}
+
+impl Op for MeanRagged {
+    fn name(&self) -> &'static str {
+        "mean_ragged"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![vec![if self.backward { self.r.rows() } else { self.r.batch() }, self.c]]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![match self.backward {
+            false => mean_ragged_cpu(x[0], &self.r, self.c),
+            true => mean_ragged_bwd_cpu(x[0], &self.r, self.c),
+        }])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        Ok(vec![match self.backward {
+            false => mean_ragged_gpu(x[0], &self.r, self.c)?,
+            true => mean_ragged_bwd_gpu(x[0], &self.r, self.c)?,
+        }])
+    }
+}
+
+impl Backward for MeanRagged {
+    type Saved = MeanRagged;
+    fn save(self, _: &[&Tensor], _: Vec<Tensor>, _: &[bool]) -> MeanRagged {
+        MeanRagged { backward: true, ..self }
+    }
+    /// dx = each sequence's g / its length on each of its rows
+    fn backward(op: &MeanRagged, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(run(op, &[g])?.remove(0))])
+    }
 }
 
 #[cfg(test)]

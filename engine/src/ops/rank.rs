@@ -6,6 +6,7 @@ use super::wgsl;
 use crate::cpu::Real;
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, Kernel};
+use crate::op::{query, Query};
 use crate::tensor::{Indices, Tensor};
 
 static RANK: Kernel<RankParams> = Kernel::new("rank", wgsl!("rank.wgsl"), "rank", &[Read, Read, ReadWrite]);
@@ -39,14 +40,30 @@ pub fn rank_of_targets(scores: &Tensor, targets: &Indices) -> Result<Vec<u32>> {
     }
     let (b, n) = (scores.shape()[0], scores.shape()[1]);
     targets.check_below(n, "rank", "target")?;
-    on_device!(scores.device(), T => {
-        let (host, t) = (scores.host::<T>()?, targets.host());
-        let s: &[T] = &host;
-        Ok(crate::cpu::par::rows(b, n, 1, |r, o: &mut [u32]| o[0] = rank_row_cpu::<T>(&s[r * n..(r + 1) * n], t[r] as usize)))
-    }, {
-        let g = gpu()?;
+    query(&Rank { targets, b, n }, &[scores])
+}
+
+/// Ranks of the targets in rows of scores (B, N).
+struct Rank<'a> {
+    targets: &'a Indices,
+    b: usize,
+    n: usize,
+}
+
+impl Query for Rank<'_> {
+    type Out = Vec<u32>;
+    fn name(&self) -> &'static str {
+        "rank"
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<u32>> {
+        let (s, t, n) = (x[0], self.targets.host(), self.n);
+        Ok(crate::cpu::par::rows(self.b, n, 1, |r, o: &mut [u32]| o[0] = rank_row_cpu::<T>(&s[r * n..(r + 1) * n], t[r] as usize)))
+    }
+    fn gpu(&self, x: &[&Tensor]) -> Result<Vec<u32>> {
+        let (g, b) = (gpu()?, self.b);
         let out = g.alloc(4 * b as u64)?;
-        g.dispatch(&RANK, &[&*scores.gbuf()?, targets.gpu()?, &out], &RankParams { rows: b as u32, n: n as u32 }, row_groups(b))?;
+        let prm = RankParams { rows: b as u32, n: self.n as u32 };
+        g.dispatch(&RANK, &[&*x[0].gbuf()?, self.targets.gpu()?, &out], &prm, row_groups(b))?;
         Ok(bytemuck::pod_collect_to_vec(&g.read(&out, 4 * b as u64)?))
-    })
+    }
 }

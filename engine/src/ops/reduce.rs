@@ -11,7 +11,8 @@ use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
-use crate::tensor::{numel, Storage, Tensor};
+use crate::op::{apply, Backward, Op};
+use crate::tensor::{numel, Tensor};
 
 const SRC: &str = wgsl!("reduce.wgsl");
 static SUM_ROWS: Kernel<ReduceParams> = Kernel::new("reduce", SRC, "sum_rows", &[Read, ReadWrite]);
@@ -65,17 +66,46 @@ pub(crate) fn sum_rows_gpu(x: &GpuBuf, rows: usize, cols: usize) -> Result<GpuBu
     }
 }
 
+/// x (rows, cols) summed over its rows.
+struct SumRows {
+    rows: usize,
+    cols: usize,
+}
+
+impl Op for SumRows {
+    fn name(&self) -> &'static str {
+        "sum_rows"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![vec![self.cols]]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![sum_rows_cpu(x[0], self.rows, self.cols)])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        Ok(vec![sum_rows_gpu(x[0], self.rows, self.cols)?])
+    }
+}
+
+impl Backward for SumRows {
+    /// x's shape.
+    type Saved = Vec<usize>;
+    fn save(self, x: &[&Tensor], _: Vec<Tensor>, _: &[bool]) -> Vec<usize> {
+        x[0].shape().to_vec()
+    }
+    /// dx = g on every row
+    fn backward(xshape: &Vec<usize>, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(broadcast_to(g, xshape)?)])
+    }
+}
+
 /// Sum over all leading axes: x (.., C) -> (C).
 pub fn sum_rows(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 0 {
         return Err(Error::Shape { op: "sum_rows", msg: "needs at least one axis".into() });
     }
     let cols = x.last_dim();
-    let rows = x.numel() / cols.max(1);
-    let st = on_device!(x.device(), T => T::wrap(sum_rows_cpu::<T>(&x.host::<T>()?, rows, cols)),
-        Storage::Gpu(sum_rows_gpu(&*x.gbuf()?, rows, cols)?));
-    let xshape = x.shape().to_vec();
-    Ok(Tensor::from_op("sum_rows", st, vec![cols], &[x], move |g| Ok(vec![Some(broadcast_to(g, &xshape)?)])))
+    apply(SumRows { rows: x.numel() / cols.max(1), cols }, &[x])
 }
 
 /// Sum of all elements: x -> () .
@@ -103,14 +133,42 @@ pub fn broadcast_to(b: &Tensor, shape: &[usize]) -> Result<Tensor> {
     if nb == 0 || !n.is_multiple_of(nb) || (b.rank() > 0 && shape[shape.len().saturating_sub(b.rank())..] != *b.shape() && nb != 1) {
         return Err(Error::Shape { op: "broadcast_to", msg: format!("cannot broadcast {:?} to {shape:?}", b.shape()) });
     }
-    let st = on_device!(b.device(), T => T::wrap(broadcast_cpu::<T>(&b.host::<T>()?, n)), {
-        let g = gpu()?;
+    apply(Broadcast { shape: shape.to_vec(), nb }, &[b])
+}
+
+/// b (nb) repeated to `shape`.
+struct Broadcast {
+    shape: Vec<usize>,
+    nb: usize,
+}
+
+impl Op for Broadcast {
+    fn name(&self) -> &'static str {
+        "broadcast_to"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![self.shape.clone()]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![broadcast_cpu(x[0], numel(&self.shape))])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let (g, n) = (gpu()?, numel(&self.shape));
         let out = g.alloc(4 * n as u64)?;
-        g.dispatch(&BROADCAST, &[&*b.gbuf()?, &out], &ReduceParams { rows: (n / nb) as u32, cols: nb as u32 }, groups_1d(n))?;
-        Storage::Gpu(out)
-    });
-    let bshape = b.shape().to_vec();
-    Ok(Tensor::from_op("broadcast_to", st, shape.to_vec(), &[b], move |g| {
-        Ok(vec![Some(sum_rows(&g.reshape(&[g.numel() / nb, nb])?)?.reshape(&bshape)?)])
-    }))
+        g.dispatch(&BROADCAST, &[x[0], &out], &ReduceParams { rows: (n / self.nb) as u32, cols: self.nb as u32 }, groups_1d(n))?;
+        Ok(vec![out])
+    }
+}
+
+impl Backward for Broadcast {
+    /// b's shape.
+    type Saved = Vec<usize>;
+    fn save(self, x: &[&Tensor], _: Vec<Tensor>, _: &[bool]) -> Vec<usize> {
+        x[0].shape().to_vec()
+    }
+    /// db = g summed over the repeats
+    fn backward(bshape: &Vec<usize>, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let nb = numel(bshape);
+        Ok(vec![Some(sum_rows(&g.reshape(&[g.numel() / nb, nb])?)?.reshape(bshape)?)])
+    }
 }

@@ -8,14 +8,12 @@
 //!
 //! The forward keeps a running (max, sum) per lane (online softmax), so a row is read twice.
 
-use std::cell::OnceCell;
-use std::rc::Rc;
-
 use super::wgsl;
 use crate::cpu::{par, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
-use crate::tensor::{Indices, Storage, Tensor};
+use crate::op::{apply, run, Backward, Op};
+use crate::tensor::{Indices, Tensor};
 
 const SRC: &str = wgsl!("softmax.wgsl");
 static FWD: Kernel<SoftmaxParams> = Kernel::new("softmax", SRC, "softmax_fwd", &[Read, Read, ReadWrite]);
@@ -75,22 +73,66 @@ pub fn softmax_bwd_cpu<T: Real>(y: &[T], g: &[T], rows: usize, s: usize) -> Vec<
 // ---- GPU ------------------------------------------------------------------------------------
 
 /// `lens` None binds x in its place (never read).
-fn softmax_gpu(x: &GpuBuf, lens: Option<&GpuBuf>, rows: usize, s: usize) -> Result<Storage> {
+fn softmax_gpu(x: &GpuBuf, lens: Option<&GpuBuf>, rows: usize, s: usize) -> Result<GpuBuf> {
     let g = gpu()?;
     let y = g.alloc(4 * (rows * s) as u64)?;
     let prm = SoftmaxParams { rows: rows as u32, cols: s as u32, has_lens: lens.is_some() as u32 };
     g.dispatch(&FWD, &[x, lens.unwrap_or(x), &y], &prm, row_groups(rows))?;
-    Ok(Storage::Gpu(y))
+    Ok(y)
 }
 
-fn softmax_bwd_gpu(y: &GpuBuf, dy: &GpuBuf, rows: usize, s: usize) -> Result<Storage> {
+fn softmax_bwd_gpu(y: &GpuBuf, dy: &GpuBuf, rows: usize, s: usize) -> Result<GpuBuf> {
     let g = gpu()?;
     let dx = g.alloc(4 * (rows * s) as u64)?;
     g.dispatch(&BWD, &[y, dy, &dx], &SoftmaxParams { rows: rows as u32, cols: s as u32, has_lens: 0 }, row_groups(rows))?;
-    Ok(Storage::Gpu(dx))
+    Ok(dx)
 }
 
 // ---- op -------------------------------------------------------------------------------------
+
+/// Softmax of x (rows, s) over each row (its first lens[r] entries with `lens`), or (`backward`)
+/// the gradient of x over inputs [y, g].
+#[derive(Clone)]
+struct Softmax {
+    shape: Vec<usize>,
+    rows: usize,
+    s: usize,
+    lens: Option<Indices>,
+    backward: bool,
+}
+
+impl Op for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        vec![self.shape.clone()]
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        Ok(vec![match self.backward {
+            false => softmax_cpu(x[0], self.lens.as_ref().map(|l| l.host()), self.rows, self.s),
+            true => softmax_bwd_cpu(x[0], x[1], self.rows, self.s),
+        }])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        Ok(vec![match self.backward {
+            false => softmax_gpu(x[0], self.lens.as_ref().map(|l| l.gpu()).transpose()?, self.rows, self.s)?,
+            true => softmax_bwd_gpu(x[0], x[1], self.rows, self.s)?,
+        }])
+    }
+}
+
+impl Backward for Softmax {
+    /// The output y, and the op in its backward form.
+    type Saved = (Tensor, Softmax);
+    fn save(self, _: &[&Tensor], mut out: Vec<Tensor>, _: &[bool]) -> Self::Saved {
+        (out.remove(0), Softmax { backward: true, lens: None, ..self })
+    }
+    /// dx = y * (g - sum(g * y))
+    fn backward((y, op): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(run(op, &[y, g])?.remove(0))])
+    }
+}
 
 /// Softmax over the last axis of x (.., S), over the first lens[r] entries of each row when given.
 pub fn softmax(x: &Tensor, lens: Option<&Indices>) -> Result<Tensor> {
@@ -108,19 +150,5 @@ pub fn softmax(x: &Tensor, lens: Option<&Indices>) -> Result<Tensor> {
             return Err(Error::Index { op, msg: format!("length {n} of row {r} exceeds the row length {s} of x {:?}", x.shape()) });
         }
     }
-    let st = on_device!(x.device(), T => T::wrap(softmax_cpu::<T>(&x.host::<T>()?, lens.map(|l| l.host()), rows, s)),
-        softmax_gpu(&*x.gbuf()?, lens.map(|l| l.gpu()).transpose()?, rows, s)?);
-    // The backward needs the output itself: it is filled in once the output exists.
-    let saved: Rc<OnceCell<Tensor>> = Rc::new(OnceCell::new());
-    let y = saved.clone();
-    let out = Tensor::from_op(op, st, x.shape().to_vec(), &[x], move |g| {
-        let y = y.get().expect("softmax output saved");
-        let dx = on_device!(g.device(), T => T::wrap(softmax_bwd_cpu::<T>(&y.host::<T>()?, &g.host::<T>()?, rows, s)),
-            softmax_bwd_gpu(&*y.gbuf()?, &*g.gbuf()?, rows, s)?);
-        Ok(vec![Some(Tensor::from_storage(dx, g.shape().to_vec()))])
-    });
-    if out.requires_grad() {
-        let _ = saved.set(out.detach());
-    }
-    Ok(out)
+    apply(Softmax { shape: x.shape().to_vec(), rows, s, lens: lens.cloned(), backward: false }, &[x])
 }

@@ -27,11 +27,13 @@ pub use tune::matmul_tuned;
 pub(crate) use variants::kernels;
 pub use variants::{linear_gelu_variant, matmul_variant, matmul_variant_summed, matmul_variant_support, Gemm, MatmulVariant, Support};
 
+use super::elementwise::{gelu_cpu, Act};
 use super::reduce::sum_rows;
 use crate::cpu::{par, Real};
 use crate::error::{shape_err, Result};
 use crate::gpu::GpuBuf;
-use crate::tensor::{same_device, Storage, Tensor};
+use crate::op::{apply, run, Backward, Op};
+use crate::tensor::Tensor;
 use variants::{gemm_gpu_pre, gemm_gpu_with};
 
 // ---- CPU reference --------------------------------------------------------------------------
@@ -101,72 +103,121 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
     }
 }
 
-fn gemm_gpu(a: &GpuBuf, b: &GpuBuf, bias: Option<&GpuBuf>, p: &Gemm) -> Result<GpuBuf> {
-    let v = tune::choose(a, b, bias, p)?;
-    gemm_gpu_with(a, b, bias, p, v)
+/// op(a) . op(b) (+ bias on every row): inputs [a, b] or [a, b, bias]; with `gelu`, the GELU of
+/// it, and the product itself as the second output (the GELU's backward needs it). On the GPU the
+/// GELU is the product kernel's epilogue; on the CPU it follows the product.
+struct Product {
+    p: Gemm,
+    shape: Vec<usize>,
 }
 
-/// The product on the operands' device.
-fn run(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, p: &Gemm) -> Result<Storage> {
-    Ok(on_device!(a.device(), T => {
-        let bias = bias.map(|t| t.host::<T>()).transpose()?;
-        T::wrap(gemm_cpu::<T>(&a.host::<T>()?, &b.host::<T>()?, bias.as_deref(), p))
-    }, {
-        let bias = bias.map(|t| t.gbuf()).transpose()?;
-        Storage::Gpu(gemm_gpu(&*a.gbuf()?, &*b.gbuf()?, bias.as_deref(), p)?)
-    }))
+impl Op for Product {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        match self.p.gelu {
+            false => vec![self.shape.clone()],
+            true => vec![self.shape.clone(), self.shape.clone()],
+        }
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let h = gemm_cpu::<T>(x[0], x[1], x.get(2).copied(), &Gemm { gelu: false, ..self.p });
+        if !self.p.gelu {
+            return Ok(vec![h]);
+        }
+        Ok(vec![gelu_cpu(&h), h])
+    }
+    fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        let v = tune::choose(x[0], x[1], x.get(2).copied(), &self.p)?;
+        if !self.p.gelu {
+            return Ok(vec![gemm_gpu_with(x[0], x[1], x.get(2).copied(), &self.p, v)?]);
+        }
+        let (y, h) = gemm_gpu_pre(x[0], x[1], x.get(2).copied(), &self.p, v)?;
+        Ok(vec![y, h.expect("the GELU epilogue writes the pre-activation")])
+    }
+}
+
+/// What the gradients need: the other operand of each tracked one, the flags, and the
+/// pre-activation of a fused GELU.
+struct ProductSaved {
+    /// a, kept for b's gradient.
+    a: Option<Tensor>,
+    /// b, kept for a's gradient.
+    b: Option<Tensor>,
+    ta: bool,
+    tb: bool,
+    /// A 2-D operand multiplied with a 3-D one was broadcast: its gradient sums over the batch.
+    sum_a: bool,
+    sum_b: bool,
+    n: usize,
+    /// Whether there is a bias, and whether it is tracked.
+    bias: Option<bool>,
+    pre: Option<Tensor>,
+}
+
+impl Backward for Product {
+    type Saved = ProductSaved;
+    fn save(self, x: &[&Tensor], mut out: Vec<Tensor>, tracked: &[bool]) -> ProductSaved {
+        let three = self.shape.len() == 3;
+        ProductSaved {
+            a: tracked[1].then(|| x[0].detach()),
+            b: tracked[0].then(|| x[1].detach()),
+            ta: self.p.ta,
+            tb: self.p.tb,
+            sum_a: x[0].rank() == 2 && three,
+            sum_b: x[1].rank() == 2 && three,
+            n: self.p.n,
+            bias: tracked.get(2).copied(),
+            pre: self.p.gelu.then(|| out.remove(1)),
+        }
+    }
+    /// With a GELU: dh = g * gelu'(h) first. Then d op(a) = dh . op(b)^T, d op(b) = op(a)^T . dh,
+    /// dbias = sum_rows(dh).
+    fn backward(s: &ProductSaved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let dh;
+        let g = match &s.pre {
+            None => g,
+            Some(h) => {
+                dh = run(&Act { quick: false, backward: true, shape: h.shape().to_vec() }, &[h, g])?.remove(0);
+                &dh
+            }
+        };
+        let (ta, tb) = (s.ta, s.tb);
+        let da = match (&s.b, ta) {
+            (None, _) => None,
+            (Some(b), false) => Some(grad_product(g, b, false, !tb, s.sum_a)?),
+            (Some(b), true) => Some(grad_product(b, g, tb, true, s.sum_a)?),
+        };
+        let db = match (&s.a, tb) {
+            (None, _) => None,
+            (Some(a), false) => Some(grad_product(a, g, !ta, false, s.sum_b)?),
+            (Some(a), true) => Some(grad_product(g, a, true, ta, s.sum_b)?),
+        };
+        let mut grads = vec![da, db];
+        match s.bias {
+            Some(true) => grads.push(Some(sum_rows(&g.reshape(&[g.numel() / s.n.max(1), s.n])?)?)),
+            Some(false) => grads.push(None),
+            None => {}
+        }
+        Ok(grads)
+    }
 }
 
 /// op(x) . op(y) for gradients: `sum` adds up the batch into one matrix (a broadcast operand's
 /// gradient). Shapes were checked by the forward pass.
 fn grad_product(x: &Tensor, y: &Tensor, tx: bool, ty: bool, sum: bool) -> Result<Tensor> {
     let (p, shape) = Gemm::plan("matmul", x.shape(), y.shape(), tx, ty)?;
-    if sum {
-        Ok(Tensor::from_storage(run(x, y, None, &p.summed())?, shape[1..].to_vec()))
-    } else {
-        Ok(Tensor::from_storage(run(x, y, None, &p)?, shape))
-    }
+    let (p, shape) = if sum { (p.summed(), shape[1..].to_vec()) } else { (p, shape) };
+    Ok(run(&Product { p, shape }, &[x, y])?.remove(0))
 }
 
-/// op(a) . op(b) (+ bias on every row), recorded on the tape.
-fn product(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&Tensor>) -> Result<Tensor> {
+/// op(a) . op(b) (+ bias), or the GELU of it, recorded on the tape.
+fn product(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
     let (p, shape) = Gemm::plan("matmul", a.shape(), b.shape(), ta, tb)?;
     let mut inputs = vec![a, b];
     inputs.extend(bias);
-    same_device("matmul", &inputs)?;
-    let st = run(a, b, bias, &p)?;
-    record(a, b, ta, tb, bias, st, &p, shape)
-}
-
-/// The product's values `st` on the tape.
-#[allow(clippy::too_many_arguments)]
-fn record(a: &Tensor, b: &Tensor, ta: bool, tb: bool, bias: Option<&Tensor>, st: Storage, p: &Gemm, shape: Vec<usize>) -> Result<Tensor> {
-    let mut inputs = vec![a, b];
-    inputs.extend(bias);
-    let (ac, bc) = (a.detach(), b.detach());
-    let (need_a, need_b) = (a.requires_grad(), b.requires_grad());
-    // A 2-D operand multiplied with a 3-D one was broadcast: its gradient sums over the batch.
-    let (sum_a, sum_b) = (a.rank() == 2 && shape.len() == 3, b.rank() == 2 && shape.len() == 3);
-    let (n, need_bias) = (p.n, bias.map(|b| b.requires_grad()));
-    Ok(Tensor::from_op("matmul", st, shape, &inputs, move |g| {
-        let da = match (need_a, ta) {
-            (false, _) => None,
-            (true, false) => Some(grad_product(g, &bc, false, !tb, sum_a)?),
-            (true, true) => Some(grad_product(&bc, g, tb, true, sum_a)?),
-        };
-        let db = match (need_b, tb) {
-            (false, _) => None,
-            (true, false) => Some(grad_product(&ac, g, !ta, false, sum_b)?),
-            (true, true) => Some(grad_product(g, &ac, true, ta, sum_b)?),
-        };
-        let mut grads = vec![da, db];
-        match need_bias {
-            Some(true) => grads.push(Some(sum_rows(&g.reshape(&[g.numel() / n.max(1), n])?)?)),
-            Some(false) => grads.push(None),
-            None => {}
-        }
-        Ok(grads)
-    }))
+    apply(Product { p: Gemm { gelu, ..p }, shape }, &inputs)
 }
 
 // ---- ops ------------------------------------------------------------------------------------
@@ -177,58 +228,36 @@ pub fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
     if a.rank() == 3 && b.rank() == 2 && !ta {
         // (Bt, M, K) . (K, N) is one (Bt * M, K) . (K, N) product (and so is its weight gradient).
         let (bt, m) = (a.shape()[0], a.shape()[1]);
-        let y = product(&a.reshape(&[bt * m, a.shape()[2]])?, b, false, tb, None)?;
+        let y = product(&a.reshape(&[bt * m, a.shape()[2]])?, b, false, tb, None, false)?;
         let n = y.shape()[1];
         return y.reshape(&[bt, m, n]);
     }
-    product(a, b, ta, tb, None)
+    product(a, b, ta, tb, None, false)
 }
 
 /// x (.., K) . w (K, N) + bias (N) -> (.., N), the bias added inside the product kernel.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let what = || format!("x {:?} . w {:?} + bias {:?}", x.shape(), w.shape(), bias.map(|b| b.shape()));
-    if x.rank() == 0 || w.rank() != 2 || x.last_dim() != w.shape()[0] {
-        return shape_err("linear", format!("{}: needs x (.., K) and w (K, N)", what()));
-    }
-    let (k, n) = (w.shape()[0], w.shape()[1]);
-    if bias.is_some_and(|b| b.shape() != [n]) {
-        return shape_err("linear", format!("{}: bias must have shape [{n}]", what()));
-    }
-    let rows = x.shape()[..x.rank() - 1].iter().product();
-    let y = product(&x.reshape(&[rows, k])?, w, false, false, bias)?;
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = n;
-    y.reshape(&shape)
+    linear_act("linear", x, w, bias, false)
 }
 
-/// gelu(x . w + bias): on the GPU the GELU is the product kernel's epilogue, which also writes the
-/// pre-activation h the GELU's backward needs (one kernel instead of two, and h is not read back
-/// in); the tape holds the same two nodes as `gelu(&linear(..)?)`, so the backward is theirs:
-/// dh = g * gelu'(h), then the product's. Elsewhere it is that composition.
+/// gelu(x . w + bias) as one op: on the GPU the GELU is the product kernel's epilogue, which also
+/// writes the pre-activation h the GELU's backward needs (one kernel instead of two, and h is not
+/// read back in). The backward is the composition's: dh = g * gelu'(h), then the product's.
 pub fn linear_gelu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if x.device() != crate::device::Device::Gpu || x.rank() == 0 || w.rank() != 2 || x.last_dim() != w.shape()[0] {
-        return super::gelu(&linear(x, w, bias)?);
+    linear_act("linear_gelu", x, w, bias, true)
+}
+
+fn linear_act(op: &'static str, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+    let what = || format!("x {:?} . w {:?} + bias {:?}", x.shape(), w.shape(), bias.map(|b| b.shape()));
+    if x.rank() == 0 || w.rank() != 2 || x.last_dim() != w.shape()[0] {
+        return shape_err(op, format!("{}: needs x (.., K) and w (K, N)", what()));
     }
     let (k, n) = (w.shape()[0], w.shape()[1]);
     if bias.is_some_and(|b| b.shape() != [n]) {
-        return super::gelu(&linear(x, w, bias)?);
+        return shape_err(op, format!("{}: bias must have shape [{n}]", what()));
     }
     let rows = x.shape()[..x.rank() - 1].iter().product();
-    let x2 = x.reshape(&[rows, k])?;
-    let (p, shape) = Gemm::plan("linear_gelu", x2.shape(), w.shape(), false, false)?;
-    let mut inputs = vec![x, w];
-    inputs.extend(bias);
-    same_device("linear_gelu", &inputs)?;
-    let p = Gemm { gelu: true, ..p };
-    let (y, h) = {
-        let bias_buf = bias.map(|t| t.gbuf()).transpose()?;
-        let (a, b) = (x2.gbuf()?, w.gbuf()?);
-        let v = tune::choose(&a, &b, bias_buf.as_deref(), &p)?;
-        gemm_gpu_pre(&a, &b, bias_buf.as_deref(), &p, v)?
-    };
-    let h = h.expect("the GELU epilogue writes the pre-activation");
-    let h = record(&x2, w, false, false, bias, Storage::Gpu(h), &p, shape)?;
-    let y = super::elementwise::gelu_node(&h, Storage::Gpu(y))?;
+    let y = product(&x.reshape(&[rows, k])?, w, false, false, bias, gelu)?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = n;
     y.reshape(&shape)

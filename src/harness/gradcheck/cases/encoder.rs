@@ -1,7 +1,7 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::ops::{attention_pool, cross_entropy, embedding, gather_last, gelu, info_nce, mean_ragged, moe};
+use crate::engine::ops::{attention_pool, cross_entropy, embedding, gelu, info_nce, mean_ragged, moe};
 use crate::engine::{Indices, Ragged};
 use crate::harness::gradcheck::{Case, Input};
 
@@ -71,9 +71,6 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
         Case::new("embedding", "gelu(w) (4,3) ids (2,2,2)", vec![Input::randn(&[4, 3], rng)], |x| {
             embedding(&gelu(&x[0])?, &ids(&[3, 3, 0, 3, 1, 0, 3, 3]), &[2, 2, 2])
         }),
-        Case::new("gather_last", "(3,4,5) lens [1,4,2]", vec![Input::randn(&[3, 4, 5], rng)], |x| gather_last(&x[0], &ids(&[1, 4, 2]))),
-        Case::new("gather_last", "(1,1,3) lens [1]", vec![Input::randn(&[1, 1, 3], rng)], |x| gather_last(&x[0], &ids(&[1]))),
-        Case::new("gather_last", "(2,3,257) lens [3,3]", vec![Input::randn(&[2, 3, 257], rng)], |x| gather_last(&x[0], &ids(&[3, 3]))),
         Case::new("cross_entropy", "(3,11)", vec![Input::randn(&[3, 11], rng)], |x| cross_entropy(&x[0], &ids(&[0, 10, 4]))),
         Case::new("cross_entropy", "(1,1)", vec![Input::randn(&[1, 1], rng)], |x| cross_entropy(&x[0], &ids(&[0]))),
     ];
