@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::ops::add;
-use crate::tensor::{no_grad, Tensor};
+use crate::tensor::{no_grad, Grads, Tensor};
 
 thread_local! {
     /// The walk's working sets, kept empty between calls so that a step allocates none anew.
@@ -22,21 +22,6 @@ struct Scratch {
     seen: HashSet<u64>,
     stack: Vec<(Tensor, bool)>,
     grads: HashMap<u64, Tensor>,
-}
-
-/// Gradients of a scalar with respect to every trainable leaf it depends on.
-pub struct Grads(HashMap<u64, Tensor>);
-
-impl Grads {
-    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
-        self.0.get(&t.id())
-    }
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// d loss / d leaf for every leaf created with [`Tensor::param`]. `loss` must have one element.
@@ -110,6 +95,6 @@ fn walk(loss: &Tensor, sc: &mut Scratch) -> Result<Grads> {
                 grads.insert(inp.id(), acc);
             }
         }
-        Ok(Grads(leaves))
+        Ok(Grads::new(leaves))
     })
 }

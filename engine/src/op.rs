@@ -23,7 +23,7 @@ use crate::cpu::Real;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::gpu::GpuBuf;
-use crate::tensor::{grad_enabled, numel, same_device, Storage, Tensor};
+use crate::tensor::{grad_enabled, numel, same_device, Element, Rule, Storage, Tensor};
 
 /// A kernel with a CPU and a GPU form.
 pub trait Op {
@@ -69,11 +69,6 @@ pub trait Query {
     fn name(&self) -> &'static str;
     fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Self::Out>;
     fn gpu(&self, x: &[&Tensor]) -> Result<Self::Out>;
-}
-
-/// The backward rule of one recorded op, with its saved state (a tape node holds one).
-pub(crate) trait Rule {
-    fn grads(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>>;
 }
 
 struct Recorded<B: Backward>(B::Saved);
@@ -128,7 +123,7 @@ pub fn query<Q: Query>(q: &Q, x: &[&Tensor]) -> Result<Q::Out> {
     }
 }
 
-fn on_host<O: Op, T: Real>(op: &O, x: &[&Tensor], shapes: &[Vec<usize>]) -> Result<Vec<Storage>> {
+fn on_host<O: Op, T: Element>(op: &O, x: &[&Tensor], shapes: &[Vec<usize>]) -> Result<Vec<Storage>> {
     let hosts = x.iter().map(|t| t.host::<T>()).collect::<Result<Vec<Ref<[T]>>>>()?;
     let refs: Vec<&[T]> = hosts.iter().map(|h| &**h).collect();
     let outs = op.cpu::<T>(&refs)?;
@@ -141,7 +136,7 @@ fn on_host<O: Op, T: Real>(op: &O, x: &[&Tensor], shapes: &[Vec<usize>]) -> Resu
     Ok(outs.into_iter().map(T::wrap).collect())
 }
 
-fn query_host<Q: Query, T: Real>(q: &Q, x: &[&Tensor]) -> Result<Q::Out> {
+fn query_host<Q: Query, T: Element>(q: &Q, x: &[&Tensor]) -> Result<Q::Out> {
     let hosts = x.iter().map(|t| t.host::<T>()).collect::<Result<Vec<Ref<[T]>>>>()?;
     let refs: Vec<&[T]> = hosts.iter().map(|h| &**h).collect();
     q.cpu::<T>(&refs)

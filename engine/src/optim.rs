@@ -25,11 +25,10 @@ use rayon::prelude::*;
 
 use super::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use super::ops::wgsl;
-use crate::autograd::Grads;
 use crate::cpu::{par, Real};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::tensor::{Storage, Tensor};
+use crate::tensor::{Element, Grads, Storage, Tensor};
 
 const SRC: &str = wgsl!("optim.wgsl");
 static SUMSQ_ARENA: Kernel<OptimParams> = Kernel::new("optim", SRC, "sumsq_arena", &[Read, ReadWrite]);
@@ -294,7 +293,7 @@ impl Adam {
         }
     }
 
-    fn step_cpu<T: Real>(&self, grads: &Grads, live: &[usize], bc1: f64, bc2: f64) -> Result<()> {
+    fn step_cpu<T: Element>(&self, grads: &Grads, live: &[usize], bc1: f64, bc2: f64) -> Result<()> {
         let mut c = T::one();
         if self.cfg.max_grad_norm > 0.0 {
             // Each parameter's sum of squares in order (parameters in parallel), then the total

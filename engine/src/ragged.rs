@@ -11,8 +11,8 @@
 //! in `kernels-tests/padded.rs`), so a padded batch of width `key_len` and its packed form draw the
 //! same masks.
 
-use super::Indices;
 use crate::error::{Error, Result};
+use crate::tensor::Indices;
 
 /// The layout of one packed batch (host copies; the GPU copies are uploaded on first use).
 #[derive(Clone, Debug)]

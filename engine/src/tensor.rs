@@ -2,6 +2,7 @@
 //! tape node that made it.
 
 use std::cell::{Cell, OnceCell, Ref, RefCell, RefMut};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -11,7 +12,6 @@ use super::cpu::Real;
 use super::gpu::{gpu, GpuBuf};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::op::Rule;
 
 // ---- The tape: the node that made a tensor, and whether ops record one -----------------------
 
@@ -21,6 +21,11 @@ pub(crate) struct Node {
     pub(crate) op: &'static str,
     pub(crate) inputs: Vec<Tensor>,
     pub(crate) rule: Box<dyn Rule>,
+}
+
+/// The backward rule of one recorded op, with the state its forward saved (see `op::apply`).
+pub(crate) trait Rule {
+    fn grads(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>>;
 }
 
 /// The backward rule of `reshape`: the gradient viewed in the input's shape.
@@ -47,6 +52,60 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     let r = f();
     GRAD.with(|g| g.set(prev));
     r
+}
+
+/// The host element types (f32 on `Device::Cpu`, f64 on `Device::Cpu64`): how a [`Real`] sits in
+/// [`Storage`].
+pub trait Element: Real {
+    fn view(s: &Storage) -> Option<&Vec<Self>>;
+    fn view_mut(s: &mut Storage) -> Option<&mut Vec<Self>>;
+    fn wrap(v: Vec<Self>) -> Storage;
+    fn device() -> Device;
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident, $dev:ident) => {
+        impl Element for $t {
+            fn view(s: &Storage) -> Option<&Vec<Self>> {
+                match s {
+                    Storage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn view_mut(s: &mut Storage) -> Option<&mut Vec<Self>> {
+                match s {
+                    Storage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn wrap(v: Vec<Self>) -> Storage {
+                Storage::$variant(v)
+            }
+            fn device() -> Device {
+                Device::$dev
+            }
+        }
+    };
+}
+element!(f32, F32, Cpu);
+element!(f64, F64, Cpu64);
+
+/// Gradients of a scalar with respect to every trainable leaf it depends on.
+pub struct Grads(HashMap<u64, Tensor>);
+
+impl Grads {
+    pub(crate) fn new(leaves: HashMap<u64, Tensor>) -> Grads {
+        Grads(leaves)
+    }
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.0.get(&t.id())
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// Element storage. `F32`/`F64` live in host memory (the CPU backend), `Gpu` in a pooled buffer.
@@ -207,7 +266,7 @@ impl Tensor {
     }
 
     /// Host view of CPU storage of element type `T`.
-    pub fn host<T: Real>(&self) -> Result<Ref<'_, [T]>> {
+    pub fn host<T: Element>(&self) -> Result<Ref<'_, [T]>> {
         let s = self.0.storage.borrow();
         if T::view(&s).is_none() {
             return Err(Error::Device(format!("tensor {:?} is on {:?}, expected {:?}", self.shape(), self.device(), T::device())));
@@ -215,7 +274,7 @@ impl Tensor {
         Ok(Ref::map(s, |s| T::view(s).unwrap().as_slice()))
     }
 
-    pub fn host_mut<T: Real>(&self) -> Result<RefMut<'_, [T]>> {
+    pub fn host_mut<T: Element>(&self) -> Result<RefMut<'_, [T]>> {
         let dev = self.device();
         let s = self.0.storage.borrow_mut();
         if T::view(&s).is_none() {

@@ -3,10 +3,14 @@
 //! ([`par`]: results independent of the thread count) and the storage pool ([`pool`]) that keeps a
 //! steady-state step free of allocations.
 //!
-//! Uses only the engine's [`Storage`](crate::Storage) and [`stats`](crate::stats); the ops call it.
+//! Uses nothing else of the engine (its counters of matrix products are read through
+//! [`stats`](crate::stats)); the tensors and the ops use it.
 
+mod counters;
 pub(crate) mod par;
 pub mod pool;
 mod real;
 
+pub(crate) use counters::count_gemm;
+pub use counters::{gemm_counters, in_gemm};
 pub use real::{dot, expf, sum_exp, Real};

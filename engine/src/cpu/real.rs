@@ -2,9 +2,7 @@
 //! each with its matrix product (the `matrixmultiply` crate's GEMM) and the few vectorized helpers
 //! every CPU kernel shares ([`expf`], [`dot`], [`sum_exp`]).
 
-use crate::device::Device;
-use crate::stats::{count_gemm, InGemm};
-use crate::tensor::Storage;
+use super::counters::{count_gemm, InGemm};
 
 /// Host scalar types the CPU backend is generic over (f32 for training, f64 for finite differences).
 pub trait Real: num_traits::Float + num_traits::NumAssign + Default + std::fmt::Debug + std::iter::Sum + Send + Sync + 'static {
@@ -12,10 +10,6 @@ pub trait Real: num_traits::Float + num_traits::NumAssign + Default + std::fmt::
     /// e^x for the hot loops of the CPU backend: f32 uses [`expf`] (branch-free, so loops over it
     /// vectorize), f64 the exact `exp` (the finite-difference reference).
     fn fexp(self) -> Self;
-    fn view(s: &Storage) -> Option<&Vec<Self>>;
-    fn view_mut(s: &mut Storage) -> Option<&mut Vec<Self>>;
-    fn wrap(v: Vec<Self>) -> Storage;
-    fn device() -> Device;
     /// C (m x n) = alpha * A (m x k) * B (k x n) + beta * C, with arbitrary row/column strides.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
@@ -41,26 +35,6 @@ impl Real for f32 {
     #[inline(always)]
     fn fexp(self) -> Self {
         expf(self)
-    }
-    fn view(s: &Storage) -> Option<&Vec<Self>> {
-        if let Storage::F32(v) = s {
-            Some(v)
-        } else {
-            None
-        }
-    }
-    fn view_mut(s: &mut Storage) -> Option<&mut Vec<Self>> {
-        if let Storage::F32(v) = s {
-            Some(v)
-        } else {
-            None
-        }
-    }
-    fn wrap(v: Vec<Self>) -> Storage {
-        Storage::F32(v)
-    }
-    fn device() -> Device {
-        Device::Cpu
     }
     fn gemm(
         m: usize,
@@ -91,26 +65,6 @@ impl Real for f64 {
     #[inline(always)]
     fn fexp(self) -> Self {
         self.exp()
-    }
-    fn view(s: &Storage) -> Option<&Vec<Self>> {
-        if let Storage::F64(v) = s {
-            Some(v)
-        } else {
-            None
-        }
-    }
-    fn view_mut(s: &mut Storage) -> Option<&mut Vec<Self>> {
-        if let Storage::F64(v) = s {
-            Some(v)
-        } else {
-            None
-        }
-    }
-    fn wrap(v: Vec<Self>) -> Storage {
-        Storage::F64(v)
-    }
-    fn device() -> Device {
-        Device::Cpu64
     }
     fn gemm(
         m: usize,

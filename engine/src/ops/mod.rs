@@ -1,6 +1,9 @@
 //! One module per op family. Each op: shape checks, a WGSL forward and backward kernel (in
 //! `shaders/`), a plain-Rust form generic over f32/f64, and the shapes and backward rule in its
 //! module's doc comment; each is an [`Op`](crate::op::Op) run through [`apply`](crate::op::apply).
+//!
+//! Uses the tensors, the op contract and the two backends ([`cpu`](crate::cpu), [`gpu`](crate::gpu));
+//! `autograd` and `optim` use it, and everything above the engine.
 
 pub mod attention;
 pub mod catalog;

@@ -64,7 +64,7 @@ pub fn gemm_cpu<T: Real>(a: &[T], b: &[T], bias: Option<&[T]>, p: &Gemm) -> Vec<
             }
         }
         if std::mem::size_of::<T>() == 4 {
-            crate::stats::count_gemm(2 * m * k * p.nout * p.nsum, t0);
+            crate::cpu::count_gemm(2 * m * k * p.nout * p.nsum, t0);
         }
         return c;
     }

@@ -10,8 +10,8 @@ use std::collections::{HashMap, HashSet};
 
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 
-use super::all_kernels;
-use super::gpu::{Access, Contract, ScalarKind, UNIFORM_STRIDE};
+use crate::all_kernels;
+use crate::gpu::{Access, Contract, ScalarKind, UNIFORM_STRIDE};
 
 /// A parsed and validated shader.
 struct Shader {
@@ -175,7 +175,7 @@ fn the_workgroup_size_is_the_same_on_both_sides() {
     let sh = load(source).unwrap();
     let (_, wg) = sh.module.constants.iter().find(|(_, c)| c.name.as_deref() == Some("WG")).expect("common.wgsl declares WG");
     let value = &sh.module.global_expressions[wg.init];
-    assert!(matches!(value, naga::Expression::Literal(naga::Literal::U32(v)) if *v == super::gpu::WG), "WG = {value:?} in WGSL");
+    assert!(matches!(value, naga::Expression::Literal(naga::Literal::U32(v)) if *v == crate::gpu::WG), "WG = {value:?} in WGSL");
 }
 
 mod mismatch {

@@ -1,0 +1,138 @@
+//! The CPU forms of the catalog ops (see the module docs): blocks of scores recomputed on the host.
+
+use super::blocks;
+use crate::cpu::{par, pool, Real};
+
+/// z block (B, w) = scale * sum_k h_k e_k[j0 .. j0 + w]^T.
+fn block_scores<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], b: usize, j0: usize, w: usize, scale: T) -> Vec<T> {
+    let mut z = pool::zeros(b * w);
+    for (k, (&h, &e)) in hs.iter().zip(es).enumerate() {
+        let d = dims[k];
+        let beta = if k == 0 { T::zero() } else { T::one() };
+        // (B, d) . (w, d)^T: B's strides read e's rows as columns.
+        T::gemm(b, d, w, h, d as isize, 1, &e[j0 * d..], 1, d as isize, beta, &mut z, w as isize);
+    }
+    if scale != T::one() {
+        par::chunks_apply(&mut z, |v| *v *= scale);
+    }
+    z
+}
+
+/// Forward: (loss (B), lse (B)).
+pub fn catalog_ce_cpu<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], targets: &[u32], n_items: usize, scale: T) -> (Vec<T>, Vec<T>) {
+    let b = targets.len();
+    let (mut mx, mut sm, mut zt) = (pool::zeros(b), pool::zeros(b), pool::zeros(b));
+    mx.fill(T::neg_infinity());
+    for (j0, w) in blocks(n_items) {
+        let z = block_scores(hs, es, dims, b, j0, w, scale);
+        let stats = par::rows(b, 3 * w, 3, |r, o: &mut [T]| {
+            let row = &z[r * w..(r + 1) * w];
+            let bm = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+            let m = mx[r].max(bm);
+            let rescale = if sm[r] == T::zero() { T::zero() } else { sm[r] * (mx[r] - m).fexp() };
+            o[0] = m;
+            o[1] = rescale + crate::cpu::sum_exp(row, m);
+            let t = targets[r] as usize;
+            o[2] = if (j0..j0 + w).contains(&t) { row[t - j0] } else { zt[r] };
+        });
+        for r in 0..b {
+            (mx[r], sm[r], zt[r]) = (stats[3 * r], stats[3 * r + 1], stats[3 * r + 2]);
+        }
+        pool::give(stats);
+        pool::give(z);
+    }
+    let lse: Vec<T> = pool::collect(b, mx.iter().zip(&sm).map(|(&m, &s)| m + s.ln()));
+    let loss = pool::collect(b, lse.iter().zip(&zt).map(|(&l, &t)| l - t));
+    for v in [mx, sm, zt] {
+        pool::give(v);
+    }
+    (loss, lse)
+}
+
+/// Backward: (dh_k (B, D_k), de_k (I, D_k)) for each term, from lse and the per-row gradient g.
+#[allow(clippy::too_many_arguments)]
+pub fn catalog_ce_bwd_cpu<T: Real>(
+    hs: &[&[T]],
+    es: &[&[T]],
+    dims: &[usize],
+    targets: &[u32],
+    n_items: usize,
+    scale: T,
+    lse: &[T],
+    g: &[T],
+) -> Vec<(Vec<T>, Vec<T>)> {
+    let b = targets.len();
+    let mut out: Vec<(Vec<T>, Vec<T>)> = dims.iter().map(|&d| (pool::zeros(b * d), pool::zeros(n_items * d))).collect();
+    for (j0, w) in blocks(n_items) {
+        let mut dz = block_scores(hs, es, dims, b, j0, w, scale);
+        // dz = scale * (exp(z - lse) - onehot) * g, as cross_entropy then scale would give it.
+        par::rows_apply(&mut dz, w, |r, row| {
+            let (l, gr) = (lse[r], g[r]);
+            let t = targets[r] as usize;
+            let zt = if (j0..j0 + w).contains(&t) { row[t - j0] } else { T::zero() };
+            for v in row.iter_mut() {
+                *v = scale * ((*v - l).fexp() * gr);
+            }
+            if (j0..j0 + w).contains(&t) {
+                row[t - j0] = scale * (((zt - l).fexp() - T::one()) * gr);
+            }
+        });
+        for (k, (dh, de)) in out.iter_mut().enumerate() {
+            let d = dims[k];
+            // dh_k += dz . e_k,blk: (B, w) . (w, d).
+            T::gemm(b, w, d, &dz, w as isize, 1, &es[k][j0 * d..], d as isize, 1, T::one(), dh, d as isize);
+            // de_k,blk = dz^T . h_k: (w, B) . (B, d).
+            T::gemm(w, b, d, &dz, 1, w as isize, hs[k], d as isize, 1, T::zero(), &mut de[j0 * d..(j0 + w) * d], d as isize);
+        }
+        pool::give(dz);
+    }
+    out
+}
+
+/// Ranks (B); `mask` is offsets (B + 1) then the masked columns of each row (see the module docs).
+pub fn catalog_rank_cpu<T: Real>(
+    hs: &[&[T]],
+    es: &[&[T]],
+    dims: &[usize],
+    targets: &[u32],
+    n_items: usize,
+    scale: T,
+    mask: &[u32],
+) -> Vec<u32> {
+    let b = targets.len();
+    let mut st: Vec<T> = pool::zeros(b);
+    for (j0, w) in blocks(n_items) {
+        if !targets.iter().any(|&t| (j0..j0 + w).contains(&(t as usize))) {
+            continue;
+        }
+        let z = block_scores(hs, es, dims, b, j0, w, scale);
+        for (r, &t) in targets.iter().enumerate() {
+            if (j0..j0 + w).contains(&(t as usize)) {
+                st[r] = z[r * w + t as usize - j0];
+            }
+        }
+        pool::give(z);
+    }
+    let mut ranks = vec![0u32; b];
+    for (j0, w) in blocks(n_items) {
+        let z = block_scores(hs, es, dims, b, j0, w, scale);
+        let counts: Vec<u32> = par::rows(b, w, 1, |r, o: &mut [u32]| {
+            let (row, s_t, t) = (&z[r * w..(r + 1) * w], st[r], targets[r] as usize);
+            // !(s < s_t): ties and NaN count against the target.
+            let beats = |s: T| s.partial_cmp(&s_t) != Some(std::cmp::Ordering::Less);
+            let mut c = row.iter().enumerate().filter(|&(j, &s)| j0 + j != t && beats(s)).count();
+            for &j in &mask[mask[r] as usize + b + 1..mask[r + 1] as usize + b + 1] {
+                let j = j as usize;
+                if (j0..j0 + w).contains(&j) && beats(row[j - j0]) {
+                    c -= 1;
+                }
+            }
+            o[0] = c as u32;
+        });
+        ranks.iter_mut().zip(&counts).for_each(|(a, &c)| *a += c);
+        pool::give(counts);
+        pool::give(z);
+    }
+    pool::give(st);
+    ranks
+}
