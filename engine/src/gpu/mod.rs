@@ -13,7 +13,7 @@
 //! The contract between an op and its kernel: a `Kernel<P>` names its WGSL entry point, its storage
 //! bindings (in order) and, as a type, its parameter block `P`, a `#[repr(C)]` struct declared with
 //! [`kernel_params!`] that mirrors the shader's `struct P` (the `var<uniform>` at group 0, binding 0)
-//! field for field. `dispatch` only takes that `P`, and the layout tests (`engine::layout`) reflect
+//! field for field. `dispatch` only takes that `P`, and the layout tests (`engine/src/tests/layout.rs`) reflect
 //! every kernel's shader with naga and compare names, offsets, types, size and bindings.
 //!
 //! Workloads: kernels are 1-D ([`groups_1d`], `lin()` in `shaders/common.wgsl`) or one workgroup per
@@ -22,6 +22,8 @@
 //! Files: this one holds the context (adapter choice, device, the shared state); [`kernel`] the
 //! kernel contract and workload helpers; [`buffer`] pooled buffers; [`stream`] the deferred command
 //! stream (dispatch, copy, flush, readback).
+//!
+//! Uses only the engine's error type: the tensors and the ops above use it.
 
 mod buffer;
 mod kernel;
