@@ -20,6 +20,13 @@ each padded to the batch's longest sequence (as PyTorch users run it) and bucket
 sequences of one length together, so no padding is computed), eager and, with --compile, under
 torch.compile. --matmul also times torch.matmul (TF32 off) at 4096^2 and (4926x768)(768x512), the
 cuBLAS reference of `msm4sr bench`. Needs only torch. Prints a table and, with --json, JSON lines.
+
+    python3 tools/torch_step.py --from FILE [--threads 1] [--reps 5] [--steps 3]
+
+times instead the batch msm4sr exported (`msm4sr bench --steps-from DATA --export FILE`: the same
+samples, features and msm4sr's initial weights of each model, needs safetensors too) and first
+prints each stage's loss of that batch at those weights without dropout or mixup, which must equal
+msm4sr's (`tools/same_batch.sh` runs both programs side by side and compares).
 """
 import argparse
 import json
@@ -127,6 +134,22 @@ def info_nce(a, b, targets):
     return F.cross_entropy(s.masked_fill(same, float("-inf")), torch.arange(len(targets), device=a.device))
 
 
+def cmcl(a, b, targets):
+    """Symmetric cross-modality contrastive loss (paper eq. 9-10): l(a, b) has the inter-view
+    negatives (a_j, b_j') and the intra-view ones (a_j, a_j'), j' != j, same-target rows removed."""
+
+    def one(a, b):
+        an, bn = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        n = len(targets)
+        eye = torch.eye(n, dtype=torch.bool, device=a.device)
+        same = (targets[:, None] == targets[None, :]) & ~eye
+        inter = (an @ bn.T / TAU).masked_fill(same, float("-inf"))
+        intra = (an @ an.T / TAU).masked_fill(same | eye, float("-inf"))
+        return F.cross_entropy(torch.cat([inter, intra], 1), torch.arange(n, device=a.device))
+
+    return (one(a, b) + one(b, a)) / 2
+
+
 class Models(nn.Module):
     def __init__(self, n_items, d):
         super().__init__()
@@ -159,21 +182,61 @@ class Models(nn.Module):
             loss_scores = loss_scores + h @ F.normalize(table[1:], dim=-1).T / TAU
         return F.cross_entropy(loss_scores, b["targets"] - 1)
 
-    def pretrain(self, b, feats, bucketed, gen):
+    def pretrain(self, b, feats, bucketed, gen, p_mix=None):
+        """NIP per modality and lambda * CMCL (no projection heads); `p_mix` the mixup ratio
+        (default: uniform in [0, 0.5) per batch)."""
         uniq, inv = torch.unique(torch.cat([b["ids"].flatten(), b["targets"]]), return_inverse=True)
         zt = self.enc_t(feats["text"][0][uniq], feats["text"][1][uniq])
         zv = self.enc_v(feats["image"][0][uniq], feats["image"][1][uniq])
         zt, zv = zt * (uniq != 0)[:, None], zv * (uniq != 0)[:, None]
         n_ids = b["ids"].numel()
         loc, tloc = inv[:n_ids].view_as(b["ids"]), inv[n_ids:]
-        swap = torch.rand(loc.shape, generator=gen, device=loc.device) < torch.rand((), generator=gen, device=loc.device) * 0.5
+        ratio = torch.rand((), generator=gen, device=loc.device) * 0.5 if p_mix is None else p_mix
+        swap = torch.rand(loc.shape, generator=gen, device=loc.device) < ratio
         rows = torch.cat([zt, zv])
         u = len(uniq)
         ids_t, ids_v = torch.where(swap, loc + u, loc), torch.where(swap, loc, loc + u)
         h = self.seq(rows, torch.cat([ids_t, ids_v]), torch.cat([b["lens"], b["lens"]]), bucketed)
         ht, hv = h[: len(b["lens"])], h[len(b["lens"]) :]
         t = b["targets"]
-        return info_nce(ht, zt[tloc], t) + info_nce(hv, zv[tloc], t) + 0.01 * info_nce(ht, hv, t)
+        return info_nce(ht, zt[tloc], t) + info_nce(hv, zv[tloc], t) + 0.01 * cmcl(ht, hv, t)
+
+
+def load_msm4sr(model, w, prefix):
+    """The initial weights msm4sr exported (`msm4sr bench --steps-from DATA --export FILE`) under
+    `prefix` into `model`: msm4sr stores linear weights (in, out), the MoE's experts as one
+    (d, O * d0) map with (O, d0) LayerNorm parameters, the gate as (d, O)."""
+    g = lambda n: w[f"{prefix}.{n}"]
+    sd = {}
+
+    def lin(dst, src):
+        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = g(f"{src}.weight").T, g(f"{src}.bias")
+
+    if f"{prefix}.item_embedding" in w:
+        sd["emb.weight"] = g("item_embedding")
+    sd["tr.pos.weight"] = g("transformer.position")
+    sd["tr.ln.weight"], sd["tr.ln.bias"] = g("transformer.ln.weight"), g("transformer.ln.bias")
+    for i in range(LAYERS):
+        src = f"transformer.layer{i}"
+        for a, b in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "dense"), ("f1", "ffn1"), ("f2", "ffn2")):
+            lin(f"tr.layers.{i}.{a}", f"{src}.{b}")
+        for n in ("ln1", "ln2"):
+            sd[f"tr.layers.{i}.{n}.weight"], sd[f"tr.layers.{i}.{n}.bias"] = g(f"{src}.{n}.weight"), g(f"{src}.{n}.bias")
+    for enc, src in (("enc_t", "text_encoder"), ("enc_v", "image_encoder")):
+        if f"{prefix}.{src}.moe.gate" not in w:
+            continue
+        lin(f"{enc}.w1", f"{src}.pool.w1")
+        lin(f"{enc}.w2", f"{src}.pool.w2")
+        ew, eb = g(f"{src}.moe.experts.weight"), g(f"{src}.moe.experts.bias")
+        for k in range(O):
+            sd[f"{enc}.experts.{k}.weight"] = ew[:, k * D0 : (k + 1) * D0].T
+            sd[f"{enc}.experts.{k}.bias"] = eb[k * D0 : (k + 1) * D0]
+            sd[f"{enc}.norms.{k}.weight"], sd[f"{enc}.norms.{k}.bias"] = g(f"{src}.moe.ln.weight")[k], g(f"{src}.moe.ln.bias")[k]
+        sd[f"{enc}.gate.weight"] = g(f"{src}.moe.gate").T
+    missing = [n for n in sd if n not in dict(model.named_parameters())]
+    assert not missing, f"no such parameters: {missing}"
+    model.load_state_dict({n: t.contiguous() for n, t in sd.items()}, strict=False)
+    return sorted(set(dict(model.named_parameters())) - set(sd))
 
 
 def main():
@@ -187,26 +250,45 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time under torch.compile")
     ap.add_argument("--matmul", action="store_true", help="also time torch.matmul (TF32 off)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--from", dest="from_file", metavar="FILE", help="the batch, features and initial weights msm4sr exported "
+                    "(msm4sr bench --steps-from DATA --export FILE): time that batch and print each stage's loss at those weights "
+                    "without dropout or mixup")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads")
+    ap.add_argument("--reps", type=int, default=1, help="timed repetitions of --steps steps each (median, min, max)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = torch.device(a.device)
     import glob
     import random
 
-    samples, n_items = prefixes(glob.glob(f"{a.data}/*.inter")[0])
-    random.Random(0).shuffle(samples)
-    batch = samples[: a.batch]
-    lens = torch.tensor([len(seq) for seq, _ in batch])
-    ids = torch.zeros(len(batch), int(lens.max()), dtype=torch.long)
-    for r, (s, _) in enumerate(batch):
-        ids[r, : len(s)] = torch.tensor(s)
-    b = {"ids": ids.to(dev), "lens": lens.to(dev), "targets": torch.tensor([t for _, t in batch]).to(dev)}
     g = torch.Generator(device=dev).manual_seed(0)
-    feats = {
-        m: ((torch.rand(n_items + 1, a.rows, a.dim, generator=g, device=dev) - 0.5), torch.full((n_items + 1,), a.rows, device=dev))
-        for m in ("text", "image")
-    }
+    w = None
+    if a.from_file:
+        from safetensors.torch import load_file
+
+        w = load_file(a.from_file)
+        ids, lens = w["batch.ids"].long(), w["batch.lens"].long()
+        b = {"ids": ids.to(dev), "lens": lens.to(dev), "targets": w["batch.targets"].long().to(dev)}
+        n_items = w["features.text"].shape[0] - 1
+        feats = {m: (w[f"features.{m}"].to(dev), torch.full((n_items + 1,), w[f"features.{m}"].shape[1], device=dev)) for m in ("text", "image")}
+        a.dim = w["features.text"].shape[2]
+    else:
+        samples, n_items = prefixes(glob.glob(f"{a.data}/*.inter")[0])
+        random.Random(0).shuffle(samples)
+        batch = samples[: a.batch]
+        lens = torch.tensor([len(seq) for seq, _ in batch])
+        ids = torch.zeros(len(batch), int(lens.max()), dtype=torch.long)
+        for r, (s, _) in enumerate(batch):
+            ids[r, : len(s)] = torch.tensor(s)
+        b = {"ids": ids.to(dev), "lens": lens.to(dev), "targets": torch.tensor([t for _, t in batch]).to(dev)}
+        feats = {
+            m: ((torch.rand(n_items + 1, a.rows, a.dim, generator=g, device=dev) - 0.5), torch.full((n_items + 1,), a.rows, device=dev))
+            for m in ("text", "image")
+        }
+    nb = len(b["lens"])
     results = []
 
     def sync():
@@ -226,21 +308,48 @@ def main():
 
         for _ in range(3):
             step()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            step()
-        sync()
-        ms = (time.perf_counter() - t0) / a.steps * 1e3
-        r = {"step": name, "layout": layout, "ms": ms, "batch": len(batch), "tokens": int(lens.sum()), "items": n_items, "device": str(dev)}
+        reps = []
+        for _ in range(max(1, a.reps)):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step()
+            sync()
+            reps.append((time.perf_counter() - t0) / a.steps * 1e3)
+        ms = sorted(reps)[len(reps) // 2]
+        r = {"step": name, "layout": layout, "ms": ms, "min_ms": min(reps), "max_ms": max(reps), "reps": reps, "batch": nb,
+             "tokens": int(lens.sum()), "items": n_items, "device": str(dev), "threads": torch.get_num_threads()}
         results.append(r)
-        print(json.dumps(r) if a.json else f"{name:<10} {layout:<18} {ms:10.1f} ms/step", flush=True)
+        print(json.dumps(r) if a.json else f"{name:<10} {layout:<18} {ms:10.1f} ms/step (min {min(reps):.1f}, max {max(reps):.1f})", flush=True)
 
     model = Models(n_items, a.dim).to(dev)
-    print(f"batch {len(batch)}, {int(lens.sum())} real positions (longest {int(lens.max())}), {n_items} items, features {a.rows}x{a.dim}, {dev}")
-    sas = [p for n, p in model.named_parameters() if n.startswith(("emb", "tr"))]
+    rows = feats["text"][0].shape[1]
+    msg = f"batch {nb}, {int(lens.sum())} real positions (longest {int(lens.max())}), {n_items} items, features {rows}x{a.dim}, {dev}"
+    print(json.dumps({"info": msg}) if a.json else msg, flush=True)
+    model_sas = model
+    if w is not None:
+        # SASRec and MSM4SR start from msm4sr's initial weights of each (two models).
+        model_sas = Models(n_items, a.dim).to(dev)
+        load_msm4sr(model_sas, w, "sasrec")
+        load_msm4sr(model, w, "msm4sr")
+        for m in (model_sas, model):
+            m.eval()  # dropout off for the check
+        with torch.no_grad():
+            checks = {
+                "sasrec": model_sas.sasrec(b, False).item(),
+                "pretrain": model.pretrain(b, feats, False, g, p_mix=0.0).item(),
+                "finetune": model.finetune(b, feats, False).item(),
+            }
+        for m in (model_sas, model):
+            m.train()
+        for k, v in checks.items():
+            r = {"check_loss": k, "loss": v}
+            results.append(r)
+            print(json.dumps(r) if a.json else f"{k:<10} loss at the initial weights, no dropout: {v:.8f}", flush=True)
+    sas = [p for n, p in model_sas.named_parameters() if n.startswith(("emb", "tr"))]
     pre = [p for n, p in model.named_parameters() if not n.startswith("emb")]
-    fns = {"sasrec": model.sasrec, "pretrain": model.pretrain, "finetune": model.finetune}
+    p_mix = 0.25 if w is not None else None
+    fns = {"sasrec": model_sas.sasrec, "pretrain": lambda *x: model.pretrain(*x, p_mix=p_mix), "finetune": model.finetune}
     modes = [("eager", fns)]
     if a.compile:
         # Compiled in the padded layout only: bucketing by length would recompile per length.

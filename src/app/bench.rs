@@ -1,6 +1,6 @@
 //! `msm4sr bench`: kernel rates, a training step per model, BERT and CLIP inference.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use super::Where;
@@ -38,13 +38,56 @@ pub struct Args {
     /// Also time CLIP inference (images/s through the vision tower, texts/s through the text tower) with this model folder.
     #[arg(long, value_name = "DIR")]
     pub clip: Option<PathBuf>,
+    /// Instead of the kernels: time the three training steps on one batch of this dataset's
+    /// training prefixes (paper-size random features), printing each stage's loss at the initial
+    /// weights without dropout; tools/same_batch.sh runs the PyTorch peer on the same batch beside it.
+    #[arg(long, value_name = "DATA")]
+    pub steps_from: Option<PathBuf>,
+    /// With --steps-from: samples in the batch.
+    #[arg(long, default_value_t = 1024)]
+    pub batch: usize,
+    /// With --steps-from: the seed of the batch, the features and the initial weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// With --steps-from: timed repetitions of each stage (median, min and max are reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// With --steps-from: steps per repetition.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// With --steps-from: write the batch, the features and the initial weights to this new
+    /// safetensors file, for tools/torch_step.py --from.
+    #[arg(long, value_name = "FILE")]
+    pub export: Option<PathBuf>,
 }
 
 /// `msm4sr bench`.
 pub fn run(args: Args, at: Where) -> Result<ExitCode> {
-    let Args { json, secs, quick, bert, no_steps, model_dir, sentences, matmul_variants, clip } = args;
+    let Args {
+        json,
+        secs,
+        quick,
+        bert,
+        no_steps,
+        model_dir,
+        sentences,
+        matmul_variants,
+        clip,
+        steps_from,
+        batch,
+        seed,
+        reps,
+        steps,
+        export,
+    } = args;
     let (dev, desc) = at.choice.resolve(at.named)?;
     eprintln!("bench on {desc}");
+    if let Some(data) = steps_from {
+        return same_batch(&data, dev, batch, seed, reps, steps, export.as_deref(), json);
+    }
+    if export.is_some() {
+        return Err(crate::Error::Invalid("--export writes the batch of --steps-from: give --steps-from DATA too".into()));
+    }
     let quick = quick || (dev == Device::Gpu && gpu::gpu()?.adapter.is_software());
     let mut results = bench::run(dev, secs, quick)?;
     let steps = if no_steps { Vec::new() } else { bench::train_steps(dev, secs, quick)? };
@@ -144,6 +187,62 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
                     per(r.copies_per_step)
                 );
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `msm4sr bench --steps-from DATA`: the training steps on one real batch (see `harness::same_batch`).
+#[allow(clippy::too_many_arguments)]
+fn same_batch(
+    data: &Path,
+    dev: Device,
+    batch: usize,
+    seed: u64,
+    reps: usize,
+    steps: usize,
+    export: Option<&Path>,
+    json: bool,
+) -> Result<ExitCode> {
+    use crate::harness::same_batch::{run, SameBatch};
+    if let Some(path) = export {
+        if path.exists() {
+            return Err(crate::Error::Invalid(format!("--export {}: the file exists; name a new one", path.display())));
+        }
+    }
+    let sb = SameBatch::load(data, batch, seed, 10, 768)?;
+    eprintln!(
+        "batch {} of {}: {} real positions (longest {}), {} items, features 10x768",
+        sb.batch.b,
+        data.display(),
+        sb.tokens,
+        sb.batch.l,
+        sb.n_items
+    );
+    if let Some(path) = export {
+        let meta = [("format", "msm4sr same-batch 1"), ("seed", &seed.to_string())]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        crate::train::checkpoint::save(path, &sb.tensors(seed)?, &meta)?;
+        eprintln!("wrote {}", path.display());
+    }
+    let results = run(&sb, dev, seed, reps, steps)?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "same_batch": results })).unwrap());
+    } else {
+        outln!("{:<10} {:>12} {:>12} {:>12} {:>12} {:>16}  device", "stage", "median ms", "min ms", "max ms", "us/token", "check loss");
+        for r in &results {
+            outln!(
+                "{:<10} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>16.8}  {}",
+                r.stage,
+                r.median_ms,
+                r.min_ms,
+                r.max_ms,
+                r.us_per_token,
+                r.check_loss,
+                r.device
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One batch, two programs: msm4sr's training steps and a plain PyTorch step (tools/torch_step.py,
+# written from SPEC.md: eager, one thread, sequences padded to the batch's longest or bucketed by
+# length) on the identical batch, features and initial weights, side by side on one core each.
+#
+#   BIN=target/release/msm4sr PY=/tmp/peer-mp4sr/venv/bin/python bash tools/same_batch.sh DATA [OUT]
+#
+# DATA: a dataset directory (e.g. ../shared/data/pantry: its training prefixes, 4,926 items).
+# msm4sr exports the batch (1024 of the training prefixes, seed 0), random paper-size features
+# (10 x 768 per item and modality) and its initial weights to OUT/batch.safetensors; then msm4sr
+# runs on core 0 and PyTorch on core 1 at the same time, REPS (5) repetitions of STEPS (3) steps of
+# each stage (SASRec, MSM4SR pre-training, fine-tuning). Prints, per stage, the median ms per step
+# with min and max, the ratio msm4sr / PyTorch bucketed (and padded), and the loss of the batch at
+# the initial weights without dropout or mixup in each program (they must agree to ~1e-4
+# relative). OUT (default a new temporary directory) keeps both programs' JSON.
+set -euo pipefail
+DATA=${1:?dataset directory}
+OUT=${2:-$(mktemp -d)}
+BIN=$(realpath "${BIN:-target/release/msm4sr}")
+PY=${PY:-python3}
+REPS=${REPS:-5}
+STEPS=${STEPS:-3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$OUT"
+if [ ! -e "$OUT/batch.safetensors" ]; then
+    "$BIN" --device cpu bench --steps-from "$DATA" --export "$OUT/batch.safetensors" --reps 1 --steps 1 > /dev/null
+fi
+taskset -c 0 "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$OUT/msm4sr.json" &
+a=$!
+taskset -c 1 "$PY" "$HERE/torch_step.py" --device cpu --threads 1 --from "$OUT/batch.safetensors" --reps "$REPS" --steps "$STEPS" \
+    --json > "$OUT/torch.jsonl" &
+b=$!
+wait $a
+wait $b
+"$PY" - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+ours = {r["stage"]: r for r in json.load(open(f"{out}/msm4sr.json"))["same_batch"]}
+rows = [json.loads(l) for l in open(f"{out}/torch.jsonl")]
+theirs = {(r["step"], r["layout"]): r for r in rows if "step" in r}
+checks = {r["check_loss"]: r["loss"] for r in rows if "check_loss" in r}
+info = next(r["info"] for r in rows if "info" in r)
+print(f"{info}; msm4sr on core 0, PyTorch (eager, 1 thread) on core 1, median of {len(next(iter(ours.values()))['ms'])} repetitions")
+print(f"{'stage':<10} {'msm4sr ms':>18} {'torch bucketed ms':>22} {'ratio':>6} {'torch padded ms':>20} {'ratio':>6}   loss msm4sr / torch (rel. diff)")
+for st in ("sasrec", "pretrain", "finetune"):
+    m, tb, tp = ours[st], theirs[(st, "eager bucketed")], theirs[(st, "eager padded")]
+    span = lambda r, k="median_ms": f"{r[k]:.0f} [{r['min_ms']:.0f}-{r['max_ms']:.0f}]"
+    tspan = lambda r: f"{r['ms']:.0f} [{r['min_ms']:.0f}-{r['max_ms']:.0f}]"
+    lm, lt = m["check_loss"], checks[st]
+    print(f"{st:<10} {span(m):>18} {tspan(tb):>22} {m['median_ms'] / tb['ms']:>6.2f} {tspan(tp):>20} {m['median_ms'] / tp['ms']:>6.2f}"
+          f"   {lm:.6f} / {lt:.6f} ({abs(lm - lt) / abs(lt):.1e})")
+PY
