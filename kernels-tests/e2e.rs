@@ -1558,3 +1558,45 @@ fn interrupted_sweep_says_how_to_continue() {
     assert!(seen.contains("run the same sweep command again") && !seen.contains("with --resume to continue"), "{seen}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `bench --steps-from`: the three stages timed on one batch of the dataset's training prefixes,
+/// each with its loss at the initial weights; the export holds the batch, the paper-size features
+/// and both models' initial weights, and an existing file is never written over.
+#[test]
+fn same_batch_bench_exports_the_batch_and_never_overwrites() {
+    let (dir, ds) = tiny_dataset("same-batch");
+    let f = dir.join("batch.safetensors");
+    let args = ["--device", "cpu", "bench", "--steps-from", dir.to_str().unwrap(), "--batch", "32", "--reps", "2", "--steps", "1"];
+    let with_export = [&args[..], &["--export", f.to_str().unwrap(), "--json"]].concat();
+    let (ok, out, err) = msm4sr_bin(&with_export);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let stages = v["same_batch"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(names, ["sasrec", "pretrain", "finetune"]);
+    for s in stages {
+        assert!(s["check_loss"].as_f64().unwrap().is_finite(), "{s}");
+        assert_eq!(s["ms"].as_array().unwrap().len(), 2, "{s}");
+    }
+    // SASRec's initial item embeddings are small (N(0, 0.02)): its scores are nearly uniform and the
+    // loss of the batch is a little above ln(items) (4.09 here; the scores' spread adds about half
+    // their variance).
+    let (sasrec, uniform) = (stages[0]["check_loss"].as_f64().unwrap(), (ds.num_items() as f64).ln());
+    assert!(sasrec > uniform && sasrec < uniform + 0.2, "SASRec loss {sasrec} for {} items", ds.num_items());
+    let ck = train::checkpoint::load(&f).unwrap();
+    assert_eq!(ck.tensors["batch.ids"].0[0], 32);
+    assert_eq!(ck.tensors["batch.targets"].0, [32]);
+    assert_eq!(ck.tensors["features.image"].0, [ds.num_items() + 1, 10, 768]);
+    for name in [
+        "sasrec.item_embedding",
+        "sasrec.transformer.layer1.ffn2.weight",
+        "msm4sr.text_encoder.moe.gate",
+        "msm4sr.image_encoder.pool.w1.weight",
+    ] {
+        assert!(ck.tensors.contains_key(name), "{name} missing from the export");
+    }
+    let before = std::fs::read(&f).unwrap();
+    let (ok, _, err) = msm4sr_bin(&with_export);
+    assert!(!ok && err.contains("exists"), "{err}");
+    assert_eq!(std::fs::read(&f).unwrap(), before, "the export was written over");
+}
