@@ -12,7 +12,9 @@
 # each stage (SASRec, MSM4SR pre-training, fine-tuning). Prints, per stage, the median ms per step
 # with min and max, the ratio msm4sr / PyTorch bucketed (and padded), and the loss of the batch at
 # the initial weights without dropout or mixup in each program (they must agree to ~1e-4
-# relative). OUT (default a new temporary directory) keeps both programs' JSON.
+# relative). Then msm4sr alone on both cores (0,1; SCALING=0 skips it) for its scaling from one
+# core to two, and the fraction of the GEMM peak of the cores each step reaches (matrix-product
+# FLOPs counted from their shapes). OUT (default a new temporary directory) keeps all the JSON.
 set -euo pipefail
 DATA=${1:?dataset directory}
 OUT=${2:-$(mktemp -d)}
@@ -32,8 +34,11 @@ taskset -c 1 "$PY" "$HERE/torch_step.py" --device cpu --threads 1 --from "$OUT/b
 b=$!
 wait $a
 wait $b
+if [ "${SCALING:-1}" != 0 ]; then
+    taskset -c 0,1 "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$OUT/msm4sr-2cores.json"
+fi
 "$PY" - "$OUT" <<'PY'
-import json, sys
+import json, os, sys
 out = sys.argv[1]
 ours = {r["stage"]: r for r in json.load(open(f"{out}/msm4sr.json"))["same_batch"]}
 rows = [json.loads(l) for l in open(f"{out}/torch.jsonl")]
@@ -49,4 +54,15 @@ for st in ("sasrec", "pretrain", "finetune"):
     lm, lt = m["check_loss"], checks[st]
     print(f"{st:<10} {span(m):>18} {tspan(tb):>22} {m['median_ms'] / tb['ms']:>6.2f} {tspan(tp):>20} {m['median_ms'] / tp['ms']:>6.2f}"
           f"   {lm:.6f} / {lt:.6f} ({abs(lm - lt) / abs(lt):.1e})")
+two = f"{out}/msm4sr-2cores.json"
+if os.path.exists(two):
+    both = {r["stage"]: r for r in json.load(open(two))["same_batch"]}
+    print()
+    print(f"msm4sr alone: one core (beside PyTorch) and two cores; matrix-product GFLOP per step and the fraction of the GEMM peak")
+    print(f"{'stage':<10} {'1 core ms':>10} {'2 cores ms':>11} {'scaling':>8} {'GEMM GFLOP':>11} {'1 core: of peak':>16} {'2 cores: of peak':>17}")
+    for st in ("sasrec", "pretrain", "finetune"):
+        m, t = ours[st], both[st]
+        print(f"{st:<10} {m['median_ms']:>10.0f} {t['median_ms']:>11.0f} {m['median_ms'] / t['median_ms']:>7.2f}x {m['gemm_gflop_per_step']:>11.2f}"
+              f" {100 * m['peak_fraction']:>15.0f}% {100 * t['peak_fraction']:>16.0f}%")
+    print(f"GEMM peak: {ours['sasrec']['peak_gflops']:.1f} GFLOP/s on one core, {both['sasrec']['peak_gflops']:.1f} on two")
 PY

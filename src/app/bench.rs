@@ -59,6 +59,9 @@ pub struct Args {
     /// safetensors file, for tools/torch_step.py --from.
     #[arg(long, value_name = "FILE")]
     pub export: Option<PathBuf>,
+    /// With --steps-from: time only this stage (e.g. under a profiler).
+    #[arg(long, value_parser = ["sasrec", "pretrain", "finetune"])]
+    pub stage: Option<String>,
 }
 
 /// `msm4sr bench`.
@@ -79,11 +82,12 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
         reps,
         steps,
         export,
+        stage,
     } = args;
     let (dev, desc) = at.choice.resolve(at.named)?;
     eprintln!("bench on {desc}");
     if let Some(data) = steps_from {
-        return same_batch(&data, dev, batch, seed, reps, steps, export.as_deref(), json);
+        return same_batch(&data, dev, (batch, seed, reps, steps), export.as_deref(), stage.as_deref(), json);
     }
     if export.is_some() {
         return Err(crate::Error::Invalid("--export writes the batch of --steps-from: give --steps-from DATA too".into()));
@@ -192,16 +196,14 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `msm4sr bench --steps-from DATA`: the training steps on one real batch (see `harness::same_batch`).
-#[allow(clippy::too_many_arguments)]
+/// `msm4sr bench --steps-from DATA`: the training steps on one real batch (see `harness::same_batch`);
+/// `(batch, seed, reps, steps)` as the flags say.
 fn same_batch(
     data: &Path,
     dev: Device,
-    batch: usize,
-    seed: u64,
-    reps: usize,
-    steps: usize,
+    (batch, seed, reps, steps): (usize, u64, usize, usize),
     export: Option<&Path>,
+    stage: Option<&str>,
     json: bool,
 ) -> Result<ExitCode> {
     use crate::harness::same_batch::{run, SameBatch};
@@ -227,21 +229,43 @@ fn same_batch(
         crate::train::checkpoint::save(path, &sb.tensors(seed)?, &meta)?;
         eprintln!("wrote {}", path.display());
     }
-    let results = run(&sb, dev, seed, reps, steps)?;
+    let results = run(&sb, dev, seed, reps, steps, stage)?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "same_batch": results })).unwrap());
     } else {
-        outln!("{:<10} {:>12} {:>12} {:>12} {:>12} {:>16}  device", "stage", "median ms", "min ms", "max ms", "us/token", "check loss");
+        outln!(
+            "{:<10} {:>10} {:>8} {:>8} {:>9} {:>14} {:>10} {:>9} {:>8} {:>8}  device",
+            "stage",
+            "median ms",
+            "min ms",
+            "max ms",
+            "us/token",
+            "check loss",
+            "GEMM GFLOP",
+            "GEMM time",
+            "GFLOP/s",
+            "of peak"
+        );
         for r in &results {
             outln!(
-                "{:<10} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>16.8}  {}",
+                "{:<10} {:>10.1} {:>8.1} {:>8.1} {:>9.1} {:>14.8} {:>10.2} {:>8.0}% {:>8.1} {:>7.0}%  {}",
                 r.stage,
                 r.median_ms,
                 r.min_ms,
                 r.max_ms,
                 r.us_per_token,
                 r.check_loss,
+                r.gemm_gflop_per_step,
+                100.0 * r.gemm_time_share,
+                r.gflops,
+                100.0 * r.peak_fraction,
                 r.device
+            );
+        }
+        if let Some(r) = results.first().filter(|r| r.peak_gflops > 0.0) {
+            outln!(
+                "GEMM peak of these cores: {:.1} GFLOP/s ((1024x1024) . (1024x1024), best of 6); FLOPs of the matrix products only",
+                r.peak_gflops
             );
         }
     }

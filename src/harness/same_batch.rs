@@ -125,12 +125,47 @@ pub struct StageResult {
     pub max_ms: f64,
     /// Microseconds per real position (the median step).
     pub us_per_token: f64,
+    /// Floating-point operations of the step's matrix products (2 m n k each, counted from their
+    /// shapes; f32 CPU backend only, else 0), in GFLOP.
+    pub gemm_gflop_per_step: f64,
+    /// Share of the step's time inside matrix products.
+    pub gemm_time_share: f64,
+    /// The step's matrix-product FLOPs over its median time, in GFLOP/s ...
+    pub gflops: f64,
+    /// ... and as a fraction of the measured GEMM peak, `peak_gflops` (`gemm_peak`).
+    pub peak_fraction: f64,
+    pub peak_gflops: f64,
 }
 
-/// Run every stage: `reps` repetitions of `steps` timed steps each, after two warm-up steps.
-pub fn run(sb: &SameBatch, dev: Device, seed: u64, reps: usize, steps: usize) -> Result<Vec<StageResult>> {
+/// The GEMM rate of the CPU backend on the cores this process is given: the best of five
+/// (1024 x 1024) . (1024 x 1024) f32 products, in GFLOP/s (0 on the GPU).
+pub fn gemm_peak(dev: Device) -> Result<f64> {
+    if dev != Device::Cpu {
+        return Ok(0.0);
+    }
+    let n = 1024;
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let (a, b) = (Tensor::randn(&[n, n], 1.0, &mut rng, dev)?, Tensor::randn(&[n, n], 1.0, &mut rng, dev)?);
+    crate::engine::no_grad(|| -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..6 {
+            let t0 = Instant::now();
+            drop(crate::engine::ops::matmul(&a, &b, false, false)?);
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        Ok(2.0 * (n * n * n) as f64 / best / 1e9)
+    })
+}
+
+/// Run every stage (or `only` the one of that name): `reps` repetitions of `steps` timed steps each, after two warm-up steps, with
+/// the step's matrix-product FLOPs and the fraction of the GEMM peak it reaches.
+pub fn run(sb: &SameBatch, dev: Device, seed: u64, reps: usize, steps: usize, only: Option<&str>) -> Result<Vec<StageResult>> {
+    let peak = gemm_peak(dev)?;
     let mut out = Vec::new();
     for (stage, kind, pretrain) in STAGES {
+        if only.is_some_and(|o| o != stage) {
+            continue;
+        }
         let check = sb.model(kind, 0.0, seed, dev)?;
         let check_loss = sb.loss(&check, pretrain, 0.0, &mut ChaCha8Rng::seed_from_u64(seed), &mut Seeds::new(seed))?.to_vec_f64()?[0];
         drop(check);
@@ -148,6 +183,7 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, reps: usize, steps: usize) ->
             step()?;
         }
         let mut ms = Vec::with_capacity(reps);
+        let ((g_s0, g_f0), t_all) = (crate::engine::stats::gemm_counters(), Instant::now());
         for _ in 0..reps.max(1) {
             let t0 = Instant::now();
             for _ in 0..steps.max(1) {
@@ -155,9 +191,14 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, reps: usize, steps: usize) ->
             }
             ms.push(t0.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64);
         }
+        let (g_s1, g_f1) = crate::engine::stats::gemm_counters();
+        let n_steps = (reps.max(1) * steps.max(1)) as f64;
+        let gemm_gflop_per_step = (g_f1 - g_f0) / n_steps / 1e9;
+        let gemm_time_share = (g_s1 - g_s0) / t_all.elapsed().as_secs_f64();
         let mut sorted = ms.clone();
         sorted.sort_by(f64::total_cmp);
         let median_ms = sorted[sorted.len() / 2];
+        let gflops = gemm_gflop_per_step / (median_ms / 1e3);
         out.push(StageResult {
             stage: stage.into(),
             device: super::bench::device_name(dev),
@@ -168,6 +209,11 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, reps: usize, steps: usize) ->
             min_ms: sorted[0],
             max_ms: *sorted.last().unwrap(),
             us_per_token: median_ms * 1e3 / sb.tokens as f64,
+            gemm_gflop_per_step,
+            gemm_time_share,
+            gflops,
+            peak_fraction: if peak > 0.0 { gflops / peak } else { 0.0 },
+            peak_gflops: peak,
             median_ms,
             ms,
         });
