@@ -8,6 +8,7 @@ use std::time::Instant;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::data::Modality;
 use crate::engine::gpu::gpu;
 use crate::engine::ops::{attention_ragged, layernorm, matmul, softmax};
 use crate::engine::{no_grad, Device, Ragged, Tensor};
@@ -214,6 +215,17 @@ pub fn matmul_variants(min_secs: f64, quick: bool) -> Result<Vec<VariantResult>>
     Ok(out)
 }
 
+/// Item features for `items` real items (and the padding row 0, with no valid rows): `rows` rows of
+/// `dim` values uniform in [-0.5, 0.5) per item.
+pub fn random_modality(items: usize, rows: usize, dim: usize, rng: &mut impl rand::Rng) -> Modality {
+    Modality {
+        rows,
+        dim,
+        data: (0..(items + 1) * rows * dim).map(|_| rng.random::<f32>() - 0.5).collect(),
+        lens: std::iter::once(0).chain((0..items).map(|_| rows as u32)).collect(),
+    }
+}
+
 /// Training steps at the paper's shapes on synthetic data: hidden 64, 2 layers, 2 heads, max
 /// length 50, random sequence lengths 1..=10 (about the 5.3-item average training prefix of the
 /// Pantry data); for MSM4SR 5000 items with 10 sentence and 10 image rows of 768 values per item
@@ -221,7 +233,7 @@ pub fn matmul_variants(min_secs: f64, quick: bool) -> Result<Vec<VariantResult>>
 /// and batch 8x.
 pub fn train_steps(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<StepResult>> {
     use crate::config::{ModelConfig, ModelKind};
-    use crate::data::{make_batch, Modality, Sample};
+    use crate::data::{make_batch, Sample};
     use crate::engine::backward;
     use crate::engine::optim::{Adam, AdamConfig};
     use crate::model::msm4sr::Model;
@@ -231,13 +243,7 @@ pub fn train_steps(dev: Device, min_secs: f64, quick: bool) -> Result<Vec<StepRe
     let q = if quick { 8 } else { 1 };
     let (items, d, rows) = (5000 / q, 768 / q, 10);
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let modality = |rng: &mut ChaCha8Rng| Modality {
-        rows,
-        dim: d,
-        data: (0..(items + 1) * rows * d).map(|_| rng.random::<f32>() - 0.5).collect(),
-        lens: std::iter::once(0).chain((0..items).map(|_| rows as u32)).collect(),
-    };
-    let (text, image) = (modality(&mut rng), modality(&mut rng));
+    let (text, image) = (random_modality(items, rows, d, &mut rng), random_modality(items, rows, d, &mut rng));
     let samples = |n: usize, rng: &mut ChaCha8Rng| -> Vec<Sample> {
         (0..n)
             .map(|u| {

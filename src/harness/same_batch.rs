@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ModelConfig, ModelKind};
@@ -60,13 +60,8 @@ impl SameBatch {
         train.shuffle(&mut rng);
         let batch = make_batch(&train[..batch].iter().collect::<Vec<_>>());
         let n_items = ds.num_items();
-        let mut modality = || Modality {
-            rows,
-            dim,
-            data: (0..(n_items + 1) * rows * dim).map(|_| rng.random::<f32>() - 0.5).collect(),
-            lens: std::iter::once(0).chain((0..n_items).map(|_| rows as u32)).collect(),
-        };
-        let (text, image) = (modality(), modality());
+        let text = super::bench::random_modality(n_items, rows, dim, &mut rng);
+        let image = super::bench::random_modality(n_items, rows, dim, &mut rng);
         let tokens = batch.lens.iter().map(|&n| n as usize).sum();
         Ok(SameBatch { batch, n_items, text, image, tokens })
     }

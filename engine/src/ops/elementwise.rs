@@ -366,7 +366,11 @@ pub(crate) struct Act {
 
 impl Op for Act {
     fn name(&self) -> &'static str {
-        "gelu"
+        if self.quick {
+            "quick_gelu"
+        } else {
+            "gelu"
+        }
     }
     fn shapes(&self) -> Vec<Vec<usize>> {
         vec![self.shape.clone()]
@@ -441,7 +445,7 @@ impl Backward for Dropout {
     }
     /// dx = the same mask applied to g
     fn backward(d: &Dropout, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(apply(d.clone(), &[g])?)])
+        Ok(vec![Some(run(d, &[g])?.remove(0))])
     }
 }
 

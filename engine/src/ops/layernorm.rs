@@ -232,12 +232,11 @@ impl Op for LayerNorm {
 }
 
 /// What the backward reads: the normalized input (x, or the saved sum), gamma, the statistics,
-/// the parameters' shape, how many inputs share dx, and the op in its backward form.
+/// how many inputs share dx, and the op in its backward form.
 struct LayerNormSaved {
     xs: Tensor,
     gamma: Tensor,
     stats: Tensor,
-    pshape: Vec<usize>,
     summands: usize,
     op: LayerNorm,
 }
@@ -247,22 +246,15 @@ impl Backward for LayerNorm {
     fn save(self, x: &[&Tensor], mut out: Vec<Tensor>, _: &[bool]) -> LayerNormSaved {
         let n = x.len();
         let xs = if self.add { out.remove(2) } else { x[0].detach() };
-        LayerNormSaved {
-            xs,
-            gamma: x[n - 2].detach(),
-            stats: out.remove(1),
-            pshape: x[n - 2].shape().to_vec(),
-            summands: n - 2,
-            op: LayerNorm { backward: true, ..self },
-        }
+        LayerNormSaved { xs, gamma: x[n - 2].detach(), stats: out.remove(1), summands: n - 2, op: LayerNorm { backward: true, ..self } }
     }
     /// dx (to every summand), dgamma, dbeta: see the module docs.
     fn backward(s: &LayerNormSaved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let mut d = run(&s.op, &[&s.xs, &s.gamma, &s.stats, g])?.into_iter();
         let (dx, dgamma, dbeta) = (d.next().unwrap(), d.next().unwrap(), d.next().unwrap());
         let mut grads = vec![Some(dx); s.summands];
-        grads.push(Some(dgamma.reshape(&s.pshape)?));
-        grads.push(Some(dbeta.reshape(&s.pshape)?));
+        grads.push(Some(dgamma.reshape(s.gamma.shape())?));
+        grads.push(Some(dbeta.reshape(s.gamma.shape())?));
         Ok(grads)
     }
 }
