@@ -181,6 +181,26 @@ fn cpu_and_gpu_give_the_same_losses() {
     }
 }
 
+/// Training steps give the same bits on one thread and on three: matrix products split over the
+/// pool (the catalog's by columns, the tall ones by rows), elementwise and row-wise work in pieces.
+#[test]
+fn one_thread_and_three_give_the_same_bits() {
+    let dir = tmp("threads");
+    let sc = SynthConfig { users: 200, items: 2000, topics: 8, min_len: 5, max_len: 20, seed: 5, ..SynthConfig::default() };
+    synth::write(&dir, &sc).unwrap();
+    let ds = Dataset::load(&dir, &LoadOptions::default()).unwrap();
+    let mut cfg = RunConfig::default(); // hidden 64: the (32, 64) . (64, 2000) catalog products split
+    cfg.model.max_len = 20;
+    let on = |threads: usize, pretrain: bool| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let losses = pool.install(|| steps(&ds, &cfg, Device::Cpu, pretrain, 3));
+        losses.iter().map(|l| l.to_bits()).collect::<Vec<u64>>()
+    };
+    for pretrain in [true, false] {
+        assert_eq!(on(1, pretrain), on(3, pretrain), "pre-training {pretrain}");
+    }
+}
+
 #[test]
 fn gpu_ranking_matches_cpu_ranking() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
@@ -1599,4 +1619,20 @@ fn same_batch_bench_exports_the_batch_and_never_overwrites() {
     let (ok, _, err) = msm4sr_bin(&with_export);
     assert!(!ok && err.contains("exists"), "{err}");
     assert_eq!(std::fs::read(&f).unwrap(), before, "the export was written over");
+    // --ops: where the fine-tuning step's time goes, by phase and by op; the ops' time lies within
+    // the step's, and the fused catalog loss and the products are among them.
+    let (ok, out, err) = msm4sr_bin(&[&args[..], &["--stage", "finetune", "--ops", "--json"]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = &v["same_batch"][0];
+    let p = &s["phases_ms"];
+    let step: f64 = ["forward", "backward", "adam"].iter().map(|k| p[k].as_f64().unwrap()).sum();
+    let ops = s["ops"].as_array().unwrap();
+    let in_ops: f64 = ops.iter().map(|o| o["ms_per_step"].as_f64().unwrap()).sum();
+    assert!(in_ops > 0.0 && in_ops <= step * 1.01, "ops {in_ops} ms of a {step} ms step: {s}");
+    for name in ["matmul", "catalog_ce", "attention_pool"] {
+        assert!(ops.iter().any(|o| o["op"] == name), "{name} missing: {s}");
+    }
+    let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "bench", "--ops"]);
+    assert!(!ok && err.contains("--steps-from"), "{err}");
 }

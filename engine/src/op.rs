@@ -126,7 +126,11 @@ pub fn query<Q: Query>(q: &Q, x: &[&Tensor]) -> Result<Q::Out> {
 fn on_host<O: Op, T: Element>(op: &O, x: &[&Tensor], shapes: &[Vec<usize>]) -> Result<Vec<Storage>> {
     let hosts = x.iter().map(|t| t.host::<T>()).collect::<Result<Vec<Ref<[T]>>>>()?;
     let refs: Vec<&[T]> = hosts.iter().map(|h| &**h).collect();
+    let t0 = crate::cpu::profiling_ops().then(std::time::Instant::now);
     let outs = op.cpu::<T>(&refs)?;
+    if let Some(t0) = t0 {
+        crate::cpu::count_op(op.name(), t0);
+    }
     check_count(op.name(), outs.len(), shapes.len())?;
     for (v, s) in outs.iter().zip(shapes) {
         if v.len() != numel(s) {

@@ -8,10 +8,6 @@
 ///   packing buffers, the first steps' tensors) would page-fault back in every time.
 /// - `XDG_RUNTIME_DIR` is set to a private directory when it is unset or invalid, so that probing
 ///   GPU adapters prints nothing from the Vulkan loader's window-system layers.
-/// - The GEMM crate's thread count follows the cores this process may run on (its CPU affinity, as
-///   `taskset` sets it, or `RAYON_NUM_THREADS`) unless `MATMUL_NUM_THREADS` is set: by default it
-///   counts the machine's physical cores, so a process pinned to one core ran two GEMM threads that
-///   took turns on it.
 pub fn startup() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tunables; called before other threads allocate.
@@ -31,12 +27,5 @@ pub fn startup() {
         if std::fs::DirBuilder::new().mode(0o700).create(&dir).is_ok() || dir.is_dir() {
             std::env::set_var("XDG_RUNTIME_DIR", &dir);
         }
-    }
-    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-        let rayon = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
-        let cores = rayon.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-        // Before any other thread exists (the contract of this function), so nothing reads the
-        // environment concurrently.
-        std::env::set_var("MATMUL_NUM_THREADS", cores.to_string());
     }
 }

@@ -1,10 +1,10 @@
 //! What the engine has done since the process started: time and FLOPs in the CPU backend's matrix
-//! products (counted in `cpu`), and the GPU's dispatches, submits and copies (counted in `gpu`). Read
+//! products (counted in `cpu`), time per op when asked (`profile_ops`), and the GPU's dispatches, submits and copies (counted in `gpu`). Read
 //! by the trainer's epoch lines and by `bench`.
 
 use crate::device::Device;
 
-pub use crate::cpu::{gemm_counters, in_gemm};
+pub use crate::cpu::{gemm_counters, in_gemm, op_times, profile_ops};
 
 /// The GPU's dispatch, submit and copy counters when `dev` is the GPU (None on the CPU backend or
 /// when no GPU context exists).

@@ -62,6 +62,10 @@ pub struct Args {
     /// With --steps-from: time only this stage (e.g. under a profiler).
     #[arg(long, value_parser = ["sasrec", "pretrain", "finetune"])]
     pub stage: Option<String>,
+    /// With --steps-from: also show where each step's time goes: forward, backward and Adam, and
+    /// each op's CPU form (ms per step; timing every op makes the step a little slower).
+    #[arg(long)]
+    pub ops: bool,
 }
 
 /// `msm4sr bench`.
@@ -83,14 +87,16 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
         steps,
         export,
         stage,
+        ops,
     } = args;
     let (dev, desc) = at.choice.resolve(at.named)?;
     eprintln!("bench on {desc}");
     if let Some(data) = steps_from {
-        return same_batch(&data, dev, (batch, seed, reps, steps), export.as_deref(), stage.as_deref(), json);
+        return same_batch(&data, dev, (batch, seed, reps, steps), export.as_deref(), (stage.as_deref(), ops), json);
     }
-    if export.is_some() {
-        return Err(crate::Error::Invalid("--export writes the batch of --steps-from: give --steps-from DATA too".into()));
+    if export.is_some() || ops {
+        let flag = if ops { "--ops" } else { "--export" };
+        return Err(crate::Error::Invalid(format!("{flag} belongs to --steps-from: give --steps-from DATA too")));
     }
     let quick = quick || (dev == Device::Gpu && gpu::gpu()?.adapter.is_software());
     let mut results = bench::run(dev, secs, quick)?;
@@ -203,7 +209,7 @@ fn same_batch(
     dev: Device,
     (batch, seed, reps, steps): (usize, u64, usize, usize),
     export: Option<&Path>,
-    stage: Option<&str>,
+    (stage, profile): (Option<&str>, bool),
     json: bool,
 ) -> Result<ExitCode> {
     use crate::harness::same_batch::{run, SameBatch};
@@ -229,7 +235,7 @@ fn same_batch(
         crate::train::checkpoint::save(path, &sb.tensors(seed)?, &meta)?;
         eprintln!("wrote {}", path.display());
     }
-    let results = run(&sb, dev, seed, reps, steps, stage)?;
+    let results = run(&sb, dev, seed, reps, steps, stage, profile)?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "same_batch": results })).unwrap());
     } else {
@@ -261,6 +267,23 @@ fn same_batch(
                 100.0 * r.peak_fraction,
                 r.device
             );
+        }
+        for r in results.iter().filter(|r| r.phases_ms.is_some()) {
+            let p = r.phases_ms.as_ref().unwrap();
+            let in_ops: f64 = r.ops.iter().map(|o| o.ms_per_step).sum();
+            outln!(
+                "\n{}: ms per step (mean, profiled): forward {:.1}, backward {:.1}, Adam {:.1}; in ops {:.1}",
+                r.stage,
+                p.forward,
+                p.backward,
+                p.adam,
+                in_ops
+            );
+            outln!("  {:<18} {:>8} {:>10} {:>7}", "op (CPU form)", "calls", "ms/step", "share");
+            let total = p.forward + p.backward + p.adam;
+            for o in &r.ops {
+                outln!("  {:<18} {:>8.0} {:>10.2} {:>6.1}%", o.op, o.calls_per_step, o.ms_per_step, 100.0 * o.ms_per_step / total);
+            }
         }
         if let Some(r) = results.first().filter(|r| r.peak_gflops > 0.0) {
             outln!(

@@ -130,6 +130,26 @@ pub struct StageResult {
     /// ... and as a fraction of the measured GEMM peak, `peak_gflops` (`gemm_peak`).
     pub peak_fraction: f64,
     pub peak_gflops: f64,
+    /// With `profile`: ms per step in the forward, the backward and the Adam step ...
+    pub phases_ms: Option<Phases>,
+    /// ... and each op's CPU form (forward and backward ops alike; the most time first).
+    pub ops: Vec<OpTime>,
+}
+
+/// Where a step's time goes, in ms per step (`run` with `profile`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Phases {
+    pub forward: f64,
+    pub backward: f64,
+    pub adam: f64,
+}
+
+/// One op's share of a step (`run` with `profile`): its CPU form, matrix products inside included.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpTime {
+    pub op: String,
+    pub calls_per_step: f64,
+    pub ms_per_step: f64,
 }
 
 /// The GEMM rate of the CPU backend on the cores this process is given: the best of five
@@ -153,8 +173,17 @@ pub fn gemm_peak(dev: Device) -> Result<f64> {
 }
 
 /// Run every stage (or `only` the one of that name): `reps` repetitions of `steps` timed steps each, after two warm-up steps, with
-/// the step's matrix-product FLOPs and the fraction of the GEMM peak it reaches.
-pub fn run(sb: &SameBatch, dev: Device, seed: u64, reps: usize, steps: usize, only: Option<&str>) -> Result<Vec<StageResult>> {
+/// the step's matrix-product FLOPs and the fraction of the GEMM peak it reaches; with `profile`, the
+/// time of each phase and of each op too (a clock read and a lock per op: a little slower).
+pub fn run(
+    sb: &SameBatch,
+    dev: Device,
+    seed: u64,
+    reps: usize,
+    steps: usize,
+    only: Option<&str>,
+    profile: bool,
+) -> Result<Vec<StageResult>> {
     let peak = gemm_peak(dev)?;
     let mut out = Vec::new();
     for (stage, kind, pretrain) in STAGES {
@@ -168,26 +197,58 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, reps: usize, steps: usize, on
         let params = if pretrain { model.pretrain_params() } else { model.finetune_params() };
         let mut opt = Adam::new(params.into_iter().map(|(_, t)| t).collect(), AdamConfig::default())?;
         let (mut rng, mut seeds) = (ChaCha8Rng::seed_from_u64(seed), Seeds::new(seed));
-        let mut step = || -> Result<()> {
+        // Seconds in the forward, the backward and Adam (only read with `profile`).
+        let mut phases = [0f64; 3];
+        let mut step = |phases: &mut [f64; 3]| -> Result<()> {
+            let t0 = Instant::now();
             let loss = sb.loss(&model, pretrain, P_MIX, &mut rng, &mut seeds)?;
-            opt.step(&backward(&loss)?)?;
+            if profile {
+                loss.item()?; // the forward's work done (GPU) before the clock is read
+            }
+            let t1 = Instant::now();
+            let grads = backward(&loss)?;
+            let t2 = Instant::now();
+            opt.step(&grads)?;
             loss.item()?;
+            let t3 = Instant::now();
+            for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
+                *p += d.as_secs_f64();
+            }
             Ok(())
         };
         for _ in 0..2 {
-            step()?;
+            step(&mut phases)?;
         }
+        phases = [0.0; 3];
+        crate::engine::stats::profile_ops(profile);
         let mut ms = Vec::with_capacity(reps);
         let ((g_s0, g_f0), t_all) = (crate::engine::stats::gemm_counters(), Instant::now());
         for _ in 0..reps.max(1) {
             let t0 = Instant::now();
             for _ in 0..steps.max(1) {
-                step()?;
+                step(&mut phases)?;
             }
             ms.push(t0.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64);
         }
         let (g_s1, g_f1) = crate::engine::stats::gemm_counters();
         let n_steps = (reps.max(1) * steps.max(1)) as f64;
+        let ops = if profile {
+            let t = crate::engine::stats::op_times();
+            crate::engine::stats::profile_ops(false);
+            t.into_iter()
+                .map(|(op, calls, secs)| OpTime {
+                    op: op.into(),
+                    calls_per_step: calls as f64 / n_steps,
+                    ms_per_step: secs * 1e3 / n_steps,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let phases_ms = profile.then(|| {
+            let ms = |s: f64| s * 1e3 / n_steps;
+            Phases { forward: ms(phases[0]), backward: ms(phases[1]), adam: ms(phases[2]) }
+        });
         let gemm_gflop_per_step = (g_f1 - g_f0) / n_steps / 1e9;
         let gemm_time_share = (g_s1 - g_s0) / t_all.elapsed().as_secs_f64();
         let mut sorted = ms.clone();
@@ -211,6 +272,8 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, reps: usize, steps: usize, on
             peak_gflops: peak,
             median_ms,
             ms,
+            phases_ms,
+            ops,
         });
     }
     Ok(out)

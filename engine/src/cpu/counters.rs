@@ -41,3 +41,39 @@ pub(crate) fn count_gemm(flop: usize, t0: std::time::Instant) {
     GEMM_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     GEMM_FLOP.fetch_add(flop as u64, Ordering::Relaxed);
 }
+
+/// Whether the CPU backend times each op (`profile_ops`).
+static PROFILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Per op name: (calls, nanoseconds) of its CPU form since profiling was turned on.
+static OP_TIMES: std::sync::Mutex<Vec<(&'static str, u64, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Turn the per-op timing of the CPU backend on or off (off by default: it costs a clock read and
+/// a lock per op); turning it on clears what was counted before.
+pub fn profile_ops(on: bool) {
+    OP_TIMES.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    PROFILE.store(on, Ordering::Relaxed);
+}
+
+/// Whether `profile_ops` is on (read by the op dispatch before it takes the time).
+pub(crate) fn profiling_ops() -> bool {
+    PROFILE.load(Ordering::Relaxed)
+}
+
+/// Add one call of op `name` that started at `t0` (the whole CPU form: its products included).
+pub(crate) fn count_op(name: &'static str, t0: std::time::Instant) {
+    let ns = t0.elapsed().as_nanos() as u64;
+    let mut t = OP_TIMES.lock().unwrap_or_else(|e| e.into_inner());
+    match t.iter_mut().find(|e| e.0 == name) {
+        Some(e) => (e.1, e.2) = (e.1 + 1, e.2 + ns),
+        None => t.push((name, 1, ns)),
+    }
+}
+
+/// (op name, calls, seconds) of every op the CPU backend ran since `profile_ops(true)`, the most
+/// time first.
+pub fn op_times() -> Vec<(&'static str, u64, f64)> {
+    let mut v: Vec<(&'static str, u64, f64)> =
+        OP_TIMES.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|&(n, c, ns)| (n, c, ns as f64 * 1e-9)).collect();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    v
+}

@@ -11,6 +11,6 @@ pub(crate) mod par;
 pub mod pool;
 mod real;
 
-pub(crate) use counters::count_gemm;
-pub use counters::{gemm_counters, in_gemm};
+pub(crate) use counters::{count_gemm, count_op, profiling_ops};
+pub use counters::{gemm_counters, in_gemm, op_times, profile_ops};
 pub use real::{dot, expf, sum_exp, Real};

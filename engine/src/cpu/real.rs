@@ -51,9 +51,11 @@ impl Real for f32 {
         rsc: isize,
     ) {
         let t0 = std::time::Instant::now();
-        let _g = InGemm::enter();
-        // SAFETY: callers pass slices that cover every strided index of the (m,k), (k,n), (m,n) views.
-        unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), rsc, 1) }
+        // SAFETY: callers pass slices that cover every strided index of the (m,k), (k,n), (m,n) views;
+        // `split_gemm` hands each piece a disjoint block of C's rows or columns within them.
+        split_gemm(m, k, n, a, b, c, (rsa, csb, rsc), |m, n, a, b, c| unsafe {
+            matrixmultiply::sgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1)
+        });
         count_gemm(2 * m * n * k, t0);
     }
 }
@@ -81,9 +83,74 @@ impl Real for f64 {
         rsc: isize,
     ) {
         // SAFETY: as for f32.
-        let _g = InGemm::enter();
-        unsafe { matrixmultiply::dgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), rsc, 1) }
+        split_gemm(m, k, n, a, b, c, (rsa, csb, rsc), |m, n, a, b, c| unsafe {
+            matrixmultiply::dgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1)
+        });
     }
+}
+
+/// Matrix products below this many multiply-adds run as one call on the calling thread.
+const GEMM_MIN_PAR: usize = 1 << 18;
+/// Pieces start at multiples of this many rows or columns (whole register tiles of the kernel).
+const GEMM_ALIGN: usize = 32;
+
+/// Raw pointers handed to the pool's threads (each piece touches a disjoint block of C).
+struct Raw<T> {
+    a: *const T,
+    b: *const T,
+    c: *mut T,
+}
+impl<T> Clone for Raw<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Raw<T> {}
+// SAFETY: A and B are only read; each task writes its own block of C (see `split_gemm`).
+unsafe impl<T> Send for Raw<T> {}
+unsafe impl<T> Sync for Raw<T> {}
+
+/// C = A B (+ C) as pieces over rayon's pool: C's rows split into one block per thread when C is
+/// at least as tall as it is wide, else its columns. Every element of C is computed by one call of
+/// the GEMM kernel with the same k-loop, in the same order, as in one call over the whole of C (the
+/// crate blocks only k the same way for every piece, and a partial register tile gives the same bits
+/// as a full one for alpha = 1, beta = 0 or 1), so the result does not depend on the thread count.
+/// `call(m, n, a, b, c)` runs the crate's GEMM on one block; `(rsa, csb, rsc)` are the strides that
+/// move to A's next row, B's next column and C's next row.
+#[allow(clippy::too_many_arguments)]
+fn split_gemm<T: Send + Sync>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[T],
+    b: &[T],
+    c: &mut [T],
+    (rsa, csb, rsc): (isize, isize, isize),
+    call: impl Fn(usize, usize, *const T, *const T, *mut T) + Sync,
+) {
+    let raw = Raw { a: a.as_ptr(), b: b.as_ptr(), c: c.as_mut_ptr() };
+    let threads = rayon::current_num_threads();
+    let rows = m >= n;
+    let len = if rows { m } else { n };
+    if threads < 2 || m * n * k < GEMM_MIN_PAR || len < 2 * GEMM_ALIGN {
+        let _g = InGemm::enter();
+        return call(m, n, raw.a, raw.b, raw.c);
+    }
+    let piece = len.div_ceil(threads).div_ceil(GEMM_ALIGN) * GEMM_ALIGN;
+    use rayon::prelude::*;
+    (0..len.div_ceil(piece)).into_par_iter().for_each(|i| {
+        let raw = &raw;
+        let (start, w) = (i * piece, piece.min(len - i * piece));
+        let _g = InGemm::enter();
+        // SAFETY: the offsets stay inside the views the caller's slices cover (start < m or n).
+        unsafe {
+            if rows {
+                call(w, n, raw.a.offset(start as isize * rsa), raw.b, raw.c.offset(start as isize * rsc))
+            } else {
+                call(m, w, raw.a, raw.b.offset(start as isize * csb), raw.c.add(start))
+            }
+        }
+    });
 }
 
 /// e^x in f32 without branches or calls (Cephes' expf: x = k ln 2 + r with |r| <= ln 2 / 2, a
@@ -96,7 +163,8 @@ pub fn expf(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
     let xc = x.clamp(-87.336_55, 88.722_83);
-    let k = (xc * LOG2E + ROUND) - ROUND;
+    let kr = xc * LOG2E + ROUND;
+    let k = kr - ROUND;
     let r = (xc - k * C1) - k * C2;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -106,7 +174,10 @@ pub fn expf(x: f32) -> f32 {
     p = p * r + 0.5;
     let e = (p * (r * r) + r) + 1.0;
     // 2^k as two factors, so k = 128 (x just below the overflow bound) does not overflow.
-    let (ki, pow2) = (k as i32, |j: i32| f32::from_bits(((j + 127) as u32) << 23));
+    // k as an integer straight from kr's bits (1.5 * 2^23 + k, |k| <= 128, is exact in f32): no
+    // float-to-int conversion, whose saturating form would keep the loop from vectorizing.
+    let ki = kr.to_bits() as i32 - ROUND.to_bits() as i32;
+    let pow2 = |j: i32| f32::from_bits(((j + 127) as u32) << 23);
     let y = e * pow2(ki >> 1) * pow2(ki - (ki >> 1));
     let y = if x < -87.336_55 { 0.0 } else { y };
     let y = if x > 88.722_83 { f32::INFINITY } else { y };
@@ -172,5 +243,41 @@ mod exp_tests {
         assert_eq!(expf(f32::NEG_INFINITY), 0.0);
         assert_eq!(expf(100.0), f32::INFINITY);
         assert!(expf(f32::NAN).is_nan());
+    }
+}
+
+#[cfg(test)]
+mod gemm_tests {
+    use super::Real;
+
+    /// Deterministic values with varied exponents and signs.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32).map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 20_011) as f32 / 977.0 - 10.0).collect()
+    }
+
+    /// Products split over a pool of three threads give the bits of one call of the crate's GEMM
+    /// on the whole of C: tall and wide C, transposed views, beta 0 and 1, sizes off the alignment.
+    #[test]
+    fn split_products_match_one_call_bit_for_bit() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for &(m, k, n) in &[(1000, 64, 64), (67, 300, 2011), (517, 129, 515), (4096, 64, 97), (33, 768, 4000)] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let c0 = values(m * n, 3);
+            for (transposed, beta) in [(false, 0.0f32), (true, 1.0), (false, 1.0)] {
+                // A as (m, k) row-major or as the transpose of a (k, m) buffer; B likewise.
+                let (rsa, csa) = if transposed { (1, m as isize) } else { (k as isize, 1) };
+                let (rsb, csb) = if transposed { (1, k as isize) } else { (n as isize, 1) };
+                let mut want = c0.clone();
+                // SAFETY: the buffers cover the (m, k), (k, n) and (m, n) views.
+                unsafe {
+                    matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, want.as_mut_ptr(), n as isize, 1)
+                }
+                let mut got = c0.clone();
+                pool.install(|| f32::gemm(m, k, n, &a, rsa, csa, &b, rsb, csb, beta, &mut got, n as isize));
+                let same = want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "({m}, {k}) . ({k}, {n}), transposed {transposed}, beta {beta}");
+            }
+        }
     }
 }

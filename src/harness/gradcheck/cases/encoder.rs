@@ -37,6 +37,18 @@ fn moe_case(rng: &mut ChaCha8Rng, n: usize, o: usize, d: usize) -> Case {
     )
 }
 
+/// As `pool` with constant rows x (raw item features): only the energies are differentiated, and
+/// the backward makes no dx.
+fn pool_const_x(rng: &mut ChaCha8Rng, n: usize, s: usize, d: usize, lens: &'static [u32]) -> Case {
+    let x = Input::randn(&[n, s, d], rng).scaled(x_scale(d));
+    Case::new(
+        "attention_pool",
+        format!("({n},{s},{d}) lens {lens:?}, x constant"),
+        vec![Input::randn(&[n, s], rng).scaled(2.0), Input::constant(&x.shape, x.data)],
+        |x| attention_pool(&x[0], &x[1], &ids(lens)),
+    )
+}
+
 /// The mean of each sequence of `lens`, packed into (N, c) rows.
 fn mean_case(rng: &mut ChaCha8Rng, lens: &[u32], c: usize) -> Case {
     let r = Ragged::new(lens, *lens.iter().max().unwrap() as usize).unwrap();
@@ -61,6 +73,7 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
         pool(rng, 3, 11, 37, &[11, 9, 0]),
         pool(rng, 2, 3, 300, &[2, 3]),
         pool(rng, 2, 4, 2, &[0, 0]),
+        pool_const_x(rng, 3, 10, 300, &[10, 4, 0]),
         moe_case(rng, 3, 8, 5),
         moe_case(rng, 1, 8, 1),
         moe_case(rng, 2, 3, 260),
