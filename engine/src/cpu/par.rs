@@ -295,6 +295,9 @@ pub(crate) fn bcast_chunk(nb: usize) -> usize {
     }
 }
 
+/// Columns of f32 in a 64-byte cache line: the unit of the column reductions' blocks.
+pub(crate) const LINE: usize = 16;
+
 /// A column-block width for reducing `rows` rows of `cols` columns in parallel: each block is
 /// summed over all rows by one task. `cols` when the work is small (one block, on this thread).
 pub(crate) fn col_block(rows: usize, cols: usize) -> usize {
@@ -303,7 +306,7 @@ pub(crate) fn col_block(rows: usize, cols: usize) -> usize {
         return cols.max(1);
     }
     // Several blocks per thread for balance, but at least 16 columns (a cache line of f32) each.
-    cols.div_ceil(4 * threads).max(16)
+    cols.div_ceil(4 * threads).max(LINE)
 }
 
 #[cfg(test)]

@@ -107,23 +107,29 @@ pub fn layernorm_bwd_cpu<T: Real>(
     let cols = groups * c;
     let block = par::col_block(rows, cols);
     let (dgamma, dbeta) = par::chunks2(cols, block, block < cols, |j0, dg, db| {
-        let j1 = j0 + dg.len();
-        for r in 0..rows {
-            let k = (r % groups) * c;
-            // This row's parameter columns [k, k + c) within the block [j0, j1).
-            let (lo, hi) = (j0.max(k), j1.min(k + c));
-            if lo >= hi {
-                continue;
+        // A cache line of columns [b0, b1) at a time, the sums in registers (see `sum_rows_cpu`).
+        for s0 in (0..dg.len()).step_by(par::LINE) {
+            let (b0, b1) = (j0 + s0, j0 + (s0 + par::LINE).min(dg.len()));
+            let (mut ag, mut ab) = ([T::zero(); par::LINE], [T::zero(); par::LINE]);
+            for r in 0..rows {
+                let k = (r % groups) * c;
+                // This row's parameter columns [k, k + c) within [b0, b1).
+                let (lo, hi) = (b0.max(k), b1.min(k + c));
+                if lo >= hi {
+                    continue;
+                }
+                let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
+                let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+                let x0 = xr[0];
+                for j in lo..hi {
+                    let i = j - k;
+                    let xh = (xr[i] - x0 - mean) * rstd;
+                    ag[j - b0] += gr[i] * xh;
+                    ab[j - b0] += gr[i];
+                }
             }
-            let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
-            let x0 = xr[0];
-            for j in lo..hi {
-                let i = j - k;
-                let xh = (xr[i] - x0 - mean) * rstd;
-                dg[j - j0] += gr[i] * xh;
-                db[j - j0] += gr[i];
-            }
+            dg[s0..s0 + (b1 - b0)].copy_from_slice(&ag[..b1 - b0]);
+            db[s0..s0 + (b1 - b0)].copy_from_slice(&ab[..b1 - b0]);
         }
     });
     (dx, dgamma, dbeta)

@@ -39,11 +39,17 @@ kernel_params! {
 pub fn sum_rows_cpu<T: Real>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
     let block = par::col_block(rows, cols);
     par::chunks(cols, block, block < cols, |c0, o| {
-        let w = o.len();
-        for r in 0..rows {
-            for (o, &v) in o.iter_mut().zip(&x[r * cols + c0..r * cols + c0 + w]) {
-                *o += v;
+        // Sums kept in registers, a cache line of columns at a time: a task never writes to a line
+        // of the output that another task's columns share while it runs over the rows.
+        for (s, os) in o.chunks_mut(par::LINE).enumerate() {
+            let (cs, w) = (c0 + s * par::LINE, os.len());
+            let mut acc = [T::zero(); par::LINE];
+            for r in 0..rows {
+                for (a, &v) in acc[..w].iter_mut().zip(&x[r * cols + cs..r * cols + cs + w]) {
+                    *a += v;
+                }
             }
+            os.copy_from_slice(&acc[..w]);
         }
     })
 }

@@ -91,11 +91,16 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
         // Column blocks of y in parallel, each summing over all k rows in order.
         let block = par::col_block(k, m);
         let add = par::chunks(m, block, par::worth(m * k), |start, piece: &mut [T]| {
-            for (r, &xr) in x.iter().enumerate() {
-                let row = &a[r * m + start..r * m + start + piece.len()];
-                for (o, &v) in piece.iter_mut().zip(row) {
-                    *o += xr * v;
+            // A cache line of y at a time, the sums in registers (see `sum_rows_cpu`).
+            for (s, ps) in piece.chunks_mut(par::LINE).enumerate() {
+                let (c0, w) = (start + s * par::LINE, ps.len());
+                let mut acc = [T::zero(); par::LINE];
+                for (r, &xr) in x.iter().enumerate() {
+                    for (o, &v) in acc[..w].iter_mut().zip(&a[r * m + c0..r * m + c0 + w]) {
+                        *o += xr * v;
+                    }
                 }
+                ps.copy_from_slice(&acc[..w]);
             }
         });
         y.iter_mut().zip(&add).for_each(|(o, &v)| *o += v);
