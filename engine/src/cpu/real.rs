@@ -113,8 +113,9 @@ unsafe impl<T> Sync for Raw<T> {}
 /// C = A B (+ C) as pieces over rayon's pool: C's rows split into one block per thread when C is
 /// at least as tall as it is wide, else its columns. Every element of C is computed by one call of
 /// the GEMM kernel with the same k-loop, in the same order, as in one call over the whole of C (the
-/// crate blocks only k the same way for every piece, and a partial register tile gives the same bits
-/// as a full one for alpha = 1, beta = 0 or 1), so the result does not depend on the thread count.
+/// crate blocks k the same way whatever the block of C, and a partial register tile gives the same
+/// bits as a full one for alpha = 1, beta = 0 or 1), so the result does not depend on the thread
+/// count (test `split_products_match_one_call_bit_for_bit`).
 /// `call(m, n, a, b, c)` runs the crate's GEMM on one block; `(rsa, csb, rsc)` are the strides that
 /// move to A's next row, B's next column and C's next row.
 #[allow(clippy::too_many_arguments)]
