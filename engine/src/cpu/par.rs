@@ -295,6 +295,29 @@ pub(crate) fn bcast_chunk(nb: usize) -> usize {
     }
 }
 
+/// Column sums of a (rows, cols) reduction: `add(r, c0, acc)` adds row r's columns
+/// [c0, c0 + acc.len()) into `acc`. Blocks of columns go to the pool; within a block, a cache line
+/// of columns at a time with its sums in registers (a task never writes an output line another
+/// task's columns share while it runs), rows in increasing order from zero, so the bits do not
+/// depend on the thread count.
+pub(crate) fn col_sums<T: Copy + Default + Send + 'static>(
+    rows: usize,
+    cols: usize,
+    add: impl Fn(usize, usize, &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let block = col_block(rows, cols);
+    chunks(cols, block, block < cols, |c0, o| {
+        for (s, os) in o.chunks_mut(LINE).enumerate() {
+            let mut acc = [T::default(); LINE];
+            let acc = &mut acc[..os.len()];
+            for r in 0..rows {
+                add(r, c0 + s * LINE, acc);
+            }
+            os.copy_from_slice(acc);
+        }
+    })
+}
+
 /// Columns of f32 in a 64-byte cache line: the unit of the column reductions' blocks.
 pub(crate) const LINE: usize = 16;
 

@@ -89,7 +89,7 @@ pub fn pool_bwd_cpu<T: Real>(
     want_dx: bool,
 ) -> (Vec<T>, Vec<T>) {
     let dxw = if want_dx { s * d } else { 0 };
-    par::rows2(n, s * (d + 2 + dxw / s.max(1)), s, dxw, |r, dar, dxr| {
+    par::rows2(n, s * (d + 2) + dxw, s, dxw, |r, dar, dxr| {
         let len = lens[r] as usize;
         let der = &de[r * d..(r + 1) * d];
         // dalpha[j] = dot(de[r], x[r, j]) for up to 8 j at once: each sum still runs over d in

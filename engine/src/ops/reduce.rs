@@ -37,19 +37,9 @@ kernel_params! {
 
 /// Column sums, each summed over the rows in increasing order (blocks of columns in parallel).
 pub fn sum_rows_cpu<T: Real>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let block = par::col_block(rows, cols);
-    par::chunks(cols, block, block < cols, |c0, o| {
-        // Sums kept in registers, a cache line of columns at a time: a task never writes to a line
-        // of the output that another task's columns share while it runs over the rows.
-        for (s, os) in o.chunks_mut(par::LINE).enumerate() {
-            let (cs, w) = (c0 + s * par::LINE, os.len());
-            let mut acc = [T::zero(); par::LINE];
-            for r in 0..rows {
-                for (a, &v) in acc[..w].iter_mut().zip(&x[r * cols + cs..r * cols + cs + w]) {
-                    *a += v;
-                }
-            }
-            os.copy_from_slice(&acc[..w]);
+    par::col_sums(rows, cols, |r, c0, acc: &mut [T]| {
+        for (a, &v) in acc.iter_mut().zip(&x[r * cols + c0..]) {
+            *a += v;
         }
     })
 }

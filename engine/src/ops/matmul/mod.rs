@@ -89,18 +89,9 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
         crate::cpu::pool::give(add);
     } else {
         // Column blocks of y in parallel, each summing over all k rows in order.
-        let block = par::col_block(k, m);
-        let add = par::chunks(m, block, par::worth(m * k), |start, piece: &mut [T]| {
-            // A cache line of y at a time, the sums in registers (see `sum_rows_cpu`).
-            for (s, ps) in piece.chunks_mut(par::LINE).enumerate() {
-                let (c0, w) = (start + s * par::LINE, ps.len());
-                let mut acc = [T::zero(); par::LINE];
-                for (r, &xr) in x.iter().enumerate() {
-                    for (o, &v) in acc[..w].iter_mut().zip(&a[r * m + c0..r * m + c0 + w]) {
-                        *o += xr * v;
-                    }
-                }
-                ps.copy_from_slice(&acc[..w]);
+        let add = par::col_sums(k, m, |r, c0, acc: &mut [T]| {
+            for (o, &v) in acc.iter_mut().zip(&a[r * m + c0..]) {
+                *o += x[r] * v;
             }
         });
         y.iter_mut().zip(&add).for_each(|(o, &v)| *o += v);
