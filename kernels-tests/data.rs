@@ -91,7 +91,7 @@ fn parses_iso_and_numeric_timestamps() {
     assert_eq!(parse_timestamp("2015-06-22T10:00"), Some(1434967200.0));
     assert_eq!(parse_timestamp("1969-12-31T23:59:59"), Some(-1.0));
     assert_eq!(parse_timestamp("1900-03-01"), Some(-2203891200.0));
-    for bad in ["", "nan", "inf", "2015-02-30", "2015-13-01", "2015-6-23", "2015-06-23T25:00:00", "2015-06-23x", "yesterday", "2023-02-29"]
+    for bad in ["", "nan", "inf", "2015-02-30", "2015-13-01", "2015-6-23", "2015-06-23T25:00:00", "2015-06-23x", "yesterday", "2023-02-29", "2015-06-23T10:00:00+02:00", "2015-06-23T10:00:00-05:00", "2015-W26-2"]
     {
         assert_eq!(parse_timestamp(bad), None, "{bad:?} should not parse");
     }
@@ -589,10 +589,14 @@ fn synth_loads_back_with_features_for_every_item() {
     let partial = (1..=ds.num_items()).filter(|&i| text.lens[i] > 0 && (text.lens[i] as usize) < cfg.sentences).count();
     assert!(partial > 0, "some items have fewer sentences");
     assert!(text.data.iter().chain(&image.data).all(|v| v.is_finite()));
-    // No files left behind but the three.
+    // No files left behind but the four.
     let mut names: Vec<String> = std::fs::read_dir(&*d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
-    assert_eq!(names, ["synth.features.safetensors", "synth.inter", "synth.items.txt"]);
+    assert_eq!(names, ["synth.features.safetensors", "synth.inter", "synth.item", "synth.items.txt"]);
+    // Every item has a name, one line each in items.txt order, and the names are distinct.
+    let titles = msm4sr::app::recommend::titles(&d, "synth").unwrap();
+    assert_eq!(titles.len(), cfg.items);
+    assert_eq!(titles.values().collect::<std::collections::HashSet<_>>().len(), cfg.items);
     // The in-memory version agrees with the files.
     let gen = synth::generate(&cfg).unwrap();
     assert_eq!(gen.item_tokens.len(), cfg.items);
@@ -602,7 +606,7 @@ fn synth_loads_back_with_features_for_every_item() {
 #[test]
 fn synth_is_deterministic_for_a_seed() {
     let read = |d: &Path| -> Vec<Vec<u8>> {
-        ["synth.inter", "synth.features.safetensors", "synth.items.txt"].iter().map(|f| std::fs::read(d.join(f)).unwrap()).collect()
+        ["synth.inter", "synth.features.safetensors", "synth.items.txt", "synth.item"].iter().map(|f| std::fs::read(d.join(f)).unwrap()).collect()
     };
     let (a, b, c) = (tmpdir("synth-a"), tmpdir("synth-b"), tmpdir("synth-c"));
     synth::write(&a, &small_synth(9)).unwrap();

@@ -52,6 +52,7 @@ pub mod evaluate;
 pub mod featurize;
 pub mod gradcheck;
 pub mod info;
+pub mod quickstart;
 pub mod recommend;
 pub mod report;
 pub mod runs;

@@ -11,7 +11,8 @@ use crate::Result;
 /// Write a synthetic dataset with planted multimodal structure.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Output dataset directory (synth.inter, synth.features.safetensors, synth.items.txt).
+    /// Output dataset directory (synth.inter, synth.item with item names, synth.features.safetensors,
+    /// synth.items.txt).
     #[arg(long, required_unless_present = "print_config")]
     pub out: Option<PathBuf>,
     /// TOML file with any generator settings (see `--print-config` for the keys and defaults).

@@ -91,81 +91,22 @@ pub fn parse_timestamp(s: &str) -> Option<f64> {
     parse_iso_datetime(s)
 }
 
-fn ascii_number(b: &[u8]) -> Option<u32> {
-    if b.is_empty() || b.len() > 9 || !b.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(b.iter().fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0')))
-}
-
+/// An ISO date with an optional time (jiff's ISO 8601 / RFC 3339 parser, which also takes a space
+/// for `T` and fractions of a second), read as UTC; a trailing `Z` says so explicitly. Time zone
+/// offsets and the loose forms jiff accepts (`2015-6-23`, week dates) are refused: a timestamp
+/// column holds one form.
 fn parse_iso_datetime(s: &str) -> Option<f64> {
     let b = s.as_bytes();
-    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+    // YYYY-MM-DD exactly, then nothing, or a time after `T` or a space.
+    let date_ok = b.len() >= 10 && b[4] == b'-' && b[7] == b'-' && [0..4, 5..7, 8..10].into_iter().all(|r| b[r].iter().all(u8::is_ascii_digit));
+    if !date_ok || (b.len() > 10 && b[10] != b'T' && b[10] != b' ') {
         return None;
     }
-    let (y, m, d) = (ascii_number(&b[0..4])?, ascii_number(&b[5..7])?, ascii_number(&b[8..10])?);
-    if !(1..=12).contains(&m) || d < 1 || d > days_in_month(y as i64, m) {
+    let civil = s.strip_suffix('Z').unwrap_or(s);
+    if civil[10..].contains(['+', 'Z', 'z', '[']) || civil[10..].matches('-').count() > 0 {
         return None;
     }
-    let mut secs = days_from_civil(y as i64, m, d) as f64 * 86400.0;
-    let rest = &b[10..];
-    if rest.is_empty() {
-        return Some(secs);
-    }
-    if rest[0] != b'T' && rest[0] != b' ' {
-        return None;
-    }
-    let rest = &rest[1..];
-    let rest = rest.strip_suffix(b"Z").unwrap_or(rest);
-    let parts: Vec<&[u8]> = rest.split(|c| *c == b':').collect();
-    if parts.len() < 2 || parts.len() > 3 || parts[0].len() != 2 || parts[1].len() != 2 {
-        return None;
-    }
-    let (h, mi) = (ascii_number(parts[0])?, ascii_number(parts[1])?);
-    let sec = match parts.get(2) {
-        None => 0.0,
-        Some(p) => {
-            let (whole, frac) = match p.iter().position(|c| *c == b'.') {
-                Some(i) => (&p[..i], Some(&p[i + 1..])),
-                None => (&p[..], None),
-            };
-            if whole.len() != 2 {
-                return None;
-            }
-            let mut v = f64::from(ascii_number(whole)?);
-            if let Some(f) = frac {
-                if f.is_empty() || !f.iter().all(u8::is_ascii_digit) {
-                    return None;
-                }
-                let digits = &f[..f.len().min(9)];
-                v += f64::from(ascii_number(digits)?) / 10f64.powi(digits.len() as i32);
-            }
-            v
-        }
-    };
-    if h > 23 || mi > 59 || sec >= 60.0 {
-        return None;
-    }
-    secs += f64::from(h) * 3600.0 + f64::from(mi) * 60.0 + sec;
-    Some(secs)
-}
-
-fn days_in_month(y: i64, m: u32) -> u32 {
-    match m {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        _ if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-        _ => 28,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let dt: jiff::civil::DateTime = civil.parse().ok()?;
+    let ts = dt.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp();
+    Some(ts.as_second() as f64 + f64::from(ts.subsec_nanosecond()) / 1e9)
 }

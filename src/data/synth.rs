@@ -139,7 +139,7 @@ impl SynthConfig {
 
     /// The files [`write`] writes into `dir`.
     pub fn outputs(dir: &Path) -> Vec<std::path::PathBuf> {
-        ["inter", "features.safetensors", "items.txt"].iter().map(|e| dir.join(format!("{NAME}.{e}"))).collect()
+        ["inter", "item", "features.safetensors", "items.txt"].iter().map(|e| dir.join(format!("{NAME}.{e}"))).collect()
     }
 
     /// Check the settings, naming the first bad one (sizes included: see [`MAX_USERS`] and the
@@ -410,14 +410,40 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
     })
 }
 
-/// Generate and write `synth.inter`, `synth.features.safetensors` and `synth.items.txt` into
-/// `dir` (created if needed), each atomically.
+/// Kinds of things a synthetic topic stands for (topic t is `TOPIC_NOUNS[t % 24]`, numbered after
+/// the first 24), and the words that tell its items apart: names for reading recommendations,
+/// not features (the models never see them).
+const TOPIC_NOUNS: [&str; 24] = [
+    "notebook", "desk lamp", "kettle", "backpack", "headphones", "tea", "board game", "running shoe", "novel", "plant pot",
+    "camera", "yoga mat", "coffee", "jigsaw", "scarf", "cookbook", "bicycle light", "candle", "keyboard", "water bottle",
+    "sketchbook", "umbrella", "phone case", "hot sauce",
+];
+const ITEM_WORDS: [&str; 20] = [
+    "Amber", "Slate", "Teal", "Crimson", "Ivory", "Olive", "Cobalt", "Sand", "Plum", "Coral", "Mint", "Graphite", "Saffron",
+    "Indigo", "Birch", "Copper", "Fern", "Pearl", "Rust", "Sky",
+];
+
+/// The name of synthetic item `i` (0-based) of topic `topic`, e.g. "Teal kettle 17".
+pub fn item_title(i: usize, topic: usize) -> String {
+    let noun = TOPIC_NOUNS[topic % TOPIC_NOUNS.len()];
+    let round = topic / TOPIC_NOUNS.len();
+    let noun = if round == 0 { noun.to_string() } else { format!("{noun} {}", round + 1) };
+    format!("{} {noun} {}", ITEM_WORDS[(i * 7 + topic) % ITEM_WORDS.len()], i + 1)
+}
+
+/// Generate and write `synth.inter`, `synth.item` (item names and topics, for reading
+/// recommendations), `synth.features.safetensors` and `synth.items.txt` into `dir` (created if
+/// needed), each atomically.
 pub fn write(dir: &Path, cfg: &SynthConfig) -> Result<()> {
     let s = generate(cfg)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
     let mut inter = String::from("user_id:token\titem_id:token\ttimestamp:float\n");
     for r in &s.interactions {
         inter += &format!("{}\t{}\t{}\n", r.user, r.item, r.timestamp as i64);
+    }
+    let mut names = String::from("item_id:token\ttitle:token_seq\ttopic:token\n");
+    for (i, (tok, &t)) in s.item_tokens.iter().zip(&s.item_topics).enumerate() {
+        names += &format!("{tok}\t{}\t{}\n", item_title(i, t as usize), t + 1);
     }
     let mut items = s.item_tokens.join("\n");
     items.push('\n');
@@ -427,6 +453,7 @@ pub fn write(dir: &Path, cfg: &SynthConfig) -> Result<()> {
     let feats = features_bytes(s.text.as_ref(), s.image.as_ref(), meta)?;
     write_atomic(&dir.join(format!("{NAME}.features.safetensors")), &feats)?;
     write_atomic(&dir.join(format!("{NAME}.items.txt")), items.as_bytes())?;
+    write_atomic(&dir.join(format!("{NAME}.item")), names.as_bytes())?;
     write_atomic(&dir.join(format!("{NAME}.inter")), inter.as_bytes())?;
     Ok(())
 }

@@ -55,7 +55,8 @@ impl EarlyStop {
 }
 
 /// Train one stage with early stopping; the best weights end up both in `model` and at `out`.
-/// One summary line per epoch goes to stderr; `quiet` (used with `--json`) hides the progress bar.
+/// One summary line per epoch goes to stderr; `quiet` (used with `--json`) hides the progress bar
+/// and the engine's per-epoch diagnostics (GEMM time, GPU dispatches).
 #[allow(clippy::too_many_arguments)]
 pub fn fit<M: Recommender>(
     model: &M,
@@ -108,10 +109,11 @@ pub fn fit_logged<M: Recommender>(
             rec.valid.ndcg20,
             if rec.best { "  *best" } else { "" },
         ));
-        if let Some(d) = trained.dispatches {
+        // Engine diagnostics, not the run's progress: left out when `quiet`.
+        if let Some(d) = trained.dispatches.filter(|_| !quiet) {
             eprintln!("{stage:?} epoch {:>3}  gpu {:.0} dispatches, {:.0} copies and {:.1} submits per step", rec.epoch, d.0, d.2, d.1);
         }
-        if trained.gemm_secs > 0.0 {
+        if trained.gemm_secs > 0.0 && !quiet {
             eprintln!(
                 "{stage:?} epoch {:>3}  gemm {:.1} s at {:.0} GFLOP/s",
                 rec.epoch,
