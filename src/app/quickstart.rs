@@ -175,7 +175,11 @@ fn train_one(m: &Model, data: &Path, out: &Path, overwrite: bool, at: Where, ste
             .is_ok_and(|was| crate::config::to_toml(&was) == crate::config::to_toml(&cfg));
     if finished && !overwrite {
         eprintln!("[{step}/4] {}: finished earlier ({})", m.label, out.join(m.dir).display());
-        return read_result(&files.result);
+        let mut r = read_result(&files.result)?;
+        // The saved result has the metrics, not how many users they average over: from the ranks.
+        let ranks: Vec<u32> = super::report::paired::read_ranks(&files.ranks, "test")?.into_values().collect();
+        r.test = super::runs::metrics_of(&ranks);
+        return Ok(r);
     }
     let resume = !overwrite && crate::files::config_path(&ck).is_file();
     let stages = if cfg.model.model == crate::config::ModelKind::Msm4sr {

@@ -18,7 +18,7 @@ use crate::config::{RunConfig, Stage};
 use crate::files::RunFiles;
 use crate::{Error, Result};
 
-mod paired;
+pub mod paired;
 mod plots;
 
 pub use paired::*;
