@@ -1636,3 +1636,46 @@ fn same_batch_bench_exports_the_batch_and_never_overwrites() {
     let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "bench", "--ops"]);
     assert!(!ok && err.contains("--steps-from"), "{err}");
 }
+
+/// `msm4sr import` on the committed raw samples: the dataset directory it writes loads for
+/// training; a second import into it is refused (nothing is replaced) unless --overwrite; wrong
+/// flags for a format are named.
+#[test]
+fn import_writes_a_dataset_and_never_overwrites() {
+    let dir = tmp("import");
+    let raw = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels-tests/fixtures/raw");
+    let out = dir.join("office");
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "import".to_string(),
+            "amazon".into(),
+            "--reviews".into(),
+            raw.join("amazon2014/reviews_Office_Products_5.json").display().to_string(),
+            "--meta".into(),
+            raw.join("amazon2014/meta_Office_Products.json").display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| msm4sr_bin(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, stdout, err) = run(args(&[]));
+    assert!(ok, "{err}");
+    assert!(stdout.contains("5 interactions of 2 users") && stdout.contains("3 items, 1 without metadata"), "{stdout}");
+    let inter = out.join("office.inter");
+    let rows = msm4sr::data::read_inter(&inter).unwrap();
+    assert_eq!(rows.len(), 5);
+    let before = std::fs::read(&inter).unwrap();
+    let (ok, _, err) = run(args(&[]));
+    assert!(!ok && err.contains("already exists") && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(&inter).unwrap(), before);
+    let (ok, _, err) = run(args(&["--overwrite"]));
+    assert!(ok, "{err}");
+
+    let (ok, _, err) = msm4sr_bin(&["import", "ml-100k", "--reviews", "x.json", "--out", dir.join("ml").to_str().unwrap()]);
+    assert!(!ok && err.contains("--dir"), "{err}");
+    let ml = raw.join("ml-100k");
+    let (ok, stdout, err) = msm4sr_bin(&["import", "ml-100k", "--dir", ml.to_str().unwrap(), "--out", dir.join("ml-100k").to_str().unwrap()]);
+    assert!(ok && stdout.contains("ml-100k.item (5 items)"), "{stdout}{err}");
+}

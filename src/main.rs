@@ -35,6 +35,8 @@ enum Cmd {
     /// Top-k recommendations for users of the dataset (one, a list or all) or for a new user's
     /// item history.
     Recommend(app::recommend::Args),
+    /// Turn a public dataset's raw files (Amazon reviews, MovieLens 100K) into NAME.inter + NAME.item.
+    Import(app::import::Args),
     /// Embed item texts with a BERT sentence model into NAME.features.safetensors + NAME.items.txt.
     Featurize(app::featurize::Args),
     /// Write a synthetic dataset with planted multimodal structure.
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
         Cmd::Finetune(a) => app::train::finetune(a, at),
         Cmd::Evaluate(a) => app::evaluate::run(a, at),
         Cmd::Recommend(a) => app::recommend::run(a, at),
+        Cmd::Import(a) => app::import::run(a, at),
         Cmd::Featurize(a) => app::featurize::run(a, at),
         Cmd::Synth(a) => app::synth::run(a, at),
         Cmd::Report(a) => app::report::run(a, at),

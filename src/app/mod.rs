@@ -51,6 +51,7 @@ pub mod bench;
 pub mod evaluate;
 pub mod featurize;
 pub mod gradcheck;
+pub mod import;
 pub mod info;
 pub mod quickstart;
 pub mod recommend;

@@ -158,9 +158,9 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
     outln!("Next:");
     let who = ds_users.first().map_or("u1", |(u, _)| u.as_str());
     outln!("  msm4sr recommend --data {} --ckpt {}/msm4sr --user {who}   # any user, or --history i1,i2", data.display(), out.display());
-    outln!("  msm4sr train --data DIR --model msm4sr --run-dir runs/mine    # your dataset (README: Data)");
-    outln!("  bash experiments/office/features.sh                           # real data: Amazon Office (README: Results)");
-    outln!("  msm4sr sweep experiments/table2.toml --data {} --out runs/t2  # a paper table as a grid", data.display());
+    outln!("  msm4sr train --data DIR --model msm4sr --run-dir runs/mine   # your data: NAME.inter (+ features; README: Data)");
+    outln!("  msm4sr import amazon --reviews R.json.gz --meta M.json.gz --out runs/mine   # Amazon's raw files -> a dataset");
+    outln!("  msm4sr sweep experiments/synth_table.toml --data runs/synth --out runs/t   # a paper table as a grid (from a clone)");
     Ok(ExitCode::SUCCESS)
 }
 

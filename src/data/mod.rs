@@ -36,6 +36,7 @@
 pub mod groups;
 pub mod images;
 pub mod metrics;
+pub mod raw;
 pub mod synth;
 
 mod batch;
