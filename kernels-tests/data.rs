@@ -91,8 +91,21 @@ fn parses_iso_and_numeric_timestamps() {
     assert_eq!(parse_timestamp("2015-06-22T10:00"), Some(1434967200.0));
     assert_eq!(parse_timestamp("1969-12-31T23:59:59"), Some(-1.0));
     assert_eq!(parse_timestamp("1900-03-01"), Some(-2203891200.0));
-    for bad in ["", "nan", "inf", "2015-02-30", "2015-13-01", "2015-6-23", "2015-06-23T25:00:00", "2015-06-23x", "yesterday", "2023-02-29", "2015-06-23T10:00:00+02:00", "2015-06-23T10:00:00-05:00", "2015-W26-2"]
-    {
+    for bad in [
+        "",
+        "nan",
+        "inf",
+        "2015-02-30",
+        "2015-13-01",
+        "2015-6-23",
+        "2015-06-23T25:00:00",
+        "2015-06-23x",
+        "yesterday",
+        "2023-02-29",
+        "2015-06-23T10:00:00+02:00",
+        "2015-06-23T10:00:00-05:00",
+        "2015-W26-2",
+    ] {
         assert_eq!(parse_timestamp(bad), None, "{bad:?} should not parse");
     }
 }
@@ -606,7 +619,10 @@ fn synth_loads_back_with_features_for_every_item() {
 #[test]
 fn synth_is_deterministic_for_a_seed() {
     let read = |d: &Path| -> Vec<Vec<u8>> {
-        ["synth.inter", "synth.features.safetensors", "synth.items.txt", "synth.item"].iter().map(|f| std::fs::read(d.join(f)).unwrap()).collect()
+        ["synth.inter", "synth.features.safetensors", "synth.items.txt", "synth.item"]
+            .iter()
+            .map(|f| std::fs::read(d.join(f)).unwrap())
+            .collect()
     };
     let (a, b, c) = (tmpdir("synth-a"), tmpdir("synth-b"), tmpdir("synth-c"));
     synth::write(&a, &small_synth(9)).unwrap();
@@ -783,7 +799,8 @@ fn import_reads_the_amazon_2014_formats() {
 fn import_names_the_bad_line_of_a_raw_file() {
     let d = tmpdir("raw-bad");
     let p = d.join("reviews.json");
-    std::fs::write(&p, "{\"reviewerID\": \"A\", \"asin\": \"B\", \"unixReviewTime\": 1}\n{\"reviewerID\": \"A\", \"asin\": \"B\"}\n").unwrap();
+    std::fs::write(&p, "{\"reviewerID\": \"A\", \"asin\": \"B\", \"unixReviewTime\": 1}\n{\"reviewerID\": \"A\", \"asin\": \"B\"}\n")
+        .unwrap();
     let m = err_msg(msm4sr::data::raw::amazon(&p, None));
     assert_has(&m, &["reviews.json:2", "unixReviewTime"]);
     std::fs::write(&p, "{\"reviewerID\": \"A\", \"asin\": \"B\", \"unixReviewTime\": 1}\nnot json\n").unwrap();

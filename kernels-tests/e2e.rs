@@ -1676,6 +1676,7 @@ fn import_writes_a_dataset_and_never_overwrites() {
     let (ok, _, err) = msm4sr_bin(&["import", "ml-100k", "--reviews", "x.json", "--out", dir.join("ml").to_str().unwrap()]);
     assert!(!ok && err.contains("--dir"), "{err}");
     let ml = raw.join("ml-100k");
-    let (ok, stdout, err) = msm4sr_bin(&["import", "ml-100k", "--dir", ml.to_str().unwrap(), "--out", dir.join("ml-100k").to_str().unwrap()]);
+    let (ok, stdout, err) =
+        msm4sr_bin(&["import", "ml-100k", "--dir", ml.to_str().unwrap(), "--out", dir.join("ml-100k").to_str().unwrap()]);
     assert!(ok && stdout.contains("ml-100k.item (5 items)"), "{stdout}{err}");
 }

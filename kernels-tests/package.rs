@@ -48,8 +48,7 @@ fn wheel() -> Option<PathBuf> {
 /// The Python with pandas, numpy and safetensors (tools/python_env.sh), if made.
 fn python() -> Option<PathBuf> {
     let py = repo().join("target/pyenv/bin/python");
-    let ok = py.is_file()
-        && Command::new(&py).args(["-c", "import pandas, numpy, safetensors"]).output().is_ok_and(|o| o.status.success());
+    let ok = py.is_file() && Command::new(&py).args(["-c", "import pandas, numpy, safetensors"]).output().is_ok_and(|o| o.status.success());
     ok.then_some(py)
 }
 

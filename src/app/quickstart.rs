@@ -65,8 +65,7 @@ struct Model {
     dir: &'static str,
 }
 
-const MODELS: [Model; 2] =
-    [Model { label: "SASRec", toml: SASREC, dir: "sasrec" }, Model { label: "MSM4SR", toml: MSM4SR, dir: "msm4sr" }];
+const MODELS: [Model; 2] = [Model { label: "SASRec", toml: SASREC, dir: "sasrec" }, Model { label: "MSM4SR", toml: MSM4SR, dir: "msm4sr" }];
 
 /// `msm4sr quickstart`.
 pub fn run(args: Args, at: Where) -> Result<ExitCode> {

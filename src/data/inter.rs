@@ -98,7 +98,8 @@ pub fn parse_timestamp(s: &str) -> Option<f64> {
 fn parse_iso_datetime(s: &str) -> Option<f64> {
     let b = s.as_bytes();
     // YYYY-MM-DD exactly, then nothing, or a time after `T` or a space.
-    let date_ok = b.len() >= 10 && b[4] == b'-' && b[7] == b'-' && [0..4, 5..7, 8..10].into_iter().all(|r| b[r].iter().all(u8::is_ascii_digit));
+    let date_ok =
+        b.len() >= 10 && b[4] == b'-' && b[7] == b'-' && [0..4, 5..7, 8..10].into_iter().all(|r| b[r].iter().all(u8::is_ascii_digit));
     if !date_ok || (b.len() > 10 && b[10] != b'T' && b[10] != b' ') {
         return None;
     }

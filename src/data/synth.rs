@@ -414,13 +414,34 @@ pub fn generate(cfg: &SynthConfig) -> Result<Synth> {
 /// the first 24), and the words that tell its items apart: names for reading recommendations,
 /// not features (the models never see them).
 const TOPIC_NOUNS: [&str; 24] = [
-    "notebook", "desk lamp", "kettle", "backpack", "headphones", "tea", "board game", "running shoe", "novel", "plant pot",
-    "camera", "yoga mat", "coffee", "jigsaw", "scarf", "cookbook", "bicycle light", "candle", "keyboard", "water bottle",
-    "sketchbook", "umbrella", "phone case", "hot sauce",
+    "notebook",
+    "desk lamp",
+    "kettle",
+    "backpack",
+    "headphones",
+    "tea",
+    "board game",
+    "running shoe",
+    "novel",
+    "plant pot",
+    "camera",
+    "yoga mat",
+    "coffee",
+    "jigsaw",
+    "scarf",
+    "cookbook",
+    "bicycle light",
+    "candle",
+    "keyboard",
+    "water bottle",
+    "sketchbook",
+    "umbrella",
+    "phone case",
+    "hot sauce",
 ];
 const ITEM_WORDS: [&str; 20] = [
-    "Amber", "Slate", "Teal", "Crimson", "Ivory", "Olive", "Cobalt", "Sand", "Plum", "Coral", "Mint", "Graphite", "Saffron",
-    "Indigo", "Birch", "Copper", "Fern", "Pearl", "Rust", "Sky",
+    "Amber", "Slate", "Teal", "Crimson", "Ivory", "Olive", "Cobalt", "Sand", "Plum", "Coral", "Mint", "Graphite", "Saffron", "Indigo",
+    "Birch", "Copper", "Fern", "Pearl", "Rust", "Sky",
 ];
 
 /// The name of synthetic item `i` (0-based) of topic `topic`, e.g. "Teal kettle 17".

@@ -219,8 +219,6 @@ pub fn table(groups: &[Group]) -> String {
     out
 }
 
-/// Per-user ranks of one split from a ranks TSV (`split`, `user`, `target`, `rank`).
-
 /// What `report` writes into its output directory.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Written {
