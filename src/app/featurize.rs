@@ -97,7 +97,7 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
             outln!("{}", serde_json::to_string_pretty(&s).unwrap());
         } else {
             outln!(
-                "wrote {}: text {:?}, {} sentences ({} distinct), {:.0} sentences/s on {}, {:.1} s in all",
+                "wrote {}: text {:?}, {} sentences; {} distinct sentences embedded (both modalities), {:.0}/s on {}, {:.1} s in all",
                 s.features.display(),
                 s.text_shape,
                 s.sentences,
