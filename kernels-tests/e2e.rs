@@ -1086,6 +1086,22 @@ fn sweep_skips_finished_runs_and_resumes_an_interrupted_one() {
     assert!(!changed.status.success() && err.contains("other settings") && err.contains("model.hidden"), "{err}");
     std::fs::write(&grid, text).unwrap();
 
+    // A run another process is training (its lock held, here by this test) is left to it: not a
+    // failure; the sweep does the rest and says so.
+    let busy = tmp("sweep-busy");
+    {
+        let _held = msm4sr::files::RunLock::acquire(&busy.join("lambda_0.01-s1/model.lock"), "test").unwrap();
+        let o = sweep(&busy, None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(
+            err.contains("running in another process, left to it") && err.contains("1 of 2 runs are being trained by another process"),
+            "{err}"
+        );
+        let table = String::from_utf8_lossy(&o.stdout);
+        assert!(table.contains("| lambda=1.0 | 1 |") && !table.contains("| lambda=0.01 |"), "{table}");
+    }
+
     // Killed in the first run's pre-training (about 4 steps per epoch): resume it, then run the other.
     let cut = tmp("sweep-cut");
     let killed = sweep(&cut, Some("step:6"));

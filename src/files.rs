@@ -125,7 +125,7 @@ impl RunLock {
                     let mut pid = String::new();
                     let _ = f.read_to_string(&mut pid);
                     let pid = pid.trim();
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::Busy(format!(
                         "{what} is in use by another msm4sr process{} (lock {}); wait for it to end, or give this run another --run-dir / --out",
                         if pid.is_empty() { String::new() } else { format!(" (pid {pid})") },
                         path.display()

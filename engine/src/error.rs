@@ -18,6 +18,10 @@ pub enum Error {
     /// (then the message is `{file}: {msg}`).
     #[error("{file}{}: {msg}", line_suffix(*line))]
     Data { file: String, line: usize, msg: String },
+    /// Another live process holds what this one needs (a run's lock): nothing is wrong, it is
+    /// taken; the message names the holder.
+    #[error("{0}")]
+    Busy(String),
     /// The run was stopped by Ctrl-C or SIGTERM (see [`interrupt`]); the message says how to continue.
     #[error("{0}")]
     Interrupted(String),

@@ -247,6 +247,8 @@ pub enum Outcome {
     Skipped,
     Resumed,
     Ran,
+    /// Being trained by another process (its run lock is held): left to it.
+    Elsewhere(String),
     Failed(String),
 }
 
@@ -325,6 +327,10 @@ pub fn run_grid(
                     "{m}; run the same sweep command again (without --resume: finished runs are skipped and this one resumes)"
                 )));
             }
+            Err(Error::Busy(m)) => {
+                eprintln!("[{}/{n}] {} seed {}: running in another process, left to it ({m})", i + 1, p.entry.point, p.entry.seed);
+                Outcome::Elsewhere(m)
+            }
             Err(e) => {
                 eprintln!("[{}/{n}] {} seed {} failed: {e}", i + 1, p.entry.point, p.entry.seed);
                 Outcome::Failed(e.to_string())
@@ -399,7 +405,14 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
             eprintln!("failed: {} seed {}: {e}", r.point, r.seed);
         }
     }
-    if failed.len() < outcomes.len() {
+    let elsewhere = outcomes.iter().filter(|(_, o)| matches!(o, crate::app::sweep::Outcome::Elsewhere(_))).count();
+    if elsewhere > 0 {
+        eprintln!(
+            "{elsewhere} of {} runs are being trained by another process (listed above); the table has them once they finish",
+            outcomes.len()
+        );
+    }
+    if failed.len() + elsewhere < outcomes.len() {
         eprintln!("report: msm4sr report {} --out {}/report", out.display(), out.display());
     }
     if !failed.is_empty() {
