@@ -48,6 +48,9 @@ pub struct Args {
     pub overwrite: bool,
 }
 
+/// What a refused output says to do.
+const HOW: &str = "pass --overwrite to replace them";
+
 /// `msm4sr import`.
 pub fn run(args: Args, _at: Where) -> Result<ExitCode> {
     let Args { format, reviews, meta, dir, out, name, overwrite } = args;
@@ -67,7 +70,7 @@ pub fn run(args: Args, _at: Where) -> Result<ExitCode> {
             }
             inputs.push(("--reviews", reviews));
             inputs.extend(meta.as_deref().map(|m| ("--meta", m)));
-            check_outputs(&[inter_path.clone(), item_path.clone()], &inputs, overwrite, "pass --overwrite to replace them")?;
+            check_outputs(&[inter_path.clone(), item_path.clone()], &inputs, overwrite, HOW)?;
             raw::amazon(reviews, meta.as_deref())?
         }
         Format::Ml100k => {
@@ -78,7 +81,7 @@ pub fn run(args: Args, _at: Where) -> Result<ExitCode> {
                 return Err(Error::Invalid("--reviews and --meta are for amazon; import ml-100k takes --dir".into()));
             }
             inputs.push(("--dir", dir));
-            check_outputs(&[inter_path.clone(), item_path.clone()], &inputs, overwrite, "pass --overwrite to replace them")?;
+            check_outputs(&[inter_path.clone(), item_path.clone()], &inputs, overwrite, HOW)?;
             raw::movielens_100k(dir)?
         }
     };

@@ -174,7 +174,7 @@ fn train_one(m: &Model, data: &Path, out: &Path, overwrite: bool, at: Where, ste
             .is_ok_and(|was| crate::config::to_toml(&was) == crate::config::to_toml(&cfg));
     if finished && !overwrite {
         eprintln!("[{step}/4] {}: finished earlier ({})", m.label, out.join(m.dir).display());
-        let mut r = read_result(&files.result)?;
+        let mut r = super::report::load_run(&out.join(m.dir).display().to_string())?.result;
         // The saved result has the metrics, not how many users they average over: from the ranks.
         let ranks: Vec<u32> = super::report::paired::read_ranks(&files.ranks, "test")?.into_values().collect();
         r.test = super::runs::metrics_of(&ranks);
@@ -203,11 +203,6 @@ fn train_one(m: &Model, data: &Path, out: &Path, overwrite: bool, at: Where, ste
     let r = train_job(&job, at)?;
     eprintln!("        done in {:.0} s", t.elapsed().as_secs_f64());
     Ok(r)
-}
-
-fn read_result(path: &Path) -> Result<RunResult> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.display().to_string(), source: e })?;
-    serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
 }
 
 /// The first `n` users of the dataset (after filtering) with their item tokens, oldest first.

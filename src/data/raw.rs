@@ -19,7 +19,9 @@
 //! Either is gzip-compressed or plain (by the `.gz` suffix). Every interaction row is kept in the
 //! file's order within a user's equal timestamps (the loader's stable sort keeps it too).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use super::io_err;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
@@ -54,12 +56,8 @@ impl Imported {
     }
 
     pub fn users(&self) -> usize {
-        self.inter.iter().map(|r| r[0].as_str()).collect::<std::collections::HashSet<_>>().len()
+        self.inter.iter().map(|r| r[0].as_str()).collect::<HashSet<_>>().len()
     }
-}
-
-fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io { path: path.display().to_string(), source: e }
 }
 
 fn data_err(path: &Path, line: usize, msg: impl Into<String>) -> Error {
@@ -133,7 +131,7 @@ pub fn amazon(reviews: &Path, meta: Option<&Path>) -> Result<Imported> {
     let mut users: HashMap<String, usize> = HashMap::new();
     let mut rows: Vec<(usize, i64, String, String)> = Vec::new();
     let mut item_order: Vec<String> = Vec::new();
-    let mut item_seen: HashMap<String, ()> = HashMap::new();
+    let mut item_seen: HashSet<String> = HashSet::new();
     for (k, line) in bytes.split(|b| *b == b'\n').enumerate() {
         let lineno = k + 1;
         let line = std::str::from_utf8(line).map_err(|_| data_err(reviews, lineno, "not UTF-8 text"))?.trim();
@@ -154,7 +152,7 @@ pub fn amazon(reviews: &Path, meta: Option<&Path>) -> Result<Imported> {
         })?;
         let n = users.len();
         let u = *users.entry(user.clone()).or_insert(n);
-        if item_seen.insert(item.clone(), ()).is_none() {
+        if item_seen.insert(item.clone()) {
             item_order.push(item.clone());
         }
         rows.push((u, time, user, item));
@@ -182,7 +180,7 @@ pub fn amazon(reviews: &Path, meta: Option<&Path>) -> Result<Imported> {
             let Some(asin) = v.get("asin").and_then(|a| a.as_str()).map(str::to_string) else {
                 return Err(data_err(meta, lineno, "no asin"));
             };
-            if item_seen.contains_key(&asin) {
+            if item_seen.contains(&asin) {
                 metas.insert(asin, v);
             }
         }
