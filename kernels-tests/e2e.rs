@@ -763,6 +763,16 @@ fn resume_after_kill_gives_the_same_metrics() {
         let again = Command::new(bin).args(&resume).output().unwrap();
         assert!(again.status.success(), "{fault}: resume failed: {}", String::from_utf8_lossy(&again.stderr));
         assert_eq!(metrics(&again.stdout), want, "{fault}: resumed metrics or history differ from the uninterrupted run");
+        // The run's time covers the epochs run before the kill, not only the resumed call's.
+        let v: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+        let epochs: f64 = v["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["train_seconds"].as_f64().unwrap() + r["valid_seconds"].as_f64().unwrap())
+            .sum();
+        let secs = v["seconds"].as_f64().unwrap();
+        assert!(secs >= epochs && epochs > 0.0, "{fault}: seconds {secs} does not cover the epochs' {epochs}");
         let log = std::fs::read_to_string(out_dir.join("m.epochs.jsonl")).unwrap();
         assert_eq!(log.lines().count(), 5, "{fault}: the run log has other epochs than the run: {log}");
         let left: Vec<String> = std::fs::read_dir(&out_dir)

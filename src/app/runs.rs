@@ -31,6 +31,8 @@ pub struct RunResult {
     pub valid: Option<Metrics>,
     pub test: Option<Metrics>,
     pub epochs: usize,
+    /// Compute time of the whole run: every epoch's training and validation (also those run before
+    /// a resume) and the final scoring of validation and test.
     pub seconds: f64,
     /// Every epoch of every stage (training commands only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -38,6 +40,11 @@ pub struct RunResult {
     /// Test metrics per user group by history length (`evaluate --groups N`).
     #[serde(default, skip_serializing_if = "Option::is_none", skip_deserializing)]
     pub groups: Option<Vec<crate::data::groups::UserGroup>>,
+}
+
+/// Training and validation seconds of the given epochs.
+pub fn epoch_seconds(history: &[train::EpochRecord]) -> f64 {
+    history.iter().map(|h| h.train_seconds + h.valid_seconds).sum()
 }
 
 /// Metrics of a split's ranks, or none for an empty split.

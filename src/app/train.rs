@@ -421,7 +421,6 @@ fn run_stages(model: &Model, ds: &Dataset, samples: &Samples, job: &TrainJob, fi
     let (cfg, plan, out, quiet) = (&job.cfg, job.plan, job.out.as_path(), job.quiet);
     let mut log = train::RunLog::new(files.jsonl.clone(), files.csv.clone());
     let say = |m: String| if quiet { crate::console::log_only(&m) } else { crate::console::line(&m) };
-    let start = Instant::now();
     let mut epochs = 0;
     if plan.pretrain {
         let pre_out = plan.pretrain_out(out);
@@ -449,6 +448,7 @@ fn run_stages(model: &Model, ds: &Dataset, samples: &Samples, job: &TrainJob, fi
     // A pre-training run is scored as it was selected: modality scores alone.
     let with_id = plan.finetune || plan.e2e;
     let tc = &cfg.train;
+    let scoring = Instant::now();
     let valid_ranks = train::ranks(model, &split.valid, tc.eval_batch, with_id, tc.mask_history)?;
     let test_ranks = train::ranks(model, &split.test, tc.eval_batch, with_id, tc.mask_history)?;
     let tsv = ranks_tsv(ds, &[("valid", &split.valid, &valid_ranks), ("test", &split.test, &test_ranks)]);
@@ -457,7 +457,9 @@ fn run_stages(model: &Model, ds: &Dataset, samples: &Samples, job: &TrainJob, fi
         valid: metrics_of(&valid_ranks),
         test: metrics_of(&test_ranks),
         epochs,
-        seconds: start.elapsed().as_secs_f64(),
+        // Every epoch's time (those before a resume too) and the final scoring; `start` alone
+        // would count only this call.
+        seconds: super::runs::epoch_seconds(&log.earlier) + scoring.elapsed().as_secs_f64(),
         history: log.earlier,
         groups: None,
     };

@@ -67,7 +67,10 @@ pub fn load_run(arg: &str) -> Result<Run> {
     let text = std::fs::read_to_string(&result_path).map_err(|e| {
         Error::Invalid(format!("{arg}: no result at {} ({e}); is it a finished run (train --run-dir or --out)?", result_path.display()))
     })?;
-    let result: RunResult = serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", result_path.display())))?;
+    let mut result: RunResult = serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", result_path.display())))?;
+    // Results written before `seconds` covered the epochs run before a resume counted only the
+    // last call; the epoch log holds the whole run.
+    result.seconds = result.seconds.max(runs::epoch_seconds(&result.history));
     let (mut config, mut ranks) = (None, None);
     if let Some(ck) = &stem {
         let cp = crate::files::config_path(ck);
