@@ -1,5 +1,5 @@
 //! The element types of the CPU backend: f32 for training, f64 for the finite-difference reference,
-//! each with its matrix product (the `matrixmultiply` crate's GEMM) and the few vectorized helpers
+//! each with its matrix product (the `gemm` crate's GEMM) and the few vectorized helpers
 //! every CPU kernel shares ([`expf`], [`dot`], [`sum_exp`]).
 
 use super::counters::{count_gemm, InGemm};
@@ -53,9 +53,7 @@ impl Real for f32 {
         let t0 = std::time::Instant::now();
         // SAFETY: callers pass slices that cover every strided index of the (m,k), (k,n), (m,n) views;
         // `split_gemm` hands each piece a disjoint block of C's rows or columns within them.
-        split_gemm(m, k, n, a, b, c, (rsa, csb, rsc), |m, n, a, b, c| unsafe {
-            matrixmultiply::sgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1)
-        });
+        split_gemm(m, k, n, a, b, c, (rsa, csb, rsc), |m, n, a, b, c| unsafe { one_gemm(m, k, n, a, rsa, csa, b, rsb, csb, beta, c, rsc) });
         count_gemm(2 * m * n * k, t0);
     }
 }
@@ -83,16 +81,54 @@ impl Real for f64 {
         rsc: isize,
     ) {
         // SAFETY: as for f32.
-        split_gemm(m, k, n, a, b, c, (rsa, csb, rsc), |m, n, a, b, c| unsafe {
-            matrixmultiply::dgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1)
-        });
+        split_gemm(m, k, n, a, b, c, (rsa, csb, rsc), |m, n, a, b, c| unsafe { one_gemm(m, k, n, a, rsa, csa, b, rsb, csb, beta, c, rsc) });
     }
+}
+
+/// One call of the crate's GEMM on the calling thread: C (m x n, rows `rsc` apart, columns
+/// adjacent) = A B + beta C, beta 0 (C is not read) or 1.
+///
+/// # Safety
+/// The pointers and strides must address valid (m, k), (k, n) and (m, n) views.
+#[allow(clippy::too_many_arguments)]
+unsafe fn one_gemm<T: Real>(m: usize, k: usize, n: usize, a: *const T, rsa: isize, csa: isize, b: *const T, rsb: isize, csb: isize, beta: T, c: *mut T, rsc: isize) {
+    // gemm's names: dst = alpha dst + beta lhs rhs, strides given column first.
+    gemm::gemm(m, n, k, c, 1, rsc, beta != T::zero(), a, csa, rsa, b, csb, rsb, beta, T::one(), false, false, false, gemm::Parallelism::None)
 }
 
 /// Matrix products below this many multiply-adds run as one call on the calling thread.
 const GEMM_MIN_PAR: usize = 1 << 18;
 /// Pieces start at multiples of this many rows or columns (whole register tiles of the kernel).
 const GEMM_ALIGN: usize = 32;
+/// The crate's small-product path (C of at most 64 x 64) blocks k differently from its general
+/// path, so a piece of a larger C must stay out of it: it spans more than 64 rows (or columns)
+/// whenever C's other side is at most 64.
+const GEMM_SMALL: usize = 64;
+/// Products with fewer columns (or rows, when split by columns) are not split: the crate has
+/// paths of their own for C of one row or column and for C of at most 256 elements.
+const GEMM_MIN_OTHER: usize = 4;
+const GEMM_MIN_ELEMENTS: usize = 257;
+
+/// The size of each piece (all but the last a multiple of [`GEMM_ALIGN`]) when `len` rows (or
+/// columns) of a C whose other side is `other` are split over up to `threads` threads, or none
+/// when one call is better. Every piece takes the crate's path for the whole of C: the small path
+/// when C is small (at most 64 x 64), else the general one; never its path for C of at most 256
+/// elements.
+fn gemm_piece(len: usize, other: usize, threads: usize) -> Option<usize> {
+    let small = len <= GEMM_SMALL && other <= GEMM_SMALL;
+    let min = if small || other > GEMM_SMALL { GEMM_ALIGN } else { GEMM_SMALL + 1 };
+    let min = min.max(GEMM_MIN_ELEMENTS.div_ceil(other));
+    let mut parts = threads.min(len / min);
+    while parts >= 2 {
+        let piece = len.div_ceil(parts).div_ceil(GEMM_ALIGN) * GEMM_ALIGN;
+        let last = len - (len.div_ceil(piece) - 1) * piece;
+        if last >= min {
+            return Some(piece);
+        }
+        parts -= 1;
+    }
+    None
+}
 
 /// Raw pointers handed to the pool's threads (each piece touches a disjoint block of C).
 struct Raw<T> {
@@ -113,9 +149,10 @@ unsafe impl<T> Sync for Raw<T> {}
 /// C = A B (+ C) as pieces over rayon's pool: C's rows split into one block per thread when C is
 /// at least as tall as it is wide, else its columns. Every element of C is computed by one call of
 /// the GEMM kernel with the same k-loop, in the same order, as in one call over the whole of C (the
-/// crate blocks k the same way whatever the block of C, and a partial register tile gives the same
-/// bits as a full one for alpha = 1, beta = 0 or 1), so the result does not depend on the thread
-/// count (test `split_products_match_one_call_bit_for_bit`).
+/// crate's blocking of k depends on k and on which of its paths the product takes, which
+/// [`gemm_piece`] keeps the same for every piece, and a partial register tile gives the same bits
+/// as a full one), so the result does not depend on the thread count (test
+/// `split_products_match_one_call_bit_for_bit`).
 /// `call(m, n, a, b, c)` runs the crate's GEMM on one block; `(rsa, csb, rsc)` are the strides that
 /// move to A's next row, B's next column and C's next row.
 #[allow(clippy::too_many_arguments)]
@@ -130,14 +167,13 @@ fn split_gemm<T: Send + Sync>(
     call: impl Fn(usize, usize, *const T, *const T, *mut T) + Sync,
 ) {
     let raw = Raw { a: a.as_ptr(), b: b.as_ptr(), c: c.as_mut_ptr() };
-    let threads = rayon::current_num_threads();
     let rows = m >= n;
-    let len = if rows { m } else { n };
-    if threads < 2 || m * n * k < GEMM_MIN_PAR || len < 2 * GEMM_ALIGN {
+    let (len, other) = if rows { (m, n) } else { (n, m) };
+    let piece = if m * n * k < GEMM_MIN_PAR || other < GEMM_MIN_OTHER { None } else { gemm_piece(len, other, rayon::current_num_threads()) };
+    let Some(piece) = piece else {
         let _g = InGemm::enter();
         return call(m, n, raw.a, raw.b, raw.c);
-    }
-    let piece = len.div_ceil(threads).div_ceil(GEMM_ALIGN) * GEMM_ALIGN;
+    };
     use rayon::prelude::*;
     (0..len.div_ceil(piece)).into_par_iter().for_each(|i| {
         let raw = &raw;
@@ -261,7 +297,11 @@ mod gemm_tests {
     #[test]
     fn split_products_match_one_call_bit_for_bit() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        for &(m, k, n) in &[(1000, 64, 64), (67, 300, 2011), (517, 129, 515), (4096, 64, 97), (33, 768, 4000)] {
+        // The last three are the model's: a token-by-weight product, a weight gradient (k = tokens),
+        // the catalog's scores (wide C, split by columns).
+        // (200, 64, 64) and (300, 1000, 4) would leave a short last piece at three pieces; (64, 5316,
+        // 64) is small as a whole, (60, 3000, 8) near the crate's path for at most 256 elements.
+        for &(m, k, n) in &[(1000, 64, 64), (67, 300, 2011), (517, 129, 515), (4096, 64, 97), (33, 768, 4000), (200, 64, 64), (300, 1000, 4), (3000, 500, 3), (60, 3000, 8), (5316, 64, 64), (64, 5316, 256), (64, 5316, 64), (1024, 64, 4926)] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
             let c0 = values(m * n, 3);
@@ -271,9 +311,7 @@ mod gemm_tests {
                 let (rsb, csb) = if transposed { (1, k as isize) } else { (n as isize, 1) };
                 let mut want = c0.clone();
                 // SAFETY: the buffers cover the (m, k), (k, n) and (m, n) views.
-                unsafe {
-                    matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, want.as_mut_ptr(), n as isize, 1)
-                }
+                unsafe { super::one_gemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, want.as_mut_ptr(), n as isize) }
                 let mut got = c0.clone();
                 pool.install(|| f32::gemm(m, k, n, &a, rsa, csa, &b, rsb, csb, beta, &mut got, n as isize));
                 let same = want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
