@@ -49,7 +49,7 @@ fn trace(size: usize) {
         let frames: Vec<&str> = bt
             .lines()
             .filter_map(|l| l.trim().split_once(": ").map(|(_, f)| f))
-            .filter(|f| f.starts_with("msm4sr::") || f.starts_with("matrixmultiply"))
+            .filter(|f| f.starts_with("msm4sr::") || f.starts_with("gemm"))
             .collect();
         eprintln!("allocation of {size} bytes: {}", frames.join(" < "));
         IN_TRACE.with(|t| t.set(false));
