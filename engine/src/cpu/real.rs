@@ -91,9 +91,42 @@ impl Real for f64 {
 /// # Safety
 /// The pointers and strides must address valid (m, k), (k, n) and (m, n) views.
 #[allow(clippy::too_many_arguments)]
-unsafe fn one_gemm<T: Real>(m: usize, k: usize, n: usize, a: *const T, rsa: isize, csa: isize, b: *const T, rsb: isize, csb: isize, beta: T, c: *mut T, rsc: isize) {
+unsafe fn one_gemm<T: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    b: *const T,
+    rsb: isize,
+    csb: isize,
+    beta: T,
+    c: *mut T,
+    rsc: isize,
+) {
     // gemm's names: dst = alpha dst + beta lhs rhs, strides given column first.
-    gemm::gemm(m, n, k, c, 1, rsc, beta != T::zero(), a, csa, rsa, b, csb, rsb, beta, T::one(), false, false, false, gemm::Parallelism::None)
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        rsc,
+        beta != T::zero(),
+        a,
+        csa,
+        rsa,
+        b,
+        csb,
+        rsb,
+        beta,
+        T::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 /// Matrix products below this many multiply-adds run as one call on the calling thread.
@@ -169,7 +202,8 @@ fn split_gemm<T: Send + Sync>(
     let raw = Raw { a: a.as_ptr(), b: b.as_ptr(), c: c.as_mut_ptr() };
     let rows = m >= n;
     let (len, other) = if rows { (m, n) } else { (n, m) };
-    let piece = if m * n * k < GEMM_MIN_PAR || other < GEMM_MIN_OTHER { None } else { gemm_piece(len, other, rayon::current_num_threads()) };
+    let piece =
+        if m * n * k < GEMM_MIN_PAR || other < GEMM_MIN_OTHER { None } else { gemm_piece(len, other, rayon::current_num_threads()) };
     let Some(piece) = piece else {
         let _g = InGemm::enter();
         return call(m, n, raw.a, raw.b, raw.c);
@@ -301,7 +335,21 @@ mod gemm_tests {
         // the catalog's scores (wide C, split by columns).
         // (200, 64, 64) and (300, 1000, 4) would leave a short last piece at three pieces; (64, 5316,
         // 64) is small as a whole, (60, 3000, 8) near the crate's path for at most 256 elements.
-        for &(m, k, n) in &[(1000, 64, 64), (67, 300, 2011), (517, 129, 515), (4096, 64, 97), (33, 768, 4000), (200, 64, 64), (300, 1000, 4), (3000, 500, 3), (60, 3000, 8), (5316, 64, 64), (64, 5316, 256), (64, 5316, 64), (1024, 64, 4926)] {
+        for &(m, k, n) in &[
+            (1000, 64, 64),
+            (67, 300, 2011),
+            (517, 129, 515),
+            (4096, 64, 97),
+            (33, 768, 4000),
+            (200, 64, 64),
+            (300, 1000, 4),
+            (3000, 500, 3),
+            (60, 3000, 8),
+            (5316, 64, 64),
+            (64, 5316, 256),
+            (64, 5316, 64),
+            (1024, 64, 4926),
+        ] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
             let c0 = values(m * n, 3);

@@ -105,13 +105,20 @@ pub fn layernorm_bwd_cpu<T: Real>(
     });
     // Parameter gradients: column j of the (G, C) parameters sums the rows r with r % G == j / C.
     let cols = groups * c;
+    const SPAN: usize = 4 * par::LINE;
     let block = par::col_block(rows, cols);
     let (dgamma, dbeta) = par::chunks2(cols, block, block < cols, |j0, dg, db| {
-        // A cache line of columns [b0, b1) at a time, the sums in registers (see `sum_rows_cpu`).
-        for s0 in (0..dg.len()).step_by(par::LINE) {
-            let (b0, b1) = (j0 + s0, j0 + (s0 + par::LINE).min(dg.len()));
-            let (mut ag, mut ab) = ([T::zero(); par::LINE], [T::zero(); par::LINE]);
-            for r in 0..rows {
+        // Four cache lines of columns [b0, b1) at a time (a whole 64-wide group of the MoE's
+        // parameters, so each row of x and g is read once), the sums in L1 (see `sum_rows_cpu`).
+        for s0 in (0..dg.len()).step_by(SPAN) {
+            let (b0, b1) = (j0 + s0, j0 + (s0 + SPAN).min(dg.len()));
+            let (mut ag, mut ab) = ([T::zero(); SPAN], [T::zero(); SPAN]);
+            // The rows whose group's columns meet [b0, b1), in increasing order: when the span lies
+            // within one group's columns (always when C is a multiple of it), every `groups`-th
+            // row from that group's first; else all rows.
+            let (g0, g1) = (b0 / c, (b1 - 1) / c);
+            let (first, step) = if g0 == g1 { (g0, groups) } else { (0, 1) };
+            for r in (first..rows).step_by(step) {
                 let k = (r % groups) * c;
                 // This row's parameter columns [k, k + c) within [b0, b1).
                 let (lo, hi) = (b0.max(k), b1.min(k + c));
