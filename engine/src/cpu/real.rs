@@ -10,7 +10,10 @@ pub trait Real: num_traits::Float + num_traits::NumAssign + Default + std::fmt::
     /// e^x for the hot loops of the CPU backend: f32 uses [`expf`] (branch-free, so loops over it
     /// vectorize), f64 the exact `exp` (the finite-difference reference).
     fn fexp(self) -> Self;
-    /// C (m x n) = alpha * A (m x k) * B (k x n) + beta * C, with arbitrary row/column strides.
+    /// Whether this type's products go into the GEMM counters (f32: the training step's).
+    const COUNTED: bool;
+    /// C (m x n) = A (m x k) * B (k x n) + beta * C (beta 0 or 1), with arbitrary row/column
+    /// strides, split over rayon's pool (see [`split_gemm`]).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         m: usize,
@@ -25,10 +28,19 @@ pub trait Real: num_traits::Float + num_traits::NumAssign + Default + std::fmt::
         beta: Self,
         c: &mut [Self],
         rsc: isize,
-    );
+    ) {
+        let t0 = std::time::Instant::now();
+        // SAFETY: callers pass slices that cover every strided index of the (m,k), (k,n), (m,n) views;
+        // `split_gemm` hands each piece a disjoint block of C's rows or columns within them.
+        split_gemm(m, k, n, a, b, c, (rsa, csb, rsc), |m, n, a, b, c| unsafe { one_gemm(m, k, n, a, rsa, csa, b, rsb, csb, beta, c, rsc) });
+        if Self::COUNTED {
+            count_gemm(2 * m * n * k, t0);
+        }
+    }
 }
 
 impl Real for f32 {
+    const COUNTED: bool = true;
     fn c(x: f64) -> Self {
         x as f32
     }
@@ -36,52 +48,16 @@ impl Real for f32 {
     fn fexp(self) -> Self {
         expf(self)
     }
-    fn gemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: &[f32],
-        rsa: isize,
-        csa: isize,
-        b: &[f32],
-        rsb: isize,
-        csb: isize,
-        beta: f32,
-        c: &mut [f32],
-        rsc: isize,
-    ) {
-        let t0 = std::time::Instant::now();
-        // SAFETY: callers pass slices that cover every strided index of the (m,k), (k,n), (m,n) views;
-        // `split_gemm` hands each piece a disjoint block of C's rows or columns within them.
-        split_gemm(m, k, n, a, b, c, (rsa, csb, rsc), |m, n, a, b, c| unsafe { one_gemm(m, k, n, a, rsa, csa, b, rsb, csb, beta, c, rsc) });
-        count_gemm(2 * m * n * k, t0);
-    }
 }
 
 impl Real for f64 {
+    const COUNTED: bool = false;
     fn c(x: f64) -> Self {
         x
     }
     #[inline(always)]
     fn fexp(self) -> Self {
         self.exp()
-    }
-    fn gemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: &[f64],
-        rsa: isize,
-        csa: isize,
-        b: &[f64],
-        rsb: isize,
-        csb: isize,
-        beta: f64,
-        c: &mut [f64],
-        rsc: isize,
-    ) {
-        // SAFETY: as for f32.
-        split_gemm(m, k, n, a, b, c, (rsa, csb, rsc), |m, n, a, b, c| unsafe { one_gemm(m, k, n, a, rsa, csa, b, rsb, csb, beta, c, rsc) });
     }
 }
 
@@ -148,6 +124,9 @@ const GEMM_MIN_ELEMENTS: usize = 257;
 /// when C is small (at most 64 x 64), else the general one; never its path for C of at most 256
 /// elements.
 fn gemm_piece(len: usize, other: usize, threads: usize) -> Option<usize> {
+    if other < GEMM_MIN_OTHER {
+        return None;
+    }
     let small = len <= GEMM_SMALL && other <= GEMM_SMALL;
     let min = if small || other > GEMM_SMALL { GEMM_ALIGN } else { GEMM_SMALL + 1 };
     let min = min.max(GEMM_MIN_ELEMENTS.div_ceil(other));
@@ -202,8 +181,7 @@ fn split_gemm<T: Send + Sync>(
     let raw = Raw { a: a.as_ptr(), b: b.as_ptr(), c: c.as_mut_ptr() };
     let rows = m >= n;
     let (len, other) = if rows { (m, n) } else { (n, m) };
-    let piece =
-        if m * n * k < GEMM_MIN_PAR || other < GEMM_MIN_OTHER { None } else { gemm_piece(len, other, rayon::current_num_threads()) };
+    let piece = if m * n * k < GEMM_MIN_PAR { None } else { gemm_piece(len, other, rayon::current_num_threads()) };
     let Some(piece) = piece else {
         let _g = InGemm::enter();
         return call(m, n, raw.a, raw.b, raw.c);
@@ -331,7 +309,7 @@ mod gemm_tests {
     #[test]
     fn split_products_match_one_call_bit_for_bit() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        // The last three are the model's: a token-by-weight product, a weight gradient (k = tokens),
+        // The last four are the model's: a token-by-weight product, weight gradients (k = tokens),
         // the catalog's scores (wide C, split by columns).
         // (200, 64, 64) and (300, 1000, 4) would leave a short last piece at three pieces; (64, 5316,
         // 64) is small as a whole, (60, 3000, 8) near the crate's path for at most 256 elements.
