@@ -1656,7 +1656,7 @@ fn same_batch_bench_exports_the_batch_and_never_overwrites() {
     let ops = s["ops"].as_array().unwrap();
     let in_ops: f64 = ops.iter().map(|o| o["ms_per_step"].as_f64().unwrap()).sum();
     assert!(in_ops > 0.0 && in_ops <= step * 1.01, "ops {in_ops} ms of a {step} ms step: {s}");
-    for name in ["matmul", "catalog_ce", "attention_pool"] {
+    for name in ["matmul", "catalog_ce", "attention_pool_dot"] {
         assert!(ops.iter().any(|o| o["op"] == name), "{name} missing: {s}");
     }
     let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "bench", "--ops"]);

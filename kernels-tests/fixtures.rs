@@ -165,6 +165,6 @@ fn item_encoder() {
                 p: 0.2,
             },
         };
-        enc.forward(&x["x"], &idx(c, "lens"), false, &mut Seeds::new(0))
+        enc.forward(&x["x"], None, &idx(c, "lens"), false, &mut Seeds::new(0))
     });
 }

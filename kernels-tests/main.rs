@@ -59,6 +59,7 @@ op_tests!(
     attention_ragged,
     dropout_rows,
     attention_pool,
+    attention_pool_dot,
     moe,
     mean_ragged,
     embedding,

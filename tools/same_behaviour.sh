@@ -72,5 +72,21 @@ for run in sorted(os.listdir(old)):
         bad += not same
         print(f"{'same' if same else 'DIFFERENT':9} {run}/{f}")
 print("every run agrees bit for bit" if not bad else f"{bad} file(s) differ")
+# Where a run differs, how much: the per-epoch losses (largest relative difference), whether every
+# per-epoch validation metric and the final test metrics are equal, and how many users' ranks moved.
+for run in sorted(os.listdir(old)):
+    ea, eb = (os.path.join(d, run, "model.epochs.jsonl") for d in (old, new))
+    if run == "synth" or not os.path.exists(eb) or digest(ea) == digest(eb):
+        continue
+    ra, rb = ([json.loads(l) for l in open(e)] for e in (ea, eb))
+    rel = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(ra, rb))
+    gap = max((abs(a["valid"][k] - b["valid"][k]) for a, b in zip(ra, rb) for k in a.get("valid") or {}), default=0.0)
+    ka, kb = ([l.split("\t") for l in open(os.path.join(d, run, "model.ranks.tsv")).read().split("\n")[1:] if l]
+              for d in (old, new))
+    moved = sum(a != b for a, b in zip(ka, kb))
+    ta, tb = (json.load(open(os.path.join(d, run, "model.result.json"))).get("test") for d in (old, new))
+    print(f"  {run}: {len(ra)} epochs, losses within {rel:.1e} relative; per-epoch validation metrics "
+          f"{'identical' if gap == 0 else f'within {gap:.1e}'}; ranks of {moved} of {len(ka)} users differ; "
+          f"final test metrics {'identical' if ta == tb else f'differ: {ta} vs {tb}'}")
 sys.exit(1 if bad else 0)
 PY

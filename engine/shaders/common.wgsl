@@ -25,11 +25,20 @@ fn rand01(seed: u32, i: u32) -> f32 {
     return f32(pcg(i + pcg(seed)) >> 8u) / 16777216.0;
 }
 
-// erfc(z) for z >= 0 with relative error < 1.2e-7 (Numerical Recipes' Chebyshev fit).
+// erfc(z) for z >= 0 with relative error < 1.2e-7 (Numerical Recipes' Chebyshev fit), with the
+// fused multiply-adds of the CPU form (`norm_cdf` in ops/elementwise.rs).
 fn erfc_pos(z: f32) -> f32 {
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806
-        + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
+    let t = 1.0 / fma(0.5, z, 1.0);
+    var p = 0.17087277;
+    p = fma(p, t, -0.82215223);
+    p = fma(p, t, 1.48851587);
+    p = fma(p, t, -1.13520398);
+    p = fma(p, t, 0.27886807);
+    p = fma(p, t, -0.18628806);
+    p = fma(p, t, 0.09678418);
+    p = fma(p, t, 0.37409196);
+    p = fma(p, t, 1.00002368);
+    let poly = fma(-z, z, -1.26551223) + t * p;
     return t * exp(poly);
 }
 

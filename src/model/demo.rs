@@ -92,7 +92,7 @@ impl Tiny {
     pub fn step(&mut self) -> Result<f32> {
         let (ids, lens, targets) = self.batch();
         let l = self.cfg.seq_len;
-        let z = self.encoder.forward(&self.features, &self.feat_lens, true, &mut self.seeds)?; // (I, h)
+        let z = self.encoder.forward(&self.features, None, &self.feat_lens, true, &mut self.seeds)?; // (I, h)
         let r = Ragged::new(&lens, l)?; // the B sequences packed into N rows
         let seq = embedding(&z, &Indices::new(r.pack(&ids, l)), &[r.rows()])?; // (N, h)
         let h = self.transformer.forward(&seq, &r, true, &mut self.seeds)?; // (B, h)

@@ -38,14 +38,18 @@ impl DeviceModality {
             dim: m.dim,
         })
     }
-    /// Features of `items` (U) -> ((U, rows, d), lens (U)).
-    fn gather(&self, items: &[u32]) -> Result<(Tensor, Indices)> {
-        let x = embedding(&self.feats, &Indices::new(items.to_vec()), &[items.len()])?.reshape(&[items.len(), self.rows, self.dim])?;
-        Ok((x, Indices::new(items.iter().map(|&i| self.lens.host()[i as usize]).collect())))
+    /// Features of `items` (U), in place (the encoder reads the table's rows; nothing is copied):
+    /// (the table (I + 1, rows, d), the items, lens (U)).
+    fn gather(&self, items: &[u32]) -> Result<(Tensor, Option<Indices>, Indices)> {
+        let lens = Indices::new(items.iter().map(|&i| self.lens.host()[i as usize]).collect());
+        Ok((self.table()?, Some(Indices::new(items.to_vec())), lens))
     }
-    /// Features of every item, in place (no copy): ((I + 1, rows, d), lens (I + 1)).
-    fn all(&self) -> Result<(Tensor, Indices)> {
-        Ok((self.feats.reshape(&[self.lens.len(), self.rows, self.dim])?, self.lens.clone()))
+    /// Features of every item, in place (no copy): ((I + 1, rows, d), none, lens (I + 1)).
+    fn all(&self) -> Result<(Tensor, Option<Indices>, Indices)> {
+        Ok((self.table()?, None, self.lens.clone()))
+    }
+    fn table(&self) -> Result<Tensor> {
+        self.feats.reshape(&[self.lens.len(), self.rows, self.dim])
     }
 }
 
@@ -199,8 +203,8 @@ impl Model {
             ModelKind::Sasrecm => {
                 let mut t: Option<Tensor> = add_id.then(|| e.clone());
                 for (_, enc, m) in self.encoders() {
-                    let (x, lens) = m.all()?;
-                    let z = enc.forward(&x, &lens, train, seeds)?;
+                    let (x, items, lens) = m.all()?;
+                    let z = enc.forward(&x, items.as_ref(), &lens, train, seeds)?;
                     t = Some(match t {
                         Some(t) => add(&t, &z)?,
                         None => z,
@@ -216,8 +220,8 @@ impl Model {
                     if with_id && self.cfg.drop_score == Some(md) {
                         continue;
                     }
-                    let (x, lens) = m.all()?;
-                    let z = enc.forward(&x, &lens, train, seeds)?;
+                    let (x, items, lens) = m.all()?;
+                    let z = enc.forward(&x, items.as_ref(), &lens, train, seeds)?;
                     v.push((Some(md), if add_id { add(&z, e)? } else { z }));
                 }
                 Ok(v)
@@ -334,8 +338,8 @@ impl Model {
         if !self.cfg.nip {
             return Err(Error::Invalid("single-modality pre-training has only the NIP loss; --no-nip leaves nothing".into()));
         }
-        let (x, lens) = feats.gather(uniq)?;
-        let z = enc.forward(&x, &lens, true, seeds)?;
+        let (x, items, lens) = feats.gather(uniq)?;
+        let z = enc.forward(&x, items.as_ref(), &lens, true, seeds)?;
         let ids: Vec<u32> = batch.ids.iter().map(|i| local[i]).collect();
         let h = self.sequences(&z, &self.layout(&ids, &batch.lens, batch.l)?, true, seeds)?;
         let h = match head {
@@ -373,10 +377,10 @@ impl Model {
             return Ok(vec![(name, self.pretrain_loss_single(batch, &uniq, &local, seeds)?)]);
         };
         let u = uniq.len() as u32;
-        let (xt, lt) = text.gather(&uniq)?;
-        let (xv, lv) = image.gather(&uniq)?;
-        let zt = enc_t.forward(&xt, &lt, true, seeds)?; // (U, d0)
-        let zv = enc_v.forward(&xv, &lv, true, seeds)?;
+        let (xt, it, lt) = text.gather(&uniq)?;
+        let (xv, iv, lv) = image.gather(&uniq)?;
+        let zt = enc_t.forward(&xt, it.as_ref(), &lt, true, seeds)?; // (U, d0)
+        let zv = enc_v.forward(&xv, iv.as_ref(), &lv, true, seeds)?;
         let z_all = concat(&[&zt, &zv])?; // rows [0, U) text, [U, 2U) image
                                           // Complementary mixup: a swapped position takes the other modality's row.
         let (mut ids_t, mut ids_v) = (Vec::with_capacity(2 * batch.ids.len()), Vec::with_capacity(batch.ids.len()));

@@ -8,8 +8,8 @@
 use rand::Rng;
 
 use crate::engine::ops::{
-    add, add_layernorm, attention_pool, attention_ragged, concat, dropout, dropout_rows, embedding, info_nce, l2norm, layernorm, linear,
-    linear_gelu, matmul, moe, quick_gelu, scale,
+    add, add_layernorm, attention_pool, attention_pool_dot, attention_ragged, concat, dropout, dropout_rows, embedding, info_nce, l2norm,
+    layernorm, linear, linear_gelu, matmul, moe, quick_gelu, scale,
 };
 use crate::engine::{Device, Indices, Ragged, Tensor};
 use crate::Result;
@@ -256,7 +256,8 @@ impl Transformer {
 /// a = (x W1 + b1) W2 + b2, alpha = softmax over valid rows, e = sum alpha x.
 ///
 /// There is no activation between the two maps, so a = x (W1 W2) + (b1 W2 + b2): one d-vector
-/// w = W1 W2 per modality instead of a (rows, d) x (d, 64) product over every sentence row. The
+/// w = W1 W2 per modality instead of a (rows, d) x (d, 64) product over every sentence row, and
+/// `attention_pool_dot` makes the energies x w as it reads each item's rows for the pooling. The
 /// constant b1 W2 + b2 is the same for every row of an item and cancels in the softmax, so it is
 /// dropped: the energies differ from the direct form by that constant only, alpha and e not at
 /// all, and b1, b2 get exactly zero gradient (they stay parameters, saved in checkpoints). With
@@ -271,12 +272,11 @@ impl AttentionPool {
     pub fn new(d: usize, hidden: usize, rng: &mut impl Rng, dev: Device) -> Result<Self> {
         Ok(AttentionPool { w1: Linear::new(d, hidden, true, rng, dev)?, w2: Linear::new(hidden, 1, true, rng, dev)? })
     }
-    /// x (N, S, d), lens (N) -> e (N, d)
-    pub fn forward(&self, x: &Tensor, lens: &Indices) -> Result<Tensor> {
-        let (n, s, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    /// x (N, S, d), lens (N) -> e (N, d); with `items` (N), x is a table (M, S, d) whose rows
+    /// `items` are pooled (read in place, not copied).
+    pub fn forward(&self, x: &Tensor, items: Option<&Indices>, lens: &Indices) -> Result<Tensor> {
         let w = matmul(&self.w1.w, &self.w2.w, false, false)?; // (d, 1)
-        let a = matmul(&x.reshape(&[n * s, d])?, &w, false, false)?.reshape(&[n, s])?;
-        attention_pool(&a, x, lens)
+        attention_pool_dot(x, &w, lens, items)
     }
 
     /// The direct form a = (x W1 + b1) W2 + b2 (same e; see the type's docs).
@@ -339,9 +339,9 @@ impl ItemEncoder {
     pub fn new(d: usize, d0: usize, n_experts: usize, p: f32, rng: &mut impl Rng, dev: Device) -> Result<Self> {
         Ok(ItemEncoder { pool: AttentionPool::new(d, 64, rng, dev)?, moe: MoeAdaptor::new(d, d0, n_experts, p, rng, dev)? })
     }
-    /// x (N, S, d), lens (N) -> z (N, d0)
-    pub fn forward(&self, x: &Tensor, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
-        self.moe.forward(&self.pool.forward(x, lens)?, train, seeds)
+    /// x (N, S, d), lens (N) -> z (N, d0); `items` as in [`AttentionPool::forward`].
+    pub fn forward(&self, x: &Tensor, items: Option<&Indices>, lens: &Indices, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
+        self.moe.forward(&self.pool.forward(x, items, lens)?, train, seeds)
     }
     pub fn params(&self) -> Vec<(String, Tensor)> {
         let mut v = named("pool", self.pool.params());
@@ -411,7 +411,7 @@ mod tests {
         let x = Tensor::randn(&[4, 3, 12], 1.0, &mut rng, dev).unwrap();
         let lens = Indices::new(vec![3, 1, 2, 3]);
         let w = Tensor::randn(&[4, 12], 1.0, &mut rng, dev).unwrap();
-        let (e_fast, e_direct) = (pool.forward(&x, &lens).unwrap(), pool.forward_direct(&x, &lens).unwrap());
+        let (e_fast, e_direct) = (pool.forward(&x, None, &lens).unwrap(), pool.forward_direct(&x, &lens).unwrap());
         assert!(close(&e_fast, &e_direct, 1e-12));
         let g_fast = backward(&sum(&mul(&e_fast, &w).unwrap()).unwrap()).unwrap();
         let g_direct = backward(&sum(&mul(&e_direct, &w).unwrap()).unwrap()).unwrap();

@@ -212,16 +212,17 @@ pub fn expf(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
     let xc = x.clamp(-87.336_55, 88.722_83);
-    let kr = xc * LOG2E + ROUND;
+    // Fused multiply-adds (one rounding each; exact everywhere, fast where the CPU has FMA).
+    let kr = xc.mul_add(LOG2E, ROUND);
     let k = kr - ROUND;
-    let r = (xc - k * C1) - k * C2;
+    let r = (-k).mul_add(C2, (-k).mul_add(C1, xc));
     let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = (p * (r * r) + r) + 1.0;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let e = p.mul_add(r * r, r) + 1.0;
     // 2^k as two factors, so k = 128 (x just below the overflow bound) does not overflow.
     // k as an integer straight from kr's bits (1.5 * 2^23 + k, |k| <= 128, is exact in f32): no
     // float-to-int conversion, whose saturating form would keep the loop from vectorizing.
@@ -257,7 +258,26 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     t
 }
 
-/// sum_i e^(x_i - m), the exponentials computed in blocks (vectorized) and summed in order.
+/// sum_{i < n} f(i) with 8 partial sums combined in `dot`'s fixed order, so that a loop over a
+/// simple `f` vectorizes; the result depends only on the values, never on threads.
+#[inline(always)]
+pub fn sum8<T: Real>(n: usize, f: impl Fn(usize) -> T) -> T {
+    let mut acc = [T::zero(); 8];
+    let full = n / 8 * 8;
+    for i in (0..full).step_by(8) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(i + l);
+        }
+    }
+    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for i in full..n {
+        t += f(i);
+    }
+    t
+}
+
+/// sum_i e^(x_i - m): the exponentials computed in blocks of 256 (vectorized), each block summed
+/// in [`sum8`]'s 8 partial sums, the blocks in order.
 pub fn sum_exp<T: Real>(x: &[T], m: T) -> T {
     let mut buf = [T::zero(); 256];
     let mut s = T::zero();
@@ -266,11 +286,22 @@ pub fn sum_exp<T: Real>(x: &[T], m: T) -> T {
         for (o, &v) in b.iter_mut().zip(chunk) {
             *o = (v - m).fexp();
         }
-        for &e in b.iter() {
-            s += e;
-        }
+        s += sum8(b.len(), |i| b[i]);
     }
     s
+}
+
+/// The largest x_i (NaN ignored, as `f32::max` does; -inf for none) in 8 lanes, so it vectorizes.
+pub fn max8<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter().chain(rest).fold(T::neg_infinity(), |m, &v| m.max(v))
 }
 
 #[cfg(test)]

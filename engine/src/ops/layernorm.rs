@@ -20,7 +20,7 @@
 use super::elementwise::axpby_cpu;
 use super::reduce::sum_rows_gpu;
 use super::wgsl;
-use crate::cpu::{par, Real};
+use crate::cpu::{par, sum8, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
@@ -60,8 +60,8 @@ pub fn layernorm_cpu<T: Real>(x: &[T], gamma: &[T], beta: &[T], rows: usize, c: 
     par::rows2(rows, 4 * c, c, 2, |r, yr, st| {
         let xr = &x[r * c..(r + 1) * c];
         let x0 = xr[0];
-        let mean = xr.iter().map(|&v| v - x0).sum::<T>() / n;
-        let var = xr.iter().map(|&v| (v - x0 - mean) * (v - x0 - mean)).sum::<T>() / n;
+        let mean = sum8(c, |i| xr[i] - x0) / n;
+        let var = sum8(c, |i| (xr[i] - x0 - mean) * (xr[i] - x0 - mean)) / n;
         let rstd = T::one() / (var + eps).sqrt();
         let k = (r % groups) * c;
         for (((o, &v), &gm), &bt) in yr.iter_mut().zip(xr).zip(&gamma[k..k + c]).zip(&beta[k..k + c]) {
@@ -90,14 +90,8 @@ pub fn layernorm_bwd_cpu<T: Real>(
         let k = (r % groups) * c;
         let gm = &gamma[k..k + c];
         let x0 = xr[0];
-        let (mut m1, mut m2) = (T::zero(), T::zero());
-        for i in 0..c {
-            let dxhat = gr[i] * gm[i];
-            m1 += dxhat;
-            m2 += dxhat * ((xr[i] - x0 - mean) * rstd);
-        }
-        m1 /= n;
-        m2 /= n;
+        let m1 = sum8(c, |i| gr[i] * gm[i]) / n;
+        let m2 = sum8(c, |i| gr[i] * gm[i] * ((xr[i] - x0 - mean) * rstd)) / n;
         for i in 0..c {
             let xh = (xr[i] - x0 - mean) * rstd;
             dxr[i] = rstd * (gr[i] * gm[i] - m1 - xh * m2);

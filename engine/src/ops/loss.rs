@@ -23,7 +23,7 @@
 
 use super::elementwise::mean;
 use super::wgsl;
-use crate::cpu::{par, sum_exp, Real};
+use crate::cpu::{max8, par, sum8, sum_exp, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
@@ -101,7 +101,7 @@ pub fn cross_entropy_cpu<T: Real>(logits: &[T], targets: &[u32], n: usize) -> (V
     let b = targets.len().min(logits.len() / n.max(1));
     par::rows2(b, 2 * n, 1, 1, |r, lo, ls| {
         let (row, t) = (&logits[r * n..(r + 1) * n], targets[r]);
-        let m = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let m = max8(row);
         let s = sum_exp(row, m).ln();
         ls[0] = m + s;
         lo[0] = (m - row[t as usize]) + s;
@@ -119,13 +119,24 @@ pub fn cross_entropy_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], lse: &[T], 
     })
 }
 
-/// Whether entry (k, j, c) is in row j's denominator.
-fn in_den(targets: &[u32], excl: u32, k: usize, j: usize, c: usize) -> bool {
-    if c == j {
-        !bit(excl, k)
-    } else {
-        targets[c] != targets[j]
+/// The largest l[c] over the columns whose target differs from `tj` (-inf for none), in 8 lanes.
+fn max_other<T: Real>(l: &[T], targets: &[u32], tj: u32) -> T {
+    let mut acc = [T::neg_infinity(); 8];
+    let (lc, tc) = (l.chunks_exact(8), targets.chunks_exact(8));
+    let (lr, tr) = (lc.remainder(), tc.remainder());
+    for (lv, tv) in lc.zip(tc) {
+        for i in 0..8 {
+            let v = if tv[i] != tj { lv[i] } else { T::neg_infinity() };
+            acc[i] = if v > acc[i] { v } else { acc[i] };
+        }
     }
+    let mut m = acc.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+    for (&v, &t) in lr.iter().zip(tr) {
+        if t != tj {
+            m = m.max(v);
+        }
+    }
+    m
 }
 
 /// max(v) + ln(sum(exp(v - max))) over the values `v()` yields, in order.
@@ -138,12 +149,27 @@ fn lse_of<T: Real, I: Iterator<Item = T>>(v: impl Fn() -> I) -> T {
 pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], num: u32, excl: u32, k: usize) -> (Vec<T>, Vec<T>) {
     let b = targets.len();
     let (loss, den, nums) = par::rows3(b, 2 * k * b, (1, 1, 1), |j, lo, de, nu| {
-        de[0] = lse_of(|| {
-            (0..k)
-                .flat_map(move |kk| (0..b).map(move |c| (kk, c)))
-                .filter(move |&(kk, c)| in_den(targets, excl, kk, j, c))
-                .map(move |(kk, c)| logits[(kk * b + j) * b + c])
-        });
+        // The denominator: off the diagonal the columns whose target differs from row j's
+        // (branch-free selects, so both passes vectorize), then each diagonal entry it includes.
+        let tj = targets[j];
+        let row = |kk: usize| &logits[(kk * b + j) * b..(kk * b + j + 1) * b];
+        let diag = |kk: usize| (!bit(excl, kk)).then(|| row(kk)[j]);
+        let mut m = T::neg_infinity();
+        for kk in 0..k {
+            m = m.max(max_other(row(kk), targets, tj));
+            if let Some(d) = diag(kk) {
+                m = m.max(d);
+            }
+        }
+        let mut sum = T::zero();
+        for kk in 0..k {
+            let lr = row(kk);
+            sum += sum8(b, |c| if targets[c] != tj { (lr[c] - m).fexp() } else { T::zero() });
+            if let Some(d) = diag(kk) {
+                sum += (d - m).fexp();
+            }
+        }
+        de[0] = m + sum.ln();
         nu[0] = lse_of(|| (0..k).filter(move |&kk| bit(num, kk)).map(move |kk| logits[(kk * b + j) * b + j]));
         lo[0] = de[0] - nu[0];
     });

@@ -31,7 +31,7 @@ pub use matmul::{
     MatmulVariant, Support,
 };
 pub use norm::l2norm;
-pub use pool::{attention_pool, mean_ragged, moe};
+pub use pool::{attention_pool, attention_pool_dot, mean_ragged, moe};
 pub use rank::rank_of_targets;
 pub use reduce::{broadcast_to, sum, sum_rows};
 pub use softmax::softmax;

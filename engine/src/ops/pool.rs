@@ -9,19 +9,28 @@
 //!   Backward: dalpha[n, j] = dot(de[n], x[n, j]); da = alpha * (dalpha - sum_j alpha dalpha);
 //!   dx[n, j] = alpha[n, j] de[n] (only when x is tracked: raw item features are not, and their dx,
 //!   N x S x 768 values, would be written and dropped every step).
+//! - `attention_pool_dot(x, w, lens)`: as `attention_pool` with the energies a[n, j] = dot(x[n, j],
+//!   w) of one vector w (D, 1) made inside, so each item's rows come from memory once per pass:
+//!   the forward streams them for the energies and finds them in cache for the weighted sum; the
+//!   backward streams them for dalpha and finds them in cache for dw = sum_{n, j} da[n, j] x[n, j]
+//!   (summed in blocks of `DOT_BLOCK` items, then the blocks in order: the bits do not depend on the
+//!   thread count). dx[n, j] = alpha[n, j] de[n] + da[n, j] w when x is tracked. On the GPU it is
+//!   `matmul` for the energies and dw around the kernels of `attention_pool`.
 //! - `moe(logits, experts)`: logits (N, O), experts (N, O, D) -> z (N, D) = sum_k g[n, k] E[n, k]
 //!   with g = softmax(logits[n]); backward as above with lens = O.
 //! - `mean_ragged(x, r)`: x (N, C) packed by a [`Ragged`] batch (sequence b owns rows offsets[b] ..
 //!   offsets[b + 1], n_b >= 1 of them) -> e (B, C), e[b] = (sum of sequence b's rows) / n_b, the rows
 //!   summed in order. Backward: dx[t] = de[b] / n_b for each row t of sequence b.
 
-use super::wgsl;
-use crate::cpu::{par, Real};
+use super::concat::copy_gpu;
+use super::elementwise::add;
+use super::{embedding, matmul, wgsl};
+use crate::cpu::{dot, par, pool, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
 use crate::ragged::Ragged;
-use crate::tensor::{Indices, Tensor};
+use crate::tensor::{Indices, Storage, Tensor};
 
 const SRC: &str = wgsl!("pool.wgsl");
 const BWD: &[Access] = &[Read, Read, Read, Read, ReadWrite];
@@ -58,21 +67,106 @@ kernel_params! {
 
 // ---- CPU references -------------------------------------------------------------------------
 
+/// One item's pooling: `al` holds its `len` energies and becomes their softmax; `er` (zeroed)
+/// becomes sum_j al[j] x[j] over its rows `xr` (len, d).
+fn softmax_sum<T: Real>(al: &mut [T], xr: &[T], er: &mut [T], d: usize) {
+    let m = al.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+    let z: T = al.iter().map(|&v| (v - m).exp()).sum();
+    for (j, a) in al.iter_mut().enumerate() {
+        let w = (*a - m).exp() / z;
+        *a = w;
+        for (o, &xv) in er.iter_mut().zip(&xr[j * d..(j + 1) * d]) {
+            *o += w * xv;
+        }
+    }
+}
+
 /// Forward: a (N, S), x (N, S, D), lens (N) -> (e (N, D), alpha (N, S)).
 pub fn pool_cpu<T: Real>(a: &[T], x: &[T], lens: &[u32], n: usize, s: usize, d: usize) -> (Vec<T>, Vec<T>) {
     par::rows2(n, s * (d + 2), d, s, |r, er, al| {
         let len = lens[r] as usize;
-        let ar = &a[r * s..r * s + len];
-        let m = ar.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-        let z: T = ar.iter().map(|&v| (v - m).exp()).sum();
-        for j in 0..len {
-            let w = (ar[j] - m).exp() / z;
-            al[j] = w;
-            for (o, &xv) in er.iter_mut().zip(&x[(r * s + j) * d..(r * s + j + 1) * d]) {
-                *o += w * xv;
+        al[..len].copy_from_slice(&a[r * s..r * s + len]);
+        softmax_sum(&mut al[..len], &x[r * s * d..(r * s + len) * d], er, d);
+    })
+}
+
+/// Items per partial sum of `attention_pool_dot`'s dw.
+pub const DOT_BLOCK: usize = 32;
+
+/// Item n's rows in x: item `rows[n]` of the table, or n itself without `rows`.
+fn item<'a, T>(x: &'a [T], rows: Option<&[u32]>, r: usize, (s, d): (usize, usize), len: usize) -> &'a [T] {
+    let i = rows.map_or(r, |ids| ids[r] as usize);
+    &x[i * s * d..(i * s + len) * d]
+}
+
+/// Forward with energies from one vector: x (M, S, D), w (D), lens (N), rows (N) each < M or none
+/// (then M = N) -> (e (N, D), alpha (N, S)), a[n, j] = dot(x[rows[n], j], w) ([`dot`]'s order),
+/// then as [`pool_cpu`].
+pub fn pool_dot_cpu<T: Real>(x: &[T], w: &[T], lens: &[u32], rows: Option<&[u32]>, (n, s, d): (usize, usize, usize)) -> (Vec<T>, Vec<T>) {
+    par::rows2(n, s * (2 * d + 2), d, s, |r, er, al| {
+        let len = lens[r] as usize;
+        let xr = item(x, rows, r, (s, d), len);
+        for (a, row) in al[..len].iter_mut().zip(xr.chunks_exact(d)) {
+            *a = dot(row, w);
+        }
+        softmax_sum(&mut al[..len], xr, er, d);
+    })
+}
+
+/// Backward of [`pool_dot_cpu`]: alpha (N, S), x (M, S, D), w (D), de (N, D) -> (dw (D), dx
+/// (N, S, D), or empty without `want_dx`, which takes no `rows`). dalpha[n, j] = dot(de[n], x[n, j]), da as in
+/// [`pool_bwd_cpu`]; dw sums each block of `DOT_BLOCK` items (items in order) and then the blocks
+/// in order.
+#[allow(clippy::too_many_arguments)]
+pub fn pool_dot_bwd_cpu<T: Real>(
+    alpha: &[T],
+    x: &[T],
+    w: &[T],
+    de: &[T],
+    lens: &[u32],
+    rows: Option<&[u32]>,
+    (n, s, d): (usize, usize, usize),
+    want_dx: bool,
+) -> (Vec<T>, Vec<T>) {
+    assert!(!(want_dx && rows.is_some()), "dx of a gathered x is made by the gather's backward");
+    let blocks = n.div_ceil(DOT_BLOCK);
+    let (parts, da) = par::rows2(blocks, DOT_BLOCK * s * (2 * d + 2), d, DOT_BLOCK * s, |blk, part, dab| {
+        for r in blk * DOT_BLOCK..n.min((blk + 1) * DOT_BLOCK) {
+            let len = lens[r] as usize;
+            let (xr, der, al) = (item(x, rows, r, (s, d), len), &de[r * d..(r + 1) * d], &alpha[r * s..r * s + len]);
+            let dar = &mut dab[(r - blk * DOT_BLOCK) * s..][..len];
+            for (g, row) in dar.iter_mut().zip(xr.chunks_exact(d)) {
+                *g = dot(row, der);
+            }
+            let tot = al.iter().zip(dar.iter()).fold(T::zero(), |t, (&a, &g)| t + a * g);
+            for ((g, &a), row) in dar.iter_mut().zip(al).zip(xr.chunks_exact(d)) {
+                *g = a * (*g - tot);
+                for (o, &xv) in part.iter_mut().zip(row) {
+                    *o += *g * xv;
+                }
             }
         }
-    })
+    });
+    let mut dw = pool::zeros(d);
+    for part in parts.chunks_exact(d) {
+        dw.iter_mut().zip(part).for_each(|(o, &v)| *o += v);
+    }
+    pool::give(parts);
+    if !want_dx {
+        pool::give(da);
+        return (dw, Vec::new());
+    }
+    let dx = par::rows(n, s * d, s * d, |r, dxr| {
+        let der = &de[r * d..(r + 1) * d];
+        for j in 0..lens[r] as usize {
+            let (a, g) = (alpha[r * s + j], da[r * s + j]);
+            for ((o, &e), &wv) in dxr[j * d..(j + 1) * d].iter_mut().zip(der).zip(w) {
+                *o = a * e + g * wv;
+            }
+        }
+    });
+    pool::give(da);
+    (dw, dx)
 }
 
 /// Backward: alpha (N, S), x (N, S, D), de (N, D) -> (da (N, S), dx (N, S, D), or empty without
@@ -187,6 +281,52 @@ fn pool_bwd_gpu(
     Ok(vec![da, dx])
 }
 
+/// x's items `rows` as (N, S, D) on the GPU (a copy by `embedding`), or x itself.
+fn gathered(x: &Tensor, rows: Option<&Indices>, (n, s, d): (usize, usize, usize)) -> Result<Tensor> {
+    match rows {
+        None => Ok(x.detach()),
+        Some(ids) => embedding(&x.detach().reshape(&[x.shape()[0], s * d])?, ids, &[n])?.reshape(&[n, s, d]),
+    }
+}
+
+/// `attention_pool_dot`'s forward on the GPU: the energies by `matmul`, then the pooling kernel.
+fn pool_dot_gpu(x: &Tensor, w: &Tensor, lens: &GpuBuf, rows: Option<&Indices>, (n, s, d): (usize, usize, usize)) -> Result<Vec<GpuBuf>> {
+    let x = &gathered(x, rows, (n, s, d))?;
+    let a = matmul(&x.detach().reshape(&[n * s, d])?, &w.detach().reshape(&[d, 1])?, false, false)?;
+    let (e, alpha) = pool_gpu(&*a.gbuf()?, &*x.gbuf()?, lens, n, s, d)?;
+    Ok(vec![e, alpha])
+}
+
+/// Its backward: da by the pooling's kernel, dw = x^T da by `matmul`, and (`want_dx`) dx = the
+/// kernel's alpha de plus da w^T.
+#[allow(clippy::too_many_arguments)]
+fn pool_dot_bwd_gpu(
+    x: [&Tensor; 4],
+    lens: &GpuBuf,
+    rows: Option<&Indices>,
+    (n, s, d): (usize, usize, usize),
+    want_dx: bool,
+) -> Result<Vec<GpuBuf>> {
+    let [alpha, x, w, de] = x;
+    let x = &gathered(x, rows, (n, s, d))?;
+    let g = gpu()?;
+    let mut outs = pool_bwd_gpu(&*alpha.gbuf()?, &*x.gbuf()?, lens, &*de.gbuf()?, n, s, d, want_dx)?.into_iter();
+    let da = Tensor::from_storage(Storage::Gpu(outs.next().expect("da")), vec![n * s, 1]);
+    let x2 = x.reshape(&[n * s, d])?;
+    let owned = |t: &Tensor| -> Result<GpuBuf> {
+        let buf = g.alloc(4 * t.numel() as u64)?;
+        copy_gpu(&*t.gbuf()?, 0, &buf, 0, t.numel())?;
+        Ok(buf)
+    };
+    let dw = owned(&matmul(&x2, &da, true, false)?)?;
+    let Some(dx_alpha) = outs.next() else {
+        return Ok(vec![dw]);
+    };
+    let dx_alpha = Tensor::from_storage(Storage::Gpu(dx_alpha), vec![n * s, d]);
+    let dx = add(&dx_alpha, &matmul(&da, &w.reshape(&[d, 1])?, false, true)?)?;
+    Ok(vec![dw, owned(&dx)?])
+}
+
 fn mean_ragged_gpu(x: &GpuBuf, r: &Ragged, c: usize) -> Result<GpuBuf> {
     let g = gpu()?;
     let e = g.alloc(4 * (r.batch() * c) as u64)?;
@@ -273,13 +413,106 @@ pub fn attention_pool(a: &Tensor, x: &Tensor, lens: &Indices) -> Result<Tensor> 
     if sa.len() != 2 || sx.len() != 3 || sa != &sx[..2] {
         return shape_err("attention_pool", format!("energies {sa:?} and rows {sx:?} must be (N, S) and (N, S, D)"));
     }
-    if lens.len() != sa[0] {
-        return shape_err("attention_pool", format!("{} lengths for {} rows (x {sx:?})", lens.len(), sa[0]));
-    }
-    if let Some((pos, &l)) = lens.host().iter().enumerate().find(|(_, &l)| l as usize > sa[1]) {
-        return Err(Error::Index { op: "attention_pool", msg: format!("length {l} at position {pos} exceeds S = {} (x {sx:?})", sa[1]) });
-    }
+    check_lens("attention_pool", lens, sx)?;
     softmax_pool("attention_pool", a, x, lens.clone())
+}
+
+/// `attention_pool_dot`: e (N, D) and alpha (N, S) over inputs [x, w]; in the backward form
+/// (dw, and dx when x is tracked) over [alpha, x, w, g].
+#[derive(Clone)]
+struct PoolDot {
+    lens: Indices,
+    /// The items of x pooled (N, each < M), or none (x has N items).
+    rows: Option<Indices>,
+    n: usize,
+    s: usize,
+    d: usize,
+    /// w's shape (D, 1) or (D), which dw takes.
+    w_shape: Vec<usize>,
+    backward: bool,
+    /// Backward only: whether x is tracked (else only dw is made).
+    want_dx: bool,
+}
+
+impl Op for PoolDot {
+    fn name(&self) -> &'static str {
+        "attention_pool_dot"
+    }
+    fn shapes(&self) -> Vec<Vec<usize>> {
+        let (n, s, d) = (self.n, self.s, self.d);
+        match self.backward {
+            false => vec![vec![n, d], vec![n, s]],
+            true if self.want_dx => vec![self.w_shape.clone(), vec![n, s, d]],
+            true => vec![self.w_shape.clone()],
+        }
+    }
+    fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
+        let (l, n, s, d) = (self.lens.host(), self.n, self.s, self.d);
+        if !self.backward {
+            let (e, alpha) = pool_dot_cpu(x[0], x[1], l, self.rows.as_ref().map(|r| r.host()), (n, s, d));
+            return Ok(vec![e, alpha]);
+        }
+        let (dw, dx) = pool_dot_bwd_cpu(x[0], x[1], x[2], x[3], l, self.rows.as_ref().map(|r| r.host()), (n, s, d), self.want_dx);
+        Ok(if self.want_dx { vec![dw, dx] } else { vec![dw] })
+    }
+    fn gpu(&self, _: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
+        unreachable!("attention_pool_dot's GPU form is gpu_tensors")
+    }
+    fn gpu_tensors(&self, x: &[&Tensor]) -> Result<Vec<GpuBuf>> {
+        let (l, dims) = (self.lens.gpu()?, (self.n, self.s, self.d));
+        match self.backward {
+            false => pool_dot_gpu(x[0], x[1], l, self.rows.as_ref(), dims),
+            true => pool_dot_bwd_gpu([x[0], x[1], x[2], x[3]], l, self.rows.as_ref(), dims, self.want_dx),
+        }
+    }
+}
+
+impl Backward for PoolDot {
+    /// alpha, x, w, and the op in its backward form.
+    type Saved = (Tensor, Tensor, Tensor, PoolDot);
+    fn save(self, x: &[&Tensor], mut out: Vec<Tensor>, tracked: &[bool]) -> Self::Saved {
+        (out.remove(1), x[0].detach(), x[1].detach(), PoolDot { backward: true, want_dx: tracked[0], ..self })
+    }
+    fn backward((alpha, x, w, op): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut d = run(op, &[alpha, x, w, g])?.into_iter();
+        let dw = d.next();
+        Ok(vec![d.next(), dw])
+    }
+}
+
+/// Attention pooling with the energies of one vector: x (N, S, D), w (D, 1) or (D), lens (N) each
+/// <= S -> (N, D), a[n, j] = dot(x[n, j], w); see the module docs. With `rows` (N, each < M), x is
+/// a table (M, S, D) and item n is its item rows[n], read in place (a constant table is never
+/// copied; a tracked one is gathered first, so that its gradient is the gather's).
+pub fn attention_pool_dot(x: &Tensor, w: &Tensor, lens: &Indices, rows: Option<&Indices>) -> Result<Tensor> {
+    let op = "attention_pool_dot";
+    let (sx, sw) = (x.shape(), w.shape());
+    if sx.len() != 3 || !(sw == [sx[2], 1] || sw == [sx[2]]) {
+        return shape_err(op, format!("rows {sx:?} and vector {sw:?} must be (N, S, D) and (D, 1) or (D)"));
+    }
+    let (s, d) = (sx[1], sx[2]);
+    if let Some(ids) = rows {
+        ids.check_below(sx[0], op, "item")?;
+        if x.requires_grad() {
+            let xg = embedding(&x.reshape(&[sx[0], s * d])?, ids, &[ids.len()])?.reshape(&[ids.len(), s, d])?;
+            return attention_pool_dot(&xg, w, lens, None);
+        }
+    }
+    let n = rows.map_or(sx[0], |r| r.len());
+    check_lens(op, lens, &[n, s, d])?;
+    let rows = rows.cloned();
+    apply(PoolDot { lens: lens.clone(), rows, n, s, d, w_shape: sw.to_vec(), backward: false, want_dx: false }, &[x, w])
+}
+
+/// `lens` (N) each <= S for rows x (N, S, D).
+fn check_lens(op: &'static str, lens: &Indices, sx: &[usize]) -> Result<()> {
+    if lens.len() != sx[0] {
+        return shape_err(op, format!("{} lengths for {} rows (x {sx:?})", lens.len(), sx[0]));
+    }
+    if let Some((pos, &l)) = lens.host().iter().enumerate().find(|(_, &l)| l as usize > sx[1]) {
+        return Err(Error::Index { op, msg: format!("length {l} at position {pos} exceeds S = {} (x {sx:?})", sx[1]) });
+    }
+    Ok(())
 }
 
 /// Mixture-of-experts gating: logits (N, O), experts (N, O, D) -> (N, D) = sum_k softmax(logits[n])_k E[n, k].

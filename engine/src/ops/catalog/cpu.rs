@@ -1,33 +1,59 @@
-//! The CPU forms of the catalog ops (see the module docs): blocks of scores recomputed on the host.
+//! The CPU forms of the catalog ops (see the module docs): blocks of scores made on the host, kept
+//! from the forward for the backward or recomputed there.
 
 use super::blocks;
 use crate::cpu::{par, pool, Real};
 
-/// z block (B, w) = scale * sum_k h_k e_k[j0 .. j0 + w]^T.
-fn block_scores<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], b: usize, j0: usize, w: usize, scale: T) -> Vec<T> {
-    let mut z = pool::zeros(b * w);
+/// z block (B, w) = scale * sum_k h_k e_k[j0 .. j0 + w]^T, written to `z`.
+#[allow(clippy::too_many_arguments)]
+fn block_scores_into<T: Real>(z: &mut [T], hs: &[&[T]], es: &[&[T]], dims: &[usize], b: usize, j0: usize, w: usize, scale: T) {
     for (k, (&h, &e)) in hs.iter().zip(es).enumerate() {
         let d = dims[k];
         let beta = if k == 0 { T::zero() } else { T::one() };
         // (B, d) . (w, d)^T: B's strides read e's rows as columns.
-        T::gemm(b, d, w, h, d as isize, 1, &e[j0 * d..], 1, d as isize, beta, &mut z, w as isize);
+        T::gemm(b, d, w, h, d as isize, 1, &e[j0 * d..], 1, d as isize, beta, z, w as isize);
     }
     if scale != T::one() {
-        par::chunks_apply(&mut z, |v| *v *= scale);
+        par::chunks_apply(z, |v| *v *= scale);
     }
+}
+
+/// z block (B, w) in a pooled vector.
+fn block_scores<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], b: usize, j0: usize, w: usize, scale: T) -> Vec<T> {
+    let mut z = pool::zeros(b * w);
+    block_scores_into(&mut z, hs, es, dims, b, j0, w, scale);
     z
 }
 
-/// Forward: (loss (B), lse (B)).
-pub fn catalog_ce_cpu<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], targets: &[u32], n_items: usize, scale: T) -> (Vec<T>, Vec<T>) {
+/// Forward: (loss (B), lse (B), kept scores: with `keep` every block of z, block after block
+/// (block (j0, w) at j0 * B, (B, w) row-major: B * I values), else empty).
+#[allow(clippy::too_many_arguments)]
+pub fn catalog_ce_cpu<T: Real>(
+    hs: &[&[T]],
+    es: &[&[T]],
+    dims: &[usize],
+    targets: &[u32],
+    n_items: usize,
+    scale: T,
+    keep: bool,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
     let b = targets.len();
     let (mut mx, mut sm, mut zt) = (pool::zeros(b), pool::zeros(b), pool::zeros(b));
     mx.fill(T::neg_infinity());
+    let mut kept = if keep { pool::zeros(b * n_items) } else { Vec::new() };
     for (j0, w) in blocks(n_items) {
-        let z = block_scores(hs, es, dims, b, j0, w, scale);
+        let mut own = Vec::new();
+        let z: &[T] = if keep {
+            let z = &mut kept[j0 * b..(j0 + w) * b];
+            block_scores_into(z, hs, es, dims, b, j0, w, scale);
+            z
+        } else {
+            own = block_scores(hs, es, dims, b, j0, w, scale);
+            &own
+        };
         let stats = par::rows(b, 3 * w, 3, |r, o: &mut [T]| {
             let row = &z[r * w..(r + 1) * w];
-            let bm = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+            let bm = crate::cpu::max8(row);
             let m = mx[r].max(bm);
             let rescale = if sm[r] == T::zero() { T::zero() } else { sm[r] * (mx[r] - m).fexp() };
             o[0] = m;
@@ -39,17 +65,20 @@ pub fn catalog_ce_cpu<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], targets
             (mx[r], sm[r], zt[r]) = (stats[3 * r], stats[3 * r + 1], stats[3 * r + 2]);
         }
         pool::give(stats);
-        pool::give(z);
+        if !keep {
+            pool::give(own);
+        }
     }
     let lse: Vec<T> = pool::collect(b, mx.iter().zip(&sm).map(|(&m, &s)| m + s.ln()));
     let loss = pool::collect(b, lse.iter().zip(&zt).map(|(&l, &t)| l - t));
     for v in [mx, sm, zt] {
         pool::give(v);
     }
-    (loss, lse)
+    (loss, lse, kept)
 }
 
-/// Backward: (dh_k (B, D_k), de_k (I, D_k)) for each term, from lse and the per-row gradient g.
+/// Backward: (dh_k (B, D_k), de_k (I, D_k)) for each term, from lse, the per-row gradient g and
+/// the forward's kept scores (or, when `kept` is empty, each block of z recomputed).
 #[allow(clippy::too_many_arguments)]
 pub fn catalog_ce_bwd_cpu<T: Real>(
     hs: &[&[T]],
@@ -60,13 +89,13 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
     scale: T,
     lse: &[T],
     g: &[T],
+    kept: &[T],
 ) -> Vec<(Vec<T>, Vec<T>)> {
     let b = targets.len();
     let mut out: Vec<(Vec<T>, Vec<T>)> = dims.iter().map(|&d| (pool::zeros(b * d), pool::zeros(n_items * d))).collect();
     for (j0, w) in blocks(n_items) {
-        let mut dz = block_scores(hs, es, dims, b, j0, w, scale);
         // dz = scale * (exp(z - lse) - onehot) * g, as cross_entropy then scale would give it.
-        par::rows_apply(&mut dz, w, |r, row| {
+        let dz_row = |r: usize, row: &mut [T]| {
             let (l, gr) = (lse[r], g[r]);
             let t = targets[r] as usize;
             let zt = if (j0..j0 + w).contains(&t) { row[t - j0] } else { T::zero() };
@@ -76,7 +105,21 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
             if (j0..j0 + w).contains(&t) {
                 row[t - j0] = scale * (((zt - l).fexp() - T::one()) * gr);
             }
-        });
+        };
+        let dz = match kept {
+            [] => {
+                let mut z = block_scores(hs, es, dims, b, j0, w, scale);
+                par::rows_apply(&mut z, w, dz_row);
+                z
+            }
+            _ => {
+                let blk = &kept[j0 * b..(j0 + w) * b];
+                par::rows(b, 2 * w, w, |r, row| {
+                    row.copy_from_slice(&blk[r * w..(r + 1) * w]);
+                    dz_row(r, row);
+                })
+            }
+        };
         for (k, (dh, de)) in out.iter_mut().enumerate() {
             let d = dims[k];
             // dh_k += dz . e_k,blk: (B, w) . (w, d).

@@ -3,9 +3,12 @@
 //! - `catalog_ce(terms, targets, scale)`: terms = [(h_k (B, D_k), e_k (I, D_k))], 1 <= K <= 4,
 //!   targets (B) each < I -> per-row losses (B), z = scale * sum_k h_k e_k^T (B, I),
 //!   loss_b = logsumexp_j(z_b) - z_{b, t_b}. The forward runs over blocks of `BLOCK` items, keeping
-//!   a running (max, sum of exp) per row, and saves only lse (B). The backward recomputes each block
-//!   of z and uses it at once: dz = (exp(z - lse) - onehot(t)) * g_b, dh_k += scale * dz e_k,blk,
-//!   de_k,blk = scale * dz^T h_k. Extra memory: O(B * BLOCK) for one block, plus the gradients.
+//!   a running (max, sum of exp) per row, and saves lse (B). The backward takes each block of z
+//!   and uses it at once: dz = (exp(z - lse) - onehot(t)) * g_b, dh_k += scale * dz e_k,blk,
+//!   de_k,blk = scale * dz^T h_k. The block is recomputed (extra memory: O(B * BLOCK) for one
+//!   block, plus the gradients), except on the CPU when z has at most `KEEP_SCORES` values: then
+//!   the forward keeps its blocks (B * I values) and the backward reads them, one product per term
+//!   and block fewer, the same bits.
 //!
 //! - `catalog_rank(terms, targets, scale, mask)`: the same scores z, never materialised ->
 //!   ranks (B) with rank_b = #{j != t_b : !(z_bj < z_bt)} - #{j in mask_b : !(z_bj < z_bt)} (ties
@@ -30,6 +33,7 @@ mod cpu;
 mod gpu;
 
 use crate::cpu::Real;
+use crate::device::Device;
 use crate::error::{shape_err, Result};
 use crate::gpu::GpuBuf;
 use crate::op::{apply, query, run, Backward, Op, Query};
@@ -41,6 +45,9 @@ use gpu::{catalog_ce_bwd_gpu, catalog_ce_gpu, catalog_rank_gpu};
 
 /// Items per block of recomputed scores.
 pub const BLOCK: usize = 512;
+/// Largest score matrix (B * I values) the CPU form keeps from the forward for the backward (32 MiB
+/// of f32): a larger one is recomputed block by block, so the extra memory stays O(B * BLOCK).
+pub const KEEP_SCORES: usize = 1 << 23;
 /// Most score terms.
 pub const MAX_TERMS: usize = 4;
 /// The item blocks (first item, width) of a catalog of `n_items`.
@@ -99,14 +106,16 @@ fn split_values<'a, T>(x: &[&'a [T]]) -> (Vec<&'a [T]>, Vec<&'a [T]>) {
     (x.iter().step_by(2).copied().collect(), x.iter().skip(1).step_by(2).copied().collect())
 }
 
-/// Per-row losses and lse (B) over inputs [h_0, e_0, h_1, e_1, ..]; in the backward form
-/// [dh_0, de_0, ..] over [h_0, e_0, .., lse, g].
+/// Per-row losses, lse (B) and the kept scores (B * I, or none) over inputs [h_0, e_0, h_1, e_1,
+/// ..]; in the backward form [dh_0, de_0, ..] over [h_0, e_0, .., lse, g, kept].
 #[derive(Clone)]
 struct CatalogCe {
     targets: Indices,
     n_items: usize,
     dims: Vec<usize>,
     scale: f32,
+    /// Whether the forward keeps its blocks of scores for the backward (see [`KEEP_SCORES`]).
+    keep: bool,
     backward: bool,
 }
 
@@ -117,7 +126,7 @@ impl Op for CatalogCe {
     fn shapes(&self) -> Vec<Vec<usize>> {
         let b = self.targets.len();
         match self.backward {
-            false => vec![vec![b], vec![b]],
+            false => vec![vec![b], vec![b], vec![if self.keep { b * self.n_items } else { 0 }]],
             true => self.dims.iter().flat_map(|&d| [vec![b, d], vec![self.n_items, d]]).collect(),
         }
     }
@@ -126,10 +135,10 @@ impl Op for CatalogCe {
         let k = self.dims.len();
         let (hs, es) = split_values(&x[..2 * k]);
         if !self.backward {
-            let (loss, lse) = catalog_ce_cpu::<T>(&hs, &es, &self.dims, t, self.n_items, scale);
-            return Ok(vec![loss, lse]);
+            let (loss, lse, kept) = catalog_ce_cpu::<T>(&hs, &es, &self.dims, t, self.n_items, scale, self.keep);
+            return Ok(vec![loss, lse, kept]);
         }
-        let grads = catalog_ce_bwd_cpu::<T>(&hs, &es, &self.dims, t, self.n_items, scale, x[2 * k], x[2 * k + 1]);
+        let grads = catalog_ce_bwd_cpu::<T>(&hs, &es, &self.dims, t, self.n_items, scale, x[2 * k], x[2 * k + 1], x[2 * k + 2]);
         Ok(grads.into_iter().flat_map(|(dh, de)| [dh, de]).collect())
     }
     fn gpu(&self, _: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
@@ -139,8 +148,9 @@ impl Op for CatalogCe {
         let k = self.dims.len();
         let (hs, es) = split_terms(&x[..2 * k]);
         if !self.backward {
+            // The GPU recomputes its blocks (`keep` is off there): an empty third output.
             let (loss, lse) = catalog_ce_gpu(&hs, &es, &self.targets, self.n_items, self.scale)?;
-            return Ok(vec![loss, lse]);
+            return Ok(vec![loss, lse, crate::gpu::gpu()?.alloc(0)?]);
         }
         let (lse, g) = (x[2 * k].gbuf()?, x[2 * k + 1].gbuf()?);
         catalog_ce_bwd_gpu(&hs, &es, &self.targets, self.n_items, self.scale, (&lse, &g))
@@ -148,15 +158,16 @@ impl Op for CatalogCe {
 }
 
 impl Backward for CatalogCe {
-    /// The terms' tensors, lse, and the op in its backward form.
-    type Saved = (Vec<Tensor>, Tensor, CatalogCe);
+    /// The terms' tensors, lse, the kept scores, and the op in its backward form.
+    type Saved = (Vec<Tensor>, Tensor, Tensor, CatalogCe);
     fn save(self, x: &[&Tensor], mut out: Vec<Tensor>, _: &[bool]) -> Self::Saved {
-        (x.iter().map(|t| t.detach()).collect(), out.remove(1), CatalogCe { backward: true, ..self })
+        let kept = out.remove(2);
+        (x.iter().map(|t| t.detach()).collect(), out.remove(1), kept, CatalogCe { backward: true, ..self })
     }
-    /// See the module docs: the blocks of scores are recomputed.
-    fn backward((terms, lse, op): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    /// See the module docs: the blocks of scores are kept or recomputed.
+    fn backward((terms, lse, kept, op): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let mut x: Vec<&Tensor> = terms.iter().collect();
-        x.extend([lse, g]);
+        x.extend([lse, g, kept]);
         Ok(run(op, &x)?.into_iter().map(Some).collect())
     }
 }
@@ -204,9 +215,17 @@ pub fn catalog_rank(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32,
 /// Per-row full-catalog cross-entropy (B) of z = scale * sum_k h_k e_k^T; see the module docs.
 /// `mean` of it is the training loss.
 pub fn catalog_ce(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32) -> Result<Tensor> {
-    let (_, n_items, dims) = check_terms("catalog_ce", terms, targets)?;
+    catalog_ce_keeping(terms, targets, scale, true)
+}
+
+/// [`catalog_ce`] with the choice of keeping the forward's scores made by the caller (`keep`:
+/// kept when the score matrix has at most [`KEEP_SCORES`] values; never on the GPU): the results
+/// are the same bits either way (the kept blocks are the ones a recomputation would make).
+pub fn catalog_ce_keeping(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32, keep: bool) -> Result<Tensor> {
+    let (b, n_items, dims) = check_terms("catalog_ce", terms, targets)?;
     let all: Vec<&Tensor> = terms.iter().flat_map(|(h, e)| [*h, *e]).collect();
-    apply(CatalogCe { targets: targets.clone(), n_items, dims, scale, backward: false }, &all)
+    let keep = keep && b * n_items <= KEEP_SCORES && all[0].device() != Device::Gpu;
+    apply(CatalogCe { targets: targets.clone(), n_items, dims, scale, keep, backward: false }, &all)
 }
 
 #[cfg(test)]
@@ -260,5 +279,28 @@ mod tests {
             let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
             assert!(err < 1e-12, "gradient differs by {err}");
         }
+    }
+
+    /// Keeping the forward's scores and recomputing them in the backward give the same bits (f32,
+    /// three item blocks, two terms, the pool's threads), and the two really are different paths.
+    #[test]
+    fn kept_scores_give_the_bits_of_recomputed_ones() {
+        let dev = Device::Cpu;
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (b, n) = (33, 2 * BLOCK + 77);
+        let t = Indices::new((0..b as u32).map(|r| r * 37 % n as u32).collect());
+        let x: Vec<Tensor> =
+            [[b, 8], [n, 8], [b, 5], [n, 5]].iter().map(|s| Tensor::randn(s, 0.5, &mut rng, dev).unwrap().param()).collect();
+        let w = Tensor::randn(&[b], 1.0, &mut rng, dev).unwrap();
+        let run = |keep: bool| {
+            let loss = catalog_ce_keeping(&[(&x[0], &x[1]), (&x[2], &x[3])], &t, 3.0, keep).unwrap();
+            let g = backward(&sum(&mul(&loss, &w).unwrap()).unwrap()).unwrap();
+            let bits = |t: &Tensor| t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+            (bits(&loss), x.iter().map(|p| bits(g.get(p).unwrap())).collect::<Vec<_>>())
+        };
+        assert_eq!(run(true), run(false));
+        let op = |keep| CatalogCe { targets: t.clone(), n_items: n, dims: vec![8, 5], scale: 3.0, keep, backward: false };
+        assert_eq!(op(true).shapes()[2], vec![b * n]);
+        assert_eq!(op(false).shapes()[2], vec![0]);
     }
 }

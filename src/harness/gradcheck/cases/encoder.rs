@@ -1,7 +1,7 @@
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::ops::{attention_pool, cross_entropy, embedding, gelu, info_nce, mean_ragged, moe};
+use crate::engine::ops::{attention_pool, attention_pool_dot, cross_entropy, embedding, gelu, info_nce, mean_ragged, moe};
 use crate::engine::{Indices, Ragged};
 use crate::harness::gradcheck::{Case, Input};
 
@@ -46,6 +46,51 @@ fn pool_const_x(rng: &mut ChaCha8Rng, n: usize, s: usize, d: usize, lens: &'stat
         format!("({n},{s},{d}) lens {lens:?}, x constant"),
         vec![Input::randn(&[n, s], rng).scaled(2.0), Input::constant(&x.shape, x.data)],
         |x| attention_pool(&x[0], &x[1], &ids(lens)),
+    )
+}
+
+/// `lens` for a case's name: in full when short.
+fn short(lens: &[u32]) -> String {
+    match lens {
+        [l, rest @ ..] if rest.len() >= 8 && rest.iter().all(|x| x == l) => format!("[{l}; {}]", lens.len()),
+        _ => format!("{lens:?}"),
+    }
+}
+
+/// Attention pooling with the energies of one vector w (D, 1); `track_x: false` keeps x constant
+/// (raw item features: only w is differentiated and the backward makes no dx).
+fn pool_dot(rng: &mut ChaCha8Rng, n: usize, s: usize, d: usize, lens: &'static [u32], track_x: bool) -> Case {
+    // Energies of size ~2 as in `pool`: w scaled so that dot(x_j, w) has that spread.
+    let xs = x_scale(d);
+    let x = Input::randn(&[n, s, d], rng).scaled(xs);
+    let x = if track_x { x } else { Input::constant(&x.shape, x.data) };
+    let w = Input::randn(&[d, 1], rng).scaled(2.0 / (xs * (d as f64).sqrt()));
+    Case::new(
+        "attention_pool_dot",
+        format!("({n},{s},{d}) lens {}{}", short(lens), if track_x { "" } else { ", x constant" }),
+        vec![x, w],
+        |x| attention_pool_dot(&x[0], &x[1], &ids(lens), None),
+    )
+}
+
+/// `pool_dot` over items `rows` of a table of `m` items, read in place (constant table) or
+/// gathered first (tracked table: its gradient is the gather's, repeats summed).
+fn pool_dot_rows(
+    rng: &mut ChaCha8Rng,
+    m: usize,
+    (s, d): (usize, usize),
+    rows: &'static [u32],
+    lens: &'static [u32],
+    track_x: bool,
+) -> Case {
+    let x = Input::randn(&[m, s, d], rng);
+    let x = if track_x { x } else { Input::constant(&x.shape, x.data) };
+    let w = Input::randn(&[d], rng).scaled(2.0 / (d as f64).sqrt());
+    Case::new(
+        "attention_pool_dot",
+        format!("({m},{s},{d}) items {rows:?} lens {lens:?}{}", if track_x { "" } else { ", x constant" }),
+        vec![x, w],
+        |x| attention_pool_dot(&x[0], &x[1], &ids(lens), Some(&ids(rows))),
     )
 }
 
@@ -109,5 +154,18 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
     let t: Vec<u32> = (0..260).map(|_| rng.random_range(0..200)).collect();
     v.push(nce(rng, "CMCL", t, &[true, false], &[false, true], 12.0));
     v.extend([mean_case(rng, &[3, 1, 4], 5), mean_case(rng, &[1], 1), mean_case(rng, &[2, 70, 5, 1], 300)]);
+    // A generator of their own, so that the cases above keep their inputs. 70 items: three blocks
+    // of dw's partial sums, the last one short.
+    let r = &mut ChaCha8Rng::seed_from_u64(33);
+    v.extend([
+        pool_dot(r, 4, 5, 7, &[0, 5, 1, 3], true),
+        pool_dot(r, 1, 1, 3, &[1], true),
+        pool_dot(r, 3, 11, 37, &[11, 9, 0], true),
+        pool_dot(r, 2, 4, 2, &[0, 0], true),
+        pool_dot(r, 3, 10, 300, &[10, 4, 0], false),
+        pool_dot(r, 70, 3, 9, &[3; 70], false),
+        pool_dot_rows(r, 6, (4, 7), &[5, 0, 5, 2], &[4, 0, 2, 3], false),
+        pool_dot_rows(r, 6, (4, 7), &[5, 0, 5, 2], &[4, 0, 2, 3], true),
+    ]);
     v
 }
