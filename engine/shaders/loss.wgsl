@@ -6,7 +6,8 @@
 //       stat = (lse_den (B), lse_num (B)); loss[j] = lse_den[j] - lse_num[j], where
 //       den: entries (k, j, j') with j' == j and exclude_diag[k] clear, or j' != j and t_j' != t_j
 //       num: entries (k, j, j) with numerator[k] set
-//   nce_bwd: dlogits = g[j] (den ? exp(l - lse_den[j]) : 0 - num ? exp(l - lse_num[j]) : 0)
+//   nce_bwd: dlogits = g[j] (den ? exp(l - lse_den[j]) : 0 - num ? exp(l - lse_num[j]) : 0) scale
+// (InfoNCE's l is scale times the stored logit).
 // numerator / exclude_diag are bit masks over k.
 
 struct P {
@@ -15,6 +16,7 @@ struct P {
     k: u32,         // InfoNCE matrices
     num_mask: u32,
     excl_mask: u32,
+    scale: f32,     // InfoNCE: every logit is taken times this
 }
 
 
@@ -78,7 +80,7 @@ fn nce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         let diag = !bit(prm.excl_mask, k);
         for (var c = t; c < nb; c = c + WG) {
             if (select(targets[c] != tj, diag, c == j)) {
-                let v = logits[base + c];
+                let v = prm.scale * logits[base + c];
                 let mm = max(m, v);
                 s = s * exp(m - mm) + exp(v - mm);
                 m = mm;
@@ -90,11 +92,11 @@ fn nce_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         // The numerator has at most K terms: its own max-shifted log-sum-exp.
         var nm = NEG;
         for (var k = 0u; k < prm.k; k = k + 1u) {
-            if (bit(prm.num_mask, k)) { nm = max(nm, logits[(k * nb + j) * nb + j]); }
+            if (bit(prm.num_mask, k)) { nm = max(nm, prm.scale * logits[(k * nb + j) * nb + j]); }
         }
         var ns = 0.0;
         for (var k = 0u; k < prm.k; k = k + 1u) {
-            if (bit(prm.num_mask, k)) { ns = ns + exp(logits[(k * nb + j) * nb + j] - nm); }
+            if (bit(prm.num_mask, k)) { ns = ns + exp(prm.scale * logits[(k * nb + j) * nb + j] - nm); }
         }
         let lden = r.x + log(r.y);
         let lnum = nm + log(ns);
@@ -112,9 +114,9 @@ fn nce_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     let c = i % nb;
     let j = (i / nb) % nb;
     let k = i / (nb * nb);
-    let l = logits[i];
+    let l = prm.scale * logits[i];
     let den = select(targets[c] != targets[j], !bit(prm.excl_mask, k), c == j);
     let num = c == j && bit(prm.num_mask, k);
     let v = select(0.0, exp(l - stat_in[j]), den) - select(0.0, exp(l - stat_in[nb + j]), num);
-    out[i] = g[j] * v;
+    out[i] = (g[j] * v) * prm.scale;
 }

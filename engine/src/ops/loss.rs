@@ -4,21 +4,23 @@
 //! - `cross_entropy(logits, targets)`: logits (B, N), targets (B) each < N -> () scalar
 //!   mean_b [logsumexp(logits[b]) - logits[b, t_b]]. The per-row logsumexp is saved for backward:
 //!   dlogits = (softmax(logits) - onehot(t)) * g / B.
-//! - `info_nce(logits, targets, numerator, exclude_diag)`: logits (K, B, B) (K <= 4 similarity
-//!   matrices, already cosine / temperature), targets (B) -> () scalar mean_j (log den_j - log num_j),
+//! - `info_nce(logits, targets, numerator, exclude_diag, scale)`: logits (K, B, B) (K <= 4
+//!   similarity matrices, e.g. cosines; each entry is taken times `scale`, e.g. 1 / temperature,
+//!   as it is read, exactly as a separate `scale` op would round it), targets (B) -> () scalar
+//!   mean_j (log den_j - log num_j),
 //!   with num_j = sum over k with numerator[k] of exp(logits[k, j, j]), and den_j = sum over k, j' of
 //!   exp(logits[k, j, j']) over the included entries: j' == j when !exclude_diag[k]; j' != j when
 //!   targets[j'] != targets[j] (rows with the same target item are not negatives of each other).
 //!   Both sums are computed max-shifted. Every numerator entry must also be in the denominator
 //!   (numerator[k] implies !exclude_diag[k]), so den_j >= num_j > 0.
-//!   Backward: dlogits[k, j, j'] = g / B * ([den] exp(l) / den_j - [num] exp(l) / num_j).
+//!   Backward: dlogits[k, j, j'] = (g / B * ([den] exp(l) / den_j - [num] exp(l) / num_j)) * scale.
 //!
 //! The two MSM4SR pre-training losses are both `info_nce`:
-//! - NIP, next-item prediction (paper eq. 7): K = 2, logits[0][j, j'] = cos(m_hat_j, z_j') / tau,
-//!   logits[1][j, j'] = cos(m_tilde_j, z_j') / tau, numerator = [true, true],
+//! - NIP, next-item prediction (paper eq. 7): K = 2, logits[0][j, j'] = cos(m_hat_j, z_j'),
+//!   logits[1][j, j'] = cos(m_tilde_j, z_j'), scale = 1 / tau, numerator = [true, true],
 //!   exclude_diag = [false, false].
 //! - CMCL, one direction l(a, b) of the cross-modality contrastive loss (eq. 9): K = 2,
-//!   logits[0][j, j'] = cos(a_j, b_j') / tau, logits[1][j, j'] = cos(a_j, a_j') / tau,
+//!   logits[0][j, j'] = cos(a_j, b_j'), logits[1][j, j'] = cos(a_j, a_j'), scale = 1 / tau,
 //!   numerator = [true, false], exclude_diag = [false, true].
 
 use super::elementwise::mean;
@@ -55,6 +57,8 @@ kernel_params! {
         k: u32,
         num_mask: u32,
         excl_mask: u32,
+        /// InfoNCE: the factor every logit is taken times (1 for cross-entropy).
+        scale: f32,
     }
 }
 
@@ -119,21 +123,21 @@ pub fn cross_entropy_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], lse: &[T], 
     })
 }
 
-/// The largest l[c] over the columns whose target differs from `tj` (-inf for none), in 8 lanes.
-fn max_other<T: Real>(l: &[T], targets: &[u32], tj: u32) -> T {
+/// The largest s l[c] over the columns whose target differs from `tj` (-inf for none), in 8 lanes.
+fn max_other<T: Real>(l: &[T], s: T, targets: &[u32], tj: u32) -> T {
     let mut acc = [T::neg_infinity(); 8];
     let (lc, tc) = (l.chunks_exact(8), targets.chunks_exact(8));
     let (lr, tr) = (lc.remainder(), tc.remainder());
     for (lv, tv) in lc.zip(tc) {
         for i in 0..8 {
-            let v = if tv[i] != tj { lv[i] } else { T::neg_infinity() };
+            let v = if tv[i] != tj { s * lv[i] } else { T::neg_infinity() };
             acc[i] = if v > acc[i] { v } else { acc[i] };
         }
     }
     let mut m = acc.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
     for (&v, &t) in lr.iter().zip(tr) {
         if t != tj {
-            m = m.max(v);
+            m = m.max(s * v);
         }
     }
     m
@@ -145,32 +149,47 @@ fn lse_of<T: Real, I: Iterator<Item = T>>(v: impl Fn() -> I) -> T {
     m + v().map(|x| (x - m).fexp()).sum::<T>().ln()
 }
 
-/// Per-row InfoNCE: logits (K, B, B) -> (loss (B), stat (2B) = lse_den then lse_num).
-pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], num: u32, excl: u32, k: usize) -> (Vec<T>, Vec<T>) {
+/// sum of e^(s l[c] - m) over the columns whose target differs from `tj`: the exponentials in
+/// blocks of 256 (vectorized), each block in [`sum8`]'s partial sums, the blocks in order.
+fn sum_exp_other<T: Real>(l: &[T], s: T, m: T, targets: &[u32], tj: u32) -> T {
+    let mut buf = [T::zero(); 256];
+    let mut acc = T::zero();
+    for (lc, tc) in l.chunks(256).zip(targets.chunks(256)) {
+        let b = &mut buf[..lc.len()];
+        for ((o, &v), &t) in b.iter_mut().zip(lc).zip(tc) {
+            let e = (s * v - m).fexp();
+            *o = if t != tj { e } else { T::zero() };
+        }
+        acc += sum8(b.len(), |i| b[i]);
+    }
+    acc
+}
+
+/// Per-row InfoNCE of `s` times the logits (K, B, B) -> (loss (B), stat (2B) = lse_den then lse_num).
+pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], (num, excl): (u32, u32), k: usize, s: T) -> (Vec<T>, Vec<T>) {
     let b = targets.len();
     let (loss, den, nums) = par::rows3(b, 2 * k * b, (1, 1, 1), |j, lo, de, nu| {
         // The denominator: off the diagonal the columns whose target differs from row j's
         // (branch-free selects, so both passes vectorize), then each diagonal entry it includes.
         let tj = targets[j];
         let row = |kk: usize| &logits[(kk * b + j) * b..(kk * b + j + 1) * b];
-        let diag = |kk: usize| (!bit(excl, kk)).then(|| row(kk)[j]);
+        let diag = |kk: usize| (!bit(excl, kk)).then(|| s * row(kk)[j]);
         let mut m = T::neg_infinity();
         for kk in 0..k {
-            m = m.max(max_other(row(kk), targets, tj));
+            m = m.max(max_other(row(kk), s, targets, tj));
             if let Some(d) = diag(kk) {
                 m = m.max(d);
             }
         }
         let mut sum = T::zero();
         for kk in 0..k {
-            let lr = row(kk);
-            sum += sum8(b, |c| if targets[c] != tj { (lr[c] - m).fexp() } else { T::zero() });
+            sum += sum_exp_other(row(kk), s, m, targets, tj);
             if let Some(d) = diag(kk) {
                 sum += (d - m).fexp();
             }
         }
         de[0] = m + sum.ln();
-        nu[0] = lse_of(|| (0..k).filter(move |&kk| bit(num, kk)).map(move |kk| logits[(kk * b + j) * b + j]));
+        nu[0] = lse_of(|| (0..k).filter(move |&kk| bit(num, kk)).map(move |kk| s * logits[(kk * b + j) * b + j]));
         lo[0] = de[0] - nu[0];
     });
     let mut stat = crate::cpu::pool::take(2 * b);
@@ -181,8 +200,10 @@ pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], num: u32, excl: u32,
     (loss, stat)
 }
 
-/// dlogits (K, B, B) from the saved (lse_den, lse_num) and the per-row gradient g (B).
-pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &[T], num: u32, excl: u32, k: usize) -> Vec<T> {
+/// dlogits (K, B, B) from the saved (lse_den, lse_num) and the per-row gradient g (B), for the
+/// loss of `s` times the logits.
+#[allow(clippy::too_many_arguments)]
+pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &[T], (num, excl): (u32, u32), k: usize, s: T) -> Vec<T> {
     let b = targets.len();
     // Row (kk, j) of the (K * B, B) view.
     par::rows(k * b, 2 * b, b, |row, dr| {
@@ -191,17 +212,17 @@ pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &
         // so the loop vectorizes); then the diagonal entry exactly as its definition reads.
         let (lr, tj, sd, gj) = (&logits[(kk * b + j) * b..(kk * b + j + 1) * b], targets[j], stat[j], g[j]);
         for ((o, &l), &tc) in dr.iter_mut().zip(lr).zip(targets) {
-            let e = (l - sd).fexp();
-            *o = gj * if tc != tj { e } else { T::zero() };
+            let e = (s * l - sd).fexp();
+            *o = (gj * if tc != tj { e } else { T::zero() }) * s;
         }
         let mut v = T::zero();
         if !bit(excl, kk) {
-            v += (lr[j] - sd).fexp();
+            v += (s * lr[j] - sd).fexp();
         }
         if bit(num, kk) {
-            v -= (lr[j] - stat[b + j]).fexp();
+            v -= (s * lr[j] - stat[b + j]).fexp();
         }
-        dr[j] = gj * v;
+        dr[j] = (gj * v) * s;
     })
 }
 
@@ -253,11 +274,11 @@ impl Op for RowLoss {
                 vec![loss, lse]
             }
             (true, false) => {
-                let (loss, stat) = info_nce_cpu(x[0], t, p.num_mask, p.excl_mask, k);
+                let (loss, stat) = info_nce_cpu(x[0], t, (p.num_mask, p.excl_mask), k, T::c(p.scale as f64));
                 vec![loss, stat]
             }
             (false, true) => vec![cross_entropy_bwd_cpu(x[0], t, x[1], x[2], n)],
-            (true, true) => vec![info_nce_bwd_cpu(x[0], t, x[1], x[2], p.num_mask, p.excl_mask, k)],
+            (true, true) => vec![info_nce_bwd_cpu(x[0], t, x[1], x[2], (p.num_mask, p.excl_mask), k, T::c(p.scale as f64))],
         })
     }
     fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
@@ -295,14 +316,14 @@ pub fn cross_entropy(logits: &Tensor, targets: &Indices) -> Result<Tensor> {
         return shape_err("cross_entropy", format!("{} targets for logits {s:?}", targets.len()));
     }
     targets.check_below(n, "cross_entropy", "target")?;
-    let prm = LossParams { rows: b as u32, cols: n as u32, k: 0, num_mask: 0, excl_mask: 0 };
+    let prm = LossParams { rows: b as u32, cols: n as u32, k: 0, num_mask: 0, excl_mask: 0, scale: 1.0 };
     let op = RowLoss { nce: false, targets: targets.clone(), prm, shape: vec![b, n], backward: false };
     mean(&apply(op, &[logits])?)
 }
 
-/// Multi-matrix InfoNCE with same-target exclusion: logits (K, B, B), targets (B) -> () scalar.
-/// See the module doc for the definition and how NIP and CMCL map onto it.
-pub fn info_nce(logits: &Tensor, targets: &Indices, numerator: &[bool], exclude_diag: &[bool]) -> Result<Tensor> {
+/// Multi-matrix InfoNCE with same-target exclusion of `scale` times the logits (K, B, B), targets
+/// (B) -> () scalar. See the module doc for the definition and how NIP and CMCL map onto it.
+pub fn info_nce(logits: &Tensor, targets: &Indices, numerator: &[bool], exclude_diag: &[bool], scale: f32) -> Result<Tensor> {
     let s = logits.shape();
     if s.len() != 3 || s[1] != s[2] || s[0] == 0 || s[0] > MAX_K || s[1] == 0 {
         return shape_err("info_nce", format!("logits must be (K, B, B) with 1 <= K <= {MAX_K}, B >= 1, got {s:?}"));
@@ -327,7 +348,7 @@ pub fn info_nce(logits: &Tensor, targets: &Indices, numerator: &[bool], exclude_
     }
     let mask = |f: &[bool]| f.iter().enumerate().fold(0u32, |m, (i, &x)| m | ((x as u32) << i));
     let (num, excl) = (mask(numerator), mask(exclude_diag));
-    let prm = LossParams { rows: b as u32, cols: b as u32, k: k as u32, num_mask: num, excl_mask: excl };
+    let prm = LossParams { rows: b as u32, cols: b as u32, k: k as u32, num_mask: num, excl_mask: excl, scale };
     let op = RowLoss { nce: true, targets: targets.clone(), prm, shape: vec![k, b, b], backward: false };
     mean(&apply(op, &[logits])?)
 }
@@ -344,10 +365,10 @@ mod tests {
         assert!(matches!(cross_entropy(&l, &Indices::new(vec![0])), Err(Error::Shape { .. })));
         let s = Tensor::zeros(&[2, 3, 3], Device::Cpu).unwrap();
         let t = Indices::new(vec![0, 1, 0]);
-        assert!(matches!(info_nce(&s, &t, &[false, false], &[false, false]), Err(Error::Invalid(_))));
-        assert!(matches!(info_nce(&s, &t, &[true, true], &[false, true]), Err(Error::Invalid(_))));
-        assert!(matches!(info_nce(&s, &t, &[true], &[false]), Err(Error::Shape { .. })));
-        assert!(info_nce(&s, &t, &[true, false], &[false, true]).is_ok());
+        assert!(matches!(info_nce(&s, &t, &[false, false], &[false, false], 1.0), Err(Error::Invalid(_))));
+        assert!(matches!(info_nce(&s, &t, &[true, true], &[false, true], 1.0), Err(Error::Invalid(_))));
+        assert!(matches!(info_nce(&s, &t, &[true], &[false], 1.0), Err(Error::Shape { .. })));
+        assert!(info_nce(&s, &t, &[true, false], &[false, true], 1.0).is_ok());
     }
 
     #[test]
@@ -358,7 +379,7 @@ mod tests {
         let ce = cross_entropy(&l, &Indices::new(vec![1, 4])).unwrap().item().unwrap();
         assert!((ce - 5f32.ln()).abs() < 1e-6);
         let s = Tensor::zeros(&[2, 3, 3], Device::Cpu64).unwrap();
-        let v = info_nce(&s, &Indices::new(vec![0, 1, 0]), &[true, true], &[false, false]).unwrap().item().unwrap();
+        let v = info_nce(&s, &Indices::new(vec![0, 1, 0]), &[true, true], &[false, false], 1.0).unwrap().item().unwrap();
         assert!((v - (2.0 * 2f32.ln() + 3f32.ln()) / 3.0).abs() < 1e-6, "{v}");
     }
 }

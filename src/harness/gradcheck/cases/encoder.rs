@@ -108,7 +108,7 @@ fn nce(rng: &mut ChaCha8Rng, what: &str, targets: Vec<u32>, num: &'static [bool]
     let mut x = Input::randn(&[k, b, b], rng).scaled(3.0);
     (0..b).for_each(|j| x.data[j * b + j] += pos);
     let t = Indices::new(targets);
-    Case::new("info_nce", format!("{what} ({k},{b},{b})"), vec![x], move |x| info_nce(&x[0], &t, num, excl))
+    Case::new("info_nce", format!("{what} ({k},{b},{b})"), vec![x], move |x| info_nce(&x[0], &t, num, excl, 1.0))
 }
 
 pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
@@ -167,5 +167,17 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
         pool_dot_rows(r, 6, (4, 7), &[5, 0, 5, 2], &[4, 0, 2, 3], false),
         pool_dot_rows(r, 6, (4, 7), &[5, 0, 5, 2], &[4, 0, 2, 3], true),
     ]);
+    // InfoNCE of cosine-sized logits taken times 1 / tau inside the op, as the model calls it.
+    for (what, targets, num, excl) in [
+        ("NIP", vec![3, 1, 3, 0, 1], &[true, true] as &'static [bool], &[false, false] as &'static [bool]),
+        ("CMCL", vec![3, 1, 3, 0, 1, 2, 2, 4, 0], &[true, false], &[false, true]),
+    ] {
+        let (k, b) = (num.len(), targets.len());
+        let x = Input::randn(&[k, b, b], r).scaled(0.2);
+        let t = Indices::new(targets);
+        v.push(Case::new("info_nce", format!("{what} ({k},{b},{b}) x 1/0.07"), vec![x], move |x| {
+            info_nce(&x[0], &t, num, excl, 1.0 / 0.07)
+        }));
+    }
     v
 }
