@@ -169,6 +169,20 @@ pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     })
 }
 
+/// GELU and its slope at each x in one pass: (x Phi(x), Phi(x) + x phi(x)), the slope exactly as
+/// [`gelu_bwd_cpu`] multiplies it by g.
+pub fn gelu_slope_cpu<T: Real>(x: &[T]) -> (Vec<T>, Vec<T>) {
+    let c = T::c(0.3989422804014327);
+    par::chunks2(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, y, s| {
+        let xs = &x[start..start + y.len()];
+        for ((y, s), &v) in y.iter_mut().zip(s.iter_mut()).zip(xs) {
+            let p = norm_cdf(v);
+            *y = v * p;
+            *s = p + v * c * (-(v * v) * T::c(0.5)).fexp();
+        }
+    })
+}
+
 /// sigmoid(1.702 x), QuickGELU's gate.
 fn quick_gate<T: Real>(x: T) -> T {
     T::one() / (T::one() + (-(T::c(1.702) * x)).fexp())

@@ -27,9 +27,10 @@ pub use tune::matmul_tuned;
 pub(crate) use variants::kernels;
 pub use variants::{linear_gelu_variant, matmul_variant, matmul_variant_summed, matmul_variant_support, Gemm, MatmulVariant, Support};
 
-use super::elementwise::{gelu_cpu, Act};
+use super::elementwise::{gelu_slope_cpu, mul, Act};
 use super::reduce::sum_rows;
 use crate::cpu::{par, Real};
+use crate::device::Device;
 use crate::error::{shape_err, Result};
 use crate::gpu::GpuBuf;
 use crate::op::{apply, run, Backward, Op};
@@ -100,8 +101,9 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
 }
 
 /// op(a) . op(b) (+ bias on every row): inputs [a, b] or [a, b, bias]; with `gelu`, the GELU of
-/// it, and the product itself as the second output (the GELU's backward needs it). On the GPU the
-/// GELU is the product kernel's epilogue; on the CPU it follows the product.
+/// it, and as the second output what the GELU's backward needs: on the GPU the product itself (the
+/// GELU is the product kernel's epilogue, which writes it), on the CPU the GELU's slope at it
+/// (made with the GELU in the pass that follows the product, so the backward is one product).
 struct Product {
     p: Gemm,
     shape: Vec<usize>,
@@ -122,7 +124,9 @@ impl Op for Product {
         if !self.p.gelu {
             return Ok(vec![h]);
         }
-        Ok(vec![gelu_cpu(&h), h])
+        let (y, slope) = gelu_slope_cpu(&h);
+        crate::cpu::pool::give(h);
+        Ok(vec![y, slope])
     }
     fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
         let v = tune::choose(x[0], x[1], x.get(2).copied(), &self.p)?;
@@ -149,6 +153,7 @@ struct ProductSaved {
     n: usize,
     /// Whether there is a bias, and whether it is tracked.
     bias: Option<bool>,
+    /// With a GELU: the product before it (GPU) or the GELU's slope there (CPU).
     pre: Option<Tensor>,
 }
 
@@ -174,8 +179,12 @@ impl Backward for Product {
         let dh;
         let g = match &s.pre {
             None => g,
-            Some(h) => {
+            Some(h) if h.device() == Device::Gpu => {
                 dh = run(&Act { quick: false, backward: true, shape: h.shape().to_vec() }, &[h, g])?.remove(0);
+                &dh
+            }
+            Some(slope) => {
+                dh = mul(g, slope)?;
                 &dh
             }
         };
