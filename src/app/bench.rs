@@ -287,7 +287,7 @@ fn same_batch(
         }
         if let Some(r) = results.first().filter(|r| r.peak_gflops > 0.0) {
             outln!(
-                "GEMM peak of these cores: {:.1} GFLOP/s ((1024x1024) . (1024x1024), best of 6); FLOPs of the matrix products only",
+                "GEMM peak of these cores: {:.1} GFLOP/s ((1024x1024) . (1024x1024), best of 12); FLOPs of the matrix products only",
                 r.peak_gflops
             );
         }
