@@ -175,11 +175,13 @@ pub fn gelu_slope_cpu<T: Real>(x: &[T]) -> (Vec<T>, Vec<T>) {
     let c = T::c(0.3989422804014327);
     par::chunks2(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, y, s| {
         let xs = &x[start..start + y.len()];
-        for ((y, s), &v) in y.iter_mut().zip(s.iter_mut()).zip(xs) {
-            let p = norm_cdf(v);
-            *y = v * p;
-            *s = p + v * c * (-(v * v) * T::c(0.5)).fexp();
-        }
+        crate::cpu::wide(|| {
+            for ((y, s), &v) in y.iter_mut().zip(s.iter_mut()).zip(xs) {
+                let p = norm_cdf(v);
+                *y = v * p;
+                *s = p + v * c * (-(v * v) * T::c(0.5)).fexp();
+            }
+        })
     })
 }
 

@@ -57,7 +57,7 @@ pub fn catalog_ce_cpu<T: Real>(
             let m = mx[r].max(bm);
             let rescale = if sm[r] == T::zero() { T::zero() } else { sm[r] * (mx[r] - m).fexp() };
             o[0] = m;
-            o[1] = rescale + crate::cpu::sum_exp(row, m);
+            o[1] = rescale + crate::cpu::wide(|| crate::cpu::sum_exp(row, m));
             let t = targets[r] as usize;
             o[2] = if (j0..j0 + w).contains(&t) { row[t - j0] } else { zt[r] };
         });
@@ -99,9 +99,11 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
             let (l, gr) = (lse[r], g[r]);
             let t = targets[r] as usize;
             let zt = if (j0..j0 + w).contains(&t) { row[t - j0] } else { T::zero() };
-            for v in row.iter_mut() {
-                *v = scale * ((*v - l).fexp() * gr);
-            }
+            crate::cpu::wide(|| {
+                for v in row.iter_mut() {
+                    *v = scale * ((*v - l).fexp() * gr);
+                }
+            });
             if (j0..j0 + w).contains(&t) {
                 row[t - j0] = scale * (((zt - l).fexp() - T::one()) * gr);
             }
