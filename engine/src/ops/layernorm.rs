@@ -17,7 +17,6 @@
 //! large mean lose no precision in f32. The forward saves, per row, that shifted mean and rstd.
 //! dgamma/dbeta are deterministic: chunks of rows are summed in a fixed order, then the chunks.
 
-use super::elementwise::axpby_cpu;
 use super::reduce::sum_rows_gpu;
 use super::wgsl;
 use crate::cpu::{par, sum8, Real};
@@ -54,21 +53,42 @@ kernel_params! {
 
 // ---- CPU references -------------------------------------------------------------------------
 
+/// One row: y and [mean - x[0], rstd] of the row xr, with the parameters of its group at k.
+#[inline(always)]
+fn ln_row<T: Real>(xr: &[T], (gamma, beta): (&[T], &[T]), k: usize, eps: T, yr: &mut [T], st: &mut [T]) {
+    let (c, n) = (xr.len(), T::c(xr.len() as f64));
+    let x0 = xr[0];
+    let mean = sum8(c, |i| xr[i] - x0) / n;
+    let var = sum8(c, |i| (xr[i] - x0 - mean) * (xr[i] - x0 - mean)) / n;
+    let rstd = T::one() / (var + eps).sqrt();
+    for (((o, &v), &gm), &bt) in yr.iter_mut().zip(xr).zip(&gamma[k..k + c]).zip(&beta[k..k + c]) {
+        *o = (v - x0 - mean) * rstd * gm + bt;
+    }
+    st[0] = mean;
+    st[1] = rstd;
+}
+
 /// Forward: (y (R, C), stats (R, 2) = [mean - x[r, 0], rstd] per row).
 pub fn layernorm_cpu<T: Real>(x: &[T], gamma: &[T], beta: &[T], rows: usize, c: usize, groups: usize, eps: T) -> (Vec<T>, Vec<T>) {
-    let n = T::c(c as f64);
-    par::rows2(rows, 4 * c, c, 2, |r, yr, st| {
-        let xr = &x[r * c..(r + 1) * c];
-        let x0 = xr[0];
-        let mean = sum8(c, |i| xr[i] - x0) / n;
-        let var = sum8(c, |i| (xr[i] - x0 - mean) * (xr[i] - x0 - mean)) / n;
-        let rstd = T::one() / (var + eps).sqrt();
-        let k = (r % groups) * c;
-        for (((o, &v), &gm), &bt) in yr.iter_mut().zip(xr).zip(&gamma[k..k + c]).zip(&beta[k..k + c]) {
-            *o = (v - x0 - mean) * rstd * gm + bt;
+    par::rows2(rows, 4 * c, c, 2, |r, yr, st| ln_row(&x[r * c..(r + 1) * c], (gamma, beta), (r % groups) * c, eps, yr, st))
+}
+
+/// Forward of LayerNorm(a + x) in one pass over the rows: (y, stats, the sum a + x), each row's
+/// sum made and normalized while it is in cache (the bits of `axpby_cpu` then `layernorm_cpu`).
+#[allow(clippy::too_many_arguments)]
+pub fn add_layernorm_cpu<T: Real>(
+    a: &[T],
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    (rows, c, groups): (usize, usize, usize),
+    eps: T,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    par::rows3(rows, 6 * c, (c, 2, c), |r, yr, st, sr| {
+        for ((o, &u), &v) in sr.iter_mut().zip(&a[r * c..(r + 1) * c]).zip(&x[r * c..(r + 1) * c]) {
+            *o = u + T::one() * v;
         }
-        st[0] = mean;
-        st[1] = rstd;
+        ln_row(sr, (gamma, beta), (r % groups) * c, eps, yr, st);
     })
 }
 
@@ -213,8 +233,7 @@ impl Op for LayerNorm {
         }
         let eps = T::c(self.eps as f64);
         if self.add {
-            let sum = axpby_cpu(x[0], x[1], T::one());
-            let (y, stats) = layernorm_cpu(&sum, x[2], x[3], rows, c, groups, eps);
+            let (y, stats, sum) = add_layernorm_cpu(x[0], x[1], x[2], x[3], (rows, c, groups), eps);
             return Ok(vec![y, stats, sum]);
         }
         let (y, stats) = layernorm_cpu(x[0], x[1], x[2], rows, c, groups, eps);
