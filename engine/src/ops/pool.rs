@@ -9,8 +9,9 @@
 //!   Backward: dalpha[n, j] = dot(de[n], x[n, j]); da = alpha * (dalpha - sum_j alpha dalpha);
 //!   dx[n, j] = alpha[n, j] de[n] (only when x is tracked: raw item features are not, and their dx,
 //!   N x S x 768 values, would be written and dropped every step).
-//! - `attention_pool_dot(x, w, lens)`: as `attention_pool` with the energies a[n, j] = dot(x[n, j],
-//!   w) of one vector w (D, 1) made inside, so each item's rows come from memory once per pass:
+//! - `attention_pool_dot(x, w, lens, rows)`: as `attention_pool` with the energies a[n, j] =
+//!   dot(x[n, j], w) of one vector w (D, 1) made inside (with `rows`, item n is row rows[n] of a
+//!   table x (M, S, D), read in place), so each item's rows come from memory once per pass:
 //!   the forward streams them for the energies and finds them in cache for the weighted sum; the
 //!   backward streams them for dalpha and finds them in cache for dw = sum_{n, j} da[n, j] x[n, j]
 //!   (summed in blocks of `DOT_BLOCK` items, then the blocks in order: the bits do not depend on the
