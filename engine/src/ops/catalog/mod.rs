@@ -219,12 +219,14 @@ pub fn catalog_ce(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32) -
 }
 
 /// [`catalog_ce`] with the choice of keeping the forward's scores made by the caller (`keep`:
-/// kept when the score matrix has at most [`KEEP_SCORES`] values; never on the GPU): the results
+/// kept when the score matrix has at most [`KEEP_SCORES`] values and a gradient will be taken;
+/// never on the GPU): the results
 /// are the same bits either way (the kept blocks are the ones a recomputation would make).
 pub fn catalog_ce_keeping(terms: &[(&Tensor, &Tensor)], targets: &Indices, scale: f32, keep: bool) -> Result<Tensor> {
     let (b, n_items, dims) = check_terms("catalog_ce", terms, targets)?;
     let all: Vec<&Tensor> = terms.iter().flat_map(|(h, e)| [*h, *e]).collect();
-    let keep = keep && b * n_items <= KEEP_SCORES && all[0].device() != Device::Gpu;
+    // Kept only for a backward that will run (not under `no_grad`).
+    let keep = keep && b * n_items <= KEEP_SCORES && all[0].device() != Device::Gpu && crate::op::records(&all);
     apply(CatalogCe { targets: targets.clone(), n_items, dims, scale, keep, backward: false }, &all)
 }
 
