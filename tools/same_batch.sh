@@ -15,6 +15,8 @@
 # relative). Then msm4sr alone on both cores (0,1; SCALING=0 skips it) for its scaling from one
 # core to two, and the fraction of the GEMM peak of the cores each step reaches (matrix-product
 # FLOPs counted from their shapes). OUT (default a new temporary directory) keeps all the JSON.
+# RUNS=N (default 1) repeats all of it N times (OUT/run1 ..) and ends with each stage's ratio and
+# scaling over the runs, median [min-max]: on a shared host one pair of medians can mislead.
 set -euo pipefail
 DATA=${1:?dataset directory}
 OUT=${2:-$(mktemp -d)}
@@ -27,17 +29,21 @@ mkdir -p "$OUT"
 if [ ! -e "$OUT/batch.safetensors" ]; then
     "$BIN" --device cpu bench --steps-from "$DATA" --export "$OUT/batch.safetensors" --reps 1 --steps 1 > /dev/null
 fi
-taskset -c 0 "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$OUT/msm4sr.json" &
-a=$!
-taskset -c 1 "$PY" "$HERE/torch_step.py" --device cpu --threads 1 --from "$OUT/batch.safetensors" --reps "$REPS" --steps "$STEPS" \
-    --json > "$OUT/torch.jsonl" &
-b=$!
-wait $a
-wait $b
-if [ "${SCALING:-1}" != 0 ]; then
-    taskset -c 0,1 "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$OUT/msm4sr-2cores.json"
-fi
-"$PY" - "$OUT" <<'PY'
+RUNS=${RUNS:-1}
+for run in $(seq "$RUNS"); do
+    D="$OUT"; [ "$RUNS" -gt 1 ] && D="$OUT/run$run" && mkdir -p "$D"
+    taskset -c 0 "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$D/msm4sr.json" &
+    a=$!
+    taskset -c 1 "$PY" "$HERE/torch_step.py" --device cpu --threads 1 --from "$OUT/batch.safetensors" --reps "$REPS" --steps "$STEPS" \
+        --json > "$D/torch.jsonl" &
+    b=$!
+    wait $a
+    wait $b
+    if [ "${SCALING:-1}" != 0 ]; then
+        taskset -c 0,1 "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$D/msm4sr-2cores.json"
+    fi
+    [ "$RUNS" -gt 1 ] && echo "== run $run of $RUNS ($D)"
+    "$PY" - "$D" <<'PY'
 import json, os, sys
 out = sys.argv[1]
 ours = {r["stage"]: r for r in json.load(open(f"{out}/msm4sr.json"))["same_batch"]}
@@ -66,3 +72,25 @@ if os.path.exists(two):
               f" {100 * m['peak_fraction']:>15.0f}% {100 * t['peak_fraction']:>16.0f}%")
     print(f"GEMM peak: {ours['sasrec']['peak_gflops']:.1f} GFLOP/s on one core, {both['sasrec']['peak_gflops']:.1f} on two")
 PY
+done
+if [ "$RUNS" -gt 1 ]; then
+    "$PY" - "$OUT" "$RUNS" <<'PY'
+import json, os, statistics, sys
+out, runs = sys.argv[1], int(sys.argv[2])
+print(f"\nover {runs} runs (each run's own ratio; the host's load moves both programs): median [min-max]")
+print(f"{'stage':<10} {'msm4sr / torch bucketed':>26} {'1 -> 2 cores':>22}")
+for st in ("sasrec", "pretrain", "finetune"):
+    ratio, scale = [], []
+    for i in range(1, runs + 1):
+        d = f"{out}/run{i}"
+        ours = {r["stage"]: r for r in json.load(open(f"{d}/msm4sr.json"))["same_batch"]}
+        rows = [json.loads(l) for l in open(f"{d}/torch.jsonl")]
+        tb = next(r for r in rows if r.get("step") == st and r.get("layout") == "eager bucketed")
+        ratio.append(ours[st]["median_ms"] / tb["ms"])
+        if os.path.exists(f"{d}/msm4sr-2cores.json"):
+            both = {r["stage"]: r for r in json.load(open(f"{d}/msm4sr-2cores.json"))["same_batch"]}
+            scale.append(ours[st]["median_ms"] / both[st]["median_ms"])
+    span = lambda v, f: f"{f(statistics.median(v))} [{f(min(v))}-{f(max(v))}]" if v else "-"
+    print(f"{st:<10} {span(ratio, lambda x: f'{x:.2f}'):>26} {span(scale, lambda x: f'{x:.2f}x'):>22}")
+PY
+fi
