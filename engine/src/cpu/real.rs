@@ -258,25 +258,17 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     t
 }
 
-/// `f()` compiled for AVX-512 (and run so) when the CPU has it (x86-64 with AVX-512 F/VL/BW/DQ,
-/// checked once), else as built: for the elementwise loops (exp, the normal CDF) whose bodies
+/// `f()` compiled for AVX-512 (and run so) when the CPU has it (x86-64 with AVX-512 F/VL/BW/DQ),
+/// else as built: for the elementwise loops (exp, the normal CDF) whose bodies
 /// are inlined into `f`, twice the vector registers and 16 lanes. The same operations either way
 /// (no fused multiply-add that the source does not ask for), so the same bits.
 #[inline(always)]
 pub fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        let has = *HAS.get_or_init(|| {
-            ["avx512f", "avx512vl", "avx512bw", "avx512dq"].iter().all(|f| match *f {
-                "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
-                "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
-                "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
-                _ => std::arch::is_x86_feature_detected!("avx512dq"),
-            })
-        });
-        if has {
+        // (std caches the detection: these are loads of a cached word.)
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
             #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
             unsafe fn v4<R>(f: impl FnOnce() -> R) -> R {
                 f()

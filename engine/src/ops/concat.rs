@@ -33,6 +33,14 @@ pub(crate) fn copy_gpu(src: &GpuBuf, src_off: usize, dst: &GpuBuf, dst_off: usiz
     gpu()?.dispatch(&COPY, &[src, dst], &prm, groups_1d(n))
 }
 
+/// A buffer of its own holding `t`'s values (for an op whose GPU form is made of other ops and
+/// returns one of their results as its output).
+pub(crate) fn owned_gpu(t: &Tensor) -> Result<GpuBuf> {
+    let buf = gpu()?.alloc(4 * t.numel() as u64)?;
+    copy_gpu(&*t.gbuf()?, 0, &buf, 0, t.numel())?;
+    Ok(buf)
+}
+
 /// Stack the pieces' rows: all axes but the first must match.
 pub fn concat(xs: &[&Tensor]) -> Result<Tensor> {
     let Some(first) = xs.first() else {

@@ -23,7 +23,7 @@
 //!   offsets[b + 1], n_b >= 1 of them) -> e (B, C), e[b] = (sum of sequence b's rows) / n_b, the rows
 //!   summed in order. Backward: dx[t] = de[b] / n_b for each row t of sequence b.
 
-use super::concat::copy_gpu;
+use super::concat::owned_gpu;
 use super::elementwise::add;
 use super::{embedding, matmul, wgsl};
 use crate::cpu::{dot, par, pool, Real};
@@ -310,22 +310,15 @@ fn pool_dot_bwd_gpu(
 ) -> Result<Vec<GpuBuf>> {
     let [alpha, x, w, de] = x;
     let x = &gathered(x, rows, (n, s, d))?;
-    let g = gpu()?;
     let mut outs = pool_bwd_gpu(&*alpha.gbuf()?, &*x.gbuf()?, lens, &*de.gbuf()?, n, s, d, want_dx)?.into_iter();
     let da = Tensor::from_storage(Storage::Gpu(outs.next().expect("da")), vec![n * s, 1]);
-    let x2 = x.reshape(&[n * s, d])?;
-    let owned = |t: &Tensor| -> Result<GpuBuf> {
-        let buf = g.alloc(4 * t.numel() as u64)?;
-        copy_gpu(&*t.gbuf()?, 0, &buf, 0, t.numel())?;
-        Ok(buf)
-    };
-    let dw = owned(&matmul(&x2, &da, true, false)?)?;
+    let dw = owned_gpu(&matmul(&x.reshape(&[n * s, d])?, &da, true, false)?)?;
     let Some(dx_alpha) = outs.next() else {
         return Ok(vec![dw]);
     };
     let dx_alpha = Tensor::from_storage(Storage::Gpu(dx_alpha), vec![n * s, d]);
     let dx = add(&dx_alpha, &matmul(&da, &w.reshape(&[d, 1])?, false, true)?)?;
-    Ok(vec![dw, owned(&dx)?])
+    Ok(vec![dw, owned_gpu(&dx)?])
 }
 
 fn mean_ragged_gpu(x: &GpuBuf, r: &Ragged, c: usize) -> Result<GpuBuf> {

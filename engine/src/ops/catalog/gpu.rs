@@ -5,7 +5,7 @@
 use super::blocks;
 use crate::error::Result;
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
-use crate::ops::concat::copy_gpu;
+use crate::ops::concat::{copy_gpu, owned_gpu};
 use crate::ops::elementwise::add;
 use crate::ops::{matmul, wgsl};
 use crate::tensor::{Indices, Storage, Tensor};
@@ -118,10 +118,7 @@ pub(super) fn catalog_ce_bwd_gpu(
     }
     let mut out = Vec::with_capacity(2 * hs.len());
     for (dh, de) in dh.into_iter().zip(de) {
-        let dh = dh.expect("at least one block");
-        let buf = gp.alloc(4 * dh.numel() as u64)?;
-        copy_gpu(&*dh.gbuf()?, 0, &buf, 0, dh.numel())?;
-        out.extend([buf, de]);
+        out.extend([owned_gpu(&dh.expect("at least one block"))?, de]);
     }
     Ok(out)
 }
