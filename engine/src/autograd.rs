@@ -1,14 +1,14 @@
 //! Reverse-mode autograd. The tape is the graph itself: every tensor made by an op that needs a
 //! gradient holds a node (its inputs and its backward rule, which owns the state the forward saved;
 //! see `op`). [`backward`] orders the graph once (depth-first, post-order) and walks it in
-//! reverse, summing gradients that meet at a tensor (with the `add` op). Dropping the loss frees the
+//! reverse, summing gradients that meet at a tensor (`add_into`: in place on the host). Dropping the loss frees the
 //! graph and its buffers.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
-use crate::ops::add;
+use crate::ops::add_into;
 use crate::tensor::{no_grad, Grads, Tensor};
 
 thread_local! {
@@ -89,7 +89,7 @@ fn walk(loss: &Tensor, sc: &mut Scratch) -> Result<Grads> {
                     });
                 }
                 let acc = match grads.remove(&inp.id()) {
-                    Some(prev) => add(&prev, &gi)?,
+                    Some(prev) => add_into(prev, &gi)?,
                     None => gi,
                 };
                 grads.insert(inp.id(), acc);

@@ -227,6 +227,15 @@ impl Tensor {
         Tensor(Rc::new(inner))
     }
 
+    /// Whether this handle alone reaches its storage, which lives on the host, and it is not on
+    /// the tape: then writing the storage in place changes nothing anyone else can see.
+    pub(crate) fn sole_host_owner(&self) -> bool {
+        Rc::strong_count(&self.0) == 1
+            && Rc::strong_count(&self.0.storage) == 1
+            && self.0.node.is_none()
+            && !matches!(*self.0.storage.borrow(), Storage::Gpu(_))
+    }
+
     /// The same values, cut from the tape.
     pub fn detach(&self) -> Tensor {
         Tensor(Rc::new(Inner {

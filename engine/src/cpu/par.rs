@@ -173,6 +173,23 @@ pub(crate) fn chunks2<A: Copy + Default + Send + 'static, B: Copy + Default + Se
     (a, b)
 }
 
+/// `f(start, piece of a, piece of b)` over consecutive pieces of `chunk` elements of two slices
+/// of the same length, in parallel when `par`: for outputs from `pool::stale` that `f` writes whole.
+pub(crate) fn fill2<A: Send, B: Send>(
+    a: &mut [A],
+    b: &mut [B],
+    chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
+) {
+    let chunk = chunk.max(1);
+    if par {
+        a.par_chunks_mut(chunk).zip(b.par_chunks_mut(chunk)).enumerate().for_each(|(i, (a, b))| f(i * chunk, a, b));
+    } else {
+        a.chunks_mut(chunk).zip(b.chunks_mut(chunk)).enumerate().for_each(|(i, (a, b))| f(i * chunk, a, b));
+    }
+}
+
 /// An (n, la) matrix built row by row: `f(r, row_r)`, each row zeroed first. Each row costs about
 /// `work` elements of work; rows go to the pool when there is enough of it.
 pub(crate) fn rows<A: Copy + Default + Send + 'static>(
@@ -260,6 +277,17 @@ pub(crate) fn chunks_apply<T: Send>(x: &mut [T], f: impl Fn(&mut T) + Sync + Sen
         x.par_chunks_mut(ELEM_CHUNK).for_each(|c| c.iter_mut().for_each(&f));
     } else {
         x.iter_mut().for_each(f);
+    }
+}
+
+/// `f(piece of x, piece of y)` over consecutive pieces of two slices of the same length, x in
+/// place, in parallel when long (each piece a plain loop over slices, so it vectorizes).
+pub(crate) fn zip_apply<T: Send, U: Sync>(x: &mut [T], y: &[U], f: impl Fn(&mut [T], &[U]) + Sync + Send) {
+    let y = &y[..x.len()];
+    if worth(x.len()) {
+        x.par_chunks_mut(ELEM_CHUNK).zip(y.par_chunks(ELEM_CHUNK)).for_each(|(x, y)| f(x, y));
+    } else {
+        f(x, y);
     }
 }
 

@@ -94,8 +94,9 @@ fn free_of<T: 'static>(p: &mut Pool) -> Option<&mut dyn Any> {
     }
 }
 
-/// An empty vector with capacity for at least `n` elements, from the pool when it has one.
-pub fn take<T: 'static>(n: usize) -> Vec<T> {
+/// A vector with capacity for at least `n` elements: a pooled one, still holding the length and
+/// elements it was given back with, or a new empty one.
+fn get<T: 'static>(n: usize) -> Vec<T> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         if !p.enabled || n == 0 {
@@ -118,6 +119,26 @@ pub fn take<T: 'static>(n: usize) -> Vec<T> {
             }
         }
     })
+}
+
+/// An empty vector with capacity for at least `n` elements, from the pool when it has one.
+pub fn take<T: 'static>(n: usize) -> Vec<T> {
+    let mut v = get(n);
+    v.clear();
+    v
+}
+
+/// `n` elements of unspecified value (a pooled vector's earlier elements, zeros past them), for
+/// outputs whose every element is written before it is read (a product's with beta 0): no pass
+/// over the memory first. The pool keeps each vector's length, so these are initialized values.
+pub fn stale<T: Copy + Default + 'static>(n: usize) -> Vec<T> {
+    let mut v = get(n);
+    if v.len() >= n {
+        v.truncate(n);
+    } else {
+        v.resize(n, T::default());
+    }
+    v
 }
 
 /// `n` zeros of a pooled vector.
@@ -152,7 +173,7 @@ pub fn give<T: 'static>(mut v: Vec<T>) {
             return;
         }
         let Some(free) = free_of::<T>(&mut p).and_then(|f| f.downcast_mut::<Free<T>>()) else { return };
-        v.clear();
+        // The length is kept (its elements stay initialized values for `stale`); `take` clears it.
         free.classes.entry(class).or_default().push(std::mem::take(&mut v));
         p.stats.held_bytes += bytes;
     });

@@ -12,11 +12,12 @@
 
 use super::reduce::{sum, sum_rows};
 use super::wgsl;
-use crate::cpu::{par, Real};
+use crate::cpu::{par, pool, Real};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
-use crate::tensor::{numel, Indices, Tensor};
+use crate::tensor::{numel, Element, Indices, Tensor};
 
 const SRC: &str = wgsl!("elementwise.wgsl");
 const RRW: &[crate::gpu::Access] = &[Read, Read, ReadWrite];
@@ -173,7 +174,8 @@ pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
 /// [`gelu_bwd_cpu`] multiplies it by g.
 pub fn gelu_slope_cpu<T: Real>(x: &[T]) -> (Vec<T>, Vec<T>) {
     let c = T::c(0.3989422804014327);
-    par::chunks2(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, y, s| {
+    let (mut y, mut s) = (pool::stale(x.len()), pool::stale(x.len()));
+    par::fill2(&mut y, &mut s, par::elem_chunk(1), par::worth(x.len()), |start, y, s| {
         let xs = &x[start..start + y.len()];
         crate::cpu::wide(|| {
             for ((y, s), &v) in y.iter_mut().zip(s.iter_mut()).zip(xs) {
@@ -182,7 +184,8 @@ pub fn gelu_slope_cpu<T: Real>(x: &[T]) -> (Vec<T>, Vec<T>) {
                 *s = p + v * c * (-(v * v) * T::c(0.5)).fexp();
             }
         })
-    })
+    });
+    (y, s)
 }
 
 /// sigmoid(1.702 x), QuickGELU's gate.
@@ -470,6 +473,36 @@ impl Backward for Dropout {
 /// a + b (trailing broadcast of b).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     add_scaled(a, b, 1.0)
+}
+
+/// a + b where `a` may be consumed, as `backward` sums the gradients meeting at a tensor: in place
+/// when `a` is the sole handle on host storage of b's shape (no clone, view or saved copy shares
+/// it), with the same bits as [`add`] and no new buffer; otherwise `add(&a, b)`.
+pub fn add_into(a: Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() || !a.sole_host_owner() {
+        return add(&a, b);
+    }
+    match a.device() {
+        Device::Cpu => add_assign::<f32>(&a, b)?,
+        Device::Cpu64 => add_assign::<f64>(&a, b)?,
+        Device::Gpu => unreachable!("sole_host_owner is false on the GPU"),
+    }
+    Ok(a)
+}
+
+/// a += b on the host (x + 1 * y rounds as x + y: the bits of `axpby_cpu` with alpha 1).
+fn add_assign<T: Element>(a: &Tensor, b: &Tensor) -> Result<()> {
+    let t0 = crate::cpu::profiling_ops().then(std::time::Instant::now);
+    let (mut x, y) = (a.host_mut::<T>()?, b.host::<T>()?);
+    par::zip_apply(&mut x, &y, |x, y| {
+        for (o, &v) in x.iter_mut().zip(y) {
+            *o += v;
+        }
+    });
+    if let Some(t0) = t0 {
+        crate::cpu::count_op("add", t0);
+    }
+    Ok(())
 }
 
 /// a - b (trailing broadcast of b).

@@ -22,7 +22,7 @@ pub mod softmax;
 pub use attention::attention_ragged;
 pub use catalog::{catalog_ce, catalog_rank};
 pub use concat::concat;
-pub use elementwise::{add, add_scaled, dropout, dropout_rows, gelu, mean, mul, quick_gelu, scale, sub};
+pub use elementwise::{add, add_into, add_scaled, dropout, dropout_rows, gelu, mean, mul, quick_gelu, scale, sub};
 pub use embedding::embedding;
 pub use layernorm::{add_layernorm, layernorm};
 pub use loss::{cross_entropy, info_nce};

@@ -20,7 +20,8 @@ fn block_scores_into<T: Real>(z: &mut [T], hs: &[&[T]], es: &[&[T]], dims: &[usi
 
 /// z block (B, w) in a pooled vector.
 fn block_scores<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], b: usize, j0: usize, w: usize, scale: T) -> Vec<T> {
-    let mut z = pool::zeros(b * w);
+    // The first product overwrites it (beta 0).
+    let mut z = pool::stale(b * w);
     block_scores_into(&mut z, hs, es, dims, b, j0, w, scale);
     z
 }
@@ -40,7 +41,8 @@ pub fn catalog_ce_cpu<T: Real>(
     let b = targets.len();
     let (mut mx, mut sm, mut zt) = (pool::zeros(b), pool::zeros(b), pool::zeros(b));
     mx.fill(T::neg_infinity());
-    let mut kept = if keep { pool::zeros(b * n_items) } else { Vec::new() };
+    // Every block of it is overwritten by its first product (beta 0).
+    let mut kept = if keep { pool::stale(b * n_items) } else { Vec::new() };
     for (j0, w) in blocks(n_items) {
         let mut own = Vec::new();
         let z: &[T] = if keep {
@@ -94,34 +96,32 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
     let b = targets.len();
     let mut out: Vec<(Vec<T>, Vec<T>)> = dims.iter().map(|&d| (pool::zeros(b * d), pool::zeros(n_items * d))).collect();
     for (j0, w) in blocks(n_items) {
-        // dz = scale * (exp(z - lse) - onehot) * g, as cross_entropy then scale would give it.
-        let dz_row = |r: usize, row: &mut [T]| {
+        // dz = scale * (exp(z - lse) - onehot) * g, as cross_entropy then scale would give it:
+        // row r of dz from row r of z.
+        let dz_row = |r: usize, z: &[T], dz: &mut [T]| {
             let (l, gr) = (lse[r], g[r]);
-            let t = targets[r] as usize;
-            let zt = if (j0..j0 + w).contains(&t) { row[t - j0] } else { T::zero() };
             crate::cpu::wide(|| {
-                for v in row.iter_mut() {
-                    *v = scale * ((*v - l).fexp() * gr);
+                for (o, &v) in dz.iter_mut().zip(z) {
+                    *o = scale * ((v - l).fexp() * gr);
                 }
             });
+            let t = targets[r] as usize;
             if (j0..j0 + w).contains(&t) {
-                row[t - j0] = scale * (((zt - l).fexp() - T::one()) * gr);
+                dz[t - j0] = scale * (((z[t - j0] - l).fexp() - T::one()) * gr);
             }
         };
-        let dz = match kept {
+        let mut recomputed = Vec::new();
+        let z = match kept {
             [] => {
-                let mut z = block_scores(hs, es, dims, b, j0, w, scale);
-                par::rows_apply(&mut z, w, dz_row);
-                z
+                recomputed = block_scores(hs, es, dims, b, j0, w, scale);
+                &recomputed[..]
             }
-            _ => {
-                let blk = &kept[j0 * b..(j0 + w) * b];
-                par::rows(b, 2 * w, w, |r, row| {
-                    row.copy_from_slice(&blk[r * w..(r + 1) * w]);
-                    dz_row(r, row);
-                })
-            }
+            _ => &kept[j0 * b..(j0 + w) * b],
         };
+        // Every row of dz is written whole.
+        let mut dz = pool::stale(b * w);
+        par::rows_apply(&mut dz, w, |r, row| dz_row(r, &z[r * w..(r + 1) * w], row));
+        pool::give(recomputed);
         for (k, (dh, de)) in out.iter_mut().enumerate() {
             let d = dims[k];
             // dh_k += dz . e_k,blk: (B, w) . (w, d).

@@ -42,13 +42,13 @@ use variants::{gemm_gpu_pre, gemm_gpu_with};
 /// The product described by `p` with strided GEMMs (a transpose is just a swap of strides).
 pub fn gemm_cpu<T: Real>(a: &[T], b: &[T], bias: Option<&[T]>, p: &Gemm) -> Vec<T> {
     let (m, n, k) = (p.m, p.n, p.k);
-    // The output starts as the bias on every row, or zeros; a large one is written by the pool
-    // (so its pages are first touched in parallel too).
-    let mut c = par::rows(p.nout * m, n, n, |_, row| {
-        if let Some(bias) = bias {
-            row.copy_from_slice(bias);
-        }
-    });
+    // The output starts as the bias on every row; without one the GEMM writes it whole (beta 0),
+    // so its earlier contents do not matter, except for the matrix . vector path, which adds.
+    let len = p.nout * m * n;
+    let mut c = if bias.is_none() && n == 1 { crate::cpu::pool::zeros(len) } else { crate::cpu::pool::stale(len) };
+    if let Some(bias) = bias {
+        par::rows_apply(&mut c, n, |_, row| row.copy_from_slice(bias));
+    }
     if m * n == 0 {
         return c;
     }
