@@ -11,7 +11,6 @@
 //! happens while the rows are about to be written anyway (in cache).
 
 use std::marker::PhantomData;
-use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
@@ -78,17 +77,6 @@ impl<T: Copy + Default> Fresh<'_, T> {
     }
 }
 
-impl<T> Fresh<'_, T> {
-    /// Elements [start, start + n), uninitialized.
-    ///
-    /// SAFETY: as for `range`.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn uninit(&self, start: usize, n: usize) -> &mut [MaybeUninit<T>] {
-        debug_assert!(start + n <= self.len);
-        std::slice::from_raw_parts_mut(self.ptr.add(start) as *mut MaybeUninit<T>, n)
-    }
-}
-
 /// Give `buf` (reserved by `Fresh::new`) its length once every element has been written.
 ///
 /// SAFETY: every element of [0, len) must have been initialized through `Fresh::range`.
@@ -103,26 +91,6 @@ fn drive(n: usize, par: bool, min_len: usize, f: impl Fn(usize) + Sync + Send) {
     } else {
         (0..n).for_each(f);
     }
-}
-
-/// The vector [f(0), .., f(len - 1)], built in parallel pieces when long (written once, without
-/// zeroing first).
-pub(crate) fn map<T: Send + 'static>(len: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
-    let mut v = pool::take(len);
-    {
-        let out = Fresh::new(&mut v, len);
-        drive(len.div_ceil(ELEM_CHUNK), worth(len), 1, |i| {
-            let start = i * ELEM_CHUNK;
-            // SAFETY: piece i is [i * ELEM_CHUNK, min(len, (i + 1) * ELEM_CHUNK)), disjoint from the others.
-            let piece = unsafe { out.uninit(start, ELEM_CHUNK.min(len - start)) };
-            for (j, o) in piece.iter_mut().enumerate() {
-                o.write(f(start + j));
-            }
-        });
-    }
-    // SAFETY: the pieces cover [0, len), every element written above.
-    unsafe { finish(&mut v, len) };
-    v
 }
 
 /// A vector of `len` elements built by `f(start, piece)` over consecutive pieces of `chunk`
@@ -173,21 +141,39 @@ pub(crate) fn chunks2<A: Copy + Default + Send + 'static, B: Copy + Default + Se
     (a, b)
 }
 
-/// `f(start, piece of a, piece of b)` over consecutive pieces of `chunk` elements of two slices
-/// of the same length, in parallel when `par`: for outputs from `pool::stale` that `f` writes whole.
-pub(crate) fn fill2<A: Send, B: Send>(
-    a: &mut [A],
-    b: &mut [B],
+/// A vector of `len` elements written by `f(start, piece)` over consecutive pieces of `chunk`
+/// elements, in parallel when `par`. Unlike [`chunks`], the pieces are not zeroed first (they hold
+/// stale values, see `pool::stale`): `f` must write every element of its piece.
+pub(crate) fn filled<T: Copy + Default + Send + 'static>(
+    len: usize,
+    chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let (mut v, chunk) = (pool::stale(len), chunk.max(1));
+    if par {
+        v.par_chunks_mut(chunk).enumerate().for_each(|(i, p)| f(i * chunk, p));
+    } else {
+        v.chunks_mut(chunk).enumerate().for_each(|(i, p)| f(i * chunk, p));
+    }
+    v
+}
+
+/// As [`filled`], two vectors of the same length written piece by piece together.
+#[allow(clippy::type_complexity)]
+pub(crate) fn filled2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
+    len: usize,
     chunk: usize,
     par: bool,
     f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
-) {
-    let chunk = chunk.max(1);
+) -> (Vec<A>, Vec<B>) {
+    let (mut a, mut b, chunk) = (pool::stale(len), pool::stale(len), chunk.max(1));
     if par {
         a.par_chunks_mut(chunk).zip(b.par_chunks_mut(chunk)).enumerate().for_each(|(i, (a, b))| f(i * chunk, a, b));
     } else {
         a.chunks_mut(chunk).zip(b.chunks_mut(chunk)).enumerate().for_each(|(i, (a, b))| f(i * chunk, a, b));
     }
+    (a, b)
 }
 
 /// An (n, la) matrix built row by row: `f(r, row_r)`, each row zeroed first. Each row costs about
@@ -323,28 +309,45 @@ pub(crate) fn bcast_chunk(nb: usize) -> usize {
     }
 }
 
-/// Column sums of a (rows, cols) reduction: `add(r, c0, acc)` adds row r's columns
-/// [c0, c0 + acc.len()) into `acc`. Blocks of columns go to the pool; within a block, a cache line
-/// of columns at a time with its sums in registers (a task never writes an output line another
-/// task's columns share while it runs), rows in increasing order from zero, so the bits do not
-/// depend on the thread count.
-pub(crate) fn col_sums<T: Copy + Default + Send + 'static>(
-    rows: usize,
-    cols: usize,
-    add: impl Fn(usize, usize, &mut [T]) + Sync + Send,
-) -> Vec<T> {
+/// Column sums of a weighted (rows, cols) matrix: sum over r of w_r * row_r, where `row(r)` gives
+/// (w_r, row r: `cols` values). Blocks of columns go to the pool; within a block, [`WIDE`] columns
+/// at a time (then a cache line) with their sums in registers (a task never writes an output line
+/// another task's columns share while it runs), rows in increasing order from zero, so the bits do
+/// not depend on the thread count. (w_r = 1 gives the plain sums' bits: acc + 1 * v = acc + v.)
+pub(crate) fn col_sums<'a, T: crate::cpu::Real>(rows: usize, cols: usize, row: impl Fn(usize) -> (T, &'a [T]) + Sync + Send) -> Vec<T> {
     let block = col_block(rows, cols);
     chunks(cols, block, block < cols, |c0, o| {
-        for (s, os) in o.chunks_mut(LINE).enumerate() {
-            let mut acc = [T::default(); LINE];
-            let acc = &mut acc[..os.len()];
-            for r in 0..rows {
-                add(r, c0 + s * LINE, acc);
-            }
-            os.copy_from_slice(acc);
+        let mut c = 0;
+        while c + WIDE <= o.len() {
+            o[c..c + WIDE].copy_from_slice(&sum_cols::<T, WIDE>(rows, c0 + c, &row));
+            c += WIDE;
+        }
+        while c + LINE <= o.len() {
+            o[c..c + LINE].copy_from_slice(&sum_cols::<T, LINE>(rows, c0 + c, &row));
+            c += LINE;
+        }
+        for (j, o) in o[c..].iter_mut().enumerate() {
+            *o = sum_cols::<T, 1>(rows, c0 + c + j, &row)[0];
         }
     })
 }
+
+/// The weighted sums of columns [c, c + N) over all rows (see [`col_sums`]), in N registers.
+#[inline(always)]
+fn sum_cols<'a, T: crate::cpu::Real, const N: usize>(rows: usize, c: usize, row: &impl Fn(usize) -> (T, &'a [T])) -> [T; N] {
+    let mut acc = [T::zero(); N];
+    for r in 0..rows {
+        let (w, x) = row(r);
+        let x: &[T; N] = x[c..c + N].try_into().unwrap();
+        for j in 0..N {
+            acc[j] += w * x[j];
+        }
+    }
+    acc
+}
+
+/// Columns summed together in registers by [`col_sums`].
+const WIDE: usize = 64;
 
 /// Columns of f32 in a 64-byte cache line: the unit of the column reductions' blocks.
 pub(crate) const LINE: usize = 16;
@@ -376,8 +379,14 @@ mod tests {
             assert_eq!(a.len(), 3 * n);
             assert!(a.chunks(3).enumerate().all(|(r, row)| row.iter().all(|&x| x == r as u32)));
             assert!(b.is_empty());
-            let m: Vec<usize> = map(n, |i| 3 * i);
-            assert!(m.len() == n && m.iter().enumerate().all(|(i, &x)| x == 3 * i));
+            // `filled` hands out stale pooled elements: a vector of 7s given back first.
+            pool::give(vec![7u32; n + 5]);
+            let m: Vec<u32> = filled(n, 1000, true, |s, p| p.iter_mut().enumerate().for_each(|(i, x)| *x = 3 * (s + i) as u32));
+            assert!(m.len() == n && m.iter().enumerate().all(|(i, &x)| x == 3 * i as u32));
+            let (f, g): (Vec<f32>, Vec<u32>) = filled2(n, 999, true, |s, f, g| {
+                f.iter_mut().zip(g.iter_mut()).enumerate().for_each(|(i, (f, g))| (*f, *g) = ((s + i) as f32, (s + i) as u32))
+            });
+            assert!(f.len() == n && f.iter().zip(&g).enumerate().all(|(i, (&f, &g))| f == i as f32 && g == i as u32));
         }
     }
 }

@@ -265,4 +265,19 @@ mod tests {
         clear();
         assert_eq!(stats().held_bytes, 0);
     }
+
+    #[test]
+    fn stale_vectors_keep_earlier_values_and_zero_past_them() {
+        clear();
+        give(collect(1000, (0..1000).map(|i| i as f32)));
+        let v: Vec<f32> = stale(990);
+        assert!(v.len() == 990 && v.iter().enumerate().all(|(i, &x)| x == i as f32));
+        give(v);
+        // Longer than what was given back: the rest is zeros; a fresh vector is all zeros.
+        let w: Vec<f32> = stale(1000);
+        assert!(w[..990].iter().enumerate().all(|(i, &x)| x == i as f32) && w[990..].iter().all(|&x| x == 0.0));
+        let z: Vec<f32> = stale(3000);
+        assert!(z.len() == 3000 && z.iter().all(|&x| x == 0.0));
+        clear();
+    }
 }

@@ -12,7 +12,7 @@
 
 use super::reduce::{sum, sum_rows};
 use super::wgsl;
-use crate::cpu::{par, pool, Real};
+use crate::cpu::{par, Real};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
@@ -92,9 +92,13 @@ fn zip_bcast<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> 
         return Vec::new();
     }
     if nb == n {
-        return par::map(n, |i| f(a[i], b[i]));
+        return map_slices(a, |o, a, start| {
+            for ((o, &x), &y) in o.iter_mut().zip(a).zip(&b[start..start + a.len()]) {
+                *o = f(x, y);
+            }
+        });
     }
-    par::chunks(n, par::bcast_chunk(nb), par::worth(n), |start, piece| {
+    par::filled(n, par::bcast_chunk(nb), par::worth(n), |start, piece| {
         par::segments(start, piece, nb, |pos, seg, bo| {
             let len = seg.len();
             for ((o, &x), &y) in seg.iter_mut().zip(&a[pos..pos + len]).zip(&b[bo..bo + len]) {
@@ -104,9 +108,10 @@ fn zip_bcast<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> 
     })
 }
 
-/// `f` over x in parallel pieces, each a plain loop over slices (no bounds checks, so it vectorizes).
+/// `f(out piece, x piece, start)` over x in parallel pieces, each a plain loop over slices (no
+/// bounds checks, so it vectorizes); `f` writes every element of its output piece.
 fn map_slices<T: Real>(x: &[T], f: impl Fn(&mut [T], &[T], usize) + Sync + Send) -> Vec<T> {
-    par::chunks(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, piece| {
+    par::filled(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, piece| {
         let n = piece.len();
         f(piece, &x[start..start + n], start)
     })
@@ -174,8 +179,7 @@ pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
 /// [`gelu_bwd_cpu`] multiplies it by g.
 pub fn gelu_slope_cpu<T: Real>(x: &[T]) -> (Vec<T>, Vec<T>) {
     let c = T::c(0.3989422804014327);
-    let (mut y, mut s) = (pool::stale(x.len()), pool::stale(x.len()));
-    par::fill2(&mut y, &mut s, par::elem_chunk(1), par::worth(x.len()), |start, y, s| {
+    par::filled2(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, y, s| {
         let xs = &x[start..start + y.len()];
         crate::cpu::wide(|| {
             for ((y, s), &v) in y.iter_mut().zip(s.iter_mut()).zip(xs) {
@@ -184,8 +188,7 @@ pub fn gelu_slope_cpu<T: Real>(x: &[T]) -> (Vec<T>, Vec<T>) {
                 *s = p + v * c * (-(v * v) * T::c(0.5)).fexp();
             }
         })
-    });
-    (y, s)
+    })
 }
 
 /// sigmoid(1.702 x), QuickGELU's gate.
@@ -247,7 +250,7 @@ pub fn dropout_cpu<T: Real>(x: &[T], p: f32, seed: u32) -> Vec<T> {
 pub fn dropout_rows_cpu<T: Real>(x: &[T], p: f32, seed: u32, keys: &[u32], c: usize) -> Vec<T> {
     let s = T::c(1.0 / (1.0 - p as f64));
     let ps = pcg(seed);
-    par::chunks(x.len(), par::elem_chunk(c), par::worth(x.len()), |start, piece| {
+    par::filled(x.len(), par::elem_chunk(c), par::worth(x.len()), |start, piece| {
         let xs = &x[start..start + piece.len()];
         for (rr, (row, xr)) in piece.chunks_mut(c).zip(xs.chunks(c)).enumerate() {
             let base = keys[start / c + rr].wrapping_mul(c as u32);

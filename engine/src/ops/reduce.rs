@@ -37,11 +37,7 @@ kernel_params! {
 
 /// Column sums, each summed over the rows in increasing order (blocks of columns in parallel).
 pub fn sum_rows_cpu<T: Real>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
-    par::col_sums(rows, cols, |r, c0, acc: &mut [T]| {
-        for (a, &v) in acc.iter_mut().zip(&x[r * cols + c0..]) {
-            *a += v;
-        }
-    })
+    par::col_sums(rows, cols, |r| (T::one(), &x[r * cols..(r + 1) * cols]))
 }
 
 /// Column sums on the GPU: repeated chunked passes until one row remains.
@@ -117,7 +113,7 @@ pub fn broadcast_cpu<T: Real>(b: &[T], n: usize) -> Vec<T> {
         assert!(n == 0, "broadcast of an empty operand");
         return Vec::new();
     }
-    par::chunks(n, par::bcast_chunk(nb), par::worth(n), |start, piece| {
+    par::filled(n, par::bcast_chunk(nb), par::worth(n), |start, piece| {
         par::segments(start, piece, nb, |_, seg, bo| seg.copy_from_slice(&b[bo..bo + seg.len()]))
     })
 }

@@ -90,11 +90,7 @@ fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
         crate::cpu::pool::give(add);
     } else {
         // Column blocks of y in parallel, each summing over all k rows in order.
-        let add = par::col_sums(k, m, |r, c0, acc: &mut [T]| {
-            for (o, &v) in acc.iter_mut().zip(&a[r * m + c0..]) {
-                *o += x[r] * v;
-            }
-        });
+        let add = par::col_sums(k, m, |r| (x[r], &a[r * m..(r + 1) * m]));
         y.iter_mut().zip(&add).for_each(|(o, &v)| *o += v);
         crate::cpu::pool::give(add);
     }
