@@ -41,10 +41,12 @@ pub(crate) fn elem_chunk(unit: usize) -> usize {
 }
 
 /// An output vector under construction: tasks take disjoint ranges of its (not yet initialized)
-/// storage, zero them and fill them; `finish` then gives the vector its full length.
+/// storage, zero them and fill them; `finish` then gives the vector its full length. Or, made by
+/// `stale`, over a vector of stale values (`pool::stale`) whose ranges are handed out as they are.
 struct Fresh<'a, T> {
     ptr: *mut T,
     len: usize,
+    zero: bool,
     _buf: PhantomData<&'a mut Vec<T>>,
 }
 
@@ -58,26 +60,35 @@ impl<'a, T> Fresh<'a, T> {
         debug_assert!(buf.is_empty());
         // A no-op for vectors from `pool::take(len)`.
         buf.reserve_exact(len);
-        Fresh { ptr: buf.as_mut_ptr(), len, _buf: PhantomData }
+        Fresh { ptr: buf.as_mut_ptr(), len, zero: true, _buf: PhantomData }
+    }
+
+    /// Over `buf`, `len` initialized elements already (`pool::stale(len)`): ranges are not zeroed.
+    fn stale(buf: &'a mut Vec<T>, len: usize) -> Self {
+        assert_eq!(buf.len(), len);
+        Fresh { ptr: buf.as_mut_ptr(), len, zero: false, _buf: PhantomData }
     }
 }
 
 impl<T: Copy + Default> Fresh<'_, T> {
-    /// Elements [start, start + n), set to zero (`T::default()`).
+    /// Elements [start, start + n), set to zero (`T::default()`) unless made by `stale`.
     ///
     /// SAFETY: the range must lie within `len`, and no two calls may take overlapping ranges.
     #[allow(clippy::mut_from_ref)]
     unsafe fn range(&self, start: usize, n: usize) -> &mut [T] {
         debug_assert!(start + n <= self.len);
         let p = self.ptr.add(start);
-        for i in 0..n {
-            p.add(i).write(T::default());
+        if self.zero {
+            for i in 0..n {
+                p.add(i).write(T::default());
+            }
         }
         std::slice::from_raw_parts_mut(p, n)
     }
 }
 
-/// Give `buf` (reserved by `Fresh::new`) its length once every element has been written.
+/// Give `buf` (reserved by `Fresh::new`) its length once every element has been written (no
+/// change for `Fresh::stale`).
 ///
 /// SAFETY: every element of [0, len) must have been initialized through `Fresh::range`.
 unsafe fn finish<T>(buf: &mut Vec<T>, len: usize) {
@@ -209,9 +220,61 @@ pub(crate) fn rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send
     (la, lb, lc): (usize, usize, usize),
     f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
 ) -> (Vec<A>, Vec<B>, Vec<C>) {
-    let (mut a, mut b, mut c) = (pool::take(n * la), pool::take(n * lb), pool::take(n * lc));
+    rows3_with(true, n, work, (la, lb, lc), f)
+}
+
+/// As [`rows`], for an `f` that writes every element of its row: the rows are not zeroed first
+/// (they hold stale values, see `pool::stale`).
+pub(crate) fn filled_rows<A: Copy + Default + Send + 'static>(
+    n: usize,
+    work: usize,
+    la: usize,
+    f: impl Fn(usize, &mut [A]) + Sync + Send,
+) -> Vec<A> {
+    rows3_with::<A, u8, u8>(false, n, work, (la, 0, 0), |r, a, _, _| f(r, a)).0
+}
+
+/// As [`rows2`], for an `f` that writes every element of its rows (see [`filled_rows`]).
+pub(crate) fn filled_rows2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
+    n: usize,
+    work: usize,
+    la: usize,
+    lb: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
+) -> (Vec<A>, Vec<B>) {
+    let (a, b, _) = rows3_with::<A, B, u8>(false, n, work, (la, lb, 0), |r, a, b, _| f(r, a, b));
+    (a, b)
+}
+
+/// As [`rows3`], for an `f` that writes every element of its rows (see [`filled_rows`]).
+#[allow(clippy::type_complexity)]
+pub(crate) fn filled_rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static>(
+    n: usize,
+    work: usize,
+    (la, lb, lc): (usize, usize, usize),
+    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
+) -> (Vec<A>, Vec<B>, Vec<C>) {
+    rows3_with(false, n, work, (la, lb, lc), f)
+}
+
+/// [`rows3`] (`zero`) or [`filled_rows3`].
+#[allow(clippy::type_complexity)]
+fn rows3_with<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static>(
+    zero: bool,
+    n: usize,
+    work: usize,
+    (la, lb, lc): (usize, usize, usize),
+    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
+) -> (Vec<A>, Vec<B>, Vec<C>) {
+    let (mut a, mut b, mut c);
     {
-        let (oa, ob, oc) = (Fresh::new(&mut a, n * la), Fresh::new(&mut b, n * lb), Fresh::new(&mut c, n * lc));
+        let (oa, ob, oc) = if zero {
+            (a, b, c) = (pool::take(n * la), pool::take(n * lb), pool::take(n * lc));
+            (Fresh::new(&mut a, n * la), Fresh::new(&mut b, n * lb), Fresh::new(&mut c, n * lc))
+        } else {
+            (a, b, c) = (pool::stale(n * la), pool::stale(n * lb), pool::stale(n * lc));
+            (Fresh::stale(&mut a, n * la), Fresh::stale(&mut b, n * lb), Fresh::stale(&mut c, n * lc))
+        };
         drive(n, worth(n * work), min_rows(work), |r| {
             // SAFETY: row r of each output is [r * l, (r + 1) * l); rows are disjoint.
             f(r, unsafe { oa.range(r * la, la) }, unsafe { ob.range(r * lb, lb) }, unsafe { oc.range(r * lc, lc) })

@@ -298,6 +298,64 @@ pub fn sum8<T: Real>(n: usize, f: impl Fn(usize) -> T) -> T {
     t
 }
 
+/// sum_i f(x_i): [`sum8`] over a slice (the same 8 partial sums, the same order, so the same bits as
+/// `sum8(x.len(), |i| f(x[i]))`), written over chunks of 8 so that it vectorizes.
+#[inline(always)]
+pub fn sum8_of<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
+    let mut acc = [T::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += f(c[l]);
+        }
+    }
+    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &v in rest {
+        t += f(v);
+    }
+    t
+}
+
+/// sum_i f(a_i, b_i) over two slices of one length, as [`sum8_of`] (the bits of
+/// `sum8(n, |i| f(a[i], b[i]))`).
+#[inline(always)]
+pub fn sum8_of2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let b = &b[..a.len()];
+    let mut acc = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (&x, &y) in ra.iter().zip(rb) {
+        t += f(x, y);
+    }
+    t
+}
+
+/// sum_i f(a_i, b_i, c_i) over three slices of one length, as [`sum8_of`].
+#[inline(always)]
+pub fn sum8_of3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> T {
+    let (b, c) = (&b[..a.len()], &c[..a.len()]);
+    let mut acc = [T::zero(); 8];
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let (ra, rb, rc) = (ca.remainder(), cb.remainder(), cc.remainder());
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for l in 0..8 {
+            acc[l] += f(x[l], y[l], z[l]);
+        }
+    }
+    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for ((&x, &y), &z) in ra.iter().zip(rb).zip(rc) {
+        t += f(x, y, z);
+    }
+    t
+}
+
 /// sum_i e^(x_i - m): the exponentials computed in blocks of 256 (vectorized), each block summed
 /// in [`sum8`]'s 8 partial sums, the blocks in order.
 pub fn sum_exp<T: Real>(x: &[T], m: T) -> T {

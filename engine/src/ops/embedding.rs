@@ -46,7 +46,7 @@ fn launch(k: &Kernel<EmbeddingParams>, src: &GpuBuf, idx: &GpuBuf, total: usize,
 // ---- CPU references -------------------------------------------------------------------------
 
 pub fn embedding_cpu<T: Real>(w: &[T], ids: &[u32], d: usize) -> Vec<T> {
-    par::rows(ids.len(), d, d, |i, o| {
+    par::filled_rows(ids.len(), d, d, |i, o| {
         let id = ids[i] as usize;
         o.copy_from_slice(&w[id * d..(id + 1) * d]);
     })

@@ -19,7 +19,7 @@
 
 use super::reduce::sum_rows_gpu;
 use super::wgsl;
-use crate::cpu::{par, sum8, Real};
+use crate::cpu::{par, sum8_of, sum8_of2, sum8_of3, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
@@ -58,8 +58,8 @@ kernel_params! {
 fn ln_row<T: Real>(xr: &[T], (gamma, beta): (&[T], &[T]), k: usize, eps: T, yr: &mut [T], st: &mut [T]) {
     let (c, n) = (xr.len(), T::c(xr.len() as f64));
     let x0 = xr[0];
-    let mean = sum8(c, |i| xr[i] - x0) / n;
-    let var = sum8(c, |i| (xr[i] - x0 - mean) * (xr[i] - x0 - mean)) / n;
+    let mean = sum8_of(xr, |v| v - x0) / n;
+    let var = sum8_of(xr, |v| (v - x0 - mean) * (v - x0 - mean)) / n;
     let rstd = T::one() / (var + eps).sqrt();
     for (((o, &v), &gm), &bt) in yr.iter_mut().zip(xr).zip(&gamma[k..k + c]).zip(&beta[k..k + c]) {
         *o = (v - x0 - mean) * rstd * gm + bt;
@@ -70,7 +70,7 @@ fn ln_row<T: Real>(xr: &[T], (gamma, beta): (&[T], &[T]), k: usize, eps: T, yr: 
 
 /// Forward: (y (R, C), stats (R, 2) = [mean - x[r, 0], rstd] per row).
 pub fn layernorm_cpu<T: Real>(x: &[T], gamma: &[T], beta: &[T], rows: usize, c: usize, groups: usize, eps: T) -> (Vec<T>, Vec<T>) {
-    par::rows2(rows, 4 * c, c, 2, |r, yr, st| ln_row(&x[r * c..(r + 1) * c], (gamma, beta), (r % groups) * c, eps, yr, st))
+    par::filled_rows2(rows, 4 * c, c, 2, |r, yr, st| ln_row(&x[r * c..(r + 1) * c], (gamma, beta), (r % groups) * c, eps, yr, st))
 }
 
 /// Forward of LayerNorm(a + x) in one pass over the rows: (y, stats, the sum a + x), each row's
@@ -84,7 +84,7 @@ pub fn add_layernorm_cpu<T: Real>(
     (rows, c, groups): (usize, usize, usize),
     eps: T,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    par::rows3(rows, 6 * c, (c, 2, c), |r, yr, st, sr| {
+    par::filled_rows3(rows, 6 * c, (c, 2, c), |r, yr, st, sr| {
         for ((o, &u), &v) in sr.iter_mut().zip(&a[r * c..(r + 1) * c]).zip(&x[r * c..(r + 1) * c]) {
             *o = u + T::one() * v;
         }
@@ -104,17 +104,17 @@ pub fn layernorm_bwd_cpu<T: Real>(
     groups: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let n = T::c(c as f64);
-    let dx = par::rows(rows, 4 * c, c, |r, dxr| {
+    let dx = par::filled_rows(rows, 4 * c, c, |r, dxr| {
         let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
         let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
         let k = (r % groups) * c;
         let gm = &gamma[k..k + c];
         let x0 = xr[0];
-        let m1 = sum8(c, |i| gr[i] * gm[i]) / n;
-        let m2 = sum8(c, |i| gr[i] * gm[i] * ((xr[i] - x0 - mean) * rstd)) / n;
-        for i in 0..c {
-            let xh = (xr[i] - x0 - mean) * rstd;
-            dxr[i] = rstd * (gr[i] * gm[i] - m1 - xh * m2);
+        let m1 = sum8_of2(gr, gm, |g, w| g * w) / n;
+        let m2 = sum8_of3(gr, gm, xr, |g, w, x| g * w * ((x - x0 - mean) * rstd)) / n;
+        for (((o, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(gm).zip(xr) {
+            let xh = (x - x0 - mean) * rstd;
+            *o = rstd * (g * w - m1 - xh * m2);
         }
     });
     // Parameter gradients: column j of the (G, C) parameters sums the rows r with r % G == j / C.
@@ -142,11 +142,11 @@ pub fn layernorm_bwd_cpu<T: Real>(
                 let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
                 let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
                 let x0 = xr[0];
-                for j in lo..hi {
-                    let i = j - k;
-                    let xh = (xr[i] - x0 - mean) * rstd;
-                    ag[j - b0] += gr[i] * xh;
-                    ab[j - b0] += gr[i];
+                let (xs, gs) = (&xr[lo - k..hi - k], &gr[lo - k..hi - k]);
+                for (((ag, ab), &xv), &gv) in ag[lo - b0..hi - b0].iter_mut().zip(&mut ab[lo - b0..hi - b0]).zip(xs).zip(gs) {
+                    let xh = (xv - x0 - mean) * rstd;
+                    *ag += gv * xh;
+                    *ab += gv;
                 }
             }
             dg[s0..s0 + (b1 - b0)].copy_from_slice(&ag[..b1 - b0]);

@@ -53,7 +53,7 @@ pub fn catalog_ce_cpu<T: Real>(
             own = block_scores(hs, es, dims, b, j0, w, scale);
             &own
         };
-        let stats = par::rows(b, 3 * w, 3, |r, o: &mut [T]| {
+        let stats = par::filled_rows(b, 3 * w, 3, |r, o: &mut [T]| {
             let row = &z[r * w..(r + 1) * w];
             let bm = crate::cpu::max8(row);
             let m = mx[r].max(bm);
