@@ -6,9 +6,11 @@
 //! sequential loop, so results are bit-identical for any number of threads. Small problems stay on
 //! the calling thread, where starting a parallel region would cost more than it saves.
 //!
-//! The helpers take their outputs from the storage pool (`engine::pool`) and hand each task its own rows, zeroed by that task just
-//! before use: no serial pass over a large buffer precedes the parallel work, and the zeroing
-//! happens while the rows are about to be written anyway (in cache).
+//! The helpers take their outputs from the storage pool (`engine::pool`) and hand each task its own
+//! rows, zeroed by that task just before use: no serial pass over a large buffer precedes the
+//! parallel work, and the zeroing happens while the rows are about to be written anyway (in cache).
+//! The `filled*` forms skip the zeroing, for work that writes every element of its rows: their
+//! rows hold stale values of the pool's earlier vectors (`pool::stale`), never read.
 
 use std::marker::PhantomData;
 

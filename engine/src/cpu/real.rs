@@ -280,26 +280,10 @@ pub fn wide<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// sum_{i < n} f(i) with 8 partial sums combined in `dot`'s fixed order, so that a loop over a
-/// simple `f` vectorizes; the result depends only on the values, never on threads.
-#[inline(always)]
-pub fn sum8<T: Real>(n: usize, f: impl Fn(usize) -> T) -> T {
-    let mut acc = [T::zero(); 8];
-    let full = n / 8 * 8;
-    for i in (0..full).step_by(8) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(i + l);
-        }
-    }
-    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for i in full..n {
-        t += f(i);
-    }
-    t
-}
-
-/// sum_i f(x_i): [`sum8`] over a slice (the same 8 partial sums, the same order, so the same bits as
-/// `sum8(x.len(), |i| f(x[i]))`), written over chunks of 8 so that it vectorizes.
+/// sum_i f(x_i) in 8 partial sums (lane l sums i = l mod 8, in order from zero) combined in
+/// `dot`'s fixed order, then the last x.len() % 8 terms in order: a loop that vectorizes, with a
+/// result that depends only on the values, never on threads. (Written over chunks of 8 of a
+/// slice: the same sums over an index closure compiled to scalar code.)
 #[inline(always)]
 pub fn sum8_of<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
     let mut acc = [T::zero(); 8];
@@ -317,8 +301,7 @@ pub fn sum8_of<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
     t
 }
 
-/// sum_i f(a_i, b_i) over two slices of one length, as [`sum8_of`] (the bits of
-/// `sum8(n, |i| f(a[i], b[i]))`).
+/// sum_i f(a_i, b_i) over two slices of one length, as [`sum8_of`].
 #[inline(always)]
 pub fn sum8_of2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     let b = &b[..a.len()];
@@ -357,7 +340,7 @@ pub fn sum8_of3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) ->
 }
 
 /// sum_i e^(x_i - m): the exponentials computed in blocks of 256 (vectorized), each block summed
-/// in [`sum8`]'s 8 partial sums, the blocks in order.
+/// in [`sum8_of`]'s 8 partial sums, the blocks in order.
 pub fn sum_exp<T: Real>(x: &[T], m: T) -> T {
     let mut buf = [T::zero(); 256];
     let mut s = T::zero();
@@ -366,7 +349,7 @@ pub fn sum_exp<T: Real>(x: &[T], m: T) -> T {
         for (o, &v) in b.iter_mut().zip(chunk) {
             *o = (v - m).fexp();
         }
-        s += sum8(b.len(), |i| b[i]);
+        s += sum8_of(b, |v| v);
     }
     s
 }

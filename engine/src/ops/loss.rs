@@ -25,7 +25,7 @@
 
 use super::elementwise::mean;
 use super::wgsl;
-use crate::cpu::{max8, par, sum8, sum_exp, Real};
+use crate::cpu::{max8, par, sum8_of, sum_exp, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
@@ -150,7 +150,7 @@ fn lse_of<T: Real, I: Iterator<Item = T>>(v: impl Fn() -> I) -> T {
 }
 
 /// sum of e^(s l[c] - m) over the columns whose target differs from `tj`: the exponentials in
-/// blocks of 256 (vectorized), each block in [`sum8`]'s partial sums, the blocks in order.
+/// blocks of 256 (vectorized), each block in [`sum8_of`]'s partial sums, the blocks in order.
 fn sum_exp_other<T: Real>(l: &[T], s: T, m: T, targets: &[u32], tj: u32) -> T {
     let mut buf = [T::zero(); 256];
     let mut acc = T::zero();
@@ -160,7 +160,7 @@ fn sum_exp_other<T: Real>(l: &[T], s: T, m: T, targets: &[u32], tj: u32) -> T {
             let e = (s * v - m).fexp();
             *o = if t != tj { e } else { T::zero() };
         }
-        acc += sum8(b.len(), |i| b[i]);
+        acc += sum8_of(b, |v| v);
     }
     acc
 }

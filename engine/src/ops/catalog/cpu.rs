@@ -4,41 +4,50 @@
 use super::blocks;
 use crate::cpu::{par, pool, Real};
 
-/// z block (B, w) = scale * sum_k h_k e_k[j0 .. j0 + w]^T, written to `z`.
-#[allow(clippy::too_many_arguments)]
-fn block_scores_into<T: Real>(z: &mut [T], hs: &[&[T]], es: &[&[T]], dims: &[usize], b: usize, j0: usize, w: usize, scale: T) {
-    for (k, (&h, &e)) in hs.iter().zip(es).enumerate() {
-        let d = dims[k];
-        let beta = if k == 0 { T::zero() } else { T::one() };
-        // (B, d) . (w, d)^T: B's strides read e's rows as columns.
-        T::gemm(b, d, w, h, d as isize, 1, &e[j0 * d..], 1, d as isize, beta, z, w as isize);
-    }
-    if scale != T::one() {
-        par::chunks_apply(z, |v| *v *= scale);
-    }
+/// A catalog op's score terms on the host: z (B, I) = scale * sum_k h_k e_k^T with h_k (B, D_k),
+/// e_k (I, D_k), and the targets (B), each < I.
+pub struct HostTerms<'a, T> {
+    pub hs: Vec<&'a [T]>,
+    pub es: Vec<&'a [T]>,
+    pub dims: &'a [usize],
+    pub targets: &'a [u32],
+    pub n_items: usize,
+    pub scale: T,
 }
 
-/// z block (B, w) in a pooled vector.
-fn block_scores<T: Real>(hs: &[&[T]], es: &[&[T]], dims: &[usize], b: usize, j0: usize, w: usize, scale: T) -> Vec<T> {
-    // The first product overwrites it (beta 0).
-    let mut z = pool::stale(b * w);
-    block_scores_into(&mut z, hs, es, dims, b, j0, w, scale);
-    z
+impl<T: Real> HostTerms<'_, T> {
+    /// B, the rows.
+    fn b(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// z block (B, w) = scale * sum_k h_k e_k[j0 .. j0 + w]^T, written to `z`.
+    fn block_into(&self, z: &mut [T], j0: usize, w: usize) {
+        let b = self.b();
+        for (k, (&h, &e)) in self.hs.iter().zip(&self.es).enumerate() {
+            let d = self.dims[k];
+            let beta = if k == 0 { T::zero() } else { T::one() };
+            // (B, d) . (w, d)^T: B's strides read e's rows as columns.
+            T::gemm(b, d, w, h, d as isize, 1, &e[j0 * d..], 1, d as isize, beta, z, w as isize);
+        }
+        if self.scale != T::one() {
+            par::chunks_apply(z, |v| *v *= self.scale);
+        }
+    }
+
+    /// z block (B, w) in a pooled vector.
+    fn block(&self, j0: usize, w: usize) -> Vec<T> {
+        // The first product overwrites it (beta 0).
+        let mut z = pool::stale(self.b() * w);
+        self.block_into(&mut z, j0, w);
+        z
+    }
 }
 
 /// Forward: (loss (B), lse (B), kept scores: with `keep` every block of z, block after block
 /// (block (j0, w) at j0 * B, (B, w) row-major: B * I values), else empty).
-#[allow(clippy::too_many_arguments)]
-pub fn catalog_ce_cpu<T: Real>(
-    hs: &[&[T]],
-    es: &[&[T]],
-    dims: &[usize],
-    targets: &[u32],
-    n_items: usize,
-    scale: T,
-    keep: bool,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let b = targets.len();
+pub fn catalog_ce_cpu<T: Real>(terms: &HostTerms<T>, keep: bool) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (b, n_items, targets) = (terms.b(), terms.n_items, terms.targets);
     let (mut mx, mut sm, mut zt) = (pool::zeros(b), pool::zeros(b), pool::zeros(b));
     mx.fill(T::neg_infinity());
     // Every block of it is overwritten by its first product (beta 0).
@@ -47,10 +56,10 @@ pub fn catalog_ce_cpu<T: Real>(
         let mut own = Vec::new();
         let z: &[T] = if keep {
             let z = &mut kept[j0 * b..(j0 + w) * b];
-            block_scores_into(z, hs, es, dims, b, j0, w, scale);
+            terms.block_into(z, j0, w);
             z
         } else {
-            own = block_scores(hs, es, dims, b, j0, w, scale);
+            own = terms.block(j0, w);
             &own
         };
         let stats = par::filled_rows(b, 3 * w, 3, |r, o: &mut [T]| {
@@ -60,8 +69,8 @@ pub fn catalog_ce_cpu<T: Real>(
             let rescale = if sm[r] == T::zero() { T::zero() } else { sm[r] * (mx[r] - m).fexp() };
             o[0] = m;
             o[1] = rescale + crate::cpu::wide(|| crate::cpu::sum_exp(row, m));
-            let t = targets[r] as usize;
-            o[2] = if (j0..j0 + w).contains(&t) { row[t - j0] } else { zt[r] };
+            let tr = targets[r] as usize;
+            o[2] = if (j0..j0 + w).contains(&tr) { row[tr - j0] } else { zt[r] };
         });
         for r in 0..b {
             (mx[r], sm[r], zt[r]) = (stats[3 * r], stats[3 * r + 1], stats[3 * r + 2]);
@@ -81,20 +90,9 @@ pub fn catalog_ce_cpu<T: Real>(
 
 /// Backward: (dh_k (B, D_k), de_k (I, D_k)) for each term, from lse, the per-row gradient g and
 /// the forward's kept scores (or, when `kept` is empty, each block of z recomputed).
-#[allow(clippy::too_many_arguments)]
-pub fn catalog_ce_bwd_cpu<T: Real>(
-    hs: &[&[T]],
-    es: &[&[T]],
-    dims: &[usize],
-    targets: &[u32],
-    n_items: usize,
-    scale: T,
-    lse: &[T],
-    g: &[T],
-    kept: &[T],
-) -> Vec<(Vec<T>, Vec<T>)> {
-    let b = targets.len();
-    let mut out: Vec<(Vec<T>, Vec<T>)> = dims.iter().map(|&d| (pool::zeros(b * d), pool::zeros(n_items * d))).collect();
+pub fn catalog_ce_bwd_cpu<T: Real>(terms: &HostTerms<T>, lse: &[T], g: &[T], kept: &[T]) -> Vec<(Vec<T>, Vec<T>)> {
+    let (b, n_items, targets, scale) = (terms.b(), terms.n_items, terms.targets, terms.scale);
+    let mut out: Vec<(Vec<T>, Vec<T>)> = terms.dims.iter().map(|&d| (pool::zeros(b * d), pool::zeros(n_items * d))).collect();
     for (j0, w) in blocks(n_items) {
         // dz = scale * (exp(z - lse) - onehot) * g, as cross_entropy then scale would give it:
         // row r of dz from row r of z.
@@ -105,15 +103,15 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
                     *o = scale * ((v - l).fexp() * gr);
                 }
             });
-            let t = targets[r] as usize;
-            if (j0..j0 + w).contains(&t) {
-                dz[t - j0] = scale * (((z[t - j0] - l).fexp() - T::one()) * gr);
+            let tr = targets[r] as usize;
+            if (j0..j0 + w).contains(&tr) {
+                dz[tr - j0] = scale * (((z[tr - j0] - l).fexp() - T::one()) * gr);
             }
         };
         let mut recomputed = Vec::new();
         let z = match kept {
             [] => {
-                recomputed = block_scores(hs, es, dims, b, j0, w, scale);
+                recomputed = terms.block(j0, w);
                 &recomputed[..]
             }
             _ => &kept[j0 * b..(j0 + w) * b],
@@ -123,11 +121,11 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
         par::rows_apply(&mut dz, w, |r, row| dz_row(r, &z[r * w..(r + 1) * w], row));
         pool::give(recomputed);
         for (k, (dh, de)) in out.iter_mut().enumerate() {
-            let d = dims[k];
+            let d = terms.dims[k];
             // dh_k += dz . e_k,blk: (B, w) . (w, d).
-            T::gemm(b, w, d, &dz, w as isize, 1, &es[k][j0 * d..], d as isize, 1, T::one(), dh, d as isize);
+            T::gemm(b, w, d, &dz, w as isize, 1, &terms.es[k][j0 * d..], d as isize, 1, T::one(), dh, d as isize);
             // de_k,blk = dz^T . h_k: (w, B) . (B, d).
-            T::gemm(w, b, d, &dz, 1, w as isize, hs[k], d as isize, 1, T::zero(), &mut de[j0 * d..(j0 + w) * d], d as isize);
+            T::gemm(w, b, d, &dz, 1, w as isize, terms.hs[k], d as isize, 1, T::zero(), &mut de[j0 * d..(j0 + w) * d], d as isize);
         }
         pool::give(dz);
     }
@@ -135,22 +133,14 @@ pub fn catalog_ce_bwd_cpu<T: Real>(
 }
 
 /// Ranks (B); `mask` is offsets (B + 1) then the masked columns of each row (see the module docs).
-pub fn catalog_rank_cpu<T: Real>(
-    hs: &[&[T]],
-    es: &[&[T]],
-    dims: &[usize],
-    targets: &[u32],
-    n_items: usize,
-    scale: T,
-    mask: &[u32],
-) -> Vec<u32> {
-    let b = targets.len();
+pub fn catalog_rank_cpu<T: Real>(terms: &HostTerms<T>, mask: &[u32]) -> Vec<u32> {
+    let (b, n_items, targets) = (terms.b(), terms.n_items, terms.targets);
     let mut st: Vec<T> = pool::zeros(b);
     for (j0, w) in blocks(n_items) {
         if !targets.iter().any(|&t| (j0..j0 + w).contains(&(t as usize))) {
             continue;
         }
-        let z = block_scores(hs, es, dims, b, j0, w, scale);
+        let z = terms.block(j0, w);
         for (r, &t) in targets.iter().enumerate() {
             if (j0..j0 + w).contains(&(t as usize)) {
                 st[r] = z[r * w + t as usize - j0];
@@ -160,7 +150,7 @@ pub fn catalog_rank_cpu<T: Real>(
     }
     let mut ranks = vec![0u32; b];
     for (j0, w) in blocks(n_items) {
-        let z = block_scores(hs, es, dims, b, j0, w, scale);
+        let z = terms.block(j0, w);
         let counts: Vec<u32> = par::rows(b, w, 1, |r, o: &mut [u32]| {
             let (row, s_t, t) = (&z[r * w..(r + 1) * w], st[r], targets[r] as usize);
             // !(s < s_t): ties and NaN count against the target.

@@ -38,7 +38,7 @@ use crate::error::{shape_err, Result};
 use crate::gpu::GpuBuf;
 use crate::op::{apply, query, run, Backward, Op, Query};
 use crate::tensor::{Indices, Tensor};
-pub use cpu::{catalog_ce_bwd_cpu, catalog_ce_cpu, catalog_rank_cpu};
+pub use cpu::{catalog_ce_bwd_cpu, catalog_ce_cpu, catalog_rank_cpu, HostTerms};
 #[cfg(test)]
 pub(crate) use gpu::kernels;
 use gpu::{catalog_ce_bwd_gpu, catalog_ce_gpu, catalog_rank_gpu};
@@ -101,9 +101,10 @@ fn split_terms(x: &[&Tensor]) -> (Vec<Tensor>, Vec<Tensor>) {
     (x.iter().step_by(2).map(|t| t.detach()).collect(), x.iter().skip(1).step_by(2).map(|t| t.detach()).collect())
 }
 
-/// The terms' values h_0, e_0, h_1, e_1, ..
-fn split_values<'a, T>(x: &[&'a [T]]) -> (Vec<&'a [T]>, Vec<&'a [T]>) {
-    (x.iter().step_by(2).copied().collect(), x.iter().skip(1).step_by(2).copied().collect())
+/// The terms' values from h_0, e_0, h_1, e_1, ..
+fn host_terms<'a, T: Real>(x: &[&'a [T]], dims: &'a [usize], targets: &'a [u32], n_items: usize, scale: f32) -> HostTerms<'a, T> {
+    let (hs, es) = (x.iter().step_by(2).copied().collect(), x.iter().skip(1).step_by(2).copied().collect());
+    HostTerms { hs, es, dims, targets, n_items, scale: T::c(scale as f64) }
 }
 
 /// Per-row losses, lse (B) and the kept scores (B * I, or none) over inputs [h_0, e_0, h_1, e_1,
@@ -131,14 +132,13 @@ impl Op for CatalogCe {
         }
     }
     fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        let (t, scale) = (self.targets.host(), T::c(self.scale as f64));
         let k = self.dims.len();
-        let (hs, es) = split_values(&x[..2 * k]);
+        let terms = host_terms(&x[..2 * k], &self.dims, self.targets.host(), self.n_items, self.scale);
         if !self.backward {
-            let (loss, lse, kept) = catalog_ce_cpu::<T>(&hs, &es, &self.dims, t, self.n_items, scale, self.keep);
+            let (loss, lse, kept) = catalog_ce_cpu(&terms, self.keep);
             return Ok(vec![loss, lse, kept]);
         }
-        let grads = catalog_ce_bwd_cpu::<T>(&hs, &es, &self.dims, t, self.n_items, scale, x[2 * k], x[2 * k + 1], x[2 * k + 2]);
+        let grads = catalog_ce_bwd_cpu(&terms, x[2 * k], x[2 * k + 1], x[2 * k + 2]);
         Ok(grads.into_iter().flat_map(|(dh, de)| [dh, de]).collect())
     }
     fn gpu(&self, _: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
@@ -187,9 +187,8 @@ impl Query for CatalogRank<'_> {
         "catalog_rank"
     }
     fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<u32>> {
-        let (hs, es) = split_values(x);
-        let scale = T::c(self.scale as f64);
-        Ok(catalog_rank_cpu::<T>(&hs, &es, &self.dims, self.targets.host(), self.n_items, scale, self.mask.host()))
+        let terms = host_terms(x, &self.dims, self.targets.host(), self.n_items, self.scale);
+        Ok(catalog_rank_cpu(&terms, self.mask.host()))
     }
     fn gpu(&self, x: &[&Tensor]) -> Result<Vec<u32>> {
         let (hs, es) = split_terms(x);
