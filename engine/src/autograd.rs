@@ -76,7 +76,7 @@ fn walk(loss: &Tensor, sc: &mut Scratch) -> Result<Grads> {
             let Some(g) = grads.remove(&t.id()) else {
                 continue;
             };
-            let outs = node.rule.grads(&g)?;
+            let outs = node.rule.grads(g)?;
             for (inp, gi) in node.inputs.iter().zip(outs) {
                 let Some(gi) = gi else { continue };
                 if !inp.requires_grad() {

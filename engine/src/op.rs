@@ -61,6 +61,12 @@ pub trait Backward: Op + Sized + 'static {
     /// One gradient per input (in order; `None` for an untracked one) from the value's gradient `g`.
     /// Runs with the tape off.
     fn backward(saved: &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>>;
+
+    /// [`Backward::backward`] given `g` itself: an op whose rule maps g elementwise overrides it to
+    /// do so in place when g's storage is its own (`ops::mul_into`; the same values either way).
+    fn backward_owned(saved: &Self::Saved, g: Tensor) -> Result<Vec<Option<Tensor>>> {
+        Self::backward(saved, &g)
+    }
 }
 
 /// A computation over tensors whose result is not a tensor (not on the tape).
@@ -74,8 +80,8 @@ pub trait Query {
 struct Recorded<B: Backward>(B::Saved);
 
 impl<B: Backward> Rule for Recorded<B> {
-    fn grads(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        B::backward(&self.0, g)
+    fn grads(&self, g: Tensor) -> Result<Vec<Option<Tensor>>> {
+        B::backward_owned(&self.0, g)
     }
 }
 

@@ -24,15 +24,16 @@ pub(crate) struct Node {
 }
 
 /// The backward rule of one recorded op, with the state its forward saved (see `op::apply`).
+/// It owns the output's gradient `g`: a rule may write into g's storage when it is g's sole owner.
 pub(crate) trait Rule {
-    fn grads(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>>;
+    fn grads(&self, g: Tensor) -> Result<Vec<Option<Tensor>>>;
 }
 
 /// The backward rule of `reshape`: the gradient viewed in the input's shape.
 struct ReshapeRule(Vec<usize>);
 
 impl Rule for ReshapeRule {
-    fn grads(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn grads(&self, g: Tensor) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(g.reshape(&self.0)?)])
     }
 }

@@ -508,6 +508,33 @@ fn add_assign<T: Element>(a: &Tensor, b: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// a * b where `a` may be consumed: in place when `a` is the sole handle on host storage of b's
+/// shape (the bits of [`mul`]), otherwise `mul(&a, b)`.
+pub fn mul_into(a: Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() || !a.sole_host_owner() {
+        return mul(&a, b);
+    }
+    fn assign<T: Element>(a: &Tensor, b: &Tensor) -> Result<()> {
+        let t0 = crate::cpu::profiling_ops().then(std::time::Instant::now);
+        let (mut x, y) = (a.host_mut::<T>()?, b.host::<T>()?);
+        par::zip_apply(&mut x, &y, |x, y| {
+            for (o, &v) in x.iter_mut().zip(y) {
+                *o = *o * v;
+            }
+        });
+        if let Some(t0) = t0 {
+            crate::cpu::count_op("mul", t0);
+        }
+        Ok(())
+    }
+    match a.device() {
+        Device::Cpu => assign::<f32>(&a, b)?,
+        Device::Cpu64 => assign::<f64>(&a, b)?,
+        Device::Gpu => unreachable!("sole_host_owner is false on the GPU"),
+    }
+    Ok(a)
+}
+
 /// a - b (trailing broadcast of b).
 pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     add_scaled(a, b, -1.0)
@@ -580,4 +607,41 @@ pub fn dropout_rows(x: &Tensor, p: f32, seed: u32, keys: &Indices) -> Result<Ten
         return Ok(x.clone());
     }
     apply(Dropout { shape: x.shape().to_vec(), p, seed, keys: Some(keys.clone()) }, &[x])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// `add_into` / `mul_into` write into a sole owner's storage (no new buffer) with the bits of
+    /// `add` / `mul`, and leave a shared operand alone (another handle sees no change).
+    #[test]
+    fn into_forms_work_in_place_only_on_sole_owners() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let dev = Device::Cpu;
+        // Large enough for the parallel pieces.
+        let (a, b) = (Tensor::randn(&[300, 257], 1.0, &mut rng, dev).unwrap(), Tensor::randn(&[300, 257], 1.0, &mut rng, dev).unwrap());
+        for (into, plain) in
+            [(add_into as fn(Tensor, &Tensor) -> Result<Tensor>, add as fn(&Tensor, &Tensor) -> Result<Tensor>), (mul_into, mul)]
+        {
+            let want = bits(&plain(&a, &b).unwrap());
+            // Sole owner: the same storage comes back, holding a op b.
+            let own = Tensor::from_vec(a.to_vec().unwrap(), a.shape(), dev).unwrap();
+            let ptr = own.host::<f32>().unwrap().as_ptr();
+            let got = into(own, &b).unwrap();
+            assert_eq!(got.host::<f32>().unwrap().as_ptr(), ptr);
+            assert_eq!(bits(&got), want);
+            // Shared: a new tensor, the other handle unchanged.
+            let before = bits(&a);
+            let view = a.reshape(&[257, 300]).unwrap();
+            let got = into(a.clone(), &b).unwrap();
+            assert_eq!((bits(&got), bits(&a), bits(&view)), (want, before.clone(), before));
+        }
+    }
 }

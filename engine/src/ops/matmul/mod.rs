@@ -27,7 +27,7 @@ pub use tune::matmul_tuned;
 pub(crate) use variants::kernels;
 pub use variants::{linear_gelu_variant, matmul_variant, matmul_variant_summed, matmul_variant_support, Gemm, MatmulVariant, Support};
 
-use super::elementwise::{gelu_slope_cpu, mul, Act};
+use super::elementwise::{gelu_slope_cpu, mul_into, Act};
 use super::reduce::sum_rows;
 use crate::cpu::{par, Real};
 use crate::device::Device;
@@ -172,18 +172,18 @@ impl Backward for Product {
     /// With a GELU: dh = g * gelu'(h) first. Then d op(a) = dh . op(b)^T, d op(b) = op(a)^T . dh,
     /// dbias = sum_rows(dh).
     fn backward(s: &ProductSaved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let dh;
+        Self::backward_owned(s, g.clone())
+    }
+    /// (The CPU's dh = g * slope is made in g's storage when g is its sole owner.)
+    fn backward_owned(s: &ProductSaved, g: Tensor) -> Result<Vec<Option<Tensor>>> {
         let g = match &s.pre {
             None => g,
             Some(h) if h.device() == Device::Gpu => {
-                dh = run(&Act { quick: false, backward: true, shape: h.shape().to_vec() }, &[h, g])?.remove(0);
-                &dh
+                run(&Act { quick: false, backward: true, shape: h.shape().to_vec() }, &[h, &g])?.remove(0)
             }
-            Some(slope) => {
-                dh = mul(g, slope)?;
-                &dh
-            }
+            Some(slope) => mul_into(g, slope)?,
         };
+        let g = &g;
         let (ta, tb) = (s.ta, s.tb);
         let da = match (&s.b, ta) {
             (None, _) => None,
