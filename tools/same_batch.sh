@@ -9,12 +9,13 @@
 # msm4sr exports the batch (1024 of the training prefixes, seed 0), random paper-size features
 # (10 x 768 per item and modality) and its initial weights to OUT/batch.safetensors; then msm4sr
 # runs on core 0 and PyTorch on core 1 at the same time, REPS (5) repetitions of STEPS (3) steps of
-# each stage (SASRec, MSM4SR pre-training, fine-tuning). Prints, per stage, the median ms per step
+# each stage (SASRec, MSM4SR pre-training, fine-tuning); with RUNS > 1 the two programs swap cores
+# from one run to the next, so that neither always gets the busier core. Prints, per stage, the median ms per step
 # with min and max, the ratio msm4sr / PyTorch bucketed (and padded), and the loss of the batch at
 # the initial weights without dropout or mixup in each program (they must agree to ~1e-4
-# relative). Then msm4sr alone on both cores (0,1; SCALING=0 skips it) for its scaling from one
-# core to two, and the fraction of the GEMM peak of the cores each step reaches (matrix-product
-# FLOPs counted from their shapes). OUT (default a new temporary directory) keeps all the JSON.
+# relative). Then msm4sr alone on one core and alone on both (0,1; SCALING=0 skips them) for its
+# scaling from one core to two, and the fraction of the GEMM peak of the cores each step reaches
+# (matrix-product FLOPs counted from their shapes). OUT (default a new temporary directory) keeps all the JSON.
 # RUNS=N (default 1) repeats all of it N times (OUT/run1 ..) and ends with each stage's ratio and
 # scaling over the runs, median [min-max]: on a shared host one pair of medians can mislead.
 set -euo pipefail
@@ -32,26 +33,29 @@ fi
 RUNS=${RUNS:-1}
 for run in $(seq "$RUNS"); do
     D="$OUT"; [ "$RUNS" -gt 1 ] && D="$OUT/run$run" && mkdir -p "$D"
-    taskset -c 0 "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$D/msm4sr.json" &
+    # Odd runs: msm4sr on core 0, PyTorch on core 1; even runs the other way round.
+    OURS=$(( (run + 1) % 2 )); THEIRS=$(( run % 2 ))
+    taskset -c "$OURS" "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$D/msm4sr.json" &
     a=$!
-    taskset -c 1 "$PY" "$HERE/torch_step.py" --device cpu --threads 1 --from "$OUT/batch.safetensors" --reps "$REPS" --steps "$STEPS" \
+    taskset -c "$THEIRS" "$PY" "$HERE/torch_step.py" --device cpu --threads 1 --from "$OUT/batch.safetensors" --reps "$REPS" --steps "$STEPS" \
         --json > "$D/torch.jsonl" &
     b=$!
     wait $a
     wait $b
     if [ "${SCALING:-1}" != 0 ]; then
+        taskset -c "$OURS" "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$D/msm4sr-1core.json"
         taskset -c 0,1 "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$D/msm4sr-2cores.json"
     fi
     [ "$RUNS" -gt 1 ] && echo "== run $run of $RUNS ($D)"
-    "$PY" - "$D" <<'PY'
+    "$PY" - "$D" "$OURS" "$THEIRS" <<'PY'
 import json, os, sys
-out = sys.argv[1]
+out, core_ours, core_theirs = sys.argv[1:4]
 ours = {r["stage"]: r for r in json.load(open(f"{out}/msm4sr.json"))["same_batch"]}
 rows = [json.loads(l) for l in open(f"{out}/torch.jsonl")]
 theirs = {(r["step"], r["layout"]): r for r in rows if "step" in r}
 checks = {r["check_loss"]: r["loss"] for r in rows if "check_loss" in r}
 info = next(r["info"] for r in rows if "info" in r)
-print(f"{info}; msm4sr on core 0, PyTorch (eager, 1 thread) on core 1, median of {len(next(iter(ours.values()))['ms'])} repetitions")
+print(f"{info}; msm4sr on core {core_ours}, PyTorch (eager, 1 thread) on core {core_theirs}, median of {len(next(iter(ours.values()))['ms'])} repetitions")
 print(f"{'stage':<10} {'msm4sr ms':>18} {'torch bucketed ms':>22} {'ratio':>6} {'torch padded ms':>20} {'ratio':>6}   loss msm4sr / torch (rel. diff)")
 for st in ("sasrec", "pretrain", "finetune"):
     m, tb, tp = ours[st], theirs[(st, "eager bucketed")], theirs[(st, "eager padded")]
@@ -63,21 +67,22 @@ for st in ("sasrec", "pretrain", "finetune"):
 two = f"{out}/msm4sr-2cores.json"
 if os.path.exists(two):
     both = {r["stage"]: r for r in json.load(open(two))["same_batch"]}
+    one = {r["stage"]: r for r in json.load(open(f"{out}/msm4sr-1core.json"))["same_batch"]}
     print()
-    print(f"msm4sr alone: one core (beside PyTorch) and two cores; matrix-product GFLOP per step and the fraction of the GEMM peak")
+    print(f"msm4sr alone: one core ({core_ours}) and two cores; matrix-product GFLOP per step and the fraction of the GEMM peak")
     print(f"{'stage':<10} {'1 core ms':>10} {'2 cores ms':>11} {'scaling':>8} {'GEMM GFLOP':>11} {'1 core: of peak':>16} {'2 cores: of peak':>17}")
     for st in ("sasrec", "pretrain", "finetune"):
-        m, t = ours[st], both[st]
+        m, t = one[st], both[st]
         print(f"{st:<10} {m['median_ms']:>10.0f} {t['median_ms']:>11.0f} {m['median_ms'] / t['median_ms']:>7.2f}x {m['gemm_gflop_per_step']:>11.2f}"
               f" {100 * m['peak_fraction']:>15.0f}% {100 * t['peak_fraction']:>16.0f}%")
-    print(f"GEMM peak: {ours['sasrec']['peak_gflops']:.1f} GFLOP/s on one core, {both['sasrec']['peak_gflops']:.1f} on two")
+    print(f"GEMM peak: {one['sasrec']['peak_gflops']:.1f} GFLOP/s on one core, {both['sasrec']['peak_gflops']:.1f} on two")
 PY
 done
 if [ "$RUNS" -gt 1 ]; then
     "$PY" - "$OUT" "$RUNS" <<'PY'
 import json, os, statistics, sys
 out, runs = sys.argv[1], int(sys.argv[2])
-print(f"\nover {runs} runs (each run's own ratio; the host's load moves both programs): median [min-max]")
+print(f"\nover {runs} runs (each run's own ratio; the host's load moves both programs; the cores alternate): median [min-max]")
 print(f"{'stage':<10} {'msm4sr / torch bucketed':>26} {'1 -> 2 cores':>22}")
 for st in ("sasrec", "pretrain", "finetune"):
     ratio, scale = [], []
@@ -89,7 +94,8 @@ for st in ("sasrec", "pretrain", "finetune"):
         ratio.append(ours[st]["median_ms"] / tb["ms"])
         if os.path.exists(f"{d}/msm4sr-2cores.json"):
             both = {r["stage"]: r for r in json.load(open(f"{d}/msm4sr-2cores.json"))["same_batch"]}
-            scale.append(ours[st]["median_ms"] / both[st]["median_ms"])
+            one = {r["stage"]: r for r in json.load(open(f"{d}/msm4sr-1core.json"))["same_batch"]}
+            scale.append(one[st]["median_ms"] / both[st]["median_ms"])
     span = lambda v, f: f"{f(statistics.median(v))} [{f(min(v))}-{f(max(v))}]" if v else "-"
     print(f"{st:<10} {span(ratio, lambda x: f'{x:.2f}'):>26} {span(scale, lambda x: f'{x:.2f}x'):>22}")
 PY
