@@ -9,6 +9,8 @@
 //!   storage: every take from the storage pool is a hit and no allocation of 16 KiB or more reaches
 //!   the allocator (but the GEMM crate's packing buffers, one per product), for SASRec, MSM4SR fine-tuning and MSM4SR pre-training; with the pool off the
 //!   same steps are shown to allocate (so the check can fail).
+//! - Storage handed out without zeroing (`pool::stale`) is never read before it is written: the
+//!   same steps give the same bits with it poisoned.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -148,35 +150,48 @@ fn step_allocations(step: &mut dyn FnMut(), trace: bool) -> (u64, usize) {
     (pool::stats().misses, LARGE_COUNT.load(Relaxed) - large)
 }
 
-#[test]
-fn steady_state_steps_allocate_no_tensor_storage() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = std::env::temp_dir().join(format!("msm4sr-test-{}-steady", std::process::id()));
+/// A small synthetic dataset (written under a temporary directory named by `tag`).
+fn small_dataset(tag: &str) -> Dataset {
+    let dir = std::env::temp_dir().join(format!("msm4sr-test-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let scfg = SynthConfig { users: 120, items: 300, topics: 6, min_len: 5, max_len: 12, seed: 3, ..SynthConfig::default() };
     synth::write(&dir, &scfg).unwrap();
-    let ds = Dataset::load(&dir, &LoadOptions::default()).unwrap();
-    for (kind, pretrain) in [(ModelKind::Sasrec, false), (ModelKind::Msm4sr, false), (ModelKind::Msm4sr, true)] {
-        let mut cfg = RunConfig::default();
-        cfg.model.model = kind;
-        cfg.model.hidden = 32;
-        cfg.model.inner = 64;
-        cfg.model.experts = 3;
-        cfg.model.max_len = 12;
-        let split = ds.split(cfg.model.max_len);
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let model = Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, Device::Cpu).unwrap();
-        let params: Vec<Tensor> = model.params().into_iter().map(|(_, t)| t).collect();
-        let mut opt = Adam::new(params, AdamConfig { weight_decay: 0.01, ..AdamConfig::default() }).unwrap();
-        let mut seeds = Seeds::new(5);
-        // Two batches of different lengths, alternating: a steady state, not one repeated shape.
-        let batches: Vec<Batch> = (0..2)
-            .map(|k| {
-                let samples: Vec<&Sample> = split.train[k * 64..(k + 1) * 64].iter().collect();
-                make_batch(&samples)
-            })
-            .collect();
+    Dataset::load(&dir, &LoadOptions::default()).unwrap()
+}
+
+/// A small model of `kind` (seed 1), its Adam, and two training batches of different lengths (a
+/// steady state alternates them: not one repeated shape).
+fn small_training(ds: &Dataset, kind: ModelKind) -> (Model, Adam, Vec<Batch>) {
+    let mut cfg = RunConfig::default();
+    cfg.model.model = kind;
+    cfg.model.hidden = 32;
+    cfg.model.inner = 64;
+    cfg.model.experts = 3;
+    cfg.model.max_len = 12;
+    let split = ds.split(cfg.model.max_len);
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let model = Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, Device::Cpu).unwrap();
+    let params: Vec<Tensor> = model.params().into_iter().map(|(_, t)| t).collect();
+    let opt = Adam::new(params, AdamConfig { weight_decay: 0.01, ..AdamConfig::default() }).unwrap();
+    let batches: Vec<Batch> = (0..2)
+        .map(|k| {
+            let samples: Vec<&Sample> = split.train[k * 64..(k + 1) * 64].iter().collect();
+            make_batch(&samples)
+        })
+        .collect();
+    (model, opt, batches)
+}
+
+const STAGES: [(ModelKind, bool); 3] = [(ModelKind::Sasrec, false), (ModelKind::Msm4sr, false), (ModelKind::Msm4sr, true)];
+
+#[test]
+fn steady_state_steps_allocate_no_tensor_storage() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ds = small_dataset("steady");
+    for (kind, pretrain) in STAGES {
+        let (model, mut opt, batches) = small_training(&ds, kind);
+        let (mut rng, mut seeds) = (ChaCha8Rng::seed_from_u64(1), Seeds::new(5));
         let mut k = 0;
         let mut step = || {
             let batch = &batches[k % 2];
@@ -205,5 +220,43 @@ fn steady_state_steps_allocate_no_tensor_storage() {
             assert_eq!(misses, 0, "{name}: steady-state step {i} missed the storage pool {misses} times");
             assert_eq!(large, 0, "{name}: steady-state step {i} made {large} allocations of {LARGE} bytes or more");
         }
+    }
+}
+
+/// No CPU op reads an element of an output it did not write: storage from `pool::stale` (outputs
+/// written whole, handed out without zeroing) poisoned with NaN bits gives the same losses and
+/// gradients, bit for bit, over four steps of SASRec, MSM4SR fine-tuning and pre-training
+/// (alternating batch shapes, so pooled vectors of other tensors are reused). A read of a stale
+/// element would give other bits (NaN, or a value that depends on the pool's history).
+#[test]
+fn poisoned_stale_storage_changes_no_training_step() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ds = small_dataset("poison");
+    let bits = |t: &Tensor| t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    for (kind, pretrain) in STAGES {
+        let run = |poison: bool| {
+            let was = pool::set_poison(poison);
+            let (model, mut opt, batches) = small_training(&ds, kind);
+            let (mut rng, mut seeds) = (ChaCha8Rng::seed_from_u64(1), Seeds::new(5));
+            let params: Vec<Tensor> = model.params().into_iter().map(|(_, t)| t).collect();
+            let mut out = Vec::new();
+            for k in 0..4 {
+                let batch = &batches[k % 2];
+                let loss = if pretrain {
+                    model.pretrain_loss(batch, 0.4, &mut rng, &mut seeds).unwrap()
+                } else {
+                    model.finetune_loss(batch, &mut seeds).unwrap()
+                };
+                let grads = backward(&loss).unwrap();
+                out.push(bits(&loss));
+                out.extend(params.iter().filter_map(|p| grads.get(p)).map(bits));
+                opt.step(&grads).unwrap();
+            }
+            pool::set_poison(was);
+            out
+        };
+        let (plain, poisoned) = (run(false), run(true));
+        assert!(plain.len() > 4, "{kind:?}: no gradients compared");
+        assert!(plain == poisoned, "{kind:?} (pre-training {pretrain}): poisoned stale storage changed a loss or gradient");
     }
 }

@@ -131,6 +131,11 @@ pub fn take<T: 'static>(n: usize) -> Vec<T> {
 /// `n` elements of unspecified value (a pooled vector's earlier elements, zeros past them), for
 /// outputs whose every element is written before it is read (a product's with beta 0): no pass
 /// over the memory first. The pool keeps each vector's length, so these are initialized values.
+///
+/// Poisoned (`MSM4SR_POISON_STALE=1` in the environment, or [`set_poison`]) every element is set to
+/// all-ones bits first (NaN for f32 and f64, u32::MAX): an op that reads an element it did not
+/// write then shows up as NaN, or as other bits, in its results (test
+/// `poisoned_stale_storage_changes_no_training_step`, and the whole suite run so).
 pub fn stale<T: Copy + Default + 'static>(n: usize) -> Vec<T> {
     let mut v = get(n);
     if v.len() >= n {
@@ -138,7 +143,31 @@ pub fn stale<T: Copy + Default + 'static>(n: usize) -> Vec<T> {
     } else {
         v.resize(n, T::default());
     }
+    if poison() && free_of_type::<T>() {
+        // SAFETY: T is f32, f64 or u32 (checked), for which every bit pattern is a valid value.
+        unsafe { std::ptr::write_bytes(v.as_mut_ptr(), 0xff, n) };
+    }
     v
+}
+
+static POISON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`stale`] poisons what it hands out: `MSM4SR_POISON_STALE=1` (read once) or [`set_poison`].
+fn poison() -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    POISON.load(std::sync::atomic::Ordering::Relaxed) || *ENV.get_or_init(|| std::env::var("MSM4SR_POISON_STALE").is_ok_and(|v| v == "1"))
+}
+
+/// Poison [`stale`]'s vectors (all threads) from now on, or stop; returns the previous setting.
+/// For tests: a computation must give the same bits either way.
+pub fn set_poison(on: bool) -> bool {
+    POISON.swap(on, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether T is one of the pooled element types (f32, f64, u32).
+fn free_of_type<T: 'static>() -> bool {
+    let id = std::any::TypeId::of::<T>();
+    id == std::any::TypeId::of::<f32>() || id == std::any::TypeId::of::<f64>() || id == std::any::TypeId::of::<u32>()
 }
 
 /// `n` zeros of a pooled vector.
@@ -268,6 +297,12 @@ mod tests {
 
     #[test]
     fn stale_vectors_keep_earlier_values_and_zero_past_them() {
+        if poison() {
+            // Poisoned: every element all-ones bits instead.
+            let v: Vec<f32> = stale(1000);
+            assert!(v.iter().all(|x| x.to_bits() == u32::MAX));
+            return;
+        }
         clear();
         give(collect(1000, (0..1000).map(|i| i as f32)));
         let v: Vec<f32> = stale(990);

@@ -519,7 +519,7 @@ pub fn mul_into(a: Tensor, b: &Tensor) -> Result<Tensor> {
         let (mut x, y) = (a.host_mut::<T>()?, b.host::<T>()?);
         par::zip_apply(&mut x, &y, |x, y| {
             for (o, &v) in x.iter_mut().zip(y) {
-                *o = *o * v;
+                *o *= v;
             }
         });
         if let Some(t0) = t0 {
