@@ -183,6 +183,15 @@ fn small_training(ds: &Dataset, kind: ModelKind) -> (Model, Adam, Vec<Batch>) {
     (model, opt, batches)
 }
 
+/// The training loss of one batch: pre-training's (mixup 0.4) or fine-tuning's.
+fn stage_loss(model: &Model, batch: &Batch, pretrain: bool, rng: &mut ChaCha8Rng, seeds: &mut Seeds) -> Tensor {
+    if pretrain {
+        model.pretrain_loss(batch, 0.4, rng, seeds).unwrap()
+    } else {
+        model.finetune_loss(batch, seeds).unwrap()
+    }
+}
+
 const STAGES: [(ModelKind, bool); 3] = [(ModelKind::Sasrec, false), (ModelKind::Msm4sr, false), (ModelKind::Msm4sr, true)];
 
 #[test]
@@ -196,11 +205,7 @@ fn steady_state_steps_allocate_no_tensor_storage() {
         let mut step = || {
             let batch = &batches[k % 2];
             k += 1;
-            let loss = if pretrain {
-                model.pretrain_loss(batch, 0.4, &mut rng, &mut seeds).unwrap()
-            } else {
-                model.finetune_loss(batch, &mut seeds).unwrap()
-            };
+            let loss = stage_loss(&model, batch, pretrain, &mut rng, &mut seeds);
             opt.step(&backward(&loss).unwrap()).unwrap();
             assert!(loss.item().unwrap().is_finite());
         };
@@ -242,11 +247,7 @@ fn poisoned_stale_storage_changes_no_training_step() {
             let mut out = Vec::new();
             for k in 0..4 {
                 let batch = &batches[k % 2];
-                let loss = if pretrain {
-                    model.pretrain_loss(batch, 0.4, &mut rng, &mut seeds).unwrap()
-                } else {
-                    model.finetune_loss(batch, &mut seeds).unwrap()
-                };
+                let loss = stage_loss(&model, batch, pretrain, &mut rng, &mut seeds);
                 let grads = backward(&loss).unwrap();
                 out.push(bits(&loss));
                 out.extend(params.iter().filter_map(|p| grads.get(p)).map(bits));

@@ -9,7 +9,7 @@
 //! The helpers take their outputs from the storage pool (`engine::pool`) and hand each task its own
 //! rows, zeroed by that task just before use: no serial pass over a large buffer precedes the
 //! parallel work, and the zeroing happens while the rows are about to be written anyway (in cache).
-//! The `filled*` forms skip the zeroing, for work that writes every element of its rows: their
+//! With `Start::Stale` they skip the zeroing, for work that writes every element of its rows: the
 //! rows hold stale values of the pool's earlier vectors (`pool::stale`), never read.
 
 use std::marker::PhantomData;
@@ -42,13 +42,23 @@ pub(crate) fn elem_chunk(unit: usize) -> usize {
     (ELEM_CHUNK / unit).max(1) * unit
 }
 
-/// An output vector under construction: tasks take disjoint ranges of its (not yet initialized)
-/// storage, zero them and fill them; `finish` then gives the vector its full length. Or, made by
-/// `stale`, over a vector of stale values (`pool::stale`) whose ranges are handed out as they are.
+/// How a builder's output starts: `Zeroed`, each task zeroing its rows just before it fills them
+/// (for work that adds into them), or `Stale`, pooled vectors' earlier values handed out as they
+/// are (`pool::stale`; no pass over the memory first), for work that writes every element.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Start {
+    Zeroed,
+    Stale,
+}
+pub(crate) use Start::{Stale, Zeroed};
+
+/// An output vector under construction: tasks take disjoint ranges of its storage (not yet
+/// initialized for `Zeroed`, which zeroes each range as it hands it out; stale values for
+/// `Stale`); `finish` then gives the vector its full length.
 struct Fresh<'a, T> {
     ptr: *mut T,
     len: usize,
-    zero: bool,
+    start: Start,
     _buf: PhantomData<&'a mut Vec<T>>,
 }
 
@@ -57,30 +67,35 @@ struct Fresh<'a, T> {
 unsafe impl<T: Send> Send for Fresh<'_, T> {}
 unsafe impl<T: Send> Sync for Fresh<'_, T> {}
 
-impl<'a, T> Fresh<'a, T> {
-    fn new(buf: &'a mut Vec<T>, len: usize) -> Self {
-        debug_assert!(buf.is_empty());
-        // A no-op for vectors from `pool::take(len)`.
-        buf.reserve_exact(len);
-        Fresh { ptr: buf.as_mut_ptr(), len, zero: true, _buf: PhantomData }
+/// The storage of a `len`-element output starting as `start` says.
+fn storage<T: Copy + Default + 'static>(len: usize, start: Start) -> Vec<T> {
+    match start {
+        Zeroed => pool::take(len),
+        Stale => pool::stale(len),
     }
+}
 
-    /// Over `buf`, `len` initialized elements already (`pool::stale(len)`): ranges are not zeroed.
-    fn stale(buf: &'a mut Vec<T>, len: usize) -> Self {
-        assert_eq!(buf.len(), len);
-        Fresh { ptr: buf.as_mut_ptr(), len, zero: false, _buf: PhantomData }
+impl<'a, T> Fresh<'a, T> {
+    /// Over `buf` from [`storage`]`(len, start)`.
+    fn new(buf: &'a mut Vec<T>, len: usize, start: Start) -> Self {
+        match start {
+            // A no-op for vectors from `pool::take(len)`.
+            Zeroed => buf.reserve_exact(len),
+            Stale => assert_eq!(buf.len(), len),
+        }
+        Fresh { ptr: buf.as_mut_ptr(), len, start, _buf: PhantomData }
     }
 }
 
 impl<T: Copy + Default> Fresh<'_, T> {
-    /// Elements [start, start + n), set to zero (`T::default()`) unless made by `stale`.
+    /// Elements [start, start + n), set to zero (`T::default()`) for `Zeroed`.
     ///
     /// SAFETY: the range must lie within `len`, and no two calls may take overlapping ranges.
     #[allow(clippy::mut_from_ref)]
     unsafe fn range(&self, start: usize, n: usize) -> &mut [T] {
         debug_assert!(start + n <= self.len);
         let p = self.ptr.add(start);
-        if self.zero {
+        if self.start == Zeroed {
             for i in 0..n {
                 p.add(i).write(T::default());
             }
@@ -89,8 +104,7 @@ impl<T: Copy + Default> Fresh<'_, T> {
     }
 }
 
-/// Give `buf` (reserved by `Fresh::new`) its length once every element has been written (no
-/// change for `Fresh::stale`).
+/// Give `buf` its length once every element has been written (no change for `Stale`).
 ///
 /// SAFETY: every element of [0, len) must have been initialized through `Fresh::range`.
 unsafe fn finish<T>(buf: &mut Vec<T>, len: usize) {
@@ -107,176 +121,97 @@ fn drive(n: usize, par: bool, min_len: usize, f: impl Fn(usize) + Sync + Send) {
 }
 
 /// A vector of `len` elements built by `f(start, piece)` over consecutive pieces of `chunk`
-/// elements (the last may be shorter), each zeroed first; pieces in parallel when `par`.
+/// elements (the last may be shorter), each starting as `start` says (with `Stale`, `f` writes
+/// every element); pieces in parallel when `par`.
 pub(crate) fn chunks<T: Copy + Default + Send + 'static>(
+    start: Start,
     len: usize,
     chunk: usize,
     par: bool,
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) -> Vec<T> {
-    let chunk = chunk.max(1);
-    let mut v = pool::take(len);
-    {
-        let out = Fresh::new(&mut v, len);
-        drive(len.div_ceil(chunk), par, 1, |i| {
-            let start = i * chunk;
-            // SAFETY: piece i is [i * chunk, min(len, (i + 1) * chunk)), disjoint from the others.
-            f(start, unsafe { out.range(start, chunk.min(len - start)) })
-        });
-    }
-    // SAFETY: the pieces cover [0, len).
-    unsafe { finish(&mut v, len) };
-    v
+    chunks2_with::<T, u8>(start, len, chunk, par, |s, a, _| f(s, a), false).0
 }
 
 /// As [`chunks`], building two vectors of the same length piece by piece together.
 pub(crate) fn chunks2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
+    start: Start,
     len: usize,
     chunk: usize,
     par: bool,
     f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
 ) -> (Vec<A>, Vec<B>) {
-    let chunk = chunk.max(1);
-    let (mut a, mut b) = (pool::take(len), pool::take(len));
+    chunks2_with(start, len, chunk, par, f, true)
+}
+
+/// [`chunks2`], or with `two` false [`chunks`] (the second vector empty).
+fn chunks2_with<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
+    start: Start,
+    len: usize,
+    chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
+    two: bool,
+) -> (Vec<A>, Vec<B>) {
+    let (chunk, lb) = (chunk.max(1), if two { len } else { 0 });
+    let (mut a, mut b) = (storage(len, start), storage(lb, start));
     {
-        let (oa, ob) = (Fresh::new(&mut a, len), Fresh::new(&mut b, len));
+        let (oa, ob) = (Fresh::new(&mut a, len, start), Fresh::new(&mut b, lb, start));
         drive(len.div_ceil(chunk), par, 1, |i| {
-            let (start, n) = (i * chunk, chunk.min(len - i * chunk));
-            // SAFETY: as in `chunks`.
-            f(start, unsafe { oa.range(start, n) }, unsafe { ob.range(start, n) })
+            let (s, n) = (i * chunk, chunk.min(len - i * chunk));
+            let (sb, nb) = if two { (s, n) } else { (0, 0) };
+            // SAFETY: piece i is [i * chunk, min(len, (i + 1) * chunk)), disjoint from the others.
+            f(s, unsafe { oa.range(s, n) }, unsafe { ob.range(sb, nb) })
         });
     }
     // SAFETY: the pieces cover [0, len) of both.
     unsafe {
         finish(&mut a, len);
-        finish(&mut b, len);
+        finish(&mut b, lb);
     }
     (a, b)
 }
 
-/// A vector of `len` elements written by `f(start, piece)` over consecutive pieces of `chunk`
-/// elements, in parallel when `par`. Unlike [`chunks`], the pieces are not zeroed first (they hold
-/// stale values, see `pool::stale`): `f` must write every element of its piece.
-pub(crate) fn filled<T: Copy + Default + Send + 'static>(
-    len: usize,
-    chunk: usize,
-    par: bool,
-    f: impl Fn(usize, &mut [T]) + Sync + Send,
-) -> Vec<T> {
-    let (mut v, chunk) = (pool::stale(len), chunk.max(1));
-    if par {
-        v.par_chunks_mut(chunk).enumerate().for_each(|(i, p)| f(i * chunk, p));
-    } else {
-        v.chunks_mut(chunk).enumerate().for_each(|(i, p)| f(i * chunk, p));
-    }
-    v
-}
-
-/// As [`filled`], two vectors of the same length written piece by piece together.
-#[allow(clippy::type_complexity)]
-pub(crate) fn filled2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
-    len: usize,
-    chunk: usize,
-    par: bool,
-    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
-) -> (Vec<A>, Vec<B>) {
-    let (mut a, mut b, chunk) = (pool::stale(len), pool::stale(len), chunk.max(1));
-    if par {
-        a.par_chunks_mut(chunk).zip(b.par_chunks_mut(chunk)).enumerate().for_each(|(i, (a, b))| f(i * chunk, a, b));
-    } else {
-        a.chunks_mut(chunk).zip(b.chunks_mut(chunk)).enumerate().for_each(|(i, (a, b))| f(i * chunk, a, b));
-    }
-    (a, b)
-}
-
-/// An (n, la) matrix built row by row: `f(r, row_r)`, each row zeroed first. Each row costs about
-/// `work` elements of work; rows go to the pool when there is enough of it.
+/// An (n, la) matrix built row by row: `f(r, row_r)`, each row starting as `start` says (with
+/// `Stale`, `f` writes every element). Each row costs about `work` elements of work; rows go to the
+/// pool when there is enough of it.
 pub(crate) fn rows<A: Copy + Default + Send + 'static>(
+    start: Start,
     n: usize,
     work: usize,
     la: usize,
     f: impl Fn(usize, &mut [A]) + Sync + Send,
 ) -> Vec<A> {
-    rows3::<A, u8, u8>(n, work, (la, 0, 0), |r, a, _, _| f(r, a)).0
+    rows3::<A, u8, u8>(start, n, work, (la, 0, 0), |r, a, _, _| f(r, a)).0
 }
 
 /// As [`rows`] with two outputs of rows `la` and `lb` long, row r of each handed to `f` together.
 pub(crate) fn rows2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
+    start: Start,
     n: usize,
     work: usize,
     la: usize,
     lb: usize,
     f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
 ) -> (Vec<A>, Vec<B>) {
-    let (a, b, _) = rows3::<A, B, u8>(n, work, (la, lb, 0), |r, a, b, _| f(r, a, b));
+    let (a, b, _) = rows3::<A, B, u8>(start, n, work, (la, lb, 0), |r, a, b, _| f(r, a, b));
     (a, b)
 }
 
-/// An (n, la), (n, lb) and (n, lc) matrix built row by row: `f(r, row_r of each)`, each row zeroed
-/// first (a zero length gives an empty output at no cost). Each row costs about `work` elements of
-/// work; rows go to the pool when there is enough of it.
+/// An (n, la), (n, lb) and (n, lc) matrix built row by row: `f(r, row_r of each)`, each row
+/// starting as `start` says (a zero length gives an empty output at no cost). Each row costs about
+/// `work` elements of work; rows go to the pool when there is enough of it.
 #[allow(clippy::type_complexity)]
 pub(crate) fn rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static>(
+    start: Start,
     n: usize,
     work: usize,
     (la, lb, lc): (usize, usize, usize),
     f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
 ) -> (Vec<A>, Vec<B>, Vec<C>) {
-    rows3_with(true, n, work, (la, lb, lc), f)
-}
-
-/// As [`rows`], for an `f` that writes every element of its row: the rows are not zeroed first
-/// (they hold stale values, see `pool::stale`).
-pub(crate) fn filled_rows<A: Copy + Default + Send + 'static>(
-    n: usize,
-    work: usize,
-    la: usize,
-    f: impl Fn(usize, &mut [A]) + Sync + Send,
-) -> Vec<A> {
-    rows3_with::<A, u8, u8>(false, n, work, (la, 0, 0), |r, a, _, _| f(r, a)).0
-}
-
-/// As [`rows2`], for an `f` that writes every element of its rows (see [`filled_rows`]).
-pub(crate) fn filled_rows2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
-    n: usize,
-    work: usize,
-    la: usize,
-    lb: usize,
-    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
-) -> (Vec<A>, Vec<B>) {
-    let (a, b, _) = rows3_with::<A, B, u8>(false, n, work, (la, lb, 0), |r, a, b, _| f(r, a, b));
-    (a, b)
-}
-
-/// As [`rows3`], for an `f` that writes every element of its rows (see [`filled_rows`]).
-#[allow(clippy::type_complexity)]
-pub(crate) fn filled_rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static>(
-    n: usize,
-    work: usize,
-    (la, lb, lc): (usize, usize, usize),
-    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
-) -> (Vec<A>, Vec<B>, Vec<C>) {
-    rows3_with(false, n, work, (la, lb, lc), f)
-}
-
-/// [`rows3`] (`zero`) or [`filled_rows3`].
-#[allow(clippy::type_complexity)]
-fn rows3_with<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static>(
-    zero: bool,
-    n: usize,
-    work: usize,
-    (la, lb, lc): (usize, usize, usize),
-    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
-) -> (Vec<A>, Vec<B>, Vec<C>) {
-    let (mut a, mut b, mut c);
+    let (mut a, mut b, mut c) = (storage(n * la, start), storage(n * lb, start), storage(n * lc, start));
     {
-        let (oa, ob, oc) = if zero {
-            (a, b, c) = (pool::take(n * la), pool::take(n * lb), pool::take(n * lc));
-            (Fresh::new(&mut a, n * la), Fresh::new(&mut b, n * lb), Fresh::new(&mut c, n * lc))
-        } else {
-            (a, b, c) = (pool::stale(n * la), pool::stale(n * lb), pool::stale(n * lc));
-            (Fresh::stale(&mut a, n * la), Fresh::stale(&mut b, n * lb), Fresh::stale(&mut c, n * lc))
-        };
+        let (oa, ob, oc) = (Fresh::new(&mut a, n * la, start), Fresh::new(&mut b, n * lb, start), Fresh::new(&mut c, n * lc, start));
         drive(n, worth(n * work), min_rows(work), |r| {
             // SAFETY: row r of each output is [r * l, (r + 1) * l); rows are disjoint.
             f(r, unsafe { oa.range(r * la, la) }, unsafe { ob.range(r * lb, lb) }, unsafe { oc.range(r * lc, lc) })
@@ -304,9 +239,9 @@ pub(crate) fn segs3<A: Copy + Default + Send + 'static, B: Copy + Default + Send
     let end = |o: &[usize]| o.last().copied().unwrap_or(0);
     let seg = |o: &[usize], r: usize| if o.is_empty() { (0, 0) } else { (o[r], o[r + 1] - o[r]) };
     let (la, lb, lc) = (end(oa), end(ob), end(oc));
-    let (mut a, mut b, mut c) = (pool::take(la), pool::take(lb), pool::take(lc));
+    let (mut a, mut b, mut c) = (storage(la, Zeroed), storage(lb, Zeroed), storage(lc, Zeroed));
     {
-        let (fa, fb, fc) = (Fresh::new(&mut a, la), Fresh::new(&mut b, lb), Fresh::new(&mut c, lc));
+        let (fa, fb, fc) = (Fresh::new(&mut a, la, Zeroed), Fresh::new(&mut b, lb, Zeroed), Fresh::new(&mut c, lc, Zeroed));
         drive(n, worth(n * work), min_rows(work), |r| {
             let ((sa, na), (sb, nb), (sc, nc)) = (seg(oa, r), seg(ob, r), seg(oc, r));
             // SAFETY: the offsets ascend, so the rows' ranges are disjoint.
@@ -381,7 +316,7 @@ pub(crate) fn bcast_chunk(nb: usize) -> usize {
 /// not depend on the thread count. (w_r = 1 gives the plain sums' bits: acc + 1 * v = acc + v.)
 pub(crate) fn col_sums<'a, T: crate::cpu::Real>(rows: usize, cols: usize, row: impl Fn(usize) -> (T, &'a [T]) + Sync + Send) -> Vec<T> {
     let block = col_block(rows, cols);
-    chunks(cols, block, block < cols, |c0, o| {
+    chunks(Zeroed, cols, block, block < cols, |c0, o| {
         let mut c = 0;
         while c + WIDE <= o.len() {
             o[c..c + WIDE].copy_from_slice(&sum_cols::<T, WIDE>(rows, c0 + c, &row));
@@ -435,20 +370,20 @@ mod tests {
     #[test]
     fn helpers_fill_every_element_in_order() {
         for n in [0, 1, 7, 100_000] {
-            let v: Vec<u64> = chunks(n, 1000, true, |s, p| p.iter_mut().enumerate().for_each(|(i, x)| *x += (s + i) as u64));
+            let v: Vec<u64> = chunks(Zeroed, n, 1000, true, |s, p| p.iter_mut().enumerate().for_each(|(i, x)| *x += (s + i) as u64));
             assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64));
-            let (a, b): (Vec<u32>, Vec<u8>) = rows2(n, 1 << 20, 3, 0, |r, a, b| {
+            let (a, b): (Vec<u32>, Vec<u8>) = rows2(Zeroed, n, 1 << 20, 3, 0, |r, a, b| {
                 assert!(a.iter().all(|&x| x == 0) && b.is_empty());
                 a.iter_mut().for_each(|x| *x = r as u32);
             });
             assert_eq!(a.len(), 3 * n);
             assert!(a.chunks(3).enumerate().all(|(r, row)| row.iter().all(|&x| x == r as u32)));
             assert!(b.is_empty());
-            // `filled` hands out stale pooled elements: a vector of 7s given back first.
+            // `Stale` hands out stale pooled elements: a vector of 7s given back first.
             pool::give(vec![7u32; n + 5]);
-            let m: Vec<u32> = filled(n, 1000, true, |s, p| p.iter_mut().enumerate().for_each(|(i, x)| *x = 3 * (s + i) as u32));
+            let m: Vec<u32> = chunks(Stale, n, 1000, true, |s, p| p.iter_mut().enumerate().for_each(|(i, x)| *x = 3 * (s + i) as u32));
             assert!(m.len() == n && m.iter().enumerate().all(|(i, &x)| x == 3 * i as u32));
-            let (f, g): (Vec<f32>, Vec<u32>) = filled2(n, 999, true, |s, f, g| {
+            let (f, g): (Vec<f32>, Vec<u32>) = chunks2(Stale, n, 999, true, |s, f, g| {
                 f.iter_mut().zip(g.iter_mut()).enumerate().for_each(|(i, (f, g))| (*f, *g) = ((s + i) as f32, (s + i) as u32))
             });
             assert!(f.len() == n && f.iter().zip(&g).enumerate().all(|(i, (&f, &g))| f == i as f32 && g == i as u32));

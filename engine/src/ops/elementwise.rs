@@ -98,7 +98,7 @@ fn zip_bcast<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> 
             }
         });
     }
-    par::filled(n, par::bcast_chunk(nb), par::worth(n), |start, piece| {
+    par::chunks(par::Stale, n, par::bcast_chunk(nb), par::worth(n), |start, piece| {
         par::segments(start, piece, nb, |pos, seg, bo| {
             let len = seg.len();
             for ((o, &x), &y) in seg.iter_mut().zip(&a[pos..pos + len]).zip(&b[bo..bo + len]) {
@@ -111,7 +111,7 @@ fn zip_bcast<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> 
 /// `f(out piece, x piece, start)` over x in parallel pieces, each a plain loop over slices (no
 /// bounds checks, so it vectorizes); `f` writes every element of its output piece.
 fn map_slices<T: Real>(x: &[T], f: impl Fn(&mut [T], &[T], usize) + Sync + Send) -> Vec<T> {
-    par::filled(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, piece| {
+    par::chunks(par::Stale, x.len(), par::elem_chunk(1), par::worth(x.len()), |start, piece| {
         let n = piece.len();
         f(piece, &x[start..start + n], start)
     })
@@ -179,7 +179,7 @@ pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
 /// [`gelu_bwd_cpu`] multiplies it by g.
 pub fn gelu_slope_cpu<T: Real>(x: &[T]) -> (Vec<T>, Vec<T>) {
     let c = T::c(0.3989422804014327);
-    par::filled2(x.len(), par::elem_chunk(1), par::worth(x.len()), |start, y, s| {
+    par::chunks2(par::Stale, x.len(), par::elem_chunk(1), par::worth(x.len()), |start, y, s| {
         let xs = &x[start..start + y.len()];
         crate::cpu::wide(|| {
             for ((y, s), &v) in y.iter_mut().zip(s.iter_mut()).zip(xs) {
@@ -250,7 +250,7 @@ pub fn dropout_cpu<T: Real>(x: &[T], p: f32, seed: u32) -> Vec<T> {
 pub fn dropout_rows_cpu<T: Real>(x: &[T], p: f32, seed: u32, keys: &[u32], c: usize) -> Vec<T> {
     let s = T::c(1.0 / (1.0 - p as f64));
     let ps = pcg(seed);
-    par::filled(x.len(), par::elem_chunk(c), par::worth(x.len()), |start, piece| {
+    par::chunks(par::Stale, x.len(), par::elem_chunk(c), par::worth(x.len()), |start, piece| {
         let xs = &x[start..start + piece.len()];
         for (rr, (row, xr)) in piece.chunks_mut(c).zip(xs.chunks(c)).enumerate() {
             let base = keys[start / c + rr].wrapping_mul(c as u32);
@@ -480,56 +480,51 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// a + b where `a` may be consumed, as `backward` sums the gradients meeting at a tensor: in place
 /// when `a` is the sole handle on host storage of b's shape (no clone, view or saved copy shares
-/// it), with the same bits as [`add`] and no new buffer; otherwise `add(&a, b)`.
+/// it), with the same bits as [`add`] (x + 1 * y rounds as x + y) and no new buffer; otherwise
+/// `add(&a, b)`.
 pub fn add_into(a: Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.shape() != b.shape() || !a.sole_host_owner() {
-        return add(&a, b);
-    }
-    match a.device() {
-        Device::Cpu => add_assign::<f32>(&a, b)?,
-        Device::Cpu64 => add_assign::<f64>(&a, b)?,
-        Device::Gpu => unreachable!("sole_host_owner is false on the GPU"),
-    }
-    Ok(a)
-}
-
-/// a += b on the host (x + 1 * y rounds as x + y: the bits of `axpby_cpu` with alpha 1).
-fn add_assign<T: Element>(a: &Tensor, b: &Tensor) -> Result<()> {
-    let t0 = crate::cpu::profiling_ops().then(std::time::Instant::now);
-    let (mut x, y) = (a.host_mut::<T>()?, b.host::<T>()?);
-    par::zip_apply(&mut x, &y, |x, y| {
-        for (o, &v) in x.iter_mut().zip(y) {
-            *o += v;
-        }
-    });
-    if let Some(t0) = t0 {
-        crate::cpu::count_op("add", t0);
-    }
-    Ok(())
+    into(a, b, Assign::Add)
 }
 
 /// a * b where `a` may be consumed: in place when `a` is the sole handle on host storage of b's
 /// shape (the bits of [`mul`]), otherwise `mul(&a, b)`.
 pub fn mul_into(a: Tensor, b: &Tensor) -> Result<Tensor> {
+    into(a, b, Assign::Mul)
+}
+
+/// The elementwise ops [`into`] can do in place.
+#[derive(Clone, Copy)]
+enum Assign {
+    Add,
+    Mul,
+}
+
+/// a op= b in a's storage when it is a's alone, else the op out of place (see [`add_into`]).
+fn into(a: Tensor, b: &Tensor, op: Assign) -> Result<Tensor> {
     if a.shape() != b.shape() || !a.sole_host_owner() {
-        return mul(&a, b);
+        return match op {
+            Assign::Add => add(&a, b),
+            Assign::Mul => mul(&a, b),
+        };
     }
-    fn assign<T: Element>(a: &Tensor, b: &Tensor) -> Result<()> {
+    fn assign<T: Element>(a: &Tensor, b: &Tensor, op: Assign) -> Result<()> {
         let t0 = crate::cpu::profiling_ops().then(std::time::Instant::now);
         let (mut x, y) = (a.host_mut::<T>()?, b.host::<T>()?);
         par::zip_apply(&mut x, &y, |x, y| {
-            for (o, &v) in x.iter_mut().zip(y) {
-                *o *= v;
+            let pairs = x.iter_mut().zip(y);
+            match op {
+                Assign::Add => pairs.for_each(|(o, &v)| *o += v),
+                Assign::Mul => pairs.for_each(|(o, &v)| *o *= v),
             }
         });
         if let Some(t0) = t0 {
-            crate::cpu::count_op("mul", t0);
+            crate::cpu::count_op(if matches!(op, Assign::Add) { "add" } else { "mul" }, t0);
         }
         Ok(())
     }
     match a.device() {
-        Device::Cpu => assign::<f32>(&a, b)?,
-        Device::Cpu64 => assign::<f64>(&a, b)?,
+        Device::Cpu => assign::<f32>(&a, b, op)?,
+        Device::Cpu64 => assign::<f64>(&a, b, op)?,
         Device::Gpu => unreachable!("sole_host_owner is false on the GPU"),
     }
     Ok(a)

@@ -46,7 +46,7 @@ fn launch(k: &Kernel<EmbeddingParams>, src: &GpuBuf, idx: &GpuBuf, total: usize,
 // ---- CPU references -------------------------------------------------------------------------
 
 pub fn embedding_cpu<T: Real>(w: &[T], ids: &[u32], d: usize) -> Vec<T> {
-    par::filled_rows(ids.len(), d, d, |i, o| {
+    par::rows(par::Stale, ids.len(), d, d, |i, o| {
         let id = ids[i] as usize;
         o.copy_from_slice(&w[id * d..(id + 1) * d]);
     })
@@ -58,7 +58,7 @@ pub fn embedding_bwd_cpu<T: Real>(g: &[T], ids: &[u32], v: usize, d: usize) -> V
     if d > 0 && par::worth(ids.len() * d) {
         let csr = inverse_index(ids, v);
         let (offs, pos) = csr.split_at(v + 1);
-        return par::rows(v, d + d * ids.len() / v.max(1), d, |r, o| {
+        return par::rows(par::Zeroed, v, d + d * ids.len() / v.max(1), d, |r, o| {
             for &i in &pos[offs[r] as usize..offs[r + 1] as usize] {
                 for (o, &gv) in o.iter_mut().zip(&g[i as usize * d..(i as usize + 1) * d]) {
                     *o += gv;

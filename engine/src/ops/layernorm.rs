@@ -70,7 +70,7 @@ fn ln_row<T: Real>(xr: &[T], (gamma, beta): (&[T], &[T]), k: usize, eps: T, yr: 
 
 /// Forward: (y (R, C), stats (R, 2) = [mean - x[r, 0], rstd] per row).
 pub fn layernorm_cpu<T: Real>(x: &[T], gamma: &[T], beta: &[T], rows: usize, c: usize, groups: usize, eps: T) -> (Vec<T>, Vec<T>) {
-    par::filled_rows2(rows, 4 * c, c, 2, |r, yr, st| ln_row(&x[r * c..(r + 1) * c], (gamma, beta), (r % groups) * c, eps, yr, st))
+    par::rows2(par::Stale, rows, 4 * c, c, 2, |r, yr, st| ln_row(&x[r * c..(r + 1) * c], (gamma, beta), (r % groups) * c, eps, yr, st))
 }
 
 /// Forward of LayerNorm(a + x) in one pass over the rows: (y, stats, the sum a + x), each row's
@@ -84,7 +84,7 @@ pub fn add_layernorm_cpu<T: Real>(
     (rows, c, groups): (usize, usize, usize),
     eps: T,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    par::filled_rows3(rows, 6 * c, (c, 2, c), |r, yr, st, sr| {
+    par::rows3(par::Stale, rows, 6 * c, (c, 2, c), |r, yr, st, sr| {
         for ((o, &u), &v) in sr.iter_mut().zip(&a[r * c..(r + 1) * c]).zip(&x[r * c..(r + 1) * c]) {
             *o = u + T::one() * v;
         }
@@ -104,7 +104,7 @@ pub fn layernorm_bwd_cpu<T: Real>(
     groups: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let n = T::c(c as f64);
-    let dx = par::filled_rows(rows, 4 * c, c, |r, dxr| {
+    let dx = par::rows(par::Stale, rows, 4 * c, c, |r, dxr| {
         let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
         let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
         let k = (r % groups) * c;
@@ -121,7 +121,7 @@ pub fn layernorm_bwd_cpu<T: Real>(
     let cols = groups * c;
     const SPAN: usize = 4 * par::LINE;
     let block = par::col_block(rows, cols);
-    let (dgamma, dbeta) = par::chunks2(cols, block, block < cols, |j0, dg, db| {
+    let (dgamma, dbeta) = par::chunks2(par::Zeroed, cols, block, block < cols, |j0, dg, db| {
         // Four cache lines of columns [b0, b1) at a time (a whole 64-wide group of the MoE's
         // parameters, so each row of x and g is read once), the sums in L1 (see `sum_rows_cpu`).
         for s0 in (0..dg.len()).step_by(SPAN) {

@@ -103,7 +103,7 @@ fn bit(mask: u32, k: usize) -> bool {
 /// Per-row cross-entropy: logits (B, N) -> (loss (B), lse (B)).
 pub fn cross_entropy_cpu<T: Real>(logits: &[T], targets: &[u32], n: usize) -> (Vec<T>, Vec<T>) {
     let b = targets.len().min(logits.len() / n.max(1));
-    par::rows2(b, 2 * n, 1, 1, |r, lo, ls| {
+    par::rows2(par::Zeroed, b, 2 * n, 1, 1, |r, lo, ls| {
         let (row, t) = (&logits[r * n..(r + 1) * n], targets[r]);
         let m = max8(row);
         let s = sum_exp(row, m).ln();
@@ -114,7 +114,7 @@ pub fn cross_entropy_cpu<T: Real>(logits: &[T], targets: &[u32], n: usize) -> (V
 
 /// dlogits (B, N) = (softmax - onehot) * g[b].
 pub fn cross_entropy_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], lse: &[T], g: &[T], n: usize) -> Vec<T> {
-    par::rows(logits.len() / n, 2 * n, n, |b, row| {
+    par::rows(par::Zeroed, logits.len() / n, 2 * n, n, |b, row| {
         let (t, l, gb) = (targets[b] as usize, lse[b], g[b]);
         for (o, &v) in row.iter_mut().zip(&logits[b * n..(b + 1) * n]) {
             *o = (v - l).fexp() * gb;
@@ -168,7 +168,7 @@ fn sum_exp_other<T: Real>(l: &[T], s: T, m: T, targets: &[u32], tj: u32) -> T {
 /// Per-row InfoNCE of `s` times the logits (K, B, B) -> (loss (B), stat (2B) = lse_den then lse_num).
 pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], (num, excl): (u32, u32), k: usize, s: T) -> (Vec<T>, Vec<T>) {
     let b = targets.len();
-    let (loss, den, nums) = par::rows3(b, 2 * k * b, (1, 1, 1), |j, lo, de, nu| {
+    let (loss, den, nums) = par::rows3(par::Zeroed, b, 2 * k * b, (1, 1, 1), |j, lo, de, nu| {
         // The denominator: off the diagonal the columns whose target differs from row j's
         // (branch-free selects, so both passes vectorize), then each diagonal entry it includes.
         let tj = targets[j];
@@ -206,7 +206,7 @@ pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], (num, excl): (u32, u
 pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &[T], (num, excl): (u32, u32), k: usize, s: T) -> Vec<T> {
     let b = targets.len();
     // Row (kk, j) of the (K * B, B) view.
-    par::rows(k * b, 2 * b, b, |row, dr| {
+    par::rows(par::Zeroed, k * b, 2 * b, b, |row, dr| {
         let (kk, j) = (row / b, row % b);
         // Off the diagonal: the denominator's term where the column's target differs (branch-free,
         // so the loop vectorizes); then the diagonal entry exactly as its definition reads.

@@ -32,7 +32,7 @@ kernel_params! {
 // ---- CPU references -------------------------------------------------------------------------
 
 pub fn l2norm_cpu<T: Real>(x: &[T], cols: usize, eps: T) -> Vec<T> {
-    par::filled_rows(x.len() / cols, 2 * cols, cols, |r, yr| {
+    par::rows(par::Stale, x.len() / cols, 2 * cols, cols, |r, yr| {
         let row = &x[r * cols..(r + 1) * cols];
         let nrm = row.iter().map(|&v| v * v).sum::<T>().sqrt().max(eps);
         for (o, &v) in yr.iter_mut().zip(row) {
@@ -42,7 +42,7 @@ pub fn l2norm_cpu<T: Real>(x: &[T], cols: usize, eps: T) -> Vec<T> {
 }
 
 pub fn l2norm_bwd_cpu<T: Real>(x: &[T], g: &[T], cols: usize, eps: T) -> Vec<T> {
-    par::filled_rows(x.len() / cols, 3 * cols, cols, |r, dxr| {
+    par::rows(par::Stale, x.len() / cols, 3 * cols, cols, |r, dxr| {
         let (xr, gr) = (&x[r * cols..(r + 1) * cols], &g[r * cols..(r + 1) * cols]);
         let ss = xr.iter().map(|&v| v * v).sum::<T>();
         let nrm = ss.sqrt();

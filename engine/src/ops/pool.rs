@@ -84,7 +84,7 @@ fn softmax_sum<T: Real>(al: &mut [T], xr: &[T], er: &mut [T], d: usize) {
 
 /// Forward: a (N, S), x (N, S, D), lens (N) -> (e (N, D), alpha (N, S)).
 pub fn pool_cpu<T: Real>(a: &[T], x: &[T], lens: &[u32], n: usize, s: usize, d: usize) -> (Vec<T>, Vec<T>) {
-    par::rows2(n, s * (d + 2), d, s, |r, er, al| {
+    par::rows2(par::Zeroed, n, s * (d + 2), d, s, |r, er, al| {
         let len = lens[r] as usize;
         al[..len].copy_from_slice(&a[r * s..r * s + len]);
         softmax_sum(&mut al[..len], &x[r * s * d..(r * s + len) * d], er, d);
@@ -104,7 +104,7 @@ fn item<'a, T>(x: &'a [T], rows: Option<&[u32]>, r: usize, (s, d): (usize, usize
 /// (then M = N) -> (e (N, D), alpha (N, S)), a[n, j] = dot(x[rows[n], j], w) ([`dot`]'s order),
 /// then as [`pool_cpu`].
 pub fn pool_dot_cpu<T: Real>(x: &[T], w: &[T], lens: &[u32], rows: Option<&[u32]>, (n, s, d): (usize, usize, usize)) -> (Vec<T>, Vec<T>) {
-    par::rows2(n, s * (2 * d + 2), d, s, |r, er, al| {
+    par::rows2(par::Zeroed, n, s * (2 * d + 2), d, s, |r, er, al| {
         let len = lens[r] as usize;
         let xr = item(x, rows, r, (s, d), len);
         for (a, row) in al[..len].iter_mut().zip(xr.chunks_exact(d)) {
@@ -131,7 +131,7 @@ pub fn pool_dot_bwd_cpu<T: Real>(
 ) -> (Vec<T>, Vec<T>) {
     assert!(!(want_dx && rows.is_some()), "dx of a gathered x is made by the gather's backward");
     let blocks = n.div_ceil(DOT_BLOCK);
-    let (parts, da) = par::rows2(blocks, DOT_BLOCK * s * (2 * d + 2), d, DOT_BLOCK * s, |blk, part, dab| {
+    let (parts, da) = par::rows2(par::Zeroed, blocks, DOT_BLOCK * s * (2 * d + 2), d, DOT_BLOCK * s, |blk, part, dab| {
         for r in blk * DOT_BLOCK..n.min((blk + 1) * DOT_BLOCK) {
             let len = lens[r] as usize;
             let (xr, der, al) = (item(x, rows, r, (s, d), len), &de[r * d..(r + 1) * d], &alpha[r * s..r * s + len]);
@@ -157,7 +157,7 @@ pub fn pool_dot_bwd_cpu<T: Real>(
         pool::give(da);
         return (dw, Vec::new());
     }
-    let dx = par::rows(n, s * d, s * d, |r, dxr| {
+    let dx = par::rows(par::Zeroed, n, s * d, s * d, |r, dxr| {
         let der = &de[r * d..(r + 1) * d];
         for j in 0..lens[r] as usize {
             let (a, g) = (alpha[r * s + j], da[r * s + j]);
@@ -184,7 +184,7 @@ pub fn pool_bwd_cpu<T: Real>(
     want_dx: bool,
 ) -> (Vec<T>, Vec<T>) {
     let dxw = if want_dx { s * d } else { 0 };
-    par::rows2(n, s * (d + 2) + dxw, s, dxw, |r, dar, dxr| {
+    par::rows2(par::Zeroed, n, s * (d + 2) + dxw, s, dxw, |r, dar, dxr| {
         let len = lens[r] as usize;
         let der = &de[r * d..(r + 1) * d];
         // dalpha[j] = dot(de[r], x[r, j]) for up to 8 j at once: each sum still runs over d in
@@ -220,7 +220,7 @@ pub fn pool_bwd_cpu<T: Real>(
 pub fn mean_ragged_cpu<T: Real>(x: &[T], r: &Ragged, c: usize) -> Vec<T> {
     let work = c * (r.rows() / r.batch().max(1) + 1);
     let offs = &r.offsets[..];
-    par::rows(r.batch(), work, c, |b, er| {
+    par::rows(par::Zeroed, r.batch(), work, c, |b, er| {
         let (start, end) = (offs[b] as usize, offs[b + 1] as usize);
         for row in x[start * c..end * c].chunks_exact(c) {
             for (o, &v) in er.iter_mut().zip(row) {

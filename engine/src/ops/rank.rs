@@ -57,7 +57,9 @@ impl Query for Rank<'_> {
     }
     fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<u32>> {
         let (s, t, n) = (x[0], self.targets.host(), self.n);
-        Ok(crate::cpu::par::rows(self.b, n, 1, |r, o: &mut [u32]| o[0] = rank_row_cpu::<T>(&s[r * n..(r + 1) * n], t[r] as usize)))
+        Ok(crate::cpu::par::rows(crate::cpu::par::Zeroed, self.b, n, 1, |r, o: &mut [u32]| {
+            o[0] = rank_row_cpu::<T>(&s[r * n..(r + 1) * n], t[r] as usize)
+        }))
     }
     fn gpu(&self, x: &[&Tensor]) -> Result<Vec<u32>> {
         let (g, b) = (gpu()?, self.b);

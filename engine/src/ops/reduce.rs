@@ -113,7 +113,7 @@ pub fn broadcast_cpu<T: Real>(b: &[T], n: usize) -> Vec<T> {
         assert!(n == 0, "broadcast of an empty operand");
         return Vec::new();
     }
-    par::filled(n, par::bcast_chunk(nb), par::worth(n), |start, piece| {
+    par::chunks(par::Stale, n, par::bcast_chunk(nb), par::worth(n), |start, piece| {
         par::segments(start, piece, nb, |_, seg, bo| seg.copy_from_slice(&b[bo..bo + seg.len()]))
     })
 }

@@ -39,7 +39,7 @@ kernel_params! {
 
 /// Forward over `rows` rows of length `s`; `lens[r]` entries of row r take part (all when None).
 pub fn softmax_cpu<T: Real>(x: &[T], lens: Option<&[u32]>, rows: usize, s: usize) -> Vec<T> {
-    par::rows(rows, 4 * s, s, |r, yr| {
+    par::rows(par::Zeroed, rows, 4 * s, s, |r, yr| {
         let n = lens.map_or(s, |l| l[r] as usize);
         if n == 0 {
             return;
@@ -59,7 +59,7 @@ pub fn softmax_cpu<T: Real>(x: &[T], lens: Option<&[u32]>, rows: usize, s: usize
 /// c = g at the row's largest y (the first one on ties): the same value, but without cancellation
 /// where y is close to 1.
 pub fn softmax_bwd_cpu<T: Real>(y: &[T], g: &[T], rows: usize, s: usize) -> Vec<T> {
-    par::filled_rows(rows, 4 * s, s, |r, dxr| {
+    par::rows(par::Stale, rows, 4 * s, s, |r, dxr| {
         let (yr, gr) = (&y[r * s..(r + 1) * s], &g[r * s..(r + 1) * s]);
         let top = (0..s).fold(0, |t, i| if yr[i] > yr[t] { i } else { t });
         let c = gr[top];

@@ -62,7 +62,7 @@ pub fn catalog_ce_cpu<T: Real>(terms: &HostTerms<T>, keep: bool) -> (Vec<T>, Vec
             own = terms.block(j0, w);
             &own
         };
-        let stats = par::filled_rows(b, 3 * w, 3, |r, o: &mut [T]| {
+        let stats = par::rows(par::Stale, b, 3 * w, 3, |r, o: &mut [T]| {
             let row = &z[r * w..(r + 1) * w];
             let bm = crate::cpu::max8(row);
             let m = mx[r].max(bm);
@@ -151,7 +151,7 @@ pub fn catalog_rank_cpu<T: Real>(terms: &HostTerms<T>, mask: &[u32]) -> Vec<u32>
     let mut ranks = vec![0u32; b];
     for (j0, w) in blocks(n_items) {
         let z = terms.block(j0, w);
-        let counts: Vec<u32> = par::rows(b, w, 1, |r, o: &mut [u32]| {
+        let counts: Vec<u32> = par::rows(par::Zeroed, b, w, 1, |r, o: &mut [u32]| {
             let (row, s_t, t) = (&z[r * w..(r + 1) * w], st[r], targets[r] as usize);
             // !(s < s_t): ties and NaN count against the target.
             let beats = |s: T| s.partial_cmp(&s_t) != Some(std::cmp::Ordering::Less);

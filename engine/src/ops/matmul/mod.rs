@@ -85,7 +85,7 @@ pub fn gemm_cpu<T: Real>(a: &[T], b: &[T], bias: Option<&[T]>, p: &Gemm) -> Vec<
 fn gemv<T: Real>(a: &[T], x: &[T], ta: bool, y: &mut [T]) {
     let (m, k) = (y.len(), x.len());
     if !ta {
-        let add = par::rows(m, 2 * k, 1, |i, o: &mut [T]| o[0] = crate::cpu::dot(&a[i * k..(i + 1) * k], x));
+        let add = par::rows(par::Zeroed, m, 2 * k, 1, |i, o: &mut [T]| o[0] = crate::cpu::dot(&a[i * k..(i + 1) * k], x));
         y.iter_mut().zip(&add).for_each(|(o, &v)| *o += v);
         crate::cpu::pool::give(add);
     } else {
