@@ -1,5 +1,6 @@
 //! Data parallelism for the CPU backend (rayon's global pool, one thread per core by default;
-//! `RAYON_NUM_THREADS` overrides it).
+//! `RAYON_NUM_THREADS` overrides it). The program's main thread is one of its workers
+//! (`engine::startup`), so a region it starts costs no sleep and wake-up of its own.
 //!
 //! Work is only ever split along independent outputs: rows, element ranges or column blocks. Each
 //! output value is computed by one thread, with the same operations in the same order as a plain
