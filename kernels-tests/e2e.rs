@@ -1661,6 +1661,23 @@ fn same_batch_bench_exports_the_batch_and_never_overwrites() {
     }
     let (ok, _, err) = msm4sr_bin(&["--device", "cpu", "bench", "--ops"]);
     assert!(!ok && err.contains("--steps-from"), "{err}");
+    // --scaling: on two threads, each repetition also on one (same loss bits, checked inside), with
+    // the speed-up and the one-thread step's share of the one-thread GEMM peak; on one thread there
+    // is nothing to compare; with --ops it is refused.
+    let scaling = [&args[..], &["--stage", "sasrec", "--scaling", "--json"]].concat();
+    for (threads, measured) in [("2", true), ("1", false)] {
+        let o = Command::new(env!("CARGO_BIN_EXE_msm4sr")).args(&scaling).env("RAYON_NUM_THREADS", threads).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let s = &v["same_batch"][0];
+        assert_eq!(s["threads"].as_u64(), Some(threads.parse().unwrap()), "{s}");
+        assert_eq!(s["ms_one_thread"].as_array().unwrap().len(), if measured { 2 } else { 0 }, "{s}");
+        for key in ["one_thread_ms", "scaling", "peak_fraction_one_thread"] {
+            assert_eq!(s[key].as_f64().is_some_and(|x| x > 0.0), measured, "{key}: {s}");
+        }
+    }
+    let (ok, _, err) = msm4sr_bin(&[&args[..], &["--scaling", "--ops"]].concat());
+    assert!(!ok && err.contains("--scaling and --ops"), "{err}");
 }
 
 /// `msm4sr import` on the committed raw samples: the dataset directory it writes loads for

@@ -13,9 +13,11 @@
 # from one run to the next, so that neither always gets the busier core. Prints, per stage, the median ms per step
 # with min and max, the ratio msm4sr / PyTorch bucketed (and padded), and the loss of the batch at
 # the initial weights without dropout or mixup in each program (they must agree to ~1e-4
-# relative). Then msm4sr alone on one core and alone on both (0,1; SCALING=0 skips them) for its
-# scaling from one core to two, and the fraction of the GEMM peak of the cores each step reaches
-# (matrix-product FLOPs counted from their shapes). OUT (default a new temporary directory) keeps all the JSON.
+# relative). Then msm4sr alone on both cores (0,1; SCALING=0 skips it) with `bench --scaling`: each
+# repetition's steps on one thread and on two, moments apart, for its scaling from one core to two
+# (the median of the repetitions' ratios), and the fraction of the GEMM peak (one thread's, and two
+# threads') each step reaches (matrix-product FLOPs counted from their shapes). OUT (default a new
+# temporary directory) keeps all the JSON.
 # RUNS=N (default 1) repeats all of it N times (OUT/run1 ..) and ends with each stage's ratio and
 # scaling over the runs, median [min-max]: on a shared host one pair of medians can mislead.
 set -euo pipefail
@@ -43,8 +45,7 @@ for run in $(seq "$RUNS"); do
     wait $a
     wait $b
     if [ "${SCALING:-1}" != 0 ]; then
-        taskset -c "$OURS" "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$D/msm4sr-1core.json"
-        taskset -c 0,1 "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --json > "$D/msm4sr-2cores.json"
+        taskset -c 0,1 "$BIN" --device cpu bench --steps-from "$DATA" --reps "$REPS" --steps "$STEPS" --scaling --json > "$D/msm4sr-scaling.json"
     fi
     [ "$RUNS" -gt 1 ] && echo "== run $run of $RUNS ($D)"
     "$PY" - "$D" "$OURS" "$THEIRS" <<'PY'
@@ -64,18 +65,18 @@ for st in ("sasrec", "pretrain", "finetune"):
     lm, lt = m["check_loss"], checks[st]
     print(f"{st:<10} {span(m):>18} {tspan(tb):>22} {m['median_ms'] / tb['ms']:>6.2f} {tspan(tp):>20} {m['median_ms'] / tp['ms']:>6.2f}"
           f"   {lm:.6f} / {lt:.6f} ({abs(lm - lt) / abs(lt):.1e})")
-two = f"{out}/msm4sr-2cores.json"
-if os.path.exists(two):
-    both = {r["stage"]: r for r in json.load(open(two))["same_batch"]}
-    one = {r["stage"]: r for r in json.load(open(f"{out}/msm4sr-1core.json"))["same_batch"]}
+scal = f"{out}/msm4sr-scaling.json"
+if os.path.exists(scal):
+    both = {r["stage"]: r for r in json.load(open(scal))["same_batch"]}
     print()
-    print(f"msm4sr alone: one core ({core_ours}) and two cores; matrix-product GFLOP per step and the fraction of the GEMM peak")
-    print(f"{'stage':<10} {'1 core ms':>10} {'2 cores ms':>11} {'scaling':>8} {'GEMM GFLOP':>11} {'1 core: of peak':>16} {'2 cores: of peak':>17}")
+    print("msm4sr alone on cores 0,1: each repetition on one thread and on two, moments apart; matrix-product GFLOP per step and the fraction of the GEMM peak")
+    print(f"{'stage':<10} {'1 thread ms':>12} {'2 threads ms':>13} {'scaling':>8} {'GEMM GFLOP':>11} {'1 thread: of peak':>18} {'2 threads: of peak':>19}")
     for st in ("sasrec", "pretrain", "finetune"):
-        m, t = one[st], both[st]
-        print(f"{st:<10} {m['median_ms']:>10.0f} {t['median_ms']:>11.0f} {m['median_ms'] / t['median_ms']:>7.2f}x {m['gemm_gflop_per_step']:>11.2f}"
-              f" {100 * m['peak_fraction']:>15.0f}% {100 * t['peak_fraction']:>16.0f}%")
-    print(f"GEMM peak: {one['sasrec']['peak_gflops']:.1f} GFLOP/s on one core, {both['sasrec']['peak_gflops']:.1f} on two")
+        t = both[st]
+        print(f"{st:<10} {t['one_thread_ms']:>12.0f} {t['median_ms']:>13.0f} {t['scaling']:>7.2f}x {t['gemm_gflop_per_step']:>11.2f}"
+              f" {100 * t['peak_fraction_one_thread']:>17.0f}% {100 * t['peak_fraction']:>18.0f}%")
+    print(f"GEMM peak: {both['sasrec']['peak_gflops_one_thread']:.1f} GFLOP/s on one thread, {both['sasrec']['peak_gflops']:.1f} on two"
+          " (scaling: the median of the repetitions' one-thread / two-thread ratios)")
 PY
 done
 if [ "$RUNS" -gt 1 ]; then
@@ -92,10 +93,9 @@ for st in ("sasrec", "pretrain", "finetune"):
         rows = [json.loads(l) for l in open(f"{d}/torch.jsonl")]
         tb = next(r for r in rows if r.get("step") == st and r.get("layout") == "eager bucketed")
         ratio.append(ours[st]["median_ms"] / tb["ms"])
-        if os.path.exists(f"{d}/msm4sr-2cores.json"):
-            both = {r["stage"]: r for r in json.load(open(f"{d}/msm4sr-2cores.json"))["same_batch"]}
-            one = {r["stage"]: r for r in json.load(open(f"{d}/msm4sr-1core.json"))["same_batch"]}
-            scale.append(one[st]["median_ms"] / both[st]["median_ms"])
+        if os.path.exists(f"{d}/msm4sr-scaling.json"):
+            both = {r["stage"]: r for r in json.load(open(f"{d}/msm4sr-scaling.json"))["same_batch"]}
+            scale.append(both[st]["scaling"])
     span = lambda v, f: f"{f(statistics.median(v))} [{f(min(v))}-{f(max(v))}]" if v else "-"
     print(f"{st:<10} {span(ratio, lambda x: f'{x:.2f}'):>26} {span(scale, lambda x: f'{x:.2f}x'):>22}")
 PY

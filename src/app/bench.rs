@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use super::Where;
 use crate::engine::{gpu, Device};
 use crate::harness::bench;
+use crate::harness::same_batch::Plan;
 use crate::Result;
 
 /// Benchmark kernels at the model's shapes.
@@ -66,6 +67,11 @@ pub struct Args {
     /// each op's CPU form (ms per step; timing every op makes the step a little slower).
     #[arg(long)]
     pub ops: bool,
+    /// With --steps-from on the CPU with more than one thread: time each repetition's steps on one
+    /// thread too, right before or after those on all threads, and report the speed-up (the median
+    /// of the repetitions' one-thread / all-thread ratios).
+    #[arg(long)]
+    pub scaling: bool,
 }
 
 /// `msm4sr bench`.
@@ -88,14 +94,22 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
         export,
         stage,
         ops,
+        scaling,
     } = args;
     let (dev, desc) = at.choice.resolve(at.named)?;
     eprintln!("bench on {desc}");
     if let Some(data) = steps_from {
-        return same_batch(&data, dev, (batch, seed, reps, steps), export.as_deref(), (stage.as_deref(), ops), json);
+        let plan = Plan { reps, steps, only: stage.as_deref(), profile: ops, scaling };
+        return same_batch(&data, dev, (batch, seed), plan, export.as_deref(), json);
     }
-    if export.is_some() || ops {
-        let flag = if ops { "--ops" } else { "--export" };
+    if export.is_some() || ops || scaling {
+        let flag = if ops {
+            "--ops"
+        } else if scaling {
+            "--scaling"
+        } else {
+            "--export"
+        };
         return Err(crate::Error::Invalid(format!("{flag} belongs to --steps-from: give --steps-from DATA too")));
     }
     let quick = quick || (dev == Device::Gpu && gpu::gpu()?.adapter.is_software());
@@ -203,16 +217,14 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
 }
 
 /// `msm4sr bench --steps-from DATA`: the training steps on one real batch (see `harness::same_batch`);
-/// `(batch, seed, reps, steps)` as the flags say.
-fn same_batch(
-    data: &Path,
-    dev: Device,
-    (batch, seed, reps, steps): (usize, u64, usize, usize),
-    export: Option<&Path>,
-    (stage, profile): (Option<&str>, bool),
-    json: bool,
-) -> Result<ExitCode> {
+/// `(batch, seed)` and `plan` as the flags say.
+fn same_batch(data: &Path, dev: Device, (batch, seed): (usize, u64), plan: Plan, export: Option<&Path>, json: bool) -> Result<ExitCode> {
     use crate::harness::same_batch::{run, SameBatch};
+    if plan.scaling && plan.profile {
+        return Err(crate::Error::Invalid(
+            "--scaling and --ops: time the speed-up without the per-op clocks, or profile one thread count".into(),
+        ));
+    }
     if let Some(path) = export {
         if path.exists() {
             return Err(crate::Error::Invalid(format!("--export {}: the file exists; name a new one", path.display())));
@@ -235,7 +247,7 @@ fn same_batch(
         crate::train::checkpoint::save(path, &sb.tensors(seed)?, &meta)?;
         eprintln!("wrote {}", path.display());
     }
-    let results = run(&sb, dev, seed, reps, steps, stage, profile)?;
+    let results = run(&sb, dev, seed, plan)?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "same_batch": results })).unwrap());
     } else {
@@ -268,6 +280,31 @@ fn same_batch(
                 r.device
             );
         }
+        if results.iter().any(|r| r.scaling.is_some()) {
+            outln!(
+                "\n{:<10} {:>12} {:>12} {:>8} {:>16} {:>16}",
+                "stage",
+                "1 thread ms",
+                format!("{} threads ms", results[0].threads),
+                "scaling",
+                "1 thread: of peak",
+                format!("{} threads: of peak", results[0].threads)
+            );
+            for r in &results {
+                if let (Some(one), Some(x), Some(f)) = (r.one_thread_ms, r.scaling, r.peak_fraction_one_thread) {
+                    outln!(
+                        "{:<10} {:>12.1} {:>12.1} {:>7.2}x {:>16.0}% {:>16.0}%",
+                        r.stage,
+                        one,
+                        r.median_ms,
+                        x,
+                        100.0 * f,
+                        100.0 * r.peak_fraction
+                    );
+                }
+            }
+            outln!("(medians of the repetitions; scaling: the median of each repetition's one-thread / all-thread ratio, measured moments apart)");
+        }
         for r in results.iter().filter(|r| r.phases_ms.is_some()) {
             let p = r.phases_ms.as_ref().unwrap();
             let in_ops: f64 = r.ops.iter().map(|o| o.ms_per_step).sum();
@@ -287,8 +324,9 @@ fn same_batch(
         }
         if let Some(r) = results.first().filter(|r| r.peak_gflops > 0.0) {
             outln!(
-                "GEMM peak of these cores: {:.1} GFLOP/s ((1024x1024) . (1024x1024), best of 12); FLOPs of the matrix products only",
-                r.peak_gflops
+                "GEMM peak of these cores: {:.1} GFLOP/s ((1024x1024) . (1024x1024), best of 12){}; FLOPs of the matrix products only",
+                r.peak_gflops,
+                r.peak_gflops_one_thread.map(|p| format!(", {p:.1} on one thread")).unwrap_or_default()
             );
         }
     }

@@ -21,6 +21,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ModelConfig, ModelKind};
 use crate::data::{make_batch, Batch, Dataset, LoadOptions, Modality};
+use crate::engine::cpu::with_threads;
 use crate::engine::optim::{Adam, AdamConfig};
 use crate::engine::{backward, Device, Tensor};
 use crate::model::msm4sr::Model;
@@ -109,6 +110,8 @@ impl SameBatch {
 pub struct StageResult {
     pub stage: String,
     pub device: String,
+    /// Threads the CPU kernels used (1 on the GPU).
+    pub threads: usize,
     pub batch: usize,
     pub tokens: usize,
     pub items: usize,
@@ -130,6 +133,15 @@ pub struct StageResult {
     /// ... and as a fraction of the measured GEMM peak, `peak_gflops` (`gemm_peak`).
     pub peak_fraction: f64,
     pub peak_gflops: f64,
+    /// With `scaling`: the median ms per step on one thread, each repetition's times, and the
+    /// median over repetitions of one thread's time over all threads' (the two measured moments
+    /// apart) ...
+    pub one_thread_ms: Option<f64>,
+    pub ms_one_thread: Vec<f64>,
+    pub scaling: Option<f64>,
+    /// ... and the one-thread step's fraction of the one-thread GEMM peak.
+    pub peak_fraction_one_thread: Option<f64>,
+    pub peak_gflops_one_thread: Option<f64>,
     /// With `profile`: ms per step in the forward, the backward and the Adam step ...
     pub phases_ms: Option<Phases>,
     /// ... and each op's CPU form (forward and backward ops alike; the most time first).
@@ -177,19 +189,28 @@ pub fn gemm_peak(dev: Device) -> Result<f64> {
     })
 }
 
-/// Run every stage (or `only` the one of that name): `reps` repetitions of `steps` timed steps each, after two warm-up steps, with
-/// the step's matrix-product FLOPs and the fraction of the GEMM peak it reaches; with `profile`, the
-/// time of each phase and of each op too (a clock read and a lock per op: a little slower).
-pub fn run(
-    sb: &SameBatch,
-    dev: Device,
-    seed: u64,
-    reps: usize,
-    steps: usize,
-    only: Option<&str>,
-    profile: bool,
-) -> Result<Vec<StageResult>> {
+/// What `run` times: `reps` repetitions of `steps` steps of every stage (or `only` the one of that
+/// name); with `profile`, the time of each phase and of each op too (a clock read and a lock per op:
+/// a little slower); with `scaling` (CPU, more than one thread), each repetition's steps also on one
+/// thread, right before or after (the order alternating), for the speed-up of all threads over one
+/// measured moments apart.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan<'a> {
+    pub reps: usize,
+    pub steps: usize,
+    pub only: Option<&'a str>,
+    pub profile: bool,
+    pub scaling: bool,
+}
+
+/// Run the stages as `plan` says, after two warm-up steps each, with the step's matrix-product
+/// FLOPs and the fraction of the GEMM peak it reaches.
+pub fn run(sb: &SameBatch, dev: Device, seed: u64, plan: Plan) -> Result<Vec<StageResult>> {
+    let Plan { reps, steps, only, profile, scaling } = plan;
+    let threads = if dev == Device::Cpu { crate::engine::cpu::threads() } else { 1 };
+    let scaling = scaling && threads > 1;
     let peak = gemm_peak(dev)?;
+    let peak_one = if scaling { with_threads(1, || gemm_peak(dev))? } else { 0.0 };
     let mut out = Vec::new();
     for (stage, kind, pretrain) in STAGES {
         if only.is_some_and(|o| o != stage) {
@@ -197,6 +218,17 @@ pub fn run(
         }
         let check = sb.model(kind, 0.0, seed, dev)?;
         let check_loss = sb.loss(&check, pretrain, 0.0, &mut ChaCha8Rng::seed_from_u64(seed), &mut Seeds::new(seed))?.to_vec_f64()?[0];
+        // The same loss on one thread, bit for bit, or the scaling compares different work.
+        if scaling {
+            let one = with_threads(1, || -> Result<f64> {
+                Ok(sb.loss(&check, pretrain, 0.0, &mut ChaCha8Rng::seed_from_u64(seed), &mut Seeds::new(seed))?.to_vec_f64()?[0])
+            })?;
+            if one.to_bits() != check_loss.to_bits() {
+                return Err(crate::Error::Invalid(format!(
+                    "{stage}: the loss on one thread ({one:e}) differs from the loss on {threads} ({check_loss:e})"
+                )));
+            }
+        }
         drop(check);
         let model = sb.model(kind, 0.2, seed, dev)?;
         let params = if pretrain { model.pretrain_params() } else { model.finetune_params() };
@@ -224,51 +256,73 @@ pub fn run(
         for _ in 0..2 {
             step(&mut phases)?;
         }
+        if scaling {
+            with_threads(1, || step(&mut phases))?;
+        }
         phases = [0.0; 3];
         crate::engine::stats::profile_ops(profile);
-        let mut ms = Vec::with_capacity(reps);
-        let ((g_s0, g_f0), t_all) = (crate::engine::stats::gemm_counters(), Instant::now());
-        for _ in 0..reps.max(1) {
+        // ms per step of one repetition's `steps` steps, on all threads or (`one`) on one.
+        let mut timed = |one: bool, phases: &mut [f64; 3]| -> Result<f64> {
             let t0 = Instant::now();
             for _ in 0..steps.max(1) {
-                step(&mut phases)?;
+                if one {
+                    with_threads(1, || step(phases))?;
+                } else {
+                    step(phases)?;
+                }
             }
-            ms.push(t0.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64);
+            Ok(t0.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64)
+        };
+        let (mut ms, mut ms_one) = (Vec::with_capacity(reps), Vec::new());
+        let (mut gemm_s, mut gemm_flop, mut all_s) = (0.0, 0.0, 0.0);
+        for rep in 0..reps.max(1) {
+            if scaling && rep % 2 == 0 {
+                ms_one.push(timed(true, &mut phases)?);
+            }
+            let ((g_s0, g_f0), t_all) = (crate::engine::stats::gemm_counters(), Instant::now());
+            ms.push(timed(false, &mut phases)?);
+            let (g_s1, g_f1) = crate::engine::stats::gemm_counters();
+            (gemm_s, gemm_flop, all_s) = (gemm_s + g_s1 - g_s0, gemm_flop + g_f1 - g_f0, all_s + t_all.elapsed().as_secs_f64());
+            if scaling && rep % 2 == 1 {
+                ms_one.push(timed(true, &mut phases)?);
+            }
         }
-        let (g_s1, g_f1) = crate::engine::stats::gemm_counters();
         let n_steps = (reps.max(1) * steps.max(1)) as f64;
+        let n_profiled = n_steps * if scaling { 2.0 } else { 1.0 };
         let ops = if profile {
             let t = crate::engine::stats::op_times();
             crate::engine::stats::profile_ops(false);
             t.into_iter()
                 .map(|(op, calls, secs)| OpTime {
                     op: op.into(),
-                    calls_per_step: calls as f64 / n_steps,
-                    ms_per_step: secs * 1e3 / n_steps,
+                    calls_per_step: calls as f64 / n_profiled,
+                    ms_per_step: secs * 1e3 / n_profiled,
                 })
                 .collect()
         } else {
             Vec::new()
         };
         let phases_ms = profile.then(|| {
-            let ms = |s: f64| s * 1e3 / n_steps;
+            let ms = |s: f64| s * 1e3 / n_profiled;
             Phases { forward: ms(phases[0]), backward: ms(phases[1]), adam: ms(phases[2]) }
         });
-        let gemm_gflop_per_step = (g_f1 - g_f0) / n_steps / 1e9;
-        let gemm_time_share = (g_s1 - g_s0) / t_all.elapsed().as_secs_f64();
-        let mut sorted = ms.clone();
-        sorted.sort_by(f64::total_cmp);
-        let median_ms = sorted[sorted.len() / 2];
+        let gemm_gflop_per_step = gemm_flop / n_steps / 1e9;
+        let gemm_time_share = gemm_s / all_s;
+        let (median_ms, min_ms, max_ms) = spread(&ms);
         let gflops = gemm_gflop_per_step / (median_ms / 1e3);
+        let one_thread_ms = (!ms_one.is_empty()).then(|| spread(&ms_one).0);
+        // Each repetition's one-thread time over its own all-thread time, then the median.
+        let speedup = one_thread_ms.map(|_| spread(&ms_one.iter().zip(&ms).map(|(o, a)| o / a).collect::<Vec<_>>()).0);
         out.push(StageResult {
             stage: stage.into(),
             device: super::bench::device_name(dev),
+            threads,
             batch: sb.batch.b,
             tokens: sb.tokens,
             items: sb.n_items,
             check_loss,
-            min_ms: sorted[0],
-            max_ms: *sorted.last().unwrap(),
+            min_ms,
+            max_ms,
             us_per_token: median_ms * 1e3 / sb.tokens as f64,
             gemm_gflop_per_step,
             gemm_time_share,
@@ -277,6 +331,11 @@ pub fn run(
             peak_gflops: 0.0,
             median_ms,
             ms,
+            one_thread_ms,
+            ms_one_thread: ms_one,
+            scaling: speedup,
+            peak_fraction_one_thread: None,
+            peak_gflops_one_thread: None,
             phases_ms,
             ops,
         });
@@ -284,9 +343,21 @@ pub fn run(
     // The peak measured again after the steps, the better of the two kept: on a shared host one
     // measurement on two cores has read as one core's rate.
     let peak = peak.max(gemm_peak(dev)?);
+    let peak_one = if scaling { peak_one.max(with_threads(1, || gemm_peak(dev))?) } else { 0.0 };
     for r in &mut out {
         r.peak_gflops = peak;
         r.peak_fraction = if peak > 0.0 { r.gflops / peak } else { 0.0 };
+        if let Some(one) = r.one_thread_ms.filter(|_| peak_one > 0.0) {
+            r.peak_gflops_one_thread = Some(peak_one);
+            r.peak_fraction_one_thread = Some(r.gemm_gflop_per_step / (one / 1e3) / peak_one);
+        }
     }
     Ok(out)
+}
+
+/// (median, min, max) of a non-empty list.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    (sorted[sorted.len() / 2], sorted[0], sorted[sorted.len() - 1])
 }

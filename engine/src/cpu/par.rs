@@ -14,6 +14,7 @@
 //! rows hold stale values of the pool's earlier vectors (`pool::stale`), never read.
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -26,9 +27,37 @@ const GRAIN: usize = 1 << 13;
 /// Elements per task for cheap elementwise maps.
 const ELEM_CHUNK: usize = 1 << 14;
 
+/// At most this many threads for the CPU kernels' parallel work (0: no limit); [`with_threads`].
+static LIMIT: AtomicUsize = AtomicUsize::new(0);
+
+/// Threads the CPU kernels split their work over: the pool's (one per core it may run on), or
+/// fewer inside [`with_threads`].
+pub fn threads() -> usize {
+    match LIMIT.load(Ordering::Relaxed) {
+        0 => rayon::current_num_threads(),
+        n => n.min(rayon::current_num_threads()),
+    }
+}
+
+/// `f()` with the CPU kernels' work split over at most `n` threads (1: all of it on the calling
+/// thread, the pool's other threads idle), e.g. to time one core against all of them in one
+/// process, moments apart. The results are the same bits for any `n` (see the module's notes).
+/// Process-wide: for the thread that runs the kernels (the program's main thread).
+pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    /// Puts the earlier limit back when `f` returns or unwinds.
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LIMIT.store(self.0, Ordering::Relaxed);
+        }
+    }
+    let _restore = Restore(LIMIT.swap(n.max(1), Ordering::Relaxed));
+    f()
+}
+
 /// Whether `work` elements of work are worth spreading over the pool.
 pub(crate) fn worth(work: usize) -> bool {
-    work >= MIN_PAR && rayon::current_num_threads() > 1
+    work >= MIN_PAR && threads() > 1
 }
 
 /// Rows per task for rows costing `work_per_row` elements each.
@@ -356,7 +385,7 @@ pub(crate) const LINE: usize = 16;
 /// A column-block width for reducing `rows` rows of `cols` columns in parallel: each block is
 /// summed over all rows by one task. `cols` when the work is small (one block, on this thread).
 pub(crate) fn col_block(rows: usize, cols: usize) -> usize {
-    let threads = rayon::current_num_threads();
+    let threads = threads();
     if !worth(rows * cols) || cols < 32 {
         return cols.max(1);
     }
@@ -367,6 +396,23 @@ pub(crate) fn col_block(rows: usize, cols: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `with_threads` limits the kernels' threads inside and puts the limit back after, also when
+    /// `f` panics; a limit above the pool's size is the pool's size.
+    #[test]
+    fn with_threads_limits_and_restores() {
+        let all = threads();
+        with_threads(1, || {
+            assert_eq!(threads(), 1);
+            assert!(!worth(1 << 30));
+            assert_eq!(col_block(1 << 20, 64), 64);
+            with_threads(1000, || assert_eq!(threads(), rayon::current_num_threads()));
+            assert_eq!(threads(), 1);
+        });
+        assert_eq!(threads(), all);
+        assert!(std::panic::catch_unwind(|| with_threads(1, || panic!("inside"))).is_err());
+        assert_eq!(threads(), all);
+    }
 
     #[test]
     fn helpers_fill_every_element_in_order() {

@@ -181,7 +181,7 @@ fn split_gemm<T: Send + Sync>(
     let raw = Raw { a: a.as_ptr(), b: b.as_ptr(), c: c.as_mut_ptr() };
     let rows = m >= n;
     let (len, other) = if rows { (m, n) } else { (n, m) };
-    let piece = if m * n * k < GEMM_MIN_PAR { None } else { gemm_piece(len, other, rayon::current_num_threads()) };
+    let piece = if m * n * k < GEMM_MIN_PAR { None } else { gemm_piece(len, other, crate::cpu::par::threads()) };
     let Some(piece) = piece else {
         let _g = InGemm::enter();
         return call(m, n, raw.a, raw.b, raw.c);
