@@ -1672,7 +1672,7 @@ fn same_batch_bench_exports_the_batch_and_never_overwrites() {
         let s = &v["same_batch"][0];
         assert_eq!(s["threads"].as_u64(), Some(threads.parse().unwrap()), "{s}");
         assert_eq!(s["ms_one_thread"].as_array().unwrap().len(), if measured { 2 } else { 0 }, "{s}");
-        for key in ["one_thread_ms", "scaling", "peak_fraction_one_thread"] {
+        for key in ["median_ms_one_thread", "scaling", "peak_fraction_one_thread"] {
             assert_eq!(s[key].as_f64().is_some_and(|x| x > 0.0), measured, "{key}: {s}");
         }
     }

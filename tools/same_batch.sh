@@ -73,7 +73,7 @@ if os.path.exists(scal):
     print(f"{'stage':<10} {'1 thread ms':>12} {'2 threads ms':>13} {'scaling':>8} {'GEMM GFLOP':>11} {'1 thread: of peak':>18} {'2 threads: of peak':>19}")
     for st in ("sasrec", "pretrain", "finetune"):
         t = both[st]
-        print(f"{st:<10} {t['one_thread_ms']:>12.0f} {t['median_ms']:>13.0f} {t['scaling']:>7.2f}x {t['gemm_gflop_per_step']:>11.2f}"
+        print(f"{st:<10} {t['median_ms_one_thread']:>12.0f} {t['median_ms']:>13.0f} {t['scaling']:>7.2f}x {t['gemm_gflop_per_step']:>11.2f}"
               f" {100 * t['peak_fraction_one_thread']:>17.0f}% {100 * t['peak_fraction']:>18.0f}%")
     print(f"GEMM peak: {both['sasrec']['peak_gflops_one_thread']:.1f} GFLOP/s on one thread, {both['sasrec']['peak_gflops']:.1f} on two"
           " (scaling: the median of the repetitions' one-thread / two-thread ratios)")

@@ -291,7 +291,7 @@ fn same_batch(data: &Path, dev: Device, (batch, seed): (usize, u64), plan: Plan,
                 format!("{} threads: of peak", results[0].threads)
             );
             for r in &results {
-                if let (Some(one), Some(x), Some(f)) = (r.one_thread_ms, r.scaling, r.peak_fraction_one_thread) {
+                if let (Some(one), Some(x), Some(f)) = (r.median_ms_one_thread, r.scaling, r.peak_fraction_one_thread) {
                     outln!(
                         "{:<10} {:>12.1} {:>12.1} {:>7.2}x {:>16.0}% {:>16.0}%",
                         r.stage,

@@ -133,11 +133,11 @@ pub struct StageResult {
     /// ... and as a fraction of the measured GEMM peak, `peak_gflops` (`gemm_peak`).
     pub peak_fraction: f64,
     pub peak_gflops: f64,
-    /// With `scaling`: the median ms per step on one thread, each repetition's times, and the
-    /// median over repetitions of one thread's time over all threads' (the two measured moments
-    /// apart) ...
-    pub one_thread_ms: Option<f64>,
+    /// With `scaling`: each repetition's ms per step on one thread (next to `ms`) and their median,
+    /// and the median over repetitions of one thread's time over all threads' (the two measured
+    /// moments apart) ...
     pub ms_one_thread: Vec<f64>,
+    pub median_ms_one_thread: Option<f64>,
     pub scaling: Option<f64>,
     /// ... and the one-thread step's fraction of the one-thread GEMM peak.
     pub peak_fraction_one_thread: Option<f64>,
@@ -207,6 +207,11 @@ pub struct Plan<'a> {
 /// FLOPs and the fraction of the GEMM peak it reaches.
 pub fn run(sb: &SameBatch, dev: Device, seed: u64, plan: Plan) -> Result<Vec<StageResult>> {
     let Plan { reps, steps, only, profile, scaling } = plan;
+    if profile && scaling {
+        return Err(crate::Error::Invalid(
+            "profile the ops or time the scaling, not both: the op clocks would mix one thread and all".into(),
+        ));
+    }
     let threads = if dev == Device::Cpu { crate::engine::cpu::threads() } else { 1 };
     let scaling = scaling && threads > 1;
     let peak = gemm_peak(dev)?;
@@ -288,31 +293,30 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, plan: Plan) -> Result<Vec<Sta
             }
         }
         let n_steps = (reps.max(1) * steps.max(1)) as f64;
-        let n_profiled = n_steps * if scaling { 2.0 } else { 1.0 };
         let ops = if profile {
             let t = crate::engine::stats::op_times();
             crate::engine::stats::profile_ops(false);
             t.into_iter()
                 .map(|(op, calls, secs)| OpTime {
                     op: op.into(),
-                    calls_per_step: calls as f64 / n_profiled,
-                    ms_per_step: secs * 1e3 / n_profiled,
+                    calls_per_step: calls as f64 / n_steps,
+                    ms_per_step: secs * 1e3 / n_steps,
                 })
                 .collect()
         } else {
             Vec::new()
         };
         let phases_ms = profile.then(|| {
-            let ms = |s: f64| s * 1e3 / n_profiled;
+            let ms = |s: f64| s * 1e3 / n_steps;
             Phases { forward: ms(phases[0]), backward: ms(phases[1]), adam: ms(phases[2]) }
         });
         let gemm_gflop_per_step = gemm_flop / n_steps / 1e9;
         let gemm_time_share = gemm_s / all_s;
         let (median_ms, min_ms, max_ms) = spread(&ms);
         let gflops = gemm_gflop_per_step / (median_ms / 1e3);
-        let one_thread_ms = (!ms_one.is_empty()).then(|| spread(&ms_one).0);
+        let median_ms_one_thread = (!ms_one.is_empty()).then(|| spread(&ms_one).0);
         // Each repetition's one-thread time over its own all-thread time, then the median.
-        let speedup = one_thread_ms.map(|_| spread(&ms_one.iter().zip(&ms).map(|(o, a)| o / a).collect::<Vec<_>>()).0);
+        let speedup = median_ms_one_thread.map(|_| spread(&ms_one.iter().zip(&ms).map(|(o, a)| o / a).collect::<Vec<_>>()).0);
         out.push(StageResult {
             stage: stage.into(),
             device: super::bench::device_name(dev),
@@ -331,7 +335,7 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, plan: Plan) -> Result<Vec<Sta
             peak_gflops: 0.0,
             median_ms,
             ms,
-            one_thread_ms,
+            median_ms_one_thread,
             ms_one_thread: ms_one,
             scaling: speedup,
             peak_fraction_one_thread: None,
@@ -347,7 +351,7 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, plan: Plan) -> Result<Vec<Sta
     for r in &mut out {
         r.peak_gflops = peak;
         r.peak_fraction = if peak > 0.0 { r.gflops / peak } else { 0.0 };
-        if let Some(one) = r.one_thread_ms.filter(|_| peak_one > 0.0) {
+        if let Some(one) = r.median_ms_one_thread.filter(|_| peak_one > 0.0) {
             r.peak_gflops_one_thread = Some(peak_one);
             r.peak_fraction_one_thread = Some(r.gemm_gflop_per_step / (one / 1e3) / peak_one);
         }
