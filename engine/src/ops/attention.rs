@@ -40,37 +40,39 @@ pub const MAX_LEN_GPU: usize = 1024;
 
 // ---- CPU references -------------------------------------------------------------------------
 
-/// Dropout factor of key index `idx` (see [`RaggedDims::key`]): 0 or 1/(1-p), with the seed's
-/// hash computed once.
-fn keeper<T: Real>(d: &RaggedDims) -> impl Fn(usize) -> T + Sync + Send {
-    let (p, hs, inv) = (d.p, pcg(d.seed), T::c(1.0 / (1.0 - d.p as f64)));
-    move |idx| {
-        if p == 0.0 {
-            T::one()
-        } else if rand01_hashed(hs, idx as u32) >= p {
-            inv
-        } else {
-            T::zero()
+/// Dropout factors of the attention probabilities, with the seed's hash computed once.
+struct Keep<T> {
+    p: f32,
+    hashed_seed: u32,
+    inv: T,
+}
+
+impl<T: Real> Keep<T> {
+    fn new(d: &RaggedDims) -> Self {
+        Keep { p: d.p, hashed_seed: pcg(d.seed), inv: T::c(1.0 / (1.0 - d.p as f64)) }
+    }
+
+    /// `kp[j]` = the factor of key index `base + j` (see [`RaggedDims::key`]): 0 or 1/(1-p) (1
+    /// without dropout). The keys of a row are consecutive, so the hashes of a row vectorize.
+    #[inline]
+    fn row(&self, kp: &mut [T], base: usize) {
+        if self.p == 0.0 {
+            kp.fill(T::one());
+            return;
+        }
+        let (p, hs, inv, base) = (self.p, self.hashed_seed, self.inv, base as u32);
+        for (j, k) in kp.iter_mut().enumerate() {
+            *k = if rand01_hashed(hs, base.wrapping_add(j as u32)) >= p { inv } else { T::zero() };
         }
     }
 }
 
 /// One query row of one head: key j's channels start at
 /// `kbase + j * c` in k and v, j < pr.len(). Writes P (before dropout) into `pr` and adds
-/// sum_j keep(j) P_j v_j into `or`.
+/// sum_j kp_j P_j v_j into `or` (kp: the row's dropout factors, [`Keep::row`]).
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn attend_row<T: Real>(
-    qr: &[T],
-    k: &[T],
-    v: &[T],
-    kbase: usize,
-    c: usize,
-    scale: T,
-    pr: &mut [T],
-    or: &mut [T],
-    keep: impl Fn(usize) -> T,
-) {
+fn attend_row<T: Real>(qr: &[T], k: &[T], v: &[T], kbase: usize, c: usize, scale: T, pr: &mut [T], or: &mut [T], kp: &[T]) {
     let dh = qr.len();
     for (j, s) in pr.iter_mut().enumerate() {
         let ko = kbase + j * c;
@@ -84,7 +86,7 @@ fn attend_row<T: Real>(
     }
     for (j, pj) in pr.iter_mut().enumerate() {
         *pj /= sum;
-        let pd = *pj * keep(j);
+        let pd = *pj * kp[j];
         let vo = kbase + j * c;
         for (o, &y) in or.iter_mut().zip(&v[vo..vo + dh]) {
             *o += pd * y;
@@ -92,10 +94,10 @@ fn attend_row<T: Real>(
     }
 }
 
-/// Backward of one query row (see `attend_row`): from its P row `prow` (j < prow.len()) and dO row
-/// `dor`, dP = keep * dO V^T, dS = P * (dP - sum_j dP * P); adds dS K * scale into `dqr`, and into
-/// the sequence's dk / dv blocks at `lbase + j * c`: scale * dS_j q and P'_j dO. `ds`, `kp` are
-/// scratch rows at least prow.len() long.
+/// Backward of one query row (see `attend_row`): from its P row `prow` (j < prow.len()), its dropout
+/// factors `kp` ([`Keep::row`]) and dO row `dor`, dP = kp * dO V^T, dS = P * (dP - sum_j dP * P);
+/// adds dS K * scale into `dqr`, and into the sequence's dk / dv blocks at `lbase + j * c`:
+/// scale * dS_j q and P'_j dO. `ds` is a scratch row at least prow.len() long.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn attend_row_bwd<T: Real>(
@@ -103,9 +105,8 @@ fn attend_row_bwd<T: Real>(
     (k, v): (&[T], &[T]),
     (kbase, lbase, c): (usize, usize, usize),
     scale: T,
-    prow: &[T],
-    keep: impl Fn(usize) -> T,
-    (ds, kp): (&mut [T], &mut [T]),
+    (prow, kp): (&[T], &[T]),
+    ds: &mut [T],
     dqr: &mut [T],
     (dkb, dvb): (&mut [T], &mut [T]),
 ) {
@@ -114,7 +115,6 @@ fn attend_row_bwd<T: Real>(
     for j in 0..n {
         let vo = kbase + j * c;
         let dp = dot(dor, &v[vo..vo + dh]);
-        kp[j] = keep(j);
         ds[j] = dp * kp[j];
         t += ds[j] * prow[j];
     }
@@ -163,7 +163,7 @@ impl RaggedDims {
 pub fn attention_ragged_cpu<T: Real>(q: &[T], k: &[T], v: &[T], r: &Ragged, d: RaggedDims, save: bool) -> (Vec<T>, Vec<T>) {
     let (dh, c, heads) = (d.dh, d.c(), d.heads);
     let scale = T::c(1.0 / (dh as f64).sqrt());
-    let keep = keeper::<T>(&d);
+    let keep = Keep::<T>::new(&d);
     let oo: Vec<usize> = r.offsets.iter().map(|&o| o as usize * c).collect();
     let po: Vec<usize> =
         if save { (0..=r.batch()).map(|b| heads * if b < r.batch() { r.pblock(b) } else { r.pairs() }).collect() } else { vec![] };
@@ -172,13 +172,15 @@ pub fn attention_ragged_cpu<T: Real>(q: &[T], k: &[T], v: &[T], r: &Ragged, d: R
     let (out, probs, _) = par::segs3::<T, T, u8>(r.batch(), work, (&oo, &po, &[]), |b, ob, pb, _| {
         let (o, n) = (offs[b] as usize, lens[b] as usize);
         let mut scratch = if save { Vec::new() } else { vec![T::zero(); n] };
+        let mut kp = vec![T::zero(); n];
         for h in 0..heads {
             for i in 0..n {
                 let nk = if d.causal { i + 1 } else { n };
                 let pr = if save { &mut pb[(h * n + i) * n..(h * n + i) * n + nk] } else { &mut scratch[..nk] };
                 let qo = (o + i) * c + h * dh;
                 let or = &mut ob[i * c + h * dh..i * c + (h + 1) * dh];
-                attend_row(&q[qo..qo + dh], k, v, o * c + h * dh, c, scale, pr, or, |j| keep(d.key(b, h, i, j)));
+                keep.row(&mut kp[..nk], d.key(b, h, i, 0));
+                attend_row(&q[qo..qo + dh], k, v, o * c + h * dh, c, scale, pr, or, &kp[..nk]);
             }
         }
     });
@@ -197,7 +199,7 @@ pub fn attention_ragged_bwd_cpu<T: Real>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (dh, c, heads) = (d.dh, d.c(), d.heads);
     let scale = T::c(1.0 / (dh as f64).sqrt());
-    let keep = keeper::<T>(&d);
+    let keep = Keep::<T>::new(&d);
     let oo: Vec<usize> = r.offsets.iter().map(|&o| o as usize * c).collect();
     let work = 4 * heads * dh * r.pairs() / r.batch().max(1) + c;
     let (offs, lens) = (&r.offsets[..], &r.lens[..]);
@@ -212,14 +214,14 @@ pub fn attention_ragged_bwd_cpu<T: Real>(
                 let qo = (o + i) * c + h * dh;
                 let prow = &probs[pbase + (h * n + i) * n..pbase + (h * n + i) * n + nk];
                 let dqr = &mut dqb[i * c + h * dh..i * c + (h + 1) * dh];
+                keep.row(&mut kp[..nk], d.key(b, h, i, 0));
                 attend_row_bwd(
                     (&q[qo..qo + dh], &dout[qo..qo + dh]),
                     (k, v),
                     (o * c + h * dh, h * dh, c),
                     scale,
-                    prow,
-                    |j| keep(d.key(b, h, i, j)),
-                    (&mut ds, &mut kp),
+                    (prow, &kp[..nk]),
+                    &mut ds,
                     dqr,
                     (&mut *dkb, &mut *dvb),
                 );
