@@ -282,7 +282,7 @@ fn same_batch(data: &Path, dev: Device, (batch, seed): (usize, u64), plan: Plan,
         }
         if results.iter().any(|r| r.scaling.is_some()) {
             outln!(
-                "\n{:<10} {:>12} {:>12} {:>8} {:>16} {:>16}",
+                "\n{:<10} {:>13} {:>13} {:>8} {:>19} {:>20}",
                 "stage",
                 "1 thread ms",
                 format!("{} threads ms", results[0].threads),
@@ -293,7 +293,7 @@ fn same_batch(data: &Path, dev: Device, (batch, seed): (usize, u64), plan: Plan,
             for r in &results {
                 if let (Some(one), Some(x), Some(f)) = (r.median_ms_one_thread, r.scaling, r.peak_fraction_one_thread) {
                     outln!(
-                        "{:<10} {:>12.1} {:>12.1} {:>7.2}x {:>16.0}% {:>16.0}%",
+                        "{:<10} {:>13.1} {:>13.1} {:>7.2}x {:>18.0}% {:>19.0}%",
                         r.stage,
                         one,
                         r.median_ms,
