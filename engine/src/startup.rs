@@ -9,9 +9,9 @@
 /// - The calling thread becomes one of the CPU pool's workers (rayon's global pool, one thread per
 ///   core it may run on): a parallel region it starts then pushes its tasks onto its own deque and
 ///   works on them while the other workers steal. Without this, each region was sent to the pool
-///   from outside and the caller slept until it ended, a wake-up and a sleep per region (about ten
-///   thousand context switches in a 25-step two-core SASRec bench, now about one thousand; the
-///   two-core step ~6% faster). Only the main thread should call this.
+///   from outside and the caller slept until it ended, a wake-up and a sleep per region (~20,000
+///   context switches in a 51-step two-core SASRec bench, now ~2,000; the two-core step ~3%
+///   faster, benches/RESULTS.md). Only the main thread should call this.
 /// - `XDG_RUNTIME_DIR` is set to a private directory when it is unset or invalid, so that probing
 ///   GPU adapters prints nothing from the Vulkan loader's window-system layers.
 pub fn startup() {
