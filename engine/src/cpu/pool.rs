@@ -80,18 +80,29 @@ fn class_below(cap: usize) -> Option<usize> {
     Some(cap / step * step)
 }
 
+/// The element types the pool keeps.
+#[derive(Clone, Copy)]
+enum Kind {
+    F32,
+    F64,
+    U32,
+}
+
+/// Which pooled element type `T` is, if any (each one a type whose every bit pattern is a value).
+fn kind<T: 'static>() -> Option<Kind> {
+    let id = std::any::TypeId::of::<T>();
+    [(std::any::TypeId::of::<f32>(), Kind::F32), (std::any::TypeId::of::<f64>(), Kind::F64), (std::any::TypeId::of::<u32>(), Kind::U32)]
+        .into_iter()
+        .find_map(|(t, k)| (t == id).then_some(k))
+}
+
 /// The free lists of element type `T`, when the pool keeps that type.
 fn free_of<T: 'static>(p: &mut Pool) -> Option<&mut dyn Any> {
-    let id = std::any::TypeId::of::<T>();
-    if id == std::any::TypeId::of::<f32>() {
-        Some(&mut p.f32)
-    } else if id == std::any::TypeId::of::<f64>() {
-        Some(&mut p.f64)
-    } else if id == std::any::TypeId::of::<u32>() {
-        Some(&mut p.u32)
-    } else {
-        None
-    }
+    Some(match kind::<T>()? {
+        Kind::F32 => &mut p.f32,
+        Kind::F64 => &mut p.f64,
+        Kind::U32 => &mut p.u32,
+    })
 }
 
 /// A vector with capacity for at least `n` elements: a pooled one, still holding the length and
@@ -143,8 +154,8 @@ pub fn stale<T: Copy + Default + 'static>(n: usize) -> Vec<T> {
     } else {
         v.resize(n, T::default());
     }
-    if poison() && free_of_type::<T>() {
-        // SAFETY: T is f32, f64 or u32 (checked), for which every bit pattern is a valid value.
+    if poison() && kind::<T>().is_some() {
+        // SAFETY: T is a pooled type (f32, f64 or u32), for which every bit pattern is a value.
         unsafe { std::ptr::write_bytes(v.as_mut_ptr(), 0xff, n) };
     }
     v
@@ -162,12 +173,6 @@ fn poison() -> bool {
 /// For tests: a computation must give the same bits either way.
 pub fn set_poison(on: bool) -> bool {
     POISON.swap(on, std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Whether T is one of the pooled element types (f32, f64, u32).
-fn free_of_type<T: 'static>() -> bool {
-    let id = std::any::TypeId::of::<T>();
-    id == std::any::TypeId::of::<f32>() || id == std::any::TypeId::of::<f64>() || id == std::any::TypeId::of::<u32>()
 }
 
 /// `n` zeros of a pooled vector.

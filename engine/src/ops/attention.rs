@@ -171,12 +171,13 @@ pub fn attention_ragged_cpu<T: Real>(q: &[T], k: &[T], v: &[T], r: &Ragged, d: R
     let (offs, lens) = (&r.offsets[..], &r.lens[..]);
     let (out, probs, _) = par::segs3::<T, T, u8>(r.batch(), work, (&oo, &po, &[]), |b, ob, pb, _| {
         let (o, n) = (offs[b] as usize, lens[b] as usize);
-        let mut scratch = if save { Vec::new() } else { vec![T::zero(); n] };
-        let mut kp = vec![T::zero(); n];
+        // The row's dropout factors, then (when P is not saved) the row of P.
+        let mut scratch = vec![T::zero(); if save { n } else { 2 * n }];
+        let (kp, unsaved) = scratch.split_at_mut(n);
         for h in 0..heads {
             for i in 0..n {
                 let nk = if d.causal { i + 1 } else { n };
-                let pr = if save { &mut pb[(h * n + i) * n..(h * n + i) * n + nk] } else { &mut scratch[..nk] };
+                let pr = if save { &mut pb[(h * n + i) * n..(h * n + i) * n + nk] } else { &mut unsaved[..nk] };
                 let qo = (o + i) * c + h * dh;
                 let or = &mut ob[i * c + h * dh..i * c + (h + 1) * dh];
                 keep.row(&mut kp[..nk], d.key(b, h, i, 0));
