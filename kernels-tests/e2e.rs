@@ -1663,7 +1663,7 @@ fn same_batch_bench_exports_the_batch_and_never_overwrites() {
     assert!(!ok && err.contains("--steps-from"), "{err}");
     // --scaling: on two threads, each repetition also on one (same loss bits, checked inside), with
     // the speed-up and the one-thread step's share of the one-thread GEMM peak; on one thread there
-    // is nothing to compare; with --ops it is refused.
+    // is nothing to compare; with --ops, each op's time on one thread and its speed-up too.
     let scaling = [&args[..], &["--stage", "sasrec", "--scaling", "--json"]].concat();
     for (threads, measured) in [("2", true), ("1", false)] {
         let o = Command::new(env!("CARGO_BIN_EXE_msm4sr")).args(&scaling).env("RAYON_NUM_THREADS", threads).output().unwrap();
@@ -1676,8 +1676,21 @@ fn same_batch_bench_exports_the_batch_and_never_overwrites() {
             assert_eq!(s[key].as_f64().is_some_and(|x| x > 0.0), measured, "{key}: {s}");
         }
     }
-    let (ok, _, err) = msm4sr_bin(&[&args[..], &["--scaling", "--ops"]].concat());
-    assert!(!ok && err.contains("--scaling and --ops"), "{err}");
+    let both = [&args[..], &["--stage", "sasrec", "--scaling", "--ops", "--json"]].concat();
+    let o = Command::new(env!("CARGO_BIN_EXE_msm4sr")).args(&both).env("RAYON_NUM_THREADS", "2").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = &v["same_batch"][0];
+    let ops = s["ops"].as_array().unwrap();
+    assert!(ops.iter().any(|o| o["op"] == "catalog_ce"), "{s}");
+    for o in ops {
+        assert!(o["ms_per_step_one_thread"].as_f64().is_some(), "{o}");
+        if o["op"] == "catalog_ce" || o["op"] == "matmul" {
+            for key in ["ms_per_step", "ms_per_step_one_thread", "scaling"] {
+                assert!(o[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {o}");
+            }
+        }
+    }
 }
 
 /// `msm4sr import` on the committed raw samples: the dataset directory it writes loads for

@@ -69,7 +69,7 @@ pub struct Args {
     pub ops: bool,
     /// With --steps-from on the CPU with more than one thread: time each repetition's steps on one
     /// thread too, right before or after those on all threads, and report the speed-up (the median
-    /// of the repetitions' one-thread / all-thread ratios).
+    /// of the repetitions' one-thread / all-thread ratios); with --ops, each op's speed-up too.
     #[arg(long)]
     pub scaling: bool,
 }
@@ -220,11 +220,6 @@ pub fn run(args: Args, at: Where) -> Result<ExitCode> {
 /// `(batch, seed)` and `plan` as the flags say.
 fn same_batch(data: &Path, dev: Device, (batch, seed): (usize, u64), plan: Plan, export: Option<&Path>, json: bool) -> Result<ExitCode> {
     use crate::harness::same_batch::{run, SameBatch};
-    if plan.scaling && plan.profile {
-        return Err(crate::Error::Invalid(
-            "--scaling and --ops: time the speed-up without the per-op clocks, or profile one thread count".into(),
-        ));
-    }
     if let Some(path) = export {
         if path.exists() {
             return Err(crate::Error::Invalid(format!("--export {}: the file exists; name a new one", path.display())));
@@ -309,17 +304,28 @@ fn same_batch(data: &Path, dev: Device, (batch, seed): (usize, u64), plan: Plan,
             let p = r.phases_ms.as_ref().unwrap();
             let in_ops: f64 = r.ops.iter().map(|o| o.ms_per_step).sum();
             outln!(
-                "\n{}: ms per step (mean, profiled): forward {:.1}, backward {:.1}, Adam {:.1}; in ops {:.1}",
+                "\n{}: ms per step (mean, profiled, {} threads): forward {:.1}, backward {:.1}, Adam {:.1}; in ops {:.1}",
                 r.stage,
+                r.threads,
                 p.forward,
                 p.backward,
                 p.adam,
                 in_ops
             );
-            outln!("  {:<18} {:>8} {:>10} {:>7}", "op (CPU form)", "calls", "ms/step", "share");
             let total = p.forward + p.backward + p.adam;
-            for o in &r.ops {
-                outln!("  {:<18} {:>8.0} {:>10.2} {:>6.1}%", o.op, o.calls_per_step, o.ms_per_step, 100.0 * o.ms_per_step / total);
+            if r.scaling.is_some() {
+                let all = format!("{} threads ms", r.threads);
+                outln!("  {:<18} {:>8} {:>13} {:>7} {:>13} {:>8}", "op (CPU form)", "calls", all, "share", "1 thread ms", "scaling");
+                for o in &r.ops {
+                    let (one, x) = (o.ms_per_step_one_thread.unwrap_or(0.0), o.scaling.unwrap_or(0.0));
+                    let share = 100.0 * o.ms_per_step / total;
+                    outln!("  {:<18} {:>8.0} {:>13.2} {:>6.1}% {:>13.2} {:>7.2}x", o.op, o.calls_per_step, o.ms_per_step, share, one, x);
+                }
+            } else {
+                outln!("  {:<18} {:>8} {:>10} {:>7}", "op (CPU form)", "calls", "ms/step", "share");
+                for o in &r.ops {
+                    outln!("  {:<18} {:>8.0} {:>10.2} {:>6.1}%", o.op, o.calls_per_step, o.ms_per_step, 100.0 * o.ms_per_step / total);
+                }
             }
         }
         if let Some(r) = results.first().filter(|r| r.peak_gflops > 0.0) {

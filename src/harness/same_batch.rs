@@ -162,6 +162,11 @@ pub struct OpTime {
     pub op: String,
     pub calls_per_step: f64,
     pub ms_per_step: f64,
+    /// With `scaling` too: its ms per step in the one-thread repetitions and its speed-up (its
+    /// one-thread time over its all-thread time, each summed over the repetitions; none for an op
+    /// the clock saw take no time).
+    pub ms_per_step_one_thread: Option<f64>,
+    pub scaling: Option<f64>,
 }
 
 /// The GEMM rate of the CPU backend on the cores this process is given: the best of twelve
@@ -193,7 +198,7 @@ pub fn gemm_peak(dev: Device) -> Result<f64> {
 /// name); with `profile`, the time of each phase and of each op too (a clock read and a lock per op:
 /// a little slower); with `scaling` (CPU, more than one thread), each repetition's steps also on one
 /// thread, right before or after (the order alternating), for the speed-up of all threads over one
-/// measured moments apart.
+/// measured moments apart (with `profile` too: each op's, its clocks split by thread count).
 #[derive(Clone, Copy, Debug)]
 pub struct Plan<'a> {
     pub reps: usize,
@@ -207,11 +212,6 @@ pub struct Plan<'a> {
 /// FLOPs and the fraction of the GEMM peak it reaches.
 pub fn run(sb: &SameBatch, dev: Device, seed: u64, plan: Plan) -> Result<Vec<StageResult>> {
     let Plan { reps, steps, only, profile, scaling } = plan;
-    if profile && scaling {
-        return Err(crate::Error::Invalid(
-            "profile the ops or time the scaling, not both: the op clocks would mix one thread and all".into(),
-        ));
-    }
     let threads = if dev == Device::Cpu { crate::engine::cpu::threads() } else { 1 };
     let scaling = scaling && threads > 1;
     let peak = gemm_peak(dev)?;
@@ -239,8 +239,9 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, plan: Plan) -> Result<Vec<Sta
         let params = if pretrain { model.pretrain_params() } else { model.finetune_params() };
         let mut opt = Adam::new(params.into_iter().map(|(_, t)| t).collect(), AdamConfig::default())?;
         let (mut rng, mut seeds) = (ChaCha8Rng::seed_from_u64(seed), Seeds::new(seed));
-        // Seconds in the forward, the backward and Adam (only read with `profile`).
-        let mut phases = [0f64; 3];
+        // Seconds in the forward, the backward and Adam on all threads (only read with `profile`),
+        // and (not reported) on one.
+        let (mut phases, mut phases_one) = ([0f64; 3], [0f64; 3]);
         let mut step = |phases: &mut [f64; 3]| -> Result<()> {
             let t0 = Instant::now();
             let loss = sb.loss(&model, pretrain, P_MIX, &mut rng, &mut seeds)?;
@@ -266,8 +267,12 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, plan: Plan) -> Result<Vec<Sta
         }
         phases = [0.0; 3];
         crate::engine::stats::profile_ops(profile);
+        // Per op: (calls, seconds) on all threads and seconds on one, from the op clocks' totals
+        // before and after each repetition's steps.
+        let mut op_split: Vec<(&'static str, u64, [f64; 2])> = Vec::new();
         // ms per step of one repetition's `steps` steps, on all threads or (`one`) on one.
         let mut timed = |one: bool, phases: &mut [f64; 3]| -> Result<f64> {
+            let before = if profile { crate::engine::stats::op_times() } else { Vec::new() };
             let t0 = Instant::now();
             for _ in 0..steps.max(1) {
                 if one {
@@ -276,36 +281,51 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, plan: Plan) -> Result<Vec<Sta
                     step(phases)?;
                 }
             }
-            Ok(t0.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64)
+            let ms = t0.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64;
+            if profile {
+                for (op, calls, secs) in crate::engine::stats::op_times() {
+                    let (c0, s0) = before.iter().find(|b| b.0 == op).map_or((0, 0.0), |b| (b.1, b.2));
+                    let i = op_split.iter().position(|e| e.0 == op).unwrap_or_else(|| {
+                        op_split.push((op, 0, [0.0; 2]));
+                        op_split.len() - 1
+                    });
+                    let e = &mut op_split[i];
+                    e.2[one as usize] += secs - s0;
+                    if !one {
+                        e.1 += calls - c0;
+                    }
+                }
+            }
+            Ok(ms)
         };
         let (mut ms, mut ms_one) = (Vec::with_capacity(reps), Vec::new());
         let (mut gemm_s, mut gemm_flop, mut all_s) = (0.0, 0.0, 0.0);
         for rep in 0..reps.max(1) {
             if scaling && rep % 2 == 0 {
-                ms_one.push(timed(true, &mut phases)?);
+                ms_one.push(timed(true, &mut phases_one)?);
             }
             let ((g_s0, g_f0), t_all) = (crate::engine::stats::gemm_counters(), Instant::now());
             ms.push(timed(false, &mut phases)?);
             let (g_s1, g_f1) = crate::engine::stats::gemm_counters();
             (gemm_s, gemm_flop, all_s) = (gemm_s + g_s1 - g_s0, gemm_flop + g_f1 - g_f0, all_s + t_all.elapsed().as_secs_f64());
             if scaling && rep % 2 == 1 {
-                ms_one.push(timed(true, &mut phases)?);
+                ms_one.push(timed(true, &mut phases_one)?);
             }
         }
         let n_steps = (reps.max(1) * steps.max(1)) as f64;
-        let ops = if profile {
-            let t = crate::engine::stats::op_times();
-            crate::engine::stats::profile_ops(false);
-            t.into_iter()
-                .map(|(op, calls, secs)| OpTime {
-                    op: op.into(),
-                    calls_per_step: calls as f64 / n_steps,
-                    ms_per_step: secs * 1e3 / n_steps,
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let n_steps_one = (ms_one.len() * steps.max(1)) as f64;
+        crate::engine::stats::profile_ops(false);
+        op_split.sort_by(|a, b| b.2[0].total_cmp(&a.2[0]));
+        let ops = op_split
+            .into_iter()
+            .map(|(op, calls, [all, one])| OpTime {
+                op: op.into(),
+                calls_per_step: calls as f64 / n_steps,
+                ms_per_step: all * 1e3 / n_steps,
+                ms_per_step_one_thread: scaling.then(|| one * 1e3 / n_steps_one),
+                scaling: (scaling && all > 0.0).then(|| (one / n_steps_one) / (all / n_steps)),
+            })
+            .collect();
         let phases_ms = profile.then(|| {
             let ms = |s: f64| s * 1e3 / n_steps;
             Phases { forward: ms(phases[0]), backward: ms(phases[1]), adam: ms(phases[2]) }
