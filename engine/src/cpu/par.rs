@@ -236,16 +236,52 @@ pub(crate) fn rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send
     start: Start,
     n: usize,
     work: usize,
-    (la, lb, lc): (usize, usize, usize),
+    lens: (usize, usize, usize),
     f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
 ) -> (Vec<A>, Vec<B>, Vec<C>) {
+    rows3_beside(start, n, work, lens, f, || ()).0
+}
+
+/// As [`rows`], with `side()` run beside the rows: on this thread while the pool's other threads
+/// take the rows (this thread joining them when it is done), or before them when the rows stay on
+/// this thread. For a serial piece of work (e.g. a narrow column reduction) that the rows of an
+/// independent output can fill the other threads around. The output is taken from this thread's
+/// storage pool before either starts (as is whatever `side` takes: it runs on this thread).
+pub(crate) fn rows_beside<A: Copy + Default + Send + 'static, R: Send>(
+    start: Start,
+    n: usize,
+    work: usize,
+    la: usize,
+    f: impl Fn(usize, &mut [A]) + Sync + Send,
+    side: impl FnOnce() -> R + Send,
+) -> (Vec<A>, R) {
+    let ((a, _, _), r) = rows3_beside::<A, u8, u8, R>(start, n, work, (la, 0, 0), |r, a, _, _| f(r, a), side);
+    (a, r)
+}
+
+/// [`rows3`] with `side` as in [`rows_beside`].
+#[allow(clippy::type_complexity)]
+fn rows3_beside<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static, R: Send>(
+    start: Start,
+    n: usize,
+    work: usize,
+    (la, lb, lc): (usize, usize, usize),
+    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
+    side: impl FnOnce() -> R + Send,
+) -> ((Vec<A>, Vec<B>, Vec<C>), R) {
     let (mut a, mut b, mut c) = (storage(n * la, start), storage(n * lb, start), storage(n * lc, start));
+    let side_out;
     {
         let (oa, ob, oc) = (Fresh::new(&mut a, n * la, start), Fresh::new(&mut b, n * lb, start), Fresh::new(&mut c, n * lc, start));
-        drive(n, worth(n * work), min_rows(work), |r| {
-            // SAFETY: row r of each output is [r * l, (r + 1) * l); rows are disjoint.
-            f(r, unsafe { oa.range(r * la, la) }, unsafe { ob.range(r * lb, lb) }, unsafe { oc.range(r * lc, lc) })
-        });
+        let par = worth(n * work);
+        let fill = || {
+            drive(n, par, min_rows(work), |r| {
+                // SAFETY: row r of each output is [r * l, (r + 1) * l); rows are disjoint.
+                f(r, unsafe { oa.range(r * la, la) }, unsafe { ob.range(r * lb, lb) }, unsafe { oc.range(r * lc, lc) })
+            })
+        };
+        // rayon::join runs its first closure on this thread; the second waits to be taken.
+        side_out = if par { rayon::join(side, fill).0 } else { (side(), fill()).0 };
     }
     // SAFETY: the rows cover all three outputs.
     unsafe {
@@ -253,7 +289,7 @@ pub(crate) fn rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send
         finish(&mut b, n * lb);
         finish(&mut c, n * lc);
     }
-    (a, b, c)
+    ((a, b, c), side_out)
 }
 
 /// As [`rows3`] for rows of different lengths: row r of output A is `oa[r] .. oa[r + 1]` (and so for
@@ -285,6 +321,24 @@ pub(crate) fn segs3<A: Copy + Default + Send + 'static, B: Copy + Default + Send
         finish(&mut c, lc);
     }
     (a, b, c)
+}
+
+/// The values of `pieces` one after the other, in a pooled vector (copied in parallel pieces when
+/// long: one core's copy does not reach the memory's bandwidth).
+pub(crate) fn concat<T: Copy + Default + Send + Sync + 'static>(pieces: &[&[T]]) -> Vec<T> {
+    let len = pieces.iter().map(|p| p.len()).sum();
+    chunks(Stale, len, ELEM_CHUNK, worth(len), |start, out| {
+        // The pieces' parts that fall in [start, start + out.len()), in order.
+        let (mut at, mut done) = (0, 0);
+        for p in pieces {
+            let (lo, hi) = ((start + done).max(at), (start + out.len()).min(at + p.len()));
+            if lo < hi {
+                out[done..done + hi - lo].copy_from_slice(&p[lo - at..hi - at]);
+                done += hi - lo;
+            }
+            at += p.len();
+        }
+    })
 }
 
 /// `f` on every element of `x` in place, in parallel pieces when long.
@@ -341,7 +395,7 @@ pub(crate) fn bcast_chunk(nb: usize) -> usize {
 
 /// Column sums of a weighted (rows, cols) matrix: sum over r of w_r * row_r, where `row(r)` gives
 /// (w_r, row r: `cols` values). Blocks of columns go to the pool; within a block, [`WIDE`] columns
-/// at a time (then a cache line) with their sums in registers (a task never writes an output line
+/// at a time (then two cache lines, then one) with their sums in registers (a task never writes an output line
 /// another task's columns share while it runs), rows in increasing order from zero, so the bits do
 /// not depend on the thread count. (w_r = 1 gives the plain sums' bits: acc + 1 * v = acc + v.)
 pub(crate) fn col_sums<'a, T: crate::cpu::Real>(rows: usize, cols: usize, row: impl Fn(usize) -> (T, &'a [T]) + Sync + Send) -> Vec<T> {
@@ -351,6 +405,10 @@ pub(crate) fn col_sums<'a, T: crate::cpu::Real>(rows: usize, cols: usize, row: i
         while c + WIDE <= o.len() {
             o[c..c + WIDE].copy_from_slice(&sum_cols::<T, WIDE>(rows, c0 + c, &row));
             c += WIDE;
+        }
+        while c + 2 * LINE <= o.len() {
+            o[c..c + 2 * LINE].copy_from_slice(&sum_cols::<T, { 2 * LINE }>(rows, c0 + c, &row));
+            c += 2 * LINE;
         }
         while c + LINE <= o.len() {
             o[c..c + LINE].copy_from_slice(&sum_cols::<T, LINE>(rows, c0 + c, &row));
@@ -386,11 +444,14 @@ pub(crate) const LINE: usize = 16;
 /// summed over all rows by one task. `cols` when the work is small (one block, on this thread).
 pub(crate) fn col_block(rows: usize, cols: usize) -> usize {
     let threads = threads();
-    if !worth(rows * cols) || cols < 32 {
+    if !worth(rows * cols) || cols < 2 * WIDE {
         return cols.max(1);
     }
-    // Several blocks per thread for balance, but at least 16 columns (a cache line of f32) each.
-    cols.div_ceil(4 * threads).max(LINE)
+    // One block per thread, a whole number of `WIDE` column groups each: a narrower block sums
+    // fewer columns side by side, and its chains of dependent adds (one per column, rows in
+    // order) leave the core waiting (16 columns per task on two threads were slower than 64 on
+    // one). Fewer than 2 WIDE groups: one block, on this thread.
+    cols.div_ceil(threads).div_ceil(WIDE) * WIDE
 }
 
 #[cfg(test)]
@@ -434,6 +495,33 @@ mod tests {
                 f.iter_mut().zip(g.iter_mut()).enumerate().for_each(|(i, (f, g))| (*f, *g) = ((s + i) as f32, (s + i) as u32))
             });
             assert!(f.len() == n && f.iter().zip(&g).enumerate().all(|(i, (&f, &g))| f == i as f32 && g == i as u32));
+            // `rows_beside`: the rows filled, the side's result returned, the side run once.
+            let runs = AtomicUsize::new(0);
+            let (r, side): (Vec<u32>, usize) =
+                rows_beside(Stale, n, 1 << 20, 2, |r, row| row.fill(r as u32), || runs.fetch_add(1, Ordering::Relaxed) + 40);
+            assert!(r.len() == 2 * n && r.chunks(2).enumerate().all(|(i, row)| row == [i as u32; 2]));
+            assert_eq!((side, runs.load(Ordering::Relaxed)), (40, 1));
+        }
+    }
+
+    /// `concat` gives the pieces one after the other whatever their lengths and wherever the
+    /// parallel copy's pieces cut them (empty pieces, pieces shorter and longer than one task's).
+    #[test]
+    fn concat_is_the_pieces_in_order() {
+        let data: Vec<u32> = (0..200_000).collect();
+        for lens in [&[][..], &[0], &[5], &[0, 3, 0, 7], &[ELEM_CHUNK - 1, 2, 3 * ELEM_CHUNK + 5, 0, 40_000], &[150_000, 50_000]] {
+            let mut at = 0;
+            let pieces: Vec<&[u32]> = lens
+                .iter()
+                .map(|&l| {
+                    at += l;
+                    &data[at - l..at]
+                })
+                .collect();
+            let want: Vec<u32> = pieces.concat();
+            for t in [1, 2] {
+                assert_eq!(with_threads(t, || concat(&pieces)), want, "pieces {lens:?}, {t} threads");
+            }
         }
     }
 }

@@ -242,6 +242,19 @@ pub fn expf(x: f32) -> f32 {
 /// result depends only on the inputs, never on threads or alignment.
 #[inline]
 pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    // Long products keep their 8 sums in one register ([`combine8`]); for a few chunks (an
+    // attention head's 32 values) the stores and loads that takes cost more than it saves.
+    if a.len().min(b.len()) >= 64 {
+        dot_with::<T, true>(a, b)
+    } else {
+        dot_with::<T, false>(a, b)
+    }
+}
+
+/// [`dot`], its partial sums combined by [`combine8`] (`BARRIER`) or [`combine8_plain`]: the same
+/// operations either way.
+#[inline(always)]
+fn dot_with<T: Real, const BARRIER: bool>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [T::zero(); 8];
@@ -250,12 +263,27 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
             acc[l] += ac[l] * bc[l];
         }
     }
-    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut t = if BARRIER { combine8(acc) } else { combine8_plain(acc) };
     let tail = n / 8 * 8;
     for (&x, &y) in a[tail..].iter().zip(&b[tail..]) {
         t += x * y;
     }
     t
+}
+
+/// The 8 partial sums of [`dot`] and [`sum8_of`] combined in their fixed order. The sums pass
+/// through `black_box` first: otherwise the compiler, planning this combination ahead, keeps the
+/// 8 lanes in the loop as shuffled pairs of 4-lane registers (the same adds, in the same order, but
+/// 2.5x slower) instead of one 8-lane register.
+#[inline(always)]
+fn combine8<T: Real>(acc: [T; 8]) -> T {
+    combine8_plain(std::hint::black_box(acc))
+}
+
+/// [`combine8`] without the barrier.
+#[inline(always)]
+fn combine8_plain<T: Real>(acc: [T; 8]) -> T {
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 /// `f()` compiled for AVX-512 (and run so) when the CPU has it (x86-64 with AVX-512 F/VL/BW/DQ),
@@ -294,7 +322,7 @@ pub fn sum8_of<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
             acc[l] += f(c[l]);
         }
     }
-    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut t = combine8(acc);
     for &v in rest {
         t += f(v);
     }
@@ -313,7 +341,7 @@ pub fn sum8_of2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
             acc[l] += f(x[l], y[l]);
         }
     }
-    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut t = combine8(acc);
     for (&x, &y) in ra.iter().zip(rb) {
         t += f(x, y);
     }
@@ -332,7 +360,7 @@ pub fn sum8_of3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) ->
             acc[l] += f(x[l], y[l], z[l]);
         }
     }
-    let mut t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut t = combine8(acc);
     for ((&x, &y), &z) in ra.iter().zip(rb).zip(rc) {
         t += f(x, y, z);
     }
@@ -340,7 +368,9 @@ pub fn sum8_of3<T: Real>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) ->
 }
 
 /// sum_i e^(x_i - m): the exponentials computed in blocks of 256 (vectorized), each block summed
-/// in [`sum8_of`]'s 8 partial sums, the blocks in order.
+/// in [`sum8_of`]'s 8 partial sums, the blocks in order. (Inlined, so that inside [`wide`] it is
+/// compiled for AVX-512 too.)
+#[inline(always)]
 pub fn sum_exp<T: Real>(x: &[T], m: T) -> T {
     let mut buf = [T::zero(); 256];
     let mut s = T::zero();

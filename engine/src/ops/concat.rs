@@ -4,7 +4,7 @@
 //!   dx_i = the rows of g that x_i filled
 
 use super::wgsl;
-use crate::cpu::Real;
+use crate::cpu::{par, Real};
 use crate::error::{shape_err, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
@@ -70,11 +70,7 @@ impl Op for Concat {
         vec![self.shape.clone()]
     }
     fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        let mut v = crate::cpu::pool::take(numel(&self.shape));
-        for piece in x {
-            v.extend_from_slice(piece);
-        }
-        Ok(vec![v])
+        Ok(vec![par::concat(x)])
     }
     fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
         let out = gpu()?.alloc(4 * numel(&self.shape) as u64)?;
@@ -101,7 +97,7 @@ impl Op for Slice {
         vec![self.shape.clone()]
     }
     fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        Ok(vec![crate::cpu::pool::copy_of(&x[0][self.off..self.off + numel(&self.shape)])])
+        Ok(vec![par::concat(&[&x[0][self.off..self.off + numel(&self.shape)]])])
     }
     fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
         let n = numel(&self.shape);

@@ -104,7 +104,7 @@ pub fn layernorm_bwd_cpu<T: Real>(
     groups: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let n = T::c(c as f64);
-    let dx = par::rows(par::Stale, rows, 4 * c, c, |r, dxr| {
+    let dx_row = |r: usize, dxr: &mut [T]| {
         let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
         let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
         let k = (r % groups) * c;
@@ -116,43 +116,48 @@ pub fn layernorm_bwd_cpu<T: Real>(
             let xh = (x - x0 - mean) * rstd;
             *o = rstd * (g * w - m1 - xh * m2);
         }
-    });
+    };
     // Parameter gradients: column j of the (G, C) parameters sums the rows r with r % G == j / C.
     let cols = groups * c;
     const SPAN: usize = 4 * par::LINE;
     let block = par::col_block(rows, cols);
-    let (dgamma, dbeta) = par::chunks2(par::Zeroed, cols, block, block < cols, |j0, dg, db| {
-        // Four cache lines of columns [b0, b1) at a time (a whole 64-wide group of the MoE's
-        // parameters, so each row of x and g is read once), the sums in L1 (see `sum_rows_cpu`).
-        for s0 in (0..dg.len()).step_by(SPAN) {
-            let (b0, b1) = (j0 + s0, j0 + (s0 + SPAN).min(dg.len()));
-            let (mut ag, mut ab) = ([T::zero(); SPAN], [T::zero(); SPAN]);
-            // The rows whose group's columns meet [b0, b1), in increasing order: when the span lies
-            // within one group's columns (always when C is a multiple of it), every `groups`-th
-            // row from that group's first; else all rows.
-            let (g0, g1) = (b0 / c, (b1 - 1) / c);
-            let (first, step) = if g0 == g1 { (g0, groups) } else { (0, 1) };
-            for r in (first..rows).step_by(step) {
-                let k = (r % groups) * c;
-                // This row's parameter columns [k, k + c) within [b0, b1).
-                let (lo, hi) = (b0.max(k), b1.min(k + c));
-                if lo >= hi {
-                    continue;
+    let params = || {
+        par::chunks2(par::Zeroed, cols, block, block < cols, |j0, dg, db| {
+            // Four cache lines of columns [b0, b1) at a time (a whole 64-wide group of the MoE's
+            // parameters, so each row of x and g is read once), the sums in L1 (see `sum_rows_cpu`).
+            for s0 in (0..dg.len()).step_by(SPAN) {
+                let (b0, b1) = (j0 + s0, j0 + (s0 + SPAN).min(dg.len()));
+                let (mut ag, mut ab) = ([T::zero(); SPAN], [T::zero(); SPAN]);
+                // The rows whose group's columns meet [b0, b1), in increasing order: when the span lies
+                // within one group's columns (always when C is a multiple of it), every `groups`-th
+                // row from that group's first; else all rows.
+                let (g0, g1) = (b0 / c, (b1 - 1) / c);
+                let (first, step) = if g0 == g1 { (g0, groups) } else { (0, 1) };
+                for r in (first..rows).step_by(step) {
+                    let k = (r % groups) * c;
+                    // This row's parameter columns [k, k + c) within [b0, b1).
+                    let (lo, hi) = (b0.max(k), b1.min(k + c));
+                    if lo >= hi {
+                        continue;
+                    }
+                    let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
+                    let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+                    let x0 = xr[0];
+                    let (xs, gs) = (&xr[lo - k..hi - k], &gr[lo - k..hi - k]);
+                    for (((ag, ab), &xv), &gv) in ag[lo - b0..hi - b0].iter_mut().zip(&mut ab[lo - b0..hi - b0]).zip(xs).zip(gs) {
+                        let xh = (xv - x0 - mean) * rstd;
+                        *ag += gv * xh;
+                        *ab += gv;
+                    }
                 }
-                let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-                let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
-                let x0 = xr[0];
-                let (xs, gs) = (&xr[lo - k..hi - k], &gr[lo - k..hi - k]);
-                for (((ag, ab), &xv), &gv) in ag[lo - b0..hi - b0].iter_mut().zip(&mut ab[lo - b0..hi - b0]).zip(xs).zip(gs) {
-                    let xh = (xv - x0 - mean) * rstd;
-                    *ag += gv * xh;
-                    *ab += gv;
-                }
+                dg[s0..s0 + (b1 - b0)].copy_from_slice(&ag[..b1 - b0]);
+                db[s0..s0 + (b1 - b0)].copy_from_slice(&ab[..b1 - b0]);
             }
-            dg[s0..s0 + (b1 - b0)].copy_from_slice(&ag[..b1 - b0]);
-            db[s0..s0 + (b1 - b0)].copy_from_slice(&ab[..b1 - b0]);
-        }
-    });
+        })
+    };
+    // The parameters' column sums beside the rows of dx: at the transformer's width (64 columns)
+    // they are one task, which the rows fill the other threads around.
+    let (dx, (dgamma, dbeta)) = par::rows_beside(par::Stale, rows, 4 * c, c, dx_row, params);
     (dx, dgamma, dbeta)
 }
 

@@ -151,6 +151,8 @@ fn lse_of<T: Real, I: Iterator<Item = T>>(v: impl Fn() -> I) -> T {
 
 /// sum of e^(s l[c] - m) over the columns whose target differs from `tj`: the exponentials in
 /// blocks of 256 (vectorized), each block in [`sum8_of`]'s partial sums, the blocks in order.
+/// (Inlined, so that inside `wide` it is compiled for AVX-512 too.)
+#[inline(always)]
 fn sum_exp_other<T: Real>(l: &[T], s: T, m: T, targets: &[u32], tj: u32) -> T {
     let mut buf = [T::zero(); 256];
     let mut acc = T::zero();
