@@ -6,13 +6,15 @@
 #
 #   bash tools/same_behaviour.sh OLD_BIN NEW_BIN [OUT] [OFFICE_DATA]
 #
-# The runs, on the CPU backend with one core each (the two binaries side by side):
+# The runs, on the CPU backend with one core each (the two binaries side by side; see CORES below):
 #   synth  `msm4sr synth` at its defaults (1000 users, 2400 items used)
 #   sasrec SASRec, 5 epochs (patience off), seed 1
 #   msm4sr MSM4SR with projection heads, 3 pre-training + 3 fine-tuning epochs, batch 256, seed 1
 #   office-sasrec / office-msm4sr (when OFFICE_DATA, a dataset directory such as the one
 #          experiments/office/fidelity.sh gives both programs, is named): the equal-epoch runs of
 #          ../shared/peers/mp4sr/fidelity.sh (SASRec 20 epochs; MSM4SR without heads, 4 + 5 epochs)
+# CORES=0,1 (any taskset list) runs both binaries on those cores instead, one after the other: the
+# thread count then exercises the kernels' parallel splits (their bits must not depend on it).
 # Exit status 0 when every run agrees, 1 when one differs (the differing files are named).
 set -euo pipefail
 OLD=$(realpath "${1:?old binary}"); NEW=$(realpath "${2:?new binary}")
@@ -35,9 +37,15 @@ runs() { # $1 = binary, $2 = output directory, $3 = core
             --batch 1024 --seed 1 --run-dir "$out/office-msm4sr"
     fi
 }
-runs "$OLD" "$OUT/old" 0 & a=$!
-runs "$NEW" "$OUT/new" 1 & b=$!
-wait $a; wait $b  # (a failed run stops the script here: see OUT/old.log, OUT/new.log)
+if [ -n "${CORES:-}" ]; then
+    # Both binaries on these cores (e.g. CORES=0,1: the multi-threaded CPU kernels), one after the other.
+    runs "$OLD" "$OUT/old" "$CORES"
+    runs "$NEW" "$OUT/new" "$CORES"
+else
+    runs "$OLD" "$OUT/old" 0 & a=$!
+    runs "$NEW" "$OUT/new" 1 & b=$!
+    wait $a; wait $b  # (a failed run stops the script here: see OUT/old.log, OUT/new.log)
+fi
 
 python3 - "$OUT/old" "$OUT/new" <<'PY'
 import hashlib, json, os, struct, sys

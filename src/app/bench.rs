@@ -304,9 +304,9 @@ fn same_batch(data: &Path, dev: Device, (batch, seed): (usize, u64), plan: Plan,
             let p = r.phases_ms.as_ref().unwrap();
             let in_ops: f64 = r.ops.iter().map(|o| o.ms_per_step).sum();
             outln!(
-                "\n{}: ms per step (mean, profiled, {} threads): forward {:.1}, backward {:.1}, Adam {:.1}; in ops {:.1}",
+                "\n{}: ms per step (mean, profiled, {}): forward {:.1}, backward {:.1}, Adam {:.1}; in ops {:.1}",
                 r.stage,
-                r.threads,
+                if r.threads == 1 { "1 thread".to_string() } else { format!("{} threads", r.threads) },
                 p.forward,
                 p.backward,
                 p.adam,

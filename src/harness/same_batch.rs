@@ -236,6 +236,8 @@ pub fn run(sb: &SameBatch, dev: Device, seed: u64, plan: Plan) -> Result<Vec<Sta
         }
         drop(check);
         let model = sb.model(kind, 0.2, seed, dev)?;
+        // The pool's threads kept awake through the steps, as training keeps them (`keep_awake`).
+        let _awake = (dev == Device::Cpu).then(crate::engine::cpu::keep_awake);
         let params = if pretrain { model.pretrain_params() } else { model.finetune_params() };
         let mut opt = Adam::new(params.into_iter().map(|(_, t)| t).collect(), AdamConfig::default())?;
         let (mut rng, mut seeds) = (ChaCha8Rng::seed_from_u64(seed), Seeds::new(seed));

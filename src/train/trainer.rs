@@ -90,6 +90,9 @@ pub fn fit_logged<M: Recommender>(
     }
     let start = Instant::now();
     let mut losses = Vec::new();
+    // On the CPU backend the pool's threads stay awake through the epochs (see `keep_awake`).
+    let on_cpu = model.params().first().is_none_or(|(_, p)| p.device() == crate::engine::Device::Cpu);
+    let _awake = on_cpu.then(crate::engine::cpu::keep_awake);
     while run.epoch < run.settings.epochs && !run.stop.done() {
         let trained = run.train_epoch(quiet)?;
         run.check_finite()?;
