@@ -251,6 +251,41 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     }
 }
 
+/// `out[j] = dot(row j of x, w)` for the `out.len()` rows of `d` values of `x`: each the bits of
+/// [`dot`], four rows side by side (four independent chains of adds instead of one, so reading the
+/// rows is not held up by each add's latency).
+pub fn dot_rows<T: Real>(x: &[T], d: usize, w: &[T], out: &mut [T]) {
+    let w = &w[..d];
+    let (tail, done) = (d / 8 * 8, out.len() / 4 * 4);
+    let mut quads = out.chunks_exact_mut(4);
+    for (q, o) in (&mut quads).enumerate() {
+        let r = &x[4 * q * d..(4 * q + 4) * d];
+        let (r0, r1, r2, r3) = (&r[..d], &r[d..2 * d], &r[2 * d..3 * d], &r[3 * d..]);
+        let mut acc = [[T::zero(); 8]; 4];
+        for ((((wc, c0), c1), c2), c3) in
+            w.chunks_exact(8).zip(r0.chunks_exact(8)).zip(r1.chunks_exact(8)).zip(r2.chunks_exact(8)).zip(r3.chunks_exact(8))
+        {
+            for l in 0..8 {
+                acc[0][l] += c0[l] * wc[l];
+                acc[1][l] += c1[l] * wc[l];
+                acc[2][l] += c2[l] * wc[l];
+                acc[3][l] += c3[l] * wc[l];
+            }
+        }
+        let acc = std::hint::black_box(acc);
+        for (k, (o, row)) in o.iter_mut().zip([r0, r1, r2, r3]).enumerate() {
+            let mut t = combine8_plain(acc[k]);
+            for (&a, &b) in row[tail..].iter().zip(&w[tail..]) {
+                t += a * b;
+            }
+            *o = t;
+        }
+    }
+    for (j, o) in quads.into_remainder().iter_mut().enumerate() {
+        *o = dot(&x[(done + j) * d..(done + j + 1) * d], w);
+    }
+}
+
 /// [`dot`], its partial sums combined by [`combine8`] (`BARRIER`) or [`combine8_plain`]: the same
 /// operations either way.
 #[inline(always)]
@@ -399,7 +434,22 @@ pub fn max8<T: Real>(x: &[T]) -> T {
 
 #[cfg(test)]
 mod exp_tests {
-    use super::{expf, wide};
+    use super::{dot, dot_rows, expf, wide};
+
+    /// `dot_rows` gives each row the bits of `dot`, for row lengths with and without a tail of
+    /// fewer than 8 and row counts that are and are not multiples of four.
+    #[test]
+    fn dot_rows_gives_the_bits_of_dot() {
+        for (rows, d) in [(0, 8), (1, 768), (3, 13), (4, 32), (7, 770), (10, 768), (9, 5)] {
+            let x: Vec<f32> = (0..rows * d).map(|i| ((i * 7919) % 1013) as f32 * 0.37e-2 - 1.7).collect();
+            let w: Vec<f32> = (0..d).map(|i| ((i * 104_729) % 997) as f32 * -0.51e-2 + 2.3).collect();
+            let mut out = vec![0f32; rows];
+            dot_rows(&x, d, &w, &mut out);
+            for (j, o) in out.iter().enumerate() {
+                assert_eq!(o.to_bits(), dot(&x[j * d..(j + 1) * d], &w).to_bits(), "{rows} rows of {d}, row {j}");
+            }
+        }
+    }
 
     /// The AVX-512 build of a loop (where the CPU has it) gives the bits of the loop as built: exp
     /// and the normal CDF's GELU slope over ordinary values, both tails, the overflow edge and NaN.

@@ -26,7 +26,7 @@
 use super::concat::owned_gpu;
 use super::elementwise::add;
 use super::{embedding, matmul, wgsl};
-use crate::cpu::{dot, par, pool, Real};
+use crate::cpu::{dot_rows, par, pool, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
@@ -107,9 +107,7 @@ pub fn pool_dot_cpu<T: Real>(x: &[T], w: &[T], lens: &[u32], rows: Option<&[u32]
     par::rows2(par::Zeroed, n, s * (2 * d + 2), d, s, |r, er, al| {
         let len = lens[r] as usize;
         let xr = item(x, rows, r, (s, d), len);
-        for (a, row) in al[..len].iter_mut().zip(xr.chunks_exact(d)) {
-            *a = dot(row, w);
-        }
+        dot_rows(xr, d, w, &mut al[..len]);
         softmax_sum(&mut al[..len], xr, er, d);
     })
 }
@@ -136,9 +134,7 @@ pub fn pool_dot_bwd_cpu<T: Real>(
             let len = lens[r] as usize;
             let (xr, der, al) = (item(x, rows, r, (s, d), len), &de[r * d..(r + 1) * d], &alpha[r * s..r * s + len]);
             let dar = &mut dab[(r - blk * DOT_BLOCK) * s..][..len];
-            for (g, row) in dar.iter_mut().zip(xr.chunks_exact(d)) {
-                *g = dot(row, der);
-            }
+            dot_rows(xr, d, der, dar);
             let tot = al.iter().zip(dar.iter()).fold(T::zero(), |t, (&a, &g)| t + a * g);
             for ((g, &a), row) in dar.iter_mut().zip(al).zip(xr.chunks_exact(d)) {
                 *g = a * (*g - tot);
