@@ -73,11 +73,11 @@ pub fn keep_awake() -> Awake {
     if others == 0 || off || AWAKE.swap(true, Ordering::SeqCst) {
         return Awake { state: None };
     }
-    let state = std::sync::Arc::new((std::sync::atomic::AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0)));
+    let state = std::sync::Arc::new(Loops::default());
     for _ in 0..others {
         let st = state.clone();
         rayon::spawn(move || {
-            let (stop, started, done) = (&st.0, &st.1, &st.2);
+            let Loops { stop, started, ended } = &*st;
             started.fetch_add(1, Ordering::SeqCst);
             // Every loop on a thread of its own before any takes work (a loop that took another's
             // job would run it nested, and leave a thread asleep).
@@ -91,12 +91,12 @@ pub fn keep_awake() -> Awake {
                     std::hint::spin_loop();
                 }
             }
-            done.fetch_add(1, Ordering::SeqCst);
+            ended.fetch_add(1, Ordering::SeqCst);
         });
     }
     // The loops' jobs sit in this thread's queue until the other threads take them: wait without
     // taking work (this thread must never run one of them).
-    while state.1.load(Ordering::SeqCst) < others {
+    while state.started.load(Ordering::SeqCst) < others {
         std::hint::spin_loop();
     }
     Awake { state: Some(state) }
@@ -105,18 +105,25 @@ pub fn keep_awake() -> Awake {
 /// Whether a [`keep_awake`] guard is live.
 static AWAKE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// What a [`keep_awake`] guard shares with its loops.
+#[derive(Default)]
+struct Loops {
+    stop: std::sync::atomic::AtomicBool,
+    started: AtomicUsize,
+    ended: AtomicUsize,
+}
+
 /// The guard of [`keep_awake`]: dropping it stops the loops and waits until they have ended.
-#[allow(clippy::type_complexity)]
 pub struct Awake {
-    /// (stop, loops started, loops ended); none for a guard that started nothing.
-    state: Option<std::sync::Arc<(std::sync::atomic::AtomicBool, AtomicUsize, AtomicUsize)>>,
+    /// None for a guard that started nothing.
+    state: Option<std::sync::Arc<Loops>>,
 }
 
 impl Drop for Awake {
     fn drop(&mut self) {
         if let Some(st) = self.state.take() {
-            st.0.store(true, Ordering::SeqCst);
-            while st.2.load(Ordering::SeqCst) < st.1.load(Ordering::SeqCst) {
+            st.stop.store(true, Ordering::SeqCst);
+            while st.ended.load(Ordering::SeqCst) < st.started.load(Ordering::SeqCst) {
                 std::hint::spin_loop();
             }
             AWAKE.store(false, Ordering::SeqCst);
@@ -308,7 +315,7 @@ pub(crate) fn rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send
     lens: (usize, usize, usize),
     f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
 ) -> (Vec<A>, Vec<B>, Vec<C>) {
-    rows3_beside(start, n, work, lens, f, || ()).0
+    rows3_beside(start, n, work, lens, f, None::<fn()>).0
 }
 
 /// As [`rows`], with `side()` run beside the rows: on this thread while the pool's other threads
@@ -324,11 +331,11 @@ pub(crate) fn rows_beside<A: Copy + Default + Send + 'static, R: Send>(
     f: impl Fn(usize, &mut [A]) + Sync + Send,
     side: impl FnOnce() -> R + Send,
 ) -> (Vec<A>, R) {
-    let ((a, _, _), r) = rows3_beside::<A, u8, u8, R>(start, n, work, (la, 0, 0), |r, a, _, _| f(r, a), side);
-    (a, r)
+    let ((a, _, _), r) = rows3_beside::<A, u8, u8, R>(start, n, work, (la, 0, 0), |r, a, _, _| f(r, a), Some(side));
+    (a, r.expect("the side task ran"))
 }
 
-/// [`rows3`] with `side` as in [`rows_beside`].
+/// [`rows3`], with `side` (when given) as in [`rows_beside`]; without one, no join.
 #[allow(clippy::type_complexity)]
 fn rows3_beside<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static, R: Send>(
     start: Start,
@@ -336,8 +343,8 @@ fn rows3_beside<A: Copy + Default + Send + 'static, B: Copy + Default + Send + '
     work: usize,
     (la, lb, lc): (usize, usize, usize),
     f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
-    side: impl FnOnce() -> R + Send,
-) -> ((Vec<A>, Vec<B>, Vec<C>), R) {
+    side: Option<impl FnOnce() -> R + Send>,
+) -> ((Vec<A>, Vec<B>, Vec<C>), Option<R>) {
     let (mut a, mut b, mut c) = (storage(n * la, start), storage(n * lb, start), storage(n * lc, start));
     let side_out;
     {
@@ -349,8 +356,15 @@ fn rows3_beside<A: Copy + Default + Send + 'static, B: Copy + Default + Send + '
                 f(r, unsafe { oa.range(r * la, la) }, unsafe { ob.range(r * lb, lb) }, unsafe { oc.range(r * lc, lc) })
             })
         };
-        // rayon::join runs its first closure on this thread; the second waits to be taken.
-        side_out = if par { rayon::join(side, fill).0 } else { (side(), fill()).0 };
+        side_out = match side {
+            // rayon::join runs its first closure on this thread; the second waits to be taken.
+            Some(side) if par => Some(rayon::join(side, fill).0),
+            Some(side) => Some((side(), fill()).0),
+            None => {
+                fill();
+                None
+            }
+        };
     }
     // SAFETY: the rows cover all three outputs.
     unsafe {
@@ -589,7 +603,7 @@ mod tests {
             assert_eq!(with_threads(1, build), want);
             drop(inner);
             if let Some(st) = &guard.state {
-                assert_eq!(st.1.load(Ordering::SeqCst), rayon::current_num_threads() - 1);
+                assert_eq!(st.started.load(Ordering::SeqCst), rayon::current_num_threads() - 1);
             }
             drop(guard);
             assert!(!AWAKE.load(Ordering::SeqCst));

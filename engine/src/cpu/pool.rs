@@ -182,13 +182,6 @@ pub fn zeros<T: Copy + Default + 'static>(n: usize) -> Vec<T> {
     v
 }
 
-/// A pooled copy of `x`.
-pub fn copy_of<T: Copy + 'static>(x: &[T]) -> Vec<T> {
-    let mut v = take(x.len());
-    v.extend_from_slice(x);
-    v
-}
-
 /// The items of `it` (`n` of them, or about) in a pooled vector.
 pub fn collect<T: 'static>(n: usize, it: impl Iterator<Item = T>) -> Vec<T> {
     let mut v = take(n);
