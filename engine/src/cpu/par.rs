@@ -318,28 +318,72 @@ pub(crate) fn rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send
     rows3_beside(start, n, work, lens, f, None::<fn()>).0
 }
 
-/// As [`rows`], with `side()` run beside the rows: on this thread while the pool's other threads
-/// take the rows (this thread joining them when it is done), or before them when the rows stay on
-/// this thread. For a serial piece of work (e.g. a narrow column reduction) that the rows of an
-/// independent output can fill the other threads around. The output is taken from this thread's
-/// storage pool before either starts (as is whatever `side` takes: it runs on this thread).
-pub(crate) fn rows_beside<A: Copy + Default + Send + 'static, R: Send>(
+/// As [`rows2`], the rows handed out `g` at a time: `f(r0, rows r0.. of A, the same rows of B)`
+/// for r0 = 0, g, 2g, ... (the last group may be shorter), for kernels that work on several rows
+/// side by side.
+pub(crate) fn row_groups2<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static>(
     start: Start,
     n: usize,
+    g: usize,
+    work: usize,
+    (la, lb): (usize, usize),
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
+) -> (Vec<A>, Vec<B>) {
+    let ((a, b, _), _) = groups3_beside::<A, B, u8, ()>(start, n, g, work, (la, lb, 0), |r, a, b, _| f(r, a, b), None::<fn()>);
+    (a, b)
+}
+
+/// As [`rows3`], the rows handed out `g` at a time (see [`row_groups2`]).
+#[allow(clippy::type_complexity)]
+pub(crate) fn row_groups3<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static>(
+    start: Start,
+    n: usize,
+    g: usize,
+    work: usize,
+    lens: (usize, usize, usize),
+    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
+) -> (Vec<A>, Vec<B>, Vec<C>) {
+    groups3_beside(start, n, g, work, lens, f, None::<fn()>).0
+}
+
+/// As [`row_groups2`] with one output, with `side()` run beside the rows: on this thread while the
+/// pool's other threads take the rows (this thread joining them when it is done), or before them
+/// when the rows stay on this thread. For a serial piece of work (e.g. a narrow column reduction)
+/// that the rows of an independent output can fill the other threads around. The output is taken
+/// from this thread's storage pool before either starts (as is whatever `side` takes: it runs on
+/// this thread).
+pub(crate) fn row_groups_beside<A: Copy + Default + Send + 'static, R: Send>(
+    start: Start,
+    n: usize,
+    g: usize,
     work: usize,
     la: usize,
     f: impl Fn(usize, &mut [A]) + Sync + Send,
     side: impl FnOnce() -> R + Send,
 ) -> (Vec<A>, R) {
-    let ((a, _, _), r) = rows3_beside::<A, u8, u8, R>(start, n, work, (la, 0, 0), |r, a, _, _| f(r, a), Some(side));
+    let ((a, _, _), r) = groups3_beside::<A, u8, u8, R>(start, n, g, work, (la, 0, 0), |r, a, _, _| f(r, a), Some(side));
     (a, r.expect("the side task ran"))
 }
 
-/// [`rows3`], with `side` (when given) as in [`rows_beside`]; without one, no join.
+/// [`rows3`], with `side` (when given) as in [`row_groups_beside`]; without one, no join.
 #[allow(clippy::type_complexity)]
 fn rows3_beside<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static, R: Send>(
     start: Start,
     n: usize,
+    work: usize,
+    lens: (usize, usize, usize),
+    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
+    side: Option<impl FnOnce() -> R + Send>,
+) -> ((Vec<A>, Vec<B>, Vec<C>), Option<R>) {
+    groups3_beside(start, n, 1, work, lens, f, side)
+}
+
+/// [`rows3_beside`] with the rows handed out `g` at a time: `f(r0, rows r0 .. r0 + g of each)`.
+#[allow(clippy::type_complexity)]
+fn groups3_beside<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static, R: Send>(
+    start: Start,
+    n: usize,
+    g: usize,
     work: usize,
     (la, lb, lc): (usize, usize, usize),
     f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
@@ -350,10 +394,12 @@ fn rows3_beside<A: Copy + Default + Send + 'static, B: Copy + Default + Send + '
     {
         let (oa, ob, oc) = (Fresh::new(&mut a, n * la, start), Fresh::new(&mut b, n * lb, start), Fresh::new(&mut c, n * lc, start));
         let par = worth(n * work);
+        let g = g.max(1);
         let fill = || {
-            drive(n, par, min_rows(work), |r| {
-                // SAFETY: row r of each output is [r * l, (r + 1) * l); rows are disjoint.
-                f(r, unsafe { oa.range(r * la, la) }, unsafe { ob.range(r * lb, lb) }, unsafe { oc.range(r * lc, lc) })
+            drive(n.div_ceil(g), par, min_rows(work * g), |q| {
+                let (r, nr) = (q * g, g.min(n - q * g));
+                // SAFETY: rows [r, r + nr) of each output are [r * l, (r + nr) * l); groups are disjoint.
+                f(r, unsafe { oa.range(r * la, nr * la) }, unsafe { ob.range(r * lb, nr * lb) }, unsafe { oc.range(r * lc, nr * lc) })
             })
         };
         side_out = match side {
@@ -578,12 +624,31 @@ mod tests {
                 f.iter_mut().zip(g.iter_mut()).enumerate().for_each(|(i, (f, g))| (*f, *g) = ((s + i) as f32, (s + i) as u32))
             });
             assert!(f.len() == n && f.iter().zip(&g).enumerate().all(|(i, (&f, &g))| f == i as f32 && g == i as u32));
-            // `rows_beside`: the rows filled, the side's result returned, the side run once.
-            let runs = AtomicUsize::new(0);
-            let (r, side): (Vec<u32>, usize) =
-                rows_beside(Stale, n, 1 << 20, 2, |r, row| row.fill(r as u32), || runs.fetch_add(1, Ordering::Relaxed) + 40);
-            assert!(r.len() == 2 * n && r.chunks(2).enumerate().all(|(i, row)| row == [i as u32; 2]));
-            assert_eq!((side, runs.load(Ordering::Relaxed)), (40, 1));
+            // `row_groups_beside`: the rows filled (groups of g rows, the last one short), the
+            // side's result returned, the side run once.
+            for g in [1, 4] {
+                let runs = AtomicUsize::new(0);
+                let fill = |r0: usize, rows: &mut [u32]| {
+                    assert!(r0 % g == 0 && rows.len() == 2 * g.min(n - r0));
+                    rows.chunks_mut(2).enumerate().for_each(|(i, row)| row.fill((r0 + i) as u32))
+                };
+                let (r, side): (Vec<u32>, usize) =
+                    row_groups_beside(Stale, n, g, 1 << 20, 2, fill, || runs.fetch_add(1, Ordering::Relaxed) + 40);
+                assert!(r.len() == 2 * n && r.chunks(2).enumerate().all(|(i, row)| row == [i as u32; 2]));
+                assert_eq!((side, runs.load(Ordering::Relaxed)), (40, 1));
+                // `row_groups2`, `row_groups3`: every row of every output, once.
+                let (a, b): (Vec<u32>, Vec<u8>) = row_groups2(Zeroed, n, g, 1 << 20, (3, 1), |r0, a, b| {
+                    assert!(a.iter().all(|&x| x == 0) && a.len() == 3 * b.len());
+                    a.chunks_mut(3).enumerate().for_each(|(i, row)| row.fill((r0 + i) as u32));
+                    b.fill(1);
+                });
+                assert!(a.len() == 3 * n && a.chunks(3).enumerate().all(|(i, row)| row == [i as u32; 3]));
+                assert!(b.len() == n && b.iter().all(|&x| x == 1));
+                let (_, _, c): (Vec<u8>, Vec<u8>, Vec<u32>) = row_groups3(Stale, n, g, 1 << 20, (0, 0, 1), |r0, _, _, c| {
+                    c.iter_mut().enumerate().for_each(|(i, x)| *x = (r0 + i) as u32)
+                });
+                assert!(c.len() == n && c.iter().enumerate().all(|(i, &x)| x == i as u32));
+            }
         }
     }
 

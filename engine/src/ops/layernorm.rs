@@ -19,7 +19,7 @@
 
 use super::reduce::sum_rows_gpu;
 use super::wgsl;
-use crate::cpu::{par, sum8_of, sum8_of2, sum8_of3, Real};
+use crate::cpu::{par, sum8_of, sum8_of2, sum8_of3, sum8_rows4, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
@@ -68,9 +68,37 @@ fn ln_row<T: Real>(xr: &[T], (gamma, beta): (&[T], &[T]), k: usize, eps: T, yr: 
     st[1] = rstd;
 }
 
+/// Rows r0.. (as many as `y` holds, c values each, given as `xg`): `ln_row` on each, four at a
+/// time with their sums side by side ([`sum8_rows4`]: the same bits).
+#[inline(always)]
+fn ln_rows<T: Real>(xg: &[T], (gamma, beta): (&[T], &[T]), (r0, c, groups): (usize, usize, usize), eps: T, y: &mut [T], st: &mut [T]) {
+    if y.len() < 4 * c {
+        for (i, ((xr, yr), st)) in xg.chunks_exact(c).zip(y.chunks_exact_mut(c)).zip(st.chunks_exact_mut(2)).enumerate() {
+            ln_row(xr, (gamma, beta), ((r0 + i) % groups) * c, eps, yr, st);
+        }
+        return;
+    }
+    let n = T::c(c as f64);
+    let xs: [&[T]; 4] = std::array::from_fn(|i| &xg[i * c..(i + 1) * c]);
+    let x0: [T; 4] = std::array::from_fn(|i| xs[i][0]);
+    let mean = sum8_rows4(xs, xs, |i, v, _| v - x0[i]).map(|s| s / n);
+    let var = sum8_rows4(xs, xs, |i, v, _| (v - x0[i] - mean[i]) * (v - x0[i] - mean[i])).map(|s| s / n);
+    for (i, yr) in y.chunks_exact_mut(c).enumerate() {
+        let k = ((r0 + i) % groups) * c;
+        let rstd = T::one() / (var[i] + eps).sqrt();
+        for (((o, &v), &gm), &bt) in yr.iter_mut().zip(xs[i]).zip(&gamma[k..k + c]).zip(&beta[k..k + c]) {
+            *o = (v - x0[i] - mean[i]) * rstd * gm + bt;
+        }
+        st[2 * i] = mean[i];
+        st[2 * i + 1] = rstd;
+    }
+}
+
 /// Forward: (y (R, C), stats (R, 2) = [mean - x[r, 0], rstd] per row).
 pub fn layernorm_cpu<T: Real>(x: &[T], gamma: &[T], beta: &[T], rows: usize, c: usize, groups: usize, eps: T) -> (Vec<T>, Vec<T>) {
-    par::rows2(par::Stale, rows, 4 * c, c, 2, |r, yr, st| ln_row(&x[r * c..(r + 1) * c], (gamma, beta), (r % groups) * c, eps, yr, st))
+    par::row_groups2(par::Stale, rows, 4, 4 * c, (c, 2), |r0, y, st| {
+        ln_rows(&x[r0 * c..r0 * c + y.len()], (gamma, beta), (r0, c, groups), eps, y, st)
+    })
 }
 
 /// Forward of LayerNorm(a + x) in one pass over the rows: (y, stats, the sum a + x), each row's
@@ -84,11 +112,12 @@ pub fn add_layernorm_cpu<T: Real>(
     (rows, c, groups): (usize, usize, usize),
     eps: T,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    par::rows3(par::Stale, rows, 6 * c, (c, 2, c), |r, yr, st, sr| {
-        for ((o, &u), &v) in sr.iter_mut().zip(&a[r * c..(r + 1) * c]).zip(&x[r * c..(r + 1) * c]) {
+    par::row_groups3(par::Stale, rows, 4, 6 * c, (c, 2, c), |r0, y, st, sg| {
+        let span = r0 * c..r0 * c + sg.len();
+        for ((o, &u), &v) in sg.iter_mut().zip(&a[span.clone()]).zip(&x[span]) {
             *o = u + T::one() * v;
         }
-        ln_row(sr, (gamma, beta), (r % groups) * c, eps, yr, st);
+        ln_rows(sg, (gamma, beta), (r0, c, groups), eps, y, st);
     })
 }
 
@@ -117,47 +146,68 @@ pub fn layernorm_bwd_cpu<T: Real>(
             *o = rstd * (g * w - m1 - xh * m2);
         }
     };
-    // Parameter gradients: column j of the (G, C) parameters sums the rows r with r % G == j / C.
+    // Four rows at a time (their sums side by side, `sum8_rows4`: the bits of `dx_row`); each
+    // row's g * gamma goes into its dx row first, which the sums and then dx read back.
+    let dx_rows = |r0: usize, dx: &mut [T]| {
+        if dx.len() < 4 * c {
+            for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
+                dx_row(r0 + i, dxr);
+            }
+            return;
+        }
+        let xs: [&[T]; 4] = std::array::from_fn(|i| &x[(r0 + i) * c..(r0 + i + 1) * c]);
+        let gs: [&[T]; 4] = std::array::from_fn(|i| &g[(r0 + i) * c..(r0 + i + 1) * c]);
+        let gms: [&[T]; 4] = std::array::from_fn(|i| &gamma[((r0 + i) % groups) * c..][..c]);
+        let (mean, rstd): ([T; 4], [T; 4]) =
+            (std::array::from_fn(|i| stats[2 * (r0 + i)]), std::array::from_fn(|i| stats[2 * (r0 + i) + 1]));
+        let x0: [T; 4] = std::array::from_fn(|i| xs[i][0]);
+        for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
+            for ((o, &g), &w) in dxr.iter_mut().zip(gs[i]).zip(gms[i]) {
+                *o = g * w;
+            }
+        }
+        let gw: [&[T]; 4] = std::array::from_fn(|i| &dx[i * c..(i + 1) * c]);
+        let m1 = sum8_rows4(gw, gw, |_, v, _| v).map(|s| s / n);
+        let m2 = sum8_rows4(gw, xs, |i, v, x| v * ((x - x0[i] - mean[i]) * rstd[i])).map(|s| s / n);
+        for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
+            for (o, &x) in dxr.iter_mut().zip(xs[i]) {
+                let xh = (x - x0[i] - mean[i]) * rstd[i];
+                *o = rstd[i] * (*o - m1[i] - xh * m2[i]);
+            }
+        }
+    };
+    // Parameter gradients: column j of the (G, C) parameters sums the rows r with r % G == j / C,
+    // in increasing order. Each block of columns [j0, j0 + w) reads the rows in order, every row
+    // once (its group's columns within the block), the sums in L1.
     let cols = groups * c;
-    const SPAN: usize = 4 * par::LINE;
     let block = par::col_block(rows, cols);
     let params = || {
         par::chunks2(par::Zeroed, cols, block, block < cols, |j0, dg, db| {
-            // Four cache lines of columns [b0, b1) at a time (a whole 64-wide group of the MoE's
-            // parameters, so each row of x and g is read once), the sums in L1 (see `sum_rows_cpu`).
-            for s0 in (0..dg.len()).step_by(SPAN) {
-                let (b0, b1) = (j0 + s0, j0 + (s0 + SPAN).min(dg.len()));
-                let (mut ag, mut ab) = ([T::zero(); SPAN], [T::zero(); SPAN]);
-                // The rows whose group's columns meet [b0, b1), in increasing order: when the span lies
-                // within one group's columns (always when C is a multiple of it), every `groups`-th
-                // row from that group's first; else all rows.
-                let (g0, g1) = (b0 / c, (b1 - 1) / c);
-                let (first, step) = if g0 == g1 { (g0, groups) } else { (0, 1) };
-                for r in (first..rows).step_by(step) {
-                    let k = (r % groups) * c;
-                    // This row's parameter columns [k, k + c) within [b0, b1).
-                    let (lo, hi) = (b0.max(k), b1.min(k + c));
-                    if lo >= hi {
-                        continue;
-                    }
-                    let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-                    let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
-                    let x0 = xr[0];
-                    let (xs, gs) = (&xr[lo - k..hi - k], &gr[lo - k..hi - k]);
-                    for (((ag, ab), &xv), &gv) in ag[lo - b0..hi - b0].iter_mut().zip(&mut ab[lo - b0..hi - b0]).zip(xs).zip(gs) {
-                        let xh = (xv - x0 - mean) * rstd;
-                        *ag += gv * xh;
-                        *ab += gv;
-                    }
+            let j1 = j0 + dg.len();
+            // The groups whose columns meet [j0, j1): rows r with r % groups in [g0, g1].
+            let (g0, g1) = (j0 / c, (j1 - 1) / c);
+            for r in 0..rows {
+                let k = (r % groups) * c;
+                if r % groups < g0 || r % groups > g1 {
+                    continue;
                 }
-                dg[s0..s0 + (b1 - b0)].copy_from_slice(&ag[..b1 - b0]);
-                db[s0..s0 + (b1 - b0)].copy_from_slice(&ab[..b1 - b0]);
+                // This row's parameter columns [k, k + c) within [j0, j1).
+                let (lo, hi) = (j0.max(k), j1.min(k + c));
+                let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
+                let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+                let x0 = xr[0];
+                let (xs, gs) = (&xr[lo - k..hi - k], &gr[lo - k..hi - k]);
+                for (((ag, ab), &xv), &gv) in dg[lo - j0..hi - j0].iter_mut().zip(&mut db[lo - j0..hi - j0]).zip(xs).zip(gs) {
+                    let xh = (xv - x0 - mean) * rstd;
+                    *ag += gv * xh;
+                    *ab += gv;
+                }
             }
         })
     };
     // The parameters' column sums beside the rows of dx: at the transformer's width (64 columns)
     // they are one task, which the rows fill the other threads around.
-    let (dx, (dgamma, dbeta)) = par::rows_beside(par::Stale, rows, 4 * c, c, dx_row, params);
+    let (dx, (dgamma, dbeta)) = par::row_groups_beside(par::Stale, rows, 4, 4 * c, c, dx_rows, params);
     (dx, dgamma, dbeta)
 }
 

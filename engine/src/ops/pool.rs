@@ -15,7 +15,9 @@
 //!   the forward streams them for the energies and finds them in cache for the weighted sum; the
 //!   backward streams them for dalpha and finds them in cache for dw = sum_{n, j} da[n, j] x[n, j]
 //!   (summed in blocks of `DOT_BLOCK` items, then the blocks in order: the bits do not depend on the
-//!   thread count). dx[n, j] = alpha[n, j] de[n] + da[n, j] w when x is tracked. On the GPU it is
+//!   thread count). Each pass asks for the next item's rows (`cpu::Ahead`) while it works on this
+//!   one's, so memory is never idle between items. dx[n, j] = alpha[n, j] de[n] + da[n, j] w when
+//!   x is tracked. On the GPU it is
 //!   `matmul` for the energies and dw around the kernels of `attention_pool`.
 //! - `moe(logits, experts)`: logits (N, O), experts (N, O, D) -> z (N, D) = sum_k g[n, k] E[n, k]
 //!   with g = softmax(logits[n]); backward as above with lens = O.
@@ -26,7 +28,7 @@
 use super::concat::owned_gpu;
 use super::elementwise::add;
 use super::{embedding, matmul, wgsl};
-use crate::cpu::{dot_rows, par, pool, Real};
+use crate::cpu::{dot_rows_ahead, par, pool, Ahead, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
@@ -69,16 +71,29 @@ kernel_params! {
 // ---- CPU references -------------------------------------------------------------------------
 
 /// One item's pooling: `al` holds its `len` energies and becomes their softmax; `er` (zeroed)
-/// becomes sum_j al[j] x[j] over its rows `xr` (len, d).
-fn softmax_sum<T: Real>(al: &mut [T], xr: &[T], er: &mut [T], d: usize) {
+/// becomes sum_j al[j] x[j] over its rows `xr` (len, d), asking for lines of `ahead` meanwhile.
+fn softmax_sum<T: Real>(al: &mut [T], xr: &[T], er: &mut [T], d: usize, ahead: &mut Ahead<'_, T>) {
     let m = al.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
     let z: T = al.iter().map(|&v| (v - m).exp()).sum();
     for (j, a) in al.iter_mut().enumerate() {
         let w = (*a - m).exp() / z;
         *a = w;
-        for (o, &xv) in er.iter_mut().zip(&xr[j * d..(j + 1) * d]) {
-            *o += w * xv;
+        axpy_ahead(w, &xr[j * d..(j + 1) * d], er, ahead);
+    }
+}
+
+/// o += a x, asking for a line of `ahead` every 16 values.
+#[inline(never)]
+fn axpy_ahead<T: Real>(a: T, x: &[T], o: &mut [T], ahead: &mut Ahead<'_, T>) {
+    let mut oc = o.chunks_exact_mut(16);
+    for (oc, xc) in (&mut oc).zip(x.chunks_exact(16)) {
+        ahead.one();
+        for l in 0..16 {
+            oc[l] += a * xc[l];
         }
+    }
+    for (o, &xv) in oc.into_remainder().iter_mut().zip(&x[x.len() / 16 * 16..]) {
+        *o += a * xv;
     }
 }
 
@@ -87,7 +102,7 @@ pub fn pool_cpu<T: Real>(a: &[T], x: &[T], lens: &[u32], n: usize, s: usize, d: 
     par::rows2(par::Zeroed, n, s * (d + 2), d, s, |r, er, al| {
         let len = lens[r] as usize;
         al[..len].copy_from_slice(&a[r * s..r * s + len]);
-        softmax_sum(&mut al[..len], &x[r * s * d..(r * s + len) * d], er, d);
+        softmax_sum(&mut al[..len], &x[r * s * d..(r * s + len) * d], er, d, &mut Ahead::none());
     })
 }
 
@@ -100,6 +115,14 @@ fn item<'a, T>(x: &'a [T], rows: Option<&[u32]>, r: usize, (s, d): (usize, usize
     &x[i * s * d..(i * s + len) * d]
 }
 
+/// The rows of the item after item n (none after the last), to ask for while n is worked on.
+fn next_item<'a, T>(x: &'a [T], rows: Option<&[u32]>, lens: &[u32], r: usize, sd: (usize, usize)) -> Ahead<'a, T> {
+    match lens.get(r + 1) {
+        Some(&len) => Ahead::new(item(x, rows, r + 1, sd, len as usize)),
+        None => Ahead::none(),
+    }
+}
+
 /// Forward with energies from one vector: x (M, S, D), w (D), lens (N), rows (N) each < M or none
 /// (then M = N) -> (e (N, D), alpha (N, S)), a[n, j] = dot(x[rows[n], j], w) ([`dot`]'s order),
 /// then as [`pool_cpu`].
@@ -107,8 +130,9 @@ pub fn pool_dot_cpu<T: Real>(x: &[T], w: &[T], lens: &[u32], rows: Option<&[u32]
     par::rows2(par::Zeroed, n, s * (2 * d + 2), d, s, |r, er, al| {
         let len = lens[r] as usize;
         let xr = item(x, rows, r, (s, d), len);
-        dot_rows(xr, d, w, &mut al[..len]);
-        softmax_sum(&mut al[..len], xr, er, d);
+        let mut ahead = next_item(x, rows, lens, r, (s, d));
+        dot_rows_ahead(xr, d, w, &mut al[..len], &mut ahead);
+        softmax_sum(&mut al[..len], xr, er, d, &mut ahead);
     })
 }
 
@@ -134,13 +158,12 @@ pub fn pool_dot_bwd_cpu<T: Real>(
             let len = lens[r] as usize;
             let (xr, der, al) = (item(x, rows, r, (s, d), len), &de[r * d..(r + 1) * d], &alpha[r * s..r * s + len]);
             let dar = &mut dab[(r - blk * DOT_BLOCK) * s..][..len];
-            dot_rows(xr, d, der, dar);
+            let mut ahead = next_item(x, rows, lens, r, (s, d));
+            dot_rows_ahead(xr, d, der, dar, &mut ahead);
             let tot = al.iter().zip(dar.iter()).fold(T::zero(), |t, (&a, &g)| t + a * g);
             for ((g, &a), row) in dar.iter_mut().zip(al).zip(xr.chunks_exact(d)) {
                 *g = a * (*g - tot);
-                for (o, &xv) in part.iter_mut().zip(row) {
-                    *o += *g * xv;
-                }
+                axpy_ahead(*g, row, part, &mut ahead);
             }
         }
     });
