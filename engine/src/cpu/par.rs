@@ -315,7 +315,7 @@ pub(crate) fn rows3<A: Copy + Default + Send + 'static, B: Copy + Default + Send
     lens: (usize, usize, usize),
     f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
 ) -> (Vec<A>, Vec<B>, Vec<C>) {
-    rows3_beside(start, n, work, lens, f, None::<fn()>).0
+    row_groups3(start, n, 1, work, lens, f)
 }
 
 /// As [`rows2`], the rows handed out `g` at a time: `f(r0, rows r0.. of A, the same rows of B)`
@@ -365,20 +365,9 @@ pub(crate) fn row_groups_beside<A: Copy + Default + Send + 'static, R: Send>(
     (a, r.expect("the side task ran"))
 }
 
-/// [`rows3`], with `side` (when given) as in [`row_groups_beside`]; without one, no join.
-#[allow(clippy::type_complexity)]
-fn rows3_beside<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static, R: Send>(
-    start: Start,
-    n: usize,
-    work: usize,
-    lens: (usize, usize, usize),
-    f: impl Fn(usize, &mut [A], &mut [B], &mut [C]) + Sync + Send,
-    side: Option<impl FnOnce() -> R + Send>,
-) -> ((Vec<A>, Vec<B>, Vec<C>), Option<R>) {
-    groups3_beside(start, n, 1, work, lens, f, side)
-}
-
-/// [`rows3_beside`] with the rows handed out `g` at a time: `f(r0, rows r0 .. r0 + g of each)`.
+/// The row builders' one body: three outputs, their rows handed out `g` at a time (`f(r0, rows
+/// r0 .. r0 + g of each)`), with `side` (when given) as in [`row_groups_beside`]; without one, no
+/// join.
 #[allow(clippy::type_complexity)]
 fn groups3_beside<A: Copy + Default + Send + 'static, B: Copy + Default + Send + 'static, C: Copy + Default + Send + 'static, R: Send>(
     start: Start,

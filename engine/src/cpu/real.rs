@@ -36,17 +36,13 @@ pub trait Real: num_traits::Float + num_traits::NumAssign + Default + std::fmt::
             // multiply-adds over k, blocked the same way (test `split_products_match_...`).
             let mut ct = super::pool::stale::<Self>(n * m);
             if beta != Self::zero() {
-                transpose_into(c, rsc as usize, &mut ct, m, n);
+                transpose(c, rsc as usize, &mut ct, m, (m, n));
             }
             // SAFETY: as below, for the transposed views (B^T: rows csb apart; A^T: columns rsa apart).
             split_gemm(n, k, m, b, a, &mut ct, (csb, rsa, m as isize), |n, m2, b, a, ct| unsafe {
                 one_gemm(n, k, m2, b, csb, rsb, a, csa, rsa, beta, ct, m as isize)
             });
-            for (i, row) in c.chunks_mut(rsc as usize).take(m).enumerate() {
-                for (j, o) in row[..n].iter_mut().enumerate() {
-                    *o = ct[j * m + i];
-                }
-            }
+            transpose(&ct, m, c, rsc as usize, (n, m));
             super::pool::give(ct);
         } else {
             // SAFETY: callers pass slices that cover every strided index of the (m,k), (k,n), (m,n) views;
@@ -137,11 +133,12 @@ fn through_transpose(m: usize, k: usize, n: usize, rsa: isize, csa: isize) -> bo
     (2..=16).contains(&n) && m >= 4 * n && m * n >= GEMM_MIN_ELEMENTS && k >= 64 && rsa == 1 && csa != 1
 }
 
-/// ct (n x m, row-major) = the first n columns of C's m rows (rows `rsc` apart).
-fn transpose_into<T: Copy>(c: &[T], rsc: usize, ct: &mut [T], m: usize, n: usize) {
-    for (i, row) in c.chunks(rsc).take(m).enumerate() {
-        for (j, &v) in row[..n].iter().enumerate() {
-            ct[j * m + i] = v;
+/// dst (cols x rows, its rows `rsd` apart) = the transpose of src (rows x cols, its rows `rss`
+/// apart).
+fn transpose<T: Copy>(src: &[T], rss: usize, dst: &mut [T], rsd: usize, (rows, cols): (usize, usize)) {
+    for (i, row) in src.chunks(rss).take(rows).enumerate() {
+        for (j, &v) in row[..cols].iter().enumerate() {
+            dst[j * rsd + i] = v;
         }
     }
 }
@@ -292,13 +289,6 @@ pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     }
 }
 
-/// `out[j] = dot(row j of x, w)` for the `out.len()` rows of `d` values of `x`: each the bits of
-/// [`dot`], four rows side by side (four independent chains of adds instead of one, so reading the
-/// rows is not held up by each add's latency).
-pub fn dot_rows<T: Real>(x: &[T], d: usize, w: &[T], out: &mut [T]) {
-    dot_rows_ahead(x, d, w, out, &mut Ahead::none())
-}
-
 /// Memory the next loop will read, asked for a cache line at a time ([`Ahead::one`], into the L2
 /// cache) while this loop computes on rows already in cache. A loop that streams items (each a few
 /// KB read from memory, then worked on in cache) otherwise leaves memory idle during the work and
@@ -335,9 +325,11 @@ impl<'a, T> Ahead<'a, T> {
     }
 }
 
-/// [`dot_rows`], asking for a line of `ahead` every 8 columns of each 4 rows (a line for every
-/// two read).
-pub fn dot_rows_ahead<T: Real>(x: &[T], d: usize, w: &[T], out: &mut [T], ahead: &mut Ahead<'_, T>) {
+/// `out[j] = dot(row j of x, w)` for the `out.len()` rows of `d` values of `x`: each the bits of
+/// [`dot`], four rows side by side (four independent chains of adds instead of one, so reading the
+/// rows is not held up by each add's latency). Meanwhile asks for a line of `ahead` every 8 columns
+/// of each 4 rows (a line for every two read; [`Ahead::none`] for nothing).
+pub fn dot_rows<T: Real>(x: &[T], d: usize, w: &[T], out: &mut [T], ahead: &mut Ahead<'_, T>) {
     let w = &w[..d];
     let (tail, done) = (d / 8 * 8, out.len() / 4 * 4);
     let mut quads = out.chunks_exact_mut(4);
@@ -558,7 +550,7 @@ mod exp_tests {
             let x: Vec<f32> = (0..rows * d).map(|i| ((i * 7919) % 1013) as f32 * 0.37e-2 - 1.7).collect();
             let w: Vec<f32> = (0..d).map(|i| ((i * 104_729) % 997) as f32 * -0.51e-2 + 2.3).collect();
             let mut out = vec![0f32; rows];
-            dot_rows(&x, d, &w, &mut out);
+            dot_rows(&x, d, &w, &mut out, &mut super::Ahead::none());
             for (j, o) in out.iter().enumerate() {
                 assert_eq!(o.to_bits(), dot(&x[j * d..(j + 1) * d], &w).to_bits(), "{rows} rows of {d}, row {j}");
             }

@@ -19,7 +19,7 @@
 
 use super::reduce::sum_rows_gpu;
 use super::wgsl;
-use crate::cpu::{par, sum8_of, sum8_of2, sum8_of3, sum8_rows4, Real};
+use crate::cpu::{par, sum8_of, sum8_of2, sum8_rows4, Real};
 use crate::error::{Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
@@ -55,11 +55,18 @@ kernel_params! {
 
 /// One row: y and [mean - x[0], rstd] of the row xr, with the parameters of its group at k.
 #[inline(always)]
-fn ln_row<T: Real>(xr: &[T], (gamma, beta): (&[T], &[T]), k: usize, eps: T, yr: &mut [T], st: &mut [T]) {
-    let (c, n) = (xr.len(), T::c(xr.len() as f64));
+fn ln_row<T: Real>(xr: &[T], params: (&[T], &[T]), k: usize, eps: T, yr: &mut [T], st: &mut [T]) {
+    let n = T::c(xr.len() as f64);
     let x0 = xr[0];
     let mean = sum8_of(xr, |v| v - x0) / n;
     let var = sum8_of(xr, |v| (v - x0 - mean) * (v - x0 - mean)) / n;
+    ln_normalize(xr, (x0, mean, var), params, k, eps, yr, st);
+}
+
+/// The end of `ln_row` once a row's mean and variance are known: y, and [mean, rstd] in `st`.
+#[inline(always)]
+fn ln_normalize<T: Real>(xr: &[T], (x0, mean, var): (T, T, T), (gamma, beta): (&[T], &[T]), k: usize, eps: T, yr: &mut [T], st: &mut [T]) {
+    let c = xr.len();
     let rstd = T::one() / (var + eps).sqrt();
     for (((o, &v), &gm), &bt) in yr.iter_mut().zip(xr).zip(&gamma[k..k + c]).zip(&beta[k..k + c]) {
         *o = (v - x0 - mean) * rstd * gm + bt;
@@ -71,10 +78,10 @@ fn ln_row<T: Real>(xr: &[T], (gamma, beta): (&[T], &[T]), k: usize, eps: T, yr: 
 /// Rows r0.. (as many as `y` holds, c values each, given as `xg`): `ln_row` on each, four at a
 /// time with their sums side by side ([`sum8_rows4`]: the same bits).
 #[inline(always)]
-fn ln_rows<T: Real>(xg: &[T], (gamma, beta): (&[T], &[T]), (r0, c, groups): (usize, usize, usize), eps: T, y: &mut [T], st: &mut [T]) {
+fn ln_rows<T: Real>(xg: &[T], params: (&[T], &[T]), (r0, c, groups): (usize, usize, usize), eps: T, y: &mut [T], st: &mut [T]) {
     if y.len() < 4 * c {
         for (i, ((xr, yr), st)) in xg.chunks_exact(c).zip(y.chunks_exact_mut(c)).zip(st.chunks_exact_mut(2)).enumerate() {
-            ln_row(xr, (gamma, beta), ((r0 + i) % groups) * c, eps, yr, st);
+            ln_row(xr, params, ((r0 + i) % groups) * c, eps, yr, st);
         }
         return;
     }
@@ -83,14 +90,8 @@ fn ln_rows<T: Real>(xg: &[T], (gamma, beta): (&[T], &[T]), (r0, c, groups): (usi
     let x0: [T; 4] = std::array::from_fn(|i| xs[i][0]);
     let mean = sum8_rows4(xs, xs, |i, v, _| v - x0[i]).map(|s| s / n);
     let var = sum8_rows4(xs, xs, |i, v, _| (v - x0[i] - mean[i]) * (v - x0[i] - mean[i])).map(|s| s / n);
-    for (i, yr) in y.chunks_exact_mut(c).enumerate() {
-        let k = ((r0 + i) % groups) * c;
-        let rstd = T::one() / (var[i] + eps).sqrt();
-        for (((o, &v), &gm), &bt) in yr.iter_mut().zip(xs[i]).zip(&gamma[k..k + c]).zip(&beta[k..k + c]) {
-            *o = (v - x0[i] - mean[i]) * rstd * gm + bt;
-        }
-        st[2 * i] = mean[i];
-        st[2 * i + 1] = rstd;
+    for (i, (yr, st)) in y.chunks_exact_mut(c).zip(st.chunks_exact_mut(2)).enumerate() {
+        ln_normalize(xs[i], (x0[i], mean[i], var[i]), params, ((r0 + i) % groups) * c, eps, yr, st);
     }
 }
 
@@ -133,47 +134,49 @@ pub fn layernorm_bwd_cpu<T: Real>(
     groups: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let n = T::c(c as f64);
-    let dx_row = |r: usize, dxr: &mut [T]| {
-        let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-        let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
-        let k = (r % groups) * c;
-        let gm = &gamma[k..k + c];
-        let x0 = xr[0];
-        let m1 = sum8_of2(gr, gm, |g, w| g * w) / n;
-        let m2 = sum8_of3(gr, gm, xr, |g, w, x| g * w * ((x - x0 - mean) * rstd)) / n;
-        for (((o, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(gm).zip(xr) {
-            let xh = (x - x0 - mean) * rstd;
-            *o = rstd * (g * w - m1 - xh * m2);
+    // Each row's g * gamma goes into its dx row first; the sums m1 = mean(g gamma) and m2 =
+    // mean(g gamma xhat) and then dx read it back: dx = rstd (g gamma - m1 - xhat m2).
+    let gw_into = |r: usize, dxr: &mut [T]| {
+        let gm = &gamma[(r % groups) * c..][..c];
+        for ((o, &g), &w) in dxr.iter_mut().zip(&g[r * c..(r + 1) * c]).zip(gm) {
+            *o = g * w;
         }
     };
-    // Four rows at a time (their sums side by side, `sum8_rows4`: the bits of `dx_row`); each
-    // row's g * gamma goes into its dx row first, which the sums and then dx read back.
+    let dx_from = |r: usize, dxr: &mut [T], (m1, m2): (T, T)| {
+        let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+        let xr = &x[r * c..(r + 1) * c];
+        let x0 = xr[0];
+        for (o, &x) in dxr.iter_mut().zip(xr) {
+            let xh = (x - x0 - mean) * rstd;
+            *o = rstd * (*o - m1 - xh * m2);
+        }
+    };
+    // Four rows at a time, their sums side by side (`sum8_rows4`: the bits of one row's
+    // `sum8_of` / `sum8_of2`).
     let dx_rows = |r0: usize, dx: &mut [T]| {
+        for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
+            gw_into(r0 + i, dxr);
+        }
         if dx.len() < 4 * c {
             for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
-                dx_row(r0 + i, dxr);
+                let r = r0 + i;
+                let (xr, mean, rstd) = (&x[r * c..(r + 1) * c], stats[2 * r], stats[2 * r + 1]);
+                let x0 = xr[0];
+                let m1 = sum8_of(dxr, |v| v) / n;
+                let m2 = sum8_of2(dxr, xr, |v, x| v * ((x - x0 - mean) * rstd)) / n;
+                dx_from(r, dxr, (m1, m2));
             }
             return;
         }
         let xs: [&[T]; 4] = std::array::from_fn(|i| &x[(r0 + i) * c..(r0 + i + 1) * c]);
-        let gs: [&[T]; 4] = std::array::from_fn(|i| &g[(r0 + i) * c..(r0 + i + 1) * c]);
-        let gms: [&[T]; 4] = std::array::from_fn(|i| &gamma[((r0 + i) % groups) * c..][..c]);
         let (mean, rstd): ([T; 4], [T; 4]) =
             (std::array::from_fn(|i| stats[2 * (r0 + i)]), std::array::from_fn(|i| stats[2 * (r0 + i) + 1]));
         let x0: [T; 4] = std::array::from_fn(|i| xs[i][0]);
-        for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
-            for ((o, &g), &w) in dxr.iter_mut().zip(gs[i]).zip(gms[i]) {
-                *o = g * w;
-            }
-        }
         let gw: [&[T]; 4] = std::array::from_fn(|i| &dx[i * c..(i + 1) * c]);
         let m1 = sum8_rows4(gw, gw, |_, v, _| v).map(|s| s / n);
         let m2 = sum8_rows4(gw, xs, |i, v, x| v * ((x - x0[i] - mean[i]) * rstd[i])).map(|s| s / n);
         for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
-            for (o, &x) in dxr.iter_mut().zip(xs[i]) {
-                let xh = (x - x0[i] - mean[i]) * rstd[i];
-                *o = rstd[i] * (*o - m1[i] - xh * m2[i]);
-            }
+            dx_from(r0 + i, dxr, (m1[i], m2[i]));
         }
     };
     // Parameter gradients: column j of the (G, C) parameters sums the rows r with r % G == j / C,
@@ -181,6 +184,17 @@ pub fn layernorm_bwd_cpu<T: Real>(
     // once (its group's columns within the block).
     let cols = groups * c;
     let block = par::col_block(rows, cols);
+    // Row r's parameter columns [lo, hi) (within its group's [k, k + c), k = (r % groups) * c)
+    // added into (ag, ab).
+    let add_row = |r: usize, k: usize, (lo, hi): (usize, usize), ag: &mut [T], ab: &mut [T]| {
+        let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
+        let (mean, rstd, x0) = (stats[2 * r], stats[2 * r + 1], xr[0]);
+        for (((ag, ab), &xv), &gv) in ag.iter_mut().zip(ab).zip(&xr[lo - k..hi - k]).zip(&gr[lo - k..hi - k]) {
+            let xh = (xv - x0 - mean) * rstd;
+            *ag += gv * xh;
+            *ab += gv;
+        }
+    };
     let params = || {
         par::chunks2(par::Zeroed, cols, block, block < cols, |j0, dg, db| {
             if groups == 1 {
@@ -191,13 +205,7 @@ pub fn layernorm_bwd_cpu<T: Real>(
                     let (b0, b1) = (j0 + s0, j0 + (s0 + SPAN).min(dg.len()));
                     let (mut ag, mut ab) = ([T::zero(); SPAN], [T::zero(); SPAN]);
                     for r in 0..rows {
-                        let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-                        let (mean, rstd, x0) = (stats[2 * r], stats[2 * r + 1], xr[0]);
-                        for (((ag, ab), &xv), &gv) in ag.iter_mut().zip(&mut ab).zip(&xr[b0..b1]).zip(&gr[b0..b1]) {
-                            let xh = (xv - x0 - mean) * rstd;
-                            *ag += gv * xh;
-                            *ab += gv;
-                        }
+                        add_row(r, 0, (b0, b1), &mut ag, &mut ab);
                     }
                     dg[s0..s0 + (b1 - b0)].copy_from_slice(&ag[..b1 - b0]);
                     db[s0..s0 + (b1 - b0)].copy_from_slice(&ab[..b1 - b0]);
@@ -207,23 +215,12 @@ pub fn layernorm_bwd_cpu<T: Real>(
             // Several groups (the MoE's experts): consecutive rows add into different groups'
             // columns, so into memory is no slower, and every row is read once, in order.
             let j1 = j0 + dg.len();
-            // The groups whose columns meet [j0, j1): rows r with r % groups in [g0, g1].
-            let (g0, g1) = (j0 / c, (j1 - 1) / c);
             for r in 0..rows {
                 let k = (r % groups) * c;
-                if r % groups < g0 || r % groups > g1 {
-                    continue;
-                }
-                // This row's parameter columns [k, k + c) within [j0, j1).
+                // This row's parameter columns [k, k + c) within [j0, j1), if any.
                 let (lo, hi) = (j0.max(k), j1.min(k + c));
-                let (xr, gr) = (&x[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-                let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
-                let x0 = xr[0];
-                let (xs, gs) = (&xr[lo - k..hi - k], &gr[lo - k..hi - k]);
-                for (((ag, ab), &xv), &gv) in dg[lo - j0..hi - j0].iter_mut().zip(&mut db[lo - j0..hi - j0]).zip(xs).zip(gs) {
-                    let xh = (xv - x0 - mean) * rstd;
-                    *ag += gv * xh;
-                    *ab += gv;
+                if lo < hi {
+                    add_row(r, k, (lo, hi), &mut dg[lo - j0..hi - j0], &mut db[lo - j0..hi - j0]);
                 }
             }
         })

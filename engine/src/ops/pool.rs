@@ -28,7 +28,7 @@
 use super::concat::owned_gpu;
 use super::elementwise::add;
 use super::{embedding, matmul, wgsl};
-use crate::cpu::{dot_rows_ahead, par, pool, Ahead, Real};
+use crate::cpu::{dot_rows, par, pool, Ahead, Real};
 use crate::error::{shape_err, Error, Result};
 use crate::gpu::{gpu, groups_1d, kernel_params, row_groups, Access, Access::*, GpuBuf, Kernel};
 use crate::op::{apply, run, Backward, Op};
@@ -131,7 +131,7 @@ pub fn pool_dot_cpu<T: Real>(x: &[T], w: &[T], lens: &[u32], rows: Option<&[u32]
         let len = lens[r] as usize;
         let xr = item(x, rows, r, (s, d), len);
         let mut ahead = next_item(x, rows, lens, r, (s, d));
-        dot_rows_ahead(xr, d, w, &mut al[..len], &mut ahead);
+        dot_rows(xr, d, w, &mut al[..len], &mut ahead);
         softmax_sum(&mut al[..len], xr, er, d, &mut ahead);
     })
 }
@@ -159,7 +159,7 @@ pub fn pool_dot_bwd_cpu<T: Real>(
             let (xr, der, al) = (item(x, rows, r, (s, d), len), &de[r * d..(r + 1) * d], &alpha[r * s..r * s + len]);
             let dar = &mut dab[(r - blk * DOT_BLOCK) * s..][..len];
             let mut ahead = next_item(x, rows, lens, r, (s, d));
-            dot_rows_ahead(xr, d, der, dar, &mut ahead);
+            dot_rows(xr, d, der, dar, &mut ahead);
             let tot = al.iter().zip(dar.iter()).fold(T::zero(), |t, (&a, &g)| t + a * g);
             for ((g, &a), row) in dar.iter_mut().zip(al).zip(xr.chunks_exact(d)) {
                 *g = a * (*g - tot);
