@@ -37,8 +37,12 @@ impl Drop for InGemm {
 }
 
 /// Add one product of `flop` operations that started at `t0` to the counters.
+/// (Its time only where [`super::par::counts_time`]: products running side by side in tasks
+/// count their wall time once.)
 pub(crate) fn count_gemm(flop: usize, t0: std::time::Instant) {
-    GEMM_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    if super::par::counts_time() {
+        GEMM_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
     GEMM_FLOP.fetch_add(flop as u64, Ordering::Relaxed);
 }
 

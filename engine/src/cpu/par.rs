@@ -33,10 +33,37 @@ static LIMIT: AtomicUsize = AtomicUsize::new(0);
 /// Threads the CPU kernels split their work over: the pool's (one per core it may run on), or
 /// fewer inside [`with_threads`].
 pub fn threads() -> usize {
+    if TASK.with(|t| t.get().is_some()) {
+        return 1;
+    }
     match LIMIT.load(Ordering::Relaxed) {
         0 => rayon::current_num_threads(),
         n => n.min(rayon::current_num_threads()),
     }
+}
+
+thread_local!(static TASK: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) });
+
+/// `f(t)` for each t < n, one task per thread of the pool (task 0 on the calling thread), for work
+/// the caller splits itself (each task a run of rows that it carries through several kernels,
+/// which stay in its core's cache). The kernels a task calls run on its thread alone ([`threads`]
+/// is 1 there).
+pub(crate) fn tasks(n: usize, f: impl Fn(usize) + Sync + Send) {
+    let run = |t: usize| {
+        let outer = TASK.with(|c| c.replace(Some(t)));
+        f(t);
+        TASK.with(|c| c.set(outer));
+    };
+    match n {
+        0 | 1 => (0..n).for_each(run),
+        _ => (0..n).into_par_iter().with_max_len(1).for_each(run),
+    }
+}
+
+/// Whether this thread's kernels count their time: not on tasks of [`tasks`] other than the
+/// first, which run at the same time as it (a product's FLOPs always count).
+pub(crate) fn counts_time() -> bool {
+    TASK.with(|t| t.get().is_none_or(|t| t == 0))
 }
 
 /// `f()` with the CPU kernels' work split over at most `n` threads (1: all of it on the calling

@@ -38,18 +38,12 @@ pub trait Real: num_traits::Float + num_traits::NumAssign + Default + std::fmt::
             if beta != Self::zero() {
                 transpose(c, rsc as usize, &mut ct, m, (m, n));
             }
-            // SAFETY: as below, for the transposed views (B^T: rows csb apart; A^T: columns rsa apart).
-            split_gemm(n, k, m, b, a, &mut ct, (csb, rsa, m as isize), |n, m2, b, a, ct| unsafe {
-                one_gemm(n, k, m2, b, csb, rsb, a, csa, rsa, beta, ct, m as isize)
-            });
+            // B^T: rows csb apart, columns rsb; A^T: rows csa apart, columns rsa.
+            split_gemm((n, k, m), (b, csb, rsb), (a, csa, rsa), beta, &mut ct, m as isize);
             transpose(&ct, m, c, rsc as usize, (n, m));
             super::pool::give(ct);
         } else {
-            // SAFETY: callers pass slices that cover every strided index of the (m,k), (k,n), (m,n) views;
-            // `split_gemm` hands each piece a disjoint block of C's rows or columns within them.
-            split_gemm(m, k, n, a, b, c, (rsa, csb, rsc), |m, n, a, b, c| unsafe {
-                one_gemm(m, k, n, a, rsa, csa, b, rsb, csb, beta, c, rsc)
-            });
+            split_gemm((m, k, n), (a, rsa, csa), (b, rsb, csb), beta, c, rsc);
         }
         if Self::COUNTED {
             count_gemm(2 * m * n * k, t0);
@@ -180,7 +174,8 @@ fn gemm_piece(len: usize, other: usize, threads: usize) -> Option<usize> {
     None
 }
 
-/// Raw pointers handed to the pool's threads (each piece touches a disjoint block of C).
+/// Raw pointers handed to the pool's threads (each task writes its own block of C or its own
+/// partial products).
 struct Raw<T> {
     a: *const T,
     b: *const T,
@@ -192,50 +187,130 @@ impl<T> Clone for Raw<T> {
     }
 }
 impl<T> Copy for Raw<T> {}
-// SAFETY: A and B are only read; each task writes its own block of C (see `split_gemm`).
+// SAFETY: A and B are only read; each task writes memory no other task touches (see `split_gemm`).
 unsafe impl<T> Send for Raw<T> {}
 unsafe impl<T> Sync for Raw<T> {}
 
-/// C = A B (+ C) as pieces over rayon's pool: C's rows split into one block per thread when C is
-/// at least as tall as it is wide, else its columns. Every element of C is computed by one call of
-/// the GEMM kernel with the same k-loop, in the same order, as in one call over the whole of C (the
-/// crate's blocking of k depends on k and on which of its paths the product takes, which
-/// [`gemm_piece`] keeps the same for every piece, and a partial register tile gives the same bits
-/// as a full one), so the result does not depend on the thread count (test
-/// `split_products_match_one_call_bit_for_bit`).
-/// `call(m, n, a, b, c)` runs the crate's GEMM on one block; `(rsa, csb, rsc)` are the strides that
-/// move to A's next row, B's next column and C's next row.
-#[allow(clippy::too_many_arguments)]
-fn split_gemm<T: Send + Sync>(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: &[T],
-    b: &[T],
+/// Products whose k is split (see [`k_block`]) have C of at most this many elements.
+const KSPLIT_MAX_C: usize = 1 << 17;
+
+/// The length of the k blocks the crate's kernel runs its chains of multiply-adds over in one call
+/// for C (m x n): C of at most 64 x 64 takes its small path, blocks of 512 then the rest; larger C
+/// its general path, ceil(k / 512) blocks of equal length (the last shorter). (gemm-common 0.19
+/// takes the larger of 512 and a length from the L1 cache's size and ways, which is 512 or less on
+/// x86-64's L1 caches of up to 64 KiB; where it is larger, the products split by k keep these
+/// blocks, their own bits for every thread count.)
+fn k_block(m: usize, n: usize, k: usize) -> usize {
+    if m <= GEMM_SMALL && n <= GEMM_SMALL {
+        k.min(512)
+    } else {
+        k.div_ceil(k.div_ceil(512))
+    }
+}
+
+/// Whether C (m x n) = A B runs as one call per k block (see [`split_gemm`]): C small next to a k
+/// of several blocks (a weight gradient x^T g over the tokens, the catalog's item gradient over the
+/// batch), where splitting C's rows would have every thread read and pack the whole of B. Decided
+/// by the shape alone, never by the thread count.
+fn splits_k(m: usize, k: usize, n: usize) -> bool {
+    let others = m.min(n) >= GEMM_MIN_OTHER && m * n >= GEMM_MIN_ELEMENTS;
+    others && m * n <= KSPLIT_MAX_C && k > 512 && k >= m.max(n)
+}
+
+/// The k block length of the chain a product C (m x n) = A (m x k) B runs as (see
+/// [`split_gemm`]), where it runs as one (else the crate blocks k itself).
+pub(crate) fn k_blocks(m: usize, k: usize, n: usize) -> Option<usize> {
+    splits_k(m, k, n).then(|| k_block(m, n, k))
+}
+
+/// C (m x n, rows `rsc` apart) = A B + beta C, beta 0 or 1, over rayon's pool, with the bits of
+/// one call of the crate's GEMM on the whole of C on one thread (test
+/// `split_products_match_one_call_bit_for_bit`). `a` and `b` come with the strides to their next
+/// row and next column.
+///
+/// Two ways, chosen by the shape ([`splits_k`]):
+/// - by k: C (small) is a chain C = beta C + P_1, C += P_2, ... of the products P_j over the k
+///   blocks of [`k_block`], which is what the crate computes within one call (each block a chain
+///   of multiply-adds from zero, added to C). The blocks are dealt out in runs of consecutive
+///   blocks, one run per thread: the first run chains into C, each later block goes into a partial
+///   product of its own, and those are added to C in block order after.
+/// - by C's rows (C at least as tall as it is wide) or columns, one block per thread: every
+///   element of C is computed by one call with the same k blocking as one call over the whole of
+///   C (the crate's blocking depends on k and on which of its paths the product takes, which
+///   [`gemm_piece`] keeps the same for every piece; a partial register tile gives the same bits as
+///   a full one).
+fn split_gemm<T: Real>(
+    (m, k, n): (usize, usize, usize),
+    (a, rsa, csa): (&[T], isize, isize),
+    (b, rsb, csb): (&[T], isize, isize),
+    beta: T,
     c: &mut [T],
-    (rsa, csb, rsc): (isize, isize, isize),
-    call: impl Fn(usize, usize, *const T, *const T, *mut T) + Sync,
+    rsc: isize,
 ) {
     let raw = Raw { a: a.as_ptr(), b: b.as_ptr(), c: c.as_mut_ptr() };
+    // SAFETY (every call below): callers pass slices that cover every strided index of the (m, k),
+    // (k, n) and (m, n) views; each task gets its own rows or columns of C, k blocks of A and B
+    // (offsets inside those views), or its own partial products.
+    let gemm = |(m, k, n): (usize, usize, usize), a: *const T, b: *const T, beta: T, c: *mut T, rsc: isize| {
+        let _g = InGemm::enter();
+        unsafe { one_gemm(m, k, n, a, rsa, csa, b, rsb, csb, beta, c, rsc) }
+    };
+    let threads = crate::cpu::par::threads();
+    let parallel = m * n * k >= GEMM_MIN_PAR && threads > 1;
+    use rayon::prelude::*;
+    if splits_k(m, k, n) {
+        let kb = k_block(m, n, k);
+        let blocks = k.div_ceil(kb);
+        // Runs of `per` blocks: the first chains into C, the rest into partial products.
+        let per = if parallel { blocks.div_ceil(threads.min(blocks)) } else { blocks };
+        let chain = |raw: &Raw<T>, j0: usize, j1: usize, mut beta: T, c: *mut T, rsc: isize, each: usize| {
+            for j in j0..j1 {
+                let (k0, w) = (j * kb, kb.min(k - j * kb));
+                let (a, b) = (raw.a.wrapping_offset(k0 as isize * csa), raw.b.wrapping_offset(k0 as isize * rsb));
+                gemm((m, w, n), a, b, beta, c.wrapping_add((j - j0) * each), rsc);
+                beta = if each == 0 { T::one() } else { T::zero() };
+            }
+        };
+        if per == blocks {
+            return chain(&raw, 0, blocks, beta, raw.c, rsc, 0);
+        }
+        let mut parts = super::pool::stale::<T>((blocks - per) * m * n);
+        let praw = Raw { c: parts.as_mut_ptr(), ..raw };
+        (0..blocks.div_ceil(per)).into_par_iter().for_each(|t| {
+            let (raw, praw) = (&raw, &praw);
+            let (j0, j1) = (t * per, ((t + 1) * per).min(blocks));
+            match t {
+                0 => chain(raw, j0, j1, beta, raw.c, rsc, 0),
+                _ => chain(praw, j0, j1, T::zero(), praw.c.wrapping_add((j0 - per) * m * n), n as isize, m * n),
+            }
+        });
+        let add = |i: usize, row: &mut [T]| {
+            for p in parts.chunks(m * n) {
+                row[..n].iter_mut().zip(&p[i * n..(i + 1) * n]).for_each(|(o, &v)| *o += v);
+            }
+        };
+        let rows = &mut c[..(m - 1) * rsc as usize + n];
+        match crate::cpu::par::worth(m * n * (blocks - per)) {
+            true => rows.par_chunks_mut(rsc as usize).with_min_len(64).enumerate().for_each(|(i, r)| add(i, r)),
+            false => rows.chunks_mut(rsc as usize).enumerate().for_each(|(i, r)| add(i, r)),
+        }
+        super::pool::give(parts);
+        return;
+    }
     let rows = m >= n;
     let (len, other) = if rows { (m, n) } else { (n, m) };
-    let piece = if m * n * k < GEMM_MIN_PAR { None } else { gemm_piece(len, other, crate::cpu::par::threads()) };
+    let piece = if parallel { gemm_piece(len, other, threads) } else { None };
     let Some(piece) = piece else {
-        let _g = InGemm::enter();
-        return call(m, n, raw.a, raw.b, raw.c);
+        return gemm((m, k, n), raw.a, raw.b, beta, raw.c, rsc);
     };
-    use rayon::prelude::*;
     (0..len.div_ceil(piece)).into_par_iter().for_each(|i| {
         let raw = &raw;
         let (start, w) = (i * piece, piece.min(len - i * piece));
-        let _g = InGemm::enter();
-        // SAFETY: the offsets stay inside the views the caller's slices cover (start < m or n).
-        unsafe {
-            if rows {
-                call(w, n, raw.a.offset(start as isize * rsa), raw.b, raw.c.offset(start as isize * rsc))
-            } else {
-                call(m, w, raw.a, raw.b.offset(start as isize * csb), raw.c.add(start))
+        match rows {
+            true => {
+                gemm((w, k, n), raw.a.wrapping_offset(start as isize * rsa), raw.b, beta, raw.c.wrapping_offset(start as isize * rsc), rsc)
             }
+            false => gemm((m, k, w), raw.a, raw.b.wrapping_offset(start as isize * csb), beta, raw.c.wrapping_add(start), rsc),
         }
     });
 }
@@ -635,6 +710,9 @@ mod gemm_tests {
         // items; transposed A, so through C^T like (300, 1000, 4), (3000, 500, 3), (60, 3000, 8)).
         // (200, 64, 64) and (300, 1000, 4) would leave a short last piece at three pieces; (64, 5316,
         // 64) is small as a whole, (60, 3000, 8) near the crate's path for at most 256 elements.
+        // The long-k ones are split by k (`splits_k`): the catalog's item gradient (512, 1024, 64),
+        // the pre-training's weight gradients (k = 10,632), a small C whose last k block is short,
+        // a larger one with k not a multiple of its block.
         for &(m, k, n) in &[
             (1000, 64, 64),
             (67, 300, 2011),
@@ -650,6 +728,11 @@ mod gemm_tests {
             (64, 5316, 64),
             (1024, 64, 4926),
             (768, 4927, 8),
+            (512, 1024, 64),
+            (318, 1024, 64),
+            (256, 10632, 64),
+            (64, 1100, 64),
+            (100, 1537, 70),
         ] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);

@@ -1,8 +1,37 @@
 //! The CPU forms of the catalog ops (see the module docs): blocks of scores made on the host, kept
 //! from the forward for the backward or recomputed there.
+//!
+//! On several threads the loss runs as one task per run of the batch's rows (`row_runs`): a task
+//! takes its rows through every block — the scores, the running statistics, dz, its rows of dh and
+//! its part of each block's de (a sum over the rows, run by run, added up in row order after) — so
+//! each block of scores and dz stays in the cache of the core that made it, and the whole forward
+//! or backward is one parallel region instead of several per block. Otherwise (one thread, short
+//! batches, shapes the runs would change the bits of) block after block, each kernel split over
+//! the threads on its own.
 
 use super::blocks;
 use crate::cpu::{par, pool, Real};
+
+/// Elements per task of the sum of de's partials.
+const REDUCE: usize = 1 << 12;
+
+/// Disjoint pieces of one output written by the tasks of `par::tasks`.
+struct Shared<T>(*mut T);
+// SAFETY: each task only touches the ranges its rows own (see `rows`).
+unsafe impl<T: Send> Send for Shared<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
+impl<T> Shared<T> {
+    fn of(v: &mut [T]) -> Self {
+        Shared(v.as_mut_ptr())
+    }
+    /// Elements [start, start + n).
+    ///
+    /// SAFETY: within the vector `of` was given, and no two live pieces may overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn piece(&self, start: usize, n: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), n)
+    }
+}
 
 /// A catalog op's score terms on the host: z (B, I) = scale * sum_k h_k e_k^T with h_k (B, D_k),
 /// e_k (I, D_k), and the targets (B), each < I.
@@ -23,16 +52,41 @@ impl<T: Real> HostTerms<'_, T> {
 
     /// z block (B, w) = scale * sum_k h_k e_k[j0 .. j0 + w]^T, written to `z`.
     fn block_into(&self, z: &mut [T], j0: usize, w: usize) {
-        let b = self.b();
+        self.rows_into(z, (0, self.b()), j0, w)
+    }
+
+    /// Rows r0 .. r1 of the z block (B, w) at item j0, written to `z` ((r1 - r0, w)).
+    fn rows_into(&self, z: &mut [T], (r0, r1): (usize, usize), j0: usize, w: usize) {
         for (k, (&h, &e)) in self.hs.iter().zip(&self.es).enumerate() {
             let d = self.dims[k];
             let beta = if k == 0 { T::zero() } else { T::one() };
-            // (B, d) . (w, d)^T: B's strides read e's rows as columns.
-            T::gemm(b, d, w, h, d as isize, 1, &e[j0 * d..], 1, d as isize, beta, z, w as isize);
+            // (r, d) . (w, d)^T: B's strides read e's rows as columns.
+            T::gemm(r1 - r0, d, w, &h[r0 * d..], d as isize, 1, &e[j0 * d..], 1, d as isize, beta, z, w as isize);
         }
         if self.scale != T::one() {
             par::chunks_apply(z, |v| *v *= self.scale);
         }
+    }
+
+    /// The runs of rows for one task per thread (see the file's notes), and the k block of each
+    /// de product, dz^T h over the rows: runs of whole k blocks, so that each run's part is a
+    /// piece of the chain over k blocks one product on one thread computes. None where a single
+    /// run would do (one thread, a batch of one k block) or where a block's product would not be
+    /// that chain (`crate::cpu::k_blocks` tells), or its scores' product not split by rows with
+    /// the same bits (a block narrower than 4 items).
+    fn row_runs(&self) -> Option<(Vec<(usize, usize)>, usize)> {
+        let (b, threads) = (self.b(), par::threads());
+        let kb = b.div_ceil(b.div_ceil(512));
+        let chunks = b.div_ceil(kb);
+        if threads < 2 || chunks < 2 || self.n_items < 4 || blocks(self.n_items).any(|(_, w)| w < 4) {
+            return None;
+        }
+        let same = blocks(self.n_items).all(|(_, w)| self.dims.iter().all(|&d| crate::cpu::k_blocks(w, b, d) == Some(kb)));
+        if !same {
+            return None;
+        }
+        let per = chunks.div_ceil(threads.min(chunks));
+        Some(((0..chunks).step_by(per).map(|c| (c * kb, ((c + per) * kb).min(b))).collect(), kb))
     }
 
     /// z block (B, w) in a pooled vector.
@@ -44,14 +98,49 @@ impl<T: Real> HostTerms<'_, T> {
     }
 }
 
+/// Row r's running statistics (max, sum of exp(z - max), target score) after the block of its
+/// scores `row` at item j0.
+fn row_stats<T: Real>(row: &[T], j0: usize, target: usize, (mx, sm, zt): (T, T, T)) -> (T, T, T) {
+    let bm = crate::cpu::max8(row);
+    let m = mx.max(bm);
+    let rescale = if sm == T::zero() { T::zero() } else { sm * (mx - m).fexp() };
+    let s = rescale + crate::cpu::wide(|| crate::cpu::sum_exp(row, m));
+    let t = if (j0..j0 + row.len()).contains(&target) { row[target - j0] } else { zt };
+    (m, s, t)
+}
+
 /// Forward: (loss (B), lse (B), kept scores: with `keep` every block of z, block after block
 /// (block (j0, w) at j0 * B, (B, w) row-major: B * I values), else empty).
 pub fn catalog_ce_cpu<T: Real>(terms: &HostTerms<T>, keep: bool) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (b, n_items, targets) = (terms.b(), terms.n_items, terms.targets);
-    let (mut mx, mut sm, mut zt) = (pool::zeros(b), pool::zeros(b), pool::zeros(b));
-    mx.fill(T::neg_infinity());
     // Every block of it is overwritten by its first product (beta 0).
     let mut kept = if keep { pool::stale(b * n_items) } else { Vec::new() };
+    let (mut lse, mut loss) = (pool::stale(b), pool::stale(b));
+    if let Some((runs, _)) = terms.row_runs() {
+        let (kz, lz, oz) = (Shared::of(&mut kept), Shared::of(&mut lse), Shared::of(&mut loss));
+        par::tasks(runs.len(), |t| {
+            let (r0, r1) = runs[t];
+            let mut own = if keep { Vec::new() } else { pool::stale((r1 - r0) * super::BLOCK) };
+            let mut st = vec![(T::neg_infinity(), T::zero(), T::zero()); r1 - r0];
+            for (j0, w) in blocks(n_items) {
+                // SAFETY: rows r0 .. r1 of block j0 belong to this task alone.
+                let z = if keep { unsafe { kz.piece(j0 * b + r0 * w, (r1 - r0) * w) } } else { &mut own[..(r1 - r0) * w] };
+                terms.rows_into(z, (r0, r1), j0, w);
+                for (i, row) in z.chunks(w).enumerate() {
+                    st[i] = row_stats(row, j0, targets[r0 + i] as usize, st[i]);
+                }
+            }
+            // SAFETY: as above, rows r0 .. r1 of lse and loss.
+            let (l, o) = unsafe { (lz.piece(r0, r1 - r0), oz.piece(r0, r1 - r0)) };
+            for (i, &(m, s, zt)) in st.iter().enumerate() {
+                l[i] = m + s.ln();
+                o[i] = l[i] - zt;
+            }
+            pool::give(own);
+        });
+        return (loss, lse, kept);
+    }
+    let mut st = vec![(T::neg_infinity(), T::zero(), T::zero()); b];
     for (j0, w) in blocks(n_items) {
         let mut own = Vec::new();
         let z: &[T] = if keep {
@@ -63,27 +152,18 @@ pub fn catalog_ce_cpu<T: Real>(terms: &HostTerms<T>, keep: bool) -> (Vec<T>, Vec
             &own
         };
         let stats = par::rows(par::Stale, b, 3 * w, 3, |r, o: &mut [T]| {
-            let row = &z[r * w..(r + 1) * w];
-            let bm = crate::cpu::max8(row);
-            let m = mx[r].max(bm);
-            let rescale = if sm[r] == T::zero() { T::zero() } else { sm[r] * (mx[r] - m).fexp() };
-            o[0] = m;
-            o[1] = rescale + crate::cpu::wide(|| crate::cpu::sum_exp(row, m));
-            let tr = targets[r] as usize;
-            o[2] = if (j0..j0 + w).contains(&tr) { row[tr - j0] } else { zt[r] };
+            let (m, s, t) = row_stats(&z[r * w..(r + 1) * w], j0, targets[r] as usize, st[r]);
+            o.copy_from_slice(&[m, s, t]);
         });
-        for r in 0..b {
-            (mx[r], sm[r], zt[r]) = (stats[3 * r], stats[3 * r + 1], stats[3 * r + 2]);
+        for (r, v) in stats.chunks(3).enumerate() {
+            st[r] = (v[0], v[1], v[2]);
         }
         pool::give(stats);
-        if !keep {
-            pool::give(own);
-        }
+        pool::give(own);
     }
-    let lse: Vec<T> = pool::collect(b, mx.iter().zip(&sm).map(|(&m, &s)| m + s.ln()));
-    let loss = pool::collect(b, lse.iter().zip(&zt).map(|(&l, &t)| l - t));
-    for v in [mx, sm, zt] {
-        pool::give(v);
+    for (r, &(m, s, zt)) in st.iter().enumerate() {
+        lse[r] = m + s.ln();
+        loss[r] = lse[r] - zt;
     }
     (loss, lse, kept)
 }
@@ -92,22 +172,80 @@ pub fn catalog_ce_cpu<T: Real>(terms: &HostTerms<T>, keep: bool) -> (Vec<T>, Vec
 /// the forward's kept scores (or, when `kept` is empty, each block of z recomputed).
 pub fn catalog_ce_bwd_cpu<T: Real>(terms: &HostTerms<T>, lse: &[T], g: &[T], kept: &[T]) -> Vec<(Vec<T>, Vec<T>)> {
     let (b, n_items, targets, scale) = (terms.b(), terms.n_items, terms.targets, terms.scale);
-    let mut out: Vec<(Vec<T>, Vec<T>)> = terms.dims.iter().map(|&d| (pool::zeros(b * d), pool::zeros(n_items * d))).collect();
-    for (j0, w) in blocks(n_items) {
-        // dz = scale * (exp(z - lse) - onehot) * g, as cross_entropy then scale would give it:
-        // row r of dz from row r of z.
-        let dz_row = |r: usize, z: &[T], dz: &mut [T]| {
-            let (l, gr) = (lse[r], g[r]);
-            crate::cpu::wide(|| {
-                for (o, &v) in dz.iter_mut().zip(z) {
-                    *o = scale * ((v - l).fexp() * gr);
+    // dz = scale * (exp(z - lse) - onehot) * g, as cross_entropy then scale would give it: row r
+    // of dz (the block at item j0) from row r of z.
+    let dz_row = |r: usize, j0: usize, z: &[T], dz: &mut [T]| {
+        let (l, gr) = (lse[r], g[r]);
+        crate::cpu::wide(|| {
+            for (o, &v) in dz.iter_mut().zip(z) {
+                *o = scale * ((v - l).fexp() * gr);
+            }
+        });
+        let tr = targets[r] as usize;
+        if (j0..j0 + z.len()).contains(&tr) {
+            dz[tr - j0] = scale * (((z[tr - j0] - l).fexp() - T::one()) * gr);
+        }
+    };
+    // dh and the first run's de are written by the products (beta 0 for de, dh added to).
+    let mut out: Vec<(Vec<T>, Vec<T>)> = terms.dims.iter().map(|&d| (pool::zeros(b * d), pool::stale(n_items * d))).collect();
+    if let Some((runs, kb)) = terms.row_runs() {
+        // de of the k blocks past the first run, each a (I, D_k) partial per term, added in order.
+        let first = runs[0].1.div_ceil(kb);
+        let later = b.div_ceil(kb) - first;
+        let mut parts: Vec<Vec<T>> = terms.dims.iter().map(|&d| pool::stale(later * n_items * d)).collect();
+        let outs: Vec<_> = out.iter_mut().map(|(dh, de)| (Shared::of(dh), Shared::of(de))).collect();
+        let shared_parts: Vec<_> = parts.iter_mut().map(|p| Shared::of(p)).collect();
+        par::tasks(runs.len(), |t| {
+            let (r0, r1) = runs[t];
+            let r = r1 - r0;
+            let mut dz = pool::stale(r * super::BLOCK);
+            let mut zr = if kept.is_empty() { pool::stale(r * super::BLOCK) } else { Vec::new() };
+            for (j0, w) in blocks(n_items) {
+                let z = match kept {
+                    [] => {
+                        terms.rows_into(&mut zr[..r * w], (r0, r1), j0, w);
+                        &zr[..r * w]
+                    }
+                    _ => &kept[j0 * b + r0 * w..j0 * b + r1 * w],
+                };
+                let dz = &mut dz[..r * w];
+                for (i, (zi, di)) in z.chunks(w).zip(dz.chunks_mut(w)).enumerate() {
+                    dz_row(r0 + i, j0, zi, di);
+                }
+                for (k, (dh, de)) in outs.iter().enumerate() {
+                    let d = terms.dims[k];
+                    // SAFETY: this task's rows of dh; its k blocks' de (the first run's in de,
+                    // the others' in their own partials).
+                    let dh = unsafe { dh.piece(r0 * d, r * d) };
+                    T::gemm(r, w, d, dz, w as isize, 1, &terms.es[k][j0 * d..], d as isize, 1, T::one(), dh, d as isize);
+                    for (q, k0) in (r0..r1).step_by(kb).enumerate() {
+                        let kw = kb.min(r1 - k0);
+                        let (a, hk) = (&dz[(k0 - r0) * w..], &terms.hs[k][k0 * d..]);
+                        let (dst, beta) = match t {
+                            0 => (unsafe { de.piece(j0 * d, w * d) }, if q == 0 { T::zero() } else { T::one() }),
+                            _ => (unsafe { shared_parts[k].piece(((k0 / kb - first) * n_items + j0) * d, w * d) }, T::zero()),
+                        };
+                        T::gemm(w, kw, d, a, 1, w as isize, hk, d as isize, 1, beta, dst, d as isize);
+                    }
+                }
+            }
+            pool::give(dz);
+            pool::give(zr);
+        });
+        for (k, (_, de)) in out.iter_mut().enumerate() {
+            let (len, parts) = (n_items * terms.dims[k], &parts[k]);
+            par::rows_apply(de, REDUCE, |i, piece| {
+                for p in parts.chunks(len) {
+                    piece.iter_mut().zip(&p[i * REDUCE..]).for_each(|(o, &v)| *o += v);
                 }
             });
-            let tr = targets[r] as usize;
-            if (j0..j0 + w).contains(&tr) {
-                dz[tr - j0] = scale * (((z[tr - j0] - l).fexp() - T::one()) * gr);
-            }
-        };
+        }
+        for p in parts {
+            pool::give(p);
+        }
+        return out;
+    }
+    for (j0, w) in blocks(n_items) {
         let mut recomputed = Vec::new();
         let z = match kept {
             [] => {
@@ -118,7 +256,7 @@ pub fn catalog_ce_bwd_cpu<T: Real>(terms: &HostTerms<T>, lse: &[T], g: &[T], kep
         };
         // Every row of dz is written whole.
         let mut dz = pool::stale(b * w);
-        par::rows_apply(&mut dz, w, |r, row| dz_row(r, &z[r * w..(r + 1) * w], row));
+        par::rows_apply(&mut dz, w, |r, row| dz_row(r, j0, &z[r * w..(r + 1) * w], row));
         pool::give(recomputed);
         for (k, (dh, de)) in out.iter_mut().enumerate() {
             let d = terms.dims[k];
@@ -170,4 +308,57 @@ pub fn catalog_rank_cpu<T: Real>(terms: &HostTerms<T>, mask: &[u32]) -> Vec<u32>
     }
     pool::give(st);
     ranks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values with varied exponents and signs (deterministic).
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32).map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 20_011) as f32 / 20_011.0 - 0.5).collect()
+    }
+
+    /// The loss and its gradients on two and three threads (by runs of rows where `row_runs`
+    /// allows it, else block by block) are the bits of one thread: kept and recomputed scores, one
+    /// and two terms, batches of two and three k blocks, a last item block narrow enough for the
+    /// product's small path (same k blocks as the batch's at 1024 rows, other ones at 1300: then
+    /// block by block), a term narrow enough to go through C^T.
+    #[test]
+    fn row_runs_give_the_bits_of_one_thread() {
+        let pools: Vec<_> = [1, 2, 3].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).into();
+        for (b, n, dims, runs) in [
+            (1024, 2 * 512 + 318, vec![64], true),
+            (1024, 2 * 512 + 10, vec![64, 32], true),
+            (1300, 2 * 512 + 6, vec![64], false),
+            (700, 600, vec![16], true),
+            (1300, 600, vec![64, 8], true),
+        ] {
+            let hs: Vec<Vec<f32>> = dims.iter().enumerate().map(|(k, &d)| values(b * d, 2 * k as u32 + 1)).collect();
+            let es: Vec<Vec<f32>> = dims.iter().enumerate().map(|(k, &d)| values(n * d, 2 * k as u32 + 2)).collect();
+            let targets: Vec<u32> = (0..b as u32).map(|r| r * 37 % n as u32).collect();
+            let g = values(b, 99);
+            let terms = HostTerms {
+                hs: hs.iter().map(|v| &v[..]).collect(),
+                es: es.iter().map(|v| &v[..]).collect(),
+                dims: &dims,
+                targets: &targets,
+                n_items: n,
+                scale: 3.0,
+            };
+            for keep in [true, false] {
+                let run = || {
+                    let (loss, lse, kept) = catalog_ce_cpu(&terms, keep);
+                    let grads = catalog_ce_bwd_cpu(&terms, &lse, &g, &kept);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                    (bits(&loss), bits(&lse), grads.iter().map(|(dh, de)| (bits(dh), bits(de))).collect::<Vec<_>>())
+                };
+                let want = pools[0].install(run);
+                for pool in &pools[1..] {
+                    assert_eq!(pool.install(|| terms.row_runs().is_some()), runs, "({b}, {n}, {dims:?})");
+                    assert!(pool.install(run) == want, "({b}, {n}, {dims:?}), keep {keep}, {} threads", pool.current_num_threads());
+                }
+            }
+        }
+    }
 }
