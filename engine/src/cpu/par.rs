@@ -506,6 +506,17 @@ pub(crate) fn zip_apply<T: Send, U: Sync>(x: &mut [T], y: &[U], f: impl Fn(&mut 
     }
 }
 
+/// `f(piece of x, piece of y)` over consecutive pieces of two slices of the same length, both in
+/// place, in parallel when long.
+pub(crate) fn zip_apply_mut<T: Send, U: Send>(x: &mut [T], y: &mut [U], f: impl Fn(&mut [T], &mut [U]) + Sync + Send) {
+    let y = &mut y[..x.len()];
+    if worth(x.len()) {
+        x.par_chunks_mut(ELEM_CHUNK).zip(y.par_chunks_mut(ELEM_CHUNK)).for_each(|(x, y)| f(x, y));
+    } else {
+        f(x, y);
+    }
+}
+
 /// `f(r, row_r)` on each row of `w` elements of `x` in place, rows in parallel when long.
 pub(crate) fn rows_apply<T: Send>(x: &mut [T], w: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
     let w = w.max(1);

@@ -176,19 +176,22 @@ pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
 }
 
 /// GELU and its slope at each x in one pass: (x Phi(x), Phi(x) + x phi(x)), the slope exactly as
-/// [`gelu_bwd_cpu`] multiplies it by g.
-pub fn gelu_slope_cpu<T: Real>(x: &[T]) -> (Vec<T>, Vec<T>) {
+/// [`gelu_bwd_cpu`] multiplies it by g; x's storage becomes the GELU.
+pub fn gelu_slope_cpu<T: Real>(mut x: Vec<T>) -> (Vec<T>, Vec<T>) {
     let c = T::c(0.3989422804014327);
-    par::chunks2(par::Stale, x.len(), par::elem_chunk(1), par::worth(x.len()), |start, y, s| {
-        let xs = &x[start..start + y.len()];
+    // GELU(x) written over x (read and written once, no third stream), its slope beside it.
+    let mut slope = crate::cpu::pool::stale(x.len());
+    par::zip_apply_mut(&mut x, &mut slope, |y, s| {
         crate::cpu::wide(|| {
-            for ((y, s), &v) in y.iter_mut().zip(s.iter_mut()).zip(xs) {
+            for (y, s) in y.iter_mut().zip(s.iter_mut()) {
+                let v = *y;
                 let p = norm_cdf(v);
                 *y = v * p;
                 *s = p + v * c * (-(v * v) * T::c(0.5)).fexp();
             }
         })
-    })
+    });
+    (x, slope)
 }
 
 /// sigmoid(1.702 x), QuickGELU's gate.

@@ -120,8 +120,7 @@ impl Op for Product {
         if !self.p.gelu {
             return Ok(vec![h]);
         }
-        let (y, slope) = gelu_slope_cpu(&h);
-        crate::cpu::pool::give(h);
+        let (y, slope) = gelu_slope_cpu(h);
         Ok(vec![y, slope])
     }
     fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
