@@ -712,7 +712,8 @@ mod gemm_tests {
         // 64) is small as a whole, (60, 3000, 8) near the crate's path for at most 256 elements.
         // The long-k ones are split by k (`splits_k`): the catalog's item gradient (512, 1024, 64),
         // the pre-training's weight gradients (k = 10,632), a small C whose last k block is short,
-        // a larger one with k not a multiple of its block.
+        // a larger one with k not a multiple of its block, the weight gradients of a batch of 2,048
+        // sequences (k = tokens), the catalog's item gradient at that batch.
         for &(m, k, n) in &[
             (1000, 64, 64),
             (67, 300, 2011),
@@ -733,6 +734,11 @@ mod gemm_tests {
             (256, 10632, 64),
             (64, 1100, 64),
             (100, 1537, 70),
+            (64, 13000, 64),
+            (256, 13001, 64),
+            (64, 12345, 256),
+            (1024, 2048, 64),
+            (512, 2048, 64),
         ] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);

@@ -1,16 +1,20 @@
 //! The CPU forms of the catalog ops (see the module docs): blocks of scores made on the host, kept
 //! from the forward for the backward or recomputed there.
 //!
-//! On several threads the loss runs as one task per run of the batch's rows (`row_runs`): a task
-//! takes its rows through every block — the scores, the running statistics, dz, its rows of dh and
-//! its part of each block's de (a sum over the rows, run by run, added up in row order after) — so
-//! each block of scores and dz stays in the cache of the core that made it, and the whole forward
-//! or backward is one parallel region instead of several per block. Otherwise (one thread, short
-//! batches, shapes the runs would change the bits of) block after block, each kernel split over
-//! the threads on its own.
+//! The loss runs as one task per thread, each with a run of the batch's rows (`row_runs`), which
+//! it takes 512 rows or so (one k block of the item gradient's product) at a time through every
+//! item block: the scores, the running statistics, dz, those rows of dh and their part of each
+//! block's de (a sum over the rows, k block by k block, added up in row order after). Each block
+//! of scores and dz stays in the cache of the core that made it, and the whole forward or backward
+//! is one parallel region instead of several per block. Otherwise (a batch of one k block, shapes
+//! the runs would change the bits of) block after block over the whole batch, each kernel split
+//! over the threads on its own.
 
 use super::blocks;
 use crate::cpu::{par, pool, Real};
+
+/// Runs of rows (one per task: first, end) and the k block length they are made of.
+type Runs = (Vec<(usize, usize)>, usize);
 
 /// Elements per task of the sum of de's partials.
 const REDUCE: usize = 1 << 12;
@@ -69,16 +73,16 @@ impl<T: Real> HostTerms<'_, T> {
     }
 
     /// The runs of rows for one task per thread (see the file's notes), and the k block of each
-    /// de product, dz^T h over the rows: runs of whole k blocks, so that each run's part is a
-    /// piece of the chain over k blocks one product on one thread computes. None where a single
-    /// run would do (one thread, a batch of one k block) or where a block's product would not be
-    /// that chain (`crate::cpu::k_blocks` tells), or its scores' product not split by rows with
-    /// the same bits (a block narrower than 4 items).
-    fn row_runs(&self) -> Option<(Vec<(usize, usize)>, usize)> {
+    /// de product, dz^T h over the rows: runs of whole k blocks, so that each block's part is a
+    /// piece of the chain over k blocks one product on one thread computes (a task takes its rows
+    /// one k block at a time). None for a batch of one k block, where a block's product would not
+    /// be that chain (`crate::cpu::k_blocks` tells), or where its scores' product would not be
+    /// split by rows with the same bits (a block narrower than 4 items).
+    fn row_runs(&self) -> Option<Runs> {
         let (b, threads) = (self.b(), par::threads());
         let kb = b.div_ceil(b.div_ceil(512));
         let chunks = b.div_ceil(kb);
-        if threads < 2 || chunks < 2 || self.n_items < 4 || blocks(self.n_items).any(|(_, w)| w < 4) {
+        if chunks < 2 || self.n_items < 4 || blocks(self.n_items).any(|(_, w)| w < 4) {
             return None;
         }
         let same = blocks(self.n_items).all(|(_, w)| self.dims.iter().all(|&d| crate::cpu::k_blocks(w, b, d) == Some(kb)));
@@ -112,22 +116,32 @@ fn row_stats<T: Real>(row: &[T], j0: usize, target: usize, (mx, sm, zt): (T, T, 
 /// Forward: (loss (B), lse (B), kept scores: with `keep` every block of z, block after block
 /// (block (j0, w) at j0 * B, (B, w) row-major: B * I values), else empty).
 pub fn catalog_ce_cpu<T: Real>(terms: &HostTerms<T>, keep: bool) -> (Vec<T>, Vec<T>, Vec<T>) {
+    forward(terms, keep, terms.row_runs())
+}
+
+/// [`catalog_ce_cpu`] by the given runs of rows, or block by block.
+fn forward<T: Real>(terms: &HostTerms<T>, keep: bool, runs: Option<Runs>) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (b, n_items, targets) = (terms.b(), terms.n_items, terms.targets);
     // Every block of it is overwritten by its first product (beta 0).
     let mut kept = if keep { pool::stale(b * n_items) } else { Vec::new() };
     let (mut lse, mut loss) = (pool::stale(b), pool::stale(b));
-    if let Some((runs, _)) = terms.row_runs() {
+    if let Some((runs, kb)) = runs {
         let (kz, lz, oz) = (Shared::of(&mut kept), Shared::of(&mut lse), Shared::of(&mut loss));
         par::tasks(runs.len(), |t| {
             let (r0, r1) = runs[t];
-            let mut own = if keep { Vec::new() } else { pool::stale((r1 - r0) * super::BLOCK) };
+            let mut own = if keep { Vec::new() } else { pool::stale(kb * super::BLOCK) };
             let mut st = vec![(T::neg_infinity(), T::zero(), T::zero()); r1 - r0];
-            for (j0, w) in blocks(n_items) {
-                // SAFETY: rows r0 .. r1 of block j0 belong to this task alone.
-                let z = if keep { unsafe { kz.piece(j0 * b + r0 * w, (r1 - r0) * w) } } else { &mut own[..(r1 - r0) * w] };
-                terms.rows_into(z, (r0, r1), j0, w);
-                for (i, row) in z.chunks(w).enumerate() {
-                    st[i] = row_stats(row, j0, targets[r0 + i] as usize, st[i]);
+            // One k block of rows at a time through every item block (its z stays in cache).
+            for s0 in (r0..r1).step_by(kb) {
+                let s1 = (s0 + kb).min(r1);
+                for (j0, w) in blocks(n_items) {
+                    // SAFETY: rows s0 .. s1 of block j0 belong to this task alone.
+                    let z = if keep { unsafe { kz.piece(j0 * b + s0 * w, (s1 - s0) * w) } } else { &mut own[..(s1 - s0) * w] };
+                    terms.rows_into(z, (s0, s1), j0, w);
+                    for (i, row) in z.chunks(w).enumerate() {
+                        let r = s0 - r0 + i;
+                        st[r] = row_stats(row, j0, targets[s0 + i] as usize, st[r]);
+                    }
                 }
             }
             // SAFETY: as above, rows r0 .. r1 of lse and loss.
@@ -171,6 +185,11 @@ pub fn catalog_ce_cpu<T: Real>(terms: &HostTerms<T>, keep: bool) -> (Vec<T>, Vec
 /// Backward: (dh_k (B, D_k), de_k (I, D_k)) for each term, from lse, the per-row gradient g and
 /// the forward's kept scores (or, when `kept` is empty, each block of z recomputed).
 pub fn catalog_ce_bwd_cpu<T: Real>(terms: &HostTerms<T>, lse: &[T], g: &[T], kept: &[T]) -> Vec<(Vec<T>, Vec<T>)> {
+    backward(terms, lse, g, kept, terms.row_runs())
+}
+
+/// [`catalog_ce_bwd_cpu`] by the given runs of rows, or block by block.
+fn backward<T: Real>(terms: &HostTerms<T>, lse: &[T], g: &[T], kept: &[T], runs: Option<Runs>) -> Vec<(Vec<T>, Vec<T>)> {
     let (b, n_items, targets, scale) = (terms.b(), terms.n_items, terms.targets, terms.scale);
     // dz = scale * (exp(z - lse) - onehot) * g, as cross_entropy then scale would give it: row r
     // of dz (the block at item j0) from row r of z.
@@ -188,7 +207,7 @@ pub fn catalog_ce_bwd_cpu<T: Real>(terms: &HostTerms<T>, lse: &[T], g: &[T], kep
     };
     // dh and the first run's de are written by the products (beta 0 for de, dh added to).
     let mut out: Vec<(Vec<T>, Vec<T>)> = terms.dims.iter().map(|&d| (pool::zeros(b * d), pool::stale(n_items * d))).collect();
-    if let Some((runs, kb)) = terms.row_runs() {
+    if let Some((runs, kb)) = runs {
         // de of the k blocks past the first run, each a (I, D_k) partial per term, added in order.
         let first = runs[0].1.div_ceil(kb);
         let later = b.div_ceil(kb) - first;
@@ -197,42 +216,43 @@ pub fn catalog_ce_bwd_cpu<T: Real>(terms: &HostTerms<T>, lse: &[T], g: &[T], kep
         let shared_parts: Vec<_> = parts.iter_mut().map(|p| Shared::of(p)).collect();
         par::tasks(runs.len(), |t| {
             let (r0, r1) = runs[t];
-            let r = r1 - r0;
-            let mut dz = pool::stale(r * super::BLOCK);
-            let mut zr = if kept.is_empty() { pool::stale(r * super::BLOCK) } else { Vec::new() };
-            for (j0, w) in blocks(n_items) {
-                let z = match kept {
-                    [] => {
-                        terms.rows_into(&mut zr[..r * w], (r0, r1), j0, w);
-                        &zr[..r * w]
+            let mut dz = pool::stale(kb * super::BLOCK);
+            let mut zr = if kept.is_empty() { pool::stale(kb * super::BLOCK) } else { Vec::new() };
+            // One k block of rows at a time through every item block (its z and dz stay in cache).
+            for s0 in (r0..r1).step_by(kb) {
+                let (s1, first_of_task) = ((s0 + kb).min(r1), s0 == r0);
+                let r = s1 - s0;
+                for (j0, w) in blocks(n_items) {
+                    let z = match kept {
+                        [] => {
+                            terms.rows_into(&mut zr[..r * w], (s0, s1), j0, w);
+                            &zr[..r * w]
+                        }
+                        _ => &kept[j0 * b + s0 * w..j0 * b + s1 * w],
+                    };
+                    let dz = &mut dz[..r * w];
+                    for (i, (zi, di)) in z.chunks(w).zip(dz.chunks_mut(w)).enumerate() {
+                        dz_row(s0 + i, j0, zi, di);
                     }
-                    _ => &kept[j0 * b + r0 * w..j0 * b + r1 * w],
-                };
-                let dz = &mut dz[..r * w];
-                for (i, (zi, di)) in z.chunks(w).zip(dz.chunks_mut(w)).enumerate() {
-                    dz_row(r0 + i, j0, zi, di);
-                }
-                for (k, (dh, de)) in outs.iter().enumerate() {
-                    let d = terms.dims[k];
-                    // SAFETY: this task's rows of dh; its k blocks' de (the first run's in de,
-                    // the others' in their own partials).
-                    let dh = unsafe { dh.piece(r0 * d, r * d) };
-                    T::gemm(r, w, d, dz, w as isize, 1, &terms.es[k][j0 * d..], d as isize, 1, T::one(), dh, d as isize);
-                    for (q, k0) in (r0..r1).step_by(kb).enumerate() {
-                        let kw = kb.min(r1 - k0);
-                        let (a, hk) = (&dz[(k0 - r0) * w..], &terms.hs[k][k0 * d..]);
-                        let (dst, beta) = match t {
-                            0 => (unsafe { de.piece(j0 * d, w * d) }, if q == 0 { T::zero() } else { T::one() }),
-                            _ => (unsafe { shared_parts[k].piece(((k0 / kb - first) * n_items + j0) * d, w * d) }, T::zero()),
+                    for (k, (dh, de)) in outs.iter().enumerate() {
+                        let d = terms.dims[k];
+                        // SAFETY: these rows of dh are this task's; so is this k block's de (the
+                        // first run's chained in de, the others' each in a partial of its own).
+                        let dh = unsafe { dh.piece(s0 * d, r * d) };
+                        T::gemm(r, w, d, dz, w as isize, 1, &terms.es[k][j0 * d..], d as isize, 1, T::one(), dh, d as isize);
+                        let (dst, beta) = match (t, first_of_task) {
+                            (0, true) => (unsafe { de.piece(j0 * d, w * d) }, T::zero()),
+                            (0, false) => (unsafe { de.piece(j0 * d, w * d) }, T::one()),
+                            _ => (unsafe { shared_parts[k].piece(((s0 / kb - first) * n_items + j0) * d, w * d) }, T::zero()),
                         };
-                        T::gemm(w, kw, d, a, 1, w as isize, hk, d as isize, 1, beta, dst, d as isize);
+                        T::gemm(w, r, d, dz, 1, w as isize, &terms.hs[k][s0 * d..], d as isize, 1, beta, dst, d as isize);
                     }
                 }
             }
             pool::give(dz);
             pool::give(zr);
         });
-        for (k, (_, de)) in out.iter_mut().enumerate() {
+        for (k, (_, de)) in out.iter_mut().enumerate().filter(|_| later > 0) {
             let (len, parts) = (n_items * terms.dims[k], &parts[k]);
             par::rows_apply(de, REDUCE, |i, piece| {
                 for p in parts.chunks(len) {
@@ -319,13 +339,13 @@ mod tests {
         (0..n as u32).map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 20_011) as f32 / 20_011.0 - 0.5).collect()
     }
 
-    /// The loss and its gradients on two and three threads (by runs of rows where `row_runs`
-    /// allows it, else block by block) are the bits of one thread: kept and recomputed scores, one
-    /// and two terms, batches of two and three k blocks, a last item block narrow enough for the
-    /// product's small path (same k blocks as the batch's at 1024 rows, other ones at 1300: then
-    /// block by block), a term narrow enough to go through C^T.
+    /// The loss and its gradients by runs of rows (where `row_runs` allows it) on one, two and
+    /// three threads are the bits of the block-by-block path on one thread: kept and recomputed
+    /// scores, one and two terms, batches of two and three k blocks, a last item block narrow
+    /// enough for the product's small path (same k blocks as the batch's at 1024 rows, other ones
+    /// at 1300: then block by block), a term narrow enough to go through C^T.
     #[test]
-    fn row_runs_give_the_bits_of_one_thread() {
+    fn row_runs_give_the_bits_of_block_by_block() {
         let pools: Vec<_> = [1, 2, 3].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).into();
         for (b, n, dims, runs) in [
             (1024, 2 * 512 + 318, vec![64], true),
@@ -333,6 +353,7 @@ mod tests {
             (1300, 2 * 512 + 6, vec![64], false),
             (700, 600, vec![16], true),
             (1300, 600, vec![64, 8], true),
+            (2048, 2420, vec![64], true),
         ] {
             let hs: Vec<Vec<f32>> = dims.iter().enumerate().map(|(k, &d)| values(b * d, 2 * k as u32 + 1)).collect();
             let es: Vec<Vec<f32>> = dims.iter().enumerate().map(|(k, &d)| values(n * d, 2 * k as u32 + 2)).collect();
@@ -347,16 +368,21 @@ mod tests {
                 scale: 3.0,
             };
             for keep in [true, false] {
-                let run = || {
-                    let (loss, lse, kept) = catalog_ce_cpu(&terms, keep);
-                    let grads = catalog_ce_bwd_cpu(&terms, &lse, &g, &kept);
+                let run = |by_runs: bool| {
+                    let runs = || if by_runs { terms.row_runs() } else { None };
+                    let (loss, lse, kept) = forward(&terms, keep, runs());
+                    let grads = backward(&terms, &lse, &g, &kept, runs());
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
                     (bits(&loss), bits(&lse), grads.iter().map(|(dh, de)| (bits(dh), bits(de))).collect::<Vec<_>>())
                 };
-                let want = pools[0].install(run);
-                for pool in &pools[1..] {
+                let want = pools[0].install(|| run(false));
+                for pool in &pools {
                     assert_eq!(pool.install(|| terms.row_runs().is_some()), runs, "({b}, {n}, {dims:?})");
-                    assert!(pool.install(run) == want, "({b}, {n}, {dims:?}), keep {keep}, {} threads", pool.current_num_threads());
+                    assert!(
+                        pool.install(|| run(true)) == want,
+                        "({b}, {n}, {dims:?}), keep {keep}, {} threads",
+                        pool.current_num_threads()
+                    );
                 }
             }
         }
