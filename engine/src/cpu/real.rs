@@ -210,11 +210,17 @@ fn k_block(m: usize, n: usize, k: usize) -> usize {
 
 /// Whether C (m x n) = A B runs as one call per k block (see [`split_gemm`]): C small next to a k
 /// of several blocks (a weight gradient x^T g over the tokens, the catalog's item gradient over the
-/// batch), where splitting C's rows would have every thread read and pack the whole of B. Decided
-/// by the shape alone, never by the thread count.
+/// batch), where splitting C's rows would have every thread read and pack the whole of B; not where
+/// the last block would be one or two long. Decided by the shape alone, never by the thread count.
 fn splits_k(m: usize, k: usize, n: usize) -> bool {
     let others = m.min(n) >= GEMM_MIN_OTHER && m * n >= GEMM_MIN_ELEMENTS;
-    others && m * n <= KSPLIT_MAX_C && k > 512 && k >= m.max(n)
+    if !(others && m * n <= KSPLIT_MAX_C && k > 512 && k >= m.max(n)) {
+        return false;
+    }
+    // A last block of one or two would take the crate's path for k <= 2 as a call of its own,
+    // which adds its two products otherwise than its kernel's chain does.
+    let kb = k_block(m, n, k);
+    k - (k.div_ceil(kb) - 1) * kb > 2
 }
 
 /// The k block length of the chain a product C (m x n) = A (m x k) B runs as (see
@@ -713,7 +719,8 @@ mod gemm_tests {
         // The long-k ones are split by k (`splits_k`): the catalog's item gradient (512, 1024, 64),
         // the pre-training's weight gradients (k = 10,632), a small C whose last k block is short,
         // a larger one with k not a multiple of its block, the weight gradients of a batch of 2,048
-        // sequences (k = tokens), the catalog's item gradient at that batch.
+        // sequences (k = tokens), the catalog's item gradient at that batch; small C whose last k
+        // block would be 1, 2 (not split by k) or 3 long.
         for &(m, k, n) in &[
             (1000, 64, 64),
             (67, 300, 2011),
@@ -739,6 +746,10 @@ mod gemm_tests {
             (64, 12345, 256),
             (1024, 2048, 64),
             (512, 2048, 64),
+            (64, 1025, 64),
+            (64, 1026, 64),
+            (64, 1027, 64),
+            (64, 1538, 32),
         ] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
