@@ -229,6 +229,26 @@ pub(crate) fn k_blocks(m: usize, k: usize, n: usize) -> Option<usize> {
     splits_k(m, k, n).then(|| k_block(m, n, k))
 }
 
+/// C (m x n, rows `rsc` apart) += each of `parts` (dense (m, n) partial products, one after the
+/// other) in turn: every element gets its partials added in their order, C's rows in parallel when
+/// there is enough of it.
+pub(crate) fn add_partials<T: Real>(c: &mut [T], (m, n, rsc): (usize, usize, usize), parts: &[T]) {
+    if m * n == 0 || parts.is_empty() {
+        return;
+    }
+    let add = |i: usize, row: &mut [T]| {
+        for p in parts.chunks(m * n) {
+            row[..n].iter_mut().zip(&p[i * n..(i + 1) * n]).for_each(|(o, &v)| *o += v);
+        }
+    };
+    let rows = &mut c[..(m - 1) * rsc + n];
+    use rayon::prelude::*;
+    match crate::cpu::par::worth(parts.len()) {
+        true => rows.par_chunks_mut(rsc).with_min_len(64).enumerate().for_each(|(i, r)| add(i, r)),
+        false => rows.chunks_mut(rsc).enumerate().for_each(|(i, r)| add(i, r)),
+    }
+}
+
 /// C (m x n, rows `rsc` apart) = A B + beta C, beta 0 or 1, over rayon's pool, with the bits of
 /// one call of the crate's GEMM on the whole of C on one thread (test
 /// `split_products_match_one_call_bit_for_bit`). `a` and `b` come with the strides to their next
@@ -290,16 +310,7 @@ fn split_gemm<T: Real>(
                 _ => chain(praw, j0, j1, T::zero(), praw.c.wrapping_add((j0 - per) * m * n), n as isize, m * n),
             }
         });
-        let add = |i: usize, row: &mut [T]| {
-            for p in parts.chunks(m * n) {
-                row[..n].iter_mut().zip(&p[i * n..(i + 1) * n]).for_each(|(o, &v)| *o += v);
-            }
-        };
-        let rows = &mut c[..(m - 1) * rsc as usize + n];
-        match crate::cpu::par::worth(m * n * (blocks - per)) {
-            true => rows.par_chunks_mut(rsc as usize).with_min_len(64).enumerate().for_each(|(i, r)| add(i, r)),
-            false => rows.chunks_mut(rsc as usize).enumerate().for_each(|(i, r)| add(i, r)),
-        }
+        add_partials(c, (m, n, rsc as usize), &parts);
         super::pool::give(parts);
         return;
     }
@@ -701,9 +712,9 @@ mod exp_tests {
 mod gemm_tests {
     use super::Real;
 
-    /// Deterministic values with varied exponents and signs.
+    /// Deterministic values in [-10, 10.5).
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n as u32).map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 20_011) as f32 / 977.0 - 10.0).collect()
+        crate::tests::values(n, seed, 977.0, 10.0)
     }
 
     /// Products split over a pool of three threads give the bits of one call of the crate's GEMM

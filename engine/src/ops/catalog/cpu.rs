@@ -16,9 +16,6 @@ use crate::cpu::{par, pool, Real};
 /// Runs of rows (one per task: first, end) and the k block length they are made of.
 type Runs = (Vec<(usize, usize)>, usize);
 
-/// Elements per task of the sum of de's partials.
-const REDUCE: usize = 1 << 12;
-
 /// Disjoint pieces of one output written by the tasks of `par::tasks`.
 struct Shared<T>(*mut T);
 // SAFETY: each task only touches the ranges its rows own (see `rows`).
@@ -82,11 +79,9 @@ impl<T: Real> HostTerms<'_, T> {
         let (b, threads) = (self.b(), par::threads());
         let kb = b.div_ceil(b.div_ceil(512));
         let chunks = b.div_ceil(kb);
-        if chunks < 2 || self.n_items < 4 || blocks(self.n_items).any(|(_, w)| w < 4) {
-            return None;
-        }
+        // (k_blocks is None for a block narrower than 4 items, as for C of at most 256 elements.)
         let same = blocks(self.n_items).all(|(_, w)| self.dims.iter().all(|&d| crate::cpu::k_blocks(w, b, d) == Some(kb)));
-        if !same {
+        if chunks < 2 || !same {
             return None;
         }
         let per = chunks.div_ceil(threads.min(chunks));
@@ -252,13 +247,9 @@ fn backward<T: Real>(terms: &HostTerms<T>, lse: &[T], g: &[T], kept: &[T], runs:
             pool::give(dz);
             pool::give(zr);
         });
-        for (k, (_, de)) in out.iter_mut().enumerate().filter(|_| later > 0) {
-            let (len, parts) = (n_items * terms.dims[k], &parts[k]);
-            par::rows_apply(de, REDUCE, |i, piece| {
-                for p in parts.chunks(len) {
-                    piece.iter_mut().zip(&p[i * REDUCE..]).for_each(|(o, &v)| *o += v);
-                }
-            });
+        for (k, (_, de)) in out.iter_mut().enumerate() {
+            let d = terms.dims[k];
+            crate::cpu::add_partials(de, (n_items, d, d), &parts[k]);
         }
         for p in parts {
             pool::give(p);
@@ -334,9 +325,9 @@ pub fn catalog_rank_cpu<T: Real>(terms: &HostTerms<T>, mask: &[u32]) -> Vec<u32>
 mod tests {
     use super::*;
 
-    /// Values with varied exponents and signs (deterministic).
+    /// Deterministic values in [-0.5, 0.5).
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n as u32).map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 20_011) as f32 / 20_011.0 - 0.5).collect()
+        crate::tests::values(n, seed, 20_011.0, 0.5)
     }
 
     /// The loss and its gradients by runs of rows (where `row_runs` allows it) on one, two and
