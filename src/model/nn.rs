@@ -9,7 +9,7 @@ use rand::Rng;
 
 use crate::engine::ops::{
     add, add_layernorm, attention_pool, attention_pool_dot, attention_ragged, concat, dropout, dropout_rows, embedding, info_nce, l2norm,
-    layernorm, linear, linear_gelu, matmul, moe, quick_gelu, scale,
+    layernorm, linear, linear_gelu, matmul, moe_adaptor, quick_gelu, scale, MoeWeights,
 };
 use crate::engine::{Device, Indices, Ragged, Tensor};
 use crate::Result;
@@ -316,10 +316,10 @@ impl MoeAdaptor {
     }
     /// e (N, d) -> z (N, d0)
     pub fn forward(&self, e: &Tensor, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
-        let n = e.shape()[0];
-        let ex = drop(&self.experts.forward(e)?, self.p, train, seeds)?.reshape(&[n, self.n_experts, self.d0])?;
-        let ex = self.ln.forward(&ex)?;
-        moe(&matmul(e, &self.gate, false, false)?, &ex)
+        let b = self.experts.b.as_ref().ok_or_else(|| crate::engine::Error::Invalid("the MoE adaptor's experts need a bias".into()))?;
+        let wt = MoeWeights { w: &self.experts.w, b, gate: &self.gate, gamma: &self.ln.g, beta: &self.ln.b };
+        let drop = (train && self.p > 0.0).then(|| (self.p, seeds.next()));
+        moe_adaptor(e, &wt, self.ln.eps, drop)
     }
     pub fn params(&self) -> Vec<(String, Tensor)> {
         let mut v = named("experts", self.experts.params());

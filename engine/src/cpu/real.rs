@@ -208,6 +208,19 @@ fn k_block(m: usize, n: usize, k: usize) -> usize {
     }
 }
 
+/// Whether the crate takes its general path for C (m x n) = A (m x k) B: C of more than 256
+/// elements, neither a single row or column nor within 64 x 64, and k > 2.
+fn general_path(m: usize, k: usize, n: usize) -> bool {
+    m.min(n) >= 2 && m * n >= GEMM_MIN_ELEMENTS && (m > GEMM_SMALL || n > GEMM_SMALL) && k > 2
+}
+
+/// Whether C (m x n) and C' (m x n2) = A (m x k) B and B', for the same A, have every element
+/// made as the same chain of multiply-adds (so that n's columns give their own product's bits
+/// as part of n2's): both in the crate's general path, with the same k blocks.
+pub(crate) fn same_chains(m: usize, k: usize, n: usize, n2: usize) -> bool {
+    general_path(m, k, n) && general_path(m, k, n2) && k_block(m, n, k) == k_block(m, n2, k)
+}
+
 /// Whether C (m x n) = A B runs as one call per k block (see [`split_gemm`]): C small next to a k
 /// of several blocks (a weight gradient x^T g over the tokens, the catalog's item gradient over the
 /// batch), where splitting C's rows would have every thread read and pack the whole of B; not where

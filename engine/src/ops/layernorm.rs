@@ -78,7 +78,7 @@ fn ln_normalize<T: Real>(xr: &[T], (x0, mean, var): (T, T, T), (gamma, beta): (&
 /// Rows r0.. (as many as `y` holds, c values each, given as `xg`): `ln_row` on each, four at a
 /// time with their sums side by side ([`sum8_rows4`]: the same bits).
 #[inline(always)]
-fn ln_rows<T: Real>(xg: &[T], params: (&[T], &[T]), (r0, c, groups): (usize, usize, usize), eps: T, y: &mut [T], st: &mut [T]) {
+pub(crate) fn ln_rows<T: Real>(xg: &[T], params: (&[T], &[T]), (r0, c, groups): (usize, usize, usize), eps: T, y: &mut [T], st: &mut [T]) {
     if y.len() < 4 * c {
         for (i, ((xr, yr), st)) in xg.chunks_exact(c).zip(y.chunks_exact_mut(c)).zip(st.chunks_exact_mut(2)).enumerate() {
             ln_row(xr, params, ((r0 + i) % groups) * c, eps, yr, st);
@@ -133,52 +133,7 @@ pub fn layernorm_bwd_cpu<T: Real>(
     c: usize,
     groups: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let n = T::c(c as f64);
-    // Each row's g * gamma goes into its dx row first; the sums m1 = mean(g gamma) and m2 =
-    // mean(g gamma xhat) and then dx read it back: dx = rstd (g gamma - m1 - xhat m2).
-    let gw_into = |r: usize, dxr: &mut [T]| {
-        let gm = &gamma[(r % groups) * c..][..c];
-        for ((o, &g), &w) in dxr.iter_mut().zip(&g[r * c..(r + 1) * c]).zip(gm) {
-            *o = g * w;
-        }
-    };
-    let dx_from = |r: usize, dxr: &mut [T], (m1, m2): (T, T)| {
-        let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
-        let xr = &x[r * c..(r + 1) * c];
-        let x0 = xr[0];
-        for (o, &x) in dxr.iter_mut().zip(xr) {
-            let xh = (x - x0 - mean) * rstd;
-            *o = rstd * (*o - m1 - xh * m2);
-        }
-    };
-    // Four rows at a time, their sums side by side (`sum8_rows4`: the bits of one row's
-    // `sum8_of` / `sum8_of2`).
-    let dx_rows = |r0: usize, dx: &mut [T]| {
-        for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
-            gw_into(r0 + i, dxr);
-        }
-        if dx.len() < 4 * c {
-            for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
-                let r = r0 + i;
-                let (xr, mean, rstd) = (&x[r * c..(r + 1) * c], stats[2 * r], stats[2 * r + 1]);
-                let x0 = xr[0];
-                let m1 = sum8_of(dxr, |v| v) / n;
-                let m2 = sum8_of2(dxr, xr, |v, x| v * ((x - x0 - mean) * rstd)) / n;
-                dx_from(r, dxr, (m1, m2));
-            }
-            return;
-        }
-        let xs: [&[T]; 4] = std::array::from_fn(|i| &x[(r0 + i) * c..(r0 + i + 1) * c]);
-        let (mean, rstd): ([T; 4], [T; 4]) =
-            (std::array::from_fn(|i| stats[2 * (r0 + i)]), std::array::from_fn(|i| stats[2 * (r0 + i) + 1]));
-        let x0: [T; 4] = std::array::from_fn(|i| xs[i][0]);
-        let gw: [&[T]; 4] = std::array::from_fn(|i| &dx[i * c..(i + 1) * c]);
-        let m1 = sum8_rows4(gw, gw, |_, v, _| v).map(|s| s / n);
-        let m2 = sum8_rows4(gw, xs, |i, v, x| v * ((x - x0[i] - mean[i]) * rstd[i])).map(|s| s / n);
-        for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
-            dx_from(r0 + i, dxr, (m1[i], m2[i]));
-        }
-    };
+    let dx_rows = |r0: usize, dx: &mut [T]| ln_dx_rows(&x[r0 * c..], gamma, &stats[2 * r0..], &g[r0 * c..], (r0, c, groups), dx);
     // Parameter gradients: column j of the (G, C) parameters sums the rows r with r % G == j / C,
     // in increasing order. Each block of columns [j0, j0 + w) reads the rows in order, every row
     // once (its group's columns within the block).
@@ -229,6 +184,51 @@ pub fn layernorm_bwd_cpu<T: Real>(
     // they are one task, which the rows fill the other threads around.
     let (dx, (dgamma, dbeta)) = par::row_groups_beside(par::Stale, rows, 4, 4 * c, c, dx_rows, params);
     (dx, dgamma, dbeta)
+}
+
+/// dx of LayerNorm rows r0.. (as many as `dx` holds, at most four: four side by side), given
+/// those rows' x, statistics and g (`x`, `stats`, `g` start at row r0).
+#[inline(always)]
+pub(crate) fn ln_dx_rows<T: Real>(x: &[T], gamma: &[T], stats: &[T], g: &[T], (r0, c, groups): (usize, usize, usize), dx: &mut [T]) {
+    let n = T::c(c as f64);
+    // Each row's g * gamma goes into its dx row first; the sums m1 = mean(g gamma) and m2 =
+    // mean(g gamma xhat) and then dx read it back: dx = rstd (g gamma - m1 - xhat m2).
+    for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
+        let gm = &gamma[((r0 + i) % groups) * c..][..c];
+        for ((o, &g), &w) in dxr.iter_mut().zip(&g[i * c..(i + 1) * c]).zip(gm) {
+            *o = g * w;
+        }
+    }
+    let dx_from = |i: usize, dxr: &mut [T], (m1, m2): (T, T)| {
+        let (mean, rstd) = (stats[2 * i], stats[2 * i + 1]);
+        let xr = &x[i * c..(i + 1) * c];
+        let x0 = xr[0];
+        for (o, &x) in dxr.iter_mut().zip(xr) {
+            let xh = (x - x0 - mean) * rstd;
+            *o = rstd * (*o - m1 - xh * m2);
+        }
+    };
+    if dx.len() < 4 * c {
+        for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
+            let (xr, mean, rstd) = (&x[i * c..(i + 1) * c], stats[2 * i], stats[2 * i + 1]);
+            let x0 = xr[0];
+            let m1 = sum8_of(dxr, |v| v) / n;
+            let m2 = sum8_of2(dxr, xr, |v, x| v * ((x - x0 - mean) * rstd)) / n;
+            dx_from(i, dxr, (m1, m2));
+        }
+        return;
+    }
+    // Four rows at a time, their sums side by side (`sum8_rows4`: the bits of one row's
+    // `sum8_of` / `sum8_of2`).
+    let xs: [&[T]; 4] = std::array::from_fn(|i| &x[i * c..(i + 1) * c]);
+    let (mean, rstd): ([T; 4], [T; 4]) = (std::array::from_fn(|i| stats[2 * i]), std::array::from_fn(|i| stats[2 * i + 1]));
+    let x0: [T; 4] = std::array::from_fn(|i| xs[i][0]);
+    let gw: [&[T]; 4] = std::array::from_fn(|i| &dx[i * c..(i + 1) * c]);
+    let m1 = sum8_rows4(gw, gw, |_, v, _| v).map(|s| s / n);
+    let m2 = sum8_rows4(gw, xs, |i, v, x| v * ((x - x0[i] - mean[i]) * rstd[i])).map(|s| s / n);
+    for (i, dxr) in dx.chunks_exact_mut(c).enumerate() {
+        dx_from(i, dxr, (m1[i], m2[i]));
+    }
 }
 
 // ---- GPU ------------------------------------------------------------------------------------

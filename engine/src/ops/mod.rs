@@ -13,6 +13,7 @@ pub mod embedding;
 pub mod layernorm;
 pub mod loss;
 pub mod matmul;
+pub mod moe;
 pub mod norm;
 pub mod pool;
 pub mod rank;
@@ -30,6 +31,7 @@ pub use matmul::{
     linear, linear_gelu, linear_gelu_variant, matmul, matmul_tuned, matmul_variant, matmul_variant_summed, matmul_variant_support,
     MatmulVariant, Support,
 };
+pub use moe::{moe_adaptor, MoeWeights};
 pub use norm::l2norm;
 pub use pool::{attention_pool, attention_pool_dot, mean_ragged, moe};
 pub use rank::rank_of_targets;

@@ -72,7 +72,7 @@ kernel_params! {
 
 /// One item's pooling: `al` holds its `len` energies and becomes their softmax; `er` (zeroed)
 /// becomes sum_j al[j] x[j] over its rows `xr` (len, d), asking for lines of `ahead` meanwhile.
-fn softmax_sum<T: Real>(al: &mut [T], xr: &[T], er: &mut [T], d: usize, ahead: &mut Ahead<'_, T>) {
+pub(crate) fn softmax_sum<T: Real>(al: &mut [T], xr: &[T], er: &mut [T], d: usize, ahead: &mut Ahead<'_, T>) {
     let m = al.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
     let z: T = al.iter().map(|&v| (v - m).exp()).sum();
     for (j, a) in al.iter_mut().enumerate() {
@@ -205,34 +205,53 @@ pub fn pool_bwd_cpu<T: Real>(
     let dxw = if want_dx { s * d } else { 0 };
     par::rows2(par::Zeroed, n, s * (d + 2) + dxw, s, dxw, |r, dar, dxr| {
         let len = lens[r] as usize;
-        let der = &de[r * d..(r + 1) * d];
-        // dalpha[j] = dot(de[r], x[r, j]) for up to 8 j at once: each sum still runs over d in
-        // order from -0.0 (as `Iterator::sum` does), but 8 independent sums hide the add latency.
-        for j0 in (0..len).step_by(8) {
-            let w = (len - j0).min(8);
-            let mut acc = [-T::zero(); 8];
-            let xs = &x[(r * s + j0) * d..(r * s + j0 + w) * d];
+        let dxr = want_dx.then_some(dxr);
+        pool_bwd_row(&alpha[r * s..r * s + len], &x[r * s * d..(r * s + len) * d], &de[r * d..(r + 1) * d], &mut dar[..len], dxr);
+    })
+}
+
+/// One item's pooling backward: its weights `al` (len), rows `xr` (len, d) and de (d) -> da
+/// (len) in `dar`, and, when given, dx (len, d) = al[j] de in `dxr`.
+#[inline(always)]
+pub(crate) fn pool_bwd_row<T: Real>(al: &[T], xr: &[T], der: &[T], dar: &mut [T], dxr: Option<&mut [T]>) {
+    let (len, d) = (al.len(), der.len());
+    // dalpha[j] = dot(de[r], x[r, j]) for up to 8 j at once: each sum still runs over d in
+    // order from -0.0 (as `Iterator::sum` does), but 8 independent sums hide the add latency.
+    for j0 in (0..len).step_by(8) {
+        let w = (len - j0).min(8);
+        let mut acc = [-T::zero(); 8];
+        let xs = &xr[j0 * d..(j0 + w) * d];
+        if w == 8 {
+            // (Eight whole rows: the same sums, with the rows' lengths known to the compiler.)
+            let rows: [&[T]; 8] = std::array::from_fn(|jj| &xs[jj * d..(jj + 1) * d]);
+            for (k, &g) in der.iter().enumerate() {
+                for (a, row) in acc.iter_mut().zip(&rows) {
+                    *a += g * row[k];
+                }
+            }
+        } else {
             for (k, &g) in der.iter().enumerate() {
                 for (jj, a) in acc[..w].iter_mut().enumerate() {
                     *a += g * xs[jj * d + k];
                 }
             }
-            dar[j0..j0 + w].copy_from_slice(&acc[..w]);
         }
-        let mut tot = T::zero();
-        for j in 0..len {
-            tot += alpha[r * s + j] * dar[j];
-        }
-        for j in 0..len {
-            let w = alpha[r * s + j];
-            dar[j] = w * (dar[j] - tot);
-            if want_dx {
-                for (o, &g) in dxr[j * d..(j + 1) * d].iter_mut().zip(der) {
-                    *o = w * g;
-                }
+        dar[j0..j0 + w].copy_from_slice(&acc[..w]);
+    }
+    let mut tot = T::zero();
+    for j in 0..len {
+        tot += al[j] * dar[j];
+    }
+    for j in 0..len {
+        dar[j] = al[j] * (dar[j] - tot);
+    }
+    if let Some(dxr) = dxr {
+        for (j, &w) in al.iter().enumerate() {
+            for (o, &g) in dxr[j * d..(j + 1) * d].iter_mut().zip(der) {
+                *o = w * g;
             }
         }
-    })
+    }
 }
 
 /// Ragged mean forward: x (N, C) packed by `r` -> e (B, C). Sequences in parallel.
