@@ -183,13 +183,11 @@ impl MoeAdaptor {
         };
         let rows = |r0: usize, dc: &mut [T]| {
             let mut scratch = [pool::stale(od), pool::stale(od), pool::stale(od)];
-            crate::cpu::wide(|| {
-                for (i, dcr) in dc.chunks_exact_mut(f).enumerate() {
-                    let r = r0 + i;
-                    let (y, al, st) = parts(r);
-                    back_row((y, al, st, &dz[r * d0..(r + 1) * d0]), (gamma, beta), (r, d0, mask), dcr, &mut scratch);
-                }
-            });
+            for (i, dcr) in dc.chunks_exact_mut(f).enumerate() {
+                let r = r0 + i;
+                let (y, al, st) = parts(r);
+                back_row((y, al, st, &dz[r * d0..(r + 1) * d0]), (gamma, beta), (r, d0, mask), dcr, &mut scratch);
+            }
             scratch.into_iter().for_each(pool::give);
         };
         // dgamma, dbeta: column (k, j) sums g_k dz_j and that times xhat over the items in order
@@ -221,21 +219,19 @@ impl MoeAdaptor {
             let mut dc = pool::stale(n * f);
             let mut sums = [pool::zeros(od), pool::zeros(od), pool::zeros(od)];
             let mut scratch = [pool::stale(od), pool::stale(od), pool::stale(od)];
-            crate::cpu::wide(|| {
-                for (r, dcr) in dc.chunks_exact_mut(f).enumerate() {
-                    let (y, al, st) = parts(r);
-                    back_row((y, al, st, &dz[r * d0..(r + 1) * d0]), (gamma, beta), (r, d0, mask), dcr, &mut scratch);
-                    let [dgm, dbt, db] = &mut sums;
-                    let [_, de, xh] = &scratch;
-                    for (((((ag, ab), ad), &gv), &xh), &dh) in
-                        dgm.iter_mut().zip(dbt.iter_mut()).zip(db.iter_mut()).zip(de.iter()).zip(xh.iter()).zip(&dcr[..od])
-                    {
-                        *ag += gv * xh;
-                        *ab += gv;
-                        *ad += dh;
-                    }
+            for (r, dcr) in dc.chunks_exact_mut(f).enumerate() {
+                let (y, al, st) = parts(r);
+                back_row((y, al, st, &dz[r * d0..(r + 1) * d0]), (gamma, beta), (r, d0, mask), dcr, &mut scratch);
+                let [dgm, dbt, db] = &mut sums;
+                let [_, de, xh] = &scratch;
+                for (((((ag, ab), ad), &gv), &xh), &dh) in
+                    dgm.iter_mut().zip(dbt.iter_mut()).zip(db.iter_mut()).zip(de.iter()).zip(xh.iter()).zip(&dcr[..od])
+                {
+                    *ag += gv * xh;
+                    *ab += gv;
+                    *ad += dh;
                 }
-            });
+            }
             scratch.into_iter().for_each(pool::give);
             let [dgamma, dbeta, db] = sums;
             (dc, dgamma, dbeta, db)
