@@ -18,13 +18,14 @@
 //! columns, at a fraction of the GEMM's speed), then passes over the rows once: each row's dropout
 //! in place (C keeps y), the LayerNorm of its experts (statistics into C, E into a scratch row),
 //! the gate's softmax in place (C keeps g) and z. The backward recomputes E from y and the
-//! statistics in one pass over the rows that writes dC = [dh | dg] (N, O * D0 + O), with the
-//! parameters' column sums (dgamma, dbeta) beside it; then [dw | dgate] = e^T dC is one product and
-//! de = dh w^T, with dg gate^T added into it by a second product (beta 1: the bits of adding the
-//! two products, as the tape sums the gradients meeting at e). The experts' and the gate's columns
-//! share a product only where the crate runs each element as the same chain of multiply-adds as
-//! the gate's product alone would ([`crate::cpu::same_chains`]); otherwise the gate keeps its own
-//! products, into C's columns and out of dC's.
+//! statistics in one pass over the rows that writes dC = [dh | dg] (N, O * D0 + O); the
+//! parameters' sums (dgamma, dbeta, db: over the items in order) are added row by row in that pass
+//! on one thread, or made by a column pass beside it on more; then [dw | dgate] = e^T dC is one
+//! product and de = dh w^T, with dg gate^T added into it by a second product (beta 1: the bits of
+//! adding the two products, as the tape sums the gradients meeting at e). The experts' and the
+//! gate's columns share a product only where the crate runs each element as the same chain of
+//! multiply-adds as the gate's product alone would ([`crate::cpu::same_chains`]); otherwise the
+//! gate keeps its own products, into C's columns and out of dC's.
 
 use super::elementwise::{keep_mul_in_place, pcg};
 use super::layernorm::{ln_dx_rows, ln_rows};
