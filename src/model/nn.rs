@@ -30,21 +30,25 @@ impl Seeds {
     }
 }
 
+/// The dropout's (p, seed) where it applies (training, p > 0), the seed drawn; else none (and no
+/// seed drawn).
+fn draw(p: f32, train: bool, seeds: &mut Seeds) -> Option<(f32, u32)> {
+    (train && p > 0.0).then(|| (p, seeds.next()))
+}
+
 /// Dropout that is the identity outside training.
 pub fn drop(x: &Tensor, p: f32, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
-    if train && p > 0.0 {
-        dropout(x, p, seeds.next())
-    } else {
-        Ok(x.clone())
+    match draw(p, train, seeds) {
+        Some((p, seed)) => dropout(x, p, seed),
+        None => Ok(x.clone()),
     }
 }
 
 /// `drop` for the packed rows of a ragged batch, masks keyed as the padded layout's (see [`Ragged`]).
 pub fn drop_rows(x: &Tensor, p: f32, train: bool, seeds: &mut Seeds, r: &Ragged) -> Result<Tensor> {
-    if train && p > 0.0 {
-        dropout_rows(x, p, seeds.next(), &r.keys)
-    } else {
-        Ok(x.clone())
+    match draw(p, train, seeds) {
+        Some((p, seed)) => dropout_rows(x, p, seed, &r.keys),
+        None => Ok(x.clone()),
     }
 }
 
@@ -318,8 +322,7 @@ impl MoeAdaptor {
     pub fn forward(&self, e: &Tensor, train: bool, seeds: &mut Seeds) -> Result<Tensor> {
         let b = self.experts.b.as_ref().ok_or_else(|| crate::engine::Error::Invalid("the MoE adaptor's experts need a bias".into()))?;
         let wt = MoeWeights { w: &self.experts.w, b, gate: &self.gate, gamma: &self.ln.g, beta: &self.ln.b };
-        let drop = (train && self.p > 0.0).then(|| (self.p, seeds.next()));
-        moe_adaptor(e, &wt, self.ln.eps, drop)
+        moe_adaptor(e, &wt, self.ln.eps, draw(self.p, train, seeds))
     }
     pub fn params(&self) -> Vec<(String, Tensor)> {
         let mut v = named("experts", self.experts.params());

@@ -14,5 +14,5 @@ mod real;
 pub(crate) use counters::{count_gemm, count_op, profiling_ops};
 pub use counters::{gemm_counters, in_gemm, op_times, profile_ops};
 pub use par::{keep_awake, threads, with_threads, Awake};
-pub(crate) use real::{add_partials, k_blocks, same_chains};
+pub(crate) use real::{add_partials, adds_one_chain, k_blocks, same_chains};
 pub use real::{dot, dot_rows, expf, max8, sum8_of, sum8_of2, sum8_of3, sum8_rows4, sum_exp, wide, Ahead, Real};

@@ -517,6 +517,24 @@ pub(crate) fn zip_apply_mut<T: Send, U: Send>(x: &mut [T], y: &mut [U], f: impl 
     }
 }
 
+/// One output written in disjoint pieces by parallel tasks (each task its own rows or blocks).
+pub(crate) struct Shared<T>(*mut T);
+// SAFETY: each task only touches the pieces it owns (the callers' contract for `piece`).
+unsafe impl<T: Send> Send for Shared<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
+impl<T> Shared<T> {
+    pub(crate) fn of(v: &mut [T]) -> Self {
+        Shared(v.as_mut_ptr())
+    }
+    /// Elements [start, start + n).
+    ///
+    /// SAFETY: within the vector `of` was given, and no two live pieces may overlap.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn piece(&self, start: usize, n: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), n)
+    }
+}
+
 /// `f(r, row_r)` on each row of `w` elements of `x` in place, rows in parallel when long.
 pub(crate) fn rows_apply<T: Send>(x: &mut [T], w: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
     let w = w.max(1);

@@ -221,6 +221,13 @@ pub(crate) fn same_chains(m: usize, k: usize, n: usize, n2: usize) -> bool {
     general_path(m, k, n) && general_path(m, k, n2) && k_block(m, n, k) == k_block(m, n2, k)
 }
 
+/// Whether C (m x n) += A (m x k) B (beta 1) adds to each element of C its whole chain of
+/// multiply-adds over k from zero (one k block in the crate's general path), i.e. the bits of
+/// computing A B alone and adding it to C.
+pub(crate) fn adds_one_chain(m: usize, k: usize, n: usize) -> bool {
+    general_path(m, k, n) && k <= k_block(m, n, k)
+}
+
 /// Whether C (m x n) = A B runs as one call per k block (see [`split_gemm`]): C small next to a k
 /// of several blocks (a weight gradient x^T g over the tokens, the catalog's item gradient over the
 /// batch), where splitting C's rows would have every thread read and pack the whole of B; not where

@@ -229,24 +229,32 @@ pub fn rand01_hashed(hashed_seed: u32, i: u32) -> f32 {
     (pcg(i.wrapping_add(hashed_seed)) >> 8) as f32 / 16777216.0
 }
 
-/// o[j] = x[j] * s where rand01(key base + j) >= p, else 0: a select between constants and one
-/// product over equal-length slices, so the loop (hash included) vectorizes.
+/// The mask's factor for key i: s where rand01(key i) >= p, else 0 (a select between constants, so
+/// loops over it, hash included, vectorize).
+#[inline(always)]
+fn keep<T: Real>(hashed_seed: u32, i: u32, p: f32, s: T) -> T {
+    if rand01_hashed(hashed_seed, i) >= p {
+        s
+    } else {
+        T::zero()
+    }
+}
+
+/// o[j] = x[j] * keep(base + j) over equal-length slices.
 #[inline(always)]
 pub(crate) fn keep_mul<T: Real>(o: &mut [T], x: &[T], hashed_seed: u32, base: u32, p: f32, s: T) {
     let n = o.len().min(x.len());
     let (o, x) = (&mut o[..n], &x[..n]);
     for j in 0..n {
-        let m = if rand01_hashed(hashed_seed, base.wrapping_add(j as u32)) >= p { s } else { T::zero() };
-        o[j] = x[j] * m;
+        o[j] = x[j] * keep(hashed_seed, base.wrapping_add(j as u32), p, s);
     }
 }
 
-/// [`keep_mul`] with x in o's place: o[j] = o[j] * (s or 0).
+/// [`keep_mul`] with x in o's place: o[j] = o[j] * keep(base + j).
 #[inline(always)]
 pub(crate) fn keep_mul_in_place<T: Real>(o: &mut [T], hashed_seed: u32, base: u32, p: f32, s: T) {
     for (j, o) in o.iter_mut().enumerate() {
-        let m = if rand01_hashed(hashed_seed, base.wrapping_add(j as u32)) >= p { s } else { T::zero() };
-        *o *= m;
+        *o *= keep(hashed_seed, base.wrapping_add(j as u32), p, s);
     }
 }
 

@@ -148,7 +148,7 @@ impl MoeAdaptor {
         }
         let (mask, eps) = (self.mask::<T>(), T::c(self.eps as f64));
         let mut z: Vec<T> = pool::zeros(n * d0);
-        let zs = Rows(z.as_mut_ptr());
+        let zs = par::Shared::of(&mut z);
         // GROUP rows at a time, each group with its scratch row for E.
         par::rows_apply(&mut c, GROUP * wc, |gi, rows| {
             let mut ex = pool::stale(od);
@@ -164,7 +164,7 @@ impl MoeAdaptor {
                     ln_rows(&y[k0 * d0..k1 * d0], (gamma, beta), (k0, d0, o), eps, &mut ex[k0 * d0..k1 * d0], &mut st[2 * k0..2 * k1]);
                 }
                 // SAFETY: row r of z is this row's alone.
-                let zr = unsafe { zs.row(r, d0) };
+                let zr = unsafe { zs.piece(r * d0, d0) };
                 softmax_sum(al, &ex, zr, d0, &mut Ahead::none());
             }
             pool::give(ex);
@@ -242,7 +242,9 @@ impl MoeAdaptor {
             (dc, dgamma, dbeta, db)
         };
         // [dw | dgate] = e^T dC, and de = dh w^T + dg gate^T.
-        let (mut dw, mut dgate, mut dx) = (pool::zeros(d * od), pool::zeros(d * o), pool::zeros(n * d));
+        // Every element is written by a product (beta 0) or a copy; with no items, zeros.
+        let out = |len: usize| if n > 0 { pool::stale(len) } else { pool::zeros(len) };
+        let (mut dw, mut dgate, mut dx) = (out(d * od), out(d * o), out(n * d));
         if n > 0 {
             if crate::cpu::same_chains(d, n, o, f) {
                 let mut dwg = pool::stale(d * f);
@@ -257,11 +259,11 @@ impl MoeAdaptor {
                 T::gemm(d, n, o, e, 1, d as isize, &dc[od..], f as isize, 1, T::zero(), &mut dgate, o as isize);
             }
             T::gemm(n, od, d, &dc, f as isize, 1, w, 1, od as isize, T::zero(), &mut dx, d as isize);
-            if (3..=512).contains(&o) {
-                // Its chain over k <= 512 (one block) from zero, then added to de: the bits of the sum.
+            if crate::cpu::adds_one_chain(n, o, d) {
+                // Its chain over k from zero, then added to de: the bits of the sum.
                 T::gemm(n, o, d, &dc[od..], f as isize, 1, gate, 1, o as isize, T::one(), &mut dx, d as isize);
             } else {
-                // (The crate's path for k <= 2, or several k blocks, would add into de otherwise.)
+                // (Added into de, such a product would not give the bits of the sum.)
                 let mut dxg = pool::stale(n * d);
                 T::gemm(n, o, d, &dc[od..], f as isize, 1, gate, 1, o as isize, T::zero(), &mut dxg, d as isize);
                 par::zip_apply(&mut dx, &dxg, |x, y| x.iter_mut().zip(y).for_each(|(a, &b)| *a += b));
@@ -310,21 +312,6 @@ fn back_row<T: Real>(
 
 /// Rows per task of the passes over the rows (each task takes its scratch rows once).
 const GROUP: usize = 16;
-
-/// Rows of one output written by the row tasks (each row by one task).
-struct Rows<T>(*mut T);
-// SAFETY: each task writes only its own rows.
-unsafe impl<T: Send> Send for Rows<T> {}
-unsafe impl<T: Send> Sync for Rows<T> {}
-impl<T> Rows<T> {
-    /// Row r of rows `w` long.
-    ///
-    /// SAFETY: within the vector, and no two live rows the same.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, r: usize, w: usize) -> &mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(r * w), w)
-    }
-}
 
 impl Op for MoeAdaptor {
     fn name(&self) -> &'static str {

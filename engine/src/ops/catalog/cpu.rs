@@ -11,28 +11,11 @@
 //! over the threads on its own.
 
 use super::blocks;
+use crate::cpu::par::Shared;
 use crate::cpu::{par, pool, Real};
 
 /// Runs of rows (one per task: first, end) and the k block length they are made of.
 type Runs = (Vec<(usize, usize)>, usize);
-
-/// Disjoint pieces of one output written by the tasks of `par::tasks`.
-struct Shared<T>(*mut T);
-// SAFETY: each task only touches the ranges its rows own (see `rows`).
-unsafe impl<T: Send> Send for Shared<T> {}
-unsafe impl<T: Send> Sync for Shared<T> {}
-impl<T> Shared<T> {
-    fn of(v: &mut [T]) -> Self {
-        Shared(v.as_mut_ptr())
-    }
-    /// Elements [start, start + n).
-    ///
-    /// SAFETY: within the vector `of` was given, and no two live pieces may overlap.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn piece(&self, start: usize, n: usize) -> &mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(start), n)
-    }
-}
 
 /// A catalog op's score terms on the host: z (B, I) = scale * sum_k h_k e_k^T with h_k (B, D_k),
 /// e_k (I, D_k), and the targets (B), each < I.
