@@ -507,11 +507,12 @@ pub(crate) fn zip_apply<T: Send, U: Sync>(x: &mut [T], y: &[U], f: impl Fn(&mut 
 }
 
 /// `f(piece of x, piece of y)` over consecutive pieces of two slices of the same length, both in
-/// place, in parallel when long.
-pub(crate) fn zip_apply_mut<T: Send, U: Send>(x: &mut [T], y: &mut [U], f: impl Fn(&mut [T], &mut [U]) + Sync + Send) {
+/// place, in parallel when long; every piece starts at a multiple of `unit` (a row's length).
+pub(crate) fn zip_apply_mut<T: Send, U: Send>(x: &mut [T], y: &mut [U], unit: usize, f: impl Fn(&mut [T], &mut [U]) + Sync + Send) {
     let y = &mut y[..x.len()];
     if worth(x.len()) {
-        x.par_chunks_mut(ELEM_CHUNK).zip(y.par_chunks_mut(ELEM_CHUNK)).for_each(|(x, y)| f(x, y));
+        let chunk = elem_chunk(unit);
+        x.par_chunks_mut(chunk).zip(y.par_chunks_mut(chunk)).for_each(|(x, y)| f(x, y));
     } else {
         f(x, y);
     }

@@ -175,21 +175,32 @@ pub fn gelu_bwd_cpu<T: Real>(x: &[T], g: &[T]) -> Vec<T> {
     })
 }
 
-/// GELU and its slope at each x in one pass: (x Phi(x), Phi(x) + x phi(x)), the slope exactly as
-/// [`gelu_bwd_cpu`] multiplies it by g; x's storage becomes the GELU.
-pub fn gelu_slope_cpu<T: Real>(mut x: Vec<T>) -> (Vec<T>, Vec<T>) {
-    let c = T::c(0.3989422804014327);
+/// GELU and its slope at each v = x (+ bias on every row, when given) in one pass:
+/// (v Phi(v), Phi(v) + v phi(v)), the slope exactly as [`gelu_bwd_cpu`] multiplies it by g; x's
+/// storage becomes the GELU. (x + bias is one rounded add: the bits of a product whose output
+/// started as the bias and got its chain of multiply-adds added, `cpu::adds_one_chain`.)
+pub fn gelu_slope_cpu<T: Real>(mut x: Vec<T>, bias: Option<&[T]>) -> (Vec<T>, Vec<T>) {
+    #[inline(always)]
+    fn gelu<T: Real>(y: &mut T, s: &mut T, v: T) {
+        let p = norm_cdf(v);
+        *y = v * p;
+        *s = p + v * T::c(0.3989422804014327) * (-(v * v) * T::c(0.5)).fexp();
+    }
     // GELU(x) written over x (read and written once, no third stream), its slope beside it.
     let mut slope = crate::cpu::pool::stale(x.len());
-    par::zip_apply_mut(&mut x, &mut slope, |y, s| {
-        crate::cpu::wide(|| {
-            for (y, s) in y.iter_mut().zip(s.iter_mut()) {
-                let v = *y;
-                let p = norm_cdf(v);
-                *y = v * p;
-                *s = p + v * c * (-(v * v) * T::c(0.5)).fexp();
-            }
-        })
+    let unit = bias.map_or(1, |b| b.len());
+    par::zip_apply_mut(&mut x, &mut slope, unit, |y, s| {
+        crate::cpu::wide(
+            #[inline(always)]
+            || match bias {
+                None => y.iter_mut().zip(s.iter_mut()).for_each(|(y, s)| gelu(y, s, *y)),
+                Some(b) => {
+                    for (yr, sr) in y.chunks_mut(b.len()).zip(s.chunks_mut(b.len())) {
+                        yr.iter_mut().zip(sr.iter_mut()).zip(b).for_each(|((y, s), &bj)| gelu(y, s, *y + bj));
+                    }
+                }
+            },
+        )
     });
     (x, slope)
 }

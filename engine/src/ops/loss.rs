@@ -185,7 +185,10 @@ pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], (num, excl): (u32, u
         }
         let mut sum = T::zero();
         for kk in 0..k {
-            sum += crate::cpu::wide(|| sum_exp_other(row(kk), s, m, targets, tj));
+            sum += crate::cpu::wide(
+                #[inline(always)]
+                || sum_exp_other(row(kk), s, m, targets, tj),
+            );
             if let Some(d) = diag(kk) {
                 sum += (d - m).fexp();
             }
@@ -213,12 +216,15 @@ pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &
         // Off the diagonal: the denominator's term where the column's target differs (branch-free,
         // so the loop vectorizes); then the diagonal entry exactly as its definition reads.
         let (lr, tj, sd, gj) = (&logits[(kk * b + j) * b..(kk * b + j + 1) * b], targets[j], stat[j], g[j]);
-        crate::cpu::wide(|| {
-            for ((o, &l), &tc) in dr.iter_mut().zip(lr).zip(targets) {
-                let e = (s * l - sd).fexp();
-                *o = (gj * if tc != tj { e } else { T::zero() }) * s;
-            }
-        });
+        crate::cpu::wide(
+            #[inline(always)]
+            || {
+                for ((o, &l), &tc) in dr.iter_mut().zip(lr).zip(targets) {
+                    let e = (s * l - sd).fexp();
+                    *o = (gj * if tc != tj { e } else { T::zero() }) * s;
+                }
+            },
+        );
         let mut v = T::zero();
         if !bit(excl, kk) {
             v += (s * lr[j] - sd).fexp();

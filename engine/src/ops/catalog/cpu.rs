@@ -86,7 +86,11 @@ fn row_stats<T: Real>(row: &[T], j0: usize, target: usize, (mx, sm, zt): (T, T, 
     let bm = crate::cpu::max8(row);
     let m = mx.max(bm);
     let rescale = if sm == T::zero() { T::zero() } else { sm * (mx - m).fexp() };
-    let s = rescale + crate::cpu::wide(|| crate::cpu::sum_exp(row, m));
+    let s = rescale
+        + crate::cpu::wide(
+            #[inline(always)]
+            || crate::cpu::sum_exp(row, m),
+        );
     let t = if (j0..j0 + row.len()).contains(&target) { row[target - j0] } else { zt };
     (m, s, t)
 }
@@ -173,11 +177,14 @@ fn backward<T: Real>(terms: &HostTerms<T>, lse: &[T], g: &[T], kept: &[T], runs:
     // of dz (the block at item j0) from row r of z.
     let dz_row = |r: usize, j0: usize, z: &[T], dz: &mut [T]| {
         let (l, gr) = (lse[r], g[r]);
-        crate::cpu::wide(|| {
-            for (o, &v) in dz.iter_mut().zip(z) {
-                *o = scale * ((v - l).fexp() * gr);
-            }
-        });
+        crate::cpu::wide(
+            #[inline(always)]
+            || {
+                for (o, &v) in dz.iter_mut().zip(z) {
+                    *o = scale * ((v - l).fexp() * gr);
+                }
+            },
+        );
         let tr = targets[r] as usize;
         if (j0..j0 + z.len()).contains(&tr) {
             dz[tr - j0] = scale * (((z[tr - j0] - l).fexp() - T::one()) * gr);

@@ -116,11 +116,15 @@ impl Op for Product {
         }
     }
     fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
-        let h = gemm_cpu::<T>(x[0], x[1], x.get(2).copied(), &Gemm { gelu: false, ..self.p });
+        let p = Gemm { gelu: false, ..self.p };
         if !self.p.gelu {
-            return Ok(vec![h]);
+            return Ok(vec![gemm_cpu::<T>(x[0], x[1], x.get(2).copied(), &p)]);
         }
-        let (y, slope) = gelu_slope_cpu(h);
+        // The bias is added in the GELU's pass where that gives the product's bits (its output
+        // would start as the bias and get one chain added): one pass over the output fewer.
+        let late = x.get(2).copied().filter(|_| p.nout == 1 && p.nsum == 1 && p.n > 1 && crate::cpu::adds_one_chain(p.m, p.k, p.n));
+        let h = gemm_cpu::<T>(x[0], x[1], if late.is_some() { None } else { x.get(2).copied() }, &p);
+        let (y, slope) = gelu_slope_cpu(h, late);
         Ok(vec![y, slope])
     }
     fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
@@ -283,5 +287,28 @@ mod tests {
         let e = linear(&t(&[2, 4]), &t(&[4, 3]), Some(&t(&[4]))).unwrap_err().to_string();
         assert!(e.contains("bias must have shape [3]"), "{e}");
         assert_eq!(matmul(&t(&[4, 3]), &t(&[2, 5, 4]), true, true).unwrap().shape(), [2, 3, 5]);
+    }
+
+    /// linear_gelu's CPU form (its bias added in the GELU's pass where the product's output is one
+    /// chain per element, else first) gives the bits of linear then gelu, on one thread and on the
+    /// pool's: k of one block in the crate's general path (late bias), k of two blocks and C
+    /// within 64 x 64 (the bias first).
+    #[test]
+    fn linear_gelu_gives_the_bits_of_linear_then_gelu() {
+        let v = |n: usize, seed: u32| Tensor::from_vec(crate::tests::values(n, seed, 20_011.0, 0.5), &[n], Device::Cpu).unwrap();
+        for (m, k, n) in [(300, 64, 256), (1200, 64, 256), (33, 100, 70), (70, 600, 96), (50, 64, 60)] {
+            let late = crate::cpu::adds_one_chain(m, k, n);
+            let x = v(m * k, 1).reshape(&[m, k]).unwrap();
+            let w = v(k * n, 2).reshape(&[k, n]).unwrap();
+            let b = v(n, 3);
+            for threads in [1, 2] {
+                crate::cpu::with_threads(threads, || {
+                    let fused = linear_gelu(&x, &w, Some(&b)).unwrap().to_vec().unwrap();
+                    let composed = crate::ops::gelu(&linear(&x, &w, Some(&b)).unwrap()).unwrap().to_vec().unwrap();
+                    let same = fused.iter().zip(&composed).all(|(a, c)| a.to_bits() == c.to_bits());
+                    assert!(same, "({m}, {k}, {n}), late bias {late}, {threads} threads");
+                });
+            }
+        }
     }
 }
