@@ -157,6 +157,19 @@ impl RaggedDims {
     }
 }
 
+/// Scratch rows of a sequence up to this many values stay on the stack (no allocation and free
+/// per sequence and head pass: 4,096 of each per SASRec step, 0.5-0.6% of its one-core profile).
+const SCRATCH: usize = 128;
+
+/// `len` zeroed values: the start of `stack`, or `heap` grown to them when longer.
+fn scratch<'a, T: Real>(stack: &'a mut [T; SCRATCH], heap: &'a mut Vec<T>, len: usize) -> &'a mut [T] {
+    if len <= SCRATCH {
+        return &mut stack[..len];
+    }
+    heap.resize(len, T::zero());
+    heap
+}
+
 /// Ragged forward: q, k, v (N, C) packed by `r` -> (out (N, C), P) with P the probabilities before
 /// dropout, sequence b's block (heads, n_b, n_b) at heads * r.pblock(b) (row i holds keys j < n_b,
 /// zero past the valid ones); P is empty unless `save`. Sequences in parallel.
@@ -172,8 +185,8 @@ pub fn attention_ragged_cpu<T: Real>(q: &[T], k: &[T], v: &[T], r: &Ragged, d: R
     let (out, probs, _) = par::segs3::<T, T, u8>(r.batch(), work, (&oo, &po, &[]), |b, ob, pb, _| {
         let (o, n) = (offs[b] as usize, lens[b] as usize);
         // The row's dropout factors, then (when P is not saved) the row of P.
-        let mut scratch = vec![T::zero(); if save { n } else { 2 * n }];
-        let (kp, unsaved) = scratch.split_at_mut(n);
+        let (mut stack, mut heap) = ([T::zero(); SCRATCH], Vec::new());
+        let (kp, unsaved) = scratch(&mut stack, &mut heap, if save { n } else { 2 * n }).split_at_mut(n);
         for h in 0..heads {
             for i in 0..n {
                 let nk = if d.causal { i + 1 } else { n };
@@ -208,7 +221,8 @@ pub fn attention_ragged_bwd_cpu<T: Real>(
     par::segs3(r.batch(), work, (&oo, &oo, &oo), |b, dqb, dkb, dvb| {
         let (o, n) = (offs[b] as usize, lens[b] as usize);
         let pbase = heads * pblocks[b];
-        let (mut ds, mut kp) = (vec![T::zero(); n], vec![T::zero(); n]);
+        let (mut stack, mut heap) = ([T::zero(); SCRATCH], Vec::new());
+        let (ds, kp) = scratch(&mut stack, &mut heap, 2 * n).split_at_mut(n);
         for h in 0..heads {
             for i in 0..n {
                 let nk = if d.causal { i + 1 } else { n };
@@ -222,7 +236,7 @@ pub fn attention_ragged_bwd_cpu<T: Real>(
                     (o * c + h * dh, h * dh, c),
                     scale,
                     (prow, &kp[..nk]),
-                    &mut ds,
+                    ds,
                     dqr,
                     (&mut *dkb, &mut *dvb),
                 );
