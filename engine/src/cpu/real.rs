@@ -320,6 +320,47 @@ fn split_gemm<T: Real>(
         if per == blocks {
             return chain(&raw, 0, blocks, beta, raw.c, rsc, 0);
         }
+        // Two threads and an odd number of blocks (11 for 5,316 tokens): runs of whole blocks would
+        // leave one thread a block longer than the other. Each thread takes the whole blocks on
+        // its side of the middle one and half of C in that one, whose product goes into a partial
+        // of its own in two pieces (each element the same chain: `gemm_piece`'s rule).
+        let (len, other) = if m >= n { (m, n) } else { (n, m) };
+        let halves = if threads == 2 && blocks % 2 == 1 { gemm_piece(len, other, 2) } else { None };
+        if let Some(piece) = halves {
+            let h = blocks / 2;
+            let mut parts = super::pool::stale::<T>((blocks - h) * m * n);
+            let praw = Raw { c: parts.as_mut_ptr(), ..raw };
+            let (k0, w) = (h * kb, kb.min(k - h * kb));
+            // Rows (or columns) [start, start + len) of the middle block's product, into its partial.
+            let middle = |start: usize, len: usize| {
+                let (raw, praw) = (&raw, &praw);
+                let (a, b) = (raw.a.wrapping_offset(k0 as isize * csa), raw.b.wrapping_offset(k0 as isize * rsb));
+                match m >= n {
+                    true => {
+                        gemm((len, w, n), a.wrapping_offset(start as isize * rsa), b, T::zero(), praw.c.wrapping_add(start * n), n as isize)
+                    }
+                    false => {
+                        gemm((m, w, len), a, b.wrapping_offset(start as isize * csb), T::zero(), praw.c.wrapping_add(start), n as isize)
+                    }
+                }
+            };
+            (0..2).into_par_iter().for_each(|t| {
+                let (raw, praw) = (&raw, &praw);
+                match t {
+                    0 => {
+                        chain(raw, 0, h, beta, raw.c, rsc, 0);
+                        middle(0, piece);
+                    }
+                    _ => {
+                        middle(piece, len - piece);
+                        chain(praw, h + 1, blocks, T::zero(), praw.c.wrapping_add(m * n), n as isize, m * n);
+                    }
+                }
+            });
+            add_partials(c, (m, n, rsc as usize), &parts);
+            super::pool::give(parts);
+            return;
+        }
         let mut parts = super::pool::stale::<T>((blocks - per) * m * n);
         let praw = Raw { c: parts.as_mut_ptr(), ..raw };
         (0..blocks.div_ceil(per)).into_par_iter().for_each(|t| {
@@ -743,11 +784,12 @@ mod gemm_tests {
         crate::tests::values(n, seed, 977.0, 10.0)
     }
 
-    /// Products split over a pool of three threads give the bits of one call of the crate's GEMM
-    /// on the whole of C: tall and wide C, transposed views, beta 0 and 1, sizes off the alignment.
+    /// Products split over a pool of three threads, and of two, give the bits of one call of the
+    /// crate's GEMM on the whole of C: tall and wide C, transposed views, beta 0 and 1, sizes off the alignment.
     #[test]
     fn split_products_match_one_call_bit_for_bit() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        // Three threads, and two (an odd number of k blocks splits its middle block by C's rows).
+        let pools: Vec<_> = [3, 2].map(|t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap()).into();
         // The last five are the model's: a token-by-weight product, weight gradients (k = tokens),
         // the catalog's scores (wide C, split by columns), the MoE gate's weight gradient (k =
         // items; transposed A, so through C^T like (300, 1000, 4), (3000, 500, 3), (60, 3000, 8)).
@@ -787,6 +829,10 @@ mod gemm_tests {
             (64, 1026, 64),
             (64, 1027, 64),
             (64, 1538, 32),
+            (64, 1500, 64),
+            (256, 5316, 64),
+            (64, 1537, 96),
+            (300, 1537, 40),
         ] {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
@@ -798,10 +844,13 @@ mod gemm_tests {
                 let mut want = c0.clone();
                 // SAFETY: the buffers cover the (m, k), (k, n) and (m, n) views.
                 unsafe { super::one_gemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, want.as_mut_ptr(), n as isize) }
-                let mut got = c0.clone();
-                pool.install(|| f32::gemm(m, k, n, &a, rsa, csa, &b, rsb, csb, beta, &mut got, n as isize));
-                let same = want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(same, "({m}, {k}) . ({k}, {n}), transposed {transposed}, beta {beta}");
+                for pool in &pools {
+                    let mut got = c0.clone();
+                    pool.install(|| f32::gemm(m, k, n, &a, rsa, csa, &b, rsb, csb, beta, &mut got, n as isize));
+                    let same = want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
+                    let threads = pool.current_num_threads();
+                    assert!(same, "({m}, {k}) . ({k}, {n}), transposed {transposed}, beta {beta}, {threads} threads");
+                }
             }
         }
     }
