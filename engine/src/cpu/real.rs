@@ -279,7 +279,8 @@ pub(crate) fn add_partials<T: Real>(c: &mut [T], (m, n, rsc): (usize, usize, usi
 ///   blocks of [`k_block`], which is what the crate computes within one call (each block a chain
 ///   of multiply-adds from zero, added to C). The blocks are dealt out in runs of consecutive
 ///   blocks, one run per thread: the first run chains into C, each later block goes into a partial
-///   product of its own, and those are added to C in block order after.
+///   product of its own, and those are added to C in block order after. (On two threads with an
+///   odd number of blocks, the middle block's partial is made in two pieces of C, one per thread.)
 /// - by C's rows (C at least as tall as it is wide) or columns, one block per thread: every
 ///   element of C is computed by one call with the same k blocking as one call over the whole of
 ///   C (the crate's blocking depends on k and on which of its paths the product takes, which
