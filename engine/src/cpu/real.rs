@@ -304,6 +304,19 @@ fn split_gemm<T: Real>(
     };
     let threads = crate::cpu::par::threads();
     let parallel = m * n * k >= GEMM_MIN_PAR && threads > 1;
+    // Pieces of C are rows when C is at least as tall as it is wide, else columns.
+    let rows = m >= n;
+    let (len, other) = if rows { (m, n) } else { (n, m) };
+    // Rows (or columns) [start, start + w) of C, the product over k [k0, k0 + kw), into c (rows
+    // `rsc` apart).
+    let piece_of = |(start, w): (usize, usize), (k0, kw): (usize, usize), beta: T, c: *mut T, rsc: isize| {
+        let raw = &raw;
+        let (a, b) = (raw.a.wrapping_offset(k0 as isize * csa), raw.b.wrapping_offset(k0 as isize * rsb));
+        match rows {
+            true => gemm((w, kw, n), a.wrapping_offset(start as isize * rsa), b, beta, c.wrapping_offset(start as isize * rsc), rsc),
+            false => gemm((m, kw, w), a, b.wrapping_offset(start as isize * csb), beta, c.wrapping_add(start), rsc),
+        }
+    };
     use rayon::prelude::*;
     if splits_k(m, k, n) {
         let kb = k_block(m, n, k);
@@ -325,35 +338,21 @@ fn split_gemm<T: Real>(
         // leave one thread a block longer than the other. Each thread takes the whole blocks on
         // its side of the middle one and half of C in that one, whose product goes into a partial
         // of its own in two pieces (each element the same chain: `gemm_piece`'s rule).
-        let (len, other) = if m >= n { (m, n) } else { (n, m) };
         let halves = if threads == 2 && blocks % 2 == 1 { gemm_piece(len, other, 2) } else { None };
         if let Some(piece) = halves {
             let h = blocks / 2;
             let mut parts = super::pool::stale::<T>((blocks - h) * m * n);
             let praw = Raw { c: parts.as_mut_ptr(), ..raw };
-            let (k0, w) = (h * kb, kb.min(k - h * kb));
-            // Rows (or columns) [start, start + len) of the middle block's product, into its partial.
-            let middle = |start: usize, len: usize| {
-                let (raw, praw) = (&raw, &praw);
-                let (a, b) = (raw.a.wrapping_offset(k0 as isize * csa), raw.b.wrapping_offset(k0 as isize * rsb));
-                match m >= n {
-                    true => {
-                        gemm((len, w, n), a.wrapping_offset(start as isize * rsa), b, T::zero(), praw.c.wrapping_add(start * n), n as isize)
-                    }
-                    false => {
-                        gemm((m, w, len), a, b.wrapping_offset(start as isize * csb), T::zero(), praw.c.wrapping_add(start), n as isize)
-                    }
-                }
-            };
+            let middle = (h * kb, kb.min(k - h * kb));
             (0..2).into_par_iter().for_each(|t| {
                 let (raw, praw) = (&raw, &praw);
                 match t {
                     0 => {
                         chain(raw, 0, h, beta, raw.c, rsc, 0);
-                        middle(0, piece);
+                        piece_of((0, piece), middle, T::zero(), praw.c, n as isize);
                     }
                     _ => {
-                        middle(piece, len - piece);
+                        piece_of((piece, len - piece), middle, T::zero(), praw.c, n as isize);
                         chain(praw, h + 1, blocks, T::zero(), praw.c.wrapping_add(m * n), n as isize, m * n);
                     }
                 }
@@ -376,21 +375,13 @@ fn split_gemm<T: Real>(
         super::pool::give(parts);
         return;
     }
-    let rows = m >= n;
-    let (len, other) = if rows { (m, n) } else { (n, m) };
     let piece = if parallel { gemm_piece(len, other, threads) } else { None };
     let Some(piece) = piece else {
         return gemm((m, k, n), raw.a, raw.b, beta, raw.c, rsc);
     };
     (0..len.div_ceil(piece)).into_par_iter().for_each(|i| {
-        let raw = &raw;
-        let (start, w) = (i * piece, piece.min(len - i * piece));
-        match rows {
-            true => {
-                gemm((w, k, n), raw.a.wrapping_offset(start as isize * rsa), raw.b, beta, raw.c.wrapping_offset(start as isize * rsc), rsc)
-            }
-            false => gemm((m, k, w), raw.a, raw.b.wrapping_offset(start as isize * csb), beta, raw.c.wrapping_add(start), rsc),
-        }
+        let (raw, start) = (&raw, i * piece);
+        piece_of((start, piece.min(len - start)), (0, k), beta, raw.c, rsc);
     });
 }
 
