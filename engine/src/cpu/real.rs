@@ -493,7 +493,7 @@ pub fn dot_rows<T: Real>(x: &[T], d: usize, w: &[T], out: &mut [T], ahead: &mut 
                 acc[3][l] += c3[l] * wc[l];
             }
         }
-        let acc = std::hint::black_box(acc);
+        let acc = acc.map(opaque8);
         for (k, (o, row)) in o.iter_mut().zip([r0, r1, r2, r3]).enumerate() {
             let mut t = combine8_plain(acc[k]);
             for (&a, &b) in row[tail..].iter().zip(&w[tail..]) {
@@ -528,12 +528,40 @@ fn dot_with<T: Real, const BARRIER: bool>(a: &[T], b: &[T]) -> T {
 }
 
 /// The 8 partial sums of [`dot`] and [`sum8_of`] combined in their fixed order. The sums pass
-/// through `black_box` first: otherwise the compiler, planning this combination ahead, keeps the
+/// through [`opaque8`] first: otherwise the compiler, planning this combination ahead, keeps the
 /// 8 lanes in the loop as shuffled pairs of 4-lane registers (the same adds, in the same order, but
 /// 2.5x slower) instead of one 8-lane register.
 #[inline(always)]
 fn combine8<T: Real>(acc: [T; 8]) -> T {
-    combine8_plain(std::hint::black_box(acc))
+    combine8_plain(opaque8(acc))
+}
+
+/// `acc` unchanged, but opaque to the optimizer (which so cannot plan the loop that made it around
+/// what follows). In vector registers where the build has AVX: `std::hint::black_box` would store
+/// the lanes to the stack and the combination load them back one or two at a time, each load
+/// waiting for the store (a LayerNorm row's sums spent much of their time there).
+#[inline(always)]
+fn opaque8<T: Real>(acc: [T; 8]) -> [T; 8] {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+    {
+        use std::arch::x86_64::{__m256, __m256d};
+        use std::mem::{size_of, transmute_copy};
+        // SAFETY: [T; 8] of f32 is the 32 bytes of one __m256, of f64 the 64 of two __m256d (both
+        // plain values, any bits valid); the empty asm changes no register or memory.
+        unsafe {
+            if size_of::<T>() == 4 {
+                let mut v: __m256 = transmute_copy(&acc);
+                std::arch::asm!("/* {0} */", inout(ymm_reg) v, options(pure, nomem, nostack, preserves_flags));
+                return transmute_copy(&v);
+            }
+            if size_of::<T>() == 8 {
+                let [mut lo, mut hi]: [__m256d; 2] = transmute_copy(&acc);
+                std::arch::asm!("/* {0} {1} */", inout(ymm_reg) lo, inout(ymm_reg) hi, options(pure, nomem, nostack, preserves_flags));
+                return transmute_copy(&[lo, hi]);
+            }
+        }
+    }
+    std::hint::black_box(acc)
 }
 
 /// [`combine8`] without the barrier.
@@ -608,7 +636,7 @@ pub fn sum8_rows4<T: Real>(a: [&[T]; 4], b: [&[T]; 4], f: impl Fn(usize, T, T) -
             acc[3][l] += f(3, x3[l], y3[l]);
         }
     }
-    let acc = std::hint::black_box(acc);
+    let acc = acc.map(opaque8);
     std::array::from_fn(|i| {
         let mut t = combine8_plain(acc[i]);
         for (&x, &y) in a[i][len / 8 * 8..len].iter().zip(&b[i][len / 8 * 8..len]) {
