@@ -231,9 +231,14 @@ pub fn adam_cpu<T: Real>(p: &mut [T], m: &mut [T], v: &mut [T], g: &[T], c: T, c
     }
 }
 
+/// x^2 in f64: the norm's terms.
+fn sq<T: Real>(x: T) -> f64 {
+    x.to_f64().unwrap().powi(2)
+}
+
 /// Sum of squares of `g` in f64, in order.
 fn sumsq<T: Real>(g: &[T]) -> f64 {
-    g.iter().map(|x| x.to_f64().unwrap().powi(2)).sum::<f64>()
+    g.iter().map(|&x| sq(x)).sum::<f64>()
 }
 
 /// Sum of squares of `g` in f64, the same terms as [`sumsq`] in 8 partial sums (not in order: a
@@ -241,10 +246,10 @@ fn sumsq<T: Real>(g: &[T]) -> f64 {
 fn sumsq_any<T: Real>(g: &[T]) -> f64 {
     let mut acc = [0f64; 8];
     let chunks = g.chunks_exact(8);
-    let rest = chunks.remainder().iter().map(|x| x.to_f64().unwrap().powi(2)).sum::<f64>();
+    let rest = chunks.remainder().iter().map(|&x| sq(x)).sum::<f64>();
     for c in chunks {
         for l in 0..8 {
-            acc[l] += c[l].to_f64().unwrap().powi(2);
+            acc[l] += sq(c[l]);
         }
     }
     acc.iter().sum::<f64>() + rest
@@ -332,6 +337,9 @@ impl Adam {
             };
             // The ordered sum is a chain of dependent adds (latency-bound, and as long as the
             // largest parameter on any number of threads): skipped where it cannot change c.
+            // Where clipping acts, the 8-lane pass is extra work (fine-tuning's Adam, one core,
+            // 4.1-4.3 ms before and 3.9-4.4 after: not told apart), so no guess from the last
+            // step's norm is kept.
             if !clearly_unclipped(sum(sumsq_any), total, self.cfg.max_grad_norm as f64) {
                 let tot = sum(sumsq);
                 c = T::c((self.cfg.max_grad_norm as f64 / (tot.sqrt() + 1e-6)).min(1.0));
