@@ -19,8 +19,10 @@
 //! in place (C keeps y), the LayerNorm of its experts (statistics into C, E into a scratch row),
 //! the gate's softmax in place (C keeps g) and z. The backward recomputes E from y and the
 //! statistics in one pass over the rows that writes dC = [dh | dg] (N, O * D0 + O); the
-//! parameters' sums (dgamma, dbeta, db: over the items in order) are added row by row in that pass
-//! on one thread, or made by a column pass beside it on more; then [dw | dgate] = e^T dC is one
+//! parameters' sums (dgamma, dbeta, db: chains over the items in order) are added row by row in
+//! that pass on one thread; on more, the calling thread does so for the first rows while the others
+//! write dC for the rest, and the chains then go on over the rest by a column pass, blocks of
+//! columns in parallel (the same chains: every thread count gives their bits); then [dw | dgate] = e^T dC is one
 //! product and de = dh w^T, with dg gate^T added into it by a second product (beta 1: the bits of
 //! adding the two products, as the tape sums the gradients meeting at e). The experts' and the
 //! gate's columns share a product only where the crate runs each element as the same chain of
@@ -136,10 +138,10 @@ impl MoeAdaptor {
         if n > 0 && joint {
             // [w | gate] (d, F).
             let mut wg = pool::stale(d * f);
-            for (r, row) in wg.chunks_exact_mut(f).enumerate() {
+            par::rows_apply(&mut wg, f, |r, row| {
                 row[..od].copy_from_slice(&w[r * od..(r + 1) * od]);
                 row[od..].copy_from_slice(&gate[r * o..(r + 1) * o]);
-            }
+            });
             T::gemm(n, d, f, e, d as isize, 1, &wg, f as isize, 1, T::one(), &mut c, wc as isize);
             pool::give(wg);
         } else if n > 0 {
@@ -191,39 +193,15 @@ impl MoeAdaptor {
             }
             scratch.into_iter().for_each(pool::give);
         };
-        // dgamma, dbeta: column (k, j) sums g_k dz_j and that times xhat over the items in order
-        // (LayerNorm's sums over its rows r with r % O == k), blocks of columns in parallel.
-        let params = || {
-            par::chunks2(par::Zeroed, od, par::col_block(n * o, od), par::col_block(n * o, od) < od, |j0, dgm, dbt| {
-                let j1 = j0 + dgm.len();
-                for r in 0..n {
-                    let (y, al, st) = parts(r);
-                    for k in j0 / d0..j1.div_ceil(d0) {
-                        let (lo, hi) = (j0.max(k * d0), j1.min((k + 1) * d0));
-                        let (mean, rstd, x0, a) = (st[2 * k], st[2 * k + 1], y[k * d0], al[k]);
-                        let dzr = &dz[r * d0 + lo - k * d0..r * d0 + hi - k * d0];
-                        for (((ag, ab), &xv), &g) in
-                            dgm[lo - j0..hi - j0].iter_mut().zip(&mut dbt[lo - j0..hi - j0]).zip(&y[lo..hi]).zip(dzr)
-                        {
-                            let gv = a * g;
-                            let xh = (xv - x0 - mean) * rstd;
-                            *ag += gv * xh;
-                            *ab += gv;
-                        }
-                    }
-                }
-            })
-        };
-        let (dc, dgamma, dbeta, db) = if par::threads() == 1 {
-            // One thread: the rows in order, each row's terms added to the parameters' sums (the
-            // same chains) while it is in cache.
-            let mut dc = pool::stale(n * f);
-            let mut sums = [pool::zeros(od), pool::zeros(od), pool::zeros(od)];
+        // The parameters' sums (dgamma, dbeta, db) over rows [r0, r1), added to `sums` row by row
+        // in order while each row is in cache, with the rows' dC written into `dc` (rows r0..).
+        let fused = |r0: usize, r1: usize, dc: &mut [T], sums: &mut [Vec<T>; 3]| {
             let mut scratch = [pool::stale(od), pool::stale(od), pool::stale(od)];
-            for (r, dcr) in dc.chunks_exact_mut(f).enumerate() {
+            for (i, dcr) in dc.chunks_exact_mut(f).take(r1 - r0).enumerate() {
+                let r = r0 + i;
                 let (y, al, st) = parts(r);
                 back_row((y, al, st, &dz[r * d0..(r + 1) * d0]), (gamma, beta), (r, d0, mask), dcr, &mut scratch);
-                let [dgm, dbt, db] = &mut sums;
+                let [dgm, dbt, db] = sums;
                 let [_, de, xh] = &scratch;
                 for (((((ag, ab), ad), &gv), &xh), &dh) in
                     dgm.iter_mut().zip(dbt.iter_mut()).zip(db.iter_mut()).zip(de.iter()).zip(xh.iter()).zip(&dcr[..od])
@@ -234,13 +212,59 @@ impl MoeAdaptor {
                 }
             }
             scratch.into_iter().for_each(pool::give);
-            let [dgamma, dbeta, db] = sums;
-            (dc, dgamma, dbeta, db)
-        } else {
-            let (dc, (dgamma, dbeta)) = par::row_groups_beside(par::Stale, n, GROUP, 8 * wc, f, rows, params);
-            let db = par::col_sums(n, od, |r| (T::one(), &dc[r * f..r * f + od]));
-            (dc, dgamma, dbeta, db)
         };
+        let mut dc = pool::stale(n * f);
+        let mut sums = [pool::zeros(od), pool::zeros(od), pool::zeros(od)];
+        if par::threads() == 1 || !par::worth(n * wc) {
+            // The rows in order, each row's terms added to the sums (the chains over the items).
+            fused(0, n, &mut dc, &mut sums);
+        } else {
+            // The same chains, in two stretches: this thread takes rows [0, h) as above while the
+            // others write dC for rows [h, n) (this thread joining them when done: h is a little
+            // less than its share, as its rows cost more); then each column's chain goes on over
+            // rows [h, n) from where it stopped, blocks of columns in parallel, from C, dz and dC
+            // (dgamma's and dbeta's terms remade from y and the statistics as the rows made them).
+            let h = n * 10 / (13 * par::threads());
+            let (head, tail) = dc.split_at_mut(h * f);
+            rayon::join(
+                || fused(0, h, head, &mut sums),
+                || {
+                    use rayon::prelude::*;
+                    tail.par_chunks_mut(GROUP * f).enumerate().for_each(|(g, dcg)| rows(h + g * GROUP, dcg));
+                },
+            );
+            let block = par::col_block((n - h) * o, od);
+            let dc = &dc;
+            let [sg, sb, sd] = sums.each_mut().map(|v| par::Shared::of(v));
+            par::drive(od.div_ceil(block), block < od, 1, |q| {
+                let (j0, j1) = (q * block, od.min((q + 1) * block));
+                // SAFETY: columns [j0, j1) of the sums are this block's alone.
+                let (dgm, dbt, db) = unsafe { (sg.piece(j0, j1 - j0), sb.piece(j0, j1 - j0), sd.piece(j0, j1 - j0)) };
+                for r in h..n {
+                    let (y, al, st) = parts(r);
+                    for k in j0 / d0..j1.div_ceil(d0) {
+                        let (lo, hi) = (j0.max(k * d0), j1.min((k + 1) * d0));
+                        let (mean, rstd, x0, a) = (st[2 * k], st[2 * k + 1], y[k * d0], al[k]);
+                        let dzr = &dz[r * d0 + lo - k * d0..r * d0 + hi - k * d0];
+                        let dhr = &dc[r * f + lo..r * f + hi];
+                        for ((((ag, ab), ad), (&xv, &g)), &dh) in dgm[lo - j0..hi - j0]
+                            .iter_mut()
+                            .zip(&mut dbt[lo - j0..hi - j0])
+                            .zip(&mut db[lo - j0..hi - j0])
+                            .zip(y[lo..hi].iter().zip(dzr))
+                            .zip(dhr)
+                        {
+                            let gv = a * g;
+                            let xh = (xv - x0 - mean) * rstd;
+                            *ag += gv * xh;
+                            *ab += gv;
+                            *ad += dh;
+                        }
+                    }
+                }
+            });
+        }
+        let [dgamma, dbeta, db] = sums;
         // [dw | dgate] = e^T dC, and de = dh w^T + dg gate^T.
         // Every element is written by a product (beta 0) or a copy; with no items, zeros.
         let out = |len: usize| if n > 0 { pool::stale(len) } else { pool::zeros(len) };
@@ -249,9 +273,9 @@ impl MoeAdaptor {
             if crate::cpu::same_chains(d, n, o, f) {
                 let mut dwg = pool::stale(d * f);
                 T::gemm(d, n, f, e, 1, d as isize, &dc, f as isize, 1, T::zero(), &mut dwg, f as isize);
-                for (r, row) in dwg.chunks_exact(f).enumerate() {
-                    dw[r * od..(r + 1) * od].copy_from_slice(&row[..od]);
-                    dgate[r * o..(r + 1) * o].copy_from_slice(&row[od..]);
+                par::rows_apply(&mut dw, od, |r, row| row.copy_from_slice(&dwg[r * f..r * f + od]));
+                for (r, row) in dgate.chunks_exact_mut(o).enumerate() {
+                    row.copy_from_slice(&dwg[r * f + od..(r + 1) * f]);
                 }
                 pool::give(dwg);
             } else {
