@@ -84,9 +84,9 @@ if [ "$RUNS" -gt 1 ]; then
 import json, os, statistics, sys
 out, runs = sys.argv[1], int(sys.argv[2])
 print(f"\nover {runs} runs (each run's own ratio; the host's load moves both programs; the cores alternate): median [min-max]")
-print(f"{'stage':<10} {'msm4sr / torch bucketed':>26} {'1 -> 2 cores':>22}")
+print(f"{'stage':<10} {'msm4sr / torch bucketed':>26} {'1 -> 2 cores':>22} {'1 thread: of GEMM peak':>24}")
 for st in ("sasrec", "pretrain", "finetune"):
-    ratio, scale = [], []
+    ratio, scale, frac = [], [], []
     for i in range(1, runs + 1):
         d = f"{out}/run{i}"
         ours = {r["stage"]: r for r in json.load(open(f"{d}/msm4sr.json"))["same_batch"]}
@@ -96,7 +96,8 @@ for st in ("sasrec", "pretrain", "finetune"):
         if os.path.exists(f"{d}/msm4sr-scaling.json"):
             both = {r["stage"]: r for r in json.load(open(f"{d}/msm4sr-scaling.json"))["same_batch"]}
             scale.append(both[st]["scaling"])
+            frac.append(100 * both[st]["peak_fraction_one_thread"])
     span = lambda v, f: f"{f(statistics.median(v))} [{f(min(v))}-{f(max(v))}]" if v else "-"
-    print(f"{st:<10} {span(ratio, lambda x: f'{x:.2f}'):>26} {span(scale, lambda x: f'{x:.2f}x'):>22}")
+    print(f"{st:<10} {span(ratio, lambda x: f'{x:.2f}'):>26} {span(scale, lambda x: f'{x:.2f}x'):>22} {span(frac, lambda x: f'{x:.1f}%'):>24}")
 PY
 fi
