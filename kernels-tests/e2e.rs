@@ -145,14 +145,19 @@ fn resume_continues_exactly() {
 
 /// A few optimisation steps of `stage` on `dev`; returns the losses.
 fn steps(ds: &Dataset, cfg: &RunConfig, dev: Device, pretrain: bool, n: usize) -> Vec<f64> {
+    steps_and_grads(ds, cfg, dev, pretrain, n).0
+}
+
+/// [`steps`], with each parameter's gradient in the last step.
+fn steps_and_grads(ds: &Dataset, cfg: &RunConfig, dev: Device, pretrain: bool, n: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
     let split = ds.split(cfg.model.max_len);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
     let model = Model::new(cfg.model.clone(), ds.num_items(), ds.text.as_ref(), ds.image.as_ref(), &mut rng, dev).unwrap();
     let params: Vec<Tensor> = model.params().into_iter().map(|(_, t)| t).collect();
-    let mut opt = Adam::new(params, AdamConfig::default()).unwrap();
+    let mut opt = Adam::new(params.clone(), AdamConfig::default()).unwrap();
     let mut seeds = Seeds::new(5);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let mut out = Vec::new();
+    let (mut out, mut last) = (Vec::new(), Vec::new());
     for k in 0..n {
         let samples: Vec<&Sample> = split.train[k * 32..(k + 1) * 32].iter().collect();
         let batch = make_batch(&samples);
@@ -161,10 +166,14 @@ fn steps(ds: &Dataset, cfg: &RunConfig, dev: Device, pretrain: bool, n: usize) -
         } else {
             model.finetune_loss(&batch, &mut seeds).unwrap()
         };
-        opt.step(&backward(&loss).unwrap()).unwrap();
+        let grads = backward(&loss).unwrap();
+        opt.step(&grads).unwrap();
         out.push(loss.to_vec_f64().unwrap()[0]);
+        if k + 1 == n {
+            last = params.iter().map(|p| grads.get(p).map(|g| g.to_vec().unwrap()).unwrap_or_default()).collect();
+        }
     }
-    out
+    (out, last)
 }
 
 #[test]
@@ -183,6 +192,8 @@ fn cpu_and_gpu_give_the_same_losses() {
 
 /// Training steps give the same bits on one thread and on three: matrix products split over the
 /// pool (the catalog's by columns, the tall ones by rows), elementwise and row-wise work in pieces.
+/// The losses and every gradient of the last step (Adam's normalized update can absorb a last-bit
+/// difference in a gradient, so the losses alone may not show one).
 #[test]
 fn one_thread_and_three_give_the_same_bits() {
     let dir = tmp("threads");
@@ -193,11 +204,17 @@ fn one_thread_and_three_give_the_same_bits() {
     cfg.model.max_len = 20;
     let on = |threads: usize, pretrain: bool| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let losses = pool.install(|| steps(&ds, &cfg, Device::Cpu, pretrain, 3));
-        losses.iter().map(|l| l.to_bits()).collect::<Vec<u64>>()
+        let (losses, grads) = pool.install(|| steps_and_grads(&ds, &cfg, Device::Cpu, pretrain, 3));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        (losses.iter().map(|l| l.to_bits()).collect::<Vec<u64>>(), grads.iter().map(|g| bits(g)).collect::<Vec<_>>())
     };
     for pretrain in [true, false] {
-        assert_eq!(on(1, pretrain), on(3, pretrain), "pre-training {pretrain}");
+        let ((l1, g1), (l3, g3)) = (on(1, pretrain), on(3, pretrain));
+        assert_eq!(l1, l3, "pre-training {pretrain}: losses");
+        for (i, (a, b)) in g1.iter().zip(&g3).enumerate() {
+            let first = a.iter().zip(b).position(|(x, y)| x != y);
+            assert!(a.len() == b.len() && first.is_none(), "pre-training {pretrain}: parameter {i}'s gradient differs at {first:?}");
+        }
     }
 }
 
