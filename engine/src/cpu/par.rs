@@ -245,7 +245,7 @@ unsafe fn finish<T>(buf: &mut Vec<T>, len: usize) {
 }
 
 /// `f(i)` for i < n, on the pool when `par` (at least `min_len` consecutive i per task).
-pub(crate) fn drive(n: usize, par: bool, min_len: usize, f: impl Fn(usize) + Sync + Send) {
+fn drive(n: usize, par: bool, min_len: usize, f: impl Fn(usize) + Sync + Send) {
     if par && n > 1 {
         (0..n).into_par_iter().with_min_len(min_len).for_each(f);
     } else {

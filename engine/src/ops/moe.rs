@@ -224,22 +224,22 @@ impl MoeAdaptor {
             // less than its share, as its rows cost more); then each column's chain goes on over
             // rows [h, n) from where it stopped, blocks of columns in parallel, from C, dz and dC
             // (dgamma's and dbeta's terms remade from y and the statistics as the rows made them).
+            use rayon::prelude::*;
             let h = n * 10 / (13 * par::threads());
             let (head, tail) = dc.split_at_mut(h * f);
             rayon::join(
                 || fused(0, h, head, &mut sums),
                 || {
-                    use rayon::prelude::*;
                     tail.par_chunks_mut(GROUP * f).enumerate().for_each(|(g, dcg)| rows(h + g * GROUP, dcg));
                 },
             );
+            // One block of columns (on this thread) where the work is small.
             let block = par::col_block((n - h) * o, od);
             let dc = &dc;
-            let [sg, sb, sd] = sums.each_mut().map(|v| par::Shared::of(v));
-            par::drive(od.div_ceil(block), block < od, 1, |q| {
-                let (j0, j1) = (q * block, od.min((q + 1) * block));
-                // SAFETY: columns [j0, j1) of the sums are this block's alone.
-                let (dgm, dbt, db) = unsafe { (sg.piece(j0, j1 - j0), sb.piece(j0, j1 - j0), sd.piece(j0, j1 - j0)) };
+            let [dgm, dbt, db] = &mut sums;
+            let blocks = dgm.par_chunks_mut(block).zip(dbt.par_chunks_mut(block)).zip(db.par_chunks_mut(block));
+            blocks.enumerate().for_each(|(q, ((dgm, dbt), db))| {
+                let (j0, j1) = (q * block, q * block + dgm.len());
                 for r in h..n {
                     let (y, al, st) = parts(r);
                     for k in j0 / d0..j1.div_ceil(d0) {
