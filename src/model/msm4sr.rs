@@ -5,8 +5,6 @@
 //! Item encoders run once per step over the items a step needs — the distinct items of a pre-training
 //! batch, or every item when fine-tuning scores all of them — and sequences gather their rows.
 
-use std::collections::HashMap;
-
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -332,21 +330,21 @@ impl Model {
 
     /// Single-modality pre-training (paper IV-D): no mixup and no cross-modal CMCL; the NIP loss of
     /// the one modality with one view (`m = head(h)`, or `h` itself without heads).
-    fn pretrain_loss_single(&self, batch: &Batch, uniq: &[u32], local: &HashMap<u32, u32>, seeds: &mut Seeds) -> Result<Tensor> {
+    fn pretrain_loss_single(&self, batch: &Batch, local: &Local, seeds: &mut Seeds) -> Result<Tensor> {
         let (_, enc, feats) = self.encoders()[0];
         let head = self.head_t.as_ref().or(self.head_v.as_ref());
         if !self.cfg.nip {
             return Err(Error::Invalid("single-modality pre-training has only the NIP loss; --no-nip leaves nothing".into()));
         }
-        let (x, items, lens) = feats.gather(uniq)?;
+        let (x, items, lens) = feats.gather(&local.uniq)?;
         let z = enc.forward(&x, items.as_ref(), &lens, true, seeds)?;
-        let ids: Vec<u32> = batch.ids.iter().map(|i| local[i]).collect();
+        let ids: Vec<u32> = batch.ids.iter().map(|&i| local.of(i)).collect();
         let h = self.sequences(&z, &self.layout(&ids, &batch.lens, batch.l)?, true, seeds)?;
         let h = match head {
             Some(w) => w.forward(&h)?,
             None => h,
         };
-        let z_tgt = embedding(&z, &Indices::new(batch.targets.iter().map(|t| local[t]).collect()), &[batch.b])?;
+        let z_tgt = embedding(&z, &Indices::new(batch.targets.iter().map(|&t| local.of(t)).collect()), &[batch.b])?;
         crate::model::nn::nip_single(&h, &z_tgt, &Indices::new(batch.targets.clone()), self.cfg.tau)
     }
 
@@ -363,29 +361,21 @@ impl Model {
         if self.encoders().is_empty() {
             return Err(Error::Invalid("pre-training needs item features (text and/or image)".into()));
         }
-        // Distinct items of the batch (sequences + targets), padding included so row 0 exists.
-        let mut local: HashMap<u32, u32> = HashMap::new();
-        let mut uniq: Vec<u32> = Vec::new();
-        for &i in std::iter::once(&0).chain(&batch.ids).chain(&batch.targets) {
-            local.entry(i).or_insert_with(|| {
-                uniq.push(i);
-                uniq.len() as u32 - 1
-            });
-        }
+        let local = Local::new(batch);
         let (Some(enc_t), Some(text), Some(enc_v), Some(image)) = (&self.enc_t, &self.text, &self.enc_v, &self.image) else {
             let name = if self.enc_t.is_some() { "nip_text" } else { "nip_image" };
-            return Ok(vec![(name, self.pretrain_loss_single(batch, &uniq, &local, seeds)?)]);
+            return Ok(vec![(name, self.pretrain_loss_single(batch, &local, seeds)?)]);
         };
-        let u = uniq.len() as u32;
-        let (xt, it, lt) = text.gather(&uniq)?;
-        let (xv, iv, lv) = image.gather(&uniq)?;
+        let u = local.uniq.len() as u32;
+        let (xt, it, lt) = text.gather(&local.uniq)?;
+        let (xv, iv, lv) = image.gather(&local.uniq)?;
         let zt = enc_t.forward(&xt, it.as_ref(), &lt, true, seeds)?; // (U, d0)
         let zv = enc_v.forward(&xv, iv.as_ref(), &lv, true, seeds)?;
         let z_all = concat(&[&zt, &zv])?; // rows [0, U) text, [U, 2U) image
                                           // Complementary mixup: a swapped position takes the other modality's row.
         let (mut ids_t, mut ids_v) = (Vec::with_capacity(2 * batch.ids.len()), Vec::with_capacity(batch.ids.len()));
         for (pos, &i) in batch.ids.iter().enumerate() {
-            let li = local[&i];
+            let li = local.of(i);
             let valid = (pos % batch.l) < batch.lens[pos / batch.l] as usize;
             let swap = self.cfg.mixup && valid && rng.random_bool(p_mix);
             ids_t.push(if swap { u + li } else { li });
@@ -400,7 +390,7 @@ impl Model {
         let b = batch.b as u32;
         let ht = embedding(&h, &Indices::new((0..b).collect()), &[batch.b])?;
         let hv = embedding(&h, &Indices::new((b..2 * b).collect()), &[batch.b])?;
-        let tl: Vec<u32> = batch.targets.iter().map(|t| local[t]).collect();
+        let tl: Vec<u32> = batch.targets.iter().map(|&t| local.of(t)).collect();
         let targets = Indices::new(batch.targets.clone());
         let z_tgt_t = embedding(&zt, &Indices::new(tl.clone()), &[batch.b])?;
         let z_tgt_v = embedding(&zv, &Indices::new(tl), &[batch.b])?;
@@ -434,6 +424,34 @@ impl Model {
             return Err(Error::Invalid("pre-training with both --no-nip and --no-cmcl has no loss".into()));
         }
         Ok(terms)
+    }
+}
+
+/// A batch's distinct items (padding 0 first, then the sequences' items and the targets in order
+/// of first appearance) and each one's place among them, looked up by item id.
+struct Local {
+    uniq: Vec<u32>,
+    /// Place of item i among `uniq` (u32::MAX for items not in the batch).
+    place: Vec<u32>,
+}
+
+impl Local {
+    fn new(batch: &Batch) -> Local {
+        let all = || std::iter::once(&0).chain(&batch.ids).chain(&batch.targets);
+        let mut place = vec![u32::MAX; all().max().map_or(0, |&m| m as usize) + 1];
+        let mut uniq = Vec::new();
+        for &i in all() {
+            if place[i as usize] == u32::MAX {
+                place[i as usize] = uniq.len() as u32;
+                uniq.push(i);
+            }
+        }
+        Local { uniq, place }
+    }
+
+    /// The place of item `i`, one of the batch's.
+    fn of(&self, i: u32) -> u32 {
+        self.place[i as usize]
     }
 }
 

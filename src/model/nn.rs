@@ -8,7 +8,7 @@
 use rand::Rng;
 
 use crate::engine::ops::{
-    add, add_layernorm, attention_pool, attention_pool_dot, attention_ragged, concat, dropout, dropout_rows, embedding, info_nce, l2norm,
+    add, add_layernorm, attention_pool, attention_pool_dot, attention_ragged, dropout, dropout_rows, embedding, info_nce, l2norm,
     layernorm, linear, linear_gelu, matmul, moe_adaptor, quick_gelu, scale, MoeWeights,
 };
 use crate::engine::{Device, Indices, Ragged, Tensor};
@@ -361,17 +361,13 @@ pub fn cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// NIP (paper eq. 7) as a batch mean: both views of each sequence against every target's encoding,
 /// same-target negatives removed.  m_hat, m_til (B, D), z (B, D) targets' encodings.
 pub fn nip_loss(m_hat: &Tensor, m_til: &Tensor, z: &Tensor, targets: &Indices, tau: f32) -> Result<Tensor> {
-    let b = m_hat.shape()[0];
-    let logits = concat(&[&cosine(m_hat, z)?, &cosine(m_til, z)?])?.reshape(&[2, b, b])?;
-    info_nce(&logits, targets, &[true, true], &[false, false], 1.0 / tau)
+    info_nce(&[&cosine(m_hat, z)?, &cosine(m_til, z)?], targets, &[true, true], &[false, false], 1.0 / tau)
 }
 
 /// One direction of CMCL (eq. 9): l(a, b) with inter-view (a_j, b_j') and intra-view (a_j, a_j')
 /// negatives; returns the batch mean of -l.
 fn cmcl_dir(a: &Tensor, b: &Tensor, targets: &Indices, tau: f32) -> Result<Tensor> {
-    let n = a.shape()[0];
-    let logits = concat(&[&cosine(a, b)?, &cosine(a, a)?])?.reshape(&[2, n, n])?;
-    info_nce(&logits, targets, &[true, false], &[false, true], 1.0 / tau)
+    info_nce(&[&cosine(a, b)?, &cosine(a, a)?], targets, &[true, false], &[false, true], 1.0 / tau)
 }
 
 /// Symmetric CMCL (eq. 9-10) as a batch mean: (l(a, b) + l(b, a)) / 2.
@@ -381,9 +377,7 @@ pub fn cmcl_loss(a: &Tensor, b: &Tensor, targets: &Indices, tau: f32) -> Result<
 
 /// NIP with one view (the `--no-heads` form): h (B, D) against the targets' encodings z (B, D).
 pub fn nip_single(h: &Tensor, z: &Tensor, targets: &Indices, tau: f32) -> Result<Tensor> {
-    let b = h.shape()[0];
-    let logits = cosine(h, z)?.reshape(&[1, b, b])?;
-    info_nce(&logits, targets, &[true], &[false], 1.0 / tau)
+    info_nce(&[&cosine(h, z)?], targets, &[true], &[false], 1.0 / tau)
 }
 
 #[cfg(test)]

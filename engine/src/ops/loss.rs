@@ -4,9 +4,10 @@
 //! - `cross_entropy(logits, targets)`: logits (B, N), targets (B) each < N -> () scalar
 //!   mean_b [logsumexp(logits[b]) - logits[b, t_b]]. The per-row logsumexp is saved for backward:
 //!   dlogits = (softmax(logits) - onehot(t)) * g / B.
-//! - `info_nce(logits, targets, numerator, exclude_diag, scale)`: logits (K, B, B) (K <= 4
-//!   similarity matrices, e.g. cosines; each entry is taken times `scale`, e.g. 1 / temperature,
-//!   as it is read, exactly as a separate `scale` op would round it), targets (B) -> () scalar
+//! - `info_nce(logits, targets, numerator, exclude_diag, scale)`: logits [L_0, .., L_{K-1}], K <= 4
+//!   similarity matrices (B, B), e.g. cosines (logits[k, j, j'] below is L_k[j, j']; each entry is
+//!   taken times `scale`, e.g. 1 / temperature, as it is read, exactly as a separate `scale` op would
+//!   round it), targets (B) -> () scalar
 //!   mean_j (log den_j - log num_j),
 //!   with num_j = sum over k with numerator[k] of exp(logits[k, j, j]), and den_j = sum over k, j' of
 //!   exp(logits[k, j, j']) over the included entries: j' == j when !exclude_diag[k]; j' != j when
@@ -14,6 +15,8 @@
 //!   Both sums are computed max-shifted. Every numerator entry must also be in the denominator
 //!   (numerator[k] implies !exclude_diag[k]), so den_j >= num_j > 0.
 //!   Backward: dlogits[k, j, j'] = (g / B * ([den] exp(l) / den_j - [num] exp(l) / num_j)) * scale.
+//!   On the host the K matrices are read where they are and each gets its own gradient (no (K, B,
+//!   B) copy of them, nor of their gradients); the GPU's kernels take them as one (K, B, B) buffer.
 //!
 //! The two MSM4SR pre-training losses are both `info_nce`:
 //! - NIP, next-item prediction (paper eq. 7): K = 2, logits[0][j, j'] = cos(m_hat_j, z_j'),
@@ -167,14 +170,15 @@ fn sum_exp_other<T: Real>(l: &[T], s: T, m: T, targets: &[u32], tj: u32) -> T {
     acc
 }
 
-/// Per-row InfoNCE of `s` times the logits (K, B, B) -> (loss (B), stat (2B) = lse_den then lse_num).
-pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], (num, excl): (u32, u32), k: usize, s: T) -> (Vec<T>, Vec<T>) {
-    let b = targets.len();
+/// Per-row InfoNCE of `s` times the K logit matrices `mats` (each (B, B)) -> (loss (B), stat (2B)
+/// = lse_den then lse_num).
+pub fn info_nce_cpu<T: Real>(mats: &[&[T]], targets: &[u32], (num, excl): (u32, u32), s: T) -> (Vec<T>, Vec<T>) {
+    let (b, k) = (targets.len(), mats.len());
     let (loss, den, nums) = par::rows3(par::Zeroed, b, 2 * k * b, (1, 1, 1), |j, lo, de, nu| {
         // The denominator: off the diagonal the columns whose target differs from row j's
         // (branch-free selects, so both passes vectorize), then each diagonal entry it includes.
         let tj = targets[j];
-        let row = |kk: usize| &logits[(kk * b + j) * b..(kk * b + j + 1) * b];
+        let row = |kk: usize| &mats[kk][j * b..(j + 1) * b];
         let diag = |kk: usize| (!bit(excl, kk)).then(|| s * row(kk)[j]);
         let mut m = T::neg_infinity();
         for kk in 0..k {
@@ -194,7 +198,7 @@ pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], (num, excl): (u32, u
             }
         }
         de[0] = m + sum.ln();
-        nu[0] = lse_of(|| (0..k).filter(move |&kk| bit(num, kk)).map(move |kk| s * logits[(kk * b + j) * b + j]));
+        nu[0] = lse_of(|| (0..k).filter(move |&kk| bit(num, kk)).map(move |kk| s * mats[kk][j * b + j]));
         lo[0] = de[0] - nu[0];
     });
     let mut stat = crate::cpu::pool::take(2 * b);
@@ -205,35 +209,36 @@ pub fn info_nce_cpu<T: Real>(logits: &[T], targets: &[u32], (num, excl): (u32, u
     (loss, stat)
 }
 
-/// dlogits (K, B, B) from the saved (lse_den, lse_num) and the per-row gradient g (B), for the
-/// loss of `s` times the logits.
-#[allow(clippy::too_many_arguments)]
-pub fn info_nce_bwd_cpu<T: Real>(logits: &[T], targets: &[u32], stat: &[T], g: &[T], (num, excl): (u32, u32), k: usize, s: T) -> Vec<T> {
+/// The gradient of each of the K logit matrices `mats` (each (B, B)) from the saved (lse_den,
+/// lse_num) and the per-row gradient g (B), for the loss of `s` times the logits.
+pub fn info_nce_bwd_cpu<T: Real>(mats: &[&[T]], targets: &[u32], stat: &[T], g: &[T], (num, excl): (u32, u32), s: T) -> Vec<Vec<T>> {
     let b = targets.len();
-    // Row (kk, j) of the (K * B, B) view.
-    par::rows(par::Zeroed, k * b, 2 * b, b, |row, dr| {
-        let (kk, j) = (row / b, row % b);
-        // Off the diagonal: the denominator's term where the column's target differs (branch-free,
-        // so the loop vectorizes); then the diagonal entry exactly as its definition reads.
-        let (lr, tj, sd, gj) = (&logits[(kk * b + j) * b..(kk * b + j + 1) * b], targets[j], stat[j], g[j]);
-        crate::cpu::wide(
-            #[inline(always)]
-            || {
-                for ((o, &l), &tc) in dr.iter_mut().zip(lr).zip(targets) {
-                    let e = (s * l - sd).fexp();
-                    *o = (gj * if tc != tj { e } else { T::zero() }) * s;
-                }
-            },
-        );
-        let mut v = T::zero();
-        if !bit(excl, kk) {
-            v += (s * lr[j] - sd).fexp();
-        }
-        if bit(num, kk) {
-            v -= (s * lr[j] - stat[b + j]).fexp();
-        }
-        dr[j] = (gj * v) * s;
-    })
+    let grad = |kk: usize, logits: &[T]| {
+        par::rows(par::Zeroed, b, 2 * b, b, |j, dr| {
+            // Off the diagonal: the denominator's term where the column's target differs
+            // (branch-free, so the loop vectorizes); then the diagonal entry exactly as its
+            // definition reads.
+            let (lr, tj, sd, gj) = (&logits[j * b..(j + 1) * b], targets[j], stat[j], g[j]);
+            crate::cpu::wide(
+                #[inline(always)]
+                || {
+                    for ((o, &l), &tc) in dr.iter_mut().zip(lr).zip(targets) {
+                        let e = (s * l - sd).fexp();
+                        *o = (gj * if tc != tj { e } else { T::zero() }) * s;
+                    }
+                },
+            );
+            let mut v = T::zero();
+            if !bit(excl, kk) {
+                v += (s * lr[j] - sd).fexp();
+            }
+            if bit(num, kk) {
+                v -= (s * lr[j] - stat[b + j]).fexp();
+            }
+            dr[j] = (gj * v) * s;
+        })
+    };
+    mats.iter().enumerate().map(|(kk, m)| grad(kk, m)).collect()
 }
 
 // ---- ops ------------------------------------------------------------------------------------
@@ -247,12 +252,22 @@ struct RowLoss {
     nce: bool,
     targets: Indices,
     prm: LossParams,
-    /// The logits' shape.
+    /// The logits' shape ((K, B, B) for InfoNCE).
     shape: Vec<usize>,
+    /// InfoNCE's K matrices as K inputs (the host form), not one (K, B, B) input (the GPU's).
+    parts: bool,
     backward: bool,
 }
 
 impl RowLoss {
+    /// The logit inputs: InfoNCE's K matrices in the host form, else one.
+    fn inputs(&self) -> usize {
+        if self.parts {
+            self.prm.k as usize
+        } else {
+            1
+        }
+    }
     fn rows(&self) -> usize {
         self.prm.rows as usize
     }
@@ -270,25 +285,40 @@ impl Op for RowLoss {
         "loss"
     }
     fn shapes(&self) -> Vec<Vec<usize>> {
-        match self.backward {
-            false => vec![vec![self.rows()], vec![self.stat_len()]],
-            true => vec![self.shape.clone()],
+        match (self.backward, self.parts) {
+            (false, _) => vec![vec![self.rows()], vec![self.stat_len()]],
+            (true, false) => vec![self.shape.clone()],
+            (true, true) => vec![self.shape[1..].to_vec(); self.inputs()],
         }
     }
     fn cpu<T: Real>(&self, x: &[&[T]]) -> Result<Vec<Vec<T>>> {
         let (t, p) = (self.targets.host(), &self.prm);
-        let (k, n) = (p.k as usize, p.cols as usize);
+        let (n, masks, scale) = (p.cols as usize, (p.num_mask, p.excl_mask), T::c(p.scale as f64));
+        // InfoNCE's K matrices: the first inputs, or the pieces of the one (K, B, B) input.
+        let k = self.inputs();
+        let mats = || -> Vec<&[T]> {
+            match self.parts {
+                true => x[..k].to_vec(),
+                false => x[0].chunks_exact(n * n).collect(),
+            }
+        };
         Ok(match (self.nce, self.backward) {
             (false, false) => {
                 let (loss, lse) = cross_entropy_cpu(x[0], t, n);
                 vec![loss, lse]
             }
             (true, false) => {
-                let (loss, stat) = info_nce_cpu(x[0], t, (p.num_mask, p.excl_mask), k, T::c(p.scale as f64));
+                let (loss, stat) = info_nce_cpu(&mats(), t, masks, scale);
                 vec![loss, stat]
             }
             (false, true) => vec![cross_entropy_bwd_cpu(x[0], t, x[1], x[2], n)],
-            (true, true) => vec![info_nce_bwd_cpu(x[0], t, x[1], x[2], (p.num_mask, p.excl_mask), k, T::c(p.scale as f64))],
+            (true, true) => {
+                let grads = info_nce_bwd_cpu(&mats(), t, x[k], x[k + 1], masks, scale);
+                match self.parts {
+                    true => grads,
+                    false => vec![grads.concat()],
+                }
+            }
         })
     }
     fn gpu(&self, x: &[&GpuBuf]) -> Result<Vec<GpuBuf>> {
@@ -305,13 +335,15 @@ impl Op for RowLoss {
 }
 
 impl Backward for RowLoss {
-    /// The logits, the row statistics, and the op in its backward form.
-    type Saved = (Tensor, Tensor, RowLoss);
+    /// The logits (each input), the row statistics, and the op in its backward form.
+    type Saved = (Vec<Tensor>, Tensor, RowLoss);
     fn save(self, x: &[&Tensor], mut out: Vec<Tensor>, _: &[bool]) -> Self::Saved {
-        (x[0].detach(), out.remove(1), RowLoss { backward: true, ..self })
+        (x.iter().map(|t| t.detach()).collect(), out.remove(1), RowLoss { backward: true, ..self })
     }
     fn backward((logits, stat, op): &Self::Saved, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(run(op, &[logits, stat, g])?.remove(0))])
+        let mut inputs: Vec<&Tensor> = logits.iter().collect();
+        inputs.extend([stat, g]);
+        Ok(run(op, &inputs)?.into_iter().map(Some).collect())
     }
 }
 
@@ -327,23 +359,25 @@ pub fn cross_entropy(logits: &Tensor, targets: &Indices) -> Result<Tensor> {
     }
     targets.check_below(n, "cross_entropy", "target")?;
     let prm = LossParams { rows: b as u32, cols: n as u32, k: 0, num_mask: 0, excl_mask: 0, scale: 1.0 };
-    let op = RowLoss { nce: false, targets: targets.clone(), prm, shape: vec![b, n], backward: false };
+    let op = RowLoss { nce: false, targets: targets.clone(), prm, shape: vec![b, n], parts: false, backward: false };
     mean(&apply(op, &[logits])?)
 }
 
-/// Multi-matrix InfoNCE with same-target exclusion of `scale` times the logits (K, B, B), targets
-/// (B) -> () scalar. See the module doc for the definition and how NIP and CMCL map onto it.
-pub fn info_nce(logits: &Tensor, targets: &Indices, numerator: &[bool], exclude_diag: &[bool], scale: f32) -> Result<Tensor> {
-    let s = logits.shape();
-    if s.len() != 3 || s[1] != s[2] || s[0] == 0 || s[0] > MAX_K || s[1] == 0 {
-        return shape_err("info_nce", format!("logits must be (K, B, B) with 1 <= K <= {MAX_K}, B >= 1, got {s:?}"));
+/// Multi-matrix InfoNCE with same-target exclusion of `scale` times the logits [L_0, .., L_{K-1}]
+/// (each (B, B)), targets (B) -> () scalar. See the module doc for the definition and how NIP and
+/// CMCL map onto it.
+pub fn info_nce(logits: &[&Tensor], targets: &Indices, numerator: &[bool], exclude_diag: &[bool], scale: f32) -> Result<Tensor> {
+    let shapes: Vec<&[usize]> = logits.iter().map(|l| l.shape()).collect();
+    let s = shapes.first().copied().unwrap_or(&[]);
+    if logits.is_empty() || logits.len() > MAX_K || s.len() != 2 || s[0] != s[1] || s[0] == 0 || shapes.iter().any(|&t| t != s) {
+        return shape_err("info_nce", format!("logits must be 1 to {MAX_K} matrices (B, B) of one B >= 1, got {shapes:?}"));
     }
-    let (k, b) = (s[0], s[1]);
+    let (k, b) = (logits.len(), s[0]);
     if targets.len() != b || numerator.len() != k || exclude_diag.len() != k {
         return shape_err(
             "info_nce",
             format!(
-                "logits {s:?} need {b} targets and {k} numerator / exclude_diag flags, got {}, {}, {}",
+                "{k} logit matrices {s:?} need {b} targets and {k} numerator / exclude_diag flags, got {}, {}, {}",
                 targets.len(),
                 numerator.len(),
                 exclude_diag.len()
@@ -359,8 +393,14 @@ pub fn info_nce(logits: &Tensor, targets: &Indices, numerator: &[bool], exclude_
     let mask = |f: &[bool]| f.iter().enumerate().fold(0u32, |m, (i, &x)| m | ((x as u32) << i));
     let (num, excl) = (mask(numerator), mask(exclude_diag));
     let prm = LossParams { rows: b as u32, cols: b as u32, k: k as u32, num_mask: num, excl_mask: excl, scale };
-    let op = RowLoss { nce: true, targets: targets.clone(), prm, shape: vec![k, b, b], backward: false };
-    mean(&apply(op, &[logits])?)
+    // The GPU's kernels read one (K, B, B) buffer; the host reads the matrices where they are.
+    let parts = logits[0].device() != crate::device::Device::Gpu;
+    let op = RowLoss { nce: true, targets: targets.clone(), prm, shape: vec![k, b, b], parts, backward: false };
+    if parts {
+        return mean(&apply(op, logits)?);
+    }
+    let all = if k == 1 { logits[0].clone() } else { super::concat(logits)? };
+    mean(&apply(op, &[&all.reshape(&[k, b, b])?])?)
 }
 
 #[cfg(test)]
@@ -373,11 +413,15 @@ mod tests {
         let l = Tensor::zeros(&[2, 3], Device::Cpu).unwrap();
         assert!(matches!(cross_entropy(&l, &Indices::new(vec![0, 3])), Err(Error::Index { .. })));
         assert!(matches!(cross_entropy(&l, &Indices::new(vec![0])), Err(Error::Shape { .. })));
-        let s = Tensor::zeros(&[2, 3, 3], Device::Cpu).unwrap();
+        let s = Tensor::zeros(&[3, 3], Device::Cpu).unwrap();
+        let s = [&s, &s];
         let t = Indices::new(vec![0, 1, 0]);
         assert!(matches!(info_nce(&s, &t, &[false, false], &[false, false], 1.0), Err(Error::Invalid(_))));
         assert!(matches!(info_nce(&s, &t, &[true, true], &[false, true], 1.0), Err(Error::Invalid(_))));
         assert!(matches!(info_nce(&s, &t, &[true], &[false], 1.0), Err(Error::Shape { .. })));
+        let wide = Tensor::zeros(&[3, 4], Device::Cpu).unwrap();
+        assert!(matches!(info_nce(&[&wide], &t, &[true], &[false], 1.0), Err(Error::Shape { .. })));
+        assert!(matches!(info_nce(&[], &t, &[], &[], 1.0), Err(Error::Shape { .. })));
         assert!(info_nce(&s, &t, &[true, false], &[false, true], 1.0).is_ok());
     }
 
@@ -388,8 +432,8 @@ mod tests {
         let l = Tensor::zeros(&[2, 5], Device::Cpu64).unwrap();
         let ce = cross_entropy(&l, &Indices::new(vec![1, 4])).unwrap().item().unwrap();
         assert!((ce - 5f32.ln()).abs() < 1e-6);
-        let s = Tensor::zeros(&[2, 3, 3], Device::Cpu64).unwrap();
-        let v = info_nce(&s, &Indices::new(vec![0, 1, 0]), &[true, true], &[false, false], 1.0).unwrap().item().unwrap();
+        let s = Tensor::zeros(&[3, 3], Device::Cpu64).unwrap();
+        let v = info_nce(&[&s, &s], &Indices::new(vec![0, 1, 0]), &[true, true], &[false, false], 1.0).unwrap().item().unwrap();
         assert!((v - (2.0 * 2f32.ln() + 3f32.ln()) / 3.0).abs() < 1e-6, "{v}");
     }
 }

@@ -105,10 +105,10 @@ fn mean_case(rng: &mut ChaCha8Rng, lens: &[u32], c: usize) -> Case {
 /// diagonal (positives more similar than negatives, as after some training).
 fn nce(rng: &mut ChaCha8Rng, what: &str, targets: Vec<u32>, num: &'static [bool], excl: &'static [bool], pos: f64) -> Case {
     let (k, b) = (num.len(), targets.len());
-    let mut x = Input::randn(&[k, b, b], rng).scaled(3.0);
-    (0..b).for_each(|j| x.data[j * b + j] += pos);
+    let mut xs: Vec<Input> = (0..k).map(|_| Input::randn(&[b, b], rng).scaled(3.0)).collect();
+    (0..b).for_each(|j| xs[0].data[j * b + j] += pos);
     let t = Indices::new(targets);
-    Case::new("info_nce", format!("{what} ({k},{b},{b})"), vec![x], move |x| info_nce(&x[0], &t, num, excl, 1.0))
+    Case::new("info_nce", format!("{what} {k} x ({b},{b})"), xs, move |x| info_nce(&x.iter().collect::<Vec<_>>(), &t, num, excl, 1.0))
 }
 
 pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
@@ -173,10 +173,10 @@ pub fn cases(rng: &mut ChaCha8Rng) -> Vec<Case> {
         ("CMCL", vec![3, 1, 3, 0, 1, 2, 2, 4, 0], &[true, false], &[false, true]),
     ] {
         let (k, b) = (num.len(), targets.len());
-        let x = Input::randn(&[k, b, b], r).scaled(0.2);
+        let xs = (0..k).map(|_| Input::randn(&[b, b], r).scaled(0.2)).collect();
         let t = Indices::new(targets);
-        v.push(Case::new("info_nce", format!("{what} ({k},{b},{b}) x 1/0.07"), vec![x], move |x| {
-            info_nce(&x[0], &t, num, excl, 1.0 / 0.07)
+        v.push(Case::new("info_nce", format!("{what} {k} x ({b},{b}) x 1/0.07"), xs, move |x| {
+            info_nce(&x.iter().collect::<Vec<_>>(), &t, num, excl, 1.0 / 0.07)
         }));
     }
     v
