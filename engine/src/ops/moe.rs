@@ -184,24 +184,16 @@ impl MoeAdaptor {
             let row = &c[r * wc..(r + 1) * wc];
             (&row[..od], &row[od..od + o], &row[od + o..])
         };
-        let rows = |r0: usize, dc: &mut [T]| {
+        // Rows r0.. (as many as `dc` holds): each row's dC written into `dc`, and with `sums` its
+        // terms of the parameters' sums (dgamma, dbeta, db) added row by row in order while the row
+        // is in cache.
+        let pass = |r0: usize, dc: &mut [T], mut sums: Option<&mut [Vec<T>; 3]>| {
             let mut scratch = [pool::stale(od), pool::stale(od), pool::stale(od)];
             for (i, dcr) in dc.chunks_exact_mut(f).enumerate() {
                 let r = r0 + i;
                 let (y, al, st) = parts(r);
                 back_row((y, al, st, &dz[r * d0..(r + 1) * d0]), (gamma, beta), (r, d0, mask), dcr, &mut scratch);
-            }
-            scratch.into_iter().for_each(pool::give);
-        };
-        // The parameters' sums (dgamma, dbeta, db) over rows [r0, r1), added to `sums` row by row
-        // in order while each row is in cache, with the rows' dC written into `dc` (rows r0..).
-        let fused = |r0: usize, r1: usize, dc: &mut [T], sums: &mut [Vec<T>; 3]| {
-            let mut scratch = [pool::stale(od), pool::stale(od), pool::stale(od)];
-            for (i, dcr) in dc.chunks_exact_mut(f).take(r1 - r0).enumerate() {
-                let r = r0 + i;
-                let (y, al, st) = parts(r);
-                back_row((y, al, st, &dz[r * d0..(r + 1) * d0]), (gamma, beta), (r, d0, mask), dcr, &mut scratch);
-                let [dgm, dbt, db] = sums;
+                let Some([dgm, dbt, db]) = sums.as_deref_mut() else { continue };
                 let [_, de, xh] = &scratch;
                 for (((((ag, ab), ad), &gv), &xh), &dh) in
                     dgm.iter_mut().zip(dbt.iter_mut()).zip(db.iter_mut()).zip(de.iter()).zip(xh.iter()).zip(&dcr[..od])
@@ -217,7 +209,7 @@ impl MoeAdaptor {
         let mut sums = [pool::zeros(od), pool::zeros(od), pool::zeros(od)];
         if par::threads() == 1 || !par::worth(n * wc) {
             // The rows in order, each row's terms added to the sums (the chains over the items).
-            fused(0, n, &mut dc, &mut sums);
+            pass(0, &mut dc, Some(&mut sums));
         } else {
             // The same chains, in two stretches: this thread takes rows [0, h) as above while the
             // others write dC for rows [h, n) (this thread joining them when done: h is a little
@@ -228,9 +220,9 @@ impl MoeAdaptor {
             let h = n * 10 / (13 * par::threads());
             let (head, tail) = dc.split_at_mut(h * f);
             rayon::join(
-                || fused(0, h, head, &mut sums),
+                || pass(0, head, Some(&mut sums)),
                 || {
-                    tail.par_chunks_mut(GROUP * f).enumerate().for_each(|(g, dcg)| rows(h + g * GROUP, dcg));
+                    tail.par_chunks_mut(GROUP * f).enumerate().for_each(|(g, dcg)| pass(h + g * GROUP, dcg, None));
                 },
             );
             // One block of columns (on this thread) where the work is small.
